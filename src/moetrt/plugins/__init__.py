@@ -1,0 +1,1 @@
+"""Plugins for the fused ops moetrt emits."""
