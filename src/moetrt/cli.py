@@ -42,11 +42,243 @@ def main() -> None:
 
 # --- export / verify (Foundation) ---
 
+
+def _progress(message: str) -> None:
+    click.echo(f"[moetrt] {message}", err=True)
+
+
+@main.command("export")
+@click.argument("model")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output ONNX file (*.onnx). Weights over 2 GB go to OUTPUT.data beside it.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Precision of the exported weights and activations.",
+)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18-23).")
+@_user_errors
+def export_cmd(model: str, output: str, dtype: str, opset: int) -> None:
+    """Export MODEL to ONNX with dynamic batch and sequence length.
+
+    MODEL is demo:<family>[:block], a Hugging Face model directory (config.json + safetensors), or
+    module:path/to/file.py:factory (factory() returns (module, example_inputs)). The file is written
+    atomically; progress goes to stderr, the summary to stdout.
+
+    \b
+    Examples:
+      moetrt export demo:qwen3_next -o qwen3_next.onnx
+      moetrt export demo:mixtral:block -o mixtral_block.onnx --dtype fp16
+      moetrt export ./my-moe-model -o model.onnx
+    """
+    from moetrt.export.onnx_export import export_onnx
+
+    result = export_onnx(model, output, dtype=dtype, opset=opset, progress=_progress)
+    click.echo(result.summary())
+    if result.num_moe_blocks == 0:
+        click.echo(
+            f"warning: found 0 MoE blocks in {model}; the ONNX file is valid, but `moetrt fuse` will have "
+            "nothing to fuse (a MoE block is a module with a router and stacked experts)",
+            err=True,
+        )
+
+
+@main.command("verify")
+@click.argument("model_or_onnx")
+@click.option(
+    "--reference",
+    default=None,
+    metavar="MODEL",
+    help="PyTorch reference MODEL (default: the moetrt.source recorded in the ONNX file).",
+)
+@click.option(
+    "--shapes",
+    default=None,
+    metavar="BxS,...",
+    help="Input shapes as BATCHxSEQ, comma-separated (default: batch 1, a batch above the export "
+    "example, and a sequence longer than any internal chunk).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Export precision when MODEL_OR_ONNX is a MODEL spec (ignored for an .onnx file).",
+)
+@_user_errors
+def verify_cmd(model_or_onnx: str, reference: str | None, shapes: str | None, seed: int, dtype: str) -> None:
+    """Compare an ONNX model run by onnxruntime with its PyTorch reference.
+
+    Prints one row per shape (max abs error, relative norm error, pass/fail against the dtype's
+    tolerance: fp32 1e-5, fp16 5e-3, bf16 1e-2) and exits 1 if any row fails. Given a MODEL spec
+    instead of an .onnx file, exports it to a temporary file first.
+
+    \b
+    Examples:
+      moetrt verify qwen3_next.onnx
+      moetrt verify model.fused.onnx --reference demo:qwen3_next --shapes 1x8,4x16,2x130
+      moetrt verify demo:gpt_oss:block
+    """
+    from moetrt.runtime.verify import parse_shapes, verify
+
+    parsed = parse_shapes(shapes) if shapes is not None else None
+    report = verify(
+        model_or_onnx, reference=reference, shapes=parsed, seed=seed, progress=_progress, dtype=dtype
+    )
+    click.echo(report.format_table())
+    if not report.passed:
+        sys.exit(1)
+
+
 # --- fuse (graph_passes) ---
+@main.command("fuse")
+@click.argument("in_path", metavar="IN.onnx", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the fused model (.onnx).")
+@click.option("--explain", is_flag=True, help="List every MoE-looking candidate left unfused, with the rule and check.")
+@click.option("--decompose", is_flag=True, help="Inline fused moetrt::MoE nodes of IN back to standard ops instead.")
+@_user_errors
+def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) -> None:
+    """Fuse each MoE block of IN.onnx into one moetrt::MoE node (with its standard-op function body)."""
+    from moetrt.graph_passes import fuse_file
+
+    if not out_path.endswith(".onnx"):
+        raise MoetrtError(f"output {out_path!r} does not end in .onnx", "name the output file *.onnx")
+    result = fuse_file(in_path, out_path, explain=explain, decompose=decompose)
+    for line in result.summary_lines(explain=explain):
+        click.echo(line)
+    click.echo(f"wrote {out_path}")
 
 # --- kernels: tune / aot ---
 
 # --- build / run / inspect (TensorRT plugin and runtime) ---
+@main.command("build")
+@click.argument("model")
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option(
+    "--target",
+    default=None,
+    help="orin, thor, rtx40, rtx50, a100, h100, h200, b200 or sm_XX "
+    "[default: h100; rtx40 with --engine-backend tensorrt-rtx].",
+)
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option(
+    "--tokens",
+    default="1:128:4096",
+    show_default=True,
+    help="MIN:OPT:MAX of the token (sequence) dimension in the engine's profile.",
+)
+@click.option("--batch", default="1:1:4", show_default=True, help="MIN:OPT:MAX of the batch dimension.")
+@click.option(
+    "--engine-backend",
+    type=click.Choice(["tensorrt", "tensorrt-rtx"]),
+    default="tensorrt",
+    show_default=True,
+    help="tensorrt: the MoE op as the moetrt plugin; tensorrt-rtx: as native layers, no plugin.",
+)
+@click.option("--no-parity", is_flag=True, help="Skip the onnxruntime-vs-PyTorch parity check.")
+@click.option("--force", is_flag=True, help="Replace OUTDIR if it holds an earlier build.")
+@click.option("--verbose", is_flag=True, help="Print TensorRT's log.")
+@_user_errors
+def build_cmd(
+    model: str,
+    outdir: str,
+    target: str | None,
+    precision: str,
+    tokens: str,
+    batch: str,
+    engine_backend: str,
+    no_parity: bool,
+    force: bool,
+    verbose: bool,
+) -> None:
+    """Export MODEL (or take an .onnx), fuse MoE blocks, build an engine; write OUTDIR/{model.onnx,
+    model.plan, manifest.json}."""
+    from moetrt.build import BuildOptions, build
+
+    options = BuildOptions(
+        target=target,
+        precision=precision,
+        tokens=tokens,
+        batch=batch,
+        engine_backend=engine_backend,
+        parity=not no_parity,
+        force=force,
+        verbose=verbose,
+    )
+    result = build(model, outdir, options, progress=click.echo)
+    click.echo(result.summary())
+
+
+@main.command("run")
+@click.argument("artifact", type=click.Path())
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seq", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Token count for [T, H] inputs (default: batch * seq).",
+)
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime"]),
+    default="auto",
+    show_default=True,
+    help="onnxruntime: run a build directory's model.onnx even when it has a plan.",
+)
+@click.option("--cuda-graph", is_flag=True, help="Engines: time replays of a captured CUDA graph.")
+@_user_errors
+def run_cmd(
+    artifact: str,
+    batch: int,
+    seq: int,
+    tokens: int | None,
+    iters: int,
+    seed: int,
+    backend: str,
+    cuda_graph: bool,
+) -> None:
+    """Load ARTIFACT (.plan, .onnx or build directory), run it on random inputs, print outputs and timing."""
+    from moetrt.runtime import load, run_timed
+
+    runner = load(artifact, backend=None if backend == "auto" else backend)
+    report = run_timed(
+        runner, batch=batch, seq=seq, tokens=tokens, iters=iters, seed=seed, cuda_graph=cuda_graph
+    )
+    for line in report:
+        click.echo(line)
+
+
+@main.command("inspect")
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@_user_errors
+def inspect_cmd(artifact: str, as_json: bool) -> None:
+    """Describe a fused .onnx (MoE nodes, attributes), a build directory (manifest, file hashes) or a .plan
+    (its sidecar checks), without TensorRT."""
+    import json
+
+    from moetrt.runtime.manifest import inspect_artifact, summary_lines
+
+    report = inspect_artifact(artifact)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    for line in summary_lines(report):
+        click.echo(line)
+
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def route(
     choice = scores if score_correction_bias is None else scores + score_correction_bias
     if attrs.n_group > 1:
         num_tokens = choice.shape[0]
-        grouped = choice.view(num_tokens, attrs.n_group, -1)
+        grouped = choice.view(num_tokens, attrs.n_group, attrs.num_experts // attrs.n_group)
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         group_ids = group_scores.topk(attrs.topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)

@@ -1,0 +1,401 @@
+"""`moetrt build`: MODEL or ONNX → OUTDIR/{model.onnx (fused, portable), model.plan (when built), manifest.json}.
+
+Every step writes into a temporary directory beside OUTDIR; OUTDIR appears (or is replaced, with force) only
+when all of them succeeded, so a failed build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from moetrt.errors import MoetrtError
+from moetrt.graph_passes.decompose import count_fused
+from moetrt.plugins.moe import spec
+from moetrt.runtime.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from moetrt.runtime.targets import ENGINE_BACKENDS, Target, resolve_target
+from moetrt.runtime.trt_build import DimRange, EngineBuild, make_profiles, onnx_input_dims
+
+Progress = Callable[[str], None]
+ONNX_NAME = "model.onnx"
+PLAN_NAME = "model.plan"
+_ELEM_PRECISION = {
+    onnx.TensorProto.FLOAT: "fp32",
+    onnx.TensorProto.FLOAT16: "fp16",
+    onnx.TensorProto.BFLOAT16: "bf16",
+}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    target: str | None = None
+    precision: str = "fp16"
+    tokens: str = "1:128:4096"
+    batch: str = "1:1:4"
+    engine_backend: str = "tensorrt"
+    parity: bool = True
+    force: bool = False
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    outdir: Path
+    manifest: dict[str, Any]
+    engine_built: bool
+    no_engine_reason: str | None
+
+    def summary(self) -> str:
+        files = ", ".join(self.manifest["files"])
+        engine = (
+            f"engine {PLAN_NAME} ({self.manifest['engine']['backend']})"
+            if self.engine_built
+            else f"no engine built: {self.no_engine_reason}"
+        )
+        parity = self.manifest.get("parity") or {}
+        checked = (
+            "parity not checked"
+            if not parity.get("checked")
+            else ("parity PASS" if parity.get("passed") else "parity FAILED (see manifest.json)")
+        )
+        return f"wrote {self.outdir}/{{{files}}}; {engine}; {checked}"
+
+
+def build(
+    model: str, outdir: str | Path, options: BuildOptions = BuildOptions(), progress: Progress | None = None
+) -> BuildResult:
+    """Export (MODEL) or read (ONNX), fuse, compile kernels, build the engine, write the manifest."""
+    say = _timed(progress or (lambda _msg: None))
+    outdir = Path(outdir)
+    # Every user input is checked before any heavy work starts.
+    if options.engine_backend not in ENGINE_BACKENDS:
+        raise MoetrtError(
+            f"unknown engine backend {options.engine_backend!r}", f"use one of {', '.join(ENGINE_BACKENDS)}"
+        )
+    target = resolve_target(options.target, options.engine_backend)
+    target.check_precision(options.precision)
+    target.check_backend(options.engine_backend)
+    if options.engine_backend == "tensorrt":
+        _check_kernel_sm(target)
+    tokens = DimRange.parse(options.tokens, "--tokens")
+    batch = DimRange.parse(options.batch, "--batch")
+    _check_outdir(outdir, options.force)
+
+    timings: dict[str, float] = {}
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    try:
+        fused_path = staging / ONNX_NAME
+        start = time.perf_counter()
+        fused, fused_count = _fused_model(model, options.precision, staging, say)
+        _save_onnx(fused, fused_path)
+        timings["export_and_fuse"] = time.perf_counter() - start
+        counts = _op_counts(fused)
+        say(f"fused model: {fused_count} moetrt::MoE node(s), {counts['total_nodes']} nodes → {ONNX_NAME}")
+        profiles = make_profiles(onnx_input_dims(fused), tokens, batch)
+
+        engine, reason, kernels = _build_engine(
+            fused, fused_path, staging / PLAN_NAME, target, options, profiles, say, timings
+        )
+        if engine is None:
+            say(f"no engine built: {reason}")
+
+        parity = _parity(fused_path, say) if options.parity else None
+        files: dict[str, str | Path] = {ONNX_NAME: fused_path}
+        files.update({p.name: p for p in staging.glob(f"{ONNX_NAME}.data")})
+        if engine is not None:
+            files[PLAN_NAME] = engine.plan_path
+        manifest = build_manifest(
+            source=model,
+            target={"name": target.name, "sm": target.sm, "description": target.description},
+            precision=options.precision,
+            engine=_engine_entry(engine, options.engine_backend, reason, kernels),
+            profiles=profiles,
+            fused_ops=dict(counts),
+            files=files,
+            io=_io_entry(fused),
+            parity=parity,
+            build_seconds={k: round(v, 3) for k, v in timings.items()},
+        )
+        write_manifest(staging / MANIFEST_NAME, manifest)
+        _publish(staging, outdir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"wrote {outdir}")
+    return BuildResult(outdir, manifest, engine is not None, reason)
+
+
+def _timed(progress: Progress) -> Progress:
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
+
+    return say
+
+
+def _check_outdir(outdir: Path, force: bool) -> None:
+    if outdir.exists() and not outdir.is_dir():
+        raise MoetrtError(f"{outdir} exists and is not a directory", "give -o a directory path")
+    if outdir.is_dir() and any(outdir.iterdir()):
+        if not force:
+            raise MoetrtError(
+                f"{outdir} is not empty", "choose a new -o directory, or pass --force to replace it"
+            )
+        if not (outdir / MANIFEST_NAME).is_file():
+            raise MoetrtError(
+                f"{outdir} is not empty and holds no {MANIFEST_NAME}: --force replaces only "
+                "directories written by `moetrt build`",
+                "choose a new -o directory",
+            )
+
+
+def _publish(staging: Path, outdir: Path) -> None:
+    """Move the finished build into place; an old build is swapped out only after the new one is complete."""
+    # Temporary files are created private (0700 / 0600); the published build gets the usual umask modes.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    for path in staging.iterdir():
+        path.chmod(0o666 & ~umask)
+    backup = None
+    if outdir.exists():
+        backup = outdir.with_name(f".{outdir.name}.old-{int(time.time())}")
+        outdir.rename(backup)
+    try:
+        staging.rename(outdir)
+    except BaseException:
+        if backup is not None:
+            backup.rename(outdir)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tuple[onnx.ModelProto, int]:
+    """The fused ONNX model and its number of moetrt::MoE nodes, from a MODEL spec or an .onnx path."""
+    if model.endswith(".onnx"):
+        path = Path(model)
+        if not path.is_file():
+            raise MoetrtError(f"{path} does not exist", "pass an existing .onnx file or a MODEL spec")
+        say(f"reading {path}")
+        try:
+            onnx_model = onnx.load(str(path))
+        except Exception as err:  # protobuf raises several types for a file that is not ONNX
+            raise MoetrtError(
+                f"{path} is not a readable ONNX model ({type(err).__name__})",
+                "export it again with `moetrt export`",
+            ) from err
+        found = _model_precision(onnx_model)
+        if found is not None and found != precision:
+            raise MoetrtError(
+                f"{path} is {found} but --precision is {precision}",
+                f"pass --precision {found}, or export again with `moetrt export --dtype {precision}`",
+            )
+    else:
+        from moetrt.export.onnx_export import export_onnx
+
+        exported = staging / "exported.onnx"
+        result = export_onnx(model, exported, dtype=precision, progress=say)
+        onnx_model = onnx.load(str(result.path))
+        for leftover in staging.glob("exported.onnx*"):
+            leftover.unlink()
+    already = count_fused(onnx_model)
+    if already:
+        say(f"the model is already fused ({already} moetrt::MoE node(s))")
+        return onnx_model, already
+    from moetrt.graph_passes import fuse_model
+
+    say("fusing MoE blocks into moetrt::MoE")
+    fused = fuse_model(onnx_model)
+    if fused.num_fused == 0:
+        say("warning: no MoE block was fused; the engine will run the standard-op graph")
+    return fused.model, int(fused.num_fused)
+
+
+def _model_precision(model: onnx.ModelProto) -> str | None:
+    for value in model.graph.input:
+        precision = _ELEM_PRECISION.get(value.type.tensor_type.elem_type)
+        if precision:
+            return precision
+    for init in model.graph.initializer:
+        precision = _ELEM_PRECISION.get(init.data_type)
+        if precision:
+            return precision
+    return None
+
+
+def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    external = model.ByteSize() > (1 << 31) - (1 << 24)
+    onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Fused-op counts by domain::op (the MoE count always present, 0 included) and the total node count."""
+    counts = Counter(
+        f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain == spec.DOMAIN
+    )
+    return {f"{spec.DOMAIN}::{spec.OP_TYPE}": 0, **counts, "total_nodes": len(model.graph.node)}
+
+
+def _build_engine(
+    fused: onnx.ModelProto,
+    fused_path: Path,
+    plan_path: Path,
+    target: Target,
+    options: BuildOptions,
+    profiles: list[dict[str, Any]],
+    say: Progress,
+    timings: dict[str, float],
+) -> tuple[EngineBuild | None, str | None, dict[str, Any] | None]:
+    if options.engine_backend == "tensorrt-rtx":
+        from moetrt.runtime.rtx_build import build_rtx_engine
+
+        engine = build_rtx_engine(fused_path, plan_path, target, profiles, say, options.verbose)
+        timings["engine"] = engine.seconds
+        say(f"built {PLAN_NAME} with TensorRT-RTX {engine.library_version} in {engine.seconds:.1f}s")
+        return engine, None, None
+
+    kernels, cache = _compile_kernels(fused, target, options.precision, say, timings)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return (
+            None,
+            (
+                "the `tensorrt` Python module is not installed (TensorRT 10.8+ builds the plugin engine; "
+                "--engine-backend tensorrt-rtx builds without plugins)"
+            ),
+            kernels,
+        )
+    from moetrt.plugins.moe.trt.plugin import compile_kernel_bytes, import_tensorrt, register_plugin
+    from moetrt.runtime.trt_build import build_tensorrt_engine
+
+    def kernel_source(attrs: spec.MoEAttributes, dtype: str, sm: int) -> bytes:
+        key = (attrs, dtype, sm)
+        if key not in cache:  # a variant the pre-pass did not see (should not happen): compile it now
+            cache[key] = compile_kernel_bytes(attrs, dtype, sm)
+        return cache[key]
+
+    register_plugin(import_tensorrt(), sm=target.sm, kernel_source=kernel_source)
+    engine = build_tensorrt_engine(fused_path, plan_path, target, profiles, say, options.verbose)
+    timings["engine"] = engine.seconds
+    return engine, None, kernels
+
+
+def _compile_kernels(
+    fused: onnx.ModelProto, target: Target, precision: str, say: Progress, timings: dict[str, float]
+) -> tuple[dict[str, Any], dict[tuple[Any, str, int], bytes]]:
+    """AOT cubins for every distinct MoE variant of the model, for the target SM (reused by the plugin)."""
+    from moetrt.plugins.moe.trt.plugin import compile_kernel_bytes
+
+    variants = {
+        _node_attributes(node)
+        for node in fused.graph.node
+        if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE
+    }
+    start = time.perf_counter()
+    cache: dict[tuple[Any, str, int], bytes] = {}
+    for attrs in variants:
+        say(
+            f"compiling MoE kernels for sm_{target.sm} {precision}: E={attrs.num_experts} k={attrs.top_k} "
+            f"H={attrs.hidden_size} I={attrs.intermediate_size}"
+        )
+        cache[(attrs, precision, target.sm)] = compile_kernel_bytes(attrs, precision, target.sm)
+    timings["kernels"] = time.perf_counter() - start
+    return {"sm": target.sm, "variants": len(cache), "bytes": sum(len(b) for b in cache.values())}, cache
+
+
+def _check_kernel_sm(target: Target) -> None:
+    from moetrt.plugins.moe.aot import SUPPORTED_SMS
+
+    if target.sm not in SUPPORTED_SMS:
+        raise MoetrtError(
+            f"the MoE kernels are not compiled for target {target.name} (SM {target.sm}) yet",
+            f"use a target with SM in {', '.join(map(str, SUPPORTED_SMS))}, or --engine-backend tensorrt-rtx",
+        )
+
+
+def _node_attributes(node: onnx.NodeProto) -> spec.MoEAttributes:
+    return spec.MoEAttributes.from_onnx_attributes(
+        {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    )
+
+
+def _engine_entry(
+    engine: EngineBuild | None, backend: str, reason: str | None, kernels: dict[str, Any] | None
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"backend": backend, "built": engine is not None, "kernels": kernels}
+    if engine is None:
+        entry["reason"] = reason
+        return entry
+    return entry | {
+        "library_version": engine.library_version,
+        "plan_magic": engine.plan_magic,
+        "plugin": engine.plugin,
+        "runs_on_sms": engine.runs_on_sms,
+        "moe_as": "plugin" if engine.plugin else "native layers (inlined function body)",
+    }
+
+
+def _io_entry(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    initializers = {init.name for init in model.graph.initializer}
+
+    def describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+        return {
+            "name": value.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+            if tensor.elem_type != onnx.TensorProto.BFLOAT16
+            else "bfloat16",
+            "shape": dims,
+        }
+
+    return {
+        "inputs": [describe(v) for v in model.graph.input if v.name not in initializers],
+        "outputs": [describe(v) for v in model.graph.output],
+    }
+
+
+def _parity(fused_path: Path, say: Progress) -> dict[str, Any]:
+    """Parity of the fused ONNX (onnxruntime) with the PyTorch model, via `moetrt.runtime.verify`."""
+    from moetrt.runtime.verify import verify
+
+    say("checking parity of the fused ONNX against PyTorch (onnxruntime)")
+    try:
+        report = verify(str(fused_path), progress=None)
+    except MoetrtError as err:
+        say(f"parity not checked: {err.one_line()}")
+        return {"checked": False, "reason": err.one_line()}
+    rows = [dataclasses.asdict(row) for row in report.rows]
+    worst = max((row["rel_err"] / row["tolerance"] for row in rows), default=0.0)
+    summary = {
+        "checked": True,
+        "passed": report.passed,
+        "backend": "onnxruntime",
+        "reference": report.reference,
+        "dtype": report.dtype,
+        "max_rel_err": max((row["rel_err"] for row in rows), default=None),
+        "worst_err_over_tolerance": worst,
+        "rows": rows,
+        "seconds": round(report.seconds, 3),
+    }
+    verdict = "PASS" if report.passed else "FAILED"
+    line = (
+        f"parity {verdict}: {sum(r['passed'] for r in rows)}/{len(rows)} checks within tolerance, "
+        f"max rel err {summary['max_rel_err']:.2e} ({report.dtype}, vs {report.reference})"
+    )
+    say(line if report.passed else "warning: " + line)
+    return summary

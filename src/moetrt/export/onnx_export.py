@@ -1,0 +1,225 @@
+"""Export a `LoadedModel` to ONNX with the dynamo exporter: dynamic batch and sequence, IR <= 10,
+the model spec in metadata, external data above 2 GB, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moetrt.errors import MoetrtError
+from moetrt.export.loaded import LoadedModel
+from moetrt.export.model_source import dtype_name, load_model, parse_dtype
+
+#: onnxruntime refuses newer IR versions (onnx 1.23 writes IR 14 by default).
+MAX_IR_VERSION = 10
+DEFAULT_OPSET = 18
+#: Opsets the dynamo exporter and onnxruntime both handle.
+SUPPORTED_OPSETS = range(18, 24)
+#: Protobuf cannot hold more than 2 GiB: larger models keep their weights in `<name>.onnx.data`.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+
+# metadata_props keys; `verify` reads them back to rebuild the reference model on its own.
+META_SOURCE = "moetrt.source"
+META_DTYPE = "moetrt.dtype"
+META_NUM_MOE_BLOCKS = "moetrt.num_moe_blocks"
+META_LONG_SEQ = "moetrt.long_seq"
+META_EXAMPLE_SHAPE = "moetrt.example_shape"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    num_moe_blocks: int
+    num_nodes: int
+    seconds: float
+    spec: str
+    dtype: str
+    opset: int
+    ir_version: int
+    external_data: Path | None
+    weight_bytes: int
+
+    def summary(self) -> str:
+        data = f", weights in {self.external_data.name}" if self.external_data else ""
+        return (
+            f"wrote {self.path} ({self.num_nodes} nodes, {self.num_moe_blocks} MoE blocks found, "
+            f"{self.dtype}, opset {self.opset}, IR {self.ir_version}{data}) in {self.seconds:.1f} s"
+        )
+
+
+def export_onnx(
+    spec_or_loaded: str | LoadedModel,
+    out_path: str | os.PathLike[str],
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export a MODEL spec (or an already loaded model) to `out_path`.
+
+    The file (and `<out>.data` when the weights exceed 2 GB) appears only when the export succeeded.
+    """
+    start = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    out_path = Path(out_path)
+    if out_path.suffix != ".onnx":
+        raise MoetrtError(f"output {str(out_path)!r} does not end in .onnx", "name the output file *.onnx")
+    if out_path.is_dir():
+        raise MoetrtError(f"output {str(out_path)!r} is a directory", "give a file name ending in .onnx")
+    if opset not in SUPPORTED_OPSETS:
+        raise MoetrtError(
+            f"opset {opset} is not supported",
+            f"use an opset from {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}",
+        )
+    torch_dtype = parse_dtype(dtype)
+
+    if isinstance(spec_or_loaded, LoadedModel):
+        loaded = spec_or_loaded
+        if loaded.dtype != torch_dtype:
+            raise MoetrtError(
+                f"the loaded model is {dtype_name(loaded.dtype)} but dtype {dtype} was requested",
+                "load it with the same dtype or pass the MODEL spec instead",
+            )
+    else:
+        say(f"loading {spec_or_loaded} ({dtype_name(torch_dtype)})")
+        loaded = load_model(spec_or_loaded, torch_dtype)
+    say(f"found {loaded.num_moe_blocks} MoE block(s) in {loaded.spec}")
+
+    say(f"exporting with torch.onnx.export (dynamo, opset {opset}); this can take a while for large models")
+    program = _torch_export(loaded, opset)
+    model = program.model
+    say("exported; finalising the graph")
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    model.metadata_props.update(
+        {
+            META_SOURCE: loaded.spec,
+            META_DTYPE: dtype_name(loaded.dtype),
+            META_NUM_MOE_BLOCKS: str(loaded.num_moe_blocks),
+            META_LONG_SEQ: str(loaded.long_seq),
+            META_EXAMPLE_SHAPE: "x".join(str(d) for d in loaded.example_inputs[0].shape[:2]),
+        }
+    )
+    model.producer_name = "moetrt"
+    weight_bytes = sum(_nbytes(v.const_value) for v in model.graph.initializers.values())
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    num_nodes = sum(1 for _ in model.graph.all_nodes())
+
+    say(f"writing {out_path} ({weight_bytes / 1e6:.1f} MB of weights{', external data' if external else ''})")
+    data_path = _save_atomic(model, out_path, external)
+    return ExportResult(
+        path=out_path,
+        num_moe_blocks=loaded.num_moe_blocks,
+        num_nodes=num_nodes,
+        seconds=time.perf_counter() - start,
+        spec=loaded.spec,
+        dtype=dtype_name(loaded.dtype),
+        opset=opset,
+        ir_version=model.ir_version,
+        external_data=data_path,
+        weight_bytes=weight_bytes,
+    )
+
+
+def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
+    # The exporter prints its own step log on stdout; keep it for the error message only.
+    from moetrt.export.export_friendly import export_friendly
+
+    log = io.StringIO()
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(log),
+            _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"),
+            export_friendly(loaded.module),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                loaded.module,
+                loaded.example_inputs,
+                dynamo=True,
+                input_names=loaded.input_names,
+                output_names=loaded.output_names,
+                dynamic_shapes=loaded.dynamic_shapes,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+    except Exception as err:
+        raise MoetrtError(
+            f"torch.onnx.export failed for {loaded.spec}: {type(err).__name__}: {_first_line(err)}",
+            "make the model traceable by torch.export (no data-dependent Python control flow)",
+        ) from None
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise MoetrtError(f"torch.onnx.export returned nothing for {loaded.spec}", "report this as a bug")
+    return program
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _save_atomic(model: object, out_path: Path, external: bool) -> Path | None:
+    """Save into a private temp dir beside `out_path`, then move the data file and the .onnx in place.
+
+    External data is referenced by its final file name, so it is written under that name in the temp dir.
+    """
+    import onnx_ir as ir
+
+    data_name = out_path.name + ".data"
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    except OSError as err:
+        raise MoetrtError(
+            f"cannot write to {out_path.parent}: {err.strerror}", "choose a writable output path"
+        ) from None
+    try:
+        tmp_model = tmp_dir / out_path.name
+        if external:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)  # type: ignore[arg-type]
+        else:
+            ir.save(model, tmp_model)  # type: ignore[arg-type]
+        final_data = out_path.parent / data_name
+        if external:
+            os.replace(tmp_dir / data_name, final_data)
+        elif final_data.exists():
+            final_data.unlink()  # a stale data file from an earlier, larger export of the same name
+        os.replace(tmp_model, out_path)
+        return final_data if external else None
+    except OSError as err:
+        raise MoetrtError(
+            f"cannot write {out_path}: {err.strerror or err}", "check free disk space and permissions"
+        ) from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _nbytes(tensor: object) -> int:
+    return int(getattr(tensor, "nbytes", 0) or 0) if tensor is not None else 0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

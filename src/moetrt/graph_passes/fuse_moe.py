@@ -1,0 +1,192 @@
+"""Pass `fuse_moe`: replace each recognised MoE block with one `moetrt::MoE` node.
+
+Cases rewritten (rule `moe_gather_experts`, see match_moe.py): softmax | sigmoid routing, top-k before or
+after the softmax, renormalised and scaled top-k weights, grouped top-k with score-correction bias, router
+bias, SiLU / GELU / GELU-tanh / clamped-SwiGLU experts with fused, interleaved or separate gate/up weights and
+optional biases, a shared expert with an optional sigmoid gate, and router logits read outside the block.
+
+The fused node reads the block's hidden states flattened to [T, H] and its weights in the canonical layouts
+of spec.py (made by standard layout ops that the packing pass folds); its output is reshaped back. Each
+variant gets a model-local function (the standard-op body) told apart by `overload`. A block is rewritten
+only when its fused form gives the same values as the original on random hidden states.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from moetrt.graph_passes import layout as L
+from moetrt.graph_passes.base import CountedPass, CountedPassResult, UnfusedCandidate, node_order, opset_imports
+from moetrt.graph_passes.graph_utils import NoMatch, rank
+from moetrt.graph_passes.match_moe import RULE_BLOCK, RULE_CORE, MoEMatch, expert_gathers, is_expert_gather, match_moe_block
+from moetrt.graph_passes.moe_function import MIN_OPSET, make_moe_function, overload_name
+from moetrt.graph_passes.numeric_check import block_error, tolerance
+from moetrt.plugins.moe.spec import DOMAIN, OP_TYPE
+
+RULE_NUMERIC = "moe_gather_experts/numeric_check"
+
+
+class FuseMoEPass(CountedPass):
+    """Fuse every MoE block the rule recognises; list the others with the check that failed."""
+
+    name = "fuse_moe"
+
+    def __init__(self, numeric_check: bool = True, max_check_bytes: int = 1 << 30) -> None:
+        super().__init__()
+        self.numeric_check = numeric_check
+        self.max_check_bytes = max_check_bytes  # blocks with more weight bytes rely on the structural match
+
+    def call(self, model: ir.Model) -> CountedPassResult:
+        graph = model.graph
+        opsets = opset_imports(model)
+        order = node_order(graph)
+        unfused: list[UnfusedCandidate] = []
+        claimed: set[ir.Node] = set()
+        topks = [n for n in graph if n.op_type == "TopK" and n.domain == "" and len(n.outputs) == 2]
+        anchors = [(t, g) for t in topks if (g := expert_gathers(t.outputs[1]))]
+        for _, gathers in anchors:
+            claimed.update(gathers)
+        for node in graph:
+            if is_expert_gather(node) and rank(node.inputs[0]) == 3 and node not in claimed:
+                unfused.append(UnfusedCandidate(_where(node), RULE_CORE,
+                                                "expert weights are gathered by indices that do not come from a TopK"))
+        if opsets.get("", 0) < MIN_OPSET and anchors:
+            for topk, _ in anchors:
+                unfused.append(UnfusedCandidate(_where(topk), RULE_BLOCK, f"model opset < {MIN_OPSET}"))
+            return CountedPassResult(model, False, 0, unfused)
+
+        names = _ValueNames(graph)
+        fused = 0
+        for topk, _ in anchors:
+            try:
+                match = match_moe_block(topk, order, opsets)
+            except NoMatch as failure:
+                rule, _, check = failure.check.partition(": ")
+                unfused.append(UnfusedCandidate(_where(topk), rule, check))
+                continue
+            try:
+                self._rewrite(model, match, f"moe{fused}", names, opsets)
+            except NoMatch as failure:
+                unfused.append(UnfusedCandidate(_where(topk), RULE_NUMERIC, failure.check))
+                continue
+            fused += 1
+        if fused:
+            model.opset_imports[DOMAIN] = 1
+            common_passes.RemoveUnusedNodesPass()(model)
+        return CountedPassResult(model, fused > 0, fused, unfused)
+
+    def _rewrite(self, model: ir.Model, match: MoEMatch, prefix: str, names: _ValueNames,
+                 opsets: dict[str, int]) -> None:
+        attrs = match.attrs
+        prefix = names.unique(prefix)
+        overload = overload_name(attrs)
+        new_nodes: list[ir.Node] = []
+
+        def add(op_type: str, inputs: list[ir.Value], name: str, **attributes: object) -> ir.Value:
+            node = ir.node(op_type, inputs, attributes or None, name=f"{prefix}/{name}")  # type: ignore[arg-type]
+            node.outputs[0].name = names.unique(f"{prefix}/{name}")
+            new_nodes.append(node)
+            return node.outputs[0]
+
+        def const(values: list[int], name: str) -> ir.Value:
+            return add("Constant", [], name, value=ir.tensor(np.asarray(values, dtype=np.int64)))
+
+        hidden = match.hidden
+        flat = hidden
+        if rank(hidden) != 2:
+            flat = add("Reshape", [hidden, const([-1, attrs.hidden_size], "flat_shape")], "hidden_flat")
+        inputs = [flat]
+        for input_name in attrs.present_inputs()[1:]:
+            start = len(new_nodes)
+            inputs.append(L.emit(match.weights[input_name], f"{prefix}/{input_name}", new_nodes))
+            for node in new_nodes[start:]:  # layout ops and their constants
+                for out in node.outputs:
+                    out.name = names.unique(out.name or f"{prefix}/{input_name}")
+                node.name = node.outputs[0].name
+        moe = ir.node(OP_TYPE, inputs, attrs.to_onnx_attributes(), domain=DOMAIN, overload=overload,
+                      num_outputs=len(attrs.present_outputs()), name=f"{prefix}/MoE")
+        for out, out_name in zip(moe.outputs, attrs.present_outputs()):
+            out.name = names.unique(f"{prefix}/{out_name}")
+        new_nodes.append(moe)
+        new_output = moe.outputs[0]
+        if rank(match.output) != 2:
+            new_output = add("Reshape", [moe.outputs[0], add("Shape", [hidden], "hidden_shape")], "output")
+        pairs = [(match.output, new_output)]
+        if match.router_logits is not None:
+            if rank(match.router_logits) != 2:
+                raise NoMatch("router logits read outside the block are not [T, E]")
+            pairs.append((match.router_logits, moe.outputs[1]))
+
+        function = make_moe_function(attrs, overload, opset=opsets.get("", 18))
+        if self.numeric_check and _weight_bytes(match) <= self.max_check_bytes:
+            order = node_order(model.graph)
+            original = _nodes_for_check(match, sorted(match.nodes, key=lambda n: order.get(n, 0)), names)
+            check_opsets = {**opsets, DOMAIN: 1}
+            error = block_error(original, new_nodes, hidden, pairs, check_opsets, [function])
+            if not error <= tolerance(hidden.dtype):
+                raise NoMatch(f"fused op differs from the block on random inputs (relative error {error:.2e})")
+
+        anchor = match.output.producer()
+        assert anchor is not None
+        model.graph.insert_before(anchor, new_nodes)
+        for old, new in pairs:
+            old_name = old.name
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+            old.name = names.unique(f"{old_name}_unfused")
+            new.name = old_name
+        key = (DOMAIN, OP_TYPE, overload)
+        if key not in model.functions:
+            model.functions[key] = ir.serde.deserialize_function(function)
+
+
+class _ValueNames:
+    """Fresh value names that collide with nothing in the graph."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken: set[str] = {v.name for v in graph.inputs if v.name}
+        self.taken.update(graph.initializers)
+        for node in graph:
+            self.taken.update(v.name for v in node.outputs if v.name)
+
+    def unique(self, name: str) -> str:
+        candidate, i = name, 1
+        while candidate in self.taken:
+            candidate, i = f"{name}_{i}", i + 1
+        self.taken.add(candidate)
+        return candidate
+
+
+def _nodes_for_check(match: MoEMatch, ordered: list[ir.Node], names: _ValueNames) -> list[ir.Node]:
+    """The block's nodes, with reshapes to an outside-computed shape retargeted to Shape(hidden)."""
+    if not match.shape_fixes:
+        return ordered
+    shape = ir.node("Shape", [match.hidden])
+    shape.outputs[0].name = names.unique("check/hidden_shape")
+    nodes = [shape]
+    for node in ordered:
+        if node in match.shape_only:
+            continue
+        if node in match.shape_fixes:
+            copy = ir.node("Reshape", [node.inputs[0], shape.outputs[0]])
+            copy.outputs[0].name = node.outputs[0].name
+            nodes.append(copy)
+        else:
+            nodes.append(node)
+    return nodes
+
+
+def _where(node: ir.Node) -> str:
+    return f"{node.name or '<unnamed>'} ({node.op_type})"
+
+
+def _weight_bytes(match: MoEMatch) -> int:
+    total = 0
+    for node in match.nodes:
+        for value in node.inputs:
+            if value is not None and value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+

@@ -1,0 +1,119 @@
+"""The fusion pipeline: cleanup -> fuse_moe -> pack_weights, on ModelProtos and on files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from moetrt.errors import MoetrtError
+from moetrt.graph_passes.base import CountedPass, PassStat, UnfusedCandidate, run_pipeline
+from moetrt.graph_passes.cleanup import CleanupPass
+from moetrt.graph_passes.decompose import count_fused, decompose_model
+from moetrt.graph_passes.fuse_moe import FuseMoEPass
+from moetrt.graph_passes.pack_weights import PackMoEWeightsPass
+
+MAX_IR_VERSION = 10  # onnxruntime refuses newer; IR 10 is the first with function `overload`
+METADATA_KEY = "moetrt.fused_moe_blocks"
+_PROTOBUF_LIMIT = 2**31 - 2**24  # stay clear of protobuf's 2 GiB limit
+
+
+@dataclass
+class FuseResult:
+    model: onnx.ModelProto
+    stats: list[PassStat] = field(default_factory=list)
+    num_fused: int = 0
+    unfused_candidates: list[UnfusedCandidate] = field(default_factory=list)
+
+    def summary_lines(self, explain: bool = False) -> list[str]:
+        """What `moetrt fuse` prints: per-pass counts and time, the total, and with `explain` every miss."""
+        lines = [f"  {s.name:<14} {s.count:>5}  {s.seconds * 1000:9.1f} ms" for s in self.stats]
+        lines.append(f"{self.num_fused} MoE blocks fused, {len(self.unfused_candidates)} unfused candidates")
+        if explain:
+            for c in self.unfused_candidates:
+                lines.append(f"  unfused: {c.where}  rule={c.rule}  failed: {c.check}")
+        return lines
+
+
+def default_passes() -> list[CountedPass]:
+    return [CleanupPass(), FuseMoEPass(), PackMoEWeightsPass()]
+
+
+def fuse_model(model: onnx.ModelProto, explain: bool = False) -> FuseResult:
+    """Fuse every MoE block of `model` into one `moetrt::MoE` node (the input proto is not modified).
+
+    `explain` only affects what `summary_lines` prints; unfused candidates are always collected.
+    """
+    del explain
+    ir_model = ir.serde.deserialize_model(model)
+    stats, unfused = run_pipeline(ir_model, default_passes())
+    num_fused = next((s.count for s in stats if s.name == FuseMoEPass.name), 0)
+    out = ir.serde.serialize_model(ir_model)
+    out.ir_version = min(max(out.ir_version, MAX_IR_VERSION if num_fused else 0), MAX_IR_VERSION)
+    _set_metadata(out, METADATA_KEY, str(count_fused(out)))
+    return FuseResult(out, stats, num_fused, unfused)
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise MoetrtError(f"{path} does not exist", "pass the path of an .onnx file")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as err:  # onnx raises DecodeError / OSError / ValueError
+        raise MoetrtError(f"{path} is not a readable ONNX model ({type(err).__name__})",
+                          "export it with `moetrt export` or check the file") from None
+
+
+def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike[str]) -> None:
+    """Write atomically; tensors go to `<name>.data` beside the model when it would exceed 2 GiB."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    external = model.ByteSize() > _PROTOBUF_LIMIT
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
+        tmp_model = Path(tmp) / out_path.name
+        data_name = f"{out_path.name}.data"
+        if external:
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(Path(tmp) / data_name, out_path.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, out_path)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fuse_file(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    explain: bool = False,
+    decompose: bool = False,
+) -> FuseResult:
+    """Fuse IN into OUT (or, with `decompose`, inline IN's fused nodes back to standard ops)."""
+    if Path(in_path).resolve() == Path(out_path).resolve():
+        raise MoetrtError("output path equals the input path", "write the fused model to a new file with -o")
+    model = load_onnx(in_path)
+    if decompose:
+        start = time.perf_counter()
+        count = count_fused(model)
+        out = decompose_model(model)
+        _set_metadata(out, METADATA_KEY, "0")
+        result = FuseResult(out, [PassStat("decompose", count, time.perf_counter() - start)], 0, [])
+    else:
+        result = fuse_model(model, explain=explain)
+    save_onnx(result.model, out_path)
+    return result

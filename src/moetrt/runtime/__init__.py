@@ -1,0 +1,159 @@
+"""Run what `moetrt build` wrote: `load(path)` → an Engine (.plan) or a Session (.onnx), same call signature.
+
+Submodules (verify, build helpers, manifest) are imported explicitly; importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moetrt.errors import MoetrtError
+
+if TYPE_CHECKING:
+    import torch
+
+    from moetrt.runtime.engine import Engine
+    from moetrt.runtime.session import Session
+
+
+def load(path: str | Path, backend: str | None = None) -> Engine | Session:
+    """Load `path` for inference: `out = load(p)({"hidden_states": x})` returns {output name: tensor}.
+
+    - `.plan`: a TensorRT / TensorRT-RTX Engine (checked against the manifest.json beside it first);
+    - `.onnx`: an onnxruntime Session (CUDA EP with onnxruntime-gpu and a GPU, CPU otherwise);
+    - a `moetrt build` directory: its model.plan, or its model.onnx when no engine was built or
+      `backend="onnxruntime"`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        plan, onnx_path = path / "model.plan", path / "model.onnx"
+        if backend != "onnxruntime" and plan.is_file():
+            path = plan
+        elif onnx_path.is_file():
+            path = onnx_path
+        else:
+            raise MoetrtError(
+                f"{path} holds neither model.plan nor model.onnx",
+                "point at a directory written by `moetrt build`, or at a file",
+            )
+    if not path.exists():
+        raise MoetrtError(f"{path} does not exist", "pass a .plan, an .onnx, or a `moetrt build` directory")
+    if path.suffix == ".plan" and backend != "onnxruntime":
+        from moetrt.runtime.engine import Engine
+
+        return Engine(path)
+    if path.suffix == ".onnx":
+        from moetrt.runtime.session import Session
+
+        return Session(path)
+    raise MoetrtError(
+        f"cannot tell how to run {path.name}", "pass a .plan, an .onnx, or a `moetrt build` directory"
+    )
+
+
+def random_feeds(
+    runner: Engine | Session,
+    batch: int = 1,
+    seq: int = 16,
+    tokens: int | None = None,
+    seed: int = 0,
+    int_high: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Random inputs (never zeros) for every input of `runner`: an input with two dynamic dims gets
+    (batch, seq), one with a single dynamic dim gets `tokens` (default batch * seq)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    device = "cuda" if getattr(runner, "backend", "") != "onnxruntime" else runner.device
+    feeds = {}
+    for name, (dtype, dims) in runner.input_specs.items():
+        dynamic = [axis for axis, d in enumerate(dims) if not (isinstance(d, int) and d > 0)]
+        sizes = (
+            {dynamic[-1]: tokens or batch * seq} if len(dynamic) == 1 else dict(zip(dynamic, (batch, seq)))
+        )
+        if len(dynamic) > 2:
+            raise MoetrtError(
+                f"input {name} has {len(dynamic)} dynamic dims {dims}", "export with batch and seq only"
+            )
+        shape = [sizes.get(axis, d) for axis, d in enumerate(dims)]
+        if dtype is not None and dtype.is_floating_point:
+            value = torch.randn(shape, generator=gen).to(dtype)
+        else:
+            high = (int_high or {}).get(name, 100)
+            value = torch.randint(0, high, shape, generator=gen).to(dtype or torch.int64)
+        feeds[name] = value.to(device)
+    return feeds
+
+
+def vocab_sizes(onnx_path: str | Path) -> dict[str, int]:
+    """For integer inputs that index an embedding table (Gather on an initializer): the table's row count."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    rows = {init.name: init.dims[0] for init in model.graph.initializer if init.dims}
+    graph_inputs = {v.name for v in model.graph.input}
+    return {
+        node.input[1]: rows[node.input[0]]
+        for node in model.graph.node
+        if node.op_type == "Gather" and node.input[0] in rows and node.input[1] in graph_inputs
+    }
+
+
+def run_timed(
+    runner: Engine | Session,
+    batch: int = 1,
+    seq: int = 16,
+    tokens: int | None = None,
+    iters: int = 10,
+    seed: int = 0,
+    cuda_graph: bool = False,
+) -> list[str]:
+    """Run on random inputs: one warm-up, `iters` timed runs; returns printable lines (outputs, timing)."""
+    import statistics
+    import time
+
+    import torch
+
+    onnx_path = runner.path if runner.path.suffix == ".onnx" else runner.path.parent / "model.onnx"
+    highs = vocab_sizes(onnx_path) if onnx_path.is_file() else {}
+    feeds = random_feeds(runner, batch=batch, seq=seq, tokens=tokens, seed=seed, int_high=highs)
+    on_gpu = any(t.is_cuda for t in feeds.values())
+    call = runner
+    if cuda_graph:
+        if runner.backend == "onnxruntime":
+            raise MoetrtError("--cuda-graph needs a TensorRT engine", "run a .plan, or drop --cuda-graph")
+        graph = runner.capture_graph(feeds)  # type: ignore[union-attr]
+
+        def call(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return graph(inputs)
+
+    outputs = call(feeds)  # warm-up (and lazy initialisation)
+    times = []
+    for _ in range(iters):
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = call(feeds)
+        if on_gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    lines = [f"{runner.backend}: {runner.path}"]
+    lines += [
+        f"input  {name}: {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for name, t in feeds.items()
+    ]
+    for name, out in outputs.items():
+        values = out.float()
+        finite = bool(torch.isfinite(values).all())
+        lines.append(
+            f"output {name}: {tuple(out.shape)} {str(out.dtype).removeprefix('torch.')} mean {values.mean():.4g} "
+            f"std {values.std():.4g} absmax {values.abs().max():.4g}{'' if finite else ' NON-FINITE'}"
+        )
+    lines.append(
+        f"time: median {statistics.median(times) * 1e3:.3f} ms, min {min(times) * 1e3:.3f} ms "
+        f"over {iters} runs{' (CUDA graph replay)' if cuda_graph else ''}"
+    )
+    return lines
+
+
+__all__ = ["load", "random_feeds", "run_timed", "vocab_sizes"]

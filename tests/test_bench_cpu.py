@@ -1,0 +1,284 @@
+"""The benchmark program on the CPU: floor accounting against hand-computed values, the transformers peers
+against the oracle, and a quick run of the whole harness (results.json schema, rows, table, plot)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moetrt.plugins.moe.spec import MoEAttributes
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+floors = importlib.import_module("floors")
+peers = importlib.import_module("peers")
+workloads = importlib.import_module("workloads")
+moe_bench = importlib.import_module("moe_bench")
+
+ROW_KEYS = {
+    "shape",
+    "T",
+    "routing",
+    "impl",
+    "us_median",
+    "us_min",
+    "us_max",
+    "rel_err",
+    "distinct_experts",
+    "floor_us",
+    "pct_of_floor",
+}
+TOP_KEYS = {"device", "driver", "torch", "triton", "date", "command", "copy_GBps", "gemm_TFLOPs", "rows"}
+
+
+# --------------------------------------------------------------------------------------------------- floors
+
+
+def test_bytes_and_flops_by_hand_shared_gate() -> None:
+    # E4 k2 H8 I4, shared I2 with sigmoid gate, bf16, T=5 tokens hitting 3 distinct experts.
+    attrs = MoEAttributes(4, 2, 8, 4, norm_topk_prob=True, shared_intermediate_size=2, has_shared_gate=True)
+    # experts 3 * (3*4*8) = 288, shared 3*2*8 + 8 = 56, router 4*8 = 32, activations 2*5*8 = 80 -> 456 elements
+    assert floors.moe_bytes(attrs, 5, 3, itemsize=2) == 912
+    # router 2*5*8*4 = 320, experts 2*5*2*3*4*8 = 1920, shared 2*5*3*2*8 = 480, gate 2*5*8 = 80
+    assert floors.moe_flops(attrs, 5) == 2800
+
+
+def test_bytes_by_hand_biases_and_score_correction() -> None:
+    gpt_oss = MoEAttributes(
+        4,
+        2,
+        8,
+        4,
+        topk_before_score=True,
+        has_router_bias=True,
+        has_expert_bias=True,
+        activation="swiglu_clamped",
+    )
+    # expert 96 + (2*4 + 8) = 112 elements; router 32 + 4; activations 2*1*8
+    assert floors.moe_bytes(gpt_oss, 1, 2, itemsize=4) == (2 * 112 + 36 + 16) * 4
+    deepseek = MoEAttributes(
+        8,
+        2,
+        8,
+        4,
+        scoring="sigmoid",
+        n_group=2,
+        topk_group=1,
+        has_score_correction_bias=True,
+        shared_intermediate_size=4,
+    )
+    # experts 5 * 96, shared 3*4*8 = 96 (no gate), router 64 + 8, activations 2*3*8 = 48
+    assert floors.moe_bytes(deepseek, 3, 5, itemsize=2) == (480 + 96 + 72 + 48) * 2
+    with pytest.raises(ValueError):
+        floors.moe_bytes(deepseek, 3, 9, itemsize=2)
+
+
+def test_floor_is_the_larger_bound() -> None:
+    # 912 B at 1 GB/s = 0.912 us; 2800 FLOP at 1 MFLOP/s = 2800 us -> compute-bound
+    assert floors.floor_us(912, 2800, copy_gbps=1.0, gemm_tflops=1e-6) == pytest.approx(2800.0)
+    # 912 B at 1 MB/s = 912 us; 2800 FLOP at 1 TFLOP/s is negligible -> bandwidth-bound
+    assert floors.floor_us(912, 2800, copy_gbps=1e-3, gemm_tflops=1.0) == pytest.approx(912.0)
+    assert floors.pct_of_floor(50.0, 200.0) == pytest.approx(25.0)
+
+
+def test_distinct_experts_counted_from_routing() -> None:
+    # Router = 10 x identity: each token picks the expert of its one-hot direction.
+    attrs = MoEAttributes(4, 1, 4, 2)
+    eye = torch.eye(4)
+    inputs = {"hidden_states": eye[[0, 0, 2, 2, 2]], "router_weight": 10 * eye}
+    assert workloads.distinct_experts(inputs, attrs) == 2
+    inputs["hidden_states"] = eye[[3, 1, 0, 2]]
+    assert workloads.distinct_experts(inputs, attrs) == 4
+
+
+# ---------------------------------------------------------------------------------------------------- peers
+
+
+@pytest.mark.parametrize("name", workloads.CPU_DEFAULT_SHAPES)
+def test_transformers_blocks_compute_the_oracle(name: str) -> None:
+    shape = workloads.SHAPES[name]
+    attrs = shape.attrs
+    weights = workloads.make_weights(attrs, torch.float32, torch.device("cpu"), seed=3)
+    tokens = workloads.make_token_inputs(attrs, 7, torch.float32, torch.device("cpu"), seed=4, skew=0.0)
+    inputs = workloads.assemble(attrs, tokens, weights)
+    block = peers.HFBlock(shape.family, attrs, peers.hf_state(shape.family, inputs, attrs))
+    ref = workloads.reference_output(inputs, attrs)
+    assert ref.abs().max() > 0
+    for impl in peers.available_implementations():
+        block.set_implementation(impl)
+        err = workloads.relative_error(block(inputs["hidden_states"]), ref)
+        assert err is not None and err <= 1e-5, (impl, err)
+
+
+def test_gpt_oss_layout_conversion_is_exact() -> None:
+    i, h, e = 3, 5, 2
+    gate_up = torch.randn(e, 2 * i, h)
+    bias = torch.randn(e, 2 * i)
+    down = torch.randn(e, h, i)
+    state = peers.gpt_oss_expert_state(
+        {
+            "expert_gate_up_weight": gate_up,
+            "expert_gate_up_bias": bias,
+            "expert_down_weight": down,
+            "expert_down_bias": torch.randn(e, h),
+        },
+        i,
+    )
+    hf = state["experts.gate_up_proj"]
+    assert torch.equal(hf[..., 0::2], gate_up[:, :i, :].transpose(1, 2))
+    assert torch.equal(hf[..., 1::2], gate_up[:, i:, :].transpose(1, 2))
+    assert torch.equal(state["experts.gate_up_proj_bias"][:, 0::2], bias[:, :i])
+    assert torch.equal(state["experts.gate_up_proj_bias"][:, 1::2], bias[:, i:])
+    assert torch.equal(state["experts.down_proj"], down.transpose(1, 2))
+
+
+def test_rounded_router_reference_agrees_when_nothing_flips() -> None:
+    attrs = workloads.SHAPES["tiny_qwen3_next"].attrs
+    weights = workloads.make_weights(attrs, torch.float32, torch.device("cpu"), seed=5)
+    tokens = workloads.make_token_inputs(attrs, 9, torch.float32, torch.device("cpu"), seed=6, skew=0.0)
+    inputs = workloads.assemble(attrs, tokens, weights)
+    rounded, flipped = workloads.reference_output_rounded_router(inputs, attrs)
+    assert flipped == 0.0
+    assert workloads.relative_error(rounded, workloads.reference_output(inputs, attrs)) < 1e-6
+    assert workloads.relative_error(torch.full_like(rounded, float("nan")), rounded) is None
+
+
+# --------------------------------------------------------------------------------------------- the harness
+
+
+def test_quick_cpu_run_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shapes = ["tiny_qwen3_next", "tiny_deepseek_v3", "tiny_gpt_oss"]
+    code = moe_bench.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--quick",
+            "--shapes",
+            ",".join(shapes),
+            "--tokens",
+            "1,8",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) >= TOP_KEYS
+    assert results["complete"] is True
+    assert results["copy_GBps"] > 0 and results["gemm_TFLOPs"] > 0
+    assert "--quick" in results["command"]
+    rows = results["rows"]
+    assert {(r["shape"], r["T"], r["routing"]) for r in rows} == {
+        (s, t, routing) for s in shapes for t, routing in ((1, "random"), (8, "random"), (8, "skewed"))
+    }
+    for row in rows:
+        assert set(row) >= ROW_KEYS, row
+        assert row["status"] in ("ok", "failed", "error", "skipped")
+        attrs = workloads.SHAPES[row["shape"]].attrs
+        assert 1 <= row["distinct_experts"] <= min(attrs.num_experts, row["T"] * attrs.top_k)
+        floor = floors.floor_us(
+            floors.moe_bytes(attrs, row["T"], row["distinct_experts"], 4),
+            floors.moe_flops(attrs, row["T"]),
+            results["copy_GBps"],
+            results["gemm_TFLOPs"],
+        )
+        # copy_GBps / gemm_TFLOPs are rounded in the file; the floor was computed from the exact values
+        assert row["floor_us"] == pytest.approx(floor, rel=1e-2)
+        if row["impl"] in ("eager", "batched_mm", "grouped_mm"):
+            assert row["status"] == "ok", row
+            assert row["rel_err"] <= 1e-5
+            assert row["repeats"] == 3
+            assert row["us_min"] <= row["us_median"] <= row["us_max"]
+            assert row["pct_of_floor"] == pytest.approx(100 * row["floor_us"] / row["us_median"], rel=1e-2)
+        elif row["impl"] == "moetrt":
+            # the fused op needs CUDA: the row says why, and the peers still ran
+            assert row["status"] == "error" and row["note"] and row["us_median"] is None
+    skewed = {r["shape"]: r["distinct_experts"] for r in rows if r["routing"] == "skewed"}
+    random8 = {r["shape"]: r["distinct_experts"] for r in rows if r["routing"] == "random" and r["T"] == 8}
+    assert all(skewed[s] <= random8[s] for s in shapes)
+    assert (tmp_path / "table.txt").read_text().count("tiny_gpt_oss") >= 3
+    # the summary table comes last
+    assert printed.rstrip().splitlines()[-1].startswith("tiny_gpt_oss")
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "moe_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_get_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for args, expected in (
+        (["--tokens", "1,x"], "--tokens must be a comma list"),
+        (["--tokens", "0,8"], "--tokens needs positive integers"),
+        (["--impls", "moetrt,foo"], "unknown implementation foo"),
+    ):
+        assert moe_bench.main(["--out", str(tmp_path), "--device", "cpu", *args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {expected}") and len(err.splitlines()) == 1, err
+    # the script itself, as users run it
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "moe_bench.py"),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--shapes",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: unknown shape nope; choose from " + ", ".join(workloads.SHAPES))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_failing_peer_is_recorded_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_block(*args: object, **kwargs: object) -> None:
+        raise ValueError("layout differs")
+
+    monkeypatch.setattr(peers.HFBlock, "__init__", broken_block)
+    code = moe_bench.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--quick",
+            "--shapes",
+            "tiny_qwen3_30b",
+            "--tokens",
+            "2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+        ]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["complete"] is True
+    by_impl = {(r["impl"], r["routing"]): r for r in results["rows"]}
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        row = by_impl[(impl, "random")]
+        assert row["status"] == "error" and "layout differs" in row["note"], row
+        assert row["us_median"] is None and row["rel_err"] is None
+    assert by_impl[("moetrt", "skewed")]["status"] == "error"

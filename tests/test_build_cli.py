@@ -1,0 +1,105 @@
+"""The `build`, `run` and `inspect` commands: one-line errors with exit 1, and the demo's real TensorRT-RTX build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from moetrt.cli import main
+from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+
+ATTRS = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, output_router_logits=True)
+
+
+@pytest.fixture
+def block(tmp_path: Path) -> Path:
+    model, _ = single_moe_model(ATTRS, torch.float16)
+    path = tmp_path / "block.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "h900"], "unknown target"),
+        (["--target", "sm_75", "--precision", "bf16"], "no bf16"),
+        (["--tokens", "9:1:1"], "--tokens"),
+        (["--engine-backend", "tensorrt-rtx", "--target", "b200"], "TensorRT-RTX cannot build"),
+    ],
+)
+def test_build_errors_are_one_line(tmp_path: Path, block: Path, args: list[str], message: str) -> None:
+    code, _, err = _invoke("build", str(block), "-o", str(tmp_path / "out"), *args)
+    assert code == 1 and message in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_inspect_run(tmp_path: Path, block: Path) -> None:
+    pytest.importorskip("tensorrt_rtx_bindings")
+    out = tmp_path / "out"
+    code, stdout, err = _invoke("build", str(block), "-o", str(out), "--engine-backend", "tensorrt-rtx")
+    assert code == 0, err
+    # The single-node model names no source model: parity is recorded as not checked, with the reason.
+    assert "parity not checked" in stdout
+    assert json.loads((out / "manifest.json").read_text())["parity"]["checked"] is False
+    assert "built model.plan with TensorRT-RTX" in stdout and "engine model.plan (tensorrt-rtx)" in stdout
+
+    code, stdout, _ = _invoke("inspect", str(out))
+    assert code == 0 and "hashes match" in stdout and "MoE x1" in stdout and "top_k=2" in stdout
+    code, stdout, _ = _invoke("inspect", str(out / "model.plan"))
+    assert code == 0 and "matches its manifest" in stdout
+    code, stdout, _ = _invoke("inspect", str(out / "model.onnx"), "--json")
+    assert code == 0 and json.loads(stdout)["onnx"]["moe_nodes"] == 1
+
+    code, stdout, err = _invoke("run", str(out), "--backend", "onnxruntime", "--tokens", "7", "--iters", "2")
+    assert code == 0, err
+    assert "output output: (7, 32) float16" in stdout and "output router_logits: (7, 8) float16" in stdout
+    assert "NON-FINITE" not in stdout and "time: median" in stdout
+
+    (out / "model.plan").write_bytes(b"vtrt" + bytes(100))  # damaged after the build
+    code, _, err = _invoke("run", str(out / "model.plan"))
+    assert code == 1 and "does not match its manifest" in err and err.count("\n") == 1
+    code, _, err = _invoke("inspect", str(out / "model.plan"))
+    assert code == 1 and "corrupt" in err
+
+
+def test_run_and_inspect_bad_paths(tmp_path: Path) -> None:
+    code, _, err = _invoke("run", str(tmp_path / "nope.onnx"))
+    assert code == 1 and "does not exist" in err
+    (tmp_path / "x.plan").write_bytes(b"ftrt")
+    code, _, err = _invoke("inspect", str(tmp_path / "x.plan"))
+    assert code == 1 and "no manifest.json" in err
+    code, _, err = _invoke("run", str(tmp_path / "x.plan"), "--cuda-graph")
+    assert code == 1 and "no manifest.json" in err
+
+
+def test_demo_tensorrt_rtx_build(tmp_path: Path) -> None:
+    """The README's command, for real: export, fuse, inline, build with TensorRT-RTX (about 40 s on 2 cores)."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    out = tmp_path / "out"
+    code, stdout, err = _invoke(
+        "build", "demo:qwen3_next", "-o", str(out), "--engine-backend", "tensorrt-rtx"
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"]["built"] and manifest["engine"]["backend"] == "tensorrt-rtx"
+    assert manifest["fused_ops"]["moetrt::MoE"] >= 1
+    assert manifest["parity"]["checked"] and manifest["parity"]["passed"], manifest["parity"]
+    assert "parity PASS" in stdout
+    assert (out / "model.plan").stat().st_size == manifest["files"]["model.plan"]["bytes"]
+    code, stdout, err = _invoke(
+        "run", str(out), "--backend", "onnxruntime", "--batch", "2", "--seq", "5", "--iters", "1"
+    )
+    assert code == 0 and "NON-FINITE" not in stdout, err

@@ -1,0 +1,228 @@
+"""`moetrt build`: real TensorRT-RTX engine builds on this CPU machine (fused MoE inlined to native layers),
+profiles, the manifest it writes, the no-TensorRT path, and atomic output (nothing half-written on failure)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from moetrt.build import BuildOptions, build
+from moetrt.errors import MoetrtError
+from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+from moetrt.runtime import load
+from moetrt.runtime.manifest import check_plan, read_manifest, verify_files
+from moetrt.runtime.trt_build import DimRange, make_profiles
+
+pytest.importorskip("tensorrt_rtx_bindings")
+
+ATTRS = MoEAttributes(
+    num_experts=8,
+    top_k=2,
+    hidden_size=32,
+    intermediate_size=16,
+    norm_topk_prob=True,
+    shared_intermediate_size=16,
+    has_shared_gate=True,
+)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _fused_onnx(tmp_path: Path, precision: str, attrs: MoEAttributes = ATTRS) -> Path:
+    model, _ = single_moe_model(attrs, DTYPES[precision])
+    path = tmp_path / f"block_{precision}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _leftovers(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("target", ["rtx40", "rtx50", "a100"])
+def test_rtx_engine_build(tmp_path: Path, precision: str, target: str) -> None:
+    out = tmp_path / "out"
+    lines: list[str] = []
+    result = build(
+        str(_fused_onnx(tmp_path, precision)),
+        out,
+        BuildOptions(
+            target=target, precision=precision, tokens="1:16:512", engine_backend="tensorrt-rtx", parity=False
+        ),
+        progress=lines.append,
+    )
+    assert result.engine_built and sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "model.plan",
+    ]
+    manifest = read_manifest(out)
+    verify_files(manifest, out)
+    assert manifest["engine"]["backend"] == "tensorrt-rtx" and manifest["engine"]["plugin"] is False
+    assert manifest["target"]["name"] == target and manifest["precision"] == precision
+    assert manifest["fused_ops"]["moetrt::MoE"] == 1
+    assert manifest["profiles"] == [
+        {"input": "hidden_states", "axes": {"0": "tokens"}, "min": [1, 32], "opt": [16, 32], "max": [512, 32]}
+    ]
+    plan = (out / "model.plan").read_bytes()
+    assert len(plan) > 10_000 and plan[:4].hex() == manifest["engine"]["plan_magic"]
+    check_plan(out / "model.plan", manifest, manifest["target"]["sm"])
+    # The portable model still carries the fused node (the engine got the inlined body).
+    assert sum(n.op_type == "MoE" for n in onnx.load(str(out / "model.onnx")).graph.node) == 1
+    assert any("inlined 1 moetrt::MoE" in line for line in lines)
+    assert not _leftovers(tmp_path, "out")
+
+
+def test_built_directory_runs_with_onnxruntime(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build(
+        str(_fused_onnx(tmp_path, "fp32")),
+        out,
+        BuildOptions(engine_backend="tensorrt-rtx", precision="fp32", parity=False),
+    )
+    session = load(out, backend="onnxruntime")
+    x = torch.randn(5, 32)
+    direct = load(_fused_onnx(tmp_path, "fp32"))({"hidden_states": x})["output"]
+    assert torch.equal(session({"hidden_states": x})["output"], direct)
+
+
+def test_tensorrt_backend_without_tensorrt_writes_onnx_and_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("triton")
+    if _has_tensorrt():
+        pytest.skip("tensorrt is installed here: the plugin build path runs instead")
+    compiled: list[tuple] = []
+
+    def fake_compile(attrs: MoEAttributes, dtype: str, sm: int) -> bytes:
+        compiled.append((attrs, dtype, sm))
+        return b"MOETRTKB-cubins"
+
+    # Kernel compilation has its own tests; here only what build does with the result matters.
+    monkeypatch.setattr("moetrt.plugins.moe.trt.plugin.compile_kernel_bytes", fake_compile)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    result = build(
+        str(_fused_onnx(tmp_path, "fp16")),
+        out,
+        BuildOptions(target="h100", parity=False),
+        progress=lines.append,
+    )
+    assert not result.engine_built and "tensorrt" in (result.no_engine_reason or "")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+    manifest = read_manifest(out)
+    assert manifest["engine"]["built"] is False and "not installed" in manifest["engine"]["reason"]
+    assert manifest["engine"]["kernels"] == {"sm": 90, "variants": 1, "bytes": len(b"MOETRTKB-cubins")}
+    assert [(dtype, sm) for _, dtype, sm in compiled] == [("fp16", 90)]
+    assert sum("no engine built" in line for line in lines) == 1
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (BuildOptions(target="h900"), "unknown target"),
+        (BuildOptions(target="sm_75", precision="bf16"), "no bf16"),
+        (BuildOptions(target="h100", engine_backend="tensorrt-rtx"), "TensorRT-RTX cannot build"),
+        (BuildOptions(target="thor"), "not compiled for target thor"),
+        (BuildOptions(tokens="8:4:2"), "--tokens"),
+        (BuildOptions(batch="x"), "--batch"),
+        (BuildOptions(engine_backend="onnx"), "unknown engine backend"),
+        (BuildOptions(engine_backend="tensorrt-rtx", precision="fp32"), "is fp16 but --precision is fp32"),
+    ],
+)
+def test_bad_input_leaves_nothing(tmp_path: Path, options: BuildOptions, message: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(MoetrtError, match=message):
+        build(str(_fused_onnx(tmp_path, "fp16")), out, options)
+    assert not out.exists() and not _leftovers(tmp_path, "out")
+
+
+def test_failure_mid_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise MoetrtError("TensorRT failed to build the engine: out of memory", "retry")
+
+    monkeypatch.setattr("moetrt.runtime.rtx_build.build_rtx_engine", broken)
+    out = tmp_path / "out"
+    with pytest.raises(MoetrtError, match="out of memory"):
+        build(
+            str(_fused_onnx(tmp_path, "fp16")), out, BuildOptions(engine_backend="tensorrt-rtx", parity=False)
+        )
+    assert not out.exists() and not _leftovers(tmp_path, "out")
+
+
+def test_existing_outdir_needs_force(tmp_path: Path) -> None:
+    source = str(_fused_onnx(tmp_path, "fp16"))
+    out = tmp_path / "out"
+    options = BuildOptions(engine_backend="tensorrt-rtx", parity=False)
+    build(source, out, options)
+    first = read_manifest(out)["created_utc"]
+    with pytest.raises(MoetrtError, match="not empty") as err:
+        build(source, out, options)
+    assert "--force" in err.value.one_line()
+    build(source, out, BuildOptions(engine_backend="tensorrt-rtx", parity=False, force=True, target="rtx50"))
+    assert read_manifest(out)["target"]["name"] == "rtx50" and read_manifest(out)["created_utc"] >= first
+    assert not _leftovers(tmp_path, "out")
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    with pytest.raises(MoetrtError, match=r"holds no manifest\.json"):
+        build(source, stranger, BuildOptions(engine_backend="tensorrt-rtx", parity=False, force=True))
+    assert (stranger / "notes.txt").read_text() == "keep me"
+
+
+def test_unreadable_onnx(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(MoetrtError, match="not a readable ONNX model"):
+        build(str(bad), tmp_path / "out", BuildOptions(engine_backend="tensorrt-rtx"))
+    with pytest.raises(MoetrtError, match="does not exist"):
+        build(str(tmp_path / "missing.onnx"), tmp_path / "out", BuildOptions(engine_backend="tensorrt-rtx"))
+
+
+def test_profiles_from_onnx_inputs() -> None:
+    tokens, batch = DimRange.parse("1:64:2048"), DimRange.parse("2")
+    assert batch == DimRange(2, 2, 2)
+    profiles = make_profiles(
+        [("input_ids", ["batch", "seq"]), ("hidden", ["T", 64]), ("scale", [1])], tokens, batch
+    )
+    assert profiles == [
+        {
+            "input": "input_ids",
+            "axes": {"1": "tokens", "0": "batch"},
+            "min": [2, 1],
+            "opt": [2, 64],
+            "max": [2, 2048],
+        },
+        {"input": "hidden", "axes": {"0": "tokens"}, "min": [1, 64], "opt": [64, 64], "max": [2048, 64]},
+    ]
+    with pytest.raises(MoetrtError, match="3 dynamic dims"):
+        make_profiles([("x", ["a", "b", "c"])], tokens, batch)
+    for bad in ("0:1:2", "4:2:8", "1:2", "a:b:c"):
+        with pytest.raises(MoetrtError, match="MIN:OPT:MAX"):
+            DimRange.parse(bad)
+
+
+def test_manifest_is_json_with_versions(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build(
+        str(_fused_onnx(tmp_path, "bf16")),
+        out,
+        BuildOptions(engine_backend="tensorrt-rtx", precision="bf16", parity=False),
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["tensorrt-rtx-cu13-bindings"].startswith("1.")
+    assert manifest["io"]["inputs"] == [{"name": "hidden_states", "dtype": "bfloat16", "shape": ["T", 32]}]
+    assert manifest["parity"] is None and manifest["build_seconds"]["engine"] > 0
