@@ -7,7 +7,9 @@
 One process measures the ceilings (device copy bandwidth, a bf16 8192^3 GEMM), then for every shape, token
 count and routing (random, plus one skewed case per shape) times each implementation on the same inputs and
 weights, checks it against the float32 oracle, and computes the floor from the experts the routing actually
-hits. Writes DIR/results.json, DIR/moe_bench.png and DIR/table.txt; prints a summary table last.
+hits. moetrt's AOT cubins are compiled (or loaded, --bundle) for every shape before anything is timed.
+Writes DIR/results.json, DIR/moe_bench.png and DIR/table.txt; prints a summary table last. bench/README.md
+describes the method, the budgets and the results.json fields.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -49,6 +52,8 @@ IMPL_HELP = (
     "graph; eager / batched_mm / grouped_mm: transformers experts implementations; compile: grouped_mm "
     "under torch.compile; graph: the fastest transformers peer of the row replayed from a CUDA graph"
 )
+# Row name of an --impls entry where they differ (a graph row is renamed after the peer it replays).
+ROW_NAMES = {"compile": "grouped_mm+compile", "graph": "peer+graph"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCES = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
 DEFAULT_TOKENS = (1, 2, 8, 64, 512, 4096)
@@ -57,6 +62,7 @@ SKEW = 2.0  # oracle random_inputs skew: ~95 % of token-expert pairs land on top
 COPY_BYTES = 1 << 30  # per buffer: 2 GiB read + written
 MEMORY_MARGIN = 6 << 30  # activations, workspaces, graph pools, allocator slack
 SLOW_CALL_S = 0.05
+DEADLINE_NOTE = "run deadline (--deadline-s) reached"
 COMPILE_TYPICAL_S = 15.0
 
 
@@ -126,8 +132,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-s",
         type=float,
-        default=300.0,
-        help="after this many seconds only moetrt and grouped_mm rows still run (default 300)",
+        default=240.0,
+        help="after this many seconds the eager loop, torch.compile and peer CUDA-graph rows are skipped "
+        "(default 240)",
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=320.0,
+        help="rows that would start after this many seconds are skipped, stated in the row, so the run "
+        "ends with its table and plot inside a bounded time (default 320; 0: none)",
     )
     parser.add_argument(
         "--batched-mm-max-gb",
@@ -141,8 +155,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="SHAPE=PATH",
         help="moetrt kernel bundle compiled ahead of time for SHAPE (repeatable); without one, the shape's "
-        "cubins are compiled here before its first row",
+        "cubins are compiled here at the start of the run, before anything is timed",
     )
+    parser.add_argument(
+        "--no-rerun",
+        action="store_true",
+        help="if an implementation breaks the CUDA context (illegal address, ...), do not re-run the "
+        "remaining shapes without it in a fresh process",
+    )
+    # Internal: the fresh process of such a re-run reuses the parent's ceilings, so every floor of the run
+    # shares one pair of ceilings.
+    parser.add_argument("--ceilings", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--traceback", action="store_true", help="print the traceback of every failing row")
     args = parser.parse_args(argv)
@@ -171,6 +194,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         _fail("--repeats and --warmup must be at least 1")
     if args.quick or args.device.type == "cpu":
         args.compile_budget_s = 0.0
+    if args.ceilings:
+        try:
+            copy_gbps, tflops = (float(v) for v in args.ceilings.split(","))
+        except ValueError:
+            _fail(f"--ceilings must be COPY_GBPS,GEMM_TFLOPS, got {args.ceilings!r}")
+        if copy_gbps <= 0 or tflops <= 0:
+            _fail(f"--ceilings must be positive, got {args.ceilings!r}")
+        args.ceilings = (copy_gbps, tflops)
     args.bundles = {}
     for item in args.bundle:
         name, sep, path = item.partition("=")
@@ -258,10 +289,16 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.compile_spent = 0.0
         self.cuda_broken: str | None = None
+        # (shape, row impl) that was running when the context broke: the rerun leaves that implementation out
+        self.broken_by: tuple[str, str] | None = None
+        self.current: tuple[str, str] | None = None
+        self.reruns: list[dict[str, Any]] = []
+        self.checkpoint: Callable[[], None] | None = None  # writes results.json (complete: false)
         self.flush = measure.L2Flusher(self.device)
         self._moe_forward: Callable[..., Any] | None = None
         self._moe_forward_error: str | None = None
-        self._bundles: dict[str, tuple[Any, str] | Exception] = {}
+        self._bundles: dict[str, Any] = {}  # shape -> KernelBundle, or the exception that prevented it
+        self.kernel_info: dict[str, dict[str, Any]] = {}  # shape -> where its cubins came from, compile time
 
     # -------------------------------------------------------------------------------------------- helpers
     def log(self, text: str) -> None:
@@ -269,6 +306,9 @@ class Bench:
 
     def over_budget(self) -> bool:
         return time.perf_counter() - self.start > self.args.budget_s
+
+    def past_deadline(self) -> bool:
+        return self.args.deadline_s > 0 and time.perf_counter() - self.start > self.args.deadline_s
 
     def moe_forward(self) -> Callable[..., Any]:
         if self._moe_forward is None and self._moe_forward_error is None:
@@ -290,12 +330,21 @@ class Bench:
             try:
                 torch.cuda.synchronize(self.device)
             except Exception as err:
-                self.cuda_broken = _short(err)
+                self.mark_broken(_short(err))
                 return False
         return True
 
+    def mark_broken(self, message: str) -> None:
+        self.cuda_broken = message
+        self.broken_by = self.current
+        self.log(f"CUDA context lost while running {self.current}: {message}")
+
     # ------------------------------------------------------------------------------------------- ceilings
     def ceilings(self) -> tuple[float, float]:
+        if self.args.ceilings:
+            copy_gbps, tflops = self.args.ceilings
+            self.log(f"ceilings of the parent run: copy {copy_gbps:g} GB/s, GEMM {tflops:g} TFLOP/s")
+            return copy_gbps, tflops
         quick = self.args.quick or self.device.type == "cpu"
         copy_bytes = (64 << 20) if quick else COPY_BYTES
         size = 512 if quick else 8192
@@ -322,9 +371,14 @@ class Bench:
 
     def run_shape(self, shape: workloads.Shape, copy_gbps: float, gemm_tflops: float) -> None:
         args, attrs = self.args, shape.attrs
+        self.current = (shape.name, "setup")
         cases = [(t, "random", 0.0) for t in args.tokens]
         if args.skew_tokens > 0:
             cases.append((min(args.skew_tokens, max(args.tokens)), "skewed", SKEW))
+        if self.past_deadline():
+            self._rows_error(shape, cases, DEADLINE_NOTE, status="skipped")
+            self.log(f"shape {shape.name}: skipped, {DEADLINE_NOTE}")
+            return
         if not self.healthy():
             self._rows_error(
                 shape, cases, f"CUDA context unusable after an earlier error ({self.cuda_broken})"
@@ -341,6 +395,7 @@ class Bench:
             weights.extend({k: v.clone() for k, v in weights[0].items()} for _ in range(copies - 1))
         except Exception as err:
             self._rows_error(shape, cases, f"weights: {_short(err)}")
+            weights.clear()  # before _free(): the partial copies must not stay cached
             self._free()
             return
         if any(i in args.impls for i in ("eager", "batched_mm", "grouped_mm", "compile", "graph")):
@@ -366,6 +421,10 @@ class Bench:
                     f"CUDA context unusable after an earlier error ({self.cuda_broken})",
                 )
                 continue
+            self.current = (shape.name, "setup")
+            if self.past_deadline():
+                self._rows_error(shape, [(tokens, routing, skew)], DEADLINE_NOTE, status="skipped")
+                continue
             try:
                 case = self.make_case(shape, tokens, routing, skew, weights, copy_gbps, gemm_tflops)
             except Exception as err:
@@ -373,21 +432,36 @@ class Bench:
                 self.log(f"  T={tokens} {routing}: {_short(err)}")
                 continue
             for impl in args.impls:
-                if impl == "moetrt":
-                    self.run_moetrt(case, graph=False)
-                elif impl == "moetrt+graph":
-                    if self._graph_row(tokens):
-                        self.run_moetrt(case, graph=True)
-                elif impl in peers.EXPERTS_IMPLEMENTATIONS:
-                    self.run_peer(case, impl, blocks, peer_error)
-                elif impl == "compile":
-                    if compiled_blocks is None and blocks and self._compile_allowed():
-                        # One weight copy: each copy would be one more compile (L2 is flushed anyway).
-                        compiled_blocks = [blocks[0].sibling(blocks[0].module.state_dict())]
-                    self.run_compiled(case, compiled_blocks, peer_error)
-                elif impl == "graph" and self._graph_row(tokens):
-                    self.run_peer_graph(case)
+                if self.past_deadline():
+                    if impl not in ("moetrt+graph", "graph") or self._graph_row(tokens):
+                        self.skip(case, ROW_NAMES.get(impl, impl), DEADLINE_NOTE)
+                    continue
+                try:
+                    if impl == "moetrt":
+                        self.run_moetrt(case, graph=False)
+                    elif impl == "moetrt+graph":
+                        if self._graph_row(tokens):
+                            self.run_moetrt(case, graph=True)
+                    elif impl in peers.EXPERTS_IMPLEMENTATIONS:
+                        self.run_peer(case, impl, blocks, peer_error)
+                    elif impl == "compile":
+                        if compiled_blocks is None and blocks and self._compile_allowed():
+                            # One weight copy: each copy would be one more compile (L2 is flushed anyway).
+                            compiled_blocks = [blocks[0].sibling(blocks[0].module.state_dict())]
+                        self.run_compiled(case, compiled_blocks, peer_error)
+                    elif impl == "graph" and self._graph_row(tokens):
+                        self.run_peer_graph(case)
+                except Exception as err:  # measure() records its own failures; this is the set-up around it
+                    row = new_row(shape.name, tokens, routing, ROW_NAMES.get(impl, impl))
+                    row.update(distinct_experts=case.distinct, floor_us=_sig(case.floor), note=_short(err))
+                    self.rows.append(row)
+                    self.log(f"    {impl:<22} error: {_short(err)}")
+                    if self.args.traceback:
+                        traceback.print_exc()
             del case
+            # A run killed from outside (a hung kernel, the machine's time limit) keeps every finished case.
+            if self.checkpoint is not None:
+                self.checkpoint()
         del weights, blocks, compiled_blocks
         self._free()
 
@@ -399,14 +473,20 @@ class Bench:
         if self.device.type == "cuda" and self.healthy():
             torch.cuda.empty_cache()
 
-    def _rows_error(self, shape: workloads.Shape, cases: list[tuple[int, str, float]], message: str) -> None:
+    def _rows_error(
+        self,
+        shape: workloads.Shape,
+        cases: list[tuple[int, str, float]],
+        message: str,
+        status: str = "error",
+    ) -> None:
         for tokens, routing, _ in cases:
             for impl in self.args.impls:
                 if impl in ("moetrt+graph", "graph") and not self._graph_row(tokens):
                     continue
-                name = {"compile": "grouped_mm+compile", "graph": "peer+graph"}.get(impl, impl)
+                name = ROW_NAMES.get(impl, impl)
                 row = new_row(shape.name, tokens, routing, name)
-                row["note"] = message
+                row.update(note=message, status=status)
                 self.rows.append(row)
 
     def make_case(
@@ -435,6 +515,9 @@ class Bench:
         floor = floors.floor_us(nbytes, flops, copy_gbps, gemm_tflops)
         references = [("fp32 router", workloads.reference_output(inputs[0], attrs))]
         gc.collect()
+        if self.device.type == "cuda":
+            # The oracle's float32 upcast of the weights (45 GB for deepseek_v3) must not stay cached.
+            torch.cuda.empty_cache()
         if args.dtype != torch.float32:
             rounded, flipped = workloads.reference_output_rounded_router(inputs[0], attrs)
             if flipped > 0:
@@ -465,6 +548,7 @@ class Bench:
         row["distinct_experts"] = case.distinct
         row["floor_us"] = _sig(case.floor)
         self.rows.append(row)
+        self.current = (case.shape.name, impl)
         try:
             calls = make_calls()
             # First call per copy: kernel loading, autotuning, compilation (timed on the host clock).
@@ -550,28 +634,43 @@ class Bench:
         self.log(f"    {impl:<22} skipped: {reason}")
 
     # ------------------------------------------------------------------------------------ implementations
-    def moetrt_bundle(self, shape: workloads.Shape) -> tuple[Any, str | None]:
+    def prepare_kernels(self) -> None:
+        """Load or compile every selected shape's AOT cubins before anything is timed, and report it once.
+
+        Compiling here, before the ceilings, keeps it out of every timed region and out of moe_forward's own
+        first-use compile (the bundle is passed to every call)."""
+        if self.device.type != "cuda" or not any(i.startswith("moetrt") for i in self.args.impls):
+            return
+        for name in self.args.shapes:
+            try:
+                self.moetrt_bundle(workloads.SHAPES[name])
+            except Exception as err:
+                self.log(f"moetrt kernels for {name}: {_short(err)} (its moetrt rows will say so)")
+
+    def moetrt_bundle(self, shape: workloads.Shape) -> Any:
         """The shape's AOT cubins: carried with --bundle, else compiled here once (None on the CPU, where the
         fused op does not run)."""
         if self.device.type != "cuda":
-            return None, None
+            return None
         if shape.name not in self._bundles:
             try:
                 self._bundles[shape.name] = self._load_or_compile_bundle(shape)
             except Exception as err:
                 self._bundles[shape.name] = err
+                self.kernel_info[shape.name] = {"source": "error", "error": _short(err)}
         cached = self._bundles[shape.name]
         if isinstance(cached, Exception):
             raise RuntimeError(f"moetrt kernel bundle: {_short(cached)}")
         return cached
 
-    def _load_or_compile_bundle(self, shape: workloads.Shape) -> tuple[Any, str]:
+    def _load_or_compile_bundle(self, shape: workloads.Shape) -> Any:
         from moetrt.plugins.moe.aot import KernelBundle, compile_kernels
         from moetrt.plugins.moe.torch_ops import dtype_name
 
         dtype = dtype_name(self.args.dtype)
         major, minor = torch.cuda.get_device_capability(self.device)
         sm = major * 10 + minor
+        start = time.perf_counter()
         if shape.name in self.args.bundles:
             path = self.args.bundles[shape.name]
             bundle = KernelBundle.from_bytes(path.read_bytes())
@@ -580,29 +679,41 @@ class Bench:
                     f"{path} holds cubins for {bundle.dtype} sm_{bundle.sm} and other attributes than "
                     f"{shape.name} {dtype} sm_{sm}; compile a bundle for this shape, dtype and GPU"
                 )
-            return bundle, f"cubins carried ({path.name}, triton {bundle.triton_version})"
-        start = time.perf_counter()
-        self.log(f"  compiling moetrt cubins for {shape.name} {dtype} sm_{sm}")
-        bundle = compile_kernels(shape.attrs, dtype, sm, workers=min(16, os.cpu_count() or 1))
+            source = f"carried ({path.name})"
+        else:
+            bundle = compile_kernels(shape.attrs, dtype, sm, workers=min(16, os.cpu_count() or 1))
+            source = "compiled here"
         seconds = time.perf_counter() - start
-        self.log(f"  {len(bundle.kernels)} cubins in {seconds:.1f} s")
-        return bundle, f"cubins compiled here in {seconds:.0f} s"
+        self.kernel_info[shape.name] = {
+            "source": source,
+            "seconds": round(seconds, 2),
+            "kernels": len(bundle.kernels),
+            "bytes": sum(len(k.cubin) for k in bundle.kernels.values()),
+            "sm": sm,
+            "dtype": dtype,
+            "triton": bundle.triton_version,
+        }
+        self.log(
+            f"moetrt cubins for {shape.name} {dtype} sm_{sm}: {len(bundle.kernels)} kernels {source} "
+            f"in {seconds:.1f} s (triton {bundle.triton_version})"
+        )
+        return bundle
 
     def run_moetrt(self, case: Case, graph: bool) -> None:
         attrs = case.shape.attrs
-        origin: list[str] = []
 
         def make_calls() -> list[Callable[[], torch.Tensor]]:
             moe_forward = self.moe_forward()
-            bundle, note = self.moetrt_bundle(case.shape)
-            if note:
-                origin.append(note)
-            preallocate = "outputs" in inspect.signature(moe_forward).parameters
+            bundle = self.moetrt_bundle(case.shape)
+            params = inspect.signature(moe_forward).parameters
             calls = []
             for inputs in case.inputs:
-                kwargs: dict[str, Any] = {"bundle": bundle} if bundle is not None else {}
+                kwargs: dict[str, Any] = {}
+                # The prepared bundle: moe_forward would otherwise compile one inside the first (untimed) call.
+                if bundle is not None and "bundle" in params:
+                    kwargs["bundle"] = bundle
                 # As an engine's bindings: the output buffer is the caller's (measure() poisons it).
-                if preallocate:
+                if "outputs" in params:
                     kwargs["outputs"] = {"output": torch.empty_like(inputs["hidden_states"])}
                 calls.append(
                     lambda inputs=inputs, kwargs=kwargs: moe_forward(inputs, attrs, **kwargs)["output"]
@@ -612,8 +723,6 @@ class Bench:
             return calls
 
         row = self.measure(case, "moetrt+graph" if graph else "moetrt", make_calls)
-        if origin and row["status"] != "error":
-            _add_note(row, origin[0])
         if graph and row["status"] != "error":
             _add_note(row, "CUDA-graph replay")
 
@@ -776,7 +885,13 @@ class Bench:
         }
 
     def write(self, out_dir: Path, env: dict[str, Any], complete: bool) -> None:
-        results = {**env, "complete": complete, "rows": self.rows}
+        results = {
+            **env,
+            "moetrt_kernels": self.kernel_info,
+            "reruns": self.reruns,
+            "complete": complete,
+            "rows": self.rows,
+        }
         write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
 
 
@@ -892,6 +1007,19 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def kernels_line(info: dict[str, dict[str, Any]]) -> str:
+    """Where each shape's moetrt cubins came from and what compiling them cost (outside every timing)."""
+    if not info:
+        return "moetrt cubins: none prepared (cpu run or moetrt not selected)"
+    parts = []
+    for shape, entry in info.items():
+        if entry["source"] == "error":
+            parts.append(f"{shape} unavailable ({entry['error']})")
+        else:
+            parts.append(f"{shape} {entry['kernels']} kernels {entry['source']} in {entry['seconds']:.1f} s")
+    return "moetrt cubins (AOT, before any timing): " + "; ".join(parts)
+
+
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     timed = [r for r in rows if r["status"] == "ok" and r["us_median"] is not None]
     return min(timed, key=lambda r: r["us_median"]) if timed else None
@@ -932,7 +1060,10 @@ def plot(rows: list[dict[str, Any]], path: Path, env: dict[str, Any]) -> str | N
         ax.set_xlabel("tokens T")
         ax.set_ylabel("median µs (correct rows)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no timed rows", ha="center", va="center", transform=ax.transAxes)
     for ax in list(axes.flat)[len(shapes) :]:
         ax.set_visible(False)
     fig.suptitle(f"MoE block, {env['dtype']} — {env['device']} — {env['date']}", fontsize=9)
@@ -959,6 +1090,7 @@ def run(args: argparse.Namespace) -> int:
         f"tokens {','.join(map(str, args.tokens))}; impls {','.join(args.impls)}; repeats {args.repeats}"
     )
     with torch.inference_mode():
+        bench.prepare_kernels()
         copy_gbps, gemm_tflops = bench.ceilings()
         bench._free()
         env = bench.environment(copy_gbps, gemm_tflops)
@@ -966,17 +1098,26 @@ def run(args: argparse.Namespace) -> int:
             f"device {env['device']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "
             f"transformers {env['transformers']}"
         )
+        bench.checkpoint = lambda: bench.write(out_dir, env, complete=False)
         for name in args.shapes:
             bench.run_shape(workloads.SHAPES[name], copy_gbps, gemm_tflops)
-            bench.write(out_dir, env, complete=False)
+            bench.checkpoint()
+    reset_context = False
+    plan = rerun_plan(args, bench.broken_by) if bench.cuda_broken and not args.no_rerun else None
+    if plan:
+        reset_context = release_broken_context(bench)
+        if rerun(bench, plan, copy_gbps, gemm_tflops):
+            bench.cuda_broken = None
     bench.write(out_dir, env, complete=True)
     plot_note = plot(bench.rows, out_dir / "moe_bench.png", env)
     table = full_table(bench.rows)
     summary = summary_table(bench.rows)
-    write_text_atomic(out_dir / "table.txt", f"{table}\n\n{summary}\n")
+    kernels = kernels_line(bench.kernel_info)
+    write_text_atomic(out_dir / "table.txt", f"{table}\n\n{kernels}\n\n{summary}\n")
     print(table, flush=True)
     if plot_note:
         print(plot_note)
+    print(kernels)
     failed = [r for r in bench.rows if r["status"] == "failed"]
     errors = [r for r in bench.rows if r["status"] == "error"]
     print(
@@ -984,8 +1125,163 @@ def run(args: argparse.Namespace) -> int:
         f"{len(bench.rows)} rows, {len(failed)} failed correctness, {len(errors)} errors | "
         f"{time.perf_counter() - bench.start:.0f} s | results in {out_dir}"
     )
+    for item in bench.reruns:
+        print(
+            f"re-run in a fresh process: {','.join(item['shapes'])} with {','.join(item['impls'])}, "
+            f"because {item['reason']}"
+        )
     print(summary, flush=True)
-    return 1 if bench.cuda_broken else 0
+    code = 1 if bench.cuda_broken else 0
+    if reset_context:
+        # torch's CUDA state points into the context released above: leave without its destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+# ---------------------------------------------------------------------------------------- broken context
+
+
+def impl_option(row_impl: str) -> str:
+    """The --impls entry a row came from (compile and graph rows name the peer they are built on)."""
+    if row_impl in IMPLS:
+        return row_impl
+    if row_impl.endswith("+compile"):
+        return "compile"
+    if row_impl.endswith("+graph"):
+        return "graph"
+    return row_impl
+
+
+def rerun_plan(
+    args: argparse.Namespace, broken_by: tuple[str, str] | None
+) -> tuple[list[str], list[str]] | None:
+    """(shapes, impls) to re-run in a fresh process: from the shape where the CUDA context broke on, without
+    the implementation that broke it (both moetrt variants if it was one of them). None when the break
+    happened outside any implementation (ceilings, inputs), where a re-run would only break again."""
+    if broken_by is None:
+        return None
+    shape, row_impl = broken_by
+    option = impl_option(row_impl)
+    if option not in IMPLS or shape not in args.shapes:
+        return None
+    left_out = {"moetrt", "moetrt+graph"} if option.startswith("moetrt") else {option}
+    if option == "grouped_mm":
+        left_out.add("compile")  # the compiled peer is grouped_mm under torch.compile
+    impls = [impl for impl in args.impls if impl not in left_out]
+    if not impls:
+        return None
+    return args.shapes[args.shapes.index(shape) :], impls
+
+
+def release_broken_context(bench: Bench) -> bool:
+    """Give the GPU memory of the broken context back so the fresh process has the whole device: a sticky
+    error keeps every allocation alive until the primary context is reset. True when it was reset (no
+    torch CUDA call may follow in this process)."""
+    if bench.device.type != "cuda":
+        return False
+    gc.collect()
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # cuda-python < 12.6
+        except ImportError:
+            bench.log("cuda-python missing: the broken context keeps its memory during the re-run")
+            return False
+    try:
+        err, device = driver.cuCtxGetDevice()
+        if err == driver.CUresult.CUDA_SUCCESS:
+            (err,) = driver.cuDevicePrimaryCtxReset(device)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"CUDA driver error {err}")
+    except Exception as err:
+        bench.log(f"could not reset the broken CUDA context ({_short(err)}); its memory stays held")
+        return False
+    return True
+
+
+def rerun(bench: Bench, plan: tuple[list[str], list[str]], copy_gbps: float, gemm_tflops: float) -> bool:
+    """Run `plan` in a fresh process (same options and ceilings) and merge its rows: for the re-run shapes,
+    this process keeps only the rows of the implementations left out (they say what broke); the fresh
+    process supplies every other row. True when the fresh process completed."""
+    args = bench.args
+    shapes, impls = plan
+    elapsed = time.perf_counter() - bench.start
+    dtype_flag = next(name for name, dtype in DTYPES.items() if dtype == args.dtype)
+    left_out = sorted(set(args.impls) - set(impls))
+    bench.log(
+        f"re-running {','.join(shapes)} without {','.join(left_out)} in a fresh process "
+        f"(the CUDA context broke in {bench.broken_by[1] if bench.broken_by else '?'})"
+    )
+    with tempfile.TemporaryDirectory(prefix="moe_bench_rerun_") as tmp:
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--out", tmp,
+            "--device", args.device.type,
+            "--dtype", dtype_flag,
+            "--shapes", ",".join(shapes),
+            "--impls", ",".join(impls),
+            "--tokens", ",".join(map(str, args.tokens)),
+            "--repeats", str(args.repeats),
+            "--warmup", str(args.warmup),
+            "--skew-tokens", str(args.skew_tokens),
+            "--graph-max-tokens", str(args.graph_max_tokens),
+            "--compile-budget-s", f"{max(0.0, args.compile_budget_s - bench.compile_spent):.1f}",
+            "--impl-budget-s", str(args.impl_budget_s),
+            "--budget-s", f"{max(0.0, args.budget_s - elapsed):.1f}",
+            "--deadline-s", f"{max(1.0, args.deadline_s - elapsed):.1f}" if args.deadline_s > 0 else "0",
+            "--batched-mm-max-gb", str(args.batched_mm_max_gb),
+            "--seed", str(args.seed),
+            "--ceilings", f"{copy_gbps!r},{gemm_tflops!r}",
+            "--no-rerun",
+        ]  # fmt: skip
+        argv += [f"--bundle={name}={path}" for name, path in args.bundles.items()]
+        argv += ["--quick"] if args.quick else []
+        argv += ["--traceback"] if args.traceback else []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(argv, env=env, check=False)
+        child_path = Path(tmp) / "results.json"
+        child = json.loads(child_path.read_text()) if child_path.is_file() else None
+    if child is None:
+        bench.log(f"the fresh process wrote no results (exit {proc.returncode}); rows stay as they are")
+        return False
+    bench.rows = merge_rerun(bench.rows, child["rows"], shapes, left_out, args.shapes)
+    for name, info in child.get("moetrt_kernels", {}).items():
+        bench.kernel_info.setdefault(name, info)
+    bench.reruns.append(
+        {
+            "shapes": shapes,
+            "impls": impls,
+            "reason": f"{bench.broken_by[1] if bench.broken_by else '?'} broke the CUDA context "
+            f"({bench.cuda_broken})",
+            "complete": bool(child.get("complete")),
+        }
+    )
+    return proc.returncode == 0 and bool(child.get("complete"))
+
+
+def merge_rerun(
+    rows: list[dict[str, Any]],
+    rerun_rows: list[dict[str, Any]],
+    rerun_shapes: list[str],
+    left_out: list[str],
+    all_shapes: list[str],
+) -> list[dict[str, Any]]:
+    """This process's rows with the re-run shapes' rows replaced by the fresh process's, except those of the
+    implementations left out of the re-run (they hold the error that broke the context)."""
+    kept = [r for r in rows if r["shape"] not in rerun_shapes or impl_option(r["impl"]) in left_out]
+    for row in rerun_rows:
+        _add_note(row, "fresh process after the CUDA context broke")
+    return _ordered(kept + rerun_rows, all_shapes)
+
+
+def _ordered(rows: list[dict[str, Any]], shapes: list[str]) -> list[dict[str, Any]]:
+    """Rows grouped by shape in run order, then by routing and T (stable within a group)."""
+    order = {name: i for i, name in enumerate(shapes)}
+    return sorted(rows, key=lambda r: (order.get(r["shape"], len(order)), r["routing"] != "random", r["T"]))
 
 
 def main(argv: list[str] | None = None) -> int:

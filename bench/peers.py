@@ -78,6 +78,7 @@ def hf_config(family: str, attrs: MoEAttributes) -> Any:
         kwargs = {
             "num_local_experts": a.num_experts,
             "intermediate_size": a.intermediate_size,
+            "swiglu_alpha": a.swiglu_alpha,
             "swiglu_limit": a.swiglu_limit,
         }
     else:
@@ -91,8 +92,11 @@ def _check_family(family: str, attrs: MoEAttributes) -> None:
     """The transformers block must compute the op's function; refuse a mismatch instead of benchmarking it."""
     if family == "deepseek_v3" and attrs.shared_intermediate_size % attrs.intermediate_size:
         raise ValueError("DeepseekV3MoE's shared expert is a multiple of moe_intermediate_size")
-    if family == "gpt_oss" and (attrs.swiglu_alpha != 1.702 or attrs.activation != "swiglu_clamped"):
-        raise ValueError("GptOssExperts uses clamped SwiGLU with alpha 1.702")
+    # transformers < 5.18 hard-codes alpha 1.702 and limit 7.0 in GptOssExperts; later ones read the config,
+    # but the benchmark's shapes use those values, so every version is held to them.
+    gpt_oss_activation = (attrs.activation, attrs.swiglu_alpha, attrs.swiglu_limit)
+    if family == "gpt_oss" and gpt_oss_activation != ("swiglu_clamped", 1.702, 7.0):
+        raise ValueError("GptOssExperts uses clamped SwiGLU with alpha 1.702 and limit 7.0")
 
 
 def hf_state(family: str, inputs: dict[str, torch.Tensor], attrs: MoEAttributes) -> dict[str, torch.Tensor]:

@@ -282,3 +282,194 @@ def test_a_failing_peer_is_recorded_and_the_run_goes_on(
         assert row["status"] == "error" and "layout differs" in row["note"], row
         assert row["us_median"] is None and row["rel_err"] is None
     assert by_impl[("moetrt", "skewed")]["status"] == "error"
+
+
+def test_implementation_switch_reaches_the_registered_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config._experts_implementation must route each forward to that implementation, not silently to eager."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    shape = workloads.SHAPES["tiny_qwen3_30b"]
+    attrs = shape.attrs
+    weights = workloads.make_weights(attrs, torch.float32, torch.device("cpu"), seed=7)
+    tokens = workloads.make_token_inputs(attrs, 5, torch.float32, torch.device("cpu"), seed=8, skew=0.0)
+    inputs = workloads.assemble(attrs, tokens, weights)
+    block = peers.HFBlock(shape.family, attrs, peers.hf_state(shape.family, inputs, attrs))
+    for impl in peers.available_implementations()[1:]:
+        calls: list[str] = []
+        real = ALL_EXPERTS_FUNCTIONS[impl]
+
+        def spy(*args: object, _real=real, _impl=impl, _calls=calls, **kwargs: object) -> torch.Tensor:
+            _calls.append(_impl)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, impl, spy)
+        block.set_implementation(impl)
+        block(inputs["hidden_states"])
+        assert calls == [impl]
+        block.set_implementation("eager")
+        block(inputs["hidden_states"])
+        assert calls == [impl], "eager must not go through the registered implementation"
+
+
+def _oracle_forward(inputs: dict[str, torch.Tensor], attrs: MoEAttributes, outputs=None, bundle=None):
+    out = workloads.reference_output(inputs, attrs).to(inputs["hidden_states"].dtype)
+    if outputs is None:
+        return {"output": out}
+    outputs["output"].copy_(out)
+    return outputs
+
+
+def _lazy_forward(inputs: dict[str, torch.Tensor], attrs: MoEAttributes, outputs=None, bundle=None):
+    """Writes nothing into the caller's buffer: what a kernel that skips rows does."""
+    return outputs
+
+
+@pytest.mark.parametrize(("forward", "status"), [(_oracle_forward, "ok"), (_lazy_forward, "failed")])
+def test_moetrt_rows_use_the_callers_output_buffer_and_catch_unwritten_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forward: object, status: str
+) -> None:
+    # moe_forward needs CUDA; on the CPU a stand-in with its signature exercises the row plumbing: the
+    # preallocated output binding, the NaN poisoning before the checked call, timing and the floor.
+    monkeypatch.setattr(moe_bench.Bench, "moe_forward", lambda self: forward)
+    code = moe_bench.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--quick",
+            "--shapes",
+            "tiny_mixtral",
+            "--tokens",
+            "4",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--impls",
+            "moetrt",
+            "--skew-tokens",
+            "0",
+        ]
+    )
+    assert code == 0
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["impl"] == "moetrt" and row["status"] == status, row
+    if status == "ok":
+        assert row["rel_err"] is not None and row["rel_err"] <= 1e-5
+        assert row["repeats"] == 2 and row["us_median"] > 0 and row["pct_of_floor"] > 0
+    else:
+        assert row["rel_err"] is None and "NaN" in row["note"]
+
+
+@pytest.mark.slow  # a real second process: 15-40 s on a busy 2-core machine
+def test_a_broken_cuda_context_reruns_the_rest_without_the_culprit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An illegal address in one implementation makes every later CUDA call in the process fail. Simulated
+    # here by marking the context lost after the first moetrt row: the remaining shapes must be re-run in a
+    # fresh process (a real subprocess) without moetrt, with the parent's ceilings, and merged back.
+    original = moe_bench.Bench.run_moetrt
+
+    def run_moetrt_then_break(self: moe_bench.Bench, case: object, graph: bool) -> None:
+        original(self, case, graph)
+        if not self.cuda_broken:
+            self.mark_broken("AcceleratorError: CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(moe_bench.Bench, "run_moetrt", run_moetrt_then_break)
+    shapes = ["tiny_qwen3_30b", "tiny_mixtral"]
+    code = moe_bench.main(
+        ["--out", str(tmp_path), "--device", "cpu", "--quick", "--shapes", ",".join(shapes), "--tokens", "3",
+         "--repeats", "2", "--warmup", "1", "--impls", "moetrt,batched_mm", "--skew-tokens", "0"]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (rerun,) = results["reruns"]
+    assert rerun["shapes"] == shapes and rerun["impls"] == ["batched_mm"] and rerun["complete"]
+    assert "moetrt broke the CUDA context" in rerun["reason"]
+    rows = results["rows"]
+    assert [(r["shape"], r["T"], r["impl"]) for r in rows] == [
+        (s, 3, impl) for s in shapes for impl in ("moetrt", "batched_mm")
+    ]
+    for row in rows:
+        if row["impl"] == "batched_mm":
+            assert row["status"] == "ok" and "fresh process" in row["note"], row
+            attrs = workloads.SHAPES[row["shape"]].attrs
+            floor = floors.floor_us(
+                floors.moe_bytes(attrs, row["T"], row["distinct_experts"], 4),
+                floors.moe_flops(attrs, row["T"]),
+                results["copy_GBps"],
+                results["gemm_TFLOPs"],
+            )
+            assert row["floor_us"] == pytest.approx(floor, rel=1e-2)  # the parent's ceilings
+        else:
+            assert row["status"] == "error"
+    later = [r for r in rows if r["impl"] == "moetrt" and r["shape"] == "tiny_mixtral"]
+    assert later and all("CUDA context unusable" in r["note"] for r in later), later
+
+
+def test_rerun_plan_leaves_out_the_culprit_and_merge_keeps_its_rows(tmp_path: Path) -> None:
+    args = moe_bench.parse_args(
+        ["--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny_qwen3_30b,tiny_mixtral,tiny_gpt_oss"]
+    )
+    plan = moe_bench.rerun_plan
+    assert plan(args, ("tiny_mixtral", "moetrt+graph")) == (
+        ["tiny_mixtral", "tiny_gpt_oss"],
+        ["eager", "batched_mm", "grouped_mm", "compile", "graph"],
+    )
+    # a peer broke it: moetrt stays, the peer (and the compiled grouped_mm built on it) go
+    assert plan(args, ("tiny_gpt_oss", "grouped_mm"))[1] == [
+        "moetrt",
+        "moetrt+graph",
+        "eager",
+        "batched_mm",
+        "graph",
+    ]
+    assert plan(args, ("tiny_qwen3_30b", "batched_mm+graph"))[1] == [
+        "moetrt", "moetrt+graph", "eager", "batched_mm", "grouped_mm", "compile"
+    ]  # fmt: skip
+    assert plan(args, ("tiny_mixtral", "setup")) is None  # broke outside any implementation
+    assert plan(args, None) is None
+
+    def row(shape: str, impl: str, status: str) -> dict[str, object]:
+        return {**moe_bench.new_row(shape, 8, "random", impl), "status": status}
+
+    parent = [
+        row("tiny_qwen3_30b", "moetrt", "ok"),
+        row("tiny_qwen3_30b", "grouped_mm", "ok"),
+        row("tiny_mixtral", "moetrt", "error"),
+        row("tiny_mixtral", "grouped_mm", "error"),
+        row("tiny_gpt_oss", "moetrt", "error"),
+        row("tiny_gpt_oss", "grouped_mm", "error"),
+    ]
+    fresh = [row("tiny_mixtral", "grouped_mm", "ok"), row("tiny_gpt_oss", "grouped_mm", "ok")]
+    merged = moe_bench.merge_rerun(
+        parent, fresh, ["tiny_mixtral", "tiny_gpt_oss"], ["moetrt", "moetrt+graph"], args.shapes
+    )
+    assert [(r["shape"], r["impl"], r["status"]) for r in merged] == [
+        ("tiny_qwen3_30b", "moetrt", "ok"),
+        ("tiny_qwen3_30b", "grouped_mm", "ok"),
+        ("tiny_mixtral", "moetrt", "error"),
+        ("tiny_mixtral", "grouped_mm", "ok"),
+        ("tiny_gpt_oss", "moetrt", "error"),
+        ("tiny_gpt_oss", "grouped_mm", "ok"),
+    ]
+    assert all(
+        "fresh process" in r["note"] for r in merged if r["status"] == "ok" and r["shape"] != "tiny_qwen3_30b"
+    )
+
+
+def test_rows_past_the_deadline_are_skipped_and_say_so(tmp_path: Path) -> None:
+    code = moe_bench.main(
+        ["--out", str(tmp_path), "--device", "cpu", "--quick", "--shapes", "tiny_mixtral,tiny_gpt_oss",
+         "--tokens", "1,4", "--impls", "moetrt,grouped_mm", "--deadline-s", "1e-6"]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["complete"] is True
+    rows = results["rows"]
+    # every (shape, T, routing, impl) still has its row, none timed
+    assert len(rows) == 2 * 3 * 2
+    assert all(
+        r["status"] == "skipped" and "--deadline-s" in r["note"] and r["us_median"] is None for r in rows
+    )
