@@ -81,3 +81,7 @@ def make_fails_to_export() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 def make_raises() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     raise RuntimeError("weights file not found")
+
+
+def make_not_a_module() -> tuple[object, tuple[torch.Tensor, ...]]:
+    return "not a module", (_example(),)

@@ -139,23 +139,31 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 _LONG_SEQ = {"qwen3_next": 130}
 
 
-def demo_config(family: str) -> Any:
+def demo_config(family: str, num_layers: int | None = None) -> Any:
     """The tiny Hugging Face config of a demo family (experts set to the export-friendly implementation)."""
     from transformers import AutoConfig
 
     _check_family(family)
-    config = AutoConfig.for_model(family, **{**_COMMON, **_CONFIGS[family]})
+    overrides = {**_COMMON, **_CONFIGS[family]}
+    if num_layers is not None:  # deeper variants (fusion speed vs depth); layer types repeat their pattern
+        overrides["num_hidden_layers"] = num_layers
+        if "layer_types" in overrides:
+            pattern = overrides["layer_types"]
+            overrides["layer_types"] = [pattern[i % len(pattern)] for i in range(num_layers)]
+    config = AutoConfig.for_model(family, **overrides)
     config._experts_implementation = "batched_mm"  # the eager experts loop is data-dependent
     config._attn_implementation = "eager"
     return config
 
 
-def build_demo(family: str, block: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def build_demo(
+    family: str, block: bool = False, dtype: torch.dtype = torch.float32, num_layers: int | None = None
+) -> LoadedModel:
     """Build `demo:<family>` (whole causal LM) or `demo:<family>:block` (its first MoE block)."""
     from transformers import AutoModelForCausalLM
 
     _check_family(family)
-    config = demo_config(family)
+    config = demo_config(family, num_layers)
     torch.manual_seed(0)  # from_config draws the initial weights from the global generator
     model = AutoModelForCausalLM.from_config(config)
     init_demo_weights(model, config, seed=_family_seed(family))

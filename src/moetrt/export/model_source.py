@@ -195,7 +195,8 @@ def _load_module(spec: str, dtype: torch.dtype) -> LoadedModel:
             f"{file_part}:{factory_name}() raised {type(err).__name__}: {_first_line(err)}",
             "fix the factory so it returns (module, example_inputs)",
         ) from None
-    return _loaded_from_factory(result, spec, dtype)
+    # The absolute path keeps the spec recorded in the ONNX metadata valid from any working directory.
+    return _loaded_from_factory(result, f"module:{path.resolve()}:{factory_name}", dtype)
 
 
 def _loaded_from_factory(result: Any, spec: str, dtype: torch.dtype) -> LoadedModel:

@@ -24,6 +24,9 @@ from moetrt.export.model_source import dtype_name, load_model, parse_dtype
 #: onnxruntime refuses newer IR versions (onnx 1.23 writes IR 14 by default).
 MAX_IR_VERSION = 10
 DEFAULT_OPSET = 18
+#: bf16 exports need opset 22: earlier opsets do not allow bfloat16 for Conv (Qwen3-Next's short convolution)
+#: and other ops, so an opset-18 bf16 file fails ONNX type checking.
+MIN_BF16_OPSET = 22
 #: Opsets the dynamo exporter and onnxruntime both handle.
 SUPPORTED_OPSETS = range(18, 24)
 #: Protobuf cannot hold more than 2 GiB: larger models keep their weights in `<name>.onnx.data`.
@@ -64,12 +67,13 @@ def export_onnx(
     spec_or_loaded: str | LoadedModel,
     out_path: str | os.PathLike[str],
     dtype: str = "fp32",
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export a MODEL spec (or an already loaded model) to `out_path`.
 
-    The file (and `<out>.data` when the weights exceed 2 GB) appears only when the export succeeded.
+    `opset` defaults to 18, or 22 for bf16. The file (and `<out>.data` when the weights exceed 2 GB)
+    appears only when the export succeeded.
     """
     start = time.perf_counter()
     say = progress or (lambda _msg: None)
@@ -78,12 +82,19 @@ def export_onnx(
         raise MoetrtError(f"output {str(out_path)!r} does not end in .onnx", "name the output file *.onnx")
     if out_path.is_dir():
         raise MoetrtError(f"output {str(out_path)!r} is a directory", "give a file name ending in .onnx")
+    torch_dtype = parse_dtype(dtype)
+    opset = default_opset(torch_dtype) if opset is None else opset
     if opset not in SUPPORTED_OPSETS:
         raise MoetrtError(
             f"opset {opset} is not supported",
             f"use an opset from {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}",
         )
-    torch_dtype = parse_dtype(dtype)
+    if torch_dtype == torch.bfloat16 and opset < MIN_BF16_OPSET:
+        raise MoetrtError(
+            f"bf16 needs opset {MIN_BF16_OPSET} or later (opset {opset} does not allow bfloat16 for Conv "
+            "and other ops)",
+            f"pass --opset {MIN_BF16_OPSET} or leave --opset out",
+        )
 
     if isinstance(spec_or_loaded, LoadedModel):
         loaded = spec_or_loaded
@@ -132,6 +143,10 @@ def export_onnx(
     )
 
 
+def default_opset(dtype: torch.dtype) -> int:
+    return MIN_BF16_OPSET if dtype == torch.bfloat16 else DEFAULT_OPSET
+
+
 def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
     # The exporter prints its own step log on stdout; keep it for the error message only.
     from moetrt.export.export_friendly import export_friendly
@@ -141,7 +156,7 @@ def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(log),
-            _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"),
+            _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "transformers"),
             export_friendly(loaded.module),
         ):
             warnings.simplefilter("ignore")
@@ -158,8 +173,12 @@ def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
                 report=False,
             )
     except Exception as err:
+        # The exporter wraps the real failure in a generic "step 1/3 failed" error: report the innermost cause.
+        cause: BaseException = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
         raise MoetrtError(
-            f"torch.onnx.export failed for {loaded.spec}: {type(err).__name__}: {_first_line(err)}",
+            f"torch.onnx.export failed for {loaded.spec}: {type(cause).__name__}: {_first_line(cause)}",
             "make the model traceable by torch.export (no data-dependent Python control flow)",
         ) from None
     if program is None:  # pragma: no cover - dynamo=True always returns a program

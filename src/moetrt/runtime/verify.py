@@ -10,6 +10,7 @@ small CPU PyTorch runner, driven by `Comparator.run`; the metric is the relative
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import tempfile
 import time
@@ -70,6 +71,7 @@ class VerifyReport:
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*line) for line in lines]
+        out = [line.rstrip() for line in out]
         verdict = "PASS" if self.passed else "FAIL"
         failed = sum(not row.passed for row in self.rows)
         out.append(
@@ -151,6 +153,11 @@ def _verify_onnx(
         raise MoetrtError(f"{onnx_path} has unknown dtype {dtype!r} in its metadata", "re-export it")
     tolerance = TOLERANCES[dtype]
 
+    # onnxruntime first: a file it cannot run fails fast, before the reference model is built.
+    say(f"starting onnxruntime on {onnx_path}")
+    with _quiet_polygraphy():
+        ort_runner = _onnxruntime_runner(onnx_path, dtype)
+
     say(f"loading the reference {reference} ({dtype})")
     from moetrt.export.model_source import load_model
 
@@ -166,9 +173,6 @@ def _verify_onnx(
         long_seq = int(meta.get(META_LONG_SEQ, loaded.long_seq))
         shapes = default_shapes(example, long_seq)
 
-    say(f"starting onnxruntime on {onnx_path}")
-    with _quiet_polygraphy():
-        ort_runner = _onnxruntime_runner(onnx_path, dtype)
     feeds = [
         OrderedDict(
             (name, _to_numpy(tensor))
@@ -229,6 +233,14 @@ def _onnxruntime_runner(path: Path, dtype: str) -> Any:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:
         text = str(err)
+        if "tensor(bfloat16)" in text and "Type Error" in text:
+            # Written by an older export at an opset that does not allow bfloat16 for some op.
+            bad_op = re.search(r"of operator \((\w+)\)", text)
+            raise MoetrtError(
+                f"{path} uses bfloat16 where its opset does not allow it"
+                f" ({bad_op.group(1) if bad_op else 'some op'}), so onnxruntime rejects the file",
+                "re-export it with `moetrt export --dtype bf16` (which writes opset 22)",
+            ) from None
         if dtype == "bf16" and ("NOT_IMPLEMENTED" in text or "implementation" in text):
             missing = re.search(r"implementation for (\w+)\(", text)
             op = missing.group(1) if missing else "some op"
@@ -265,12 +277,16 @@ def _quiet_polygraphy() -> Iterator[None]:
     """Polygraphy logs every iteration (and a missing-colour warning) to stdout; keep only errors."""
     from polygraphy.logger import G_LOGGER
 
-    severity = G_LOGGER.module_severity
+    # transformers' "falling back to the PyTorch implementation" notices are about speed, not parity.
+    hf_logger = logging.getLogger("transformers")
+    severity, hf_level = G_LOGGER.module_severity, hf_logger.level
     G_LOGGER.module_severity = G_LOGGER.ERROR
+    hf_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         G_LOGGER.module_severity = severity
+        hf_logger.setLevel(hf_level)
 
 
 def _compare(out: np.ndarray, ref: np.ndarray, shape: Shape, name: str, tolerance: float) -> VerifyRow:
