@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from moetrt.graph_passes import decompose_model, fuse_model
 from moetrt.graph_passes.testing import (
-    export_module,
     expert_table_gathers,
+    export_module,
     fused_nodes,
     node_attributes,
     packed_inputs,
@@ -51,12 +51,21 @@ class Variant:
     top_k: int = 2
     # Perturbations the op cannot express: these must stay unfused.
     softmax_over_tokens: bool = False
+    topk_on_first_axis: bool = False  # same routing, computed as TopK along axis 0 of the transposed scores
     shifted_ids: bool = False
     weight_before_down: bool = False
     output_bias: bool = False  # a bias after the sum: the core fuses, the bias stays outside
 
     def fusable(self) -> bool:
-        if self.activation == "relu" or self.softmax_over_tokens or self.shifted_ids:
+        if (
+            self.activation == "relu"
+            or self.softmax_over_tokens
+            or self.shifted_ids
+            or self.topk_on_first_axis
+        ):
+            return False
+        if self.shared_tables and self.expert_bias:
+            # One merged projection feeds two different bias adds: the rule refuses it (a reason is listed).
             return False
         # Scaling before down == after down unless there is a down bias; the rule still refuses it.
         return not self.weight_before_down
@@ -87,9 +96,15 @@ class ToyMoE(nn.Module):
         self.s_g = rnd(1, HIDDEN)
         self.out_b = rnd(HIDDEN)
 
-    def _proj(self, table: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _proj(
+        self, table: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
         w = table[ids]
-        y = torch.bmm(x.unsqueeze(1), w).squeeze(1) if self.v.transposed else torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
+        y = (
+            torch.bmm(x.unsqueeze(1), w).squeeze(1)
+            if self.v.transposed
+            else torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
+        )
         return y + bias[ids] if self.v.expert_bias else y
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -117,7 +132,10 @@ class ToyMoE(nn.Module):
         else:
             dim = 0 if v.softmax_over_tokens else -1
             scores = torch.softmax(logits, dim=dim) if v.scoring == "softmax" else torch.sigmoid(logits)
-            weights, ids = torch.topk(scores, v.top_k, dim=-1)
+            if v.topk_on_first_axis:
+                weights, ids = (t.t() for t in torch.topk(scores.t(), v.top_k, dim=0))
+            else:
+                weights, ids = torch.topk(scores, v.top_k, dim=-1)
             if v.renorm:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             weights = weights * v.scale
@@ -153,12 +171,23 @@ class ToyMoE(nn.Module):
 
 
 def expected_attributes(v: Variant) -> dict[str, object]:
-    activation = {"silu": "silu_glu", "gelu": "gelu_glu", "gelu_tanh": "gelu_tanh_glu", "swiglu": "swiglu_clamped"}
+    activation = {
+        "silu": "silu_glu",
+        "gelu": "gelu_glu",
+        "gelu_tanh": "gelu_tanh_glu",
+        "swiglu": "swiglu_clamped",
+    }
     out: dict[str, object] = {
-        "num_experts": EXPERTS, "top_k": v.top_k, "hidden_size": HIDDEN, "intermediate_size": INTER,
-        "activation": activation[v.activation], "topk_before_score": v.topk_first,
-        "has_router_bias": v.router_bias, "has_expert_bias": v.expert_bias,
-        "shared_intermediate_size": INTER if v.shared_expert else 0, "has_shared_gate": v.shared_expert and v.shared_gate,
+        "num_experts": EXPERTS,
+        "top_k": v.top_k,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "activation": activation[v.activation],
+        "topk_before_score": v.topk_first,
+        "has_router_bias": v.router_bias,
+        "has_expert_bias": v.expert_bias,
+        "shared_intermediate_size": INTER if v.shared_expert else 0,
+        "has_shared_gate": v.shared_expert and v.shared_gate,
     }
     if not v.topk_first:
         out.update(scoring=v.scoring, norm_topk_prob=v.renorm, routed_scaling_factor=v.scale)
@@ -184,7 +213,10 @@ def check_variant(v: Variant, seed: int = 0) -> None:
         assert result.unfused_candidates, "an unfused MoE-looking block must be explained"
         assert all(c.rule and c.check for c in result.unfused_candidates)
 
-    for batch, seq in [(1, 1), (2, 5), (3, 7)]:
+    # Softmax over the token axis of a single token scores every expert 1.0: top-k then picks among ties,
+    # which torch and onnxruntime break differently, so that variant is compared at several tokens only.
+    shapes = [(2, 1), (2, 5), (3, 7)] if v.softmax_over_tokens else [(1, 1), (2, 5), (3, 7)]
+    for batch, seq in shapes:
         x = torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(batch * 31 + seq)) * 2.0
         with torch.no_grad():
             want = module(x)
@@ -206,26 +238,42 @@ GRID = [
     Variant(),
     Variant(activation="gelu", renorm=True, scale=2.0, transposed=True),
     Variant(activation="gelu_tanh", separate_gate_up=True, expert_bias=True),
-    Variant(activation="swiglu", topk_first=True, interleaved=True, transposed=True, expert_bias=True, router_bias=True),
+    Variant(
+        activation="swiglu",
+        topk_first=True,
+        interleaved=True,
+        transposed=True,
+        expert_bias=True,
+        router_bias=True,
+    ),
     Variant(scoring="sigmoid", renorm=True, shared_expert=True, shared_gate=True, top_k=3),
     Variant(separate_gate_up=True, shared_tables=True),
     Variant(shared_expert=True, output_bias=True),
     Variant(activation="relu"),
     Variant(softmax_over_tokens=True),
+    Variant(topk_on_first_axis=True),
+    Variant(separate_gate_up=True, shared_tables=True, expert_bias=True),
     Variant(shifted_ids=True),
     Variant(weight_before_down=True),
 ]
 
 
-@pytest.mark.parametrize("variant", GRID, ids=lambda v: ",".join(f"{k}={val}" for k, val in asdict(v).items()
-                                                                   if val != getattr(Variant(), k)) or "default")
+@pytest.mark.parametrize(
+    "variant",
+    GRID,
+    ids=lambda v: (
+        ",".join(f"{k}={val}" for k, val in asdict(v).items() if val != getattr(Variant(), k)) or "default"
+    ),
+)
 def test_grid(variant: Variant) -> None:
     check_variant(variant)
 
 
+# Perturbations the op cannot express are drawn rarely, so that most examples exercise the fusing side too.
+_rare = st.sampled_from([False, False, False, True])
 variants = st.builds(
     Variant,
-    activation=st.sampled_from(["silu", "gelu", "gelu_tanh", "swiglu", "relu"]),
+    activation=st.sampled_from(["silu", "gelu", "gelu_tanh", "swiglu", "silu", "relu"]),
     scoring=st.sampled_from(["softmax", "sigmoid"]),
     topk_first=st.booleans(),
     renorm=st.booleans(),
@@ -234,26 +282,56 @@ variants = st.builds(
     expert_bias=st.booleans(),
     transposed=st.booleans(),
     separate_gate_up=st.booleans(),
+    shared_tables=_rare,
     interleaved=st.booleans(),
     shared_expert=st.booleans(),
     shared_gate=st.booleans(),
     top_k=st.sampled_from([1, 2, 3]),
-    softmax_over_tokens=st.booleans(),
-    shifted_ids=st.booleans(),
-    weight_before_down=st.booleans(),
-).map(lambda v: Variant(**{**asdict(v), "shared_gate": v.shared_gate and v.shared_expert,
-                           "interleaved": v.interleaved and not v.separate_gate_up,
-                           "softmax_over_tokens": v.softmax_over_tokens and not v.topk_first}))
+    softmax_over_tokens=_rare,
+    topk_on_first_axis=_rare,
+    shifted_ids=_rare,
+    weight_before_down=_rare,
+).map(
+    lambda v: Variant(
+        **{
+            **asdict(v),
+            "shared_gate": v.shared_gate and v.shared_expert,
+            "interleaved": v.interleaved and not v.separate_gate_up,
+            "shared_tables": v.shared_tables and v.separate_gate_up,
+            "topk_on_first_axis": v.topk_on_first_axis and not v.topk_first,
+            "softmax_over_tokens": v.softmax_over_tokens and not v.topk_first,
+        }
+    )
+)
+
+
+# Deterministic (derandomize, no example database) and without shrinking: a failing example is printed as
+# drawn, and CI time stays bounded.
+_PHASES = (Phase.explicit, Phase.generate)
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+    database=None,
+    phases=_PHASES,
+)
 @given(variant=variants, seed=st.integers(0, 2**16))
 def test_random_perturbations(variant: Variant, seed: int) -> None:
     check_variant(variant, seed)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+    database=None,
+    phases=_PHASES,
+)
 @given(variant=variants, seed=st.integers(0, 2**16))
 def test_random_perturbations_quick(variant: Variant, seed: int) -> None:
     check_variant(variant, seed)

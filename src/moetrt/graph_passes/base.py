@@ -71,5 +71,12 @@ def opset_imports(model: ir.Model) -> dict[str, int]:
     return dict(model.opset_imports)
 
 
-__all__ = ["CountedPass", "CountedPassResult", "PassStat", "UnfusedCandidate", "node_order",
-           "opset_imports", "run_pipeline"]
+__all__ = [
+    "CountedPass",
+    "CountedPassResult",
+    "PassStat",
+    "UnfusedCandidate",
+    "node_order",
+    "opset_imports",
+    "run_pipeline",
+]

@@ -3,6 +3,9 @@
 Cases rewritten:
     Squeeze(Unsqueeze(x, axes), axes) -> x      (transformers' batched_mm bias path under torch.export)
     Unsqueeze(Squeeze(x, axes), axes) -> x      when x's size along `axes` is statically 1
+    Einsum("th,tkih->tki", x, W) -> Squeeze(MatMul(W, Unsqueeze(x)))   (and every "Q r, P m r -> P m")
+    Gather(x, 0 | -1, axis=a) -> Squeeze(x, [a]) when x's size along `a` is statically 1 (`y[:, 0]` after a
+                                                 batched matmul, as user code writes it)
 Fewer no-op views make the graph smaller and the MoE pattern (and any later pass) easier to read.
 """
 
@@ -57,7 +60,79 @@ class UnsqueezeOfSqueeze(RewriteRuleClassBase):
         return op.Identity(x)
 
 
-CLEANUP_RULES = RewriteRuleSet([SqueezeOfUnsqueeze.rule(), UnsqueezeOfSqueeze.rule()])
+class SelectOfSingletonAxis(RewriteRuleClassBase):
+    """Gather(x, scalar 0 | -1, axis=a) -> Squeeze(x, [a]) when x has size 1 along a: a view, not a gather."""
+
+    def pattern(self, op, x, index, axis):  # type: ignore[no-untyped-def]
+        return op.Gather(x, index, axis=axis)
+
+    def check(self, context, x, index, axis) -> MatchResult:  # type: ignore[no-untyped-def]
+        result = MatchResult()
+        tensor = ir.convenience.get_const_tensor(index)
+        if tensor is None or tensor.shape.rank() != 0 or int(tensor.numpy()) not in (0, -1):
+            return result.fail("index is not the constant scalar 0 or -1")
+        if x.shape is None:
+            return result.fail("x has no shape")
+        a = axis.as_int()
+        a = a + len(x.shape) if a < 0 else a
+        if not 0 <= a < len(x.shape) or x.shape[a] != 1:
+            return result.fail("the gathered axis is not statically 1")
+        return result
+
+    def rewrite(self, op, x, index, axis):  # type: ignore[no-untyped-def]
+        a = axis.as_int()
+        a = a + len(x.shape) if a < 0 else a
+        return op.Squeeze(x, op.Constant(value=ir.tensor(np.array([a], dtype=np.int64))))
+
+
+def _batched_matvec(equation: str) -> tuple[list[int], int] | None:
+    """For `x, W -> y` equations of the form "Q r, P m r -> P m" (Q a subsequence of the batch letters P):
+    the axes of y where x needs an Unsqueeze to broadcast against W, and len(P). None for anything else."""
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
+    operands = lhs.split(",")
+    if not arrow or len(operands) != 2 or "." in equation:
+        return None
+    x, w = operands
+    if len(w) < 3 or len(set(w)) != len(w) or out != w[:-1] or not x or x[-1] != w[-1]:
+        return None
+    batch = w[:-2]
+    x_batch = x[:-1]
+    if len(set(x_batch)) != len(x_batch) or not set(x_batch) <= set(batch):
+        return None
+    if [c for c in batch if c in x_batch] != list(x_batch):
+        return None  # x's batch letters out of order: a transpose, not a broadcast
+    return [i for i, c in enumerate(batch) if c not in x_batch], len(batch)
+
+
+class EinsumBatchedMatVec(RewriteRuleClassBase):
+    """Einsum("th,tkih->tki", x, W) -> Squeeze(MatMul(W, Unsqueeze(x, [1, 3])), [3]): experts written as
+    einsum over gathered [T, k, out, in] tables become the batched MatMuls the MoE rule reads."""
+
+    def pattern(self, op, x, w, equation):  # type: ignore[no-untyped-def]
+        return op.Einsum(x, w, equation=equation)
+
+    def check(self, context, x, w, equation) -> MatchResult:  # type: ignore[no-untyped-def]
+        result = MatchResult()
+        if _batched_matvec(equation.as_string()) is None:
+            return result.fail("not a batched matrix-vector product 'Q r, P m r -> P m'")
+        return result
+
+    def rewrite(self, op, x, w, equation):  # type: ignore[no-untyped-def]
+        missing, num_batch = _batched_matvec(equation.as_string())  # type: ignore[misc]
+        axes = [*missing, num_batch + 1]  # broadcast batch axes, then the trailing vector axis
+        column = op.Unsqueeze(x, op.Constant(value=ir.tensor(np.array(axes, dtype=np.int64))))
+        product = op.MatMul(w, column)
+        return op.Squeeze(product, op.Constant(value=ir.tensor(np.array([num_batch + 1], dtype=np.int64))))
+
+
+CLEANUP_RULES = RewriteRuleSet(
+    [
+        SqueezeOfUnsqueeze.rule(),
+        UnsqueezeOfSqueeze.rule(),
+        SelectOfSingletonAxis.rule(),
+        EinsumBatchedMatVec.rule(),
+    ]
+)
 
 
 class CleanupPass(CountedPass):

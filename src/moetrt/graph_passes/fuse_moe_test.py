@@ -25,10 +25,23 @@ EXPECTED: dict[str, dict[str, object]] = {
     "olmoe": {"norm_topk_prob": False},
     "qwen2_moe": {"shared_intermediate_size": 24, "has_shared_gate": True},
     "qwen3_next": {"norm_topk_prob": True, "shared_intermediate_size": 24, "has_shared_gate": True},
-    "deepseek_v3": {"scoring": "sigmoid", "n_group": 4, "topk_group": 2, "has_score_correction_bias": True,
-                    "norm_topk_prob": True, "routed_scaling_factor": 2.5, "shared_intermediate_size": 16},
-    "gpt_oss": {"topk_before_score": True, "activation": "swiglu_clamped", "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
-                "has_router_bias": True, "has_expert_bias": True},
+    "deepseek_v3": {
+        "scoring": "sigmoid",
+        "n_group": 4,
+        "topk_group": 2,
+        "has_score_correction_bias": True,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "shared_intermediate_size": 16,
+    },
+    "gpt_oss": {
+        "topk_before_score": True,
+        "activation": "swiglu_clamped",
+        "swiglu_alpha": 1.702,
+        "swiglu_limit": 7.0,
+        "has_router_bias": True,
+        "has_expert_bias": True,
+    },
 }
 
 
@@ -40,12 +53,24 @@ def test_block_fuses_with_expected_attributes(family: str) -> None:
     assert result.num_fused == 1 and len(nodes) == 1, result.unfused_candidates
     assert not expert_table_gathers(result.model)
     raw = node_attributes(nodes[0])
-    assert raw["plugin_version"] == PLUGIN_VERSION.encode() and raw["plugin_namespace"] == PLUGIN_NAMESPACE.encode()
+    assert (
+        raw["plugin_version"] == PLUGIN_VERSION.encode()
+        and raw["plugin_namespace"] == PLUGIN_NAMESPACE.encode()
+    )
     attrs = MoEAttributes.from_onnx_attributes(raw)
     expected = {"num_experts": 8, "top_k": 2, "hidden_size": 32, **EXPECTED[family]}
     assert {k: getattr(attrs, k) for k in expected} == pytest.approx(expected)
-    defaults = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=attrs.intermediate_size)
-    for key in ("scoring", "activation", "n_group", "has_router_bias", "has_expert_bias", "output_router_logits"):
+    defaults = MoEAttributes(
+        num_experts=8, top_k=2, hidden_size=32, intermediate_size=attrs.intermediate_size
+    )
+    for key in (
+        "scoring",
+        "activation",
+        "n_group",
+        "has_router_bias",
+        "has_expert_bias",
+        "output_router_logits",
+    ):
         if key not in expected:
             assert getattr(attrs, key) == getattr(defaults, key), key
     assert nodes[0].overload and any(f.overload == nodes[0].overload for f in result.model.functions)

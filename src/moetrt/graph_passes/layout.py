@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 @dataclass(frozen=True, eq=False)
 class Layout:
-    kind: str  # source | transpose | slice | concat | reshape | zeros
+    kind: str  # source | transpose | slice | concat | reshape | zeros | cast
     source: ir.Value | None = None
     parts: tuple[Layout, ...] = ()
     ints: tuple[int, ...] = ()  # perm | (axis, start, stop, step) | (axis,) | shape
@@ -39,6 +39,8 @@ class Layout:
             out = list(shapes[0])
             out[axis] = sum(s[axis] for s in shapes)
             return tuple(out)
+        if self.kind == "cast":
+            return self.parts[0].shape()
         return self.ints  # reshape, zeros
 
     def is_source(self) -> bool:
@@ -69,6 +71,10 @@ def zeros(shape: tuple[int, ...], dtype: ir.DataType) -> Layout:
     return Layout("zeros", ints=shape, dtype=dtype)
 
 
+def cast(inner: Layout, dtype: ir.DataType) -> Layout:
+    return Layout("cast", parts=(inner,), dtype=dtype)
+
+
 def deinterleave(inner: Layout, axis: int) -> Layout:
     """[.., 2n (g0 u0 g1 u1 ..), ..] -> [.., 2n (g0 g1 .. u0 u1 ..), ..] along `axis`."""
     size = inner.shape()[axis]
@@ -91,11 +97,16 @@ def emit(layout: Layout, prefix: str, nodes: list[ir.Node]) -> ir.Value:
         node = ir.node("Transpose", inner, {"perm": list(layout.ints)})
     elif layout.kind == "slice":
         axis, start, stop, step = layout.ints
-        consts = [_int_const(v, f"{prefix}_{name}", nodes) for v, name in
-                  ((start, "start"), (stop, "stop"), (axis, "axis"), (step, "step"))]
+        consts = [
+            _int_const(v, f"{prefix}_{name}", nodes)
+            for v, name in ((start, "start"), (stop, "stop"), (axis, "axis"), (step, "step"))
+        ]
         node = ir.node("Slice", [inner[0], *consts])
     elif layout.kind == "concat":
         node = ir.node("Concat", inner, {"axis": layout.ints[0]})
+    elif layout.kind == "cast":
+        assert layout.dtype is not None
+        node = ir.node("Cast", inner, {"to": layout.dtype})
     elif layout.kind == "reshape":
         node = ir.node("Reshape", [inner[0], _int_const(list(layout.ints), f"{prefix}_shape", nodes, 1)])
     else:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import onnx
 import onnx_ir as ir
 
 from moetrt.graph_passes import layout as L
@@ -50,9 +52,35 @@ RULE_ROUTING = "moe_gather_experts/routing"
 RULE_BLOCK = "moe_gather_experts/block"
 
 _ACTIVATION_OPS = frozenset(
-    {"Split", "Slice", "Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Erf", "Gelu", "Clip", "Pow", "Cast",
-     "Neg", "Min", "Max", "Constant", "Shape", "Gather", "Concat", "Reshape", "Unsqueeze", "Squeeze",
-     "Identity", "HardSigmoid", "Softplus", "Relu"}
+    {
+        "Split",
+        "Slice",
+        "Mul",
+        "Add",
+        "Sub",
+        "Div",
+        "Sigmoid",
+        "Tanh",
+        "Erf",
+        "Gelu",
+        "Clip",
+        "Pow",
+        "Cast",
+        "Neg",
+        "Min",
+        "Max",
+        "Constant",
+        "Shape",
+        "Gather",
+        "Concat",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Identity",
+        "HardSigmoid",
+        "Softplus",
+        "Relu",
+    }
 )
 _STREAM_OPS = VIEW_OPS | {"Expand", "Tile"}
 
@@ -70,6 +98,9 @@ class MoEMatch:
     # nodes that compute it: the numerical check reshapes to Shape(hidden) instead.
     shape_fixes: list[ir.Node] = field(default_factory=list)
     shape_only: set[ir.Node] = field(default_factory=set)
+    # Set by the rewrite: the variant's function body and the (old value, new value) pairs it replaces.
+    function: onnx.FunctionProto | None = None
+    pairs: list[tuple[ir.Value, ir.Value]] = field(default_factory=list)
 
 
 @dataclass
@@ -93,7 +124,11 @@ def expert_gathers(ids: ir.Value) -> list[ir.Node]:
                 continue
             if node.op_type in VIEW_OR_CAST_OPS and node.inputs[0] is value:
                 stack.append(node.outputs[0])
-            elif node.op_type in ("Gather", "GatherND") and node.inputs[1] is value and is_const(node.inputs[0]):
+            elif (
+                node.op_type in ("Gather", "GatherND")
+                and node.inputs[1] is value
+                and is_const(node.inputs[0])
+            ):
                 found.append(node)
     return found
 
@@ -129,30 +164,45 @@ def _match_core(topk: ir.Node, order: dict[ir.Node, int], opset_imports: dict[st
     require(k is not None, "TopK's k is not a constant")
     require(attr_int(topk, "largest", 1) == 1, "TopK selects the smallest values")
     axis, data_rank = attr_int(topk, "axis", -1), rank(topk.inputs[0])
-    require(axis == -1 or (data_rank is not None and axis == data_rank - 1), "TopK does not select along the last axis")
+    require(
+        axis == -1 or (data_rank is not None and axis == data_rank - 1),
+        "TopK does not select along the last axis",
+    )
     ids = topk.outputs[1]
     gathers = expert_gathers(ids)
     for node in gathers:
         if node.op_type == "GatherND":
             require(attr_int(node, "batch_dims", 0) == 0, "GatherND with batch_dims != 0")
             require(
-                producer_op(node.inputs[1]) == "Unsqueeze" or (rank(node.inputs[1]) is not None and node.inputs[1].shape[-1] == 1),
+                producer_op(node.inputs[1]) == "Unsqueeze"
+                or (rank(node.inputs[1]) is not None and node.inputs[1].shape[-1] == 1),
                 "GatherND indices are not [S, 1] expert ids",
             )
         else:
             require(attr_int(node, "axis", 0) == 0, "expert weights gathered along an axis other than 0")
     weight_gathers = [g for g in gathers if rank(g.inputs[0]) == 3]
     bias_gathers = [g for g in gathers if rank(g.inputs[0]) == 2]
-    require(len(weight_gathers) in (2, 3), f"{len(weight_gathers)} expert weight gathers (need gate_up + down, or gate + up + down)")
-    require(len(gathers) == len(weight_gathers) + len(bias_gathers), "a gathered expert table is neither [E, a, b] nor [E, n]")
+    require(
+        len(weight_gathers) in (2, 3),
+        f"{len(weight_gathers)} expert weight gathers (need gate_up + down, or gate + up + down)",
+    )
+    require(
+        len(gathers) == len(weight_gathers) + len(bias_gathers),
+        "a gathered expert table is neither [E, a, b] nor [E, n]",
+    )
     num_experts = {int(g.inputs[0].shape[0]) for g in gathers}  # type: ignore[arg-type]
     require(len(num_experts) == 1, "expert tables disagree on the number of experts")
 
     projections = [_match_projection(g, bias_gathers) for g in weight_gathers]
-    require(len({id(p["bias_gather"]) for p in projections if p["bias_gather"] is not None}) ==
-            sum(p["bias_gather"] is not None for p in projections), "one expert bias is added twice")
+    require(
+        len({id(p["bias_gather"]) for p in projections if p["bias_gather"] is not None})
+        == sum(p["bias_gather"] is not None for p in projections),
+        "one expert bias is added twice",
+    )
     used_biases = {p["bias_gather"] for p in projections if p["bias_gather"] is not None}
-    require(used_biases == set(bias_gathers), "an expert bias table is gathered but not added to a projection")
+    require(
+        used_biases == set(bias_gathers), "an expert bias table is gathered but not added to a projection"
+    )
     projections.sort(key=lambda p: order.get(p["matmul"], -1))
     down, first = projections[-1], projections[:-1]
 
@@ -163,7 +213,10 @@ def _match_core(topk: ir.Node, order: dict[ir.Node, int], opset_imports: dict[st
     require(not bad, f"expert activation uses {bad}")
     widths = [p["out_dim"] for p in first]
     glu = classify_glu(act_nodes, act_inputs, down["input"], widths, order, opset_imports)
-    require(glu is not None, "the expert activation is not a GLU the op supports (SiLU, GELU, GELU-tanh, clamped SwiGLU)")
+    require(
+        glu is not None,
+        "the expert activation is not a GLU the op supports (SiLU, GELU, GELU-tanh, clamped SwiGLU)",
+    )
     assert glu is not None
 
     streams = {back_through(p["input"], _STREAM_OPS) for p in first}
@@ -172,19 +225,26 @@ def _match_core(topk: ir.Node, order: dict[ir.Node, int], opset_imports: dict[st
     # Weighting and the sum over the k slots.
     y = forward_through(down["output"], VIEW_OR_CAST_OPS)
     mul = single_consumer(y)
-    require(mul is not None and mul.op_type == "Mul", "the down projection is not multiplied by routing weights")
+    require(
+        mul is not None and mul.op_type == "Mul", "the down projection is not multiplied by routing weights"
+    )
     assert mul is not None
     weights_flat = other_input(mul, y)
     require(weights_flat is not None, "routing-weight multiply is not binary")
     assert weights_flat is not None
     summed_in = forward_through(mul.outputs[0], VIEW_OR_CAST_OPS)
     red = single_consumer(summed_in)
-    require(red is not None and red.op_type == "ReduceSum", "weighted expert outputs are not summed (ReduceSum) over k")
+    require(
+        red is not None and red.op_type == "ReduceSum",
+        "weighted expert outputs are not summed (ReduceSum) over k",
+    )
     assert red is not None
     axes = const_array(red.inputs[1]) if len(red.inputs) > 1 else None
     in_rank = rank(red.inputs[0]) or 3
-    require(axes is not None and [int(a) % in_rank for a in axes.reshape(-1)] == [in_rank - 2],
-            "the sum is not over the k axis of [T, k, H]")
+    require(
+        axes is not None and [int(a) % in_rank for a in axes.reshape(-1)] == [in_rank - 2],
+        "the sum is not over the k axis of [T, k, H]",
+    )
     require(in_rank == 3, "the weighted outputs are not reshaped to [T, k, H] before the sum")
     return {
         "k": int(k),  # type: ignore[arg-type]
@@ -203,7 +263,9 @@ def _match_projection(gather: ir.Node, bias_gathers: list[ir.Node]) -> dict:
     """Gathered weight -> batched MatMul with the (unsqueezed) activations -> squeeze (+ gathered bias)."""
     gathered = forward_through(gather.outputs[0], frozenset({"Cast"}))
     matmul = single_consumer(gathered)
-    require(matmul is not None and matmul.op_type == "MatMul", "gathered expert weights do not feed one MatMul")
+    require(
+        matmul is not None and matmul.op_type == "MatMul", "gathered expert weights do not feed one MatMul"
+    )
     assert matmul is not None
     weight_left = matmul.inputs[0] is gathered
     vec = matmul.inputs[1] if weight_left else matmul.inputs[0]
@@ -238,8 +300,14 @@ def _match_projection(gather: ir.Node, bias_gathers: list[ir.Node]) -> dict:
 # ------------------------------------------------------------------------------------------------- routing
 def _match_routing(topk: ir.Node, weights: ir.Value) -> dict:
     """Routing weights [T, k] back to the router logits; returns the routing attributes."""
-    out: dict = {"scale": 1.0, "norm": False, "topk_before_score": False, "n_group": 1, "topk_group": 1,
-                 "correction": None}
+    out: dict = {
+        "scale": 1.0,
+        "norm": False,
+        "topk_before_score": False,
+        "n_group": 1,
+        "topk_group": 1,
+        "correction": None,
+    }
     value = weights
     if producer_op(value) == "Mul":
         node = value.producer()
@@ -258,15 +326,44 @@ def _match_routing(topk: ir.Node, weights: ir.Value) -> dict:
             add = denom.producer()
             assert add is not None
             eps = [const_scalar(v) for v in add.inputs]
-            require(any(e is not None and abs(e) <= 1e-6 for e in eps), "renorm denominator adds a non-epsilon")
+            require(
+                any(e is not None and abs(e) <= 1e-6 for e in eps), "renorm denominator adds a non-epsilon"
+            )
             denom = back_through(add.inputs[1] if eps[0] is not None else add.inputs[0], VIEW_OR_CAST_OPS)  # type: ignore[arg-type]
-        require(producer_op(denom) == "ReduceSum", "routing weights are divided by something other than their sum")
+        elif producer_op(denom) in ("Max", "Clip"):
+            # sum.clamp(min=eps) (ERNIE-4.5): equals the op's sum + 1e-20 unless the k weights sum below eps.
+            floor = denom.producer()
+            assert floor is not None
+            if floor.op_type == "Clip":
+                bounds = [const_scalar(v) if v is not None else None for v in [*floor.inputs[1:], None, None]]
+                require(
+                    len(floor.inputs) < 3 or floor.inputs[2] is None, "renorm denominator is clamped above"
+                )
+                eps_value, inner = bounds[0], floor.inputs[0]
+            else:
+                require(len(floor.inputs) == 2, "renorm denominator is a Max of more than two values")
+                values = [const_scalar(v) for v in floor.inputs]
+                eps_value = values[0] if values[0] is not None else values[1]
+                inner = floor.inputs[1] if values[0] is not None else floor.inputs[0]
+            require(
+                eps_value is not None and 0 <= eps_value <= 1e-6,
+                "renorm denominator is clamped to a non-epsilon",
+            )
+            denom = back_through(inner, VIEW_OR_CAST_OPS)  # type: ignore[arg-type]
+        require(
+            producer_op(denom) == "ReduceSum", "routing weights are divided by something other than their sum"
+        )
         red = denom.producer()
         assert red is not None
-        require(back_through(red.inputs[0], VIEW_OR_CAST_OPS) is numer, "renorm divides by the sum of another tensor")  # type: ignore[arg-type]
+        require(
+            back_through(red.inputs[0], VIEW_OR_CAST_OPS) is numer,
+            "renorm divides by the sum of another tensor",
+        )  # type: ignore[arg-type]
         axes = const_array(red.inputs[1]) if len(red.inputs) > 1 else None
-        require(axes is not None and axes.size == 1 and int(axes.reshape(-1)[0]) in (-1, (rank(numer) or 2) - 1),
-                "renorm sums over an axis other than k")
+        require(
+            axes is not None and axes.size == 1 and int(axes.reshape(-1)[0]) in (-1, (rank(numer) or 2) - 1),
+            "renorm sums over an axis other than k",
+        )
         out["norm"] = True
         value = numer
 
@@ -274,18 +371,29 @@ def _match_routing(topk: ir.Node, weights: ir.Value) -> dict:
     topk_input = back_through(topk.inputs[0], VIEW_OR_CAST_OPS)  # type: ignore[arg-type]
     if value is top_values:
         scores_kind = producer_op(topk_input)
-        require(scores_kind in ("Softmax", "Sigmoid"), "TopK values are used as weights but TopK does not read softmax/sigmoid scores")
+        require(
+            scores_kind in ("Softmax", "Sigmoid"),
+            "TopK values are used as weights but TopK does not read softmax/sigmoid scores",
+        )
         _check_softmax_axis(topk_input)
         out["scoring"] = scores_kind.lower()  # type: ignore[union-attr]
         out["logits"] = topk_input.producer().inputs[0]  # type: ignore[union-attr]
-    elif producer_op(value) == "Softmax" and back_through(value.producer().inputs[0], VIEW_OR_CAST_OPS) is top_values:  # type: ignore[union-attr,arg-type]
+    elif (
+        producer_op(value) == "Softmax"
+        and back_through(value.producer().inputs[0], VIEW_OR_CAST_OPS) is top_values
+    ):  # type: ignore[union-attr,arg-type]
         _check_softmax_axis(value)
-        require(out["scale"] == 1.0, "a routed scaling factor with top-k before softmax is not part of the op")
+        require(
+            out["scale"] == 1.0, "a routed scaling factor with top-k before softmax is not part of the op"
+        )
         out.update(scoring="softmax", topk_before_score=True, norm=False, logits=topk.inputs[0])
     elif producer_op(value) == "GatherElements":
         gather = value.producer()
         assert gather is not None
-        require(back_through(gather.inputs[1], VIEW_OR_CAST_OPS) is top_ids, "weights gathered at indices other than TopK's")  # type: ignore[arg-type]
+        require(
+            back_through(gather.inputs[1], VIEW_OR_CAST_OPS) is top_ids,
+            "weights gathered at indices other than TopK's",
+        )  # type: ignore[arg-type]
         axis = attr_int(gather, "axis", 0)
         require(axis in (-1, 1), "weights gathered along an axis other than the experts")
         scores = back_through(gather.inputs[0], VIEW_OR_CAST_OPS)  # type: ignore[arg-type]
@@ -307,7 +415,9 @@ def _match_routing(topk: ir.Node, weights: ir.Value) -> dict:
             choice = scores
         require(choice is scores, "TopK does not read the (corrected, group-masked) scores")
     else:
-        raise NoMatch("routing weights are not TopK values, softmax of TopK values, or scores gathered at the TopK ids")
+        raise NoMatch(
+            "routing weights are not TopK values, softmax of TopK values, or scores gathered at the TopK ids"
+        )
     return out
 
 
@@ -367,19 +477,43 @@ def _match_linear(value: ir.Value) -> _Linear:
     require(w is not None and is_const(w) and rank(w) == 2, "linear layer weight is not a constant matrix")
     assert a is not None and w is not None
     if node.op_type == "Gemm":
-        require(attr_int(node, "transA", 0) == 0 and attr_float(node, "alpha", 1.0) == 1.0, "Gemm with transA/alpha")
+        require(
+            attr_int(node, "transA", 0) == 0 and attr_float(node, "alpha", 1.0) == 1.0,
+            "Gemm with transA/alpha",
+        )
         require(len(node.inputs) < 3 or node.inputs[2] is None, "linear layer has a bias")
         weight = L.source(w) if attr_int(node, "transB", 0) else L.transpose(L.source(w), (1, 0))
     else:
         weight = L.transpose(L.source(w), (1, 0))
-    return _Linear(weight, back_through(a, VIEW_OPS))
+    return _Linear(weight, _through_upcast(a))
+
+
+_UPCASTS = {
+    ir.DataType.FLOAT16: (ir.DataType.FLOAT, ir.DataType.DOUBLE),
+    ir.DataType.BFLOAT16: (ir.DataType.FLOAT, ir.DataType.DOUBLE),
+    ir.DataType.FLOAT: (ir.DataType.DOUBLE,),
+}
+
+
+def _through_upcast(value: ir.Value) -> ir.Value:
+    """Back through views and lossless Casts (half -> float32: routers that compute in float32)."""
+    value = back_through(value, VIEW_OPS)
+    while (node := value.producer()) is not None and node.op_type == "Cast" and node.domain == "":
+        source = node.inputs[0]
+        if source is None or value.dtype not in _UPCASTS.get(source.dtype, ()):  # type: ignore[arg-type]
+            break
+        value = back_through(source, VIEW_OPS)
+    return value
 
 
 def _match_router(logits: ir.Value) -> tuple[_Linear, L.Layout | None, ir.Value]:
     """Router logits -> (linear, bias, the logits value as computed)."""
     raw = back_through(logits, VIEW_OR_CAST_OPS)
     node = raw.producer()
-    require(node is not None and node.op_type in ("Gemm", "MatMul", "Add"), "router logits are not a linear layer of the hidden states")
+    require(
+        node is not None and node.op_type in ("Gemm", "MatMul", "Add"),
+        "router logits are not a linear layer of the hidden states",
+    )
     assert node is not None
     bias = None
     if node.op_type == "Add":
@@ -391,12 +525,15 @@ def _match_router(logits: ir.Value) -> tuple[_Linear, L.Layout | None, ir.Value]
         linear = _match_linear(rhs if const_side is lhs else lhs)  # type: ignore[arg-type]
     elif node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         require(is_const(node.inputs[2]), "router bias is not constant")
-        require(attr_float(node, "beta", 1.0) == 1.0 and attr_float(node, "alpha", 1.0) == 1.0, "router Gemm scales")
+        require(
+            attr_float(node, "beta", 1.0) == 1.0 and attr_float(node, "alpha", 1.0) == 1.0,
+            "router Gemm scales",
+        )
         bias = L.source(node.inputs[2])  # type: ignore[arg-type]
         w = node.inputs[1]
         require(is_const(w) and attr_int(node, "transA", 0) == 0, "router weight is not constant")
         weight = L.source(w) if attr_int(node, "transB", 0) else L.transpose(L.source(w), (1, 0))  # type: ignore[arg-type]
-        linear = _Linear(weight, back_through(node.inputs[0], VIEW_OPS))  # type: ignore[arg-type]
+        linear = _Linear(weight, _through_upcast(node.inputs[0]))  # type: ignore[arg-type]
     else:
         linear = _match_linear(raw)
     return linear, bias, raw
@@ -413,7 +550,10 @@ def _match_shared(value: ir.Value, hidden: ir.Value) -> dict:
             s0 = back_through(s, VIEW_OR_CAST_OPS)  # type: ignore[arg-type]
             if producer_op(s0) == "Sigmoid":
                 gate = _match_linear(s0.producer().inputs[0])  # type: ignore[union-attr,arg-type]
-                require(gate.input is hidden and gate.weight.shape()[0] == 1, "shared gate is not sigmoid(x @ g.T) with g [1, H]")
+                require(
+                    gate.input is hidden and gate.weight.shape()[0] == 1,
+                    "shared gate is not sigmoid(x @ g.T) with g [1, H]",
+                )
                 gate_weight, value = gate.weight, back_through(y, VIEW_OR_CAST_OPS)  # type: ignore[arg-type]
                 break
     down = _match_linear(value)
@@ -426,11 +566,21 @@ def _match_shared(value: ir.Value, hidden: ir.Value) -> dict:
         if z is None:
             continue
         gate_proj, up_proj = _match_linear(z), _match_linear(q)  # type: ignore[arg-type]
-        require(gate_proj.input is hidden and up_proj.input is hidden, "shared expert reads other than the hidden states")
+        require(
+            gate_proj.input is hidden and up_proj.input is hidden,
+            "shared expert reads other than the hidden states",
+        )
         size = gate_proj.weight.shape()[0]
-        require(up_proj.weight.shape()[0] == size and down.weight.shape()[1] == size, "shared expert sizes disagree")
-        return {"gate_up": L.concat([gate_proj.weight, up_proj.weight], 0), "down": down.weight,
-                "gate": gate_weight, "size": size}
+        require(
+            up_proj.weight.shape()[0] == size and down.weight.shape()[1] == size,
+            "shared expert sizes disagree",
+        )
+        return {
+            "gate_up": L.concat([gate_proj.weight, up_proj.weight], 0),
+            "down": down.weight,
+            "gate": gate_weight,
+            "size": size,
+        }
     raise NoMatch("shared expert activation is not SiLU-GLU")
 
 
@@ -454,7 +604,10 @@ def _assemble(topk: ir.Node, core: dict, routing: dict, order: dict[ir.Node, int
     require(hidden.dtype is not None and hidden.shape is not None, "hidden states have no known type")
     num_experts, hidden_size = linear.weight.shape()
     require(num_experts == core["num_experts"], "router and expert tables disagree on the number of experts")
-    require(rank(hidden) is not None and hidden.shape[-1] == hidden_size, "router weight does not match the hidden size")  # type: ignore[index]
+    require(
+        rank(hidden) is not None and hidden.shape[-1] == hidden_size,
+        "router weight does not match the hidden size",
+    )  # type: ignore[index]
     if routing["n_group"] > 1:
         group_size = num_experts // routing["n_group"]
         require(num_experts % routing["n_group"] == 0, "n_group does not divide the experts")
@@ -469,7 +622,10 @@ def _assemble(topk: ir.Node, core: dict, routing: dict, order: dict[ir.Node, int
         if glu.layout == "interleaved":
             gate_up = L.deinterleave(gate_up, 1)
             gate_up_bias = L.deinterleave(gate_up_bias, 1) if gate_up_bias is not None else None
-        require(glu.layout in ("halves", "interleaved"), "unexpected GLU layout")
+        elif glu.layout == "tied":  # gate and up are one projection: store it twice, gate rows then up rows
+            gate_up = L.concat([gate_up, gate_up], 1)
+            gate_up_bias = L.concat([gate_up_bias, gate_up_bias], 1) if gate_up_bias is not None else None
+        require(glu.layout in ("halves", "interleaved", "tied"), "unexpected GLU layout")
     else:
         gate_first = glu.layout == "separate"
         ordered = first if gate_first else first[::-1]
@@ -478,13 +634,18 @@ def _assemble(topk: ir.Node, core: dict, routing: dict, order: dict[ir.Node, int
         gate_up_bias = None
         if any(b is not None for b in biases):
             gate_up_bias = L.concat(
-                [b if b is not None else L.zeros((num_experts, p["out_dim"]), hidden.dtype) for b, p in zip(biases, ordered)],
+                [
+                    b if b is not None else L.zeros((num_experts, p["out_dim"]), hidden.dtype)
+                    for b, p in zip(biases, ordered)
+                ],
                 1,
             )
     two_i, in_dim = gate_up.shape()[1], gate_up.shape()[2]
     require(in_dim == hidden_size and two_i % 2 == 0, "expert gate/up weights do not match the hidden size")
     intermediate = two_i // 2
-    require(down["in_dim"] == intermediate and down["out_dim"] == hidden_size, "down projection shape mismatch")
+    require(
+        down["in_dim"] == intermediate and down["out_dim"] == hidden_size, "down projection shape mismatch"
+    )
     down_bias = down["bias"]
     has_expert_bias = gate_up_bias is not None or down_bias is not None
     if has_expert_bias:
@@ -495,7 +656,7 @@ def _assemble(topk: ir.Node, core: dict, routing: dict, order: dict[ir.Node, int
     output = core["core_out"]
     shared = None
     while True:
-        output = forward_through(output, VIEW_OPS)
+        output = forward_through(output, VIEW_OR_CAST_OPS)  # half models sum in float32, then cast back
         consumer = single_consumer(output)
         if shared is not None or consumer is None or consumer.op_type != "Add":
             break
@@ -514,7 +675,9 @@ def _assemble(topk: ir.Node, core: dict, routing: dict, order: dict[ir.Node, int
     require(topk in nodes, "the block output does not depend on the routing")
     logits_used_outside = raw_logits.is_graph_output() or any(c not in nodes for c in raw_logits.consumers())
     escaping = escaping_values(nodes, [output, raw_logits], hidden)
-    require(not escaping, f"intermediate value '{escaping[0].name}' is used outside the block" if escaping else "")
+    require(
+        not escaping, f"intermediate value '{escaping[0].name}' is used outside the block" if escaping else ""
+    )
 
     weights: dict[str, L.Layout] = {
         "router_weight": linear.weight,
@@ -533,8 +696,18 @@ def _assemble(topk: ir.Node, core: dict, routing: dict, order: dict[ir.Node, int
         weights["shared_down_weight"] = shared["down"]
         if shared["gate"] is not None:
             weights["shared_gate_weight"] = shared["gate"]
-    for name, expr in weights.items():
-        require(_dtype_of(expr) in (None, hidden.dtype), f"{name} has a dtype other than the hidden states'")
+    for name, expr in list(weights.items()):
+        dtype = _dtype_of(expr)
+        if dtype in (None, hidden.dtype):
+            continue
+        # Exporters fold Cast(half weight -> float32) for routers that compute in float32: such a table
+        # goes back to the hidden states' dtype without loss. One that would lose bits is refused.
+        require(
+            _casts_exactly(expr, hidden.dtype),  # type: ignore[arg-type]
+            f"{name} is {dtype.name if dtype else '?'} with values that {hidden.dtype.name} cannot hold "
+            "(the op takes every weight in the hidden states' dtype)",
+        )
+        weights[name] = L.cast(expr, hidden.dtype)  # type: ignore[arg-type]
 
     try:
         attrs = MoEAttributes(
@@ -560,8 +733,17 @@ def _assemble(topk: ir.Node, core: dict, routing: dict, order: dict[ir.Node, int
         )
     except ValueError as err:
         raise NoMatch(str(err)) from None
-    return MoEMatch(attrs, hidden, output, raw_logits if logits_used_outside else None, weights, nodes, topk,
-                    shape_fixes, shape_only)
+    return MoEMatch(
+        attrs,
+        hidden,
+        output,
+        raw_logits if logits_used_outside else None,
+        weights,
+        nodes,
+        topk,
+        shape_fixes,
+        shape_only,
+    )
 
 
 def _external_shape_reshapes(
@@ -593,19 +775,31 @@ def _external_shape_reshapes(
     for node in tainted:
         if node in fixes:
             out = node.outputs[0]
-            require(out.shape is not None and hidden.shape is not None and list(out.shape) == list(hidden.shape),
-                    f"'{out.name}' is reshaped to a shape computed outside the block that is not the hidden states' shape")
+            require(
+                out.shape is not None and hidden.shape is not None and list(out.shape) == list(hidden.shape),
+                f"'{out.name}' is reshaped to a shape computed outside the block that is not the hidden states' shape",
+            )
         else:
-            require(all(v.dtype in (ir.DataType.INT64, ir.DataType.INT32) for v in node.outputs),
-                    f"'{node.name}' computes values from outside the block")
+            require(
+                all(v.dtype in (ir.DataType.INT64, ir.DataType.INT32) for v in node.outputs),
+                f"'{node.name}' computes values from outside the block",
+            )
     return fixes, tainted - set(fixes)
+
+
+def _casts_exactly(expr: L.Layout, dtype: ir.DataType) -> bool:
+    """Every constant under `expr` survives a round trip through `dtype` unchanged."""
+    if expr.kind == "source":
+        array = const_array(expr.source)
+        if array is None:
+            return False
+        return bool(np.array_equal(array.astype(dtype.numpy()).astype(array.dtype), array))
+    return all(_casts_exactly(part, dtype) for part in expr.parts)
 
 
 def _dtype_of(expr: L.Layout) -> ir.DataType | None:
     if expr.kind == "source":
         return expr.source.dtype  # type: ignore[union-attr]
-    if expr.kind == "zeros":
+    if expr.kind in ("zeros", "cast"):
         return expr.dtype
     return _dtype_of(expr.parts[0])
-
-

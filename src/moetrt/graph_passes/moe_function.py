@@ -138,14 +138,26 @@ def _route(b: _BodyBuilder, logits: str, attrs: MoEAttributes, correction: str |
     return weights, ids
 
 
-def make_moe_function(attrs: MoEAttributes, overload: str | None = None, opset: int = 18) -> onnx.FunctionProto:
+def make_moe_function(
+    attrs: MoEAttributes, overload: str | None = None, opset: int = 18
+) -> onnx.FunctionProto:
     """The standard-op body of the fused op for one variant (`opset`: the model's default-domain opset)."""
     if opset < MIN_OPSET:
         raise ValueError(f"the MoE function body needs opset >= {MIN_OPSET}, got {opset}")
     b = _BodyBuilder()
     names = attrs.present_inputs()
-    x = {name: b.one("Cast", name, to=TensorProto.FLOAT, hint=f"{name}_f32") for name in names}
+    # Expert tables are gathered in their stored dtype and only the selected rows are cast: casting the
+    # whole [E, ...] tables to float32 on every call would cost more than the experts' own work.
+    x = {
+        name: b.one("Cast", name, to=TensorProto.FLOAT, hint=f"{name}_f32")
+        for name in names
+        if not name.startswith("expert_")
+    }
     hidden = x["hidden_states"]
+
+    def gathered(name: str) -> str:
+        rows = b.one("Gather", name, ids_flat, axis=0)
+        return b.one("Cast", rows, to=TensorProto.FLOAT, hint=f"{name}_rows_f32")
 
     logits = _linear(b, hidden, x["router_weight"])
     if attrs.has_router_bias:
@@ -159,15 +171,15 @@ def make_moe_function(attrs: MoEAttributes, overload: str | None = None, opset: 
     tokens = b.one("Unsqueeze", hidden, b.const([1]))  # [T, 1, H]
     tokens = b.one("Expand", tokens, b.const([1, attrs.top_k, 1]))
     tokens = b.one("Reshape", tokens, b.const([-1, hidden_dim, 1]))  # [S, H, 1]
-    w_gate_up = b.one("Gather", x["expert_gate_up_weight"], ids_flat, axis=0)  # [S, 2I, H]
+    w_gate_up = gathered("expert_gate_up_weight")  # [S, 2I, H]
     gate_up = b.one("Squeeze", b.one("MatMul", w_gate_up, tokens), flat)  # [S, 2I]
     if attrs.has_expert_bias:
-        gate_up = b.one("Add", gate_up, b.one("Gather", x["expert_gate_up_bias"], ids_flat, axis=0))
+        gate_up = b.one("Add", gate_up, gathered("expert_gate_up_bias"))
     act = _glu(b, gate_up, attrs)  # [S, I]
-    w_down = b.one("Gather", x["expert_down_weight"], ids_flat, axis=0)  # [S, H, I]
+    w_down = gathered("expert_down_weight")  # [S, H, I]
     down = b.one("Squeeze", b.one("MatMul", w_down, b.one("Unsqueeze", act, flat)), flat)  # [S, H]
     if attrs.has_expert_bias:
-        down = b.one("Add", down, b.one("Gather", x["expert_down_bias"], ids_flat, axis=0))
+        down = b.one("Add", down, gathered("expert_down_bias"))
     weighted = b.one("Mul", down, b.one("Reshape", weights, b.const([-1, 1])))
     per_slot = b.one("Reshape", weighted, b.const([-1, attrs.top_k, hidden_dim]))
     out = b.one("ReduceSum", per_slot, b.const([1]), keepdims=0)  # [T, H]
@@ -199,7 +211,8 @@ def make_moe_node(
     attrs: MoEAttributes, inputs: list[str], outputs: list[str], overload: str, name: str = ""
 ) -> onnx.NodeProto:
     """A fused node (proto form) that calls the function `make_moe_function(attrs, overload)`."""
-    node = helper.make_node(OP_TYPE, inputs, outputs, name=name or None, domain=DOMAIN,
-                            **attrs.to_onnx_attributes())
+    node = helper.make_node(
+        OP_TYPE, inputs, outputs, name=name or None, domain=DOMAIN, **attrs.to_onnx_attributes()
+    )
     node.overload = overload
     return node

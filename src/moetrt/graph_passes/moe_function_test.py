@@ -19,16 +19,31 @@ VARIANTS: dict[str, MoEAttributes] = {
     "softmax_plain": MoEAttributes(**_BASE),
     "softmax_renorm": MoEAttributes(**_BASE, norm_topk_prob=True),
     "topk_before_softmax_swiglu_bias": MoEAttributes(
-        **_BASE, topk_before_score=True, activation="swiglu_clamped", swiglu_limit=1.5, swiglu_alpha=1.3,
-        has_expert_bias=True, has_router_bias=True,
+        **_BASE,
+        topk_before_score=True,
+        activation="swiglu_clamped",
+        swiglu_limit=1.5,
+        swiglu_alpha=1.3,
+        has_expert_bias=True,
+        has_router_bias=True,
     ),
     "sigmoid_grouped_bias_scaled_shared": MoEAttributes(
-        **{**_BASE, "top_k": 3}, scoring="sigmoid", n_group=4, topk_group=2, has_score_correction_bias=True,
-        norm_topk_prob=True, routed_scaling_factor=2.5, shared_intermediate_size=10,
+        **{**_BASE, "top_k": 3},
+        scoring="sigmoid",
+        n_group=4,
+        topk_group=2,
+        has_score_correction_bias=True,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        shared_intermediate_size=10,
     ),
     "sigmoid_ungrouped_unnormalised": MoEAttributes(**_BASE, scoring="sigmoid"),
     "gelu_shared_gate_logits": MoEAttributes(
-        **_BASE, activation="gelu_glu", shared_intermediate_size=6, has_shared_gate=True, output_router_logits=True,
+        **_BASE,
+        activation="gelu_glu",
+        shared_intermediate_size=6,
+        has_shared_gate=True,
+        output_router_logits=True,
     ),
     "gelu_tanh_top1": MoEAttributes(**{**_BASE, "top_k": 1}, activation="gelu_tanh_glu"),
 }
@@ -87,9 +102,18 @@ def test_swiglu_clamp_is_exercised() -> None:
     attrs = VARIANTS["topk_before_softmax_swiglu_bias"]
     inputs = random_inputs(attrs, 9, seed=1)
     inputs["hidden_states"] = inputs["hidden_states"] * 6
-    unclamped = moe_reference(inputs, MoEAttributes(**{**_BASE}, topk_before_score=True, activation="swiglu_clamped",
-                                                   swiglu_limit=1e6, swiglu_alpha=1.3, has_expert_bias=True,
-                                                   has_router_bias=True))
+    unclamped = moe_reference(
+        inputs,
+        MoEAttributes(
+            **{**_BASE},
+            topk_before_score=True,
+            activation="swiglu_clamped",
+            swiglu_limit=1e6,
+            swiglu_alpha=1.3,
+            has_expert_bias=True,
+            has_router_bias=True,
+        ),
+    )
     ref = moe_reference(inputs, attrs)
     assert rel_err(unclamped["output"].numpy(), ref["output"]) > 1e-2
     assert rel_err(run_single_node(attrs, inputs)[0], ref["output"]) <= 1e-5
@@ -99,3 +123,46 @@ def test_overload_names_differ_per_variant() -> None:
     names = {overload_name(a) for a in VARIANTS.values()}
     assert len(names) == len(VARIANTS)
     assert overload_name(VARIANTS["softmax_plain"]) == overload_name(MoEAttributes(**_BASE))
+
+
+def run_single_node_bf16(attrs: MoEAttributes, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Like run_single_node for bf16 tensors: onnxruntime takes no bf16 arrays from numpy, so the model gets
+    float32 inputs cast to bf16 in front of the node and its bf16 outputs cast to float32 behind it."""
+    overload = overload_name(attrs)
+    names = list(attrs.present_inputs())
+    outputs = list(attrs.present_outputs())
+    nodes = [helper.make_node("Cast", [f"{n}_f32"], [n], to=onnx.TensorProto.BFLOAT16) for n in names]
+    nodes.append(make_moe_node(attrs, names, outputs, overload, name="moe0"))
+    nodes += [helper.make_node("Cast", [n], [f"{n}_f32"], to=onnx.TensorProto.FLOAT) for n in outputs]
+    graph = helper.make_graph(
+        nodes,
+        "single_moe_bf16",
+        [
+            helper.make_tensor_value_info(f"{n}_f32", onnx.TensorProto.FLOAT, list(inputs[n].shape))
+            for n in names
+        ],
+        [helper.make_tensor_value_info(f"{n}_f32", onnx.TensorProto.FLOAT, ["T", None]) for n in outputs],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)],
+        functions=[make_moe_function(attrs, overload)],
+        ir_version=10,
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {f"{n}_f32": inputs[n].float().numpy() for n in names})
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["sigmoid_grouped_bias_scaled_shared", "topk_before_softmax_swiglu_bias", "gelu_shared_gate_logits"],
+)
+def test_body_runs_in_bf16(variant: str) -> None:
+    # The body casts bf16 inputs to float32 and its outputs back, so it runs where bf16 kernels are missing.
+    attrs = VARIANTS[variant]
+    inputs = random_inputs(attrs, 23, dtype=torch.bfloat16, seed=4)
+    got = run_single_node_bf16(attrs, inputs)
+    ref = moe_reference(inputs, attrs)
+    assert rel_err(got[0], ref["output"].float()) <= 1e-2
+    if attrs.output_router_logits:
+        assert rel_err(got[1], ref["router_logits"].float()) <= 1e-2

@@ -18,7 +18,9 @@ from moetrt.graph_passes.base import CountedPass, CountedPassResult
 from moetrt.graph_passes.graph_utils import attr_int, const_array
 from moetrt.plugins.moe.spec import DOMAIN, OP_TYPE, MoEAttributes
 
-_LAYOUT_OPS = frozenset({"Transpose", "Slice", "Concat", "Reshape", "Constant", "Unsqueeze", "Squeeze"})
+_LAYOUT_OPS = frozenset(
+    {"Transpose", "Slice", "Concat", "Reshape", "Constant", "Unsqueeze", "Squeeze", "Cast"}
+)
 
 
 def _key(value: ir.Value) -> tuple | None:
@@ -61,6 +63,8 @@ def _evaluate(value: ir.Value) -> np.ndarray:
         return np.concatenate(args, axis=attr_int(node, "axis", 0))
     if op == "Reshape":
         return args[0].reshape([int(d) for d in args[1]])
+    if op == "Cast":
+        return args[0].astype(ir.DataType(attr_int(node, "to", 0)).numpy())
     if op == "Unsqueeze":
         return np.expand_dims(args[0], tuple(int(a) for a in args[1]))
     return np.squeeze(args[0], tuple(int(a) for a in args[1]))  # Squeeze
@@ -88,8 +92,12 @@ class PackMoEWeightsPass(CountedPass):
                     array = np.ascontiguousarray(_evaluate(value))
                     name = _unique(graph, f"{node.name or 'moe'}.{input_name}".replace("/MoE.", "."))
                     tensor = ir.tensor(array, name=name)
-                    packed_value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                                            type=ir.TensorType(tensor.dtype), const_value=tensor)
+                    packed_value = ir.Value(
+                        name=name,
+                        shape=ir.Shape(array.shape),
+                        type=ir.TensorType(tensor.dtype),
+                        const_value=tensor,
+                    )
                     graph.register_initializer(packed_value)
                     packed[key] = packed_value
                     count += 1

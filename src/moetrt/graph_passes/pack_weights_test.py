@@ -45,4 +45,6 @@ def test_shared_expert_packed_gate_then_up() -> None:
     shared = module.inner.shared_expert
     want = torch.cat([shared.gate_proj.weight, shared.up_proj.weight], dim=0).detach()
     np.testing.assert_array_equal(packed["shared_gate_up_weight"].numpy(), want.numpy())
-    np.testing.assert_array_equal(packed["shared_down_weight"].numpy(), shared.down_proj.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        packed["shared_down_weight"].numpy(), shared.down_proj.weight.detach().numpy()
+    )

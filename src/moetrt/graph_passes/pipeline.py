@@ -30,11 +30,21 @@ class FuseResult:
     stats: list[PassStat] = field(default_factory=list)
     num_fused: int = 0
     unfused_candidates: list[UnfusedCandidate] = field(default_factory=list)
+    num_decomposed: int | None = None  # set by `fuse_file(..., decompose=True)`: fused nodes inlined
 
     def summary_lines(self, explain: bool = False) -> list[str]:
         """What `moetrt fuse` prints: per-pass counts and time, the total, and with `explain` every miss."""
         lines = [f"  {s.name:<14} {s.count:>5}  {s.seconds * 1000:9.1f} ms" for s in self.stats]
-        lines.append(f"{self.num_fused} MoE blocks fused, {len(self.unfused_candidates)} unfused candidates")
+        if self.num_decomposed is not None:
+            lines.append(f"{self.num_decomposed} fused MoE nodes inlined back to standard ops")
+        elif self.num_fused == 0 and not self.unfused_candidates:
+            lines.append("0 MoE blocks: nothing to fuse, the model is unchanged")
+        else:
+            lines.append(
+                f"{self.num_fused} MoE blocks fused, {len(self.unfused_candidates)} unfused candidates"
+            )
+            if self.num_fused == 0:
+                lines.append("the model is unchanged (run with --explain to see why each candidate was left)")
         if explain:
             for c in self.unfused_candidates:
                 lines.append(f"  unfused: {c.where}  rule={c.rule}  failed: {c.check}")
@@ -54,8 +64,13 @@ def fuse_model(model: onnx.ModelProto, explain: bool = False) -> FuseResult:
     ir_model = ir.serde.deserialize_model(model)
     stats, unfused = run_pipeline(ir_model, default_passes())
     num_fused = next((s.count for s in stats if s.name == FuseMoEPass.name), 0)
-    out = ir.serde.serialize_model(ir_model)
-    out.ir_version = min(max(out.ir_version, MAX_IR_VERSION if num_fused else 0), MAX_IR_VERSION)
+    if num_fused:
+        out = ir.serde.serialize_model(ir_model)
+        out.ir_version = MAX_IR_VERSION  # function `overload` needs IR 10; onnxruntime refuses newer
+    else:
+        # Nothing fused: hand back the input graph as it was (the cleanup alone is not worth a changed file).
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     _set_metadata(out, METADATA_KEY, str(count_fused(out)))
     return FuseResult(out, stats, num_fused, unfused)
 
@@ -70,13 +85,17 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 
 def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     path = Path(path)
+    if path.is_dir():
+        raise MoetrtError(f"{path} is a directory", "pass the path of an .onnx file")
     if not path.is_file():
         raise MoetrtError(f"{path} does not exist", "pass the path of an .onnx file")
     try:
         return onnx.load(str(path), load_external_data=True)
     except Exception as err:  # onnx raises DecodeError / OSError / ValueError
-        raise MoetrtError(f"{path} is not a readable ONNX model ({type(err).__name__})",
-                          "export it with `moetrt export` or check the file") from None
+        raise MoetrtError(
+            f"{path} is not a readable ONNX model ({type(err).__name__})",
+            "export it with `moetrt export` or check the file",
+        ) from None
 
 
 def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike[str]) -> None:
@@ -88,8 +107,14 @@ def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike[str]) -> None:
         tmp_model = Path(tmp) / out_path.name
         data_name = f"{out_path.name}.data"
         if external:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
             os.replace(Path(tmp) / data_name, out_path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
@@ -106,13 +131,16 @@ def fuse_file(
     """Fuse IN into OUT (or, with `decompose`, inline IN's fused nodes back to standard ops)."""
     if Path(in_path).resolve() == Path(out_path).resolve():
         raise MoetrtError("output path equals the input path", "write the fused model to a new file with -o")
+    if Path(out_path).is_dir():
+        raise MoetrtError(f"output {out_path} is a directory", "give a file name ending in .onnx")
     model = load_onnx(in_path)
     if decompose:
         start = time.perf_counter()
         count = count_fused(model)
         out = decompose_model(model)
         _set_metadata(out, METADATA_KEY, "0")
-        result = FuseResult(out, [PassStat("decompose", count, time.perf_counter() - start)], 0, [])
+        stats = [PassStat("decompose", count, time.perf_counter() - start)]
+        result = FuseResult(out, stats, 0, [], num_decomposed=count)
     else:
         result = fuse_model(model, explain=explain)
     save_onnx(result.model, out_path)

@@ -28,8 +28,9 @@ def export_module(module: nn.Module, hidden_size: int, batch: int = 2, seq: int 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(module.eval(), (x,), dynamo=True, dynamic_shapes=(dims,), optimize=True,
-                                    verbose=False)
+        program = torch.onnx.export(
+            module.eval(), (x,), dynamo=True, dynamic_shapes=(dims,), optimize=True, verbose=False
+        )
     assert program is not None
     model = program.model_proto
     model.ir_version = min(model.ir_version, 10)
@@ -80,19 +81,46 @@ def hf_moe_block(family: str, hidden: int = 32, **overrides: Any) -> nn.Module:
     """A tiny transformers MoE block of `family` with batched_mm experts and random weights."""
     from transformers import AutoConfig
 
-    common = {"hidden_size": hidden, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "num_hidden_layers": 2, "vocab_size": 64}
+    common = {
+        "hidden_size": hidden,
+        "intermediate_size": 48,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "vocab_size": 64,
+    }
     per_family: dict[str, dict[str, Any]] = {
-        "qwen3_moe": {"moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True},
+        "qwen3_moe": {
+            "moe_intermediate_size": 16,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+        },
         "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
         "olmoe": {"num_experts": 8, "num_experts_per_tok": 2},
-        "qwen2_moe": {"moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "num_experts": 8,
-                      "num_experts_per_tok": 2},
-        "qwen3_next": {"moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "num_experts": 8,
-                       "num_experts_per_tok": 2, "norm_topk_prob": True},
-        "deepseek_v3": {"moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4,
-                        "topk_group": 2, "n_shared_experts": 1, "first_k_dense_replace": 0,
-                        "routed_scaling_factor": 2.5},
+        "qwen2_moe": {
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 24,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+        "qwen3_next": {
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 24,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+        },
+        "deepseek_v3": {
+            "moe_intermediate_size": 16,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 0,
+            "routed_scaling_factor": 2.5,
+        },
         "gpt_oss": {"num_local_experts": 8, "num_experts_per_tok": 2},
     }
     config = AutoConfig.for_model(family, **{**common, **per_family[family], **overrides})
@@ -140,4 +168,8 @@ def packed_inputs(model: onnx.ModelProto, node: onnx.NodeProto) -> dict[str, tor
     attrs = MoEAttributes.from_onnx_attributes(node_attributes(node))
     arrays = initializer_arrays(model)
     names = attrs.present_inputs()
-    return {name: torch.from_numpy(arrays[value].copy()) for name, value in zip(names, node.input) if name != "hidden_states"}
+    return {
+        name: torch.from_numpy(arrays[value].copy())
+        for name, value in zip(names, node.input)
+        if name != "hidden_states"
+    }
