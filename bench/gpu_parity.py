@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from moetrt.plugins.moe.aot import KernelBundle, compile_kernels
+from moetrt.plugins.moe.kernels.plan import bucket_name, bucket_of
 from moetrt.plugins.moe.reference import glu_activation, route, shared_expert
 from moetrt.plugins.moe.spec import MoEAttributes
 from moetrt.plugins.moe.torch_ops import moe_forward
@@ -144,6 +145,10 @@ def reference(inputs: dict[str, torch.Tensor], attrs: MoEAttributes) -> tuple[to
     return out, len(experts)
 
 
+def bounds(bundle: KernelBundle) -> tuple[int | None, ...]:
+    return tuple(b["bound"] for b in bundle.buckets.values())
+
+
 def measure_ceilings() -> tuple[float, float]:
     n = 1 << 30  # 2 GiB bf16 read + 2 GiB written
     src = torch.randn(n // 2, device="cuda").to(torch.bfloat16).repeat(2)
@@ -217,9 +222,11 @@ def main() -> int:
         help="SHAPE=PATH: use this precompiled bf16 bundle (e.g. compiled on a CPU machine)",
     )
     parser.add_argument("--no-extra-dtypes", action="store_true")
+    parser.add_argument("--save-bundles", type=Path, help="write each compiled bf16 bundle as DIR/SHAPE.bin")
+    parser.add_argument("--profile", action="store_true", help="also print each kernel's GPU time per row")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "parity.log", "w")
+    log = open(args.out / "parity.log", "w")  # noqa: SIM115 (open for the whole run, closed at exit)
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -256,6 +263,9 @@ def main() -> int:
             else:
                 bundle = compile_kernels(attrs, dtype_name, sm, workers=16)
                 origin = f"compiled here ({bundle.triton_version})"
+                if args.save_bundles and dtype_name == "bfloat16":
+                    args.save_bundles.mkdir(parents=True, exist_ok=True)
+                    (args.save_bundles / f"{shape}.bin").write_bytes(bundle.to_bytes())
             say(
                 f"[{shape} {dtype_name}] bundle {origin}: {len(bundle.kernels)} cubins, {time.time() - start:.1f}s"
             )
@@ -289,18 +299,34 @@ def main() -> int:
                 moe_forward(inputs, attrs, bundle, outputs=again)
                 torch.cuda.synchronize()
                 repeat_equal = bool(torch.equal(again["output"], out["output"]))
-                ok = (not nan) and rel <= TOL[dtype_name] and repeat_equal
+                # the fused decode kernel sums with float atomics: its last bits may differ from run to run,
+                # so there the repeat must be as accurate, not bitwise equal
+                fused = (
+                    t > 0
+                    and "experts" in bundle.buckets[bucket_name(bucket_of(t, bounds(bundle)))]["variants"]
+                )
+                if fused:
+                    rel_again = ((again["output"].float() - ref).norm() / ref.norm()).item()
+                    repeat_ok = rel_again <= TOL[dtype_name] and not bool(torch.isnan(again["output"]).any())
+                else:
+                    repeat_ok = repeat_equal
+                ok = (not nan) and rel <= TOL[dtype_name] and repeat_ok
                 row.update(
                     {
                         "rel_err": rel,
                         "nan": nan,
+                        "decode_path": "fused" if fused else "deterministic",
                         "repeat_bitwise_equal": repeat_equal,
                         "ok": ok,
                         "distinct_experts": distinct,
                     }
                 )
                 if t > 0:
-                    times = time_graph(lambda: moe_forward(inputs, attrs, bundle), flush, args.iters)
+                    times = time_graph(
+                        lambda inputs=inputs, attrs=attrs, bundle=bundle: moe_forward(inputs, attrs, bundle),
+                        flush,
+                        args.iters,
+                    )
                     floor = floors(attrs, t, distinct, dtype.itemsize, copy_gbps, tflops)
                     med = statistics.median(times)
                     row.update(
@@ -313,6 +339,11 @@ def main() -> int:
                             "timing": "cuda-graph replay, L2 flushed",
                         }
                     )
+                if args.profile and t > 0 and routing == "random":
+                    from moetrt.plugins.moe.tuning import profile_stages
+
+                    stages = profile_stages(bundle, attrs, inputs)
+                    row["stages_us"] = {k: round(v, 2) for k, v in stages.items()}
                 failures += not ok
                 say(json.dumps(row))
             except Exception as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from moetrt.plugins.moe.spec import MoEAttributes
 
 SUPPORTED_SMS = (80, 86, 87, 89, 90, 100, 120)
 BUNDLE_MAGIC = b"MOETRTKB"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: split router, top-k kernel, no memset (bundles of 1 must be recompiled)
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,32 @@ class KernelBundle:
         kernels = []
         offset = 0
         for kernel in self.kernels.values():
-            kernels.append({"key": kernel.key, "name": kernel.name, "num_warps": kernel.num_warps,
-                            "shared": kernel.shared, "param_types": list(kernel.param_types),
-                            "scratch_params": kernel.scratch_params, "offset": offset, "size": len(kernel.cubin)})
+            kernels.append(
+                {
+                    "key": kernel.key,
+                    "name": kernel.name,
+                    "num_warps": kernel.num_warps,
+                    "shared": kernel.shared,
+                    "param_types": list(kernel.param_types),
+                    "scratch_params": kernel.scratch_params,
+                    "offset": offset,
+                    "size": len(kernel.cubin),
+                }
+            )
             blobs.append(kernel.cubin)
             offset += len(kernel.cubin)
-        header = json.dumps({"version": BUNDLE_VERSION, "attrs": self.attrs, "dtype": self.dtype, "sm": self.sm,
-                             "triton_version": self.triton_version, "kernels": kernels,
-                             "buckets": self.buckets}, sort_keys=True).encode()
+        header = json.dumps(
+            {
+                "version": BUNDLE_VERSION,
+                "attrs": self.attrs,
+                "dtype": self.dtype,
+                "sm": self.sm,
+                "triton_version": self.triton_version,
+                "kernels": kernels,
+                "buckets": self.buckets,
+            },
+            sort_keys=True,
+        ).encode()
         return BUNDLE_MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
 
     @classmethod
@@ -85,15 +104,29 @@ class KernelBundle:
             lo, hi = blob_start + k["offset"], blob_start + k["offset"] + k["size"]
             if hi > len(data):
                 raise MoetrtError("kernel bundle is truncated (a cubin runs past its end)", hint)
-            kernels[k["key"]] = CompiledKernel(k["key"], k["name"], bytes(data[lo:hi]), k["num_warps"], k["shared"],
-                                               tuple(k["param_types"]), k["scratch_params"])
-        return cls(header["attrs"], header["dtype"], header["sm"], header["triton_version"], kernels,
-                   header["buckets"])
+            kernels[k["key"]] = CompiledKernel(
+                k["key"],
+                k["name"],
+                bytes(data[lo:hi]),
+                k["num_warps"],
+                k["shared"],
+                tuple(k["param_types"]),
+                k["scratch_params"],
+            )
+        return cls(
+            header["attrs"],
+            header["dtype"],
+            header["sm"],
+            header["triton_version"],
+            kernels,
+            header["buckets"],
+        )
 
 
 def _signature(kernel_fn: Any, kernel: str, dtype: str, constexprs: dict[str, Any]) -> tuple[dict, dict]:
-    runtime = dict(zip([name for name, _ in plan.KERNEL_PARAMS[kernel]], plan.param_types(kernel, dtype),
-                       strict=True))
+    runtime = dict(
+        zip([name for name, _ in plan.KERNEL_PARAMS[kernel]], plan.param_types(kernel, dtype), strict=True)
+    )
     signature = {}
     for name in kernel_fn.arg_names:
         if name in runtime:
@@ -101,11 +134,16 @@ def _signature(kernel_fn: Any, kernel: str, dtype: str, constexprs: dict[str, An
         elif name in constexprs:
             signature[name] = "constexpr"
         else:
-            raise MoetrtError(f"kernel {kernel} parameter {name} has neither a type nor a value",
-                              "update kernels/plan.py KERNEL_PARAMS to match the kernel")
+            raise MoetrtError(
+                f"kernel {kernel} parameter {name} has neither a type nor a value",
+                "update kernels/plan.py KERNEL_PARAMS to match the kernel",
+            )
     # Every pointer is 16-byte aligned (the launcher checks): lets the compiler emit 16-byte loads.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel_fn.arg_names)
-             if signature[name].startswith("*")}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel_fn.arg_names)
+        if signature[name].startswith("*")
+    }
     return signature, attrs
 
 
@@ -126,8 +164,10 @@ def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKerne
     compiled = triton.compile(source, target=target, options=options.__dict__)
     meta = compiled.metadata
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
-        raise MoetrtError(f"kernel {variant.key} needs Triton scratch memory, which the launcher does not provide",
-                          "pick other block sizes for it in the config table")
+        raise MoetrtError(
+            f"kernel {variant.key} needs Triton scratch memory, which the launcher does not provide",
+            "pick other block sizes for it in the config table",
+        )
     if getattr(meta, "num_ctas", 1) != 1:
         raise MoetrtError(f"kernel {variant.key} uses thread-block clusters", "compile it with num_ctas=1")
     types = tuple(plan.param_types(variant.kernel, dtype))
@@ -138,11 +178,14 @@ def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKerne
     got = ["u64" if p == "u64" else "b32" for p in ptx_params[: len(types)]]
     extra = ptx_params[len(types) :]
     if got != expected or any(p != "u64" for p in extra):
-        raise MoetrtError(f"kernel {variant.key}: compiled entry takes {ptx_params}, expected {expected} + pointers",
-                          f"this Triton version ({triton.__version__}) specialises arguments differently; "
-                          "pin the version in docs/kernels.md")
-    return CompiledKernel(variant.key, meta.name, compiled.asm["cubin"], meta.num_warps, meta.shared, types,
-                          len(extra))
+        raise MoetrtError(
+            f"kernel {variant.key}: compiled entry takes {ptx_params}, expected {expected} + pointers",
+            f"this Triton version ({triton.__version__}) specialises arguments differently; "
+            "pin the version in docs/kernels.md",
+        )
+    return CompiledKernel(
+        variant.key, meta.name, compiled.asm["cubin"], meta.num_warps, meta.shared, types, len(extra)
+    )
 
 
 def ptx_entry_params(ptx: str) -> list[str]:
@@ -162,10 +205,15 @@ def compile_kernels(
     sm: int,
     buckets: tuple[int | None, ...] = plan.BUCKETS,
     workers: int = 1,
+    configs: Mapping[int | None, dict[str, Any]] | None = None,
+    cache: dict[str, CompiledKernel] | None = None,
 ) -> KernelBundle:
     """Cubins of every kernel variant of every token bucket for `sm` (default: all buckets).
 
     workers > 1 compiles variants in that many forked processes (Triton's compiler is single-threaded).
+    `configs` overrides the config table for some buckets (used when tuning). A bundle without the
+    unbounded bucket (None) serves only token counts up to its largest bound. `cache` (variant key ->
+    compiled kernel) is read and filled, so candidates that share variants compile them once.
     """
     import triton
 
@@ -175,27 +223,41 @@ def compile_kernels(
         raise MoetrtError(f"SM {sm} is not supported", f"pick one of {', '.join(map(str, SUPPORTED_SMS))}")
     if dtype not in plan.DTYPES:
         raise MoetrtError(f"dtype {dtype!r} is not supported", "use float32, float16 or bfloat16")
-    if None not in buckets or any(b not in plan.BUCKETS for b in buckets):
-        raise MoetrtError(f"token buckets {buckets} are not a subset of {plan.BUCKETS} with the unbounded one (None)",
-                          "pass a subset of plan.BUCKETS that includes None")
+    if not buckets or any(b not in plan.BUCKETS for b in buckets):
+        raise MoetrtError(
+            f"token buckets {buckets} are not a non-empty subset of {plan.BUCKETS}",
+            "pass a subset of plan.BUCKETS (None: the unbounded one)",
+        )
     bundle = KernelBundle(attrs.to_onnx_attributes(), dtype, sm, triton.__version__)
     per_bucket = {}
     todo: dict[str, plan.Variant] = {}
     for bound in buckets:
-        cfg = tuning.select_config(attrs, dtype, sm, bound)
+        cfg = (
+            configs[bound] if configs and bound in configs else tuning.select_config(attrs, dtype, sm, bound)
+        )
+        if plan.uses_pdl(cfg) and sm < 90:
+            raise MoetrtError(
+                f"the config for bucket {plan.bucket_name(bound)} asks for programmatic dependent "
+                f"launch, which sm_{sm} lacks",
+                "disable 'pdl' in that config (SM90+ only)",
+            )
         variants = plan.bucket_variants(attrs, dtype, bound, cfg)
         per_bucket[bound] = (cfg, variants)
         todo.update({v.key: v for v in variants.values()})
-    jobs = [(variant, dtype, sm) for variant in todo.values()]
+    cache = {} if cache is None else cache
+    jobs = [(variant, dtype, sm) for variant in todo.values() if variant.key not in cache]
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(
+            min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")
+        ) as pool:
             compiled = list(pool.map(_compile_job, jobs))
     else:
         compiled = [_compile_job(job) for job in jobs]
-    bundle.kernels = {kernel.key: kernel for kernel in compiled}
+    cache.update({kernel.key: kernel for kernel in compiled})
+    bundle.kernels = {key: cache[key] for key in todo}
     for bound, (cfg, variants) in per_bucket.items():
         bundle.buckets[plan.bucket_name(bound)] = {
             "bound": bound,

@@ -34,7 +34,7 @@ def route(
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         group_ids = group_scores.topk(attrs.topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, -1)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, attrs.num_experts)
         choice = choice.masked_fill(~expert_mask, float("-inf"))
     ids = torch.topk(choice, k, dim=-1).indices
     weights = scores.gather(1, ids)
@@ -94,8 +94,11 @@ def moe_reference(
         token_idx, slot = torch.where(ids == expert)
         h = hidden[token_idx]
         gate_up = F.linear(h, x["expert_gate_up_weight"][expert], _maybe(x, "expert_gate_up_bias", expert))
-        y = F.linear(glu_activation(gate_up, attrs), x["expert_down_weight"][expert],
-                     _maybe(x, "expert_down_bias", expert))
+        y = F.linear(
+            glu_activation(gate_up, attrs),
+            x["expert_down_weight"][expert],
+            _maybe(x, "expert_down_bias", expert),
+        )
         out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
     if attrs.has_shared_expert:
         out = out + shared_expert(

@@ -27,33 +27,47 @@ _KIND_DTYPE = {"f32": torch.float32, "i32": torch.int32}
 
 def dtype_name(dtype: torch.dtype) -> str:
     if dtype not in _TORCH_DTYPES:
-        raise MoetrtError(f"unsupported dtype {dtype} for the fused MoE op", "use float32, float16 or bfloat16")
+        raise MoetrtError(
+            f"unsupported dtype {dtype} for the fused MoE op", "use float32, float16 or bfloat16"
+        )
     return _TORCH_DTYPES[dtype]
 
 
-def check_inputs(inputs: dict[str, torch.Tensor], attrs: MoEAttributes, device_type: str | None = None) -> int:
+def check_inputs(
+    inputs: dict[str, torch.Tensor], attrs: MoEAttributes, device_type: str | None = None
+) -> int:
     """Validate names, shapes, dtypes, contiguity and alignment; return the token count."""
     missing = [name for name in attrs.present_inputs() if name not in inputs]
     if missing:
-        raise MoetrtError(f"missing MoE inputs {missing}", f"pass every input of attrs.present_inputs(): "
-                          f"{list(attrs.present_inputs())}")
+        raise MoetrtError(
+            f"missing MoE inputs {missing}",
+            f"pass every input of attrs.present_inputs(): {list(attrs.present_inputs())}",
+        )
     hidden = inputs["hidden_states"]
     if hidden.dim() != 2:
-        raise MoetrtError(f"hidden_states must be [T, H], got shape {tuple(hidden.shape)}",
-                          "flatten batch and sequence into one token dimension")
+        raise MoetrtError(
+            f"hidden_states must be [T, H], got shape {tuple(hidden.shape)}",
+            "flatten batch and sequence into one token dimension",
+        )
     num_tokens = hidden.shape[0]
     dtype_name(hidden.dtype)
     for name, shape in attrs.input_shapes(num_tokens).items():
         tensor = inputs[name]
         if tuple(tensor.shape) != tuple(shape):
-            raise MoetrtError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}",
-                              "check the weights against the MoE attributes (spec.py layouts)")
+            raise MoetrtError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}",
+                "check the weights against the MoE attributes (spec.py layouts)",
+            )
         if tensor.dtype != hidden.dtype:
-            raise MoetrtError(f"{name} is {tensor.dtype} but hidden_states is {hidden.dtype}",
-                              "cast every weight to the dtype of hidden_states")
+            raise MoetrtError(
+                f"{name} is {tensor.dtype} but hidden_states is {hidden.dtype}",
+                "cast every weight to the dtype of hidden_states",
+            )
         if device_type is not None and tensor.device.type != device_type:
-            raise MoetrtError(f"{name} is on {tensor.device}, expected a {device_type} tensor",
-                              f"move every input to {device_type}")
+            raise MoetrtError(
+                f"{name} is on {tensor.device}, expected a {device_type} tensor",
+                f"move every input to {device_type}",
+            )
         if not tensor.is_contiguous():
             raise MoetrtError(f"{name} is not contiguous", "call .contiguous() on it first")
         if tensor.numel() and tensor.data_ptr() % 16:
@@ -89,7 +103,9 @@ def _interpreter_fixes() -> None:
 
     original_dot = interpreter.InterpreterBuilder.create_dot
 
-    def create_dot(self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any) -> Any:
+    def create_dot(
+        self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any
+    ) -> Any:
         def upcast(x: Any) -> Any:
             if x.dtype == tl.bfloat16:
                 bits = x.data.view(np.uint16).astype(np.uint32) << 16
@@ -126,7 +142,7 @@ def moe_forward_triton(
     inputs: dict[str, torch.Tensor],
     attrs: MoEAttributes,
     config: dict[str, Any] | None = None,
-    bucket: int | None | str = "auto",
+    bucket: int | str | None = "auto",
 ) -> dict[str, torch.Tensor]:
     """Run the op's launch sequence through Triton JIT (GPU, or CPU with TRITON_INTERPRET=1).
 
@@ -147,12 +163,21 @@ def moe_forward_triton(
         _interpreter_fixes()
     bound = plan.bucket_of(num_tokens) if bucket == "auto" else bucket
     if bound is not None and (not isinstance(bound, int) or num_tokens > bound):
-        raise MoetrtError(f"bucket {bound!r} cannot serve {num_tokens} tokens", "pass 'auto', None or a larger bound")
+        raise MoetrtError(
+            f"bucket {bound!r} cannot serve {num_tokens} tokens", "pass 'auto', None or a larger bound"
+        )
     cfg = config or tuning.default_config(attrs, dtype, bound)
+    if plan.uses_pdl(cfg) and os.environ.get("TRITON_INTERPRET") == "1":
+        raise MoetrtError(
+            "programmatic dependent launch has no CPU interpreter form",
+            "pass a config with pdl disabled (the default)",
+        )
     variants = plan.bucket_variants(attrs, dtype, bound, cfg)
     layout = plan.workspace_layout(attrs, dtype, num_tokens, cfg, bound)
     gen = torch.Generator(device="cpu").manual_seed(1234)
-    workspace = torch.randint(0, 256, (layout["total"].nbytes,), dtype=torch.uint8, generator=gen).to(hidden.device)
+    workspace = torch.randint(0, 256, (layout["total"].nbytes,), dtype=torch.uint8, generator=gen).to(
+        hidden.device
+    )
     by_key = {v.key: v for v in variants.values()}
 
     def region(name: str, dt: torch.dtype) -> torch.Tensor:
@@ -162,9 +187,6 @@ def moe_forward_triton(
         return workspace[reg.offset : reg.offset + reg.nbytes].view(dt)
 
     for op in plan.launch_sequence(attrs, dtype, num_tokens, variants, cfg, bound):
-        if isinstance(op, plan.Memset):
-            workspace[op.region_offset : op.region_offset + op.nbytes].zero_()
-            continue
         variant = by_key[op.variant_key]
         args: list[Any] = []
         for (_, kind), (src, ref) in zip(plan.KERNEL_PARAMS[variant.kernel], op.args, strict=True):
@@ -178,8 +200,9 @@ def moe_forward_triton(
                 args.append(outputs[ref])
             else:
                 args.append(region(ref, hidden.dtype if kind == "x" else _KIND_DTYPE[kind]))
-        KERNELS[variant.kernel][op.grid](*args, **dict(variant.constexprs), num_warps=variant.num_warps,
-                                         num_stages=variant.num_stages)
+        KERNELS[variant.kernel][op.grid](
+            *args, **dict(variant.constexprs), num_warps=variant.num_warps, num_stages=variant.num_stages
+        )
     return outputs
 
 
@@ -213,8 +236,10 @@ def moe_forward(
         major, minor = torch.cuda.get_device_capability(hidden.device)
         bundle = _cached_bundle(attrs, dtype, major * 10 + minor)
     elif bundle.dtype != dtype:
-        raise MoetrtError(f"kernel bundle was compiled for {bundle.dtype}, inputs are {dtype}",
-                          f"compile a bundle for {dtype}")
+        raise MoetrtError(
+            f"kernel bundle was compiled for {bundle.dtype}, inputs are {dtype}",
+            f"compile a bundle for {dtype}",
+        )
     if outputs is None:
         outputs = _outputs(attrs, hidden)
     else:
@@ -222,9 +247,16 @@ def moe_forward(
         for name in attrs.present_outputs():
             out = outputs.get(name)
             want = (num_tokens, expected[name].shape[1])
-            if out is None or tuple(out.shape) != want or out.dtype != hidden.dtype or not out.is_contiguous():
-                raise MoetrtError(f"output {name} must be a contiguous {hidden.dtype} tensor of shape {want}",
-                                  "or pass outputs=None to allocate them")
+            if (
+                out is None
+                or tuple(out.shape) != want
+                or out.dtype != hidden.dtype
+                or not out.is_contiguous()
+            ):
+                raise MoetrtError(
+                    f"output {name} must be a contiguous {hidden.dtype} tensor of shape {want}",
+                    "or pass outputs=None to allocate them",
+                )
     if num_tokens == 0:
         return outputs
     with torch.cuda.device(hidden.device):

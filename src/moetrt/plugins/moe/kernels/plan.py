@@ -3,13 +3,17 @@
 Shared by the AOT compiler (which variants exist), the CUDA-driver launcher (grids and arguments at run time)
 and the Triton JIT path used in CPU tests, so all three run exactly the same sequence.
 
-Two paths, chosen by token bucket:
-  decode  (T <= 64): memset · router(+align) · gate_up · down_rows(+reduce)  — 3 kernels
-  prefill (T > 64):  memset · router · align · gate_up · down_rows · reduce    — 5 kernels
+Two paths, chosen by token bucket (the router-logits kernel also zeroes the counters: no memset):
+  decode  (T <= 64): router logits · top-k(+align) · gate_up · down_rows(+reduce)       — 4 kernels
+          or, when the config table says `fused`: router logits · top-k(+align) · experts (gate_up + down,
+          fp32 atomics) · finalize                                                      — 4 kernels
+  prefill (T > 64):  router logits · top-k · align · gate_up · down_rows · reduce         — 6 kernels
+With `pdl` in the config (SM90+), every launch uses programmatic dependent launch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -20,36 +24,114 @@ from moetrt.plugins.moe.spec import ACTIVATIONS, MoEAttributes
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-# Upper token bound of each bucket; the last bucket has no bound. Decode buckets fuse align into the router.
+# Upper token bound of each bucket; the last bucket has no bound. Decode buckets fuse align into top-k.
 DECODE_BUCKETS = (16, 64)
 PREFILL_BUCKETS = (512, None)
 BUCKETS: tuple[int | None, ...] = DECODE_BUCKETS + PREFILL_BUCKETS
 ALIGN_MAX_PROGRAMS = 128
+ALIGN_SLOT_CHUNK = 256  # slots per program per align-loop step
 
 # Runtime (non-constexpr) parameters of each kernel, in signature order, with their kind:
 #   x: pointer to the op's dtype · f32 / i32: pointer to that type · T: the token count (i32 scalar)
 #   int: a host-computed i32 (loop trip counts, program counts), given per launch in Launch.args
 KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "router": (
-        ("x_ptr", "x"), ("router_w_ptr", "x"), ("router_b_ptr", "x"), ("corr_bias_ptr", "x"),
-        ("shared_gate_w_ptr", "x"), ("logits_ws_ptr", "f32"), ("logits_out_ptr", "x"), ("gate_ws_ptr", "f32"),
-        ("topk_ids_ptr", "i32"), ("topk_w_ptr", "f32"), ("rank_ptr", "i32"), ("counts_ptr", "i32"),
-        ("tickets_ptr", "i32"), ("offsets_ptr", "i32"), ("nblocks_ptr", "i32"), ("block_expert_ptr", "i32"),
-        ("block_row0_ptr", "i32"), ("sorted_slot_ptr", "i32"), ("T", "T"), ("block_iters", "int"),
+        ("x_ptr", "x"),
+        ("router_w_ptr", "x"),
+        ("shared_gate_w_ptr", "x"),
+        ("logits_ws_ptr", "f32"),
+        ("gate_part_ptr", "f32"),
+        ("zero_ptr", "i32"),
+        ("T", "T"),
+        ("zero_words", "int"),
+    ),
+    "topk": (
+        ("logits_ws_ptr", "f32"),
+        ("router_b_ptr", "x"),
+        ("logits_out_ptr", "x"),
+        ("gate_part_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("corr_bias_ptr", "x"),
+        ("topk_ids_ptr", "i32"),
+        ("topk_w_ptr", "f32"),
+        ("rank_ptr", "i32"),
+        ("counts_ptr", "i32"),
+        ("tickets_ptr", "i32"),
+        ("offsets_ptr", "i32"),
+        ("nblocks_ptr", "i32"),
+        ("block_expert_ptr", "i32"),
+        ("block_row0_ptr", "i32"),
+        ("sorted_slot_ptr", "i32"),
+        ("T", "T"),
+        ("block_iters", "int"),
         ("slot_iters", "int"),
     ),
     "align": (
-        ("counts_ptr", "i32"), ("topk_ids_ptr", "i32"), ("rank_ptr", "i32"), ("offsets_ptr", "i32"),
-        ("nblocks_ptr", "i32"), ("block_expert_ptr", "i32"), ("block_row0_ptr", "i32"),
-        ("sorted_slot_ptr", "i32"), ("T", "T"), ("block_iters", "int"), ("slot_iters", "int"), ("nprog", "int"),
+        ("counts_ptr", "i32"),
+        ("topk_ids_ptr", "i32"),
+        ("rank_ptr", "i32"),
+        ("offsets_ptr", "i32"),
+        ("nblocks_ptr", "i32"),
+        ("block_expert_ptr", "i32"),
+        ("block_row0_ptr", "i32"),
+        ("sorted_slot_ptr", "i32"),
+        ("T", "T"),
+        ("block_iters", "int"),
+        ("slot_iters", "int"),
+        ("nprog", "int"),
     ),
     "gate_up": (
-        ("x_ptr", "x"), ("w_gu_ptr", "x"), ("b_gu_ptr", "x"), ("shared_w_gu_ptr", "x"), ("act_ptr", "x"),
-        ("offsets_ptr", "i32"), ("nblocks_ptr", "i32"), ("block_expert_ptr", "i32"), ("block_row0_ptr", "i32"),
-        ("sorted_slot_ptr", "i32"), ("T", "T"),
+        ("x_ptr", "x"),
+        ("w_gu_ptr", "x"),
+        ("b_gu_ptr", "x"),
+        ("shared_w_gu_ptr", "x"),
+        ("act_ptr", "x"),
+        ("offsets_ptr", "i32"),
+        ("nblocks_ptr", "i32"),
+        ("block_expert_ptr", "i32"),
+        ("block_row0_ptr", "i32"),
+        ("sorted_slot_ptr", "i32"),
+        ("T", "T"),
+    ),
+    "down_rows": (
+        ("w_down_ptr", "x"),
+        ("b_down_ptr", "x"),
+        ("shared_w_down_ptr", "x"),
+        ("act_ptr", "x"),
+        ("topk_w_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("yw_ptr", "x"),
+        ("out_ptr", "x"),
+        ("htickets_ptr", "i32"),
+        ("offsets_ptr", "i32"),
+        ("nblocks_ptr", "i32"),
+        ("block_expert_ptr", "i32"),
+        ("block_row0_ptr", "i32"),
+        ("sorted_slot_ptr", "i32"),
+        ("T", "T"),
     ),
     "reduce": (("yw_ptr", "x"), ("out_ptr", "x"), ("T", "T")),
+    "experts": (
+        ("x_ptr", "x"),
+        ("w_gu_ptr", "x"),
+        ("b_gu_ptr", "x"),
+        ("shared_w_gu_ptr", "x"),
+        ("w_down_ptr", "x"),
+        ("b_down_ptr", "x"),
+        ("shared_w_down_ptr", "x"),
+        ("topk_w_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("acc_ptr", "f32"),
+        ("offsets_ptr", "i32"),
+        ("nblocks_ptr", "i32"),
+        ("block_expert_ptr", "i32"),
+        ("block_row0_ptr", "i32"),
+        ("sorted_slot_ptr", "i32"),
+        ("T", "T"),
+    ),
+    "finalize": (("acc_ptr", "f32"), ("out_ptr", "x"), ("T", "T")),
 }
+FINALIZE_BLOCK = 1024
 
 # Which op tensor or workspace region feeds each pointer parameter.
 _SOURCES: dict[str, tuple[str, str]] = {
@@ -68,10 +150,12 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "out_ptr": ("out", "output"),
     "logits_ws_ptr": ("ws", "logits"),
     "gate_ws_ptr": ("ws", "gate"),
+    "gate_part_ptr": ("ws", "gate_part"),
     "topk_ids_ptr": ("ws", "topk_ids"),
     "topk_w_ptr": ("ws", "topk_w"),
     "rank_ptr": ("ws", "rank"),
     "counts_ptr": ("ws", "counts"),
+    "zero_ptr": ("ws", "counts"),  # counts, tickets and htickets: one zeroed span
     "tickets_ptr": ("ws", "tickets"),
     "htickets_ptr": ("ws", "htickets"),
     "offsets_ptr": ("ws", "offsets"),
@@ -81,6 +165,7 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "sorted_slot_ptr": ("ws", "sorted_slot"),
     "act_ptr": ("ws", "act"),
     "yw_ptr": ("ws", "yw"),
+    "acc_ptr": ("ws", "acc"),
 }
 
 
@@ -110,6 +195,11 @@ def is_decode(bound: int | None) -> bool:
     return bound is not None and bound <= DECODE_BUCKETS[-1]
 
 
+def is_fused(cfg: dict[str, Any], bound: int | None) -> bool:
+    """Whether the decode bucket runs the fused experts kernel (gate_up + down in one launch)."""
+    return is_decode(bound) and bool(cfg.get("fused", {}).get("enabled", 0))
+
+
 def param_types(kernel: str, dtype: str) -> list[str]:
     """Triton signature types of a kernel's runtime parameters (what the cubin's entry point takes)."""
     kinds = {"x": "*" + TRITON_DTYPE[dtype], "f32": "*fp32", "i32": "*i32", "T": "i32", "int": "i32"}
@@ -136,51 +226,81 @@ def _nmax(attrs: MoEAttributes) -> int:
 
 
 def _align_constexprs(attrs: MoEAttributes, cfg: dict[str, Any]) -> dict[str, Any]:
-    ep_pad = next_pow2(attrs.num_experts + 2)
-    chunk = max(16, 8192 // ep_pad)
     return {
         "E": attrs.num_experts,
         "K": attrs.top_k,
         "BM": cfg["gate_up"]["BM"],
         "HAS_SHARED": int(attrs.has_shared_expert),
-        "EP_PAD": ep_pad,
-        "CB": chunk,
-        "CS": chunk,
+        "EP_PAD": next_pow2(attrs.num_experts + 2),
+        "CS": ALIGN_SLOT_CHUNK,
     }
 
 
-def bucket_variants(attrs: MoEAttributes, dtype: str, bound: int | None, cfg: dict[str, Any]) -> dict[str, Variant]:
+def uses_pdl(cfg: dict[str, Any]) -> bool:
+    """Programmatic dependent launch (SM90+): each kernel's launch overlaps the previous kernel's tail."""
+    return bool(cfg.get("pdl", {}).get("enabled", 0))
+
+
+def bucket_variants(
+    attrs: MoEAttributes, dtype: str, bound: int | None, cfg: dict[str, Any]
+) -> dict[str, Variant]:
     """Stage name -> kernel variant for one token bucket under config `cfg` (see tuning.default_config)."""
+    pdl = ("PDL", int(uses_pdl(cfg)))
+    return {
+        stage: Variant(v.kernel, (*v.constexprs, pdl), v.num_warps, v.num_stages)
+        for stage, v in _stage_variants(attrs, dtype, bound, cfg).items()
+    }
+
+
+def _stage_variants(
+    attrs: MoEAttributes, dtype: str, bound: int | None, cfg: dict[str, Any]
+) -> dict[str, Variant]:
     e, h, k = attrs.num_experts, attrs.hidden_size, attrs.top_k
     ieee = int(dtype == "float32")
     decode = is_decode(bound)
     rc, gc, dc = cfg["router"], cfg["gate_up"], cfg["down"]
     router = {
-        "E": e, "H": h, "K": k,
+        "E": e,
+        "H": h,
+        "HAS_SHARED_GATE": int(attrs.has_shared_gate),
+        "IEEE": ieee,
+        "SPLIT": rc["SPLIT"],
+        "BT": rc["BT"],
+        "BE": rc["BE"],
+        "BK": rc["BK"],
+    }
+    tc = cfg["topk"]
+    align = _align_constexprs(attrs, cfg)
+    topk = {
+        "E": e,
+        "K": k,
         "SCORING_SIGMOID": int(attrs.scoring == "sigmoid"),
         "TOPK_BEFORE": int(attrs.topk_before_score),
         "NORM_TOPK": int(attrs.norm_topk_prob),
         "N_GROUP": attrs.n_group,
         "TOPK_GROUP": attrs.topk_group,
         "SCALE": float(attrs.routed_scaling_factor),
-        "HAS_ROUTER_BIAS": int(attrs.has_router_bias),
         "HAS_CORR_BIAS": int(attrs.has_score_correction_bias),
+        "HAS_ROUTER_BIAS": int(attrs.has_router_bias),
         "HAS_SHARED": int(attrs.has_shared_expert),
         "HAS_SHARED_GATE": int(attrs.has_shared_gate),
         "OUT_LOGITS": int(attrs.output_router_logits),
+        "SPLIT": rc["SPLIT"],
         "FUSE_ALIGN": int(decode),
-        "IEEE": ieee,
-        "BT": bound if decode else rc["BT"],
-        "BE": rc["BE"],
-        "BK": rc["BK"],
+        "RT": tc["RT"],
         "E_PAD": next_pow2(e),
         "K_PAD": next_pow2(k),
         "G_PAD": next_pow2(attrs.n_group),
+        **{name: align[name] for name in ("BM", "EP_PAD", "CS")},
     }
-    align = _align_constexprs(attrs, cfg)
-    router.update({name: align[name] for name in ("BM", "EP_PAD", "CB", "CS")})
-    dims = {"E": e, "K": k, "H": h, "I": attrs.intermediate_size, "IS": attrs.shared_intermediate_size,
-            "NMAX": _nmax(attrs)}
+    dims = {
+        "E": e,
+        "K": k,
+        "H": h,
+        "I": attrs.intermediate_size,
+        "IS": attrs.shared_intermediate_size,
+        "NMAX": _nmax(attrs),
+    }
     gate_up = {
         **dims,
         "ACTIVATION": ACTIVATIONS.index(attrs.activation),
@@ -188,20 +308,66 @@ def bucket_variants(attrs: MoEAttributes, dtype: str, bound: int | None, cfg: di
         "LIMIT": float(attrs.swiglu_limit),
         "HAS_BIAS": int(attrs.has_expert_bias),
         "IEEE": ieee,
-        "BM": gc["BM"], "BN": gc["BN"], "BK": gc["BK"],
+        "BM": gc["BM"],
+        "BN": gc["BN"],
+        "BK": gc["BK"],
     }
-    down = {**dims, "HAS_BIAS": int(attrs.has_expert_bias), "HAS_SHARED": int(attrs.has_shared_expert),
-            "FUSE_REDUCE": int(decode), "IEEE": ieee, "BM": gc["BM"], "BH": dc["BH"], "BK": dc["BK"],
-            "BT": cfg["reduce"]["BT"]}
+    if is_fused(cfg, bound):
+        experts = {
+            **{
+                name: gate_up[name]
+                for name in (
+                    "E",
+                    "K",
+                    "H",
+                    "I",
+                    "IS",
+                    "NMAX",
+                    "ACTIVATION",
+                    "ALPHA",
+                    "LIMIT",
+                    "HAS_BIAS",
+                    "IEEE",
+                    "BM",
+                    "BN",
+                    "BK",
+                )
+            },
+            "BH": cfg["fused"]["BH"],
+        }
+        return {
+            "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
+            "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
+            "experts": Variant("experts", tuple(experts.items()), gc["num_warps"], gc["num_stages"]),
+            "finalize": Variant("finalize", (("H", h), ("BLOCK", FINALIZE_BLOCK)), 4, 1),
+        }
+    down = {
+        **dims,
+        "HAS_BIAS": int(attrs.has_expert_bias),
+        "HAS_SHARED": int(attrs.has_shared_expert),
+        "FUSE_REDUCE": int(decode),
+        "IEEE": ieee,
+        "BM": gc["BM"],
+        "BH": dc["BH"],
+        "BK": dc["BK"],
+        "BT": cfg["reduce"]["BT"],
+    }
     variants = {
         "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
+        "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
         "gate_up": Variant("gate_up", tuple(gate_up.items()), gc["num_warps"], gc["num_stages"]),
     }
     variants["down_rows"] = Variant("down_rows", tuple(down.items()), dc["num_warps"], dc["num_stages"])
     if not decode:
         variants["align"] = Variant("align", tuple(align.items()), 4, 1)
         red = cfg["reduce"]
-        reduce = {"K": k, "H": h, "HAS_SHARED": int(attrs.has_shared_expert), "BT": red["BT"], "BH": red["BH"]}
+        reduce = {
+            "K": k,
+            "H": h,
+            "HAS_SHARED": int(attrs.has_shared_expert),
+            "BT": red["BT"],
+            "BH": red["BH"],
+        }
         variants["reduce"] = Variant("reduce", tuple(reduce.items()), red["num_warps"], 1)
     return variants
 
@@ -232,15 +398,17 @@ def workspace_layout(
 ) -> dict[str, Region]:
     """Byte regions of the workspace for `num_tokens` in bucket `bound` (config `cfg`); 'total' spans all."""
     t, k, e, h = num_tokens, attrs.top_k, attrs.num_experts, attrs.hidden_size
-    bt = bound if is_decode(bound) else cfg["router"]["BT"]
     rows = t * k + (t if attrs.has_shared_expert else 0)
     max_blocks = _max_blocks(attrs, t, cfg["gate_up"]["BM"])
     esize = DTYPES[dtype]
+    fused = is_fused(cfg, bound)
     sizes = [
         ("counts", 4 * (e + 2)),
-        ("tickets", 4 * max(1, cdiv(t, bt))),  # right after counts: one memset zeroes all three
+        ("tickets", 16),  # counts, tickets, htickets: one span the router-logits kernel zeroes
         ("htickets", 4 * cdiv(h, cfg["down"]["BH"])),
-        ("logits", 4 * t * e),
+        ("acc", 4 * t * h if fused else 0),  # fused decode: fp32 output accumulator, zeroed with the counters
+        ("logits", 4 * cfg["router"]["SPLIT"] * t * e),
+        ("gate_part", 4 * cfg["router"]["SPLIT"] * t),
         ("gate", 4 * t),
         ("topk_ids", 4 * t * k),
         ("topk_w", 4 * t * k),
@@ -250,13 +418,13 @@ def workspace_layout(
         ("block_expert", 4 * max_blocks),
         ("block_row0", 4 * max_blocks),
         ("sorted_slot", 4 * rows),
-        ("act", esize * rows * _nmax(attrs)),
-        ("yw", esize * rows * h),
+        ("act", 0 if fused else esize * rows * _nmax(attrs)),
+        ("yw", 0 if fused else esize * rows * h),
     ]
     layout: dict[str, Region] = {}
     offset = 0
     for name, nbytes in sizes:
-        align = 16 if name in ("tickets", "htickets") else 256
+        align = 16 if name in ("tickets", "htickets", "acc") else 256
         offset = cdiv(offset, align) * align
         layout[name] = Region(offset, nbytes)
         offset += nbytes
@@ -276,12 +444,7 @@ class Launch:
     variant_key: str
     grid: tuple[int, int, int]
     args: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class Memset:
-    region_offset: int
-    nbytes: int
+    pdl: bool = False  # launch with programmatic stream serialization (the kernel waits with griddepcontrol)
 
 
 def launch_sequence(
@@ -291,7 +454,7 @@ def launch_sequence(
     variants: Mapping[str, Variant | StageRef],
     cfg: dict[str, Any],
     bound: int | None,
-) -> list[Launch | Memset]:
+) -> list[Launch]:
     """The ordered operations for `num_tokens` tokens served by bucket `bound` (empty for T = 0)."""
     t = num_tokens
     if t <= 0:
@@ -322,29 +485,82 @@ def launch_sequence(
                 out.append((src, ref))
         return tuple(out)
 
-    zero_end = layout["htickets"].offset + layout["htickets"].nbytes
-    ops: list[Launch | Memset] = [Memset(0, zero_end)]
+    zero_end = layout["acc"].offset + layout["acc"].nbytes
+    ops: list[Launch] = []
     r = const["router"]
-    chunk = r["CS"]  # == CB: align chunks for blocks and slots
+    ops.append(
+        Launch(
+            "router",
+            variants["router"].key,
+            (cdiv(t, r["BT"]), cdiv(e, r["BE"]), r["SPLIT"]),
+            args_for("router", zero_words=zero_end // 4),
+        )
+    )
+    tk = const["topk"]
+    chunk = tk["CS"]
+    blocks_per_expert = cdiv(t, bm)  # a token picks an expert at most once (the shared expert: every token)
     if is_decode(bound):
-        router_ints = {"block_iters": cdiv(max_blocks, chunk), "slot_iters": cdiv(t * k, chunk)}
+        topk_ints = {"block_iters": blocks_per_expert, "slot_iters": cdiv(t * k, chunk)}
     else:
-        router_ints = {"block_iters": 0, "slot_iters": 0}
-    ops.append(Launch("router", variants["router"].key, (cdiv(t, r["BT"]), cdiv(e, r["BE"]), 1),
-                      args_for("router", **router_ints)))
+        topk_ints = {"block_iters": 0, "slot_iters": 0}
+    ops.append(Launch("topk", variants["topk"].key, (cdiv(t, tk["RT"]), 1, 1), args_for("topk", **topk_ints)))
     if not is_decode(bound):
-        programs = max(1, min(ALIGN_MAX_PROGRAMS, cdiv(t * k, chunk)))
-        iters = {"block_iters": cdiv(max_blocks, chunk * programs), "slot_iters": cdiv(t * k, chunk * programs),
-                 "nprog": programs}
+        programs = max(1, min(ALIGN_MAX_PROGRAMS, max(cdiv(t * k, chunk), blocks_per_expert)))
+        iters = {
+            "block_iters": cdiv(blocks_per_expert, programs),
+            "slot_iters": cdiv(t * k, chunk * programs),
+            "nprog": programs,
+        }
         ops.append(Launch("align", variants["align"].key, (programs, 1, 1), args_for("align", **iters)))
+    if is_fused(cfg, bound):
+        ex = const["experts"]
+        ops.append(
+            Launch(
+                "experts",
+                variants["experts"].key,
+                (max_blocks * cdiv(_nmax(attrs), ex["BN"]), 1, 1),
+                args_for("experts"),
+            )
+        )
+        ops.append(
+            Launch(
+                "finalize",
+                variants["finalize"].key,
+                (cdiv(t * h, FINALIZE_BLOCK), 1, 1),
+                args_for("finalize"),
+            )
+        )
+        return _with_pdl(ops, const)
     g = const["gate_up"]
-    ops.append(Launch("gate_up", variants["gate_up"].key, (max_blocks, cdiv(_nmax(attrs), g["BN"]), 1),
-                      args_for("gate_up")))
+    ops.append(
+        Launch(
+            "gate_up",
+            variants["gate_up"].key,
+            (max_blocks * cdiv(_nmax(attrs), g["BN"]), 1, 1),
+            args_for("gate_up"),
+        )
+    )
     d = const["down_rows"]
-    ops.append(Launch("down_rows", variants["down_rows"].key, (max_blocks, cdiv(h, d["BH"]), 1),
-                      args_for("down_rows")))
+    ops.append(
+        Launch(
+            "down_rows",
+            variants["down_rows"].key,
+            (max_blocks * cdiv(h, d["BH"]), 1, 1),
+            args_for("down_rows"),
+        )
+    )
     if not is_decode(bound):
         red = const["reduce"]
-        ops.append(Launch("reduce", variants["reduce"].key, (cdiv(t, red["BT"]), cdiv(h, red["BH"]), 1),
-                          args_for("reduce")))
-    return ops
+        ops.append(
+            Launch(
+                "reduce",
+                variants["reduce"].key,
+                (cdiv(t, red["BT"]), cdiv(h, red["BH"]), 1),
+                args_for("reduce"),
+            )
+        )
+    return _with_pdl(ops, const)
+
+
+def _with_pdl(ops: list[Launch], const: dict[str, dict[str, Any]]) -> list[Launch]:
+    return [dataclasses.replace(op, pdl=bool(const[op.stage].get("PDL", 0))) for op in ops]

@@ -5,21 +5,23 @@ Every dimension except the token count T is a compile-time constant: a bundle is
 expert number E in every stage (its rows come after the routed ones), so it costs no launch of its own.
 
 Workspace regions the kernels share (laid out by kernels/plan.py):
-    counts[E+2] i32, tickets[n_tb] i32   zeroed before each call (one memset)
-    logits[T, E] f32, gate[T] f32        router logits, sigmoid of the shared-expert gate
+    counts[E+2], tickets, htickets i32   zeroed by the router-logits kernel at the start of each call
+    acc[T, H] f32                        fused decode path: output accumulator (zeroed with the counters)
+    logits[SPLIT, T, E] f32              router logits, one slice per split of H (summed by top-k)
+    gate_part[SPLIT, T], gate[T] f32     shared-expert gate: partial dot products, then its sigmoid
     topk_ids / topk_w / rank [T*K]       slot s = t*K + j; rank = position among the expert's rows
     offsets[E+2] i32, num_blocks[1] i32  first sorted row of each expert (+ shared), total blocks
     block_expert / block_row0 [MB] i32   one entry per BM-row block of one expert
     sorted_slot[R] i32                   slot of each sorted row; R = T*K (+ T with a shared expert)
     act[R, NMAX]                         gate/up activation per sorted row (input dtype)
     yw[R, H]                             routing-weighted down projection per slot
-    htickets[cdiv(H, BH)] i32            decode: per-H-tile ticket of the fused reduction (zeroed)
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _NEG_INF = tl.constexpr(float("-inf"))
 
@@ -44,12 +46,13 @@ def _align(
     BM: tl.constexpr,
     HAS_SHARED: tl.constexpr,
     EP_PAD: tl.constexpr,
-    CB: tl.constexpr,
     CS: tl.constexpr,
 ):
     """Counting sort of the T*K slots by expert, from per-expert counts and per-slot ranks.
 
-    Every program recomputes the (cheap) prefix sums over experts so programs need no other sync.
+    Every program recomputes the (cheap) prefix sums over experts and stores the same offsets, so programs
+    need no other sync. Block table: each expert writes its own blocks (an expert holds at most
+    cdiv(T, BM) blocks: a token picks an expert once), so the work is E x cdiv(T, BM), not blocks x E.
     """
     NEXP: tl.constexpr = E + HAS_SHARED
     col = tl.arange(0, EP_PAD)
@@ -59,48 +62,118 @@ def _align(
         cnt = tl.where(col == E, T, cnt)
     starts = tl.cumsum(cnt, 0) - cnt
     nblk = (cnt + BM - 1) // BM
-    blk_end = tl.cumsum(nblk, 0)
-    blk_start = blk_end - nblk
+    blk_start = tl.cumsum(nblk, 0) - nblk
     total_blocks = tl.sum(nblk, 0)
+    # identical values from every program: a racing store writes what this program would read anyway
+    tl.store(offsets_ptr + col, starts, mask=col <= NEXP)
     if pid == 0:
-        tl.store(offsets_ptr + col, starts, mask=col <= NEXP)
         tl.store(nblocks_ptr, total_blocks)
 
-    real_col = col[None, :] < NEXP
+    real = col < NEXP
     # loop trip counts come from the host (upper bounds): loops with device-side bounds do not interpret
     for it in range(0, block_iters):
-        b = (it * nprog + pid) * CB + tl.arange(0, CB)
-        # expert of block b = number of experts whose blocks all end at or before b
-        expert = tl.sum(((blk_end[None, :] <= b[:, None]) & real_col).to(tl.int32), axis=1)
-        sel = col[None, :] == expert[:, None]
-        first_row = tl.sum(tl.where(sel, starts[None, :], 0), axis=1)
-        first_blk = tl.sum(tl.where(sel, blk_start[None, :], 0), axis=1)
-        bmask = b < total_blocks
-        tl.store(block_expert_ptr + b, expert, mask=bmask)
-        tl.store(block_row0_ptr + b, first_row + (b - first_blk) * BM, mask=bmask)
+        j = it * nprog + pid  # j-th block of every expert
+        ok = real & (j < nblk)
+        tl.store(block_expert_ptr + blk_start + j, col, mask=ok)
+        tl.store(block_row0_ptr + blk_start + j, starts + j * BM, mask=ok)
 
+    tl.debug_barrier()  # this program's offsets stores are visible to all its threads
     num_slots = T * K
     for it in range(0, slot_iters):
         s = (it * nprog + pid) * CS + tl.arange(0, CS)
         smask = s < num_slots
-        e = tl.load(topk_ids_ptr + s, mask=smask, other=0)
-        r = tl.load(rank_ptr + s, mask=smask, other=0)
-        first_row = tl.sum(tl.where(col[None, :] == e[:, None], starts[None, :], 0), axis=1)
+        e = tl.load(topk_ids_ptr + s, mask=smask, other=0, volatile=True)
+        r = tl.load(rank_ptr + s, mask=smask, other=0, volatile=True)
+        first_row = tl.load(offsets_ptr + e, mask=smask, other=0, volatile=True)
         tl.store(sorted_slot_ptr + first_row + r, s, mask=smask)
         if HAS_SHARED:  # the shared expert's rows come last, one per token in token order
             tl.store(sorted_slot_ptr + num_slots + s, num_slots + s, mask=s < T)
 
 
 @triton.jit
-def router_kernel(
+def router_logits_kernel(
     x_ptr,
     router_w_ptr,
-    router_b_ptr,
-    corr_bias_ptr,
     shared_gate_w_ptr,
     logits_ws_ptr,
+    gate_part_ptr,
+    zero_ptr,
+    T,
+    zero_words,
+    E: tl.constexpr,
+    H: tl.constexpr,
+    HAS_SHARED_GATE: tl.constexpr,
+    IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Partial router logits (fp32) of a (token block, expert block, slice of H), and of the shared gate.
+
+    Grid (cdiv(T, BT), cdiv(E, BE), SPLIT): at small T the 2 MB-class router weight must be spread over
+    many programs to stream at full bandwidth, and E / BE alone gives too few, so H is split too. Slice s
+    writes logits_ws[s, T, E]; the top-k kernel sums the SPLIT slices in a fixed order (deterministic).
+    The programs also zero the counters (and the fused decode path's accumulator) the later stages
+    count with (`zero_words` i32 at zero_ptr), so the op needs no memset of its own.
+    """
+    if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
+        gdc_wait()
+        gdc_launch_dependents()
+    pid_t = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    # every program zeroes its share of the span (the fused decode path's accumulator makes it large)
+    nprog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    pid = (pid_t * tl.num_programs(1) + pid_e) * tl.num_programs(2) + pid_s
+    share = (zero_words + nprog - 1) // nprog
+    for z0 in range(0, share, 1024):
+        z = pid * share + z0 + tl.arange(0, 1024)
+        tl.store(
+            zero_ptr + z,
+            tl.zeros((1024,), dtype=tl.int32),
+            mask=(z < zero_words) & (z0 + tl.arange(0, 1024) < share),
+        )
+    HS: tl.constexpr = ((H + SPLIT - 1) // SPLIT + BK - 1) // BK * BK
+    rows = pid_t * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    ecols = pid_e * BE + tl.arange(0, BE)
+    ecol_ok = ecols < E
+    acc = tl.zeros((BT, BE), dtype=tl.float32)
+    gate_acc = tl.zeros((BT,), dtype=tl.float32)
+    for k0 in range(0, HS, BK):
+        ks = pid_s * HS + k0 + tl.arange(0, BK)
+        k_ok = ks < H
+        wt = tl.load(
+            router_w_ptr + ecols[:, None] * H + ks[None, :], mask=ecol_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        xt = tl.load(x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        if HAS_SHARED_GATE:
+            gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok & (pid_e == 0), other=0.0).to(tl.float32)
+            gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
+    base = pid_s.to(tl.int64) * T * E
+    tl.store(
+        logits_ws_ptr + base + rows[:, None] * E + ecols[None, :],
+        acc,
+        mask=row_ok[:, None] & ecol_ok[None, :],
+    )
+    if HAS_SHARED_GATE:
+        tl.store(gate_part_ptr + pid_s * T + rows, gate_acc, mask=row_ok & (pid_e == 0))
+
+
+@triton.jit
+def topk_kernel(
+    logits_ws_ptr,
+    router_b_ptr,
     logits_out_ptr,
+    gate_part_ptr,
     gate_ws_ptr,
+    corr_bias_ptr,
     topk_ids_ptr,
     topk_w_ptr,
     rank_ptr,
@@ -115,7 +188,6 @@ def router_kernel(
     block_iters,
     slot_iters,
     E: tl.constexpr,
-    H: tl.constexpr,
     K: tl.constexpr,
     SCORING_SIGMOID: tl.constexpr,
     TOPK_BEFORE: tl.constexpr,
@@ -123,146 +195,161 @@ def router_kernel(
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     SCALE: tl.constexpr,
-    HAS_ROUTER_BIAS: tl.constexpr,
     HAS_CORR_BIAS: tl.constexpr,
+    HAS_ROUTER_BIAS: tl.constexpr,
     HAS_SHARED: tl.constexpr,
     HAS_SHARED_GATE: tl.constexpr,
     OUT_LOGITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     FUSE_ALIGN: tl.constexpr,
-    IEEE: tl.constexpr,
-    BT: tl.constexpr,
-    BE: tl.constexpr,
-    BK: tl.constexpr,
+    RT: tl.constexpr,
     E_PAD: tl.constexpr,
     K_PAD: tl.constexpr,
     G_PAD: tl.constexpr,
     BM: tl.constexpr,
     EP_PAD: tl.constexpr,
-    CB: tl.constexpr,
     CS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Router logits for a (token block, expert block); the last program of a token block routes it.
+    """Routing of RT tokens per program: logits (sum of the router's H slices + bias), the shared-expert
+    gate, scores, (grouped) top-k, correction bias, renorm, scaling.
 
-    Grid (cdiv(T, BT), cdiv(E, BE)). Splitting experts over programs spreads the router weight read over
-    the GPU at small T; a ticket counter elects the last program, which then sees every logit of its tokens.
-    With FUSE_ALIGN (one token block) that program also sorts the slots by expert: decode pays no
-    separate align launch.
+    Grid (cdiv(T, RT),): small RT keeps the [RT, E] tiles in registers and spreads tokens over the GPU.
+    Each slot takes its rank among its expert's rows with an atomic on the expert's counter. With
+    FUSE_ALIGN (decode) the last program to finish (ticket counter) also sorts the slots by expert, so
+    decode pays no separate align launch.
     """
-    pid_t = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    num_e_blocks = tl.num_programs(1)
-    rows = pid_t * BT + tl.arange(0, BT)
+    if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
+        gdc_wait()
+        gdc_launch_dependents()
+    rows = tl.program_id(0) * RT + tl.arange(0, RT)
     row_ok = rows < T
-    ecols = pid_e * BE + tl.arange(0, BE)
-    ecol_ok = ecols < E
-    acc = tl.zeros((BT, BE), dtype=tl.float32)
-    gate_acc = tl.zeros((BT,), dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < H
-        xt = tl.load(x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(router_w_ptr + ecols[:, None] * H + ks[None, :], mask=ecol_ok[:, None] & k_ok[None, :],
-                     other=0.0)
-        if IEEE:
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, tl.trans(wt), acc)
-        if HAS_SHARED_GATE:
-            gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols[None, :] < E
+    lmask = row_ok[:, None] & col_ok
+    lg = tl.zeros((RT, E_PAD), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT):
+        lg += tl.load(logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :], mask=lmask, other=0.0)
     if HAS_ROUTER_BIAS:
-        acc += tl.load(router_b_ptr + ecols, mask=ecol_ok, other=0.0).to(tl.float32)[None, :]
-    out_mask = row_ok[:, None] & ecol_ok[None, :]
-    tl.store(logits_ws_ptr + rows[:, None] * E + ecols[None, :], acc, mask=out_mask)
+        lg += tl.load(router_b_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
     if OUT_LOGITS:
-        tl.store(logits_out_ptr + rows[:, None] * E + ecols[None, :], acc.to(logits_out_ptr.dtype.element_ty),
-                 mask=out_mask)
+        tl.store(
+            logits_out_ptr + rows[:, None] * E + cols[None, :],
+            lg.to(logits_out_ptr.dtype.element_ty),
+            mask=lmask,
+        )
     if HAS_SHARED:
         if HAS_SHARED_GATE:
-            gate = tl.sigmoid(gate_acc)
+            g_acc = tl.zeros((RT,), dtype=tl.float32)
+            for sl in tl.static_range(SPLIT):
+                g_acc += tl.load(gate_part_ptr + sl * T + rows, mask=row_ok, other=0.0)
+            gate = tl.sigmoid(g_acc)
         else:
-            gate = tl.full((BT,), 1.0, tl.float32)
-        tl.store(gate_ws_ptr + rows, gate, mask=row_ok & (pid_e == 0))
+            gate = tl.full((RT,), 1.0, tl.float32)
+        tl.store(gate_ws_ptr + rows, gate, mask=row_ok)
+    lg = tl.where(col_ok, lg, _NEG_INF)
+    if TOPK_BEFORE:
+        scores = lg
+    elif SCORING_SIGMOID:
+        scores = tl.sigmoid(lg)
+    else:
+        p = tl.exp(lg - tl.max(lg, axis=1)[:, None])
+        scores = p / tl.sum(p, axis=1)[:, None]
+    choice = scores
+    if HAS_CORR_BIAS:
+        choice = choice + tl.load(corr_bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+    choice = tl.where(col_ok, choice, _NEG_INF)
 
-    # All of this CTA's stores happen before the release of the ticket (threadfence-reduction pattern).
-    tl.debug_barrier()
-    ticket = tl.atomic_add(tickets_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
-    if ticket == num_e_blocks - 1:
+    if N_GROUP > 1:
+        # group score = sum of the group's two best experts; keep the TOPK_GROUP best groups
+        EPG: tl.constexpr = E // N_GROUP
+        group_of = cols // EPG
+        gcols = tl.arange(0, G_PAD)
+        group_score = tl.full((RT, G_PAD), _NEG_INF, tl.float32)
+        for g in tl.static_range(N_GROUP):
+            v = tl.where((group_of == g)[None, :] & col_ok, choice, _NEG_INF)
+            m1 = tl.max(v, axis=1)
+            s = m1
+            if EPG > 1:
+                i1 = tl.min(tl.where(v == m1[:, None], cols[None, :], E_PAD), axis=1)
+                s = m1 + tl.max(tl.where(cols[None, :] == i1[:, None], _NEG_INF, v), axis=1)
+            group_score = tl.where(gcols[None, :] == g, s[:, None], group_score)
+        keep_group = tl.zeros((RT, G_PAD), dtype=tl.int32)
+        for _ in tl.static_range(TOPK_GROUP):
+            gm = tl.max(group_score, axis=1)
+            gi = tl.min(tl.where(group_score == gm[:, None], gcols[None, :], G_PAD), axis=1)
+            hit_g = gcols[None, :] == gi[:, None]
+            keep_group = tl.where(hit_g, 1, keep_group)
+            group_score = tl.where(hit_g, _NEG_INF, group_score)
+        keep = tl.zeros((RT, E_PAD), dtype=tl.int32)
+        for g in tl.static_range(N_GROUP):
+            kept = tl.max(tl.where(gcols[None, :] == g, keep_group, 0), axis=1)
+            keep = tl.where((group_of == g)[None, :] & (kept[:, None] > 0), 1, keep)
+        choice = tl.where(keep > 0, choice, _NEG_INF)
+
+    kcols = tl.arange(0, K_PAD)
+    ids = tl.zeros((RT, K_PAD), dtype=tl.int32)
+    wts = tl.zeros((RT, K_PAD), dtype=tl.float32)
+    # One max-reduction per pick: the score's bits made order-preserving as an int32, in the high half of an
+    # int64 whose low half is (E_PAD - 1 - expert), so the max is the best score and, among equal scores,
+    # the lowest expert id (torch.topk's order on ties). Reductions are what this loop's time goes to.
+    bits = choice.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    keys = (ordered.to(tl.int64) << 32) | (E_PAD - 1 - cols[None, :]).to(tl.int64)
+    for j in tl.static_range(K):
+        best = tl.max(keys, axis=1)
+        idx = (E_PAD - 1) - (best & 0xFFFFFFFF).to(tl.int32)
+        hit = cols[None, :] == idx[:, None]
+        if HAS_CORR_BIAS or N_GROUP > 1:
+            w = tl.sum(tl.where(hit, scores, 0.0), axis=1)  # the weight is the score, not the choice value
+        else:
+            hi = (best >> 32).to(tl.int32)
+            w = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi).to(tl.float32, bitcast=True)
+        ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
+        wts = tl.where(kcols[None, :] == j, w[:, None], wts)
+        keys = tl.where(hit, -9223372036854775807, keys)
+    k_ok = kcols[None, :] < K
+    if TOPK_BEFORE:
+        p = tl.where(k_ok, tl.exp(wts - tl.max(tl.where(k_ok, wts, _NEG_INF), axis=1)[:, None]), 0.0)
+        wts = p / tl.sum(p, axis=1)[:, None]
+    else:
+        if NORM_TOPK:
+            wts = wts / (tl.sum(tl.where(k_ok, wts, 0.0), axis=1)[:, None] + 1e-20)
+        wts = wts * SCALE
+    slot_mask = row_ok[:, None] & k_ok
+    slots = rows[:, None] * K + kcols[None, :]
+    ids = tl.minimum(tl.maximum(ids, 0), E - 1)  # NaN logits must not index out of bounds
+    tl.store(topk_ids_ptr + slots, ids, mask=slot_mask)
+    tl.store(topk_w_ptr + slots, wts, mask=slot_mask)
+    rank = tl.atomic_add(counts_ptr + ids, 1, mask=slot_mask, sem="relaxed", scope="gpu")
+    tl.store(rank_ptr + slots, rank, mask=slot_mask)
+    if FUSE_ALIGN:
+        # All of this CTA's stores happen before the release of the ticket (threadfence-reduction pattern).
         tl.debug_barrier()
-        cols = tl.arange(0, E_PAD)
-        col_ok = cols[None, :] < E
-        lg = tl.load(logits_ws_ptr + rows[:, None] * E + cols[None, :], mask=row_ok[:, None] & col_ok,
-                     other=0.0, volatile=True)
-        lg = tl.where(col_ok, lg, _NEG_INF)
-        if TOPK_BEFORE:
-            scores = lg
-        elif SCORING_SIGMOID:
-            scores = tl.sigmoid(lg)
-        else:
-            p = tl.exp(lg - tl.max(lg, axis=1)[:, None])
-            scores = p / tl.sum(p, axis=1)[:, None]
-        choice = scores
-        if HAS_CORR_BIAS:
-            choice = choice + tl.load(corr_bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
-        choice = tl.where(col_ok, choice, _NEG_INF)
-
-        if N_GROUP > 1:
-            # group score = sum of the group's two best experts; keep the TOPK_GROUP best groups
-            EPG: tl.constexpr = E // N_GROUP
-            group_of = cols // EPG
-            gcols = tl.arange(0, G_PAD)
-            group_score = tl.full((BT, G_PAD), _NEG_INF, tl.float32)
-            for g in tl.static_range(N_GROUP):
-                v = tl.where((group_of == g)[None, :] & col_ok, choice, _NEG_INF)
-                m1 = tl.max(v, axis=1)
-                s = m1
-                if EPG > 1:
-                    i1 = tl.min(tl.where(v == m1[:, None], cols[None, :], E_PAD), axis=1)
-                    s = m1 + tl.max(tl.where(cols[None, :] == i1[:, None], _NEG_INF, v), axis=1)
-                group_score = tl.where(gcols[None, :] == g, s[:, None], group_score)
-            keep_group = tl.zeros((BT, G_PAD), dtype=tl.int32)
-            for _ in tl.static_range(TOPK_GROUP):
-                gm = tl.max(group_score, axis=1)
-                gi = tl.min(tl.where(group_score == gm[:, None], gcols[None, :], G_PAD), axis=1)
-                hit_g = gcols[None, :] == gi[:, None]
-                keep_group = tl.where(hit_g, 1, keep_group)
-                group_score = tl.where(hit_g, _NEG_INF, group_score)
-            keep = tl.zeros((BT, E_PAD), dtype=tl.int32)
-            for g in tl.static_range(N_GROUP):
-                kept = tl.max(tl.where(gcols[None, :] == g, keep_group, 0), axis=1)
-                keep = tl.where((group_of == g)[None, :] & (kept[:, None] > 0), 1, keep)
-            choice = tl.where(keep > 0, choice, _NEG_INF)
-
-        kcols = tl.arange(0, K_PAD)
-        ids = tl.zeros((BT, K_PAD), dtype=tl.int32)
-        wts = tl.zeros((BT, K_PAD), dtype=tl.float32)
-        for j in tl.static_range(K):
-            m = tl.max(choice, axis=1)
-            idx = tl.min(tl.where(choice == m[:, None], cols[None, :], E_PAD), axis=1)
-            hit = cols[None, :] == idx[:, None]
-            w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
-            ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
-            wts = tl.where(kcols[None, :] == j, w[:, None], wts)
-            choice = tl.where(hit, _NEG_INF, choice)
-        k_ok = kcols[None, :] < K
-        if TOPK_BEFORE:
-            p = tl.where(k_ok, tl.exp(wts - tl.max(tl.where(k_ok, wts, _NEG_INF), axis=1)[:, None]), 0.0)
-            wts = p / tl.sum(p, axis=1)[:, None]
-        else:
-            if NORM_TOPK:
-                wts = wts / (tl.sum(tl.where(k_ok, wts, 0.0), axis=1)[:, None] + 1e-20)
-            wts = wts * SCALE
-        slot_mask = row_ok[:, None] & k_ok
-        slots = rows[:, None] * K + kcols[None, :]
-        ids = tl.minimum(tl.maximum(ids, 0), E - 1)  # NaN logits must not index out of bounds
-        tl.store(topk_ids_ptr + slots, ids, mask=slot_mask)
-        tl.store(topk_w_ptr + slots, wts, mask=slot_mask)
-        rank = tl.atomic_add(counts_ptr + ids, 1, mask=slot_mask, sem="relaxed", scope="gpu")
-        tl.store(rank_ptr + slots, rank, mask=slot_mask)
-        if FUSE_ALIGN:
+        ticket = tl.atomic_add(tickets_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(0) - 1:
             tl.debug_barrier()
-            _align(0, 1, T, block_iters, slot_iters, counts_ptr, topk_ids_ptr, rank_ptr, offsets_ptr, nblocks_ptr, block_expert_ptr,
-                   block_row0_ptr, sorted_slot_ptr, E, K, BM, HAS_SHARED, EP_PAD, CB, CS)
+            _align(
+                0,
+                1,
+                T,
+                block_iters,
+                slot_iters,
+                counts_ptr,
+                topk_ids_ptr,
+                rank_ptr,
+                offsets_ptr,
+                nblocks_ptr,
+                block_expert_ptr,
+                block_row0_ptr,
+                sorted_slot_ptr,
+                E,
+                K,
+                BM,
+                HAS_SHARED,
+                EP_PAD,
+                CS,
+            )
 
 
 @triton.jit
@@ -284,12 +371,34 @@ def align_kernel(
     BM: tl.constexpr,
     HAS_SHARED: tl.constexpr,
     EP_PAD: tl.constexpr,
-    CB: tl.constexpr,
     CS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Prefill: counting sort of slots by expert and the block table, spread over the grid's programs."""
-    _align(tl.program_id(0), nprog, T, block_iters, slot_iters, counts_ptr, topk_ids_ptr, rank_ptr, offsets_ptr,
-           nblocks_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM, HAS_SHARED, EP_PAD, CB, CS)
+    if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
+        gdc_wait()
+        gdc_launch_dependents()
+    _align(
+        tl.program_id(0),
+        nprog,
+        T,
+        block_iters,
+        slot_iters,
+        counts_ptr,
+        topk_ids_ptr,
+        rank_ptr,
+        offsets_ptr,
+        nblocks_ptr,
+        block_expert_ptr,
+        block_row0_ptr,
+        sorted_slot_ptr,
+        E,
+        K,
+        BM,
+        HAS_SHARED,
+        EP_PAD,
+        CS,
+    )
 
 
 @triton.jit
@@ -310,13 +419,23 @@ def _glu(g, u, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexp
 
 
 @triton.jit
-def _block_rows(b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr,
-                E: tl.constexpr, K: tl.constexpr, BM: tl.constexpr):
-    e = tl.load(block_expert_ptr + b)
-    row0 = tl.load(block_row0_ptr + b)
+def _block_rows(
+    b,
+    T,
+    offsets_ptr,
+    block_expert_ptr,
+    block_row0_ptr,
+    sorted_slot_ptr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    BM: tl.constexpr,
+):
+    # past the block count these hold garbage: clamp so the dependent loads stay in bounds (result unused)
+    e = tl.minimum(tl.maximum(tl.load(block_expert_ptr + b), 0), E)
+    row0 = tl.minimum(tl.maximum(tl.load(block_row0_ptr + b), 0), T * (K + 1))
     row_end = tl.load(offsets_ptr + e + 1)
     rows = row0 + tl.arange(0, BM)
-    row_ok = rows < row_end
+    row_ok = (rows < row_end) & (rows < T * K + T)
     slot = tl.load(sorted_slot_ptr + rows, mask=row_ok, other=0)
     num_slots = T * K
     token = tl.where(slot < num_slots, slot // K, slot - num_slots)
@@ -350,25 +469,35 @@ def gate_up_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """act[row, n] = glu(x[token] @ W_gate[e, n], x[token] @ W_up[e, n]) for one (row block, N tile).
 
-    Grid (max blocks, cdiv(NMAX, BN)); programs past the actual block count exit at once. One program
-    streams its expert's BN gate rows and BN up rows exactly once for up to BM tokens.
+    1-D grid of max blocks x cdiv(NMAX, BN) programs, N tile fastest: the programs of one row block run
+    together, so its gathered token rows are read from HBM once and then hit L2. Programs past the actual
+    block count exit at once. One program streams its expert's BN gate rows and BN up rows exactly once
+    for up to BM tokens.
     """
-    b = tl.program_id(0)
-    if b >= tl.load(nblocks_ptr):
+    if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
+        gdc_wait()
+        gdc_launch_dependents()
+    NT: tl.constexpr = (NMAX + BN - 1) // BN
+    b = tl.program_id(0) // NT
+    pid_n = tl.program_id(0) % NT
+    num_blocks = tl.load(nblocks_ptr)
+    e, rows, row_ok, _slot, token = _block_rows(
+        b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
+    )
+    if b >= num_blocks:
         return
-    e, rows, row_ok, slot, token = _block_rows(b, T, offsets_ptr, block_expert_ptr, block_row0_ptr,
-                                                sorted_slot_ptr, E, K, BM)
     is_shared = e == E
     n_cols = tl.where(is_shared, IS, I)
     if is_shared:
         w_base = shared_w_gu_ptr
     else:
         w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    if tl.program_id(1) * BN >= n_cols:
+    n = pid_n * BN + tl.arange(0, BN)
+    if pid_n * BN >= n_cols:
         return
     n_ok = n < n_cols
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -376,17 +505,20 @@ def gate_up_kernel(
     for k0 in range(0, H, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < H
-        xt = tl.load(x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # weights first: their address needs only the expert, the token rows need one more load
         wmask = n_ok[:, None] & k_ok[None, :]
         wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
         wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+        xt = tl.load(
+            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
         if IEEE:
             acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision="ieee")
             acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision="ieee")
         else:
             acc_g = tl.dot(xt, tl.trans(wg), acc_g)
             acc_u = tl.dot(xt, tl.trans(wu), acc_u)
-    if HAS_BIAS:
+    if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
         if not is_shared:
             bias_base = b_gu_ptr + e * (2 * I)
             acc_g += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -395,20 +527,39 @@ def gate_up_kernel(
         act = _glu(acc_g, acc_u, 0, ALPHA, LIMIT)  # the shared expert is always SiLU-GLU (spec)
     else:
         act = _glu(acc_g, acc_u, ACTIVATION, ALPHA, LIMIT)
-    tl.store(act_ptr + rows[:, None] * NMAX + n[None, :], act.to(act_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & n_ok[None, :])
+    tl.store(
+        act_ptr + rows[:, None] * NMAX + n[None, :],
+        act.to(act_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & n_ok[None, :],
+    )
 
 
 @triton.jit
-def _down_tile(act_ptr, w_base, rows, row_ok, h, h_ok, n_cols: tl.constexpr, NMAX: tl.constexpr, H_STRIDE: tl.constexpr,
-               IEEE: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+def _down_tile(
+    act_ptr,
+    w_base,
+    rows,
+    row_ok,
+    h,
+    h_ok,
+    n_cols: tl.constexpr,
+    NMAX: tl.constexpr,
+    H_STRIDE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+):
     y = tl.zeros((BM, BH), dtype=tl.float32)
     for k0 in range(0, n_cols, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < n_cols
-        a = tl.load(act_ptr + rows[:, None] * NMAX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_base + h[None, :] * H_STRIDE + ks[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        a = tl.load(
+            act_ptr + rows[:, None] * NMAX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        w = tl.load(
+            w_base + h[None, :] * H_STRIDE + ks[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0
+        )
         if IEEE:
             y = tl.dot(a, w, y, input_precision="ieee")
         else:
@@ -447,48 +598,205 @@ def down_rows_kernel(
     BH: tl.constexpr,
     BK: tl.constexpr,
     BT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """yw[slot, h tile] = weight * (act[row] @ W_down[e].T) for one (row block, H tile).
 
-    Grid (max blocks, cdiv(H, BH)). With FUSE_REDUCE (decode), the last program to finish an H tile (ticket
-    counter) also sums each token's K slots and its shared-expert row into the output: the reduction over k
-    costs no launch, and stays deterministic (fixed slot order, no float atomics).
+    1-D grid of max blocks x cdiv(H, BH) programs, H tile fastest (a row block's activations stay in L2).
+    With FUSE_REDUCE (decode), the last program to finish an H tile (ticket counter) also sums each
+    token's K slots and its shared-expert row into the output: the reduction over k costs no launch, and
+    stays deterministic (fixed slot order, no float atomics).
     """
-    b = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
+        gdc_wait()
+        gdc_launch_dependents()
+    NTH: tl.constexpr = (H + BH - 1) // BH
+    b = tl.program_id(0) // NTH
+    pid_h = tl.program_id(0) % NTH
     h = pid_h * BH + tl.arange(0, BH)
     h_ok = h < H
-    if b < tl.load(nblocks_ptr):
-        e, rows, row_ok, slot, token = _block_rows(b, T, offsets_ptr, block_expert_ptr, block_row0_ptr,
-                                                    sorted_slot_ptr, E, K, BM)
+    num_blocks = tl.load(nblocks_ptr)
+    e, rows, row_ok, slot, token = _block_rows(
+        b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
+    )
+    if b < num_blocks:
         if e == E:
             y = _down_tile(act_ptr, shared_w_down_ptr, rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH, BK)
             weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
         else:
-            y = _down_tile(act_ptr, w_down_ptr + e.to(tl.int64) * (H * I), rows, row_ok, h, h_ok, I, NMAX, I,
-                           IEEE, BM, BH, BK)
+            y = _down_tile(
+                act_ptr,
+                w_down_ptr + e.to(tl.int64) * (H * I),
+                rows,
+                row_ok,
+                h,
+                h_ok,
+                I,
+                NMAX,
+                I,
+                IEEE,
+                BM,
+                BH,
+                BK,
+            )
             if HAS_BIAS:
                 y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
             weight = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
         y = y * weight[:, None]
-        tl.store(yw_ptr + slot[:, None] * H + h[None, :], y.to(yw_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & h_ok[None, :])
+        tl.store(
+            yw_ptr + slot[:, None] * H + h[None, :],
+            y.to(yw_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & h_ok[None, :],
+        )
     if FUSE_REDUCE:
         tl.debug_barrier()
         ticket = tl.atomic_add(htickets_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
-        if ticket == tl.num_programs(0) - 1:
+        if ticket == tl.num_programs(0) // NTH - 1:
             tl.debug_barrier()
             for t0 in range(0, T, BT):
                 t = t0 + tl.arange(0, BT)
                 mask = (t < T)[:, None] & h_ok[None, :]
                 acc = tl.zeros((BT, BH), dtype=tl.float32)
                 for j in tl.static_range(K):
-                    acc += tl.load(yw_ptr + (t * K + j)[:, None] * H + h[None, :], mask=mask, other=0.0,
-                                   volatile=True).to(tl.float32)
+                    acc += tl.load(
+                        yw_ptr + (t * K + j)[:, None] * H + h[None, :], mask=mask, other=0.0, volatile=True
+                    ).to(tl.float32)
                 if HAS_SHARED:
-                    acc += tl.load(yw_ptr + (T * K + t)[:, None] * H + h[None, :], mask=mask, other=0.0,
-                                   volatile=True).to(tl.float32)
+                    acc += tl.load(
+                        yw_ptr + (T * K + t)[:, None] * H + h[None, :], mask=mask, other=0.0, volatile=True
+                    ).to(tl.float32)
                 tl.store(out_ptr + t[:, None] * H + h[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def experts_kernel(
+    x_ptr,
+    w_gu_ptr,
+    b_gu_ptr,
+    shared_w_gu_ptr,
+    w_down_ptr,
+    b_down_ptr,
+    shared_w_down_ptr,
+    topk_w_ptr,
+    gate_ws_ptr,
+    acc_ptr,
+    offsets_ptr,
+    nblocks_ptr,
+    block_expert_ptr,
+    block_row0_ptr,
+    sorted_slot_ptr,
+    T,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741
+    IS: tl.constexpr,
+    NMAX: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BH: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Decode, fused: gate_up + activation + down + routing weight + reduction over k in one launch.
+
+    Program (row block, N tile of I): the activation of its BN columns, then their share of the down
+    projection for every h (act[:, tile] @ W_down[e][:, tile].T), weighted, added with fp32 atomics into
+    acc[T, H] (zeroed by the router kernel; `finalize_kernel` casts it). The down weights stream in the
+    same launch as the gate/up weights: no launch gap, no activation round trip through memory. Float
+    atomics make the summation order (and the last bits) vary from run to run.
+    """
+    if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
+        gdc_wait()
+        gdc_launch_dependents()
+    NT: tl.constexpr = (NMAX + BN - 1) // BN
+    b = tl.program_id(0) // NT
+    pid_n = tl.program_id(0) % NT
+    num_blocks = tl.load(nblocks_ptr)
+    e, _rows, row_ok, slot, token = _block_rows(
+        b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
+    )
+    if b >= num_blocks:
+        return
+    is_shared = e == E
+    n_cols = tl.where(is_shared, IS, I)
+    if pid_n * BN >= n_cols:
+        return
+    if is_shared:
+        w_base = shared_w_gu_ptr
+        wd_base = shared_w_down_ptr
+        weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
+    else:
+        w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
+        wd_base = w_down_ptr + e.to(tl.int64) * (H * I)
+        weight = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < n_cols
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < H
+        wmask = n_ok[:, None] & k_ok[None, :]
+        wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+        wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+        xt = tl.load(
+            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        if IEEE:
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision="ieee")
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
+        if not is_shared:
+            bias_base = b_gu_ptr + e * (2 * I)
+            acc_g += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bias_base + I + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if is_shared:
+        act = _glu(acc_g, acc_u, 0, ALPHA, LIMIT)  # the shared expert is always SiLU-GLU (spec)
+    else:
+        act = _glu(acc_g, acc_u, ACTIVATION, ALPHA, LIMIT)
+    # the same rounding as the two-kernel path, which stores the activation in the input dtype
+    act = tl.where(n_ok[None, :], act, 0.0).to(x_ptr.dtype.element_ty)
+    for h0 in range(0, H, BH):
+        h = h0 + tl.arange(0, BH)
+        h_ok = h < H
+        wd = tl.load(
+            wd_base + h[:, None] * n_cols + n[None, :], mask=h_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        if IEEE:
+            y = tl.dot(act, tl.trans(wd), input_precision="ieee")
+        else:
+            y = tl.dot(act, tl.trans(wd))
+        if HAS_BIAS:  # the down bias once per slot: by the first N tile, not for the shared expert
+            bias_ok = h_ok & (pid_n == 0) & (e != E)
+            y += tl.load(b_down_ptr + e * H + h, mask=bias_ok, other=0.0).to(tl.float32)[None, :]
+        y = y * weight[:, None]
+        tl.atomic_add(
+            acc_ptr + token[:, None] * H + h[None, :],
+            y,
+            mask=row_ok[:, None] & h_ok[None, :],
+            sem="relaxed",
+            scope="gpu",
+        )
+
+
+@triton.jit
+def finalize_kernel(acc_ptr, out_ptr, T, H: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out = acc cast to the output dtype (the fused decode path's last step)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < T * H
+    tl.store(out_ptr + i, tl.load(acc_ptr + i, mask=mask, other=0.0).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -501,8 +809,12 @@ def reduce_kernel(
     HAS_SHARED: tl.constexpr,
     BT: tl.constexpr,
     BH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Prefill: out[t] = sum_j yw[t*K + j] (+ yw[T*K + t], the gated shared expert), in fp32."""
+    if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     mask = (t < T)[:, None] & (h < H)[None, :]
@@ -515,9 +827,12 @@ def reduce_kernel(
 
 
 KERNELS = {
-    "router": router_kernel,
+    "router": router_logits_kernel,
+    "topk": topk_kernel,
     "align": align_kernel,
     "gate_up": gate_up_kernel,
     "down_rows": down_rows_kernel,
     "reduce": reduce_kernel,
+    "experts": experts_kernel,
+    "finalize": finalize_kernel,
 }

@@ -1,0 +1,193 @@
+"""Ahead-of-time compilation of the MoE kernels on a CPU machine, the bundle format and the config table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moetrt.errors import MoetrtError
+from moetrt.plugins.moe import tuning
+from moetrt.plugins.moe.aot import SUPPORTED_SMS, KernelBundle, compile_kernels, ptx_entry_params
+from moetrt.plugins.moe.kernels import plan
+from moetrt.plugins.moe.spec import MoEAttributes
+
+SMALL = MoEAttributes(12, 3, 64, 48, norm_topk_prob=True, shared_intermediate_size=32, has_shared_gate=True)
+ELF_MAGIC = b"\x7fELF"
+
+
+@pytest.fixture(scope="module")
+def sm90_bundle() -> KernelBundle:
+    """Every bucket of a variant with a shared expert, compiled for sm_90 (what an H100 engine carries)."""
+    return compile_kernels(SMALL, "bfloat16", 90, workers=2)
+
+
+@pytest.mark.parametrize("sm", SUPPORTED_SMS)
+def test_compiles_for_every_supported_sm(sm: int) -> None:
+    bundle = compile_kernels(SMALL, "float16", sm, buckets=(16,))
+    stages = bundle.buckets["16"]["variants"]
+    assert set(stages) == {"router", "topk", "gate_up", "down_rows"}  # decode: align and reduce are fused
+    for key in stages.values():
+        kernel = bundle.kernels[key]
+        assert kernel.cubin.startswith(ELF_MAGIC), f"{key} for sm_{sm} is not an ELF cubin"
+        assert len(kernel.cubin) > 1000
+        assert kernel.name.encode() in kernel.cubin  # the entry the launcher looks up by name
+        assert kernel.num_warps in (1, 2, 4, 8, 16)
+        assert 0 <= kernel.shared <= 227 * 1024
+        assert list(kernel.param_types) == plan.param_types(kernel.key.rsplit("_", 1)[0], "float16")
+    assert bundle.sm == sm
+
+
+def test_every_bucket_and_stage_is_compiled(sm90_bundle: KernelBundle) -> None:
+    assert set(sm90_bundle.buckets) == {plan.bucket_name(b) for b in plan.BUCKETS}
+    prefill = sm90_bundle.buckets["inf"]["variants"]
+    assert set(prefill) == {"router", "topk", "align", "gate_up", "down_rows", "reduce"}
+    for bucket in sm90_bundle.buckets.values():
+        for key in bucket["variants"].values():
+            assert key in sm90_bundle.kernels
+            assert key in bucket["constexprs"]
+
+
+def test_bundle_round_trip(sm90_bundle: KernelBundle) -> None:
+    data = sm90_bundle.to_bytes()
+    restored = KernelBundle.from_bytes(data)
+    assert restored.to_bytes() == data
+    assert restored.moe_attributes() == SMALL
+    assert restored.sm == 90 and restored.dtype == "bfloat16"
+    assert restored.buckets == json.loads(json.dumps(sm90_bundle.buckets))
+    for key, kernel in sm90_bundle.kernels.items():
+        again = restored.kernels[key]
+        assert again.cubin == kernel.cubin
+        assert (again.name, again.num_warps, again.shared, again.param_types, again.scratch_params) == (
+            kernel.name,
+            kernel.num_warps,
+            kernel.shared,
+            kernel.param_types,
+            kernel.scratch_params,
+        )
+
+
+def test_damaged_bundles_are_refused(sm90_bundle: KernelBundle) -> None:
+    data = sm90_bundle.to_bytes()
+    with pytest.raises(MoetrtError, match="no moetrt header"):
+        KernelBundle.from_bytes(b"NOTABUNDLE" + data)
+    with pytest.raises(MoetrtError, match="truncated"):
+        KernelBundle.from_bytes(data[:-100])
+    with pytest.raises(MoetrtError, match="no moetrt header"):
+        KernelBundle.from_bytes(data[:6])
+    header_len = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12 : 12 + header_len])
+    header["version"] = 999
+    bumped = json.dumps(header, sort_keys=True).encode()
+    with pytest.raises(MoetrtError, match="version 999"):
+        KernelBundle.from_bytes(
+            data[:8] + len(bumped).to_bytes(4, "little") + bumped + data[12 + header_len :]
+        )
+
+
+def test_bad_targets_are_refused() -> None:
+    with pytest.raises(MoetrtError, match="SM 75"):
+        compile_kernels(SMALL, "bfloat16", 75)
+    with pytest.raises(MoetrtError, match="dtype"):
+        compile_kernels(SMALL, "int8", 90)
+    with pytest.raises(MoetrtError, match="token buckets"):
+        compile_kernels(SMALL, "bfloat16", 90, buckets=(3,))
+
+
+def test_ptx_entry_parser() -> None:
+    ptx = """.visible .entry k(
+        .param .u64 .ptr .global .align 1 k_param_0,
+        .param .u32 k_param_1,
+        .param .u64 .ptr .global .align 1 k_param_2
+    )"""
+    assert ptx_entry_params(ptx) == ["u64", "u32", "u64"]
+
+
+def test_config_table_lookup(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    try:
+        default = tuning.select_config(SMALL, "bfloat16", 90, 16)
+        assert default == tuning.default_config(SMALL, "bfloat16", 16)
+        entry = {"gate_up": {"BN": 64, "num_stages": 4}, "down": {"BH": 128}, "us": 1.0, "tokens": 1}
+        tuning.write_table({tuning.entry_key(SMALL, "bfloat16", 16): entry}, 90)
+        tuned = tuning.select_config(SMALL, "bfloat16", 90, 16)
+        assert tuned["gate_up"]["BN"] == 64 and tuned["gate_up"]["num_stages"] == 4
+        assert tuned["down"]["BH"] == 128
+        assert tuned["gate_up"]["BM"] == default["gate_up"]["BM"]  # keys the entry lacks keep their default
+        assert tuning.select_config(SMALL, "bfloat16", 90, 64) == tuning.default_config(SMALL, "bfloat16", 64)
+        assert tuning.select_config(SMALL, "float16", 90, 16) == tuning.default_config(SMALL, "float16", 16)
+        (tmp_path / "sm80.json").write_text("{not json")
+        with pytest.raises(MoetrtError, match="not valid"):
+            tuning.select_config(SMALL, "bfloat16", 80, 16)
+    finally:
+        tuning._load_table.cache_clear()
+
+
+def test_shipped_sm90_table_is_consistent() -> None:
+    """The committed sm_90 table: every entry names a known bucket and only known config keys."""
+    path = tuning.CONFIG_DIR / "sm90.json"
+    if not path.exists():
+        pytest.skip("no sm_90 table shipped")
+    entries = json.loads(path.read_text())["entries"]
+    buckets = {plan.bucket_name(b) for b in plan.BUCKETS}
+    for key, entry in entries.items():
+        _shape, dtype, bucket = key.split("/")
+        assert dtype in plan.DTYPES and bucket in buckets, key
+        base = tuning.default_config(tuning.PRESETS["qwen3_30b"], dtype, None)
+        for stage, values in entry.items():
+            if stage in ("us", "tokens"):
+                continue
+            assert stage in base, f"{key}: unknown stage {stage}"
+            assert set(values) <= set(base[stage]) | {"SPLIT"}, f"{key}: unknown keys in {stage}"
+
+
+def test_presets_and_attrs_json() -> None:
+    assert tuning.resolve_attrs("qwen3_next", None).num_experts == 512
+    attrs = tuning.resolve_attrs(None, json.dumps(SMALL.to_onnx_attributes()))
+    assert attrs == SMALL
+    with pytest.raises(MoetrtError, match="exactly one"):
+        tuning.resolve_attrs(None, None)
+    with pytest.raises(MoetrtError, match="unknown preset"):
+        tuning.resolve_attrs("nope", None)
+    with pytest.raises(MoetrtError, match="not a valid"):
+        tuning.resolve_attrs(None, '{"num_experts": 4}')
+
+
+def test_programmatic_dependent_launch_is_sm90_only() -> None:
+    cfg = tuning.default_config(SMALL, "bfloat16", 16)
+    cfg["pdl"] = {"enabled": 1}
+    bundle = compile_kernels(SMALL, "bfloat16", 90, buckets=(16,), configs={16: cfg})
+    for key in bundle.buckets["16"]["variants"].values():
+        assert bundle.buckets["16"]["constexprs"][key]["PDL"] == 1
+        assert bundle.kernels[key].cubin.startswith(ELF_MAGIC)
+    with pytest.raises(MoetrtError, match="sm_80 lacks"):
+        compile_kernels(SMALL, "bfloat16", 80, buckets=(16,), configs={16: cfg})
+
+
+def test_tune_picks_the_fastest_correct_candidate(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The search logic with a stand-in timer: failing candidates are skipped, buckets sum their counts."""
+    seen: list[tuple[int, int]] = []
+
+    def fake_time(cfg: dict, t: int) -> float:
+        seen.append((t, cfg["gate_up"]["BN"]))
+        if cfg["gate_up"]["BN"] == 64 and not cfg["fused"]["enabled"]:
+            raise MoetrtError("candidate is wrong", "")  # e.g. rejected by the correctness check
+        return (
+            10.0 * t
+            + cfg["gate_up"]["BN"] / 16
+            + (0 if cfg["fused"]["enabled"] else 5)
+            - cfg["pdl"]["enabled"]
+        )
+
+    out = tmp_path / "sm90.json"
+    best = tuning.tune(SMALL, "bfloat16", 90, fake_time, tokens=(1, 8, 40), out_path=out)
+    entry = best[tuning.entry_key(SMALL, "bfloat16", 16)]
+    assert entry["tokens"] == [1, 8]
+    assert entry["fused"]["enabled"] == 1 and entry["gate_up"]["BN"] == 16 and entry["pdl"]["enabled"] == 1
+    assert {t for t, _ in seen} == {1, 8, 40}
+    table = json.loads(out.read_text())["entries"]
+    assert set(table) == {tuning.entry_key(SMALL, "bfloat16", 16), tuning.entry_key(SMALL, "bfloat16", 64)}
+    # on an SM without programmatic dependent launch the round is not tried
+    best = tuning.tune(SMALL, "bfloat16", 89, fake_time, tokens=(1,), out_path=tmp_path / "sm89.json")
+    assert best[tuning.entry_key(SMALL, "bfloat16", 16)]["pdl"]["enabled"] == 0
