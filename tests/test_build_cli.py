@@ -52,9 +52,10 @@ def test_build_inspect_run(tmp_path: Path, block: Path) -> None:
     code, stdout, err = _invoke("build", str(block), "-o", str(out), "--engine-backend", "tensorrt-rtx")
     assert code == 0, err
     # The single-node model names no source model: parity is recorded as not checked, with the reason.
-    assert "parity not checked" in stdout
-    assert json.loads((out / "manifest.json").read_text())["parity"]["checked"] is False
-    assert "built model.plan with TensorRT-RTX" in stdout and "engine model.plan (tensorrt-rtx)" in stdout
+    assert stdout.count("\n") == 1 and "parity not checked" in stdout  # the one summary line
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    assert parity["checked"] is False and "moetrt.source" in parity["reason"]
+    assert "built model.plan with TensorRT-RTX" in err and "engine model.plan (tensorrt-rtx, rtx40)" in stdout
 
     code, stdout, _ = _invoke("inspect", str(out))
     assert code == 0 and "hashes match" in stdout and "MoE x1" in stdout and "top_k=2" in stdout
@@ -97,7 +98,8 @@ def test_demo_tensorrt_rtx_build(tmp_path: Path) -> None:
     assert manifest["engine"]["built"] and manifest["engine"]["backend"] == "tensorrt-rtx"
     assert manifest["fused_ops"]["moetrt::MoE"] >= 1
     assert manifest["parity"]["checked"] and manifest["parity"]["passed"], manifest["parity"]
-    assert "parity PASS" in stdout
+    assert "onnxruntime" in manifest["parity"]["scope"] and manifest["parity"]["precision"] == "fp16"
+    assert stdout.count("\n") == 1 and "ONNX parity PASS" in stdout and "parity PASS" in err
     assert (out / "model.plan").stat().st_size == manifest["files"]["model.plan"]["bytes"]
     code, stdout, err = _invoke(
         "run", str(out), "--backend", "onnxruntime", "--batch", "2", "--seq", "5", "--iters", "1"

@@ -15,6 +15,7 @@ from moetrt.runtime.manifest import (
     build_manifest,
     check_plan,
     inspect_artifact,
+    parity_line,
     read_manifest,
     summary_lines,
     token_range,
@@ -158,3 +159,26 @@ def test_missing_plan(tmp_path: Path) -> None:
     (tmp_path / "model.plan").unlink()
     with pytest.raises(MoetrtError, match="does not exist"):
         check_plan(tmp_path / "model.plan", manifest, 89)
+
+
+def test_parity_line_says_what_was_compared() -> None:
+    assert parity_line(None) == "skipped at build time (--no-parity)"
+    assert parity_line({"checked": False, "reason": "no bf16 kernel for Where"}) == (
+        "not checked: no bf16 kernel for Where"
+    )
+    rows = [{"passed": True}, {"passed": False}]
+    line = parity_line(
+        {
+            "checked": True,
+            "passed": False,
+            "rows": rows,
+            "dtype": "fp16",
+            "backend": "onnxruntime CPUExecutionProvider",
+            "reference": "demo:mixtral",
+            "max_rel_err": 0.0123,
+        }
+    )
+    assert line.startswith(
+        "FAILED 1/2 (model.onnx, fp16, on onnxruntime CPUExecutionProvider vs demo:mixtral"
+    )
+    assert "1.23e-02" in line and "the engine itself was not run" in line

@@ -150,6 +150,24 @@ def test_workspace_uses_the_profile_max_tokens() -> None:
     assert launcher.sizes == [4096, 2048]
 
 
+def test_workspace_covers_every_bucket_of_the_profile() -> None:
+    class BucketedLauncher(RecordingLauncher):
+        # Decode buckets (<= 64 tokens) pad to wide blocks: 64 tokens need more than 100 do.
+        def workspace_size(self, num_tokens: int) -> int:
+            self.sizes.append(num_tokens)
+            return 50_000 if num_tokens <= 64 else 100 * num_tokens
+
+    launcher = BucketedLauncher()
+    bounds = (16, 64, 512, None)
+    assert io_rules.workspace_size(launcher, (100, 64), (1, 64), bounds) == 50_000
+    assert launcher.sizes == [16, 64, 100]
+    assert io_rules.workspace_size(launcher, (4096, 64), (1, 64), bounds) == 409_600
+    # A profile above the decode buckets never asks for them.
+    launcher.sizes.clear()
+    assert io_rules.workspace_size(launcher, (1000, 64), (128, 64), bounds) == 100_000
+    assert launcher.sizes == [512, 1000]
+
+
 def _descs(attrs: MoEAttributes, tokens: int, dtype: str) -> tuple[list[TensorDesc], list[TensorDesc]]:
     inputs = [
         TensorDesc(tuple(tokens if d == "T" else d for d in shape), dtype)

@@ -6,13 +6,14 @@ when all of them succeeded, so a failed build leaves nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,19 +57,24 @@ class BuildResult:
     no_engine_reason: str | None
 
     def summary(self) -> str:
-        files = ", ".join(self.manifest["files"])
+        """The build's one final line: what was written, whether an engine was built, what parity showed."""
+        files = ", ".join([*self.manifest["files"], MANIFEST_NAME])
         engine = (
-            f"engine {PLAN_NAME} ({self.manifest['engine']['backend']})"
+            f"engine {PLAN_NAME} ({self.manifest['engine']['backend']}, {self.manifest['target']['name']})"
             if self.engine_built
             else f"no engine built: {self.no_engine_reason}"
         )
-        parity = self.manifest.get("parity") or {}
-        checked = (
-            "parity not checked"
-            if not parity.get("checked")
-            else ("parity PASS" if parity.get("passed") else "parity FAILED (see manifest.json)")
-        )
-        return f"wrote {self.outdir}/{{{files}}}; {engine}; {checked}"
+        parity = self.manifest.get("parity")
+        if parity is None:
+            checked = "parity skipped (--no-parity)"
+        elif not parity.get("checked"):
+            checked = "parity not checked (see manifest.json)"
+        else:
+            checked = "ONNX parity PASS" if parity.get("passed") else "ONNX parity FAILED (see manifest.json)"
+            if parity.get("scope") == UPCAST_SCOPE:
+                checked += " (bf16 graph widened to fp32)"
+        fused = self.manifest["fused_ops"].get(f"{spec.DOMAIN}::{spec.OP_TYPE}", 0)
+        return f"wrote {self.outdir}/{{{files}}} ({fused} moetrt::MoE); {engine}; {checked}"
 
 
 def build(
@@ -87,6 +93,10 @@ def build(
     target.check_backend(options.engine_backend)
     if options.engine_backend == "tensorrt":
         _check_kernel_sm(target)
+        if _tensorrt_importable():
+            from moetrt.runtime.trt_build import check_build_device
+
+            check_build_device(target)  # TensorRT builds for the GPU it runs on: refuse before exporting
     tokens = DimRange.parse(options.tokens, "--tokens")
     batch = DimRange.parse(options.batch, "--batch")
     _check_outdir(outdir, options.force)
@@ -107,10 +117,11 @@ def build(
         engine, reason, kernels = _build_engine(
             fused, fused_path, staging / PLAN_NAME, target, options, profiles, say, timings
         )
-        if engine is None:
-            say(f"no engine built: {reason}")
 
-        parity = _parity(fused_path, say) if options.parity else None
+        start = time.perf_counter()
+        parity = _parity(fused_path, options.precision, say) if options.parity else None
+        if parity is not None:
+            timings["parity"] = time.perf_counter() - start
         files: dict[str, str | Path] = {ONNX_NAME: fused_path}
         files.update({p.name: p for p in staging.glob(f"{ONNX_NAME}.data")})
         if engine is not None:
@@ -214,14 +225,35 @@ def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tu
     already = count_fused(onnx_model)
     if already:
         say(f"the model is already fused ({already} moetrt::MoE node(s))")
-        return onnx_model, already
+        return _fill_output_types(onnx_model), already
     from moetrt.graph_passes import fuse_model
 
     say("fusing MoE blocks into moetrt::MoE")
     fused = fuse_model(onnx_model)
     if fused.num_fused == 0:
         say("warning: no MoE block was fused; the engine will run the standard-op graph")
-    return fused.model, int(fused.num_fused)
+    return _fill_output_types(fused.model), int(fused.num_fused)
+
+
+def _fill_output_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give graph outputs that lost their element type (a rewrite feeding them directly) the inferred one:
+    TensorRT's parser refuses an untyped graph output."""
+    untyped = [out for out in model.graph.output if not out.type.tensor_type.elem_type]
+    if not untyped:
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is best effort (e.g. > 2 GB protos): the parser then names the output
+        return model
+    types = {out.name: out.type.tensor_type for out in inferred.graph.output}
+    for out in untyped:
+        found = types.get(out.name)
+        if found is None or not found.elem_type:
+            continue
+        out.type.tensor_type.elem_type = found.elem_type
+        if not out.type.tensor_type.HasField("shape") and found.HasField("shape"):
+            out.type.tensor_type.shape.CopyFrom(found.shape)
+    return model
 
 
 def _model_precision(model: onnx.ModelProto) -> str | None:
@@ -267,20 +299,22 @@ def _build_engine(
         say(f"built {PLAN_NAME} with TensorRT-RTX {engine.library_version} in {engine.seconds:.1f}s")
         return engine, None, None
 
-    kernels, cache = _compile_kernels(fused, target, options.precision, say, timings)
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+    if not _tensorrt_importable():
+        # The cubins live only inside the plugin's fields: without TensorRT there is nothing to put them in,
+        # so the (slow) AOT compilation is skipped rather than thrown away.
         return (
             None,
             (
-                "the `tensorrt` Python module is not installed (TensorRT 10.8+ builds the plugin engine; "
-                "--engine-backend tensorrt-rtx builds without plugins)"
+                "the `tensorrt` module (TensorRT 10.8+, for the plugin engine) is not installed: install it "
+                "on a GPU of the target, or pass --engine-backend tensorrt-rtx for a plugin-free engine"
             ),
-            kernels,
+            None,
         )
-    from moetrt.plugins.moe.trt.plugin import compile_kernel_bytes, import_tensorrt, register_plugin
-    from moetrt.runtime.trt_build import build_tensorrt_engine
+    from moetrt.plugins.moe.trt.plugin import compile_kernel_bytes
+    from moetrt.runtime.trt_build import build_tensorrt_engine, check_build_device
+
+    check_build_device(target)
+    kernels, cache = _compile_kernels(fused, target, options.precision, say, timings)
 
     def kernel_source(attrs: spec.MoEAttributes, dtype: str, sm: int) -> bytes:
         key = (attrs, dtype, sm)
@@ -288,10 +322,19 @@ def _build_engine(
             cache[key] = compile_kernel_bytes(attrs, dtype, sm)
         return cache[key]
 
-    register_plugin(import_tensorrt(), sm=target.sm, kernel_source=kernel_source)
-    engine = build_tensorrt_engine(fused_path, plan_path, target, profiles, say, options.verbose)
+    engine = build_tensorrt_engine(
+        fused_path, plan_path, target, profiles, say, options.verbose, kernel_source=kernel_source
+    )
     timings["engine"] = engine.seconds
     return engine, None, kernels
+
+
+def _tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _compile_kernels(
@@ -312,7 +355,9 @@ def _compile_kernels(
             f"compiling MoE kernels for sm_{target.sm} {precision}: E={attrs.num_experts} k={attrs.top_k} "
             f"H={attrs.hidden_size} I={attrs.intermediate_size}"
         )
-        cache[(attrs, precision, target.sm)] = compile_kernel_bytes(attrs, precision, target.sm)
+        cache[(attrs, precision, target.sm)] = compile_kernel_bytes(
+            attrs, precision, target.sm, workers=os.cpu_count() or 1
+        )
     timings["kernels"] = time.perf_counter() - start
     return {"sm": target.sm, "variants": len(cache), "bytes": sum(len(b) for b in cache.values())}, cache
 
@@ -369,24 +414,74 @@ def _io_entry(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _parity(fused_path: Path, say: Progress) -> dict[str, Any]:
-    """Parity of the fused ONNX (onnxruntime) with the PyTorch model, via `moetrt.runtime.verify`."""
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """The reference model's "falling back to the PyTorch implementation" notices are not build progress."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+PARITY_SCOPE = (
+    "model.onnx (the fused graph, at the build precision) run by onnxruntime's CPU provider against the "
+    "PyTorch source model (float32 compute on the same rounded weights); the engine is not run at build time"
+)
+UPCAST_SCOPE = (
+    "model.onnx's fused graph with its bf16 weights, constants and casts widened to fp32 (exact), run by "
+    "onnxruntime's CPU provider against the PyTorch source model on the same bf16 weights in float32, at the "
+    "bf16 tolerance: checks the graph (export, fusion, routing); what remains is the graph's own bf16 "
+    "constants (e.g. an activation's scale rounded to bf16); bf16 rounding of activations is not covered; the "
+    "engine is not run at build time"
+)
+
+
+def _parity(fused_path: Path, precision: str, say: Progress) -> dict[str, Any]:
+    """Parity of the fused ONNX (onnxruntime) with the PyTorch model, via `moetrt.runtime.verify`.
+
+    onnxruntime's CPU provider has no bf16 kernels for several ops: a bf16 graph it cannot run is checked as
+    its exact fp32 widening instead (UPCAST_SCOPE), and the manifest says so. A model that still cannot be
+    checked (e.g. it names no source model) is recorded as not checked, with the reason: never as a pass.
+    """
     from moetrt.runtime.verify import verify
 
-    say("checking parity of the fused ONNX against PyTorch (onnxruntime)")
+    say("checking parity of the fused ONNX against PyTorch (onnxruntime CPU)")
     try:
-        report = verify(str(fused_path), progress=None)
+        with _quiet_transformers():
+            report = verify(str(fused_path), progress=None)
+        scope, backend = PARITY_SCOPE, "onnxruntime CPUExecutionProvider"
     except MoetrtError as err:
-        say(f"parity not checked: {err.one_line()}")
-        return {"checked": False, "reason": err.one_line()}
+        if precision != "bf16" or not ("bf16" in err.message or "bfloat16" in err.message):
+            say(f"parity not checked: {err.message}")
+            return {"checked": False, "scope": PARITY_SCOPE, "precision": precision, "reason": err.one_line()}
+        say(f"{err.message}: checking the same graph widened to fp32 instead")
+        try:
+            report = _upcast_parity(fused_path)
+        except MoetrtError as upcast_err:
+            say(f"parity not checked: {upcast_err.message}")
+            reason = (
+                f"{err.one_line()}; the fp32 widening could not be checked either: {upcast_err.one_line()}"
+            )
+            return {"checked": False, "scope": UPCAST_SCOPE, "precision": precision, "reason": reason}
+        scope, backend = UPCAST_SCOPE, "onnxruntime CPUExecutionProvider (graph widened to fp32)"
     rows = [dataclasses.asdict(row) for row in report.rows]
     worst = max((row["rel_err"] / row["tolerance"] for row in rows), default=0.0)
     summary = {
         "checked": True,
         "passed": report.passed,
-        "backend": "onnxruntime",
+        "scope": scope,
+        "precision": precision,
+        "backend": backend,
         "reference": report.reference,
         "dtype": report.dtype,
+        "metric": "relative norm error |out - ref| / |ref| per output and shape",
         "max_rel_err": max((row["rel_err"] for row in rows), default=None),
         "worst_err_over_tolerance": worst,
         "rows": rows,
@@ -395,7 +490,66 @@ def _parity(fused_path: Path, say: Progress) -> dict[str, Any]:
     verdict = "PASS" if report.passed else "FAILED"
     line = (
         f"parity {verdict}: {sum(r['passed'] for r in rows)}/{len(rows)} checks within tolerance, "
-        f"max rel err {summary['max_rel_err']:.2e} ({report.dtype}, vs {report.reference})"
+        f"max rel err {summary['max_rel_err']:.2e} ({report.dtype} ONNX on {backend} vs {report.reference})"
     )
     say(line if report.passed else "warning: " + line)
     return summary
+
+
+def _upcast_parity(fused_path: Path) -> Any:
+    """`verify_loaded` on the fp32 widening of a bf16 model, against the reference on the same bf16 weights."""
+    from moetrt.runtime import verify_loaded
+    from moetrt.runtime.verify import TOLERANCES
+
+    model = onnx.load(str(fused_path))
+    with tempfile.TemporaryDirectory(prefix="moetrt-upcast-") as tmp:
+        widened = Path(tmp) / "model.onnx"
+        _save_onnx(widen_bf16_to_fp32(model), widened)
+        with _quiet_transformers():
+            # bf16's tolerance, not fp32's: the graph's scalar constants are bf16-rounded where PyTorch keeps
+            # them in float32 (GPT-OSS's SwiGLU alpha 1.702 -> 1.703125: 1e-4 at the output).
+            report = verify_loaded(widened, reference_dtype="bf16", tolerance=TOLERANCES["bf16"])
+    report.artifact = str(fused_path)
+    return report
+
+
+def widen_bf16_to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with every bf16 tensor (weights, constants, casts, graph I/O, function bodies) as fp32:
+    exact, since every bf16 value is an fp32 value. The input model is left as it is."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    widened = onnx.ModelProto()
+    widened.CopyFrom(model)
+
+    def widen_tensor(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == bf16:
+            values = numpy_helper.to_array(tensor).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+    def widen_nodes(nodes: Any) -> None:
+        for node in nodes:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i == bf16:
+                    attr.i = fp32
+                elif attr.type == onnx.AttributeProto.TENSOR:
+                    widen_tensor(attr.t)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    widen_graph(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        widen_graph(sub)
+
+    def widen_graph(graph: onnx.GraphProto) -> None:
+        for tensor in graph.initializer:
+            widen_tensor(tensor)
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            if value.type.tensor_type.elem_type == bf16:
+                value.type.tensor_type.elem_type = fp32
+        widen_nodes(graph.node)
+
+    widen_graph(widened.graph)
+    for function in widened.functions:
+        widen_nodes(function.node)
+    return widened

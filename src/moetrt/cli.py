@@ -64,9 +64,11 @@ def _progress(message: str) -> None:
     show_default=True,
     help="Precision of the exported weights and activations.",
 )
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18-23).")
+@click.option(
+    "--opset", type=int, default=None, help="ONNX opset, 18-23 [default: 18; 22 for bf16, which needs it]."
+)
 @_user_errors
-def export_cmd(model: str, output: str, dtype: str, opset: int) -> None:
+def export_cmd(model: str, output: str, dtype: str, opset: int | None) -> None:
     """Export MODEL to ONNX with dynamic batch and sequence length.
 
     MODEL is demo:<family>[:block], a Hugging Face model directory (config.json + safetensors), or
@@ -108,6 +110,12 @@ def export_cmd(model: str, output: str, dtype: str, opset: int) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option(
+    "--engine",
+    is_flag=True,
+    help="Run MODEL_OR_ONNX (a `moetrt build` directory, .plan or .onnx) through moetrt.runtime.load: "
+    "the TensorRT engine on a GPU, onnxruntime for an .onnx or a build without a plan.",
+)
+@click.option(
     "--dtype",
     type=click.Choice(["fp32", "fp16", "bf16"]),
     default="fp32",
@@ -115,7 +123,9 @@ def export_cmd(model: str, output: str, dtype: str, opset: int) -> None:
     help="Export precision when MODEL_OR_ONNX is a MODEL spec (ignored for an .onnx file).",
 )
 @_user_errors
-def verify_cmd(model_or_onnx: str, reference: str | None, shapes: str | None, seed: int, dtype: str) -> None:
+def verify_cmd(
+    model_or_onnx: str, reference: str | None, shapes: str | None, seed: int, engine: bool, dtype: str
+) -> None:
     """Compare an ONNX model run by onnxruntime with its PyTorch reference.
 
     Prints one row per shape (max abs error, relative norm error, pass/fail against the dtype's
@@ -131,9 +141,16 @@ def verify_cmd(model_or_onnx: str, reference: str | None, shapes: str | None, se
     from moetrt.runtime.verify import parse_shapes, verify
 
     parsed = parse_shapes(shapes) if shapes is not None else None
-    report = verify(
-        model_or_onnx, reference=reference, shapes=parsed, seed=seed, progress=_progress, dtype=dtype
-    )
+    if engine:
+        from moetrt.runtime import verify_loaded
+
+        report = verify_loaded(
+            model_or_onnx, reference=reference, shapes=parsed, seed=seed, progress=_progress
+        )
+    else:
+        report = verify(
+            model_or_onnx, reference=reference, shapes=parsed, seed=seed, progress=_progress, dtype=dtype
+        )
     click.echo(report.format_table())
     if not report.passed:
         sys.exit(1)
@@ -141,14 +158,36 @@ def verify_cmd(model_or_onnx: str, reference: str | None, shapes: str | None, se
 
 # --- fuse (graph_passes) ---
 @main.command("fuse")
-@click.argument("in_path", metavar="IN.onnx", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the fused model (.onnx).")
-@click.option("--explain", is_flag=True, help="List every MoE-looking candidate left unfused, with the rule and check.")
-@click.option("--decompose", is_flag=True, help="Inline fused moetrt::MoE nodes of IN back to standard ops instead.")
+@click.argument("in_path", metavar="IN.onnx")
+@click.option(
+    "-o",
+    "--output",
+    "out_path",
+    required=True,
+    metavar="OUT.onnx",
+    help="Where to write the fused model (.onnx).",
+)
+@click.option(
+    "--explain", is_flag=True, help="List every MoE-looking candidate left unfused, with the rule and check."
+)
+@click.option(
+    "--decompose", is_flag=True, help="Inline fused moetrt::MoE nodes of IN back to standard ops instead."
+)
 @_user_errors
 def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) -> None:
-    """Fuse each MoE block of IN.onnx into one moetrt::MoE node (with its standard-op function body)."""
+    """Fuse each MoE block of IN.onnx into one moetrt::MoE node (with its standard-op function body).
+
+    Prints the count and time of each pass (cleanup, fuse_moe, pack_weights). A block is fused only when
+    the rule recognises it and (for blocks under 1 GiB of weights) the fused node gives the block's values
+    on random inputs; anything MoE-looking left as standard ops is counted, and listed with the rule and
+    the failed check under --explain. The output
+    (IR 10, onnxruntime runs it as is) is written atomically; weights over 2 GB go to OUT.onnx.data.
+
+    \b
+    Examples:
+      moetrt fuse qwen3_next.onnx -o qwen3_next.fused.onnx --explain
+      moetrt fuse qwen3_next.fused.onnx -o roundtrip.onnx --decompose
+    """
     from moetrt.graph_passes import fuse_file
 
     if not out_path.endswith(".onnx"):
@@ -158,7 +197,76 @@ def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) ->
         click.echo(line)
     click.echo(f"wrote {out_path}")
 
+
 # --- kernels: tune / aot ---
+_PRESET_HELP = "A BENCH.md shape: qwen3_next, qwen3_30b, mixtral, deepseek_v3, gpt_oss_20b."
+_ATTRS_HELP = 'MoE attributes as JSON, e.g. \'{"num_experts": 8, "top_k": 2, "hidden_size": 4096, ...}\'.'
+_DTYPE_CHOICE = click.Choice(["bfloat16", "float16", "float32"])
+
+
+@main.command("aot")
+@click.option("--preset", help=_PRESET_HELP)
+@click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
+@click.option("--dtype", type=_DTYPE_CHOICE, default="bfloat16", show_default=True)
+@click.option("--sm", type=int, required=True, help="Target SM: 80, 86, 87, 89, 90, 100 or 120.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Kernel bundle file to write."
+)
+@click.option("-j", "--jobs", type=int, default=1, show_default=True, help="Parallel compiler processes.")
+@_user_errors
+def aot_cmd(preset: str | None, attrs_json: str | None, dtype: str, sm: int, output: str, jobs: int) -> None:
+    """Compile the MoE kernels ahead of time for one SM (no GPU needed) into a kernel bundle."""
+    from moetrt.io_utils import write_bytes_atomic
+    from moetrt.plugins.moe.aot import compile_kernels
+    from moetrt.plugins.moe.tuning import resolve_attrs
+
+    bundle = compile_kernels(resolve_attrs(preset, attrs_json), dtype, sm, workers=max(1, jobs))
+    data = bundle.to_bytes()
+    write_bytes_atomic(output, data)
+    click.echo(
+        f"wrote {output}: {len(bundle.kernels)} cubins for sm_{sm}, {len(data)} bytes "
+        f"(triton {bundle.triton_version})"
+    )
+
+
+@main.command("tune")
+@click.option("--preset", help=_PRESET_HELP)
+@click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
+@click.option("--dtype", type=_DTYPE_CHOICE, default="bfloat16", show_default=True)
+@click.option(
+    "--tokens",
+    default="1,16,64,512,4096",
+    show_default=True,
+    help="Token counts to time; a bucket (<=16, <=64, <=512, more) is scored by the sum over its counts.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Table to update [default: the package's configs/sm<SM>.json].",
+)
+@click.option("-j", "--jobs", type=int, default=8, show_default=True, help="Parallel compiler processes.")
+@_user_errors
+def tune_cmd(
+    preset: str | None, attrs_json: str | None, dtype: str, tokens: str, output: str | None, jobs: int
+) -> None:
+    """Tune the kernel-config table for the GPU of this machine (times every candidate on it)."""
+    from moetrt.plugins.moe.tuning import resolve_attrs, tune_gpu
+
+    try:
+        counts = [int(t) for t in tokens.split(",")]
+    except ValueError as err:
+        raise MoetrtError(
+            f"--tokens {tokens!r} is not a comma list of integers", "e.g. --tokens 1,64,4096"
+        ) from err
+    if any(t < 1 for t in counts):
+        raise MoetrtError("--tokens must be positive", "e.g. --tokens 1,64,4096")
+    best = tune_gpu(
+        resolve_attrs(preset, attrs_json), dtype, counts, output, workers=max(1, jobs), log=click.echo
+    )
+    for key, entry in best.items():
+        click.echo(f"{key}: {entry['us']} us at T={entry['tokens']}")
+
 
 # --- build / run / inspect (TensorRT plugin and runtime) ---
 @main.command("build")
@@ -215,7 +323,8 @@ def build_cmd(
         force=force,
         verbose=verbose,
     )
-    result = build(model, outdir, options, progress=click.echo)
+    # Progress to stderr, the one summary line to stdout (scripts read that).
+    result = build(model, outdir, options, progress=lambda message: click.echo(message, err=True))
     click.echo(result.summary())
 
 
@@ -251,9 +360,11 @@ def run_cmd(
     cuda_graph: bool,
 ) -> None:
     """Load ARTIFACT (.plan, .onnx or build directory), run it on random inputs, print outputs and timing."""
-    from moetrt.runtime import load, run_timed
+    from moetrt.runtime import check_run_request, load, run_timed
 
-    runner = load(artifact, backend=None if backend == "auto" else backend)
+    chosen = None if backend == "auto" else backend
+    check_run_request(artifact, chosen, batch=batch, seq=seq, tokens=tokens)
+    runner = load(artifact, backend=chosen)
     report = run_timed(
         runner, batch=batch, seq=seq, tokens=tokens, iters=iters, seed=seed, cuda_graph=cuda_graph
     )
@@ -278,7 +389,6 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
         return
     for line in summary_lines(report):
         click.echo(line)
-
 
 
 if __name__ == "__main__":

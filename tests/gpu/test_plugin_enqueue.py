@@ -8,6 +8,8 @@ Run on a CUDA machine: `python -m pytest -m gpu tests/gpu/test_plugin_enqueue.py
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -71,7 +73,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _deserialized_state(attrs: MoEAttributes, dtype: str) -> PluginState:
     """Build-phase state (cubins for this GPU) → serialized fields → runtime-phase state."""
     sm = current_sm()
-    built = PluginState(attrs, dtype, {sm: compile_kernel_bytes(attrs, dtype, sm)})
+    workers = min(8, os.cpu_count() or 1)
+    built = PluginState(attrs, dtype, {sm: compile_kernel_bytes(attrs, dtype, sm, workers=workers)})
     return state_from_fields(field_arrays(state_to_fields(built)))
 
 
@@ -81,11 +84,16 @@ def test_enqueue_matches_reference(variant: str, dtype: str) -> None:
     attrs = VARIANTS[variant]
     state = _deserialized_state(attrs, dtype)
     launcher = _launcher(state.bundle_for(current_sm()), state.attrs)
-    workspace_bytes = io_rules.workspace_size(launcher, (MAX_TOKENS, attrs.hidden_size))
+    # As the plugin's get_workspace_size does for a profile of 1..MAX_TOKENS tokens.
+    bounds = [bucket["bound"] for bucket in launcher.bundle.buckets.values()]
+    workspace_bytes = io_rules.workspace_size(
+        launcher, (MAX_TOKENS, attrs.hidden_size), (1, attrs.hidden_size), bounds
+    )
     workspace = torch.empty(max(workspace_bytes, 256), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()  # not the default stream: the plugin must use the one it is given
     torch_dtype = TORCH_DTYPES[dtype]
     for tokens in TOKENS:
+        assert launcher.workspace_size(tokens) <= workspace_bytes, (tokens, workspace_bytes)
         inputs = random_inputs(attrs, tokens, dtype=torch_dtype, device="cuda", seed=tokens)
         ordered = [inputs[name].contiguous() for name in attrs.present_inputs()]
         outputs = [torch.full((tokens, attrs.hidden_size), float("nan"), dtype=torch_dtype, device="cuda")]

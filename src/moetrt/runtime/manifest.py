@@ -304,6 +304,24 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     }
 
 
+def parity_line(parity: dict[str, Any] | None) -> str:
+    """The manifest's parity record in one line, saying what was compared (or why nothing was)."""
+    if parity is None:
+        return "skipped at build time (--no-parity)"
+    if not parity.get("checked"):
+        return f"not checked: {parity.get('reason', 'no reason recorded')}"
+    rows = parity.get("rows") or []
+    passed = sum(bool(row.get("passed")) for row in rows)
+    verdict = "PASS" if parity.get("passed") else "FAILED"
+    worst = parity.get("max_rel_err")
+    return (
+        f"{verdict} {passed}/{len(rows)} (model.onnx, {parity.get('dtype')}, on {parity.get('backend')} vs "
+        f"{parity.get('reference')}; max rel err {worst:.2e}); the engine itself was not run"
+        if isinstance(worst, float)
+        else f"{verdict} {passed}/{len(rows)}"
+    )
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """`moetrt inspect`'s human-readable view of `inspect_artifact`'s report."""
     lines = [f"{report['kind']}: {report['path']}"]
@@ -328,9 +346,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             + ", ".join(f"{name} ({entry['bytes']} B)" for name, entry in manifest["files"].items())
             + (" — hashes match" if report.get("files_ok") else f" — {report.get('files_error')}"),
         ]
-        parity = manifest.get("parity")
-        if parity:
-            lines.append(f"parity: {json.dumps(parity, default=str)[:300]}")
+        lines.append(f"parity: {parity_line(manifest.get('parity'))}")
     if report["kind"] == "plan":
         lines += [
             f"plan: {report['bytes']} B, matches its manifest (sha256, header)",
@@ -350,5 +366,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 for k, v in variant["attributes"].items()
                 if k not in ("plugin_version", "plugin_namespace")
             }
-            lines.append(f"  MoE x{len(variant['nodes'])}: " + " ".join(f"{k}={v}" for k, v in attrs.items()))
+            # ONNX stores float attributes as float32: print them at that precision (1.702, not 1.7020000219...).
+            shown = {k: f"{v:.7g}" if isinstance(v, float) else v for k, v in attrs.items()}
+            lines.append(f"  MoE x{len(variant['nodes'])}: " + " ".join(f"{k}={v}" for k, v in shown.items()))
     return lines

@@ -12,13 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from moetrt.errors import MoetrtError
 from moetrt.io_utils import write_bytes_atomic
 from moetrt.runtime.targets import Target
+
+if TYPE_CHECKING:
+    from moetrt.plugins.moe.trt.plugin import KernelSource
 
 Progress = Callable[[str], None]
 
@@ -212,19 +215,8 @@ def current_device_sm() -> int | None:
     return major * 10 + minor
 
 
-def build_tensorrt_engine(
-    onnx_path: Path,
-    plan_path: Path,
-    target: Target,
-    profiles: Sequence[dict[str, Any]],
-    progress: Progress,
-    verbose: bool = False,
-    workspace_gib: float | None = None,
-) -> EngineBuild:
-    """Build `plan_path` from the fused ONNX with full TensorRT and the MoE IPluginV3 (cubins for target.sm)."""
-    from moetrt.plugins.moe.trt.plugin import import_tensorrt, register_plugin
-
-    trt = import_tensorrt()
+def check_build_device(target: Target) -> None:
+    """TensorRT (unlike TensorRT-RTX) builds for the GPU it runs on: refuse early, before kernels compile."""
     device_sm = current_device_sm()
     if device_sm is None:
         raise MoetrtError(
@@ -233,11 +225,32 @@ def build_tensorrt_engine(
         )
     if device_sm != target.sm:
         raise MoetrtError(
-            f"TensorRT builds for the GPU it runs on (SM {device_sm}), not for target {target.name} (SM {target.sm})",
+            f"TensorRT builds for the GPU it runs on (SM {device_sm}), not for target {target.name} "
+            f"(SM {target.sm})",
             f"build on a {target.name} GPU, or pass --target sm_{device_sm}",
         )
+
+
+def build_tensorrt_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    target: Target,
+    profiles: Sequence[dict[str, Any]],
+    progress: Progress,
+    verbose: bool = False,
+    workspace_gib: float | None = None,
+    kernel_source: KernelSource | None = None,
+) -> EngineBuild:
+    """Build `plan_path` from the fused ONNX with full TensorRT and the MoE IPluginV3 (cubins for target.sm).
+
+    `kernel_source(attrs, dtype, sm)` gives each plugin its kernel bytes (default: compile them on demand).
+    """
+    from moetrt.plugins.moe.trt.plugin import import_tensorrt, register_plugin
+
+    trt = import_tensorrt()
+    check_build_device(target)
     start = time.perf_counter()
-    register_plugin(trt, sm=target.sm)
+    register_plugin(trt, sm=target.sm, kernel_source=kernel_source)
     logger = CapturingLogger(trt, verbose)
     builder = trt.Builder(logger)
     model = onnx.load(str(onnx_path), load_external_data=False)

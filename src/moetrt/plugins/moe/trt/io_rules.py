@@ -121,9 +121,21 @@ def supports_format_combination(
     return dtype == in_out[0][0]
 
 
-def workspace_size(launcher: Any, max_hidden_dims: Sequence[int]) -> int:
-    """Workspace for the largest token count of the profile (TensorRT passes the profile's max dims)."""
-    return int(launcher.workspace_size(num_tokens(max_hidden_dims)))
+def workspace_size(
+    launcher: Any,
+    max_hidden_dims: Sequence[int],
+    min_hidden_dims: Sequence[int] | None = None,
+    bucket_bounds: Sequence[int | None] = (),
+) -> int:
+    """Workspace enough for every token count of the profile (TensorRT passes its min and max dims).
+
+    Each token bucket has its own block sizes, so the need is not monotonic across buckets: take the largest
+    of the profile's max and the upper bound of every bucket inside the profile (monotonic within a bucket).
+    """
+    most = num_tokens(max_hidden_dims)
+    least = num_tokens(min_hidden_dims) if min_hidden_dims is not None else most
+    candidates = {most} | {b for b in bucket_bounds if b is not None and least <= b <= most}
+    return max(int(launcher.workspace_size(tokens)) for tokens in sorted(candidates))
 
 
 def enqueue_call(

@@ -54,11 +54,14 @@ def dtype_name(trt_dtype: Any) -> str:
 KERNEL_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def compile_kernel_bytes(attrs: spec.MoEAttributes, dtype: str, sm: int) -> bytes:
-    """The cubins and launch configs of one variant for one SM, as the plugin field carries them."""
+def compile_kernel_bytes(attrs: spec.MoEAttributes, dtype: str, sm: int, workers: int = 1) -> bytes:
+    """The cubins and launch configs of one variant for one SM, as the plugin field carries them.
+
+    `workers` > 1 compiles the kernels in that many processes (Triton's compiler is single-threaded).
+    """
     from moetrt.plugins.moe.aot import compile_kernels
 
-    return compile_kernels(attrs, KERNEL_DTYPES[dtype], sm).to_bytes()
+    return compile_kernels(attrs, KERNEL_DTYPES[dtype], sm, workers=workers).to_bytes()
 
 
 def current_sm() -> int:
@@ -146,8 +149,10 @@ def make_plugin_classes(trt: ModuleType, settings: BuildSettings):
             self, inputs: list[Any], _shape_inputs: list[Any], expr_builder: Any
         ) -> list[Any]:
             builder = _ExprBuilder(trt, expr_builder)
-            shapes = io_rules.output_shapes(self.state.attrs, [list(d) for d in inputs], builder)
-            return [trt.DimsExprs(shape) for shape in shapes]
+            dims = [[d[i] for i in range(len(d))] for d in inputs]
+            return [
+                _dims_exprs(trt, shape) for shape in io_rules.output_shapes(self.state.attrs, dims, builder)
+            ]
 
         def supports_format_combination(self, pos: int, in_out: list[Any], num_inputs: int) -> bool:
             descs = [(dtype_name(d.desc.type), d.desc.format.name) for d in in_out]
@@ -163,7 +168,10 @@ def make_plugin_classes(trt: ModuleType, settings: BuildSettings):
                 )
 
         def get_workspace_size(self, inputs: list[Any], _outputs: list[Any]) -> int:
-            return io_rules.workspace_size(self._launcher(), tuple(inputs[0].max))
+            launcher = self._launcher()
+            buckets = getattr(getattr(launcher, "bundle", None), "buckets", {}) or {}
+            bounds = [bucket.get("bound") for bucket in buckets.values()]
+            return io_rules.workspace_size(launcher, tuple(inputs[0].max), tuple(inputs[0].min), bounds)
 
         def get_valid_tactics(self) -> list[int]:
             return []
@@ -226,6 +234,14 @@ class _ExprBuilder:
 
     def operation(self, op: str, first: Any, second: Any) -> Any:
         return self._builder.operation(getattr(self._trt.DimensionOperation, op), first, second)
+
+
+def _dims_exprs(trt: ModuleType, exprs: list[Any]) -> Any:
+    # Sized constructor + item assignment: the form every TensorRT 10 Python binding accepts.
+    out = trt.DimsExprs(len(exprs))
+    for i, expr in enumerate(exprs):
+        out[i] = expr
+    return out
 
 
 def _desc(desc: Any) -> io_rules.TensorDesc:

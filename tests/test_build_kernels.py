@@ -1,0 +1,95 @@
+"""`moetrt build`'s plugin-engine path before TensorRT runs: one AOT compilation per distinct MoE variant of
+the model, for the target SM and build precision, reused by every plugin instance (the compiler is replaced by
+a recorder here; tests/test_plugin_fields.py and the aot tests compile real cubins), and the refusal of a
+machine TensorRT cannot build the target on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from moetrt.build import BuildOptions, _compile_kernels, _node_attributes, build
+from moetrt.errors import MoetrtError
+from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+from moetrt.runtime.targets import resolve_target
+
+SMALL = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16)
+GROUPED = MoEAttributes(
+    num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, scoring="sigmoid", n_group=2, topk_group=1
+)
+
+
+def _as_stored(attrs: MoEAttributes) -> MoEAttributes:
+    """The attributes as an ONNX node stores them (floats as float32), which is what the plugin sees too."""
+    return _node_attributes(helper.make_node("MoE", [], [], **attrs.to_onnx_attributes()))
+
+
+def _three_layer_model() -> onnx.ModelProto:
+    """Two layers sharing one variant and a third of another: only the MoE nodes and their attributes matter."""
+    model, _ = single_moe_model(SMALL, torch.float16)
+    node = model.graph.node[0]
+    twin = onnx.NodeProto()
+    twin.CopyFrom(node)
+    twin.name = "moe_1"
+    other = helper.make_node(
+        node.op_type,
+        list(node.input),
+        ["other_out"],
+        name="moe_2",
+        domain=node.domain,
+        **GROUPED.to_onnx_attributes(),
+    )
+    model.graph.node.extend([twin, other])
+    return model
+
+
+def test_one_compilation_per_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[MoEAttributes, str, int]] = []
+
+    def recorder(attrs: MoEAttributes, dtype: str, sm: int, workers: int = 1) -> bytes:
+        calls.append((attrs, dtype, sm))
+        assert workers >= 1
+        return b"MOETRTKB" + bytes([len(calls)]) * 10
+
+    monkeypatch.setattr("moetrt.plugins.moe.trt.plugin.compile_kernel_bytes", recorder)
+    lines: list[str] = []
+    timings: dict[str, float] = {}
+    summary, cache = _compile_kernels(
+        _three_layer_model(), resolve_target("a100"), "bf16", lines.append, timings
+    )
+    small, grouped = _as_stored(SMALL), _as_stored(GROUPED)
+    assert sorted(calls, key=repr) == sorted([(small, "bf16", 80), (grouped, "bf16", 80)], key=repr)
+    assert set(cache) == {(small, "bf16", 80), (grouped, "bf16", 80)}
+    assert summary == {"sm": 80, "variants": 2, "bytes": 36}
+    assert len(lines) == 2 and all("sm_80 bf16" in line for line in lines)
+    assert timings["kernels"] >= 0
+
+
+def test_node_attributes_round_trip() -> None:
+    model, _ = single_moe_model(GROUPED, torch.float32)
+    read = _node_attributes(model.graph.node[0])
+    assert read == _as_stored(GROUPED)
+    assert read.swiglu_alpha == pytest.approx(GROUPED.swiglu_alpha, rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("device_sm", "message"),
+    [(None, "TensorRT builds engines on a CUDA GPU"), (89, r"builds for the GPU it runs on \(SM 89\)")],
+)
+def test_tensorrt_path_refuses_a_machine_it_cannot_build_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device_sm: int | None, message: str
+) -> None:
+    # With `tensorrt` importable, a missing or different GPU is refused before the export starts.
+    monkeypatch.setattr("moetrt.build._tensorrt_importable", lambda: True)
+    monkeypatch.setattr("moetrt.runtime.trt_build.current_device_sm", lambda: device_sm)
+    monkeypatch.setattr(
+        "moetrt.export.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported before the check")
+    )
+    with pytest.raises(MoetrtError, match=message):
+        build("demo:mixtral:block", tmp_path / "out", BuildOptions(target="h100"))
+    assert list(tmp_path.iterdir()) == []
