@@ -91,16 +91,13 @@ def test_built_directory_runs_with_onnxruntime(tmp_path: Path) -> None:
     assert torch.equal(session({"hidden_states": x})["output"], direct)
 
 
-def test_tensorrt_backend_without_tensorrt_writes_onnx_and_manifest(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tensorrt_backend_without_tensorrt_writes_onnx_manifest_and_kernels(tmp_path: Path) -> None:
+    """No TensorRT here: no plan, but the fused ONNX, the manifest and the target's real cubin bundles."""
     if _has_tensorrt():
         pytest.skip("tensorrt is installed here: the plugin build path runs instead")
+    pytest.importorskip("triton")
+    from moetrt.plugins.moe.aot import KernelBundle
 
-    def must_not_compile(*_args: object) -> bytes:
-        raise AssertionError("kernels compiled although no engine can hold them")
-
-    monkeypatch.setattr("moetrt.plugins.moe.trt.plugin.compile_kernel_bytes", must_not_compile)
     out = tmp_path / "out"
     lines: list[str] = []
     result = build(
@@ -110,11 +107,20 @@ def test_tensorrt_backend_without_tensorrt_writes_onnx_and_manifest(
         progress=lines.append,
     )
     assert not result.engine_built and "`tensorrt` module" in (result.no_engine_reason or "")
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+    kernels = read_manifest(out)["engine"]["kernels"]
+    assert kernels["sm"] == 90 and kernels["variants"] == 1 and len(kernels["files"]) == 1
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(
+        ["manifest.json", "model.onnx", *kernels["files"]]
+    )
     manifest = read_manifest(out)
     verify_files(manifest, out)
+    bundle = KernelBundle.from_bytes((out / kernels["files"][0]).read_bytes())
+    assert (
+        bundle.sm == 90 and bundle.kernels and all(k.cubin[:4] == b"\x7fELF" for k in bundle.kernels.values())
+    )
+    assert kernels["bytes"] == (out / kernels["files"][0]).stat().st_size
+    assert any("compiling MoE kernels for sm_90" in line for line in lines)
     assert manifest["engine"]["built"] is False and "not installed" in manifest["engine"]["reason"]
-    assert manifest["engine"]["kernels"] is None
     assert manifest["target"] == {"name": "h100", "sm": 90, "description": "H100 (Hopper, SM 9.0)"}
     summary = result.summary()
     assert "\n" not in summary and "no engine built: the `tensorrt` module" in summary

@@ -94,3 +94,26 @@ def test_cli_verify_engine(block_build: Path, tmp_path: Path, monkeypatch: pytes
     )
     result = CliRunner().invoke(main, ["verify", str(block_build), "--engine", "--shapes", "1x600"])
     assert result.exit_code == 1 and "outside the engine's profile 1..512" in result.stderr
+
+
+def test_bf16_model_on_the_cpu_provider_says_what_to_do(tmp_path: Path) -> None:
+    """onnxruntime's CPU provider lacks bf16 kernels: loading says so in one line instead of 'corrupt file'."""
+    from onnx import TensorProto, helper
+
+    from moetrt.runtime.session import Session
+
+    graph = helper.make_graph(
+        [helper.make_node("Where", ["cond", "x", "x"], ["y"])],
+        "bf16_where",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, [4]),
+            helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [4])],
+    )
+    path = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)], ir_version=10), path)
+    with pytest.raises(MoetrtError) as err:
+        Session(path, providers=["CPUExecutionProvider"])
+    assert "no bf16 kernel for Where" in str(err.value) and "\n" not in str(err.value)
+    assert "--precision fp16" in err.value.hint

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from moetrt.runtime.trt_build import DimRange, EngineBuild, make_profiles, onnx_
 Progress = Callable[[str], None]
 ONNX_NAME = "model.onnx"
 PLAN_NAME = "model.plan"
+KERNELS_DIR = "kernels"
 _ELEM_PRECISION = {
     onnx.TensorProto.FLOAT: "fp32",
     onnx.TensorProto.FLOAT16: "fp16",
@@ -126,6 +128,7 @@ def build(
         files.update({p.name: p for p in staging.glob(f"{ONNX_NAME}.data")})
         if engine is not None:
             files[PLAN_NAME] = engine.plan_path
+        files.update({name: staging / name for name in (kernels or {}).get("files", [])})
         manifest = build_manifest(
             source=model,
             target={"name": target.name, "sm": target.sm, "description": target.description},
@@ -178,8 +181,8 @@ def _publish(staging: Path, outdir: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)
-    for path in staging.iterdir():
-        path.chmod(0o666 & ~umask)
+    for path in staging.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     backup = None
     if outdir.exists():
         backup = outdir.with_name(f".{outdir.name}.old-{int(time.time())}")
@@ -300,21 +303,23 @@ def _build_engine(
         return engine, None, None
 
     if not _tensorrt_importable():
-        # The cubins live only inside the plugin's fields: without TensorRT there is nothing to put them in,
-        # so the (slow) AOT compilation is skipped rather than thrown away.
-        return (
-            None,
-            (
-                "the `tensorrt` module (TensorRT 10.8+, for the plugin engine) is not installed: install it "
-                "on a GPU of the target, or pass --engine-backend tensorrt-rtx for a plugin-free engine"
-            ),
-            None,
+        reason = (
+            "the `tensorrt` module (TensorRT 10.8+, for the plugin engine) is not installed: install it "
+            "on a GPU of the target, or pass --engine-backend tensorrt-rtx for a plugin-free engine"
         )
+        if not _triton_importable():
+            return None, reason, None
+        # The kernels do not need TensorRT: compile them anyway, so a CPU build proves the target's cubins
+        # compile and leaves the bundles the launcher (and an app embedding it) loads directly.
+        kernels, cache = _compile_kernels(fused, target, options.precision, say, timings)
+        kernels["files"] = _write_kernel_bundles(cache, plan_path.parent)
+        return None, reason, kernels
     from moetrt.plugins.moe.trt.plugin import compile_kernel_bytes
     from moetrt.runtime.trt_build import build_tensorrt_engine, check_build_device
 
     check_build_device(target)
     kernels, cache = _compile_kernels(fused, target, options.precision, say, timings)
+    kernels["files"] = _write_kernel_bundles(cache, plan_path.parent)
 
     def kernel_source(attrs: spec.MoEAttributes, dtype: str, sm: int) -> bytes:
         key = (attrs, dtype, sm)
@@ -327,6 +332,27 @@ def _build_engine(
     )
     timings["engine"] = engine.seconds
     return engine, None, kernels
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _write_kernel_bundles(cache: dict[tuple[Any, str, int], bytes], staging: Path) -> list[str]:
+    """One `KernelBundle` file per MoE variant under staging/kernels/; returns their names relative to it."""
+    directory = staging / KERNELS_DIR
+    directory.mkdir()
+    names = []
+    for (attrs, precision, sm), data in sorted(cache.items(), key=lambda item: repr(item[0])):
+        digest = hashlib.sha256(repr(attrs).encode()).hexdigest()[:12]
+        name = f"{KERNELS_DIR}/moe_sm{sm}_{precision}_{digest}.bin"
+        (staging / name).write_bytes(data)
+        names.append(name)
+    return names
 
 
 def _tensorrt_importable() -> bool:

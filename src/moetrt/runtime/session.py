@@ -7,6 +7,7 @@ tensors, exchanged through DLPack (no copy on CPU; bf16 included, which numpy ca
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,13 @@ class Session:
             self._session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as err:  # onnxruntime raises its own exception types for a bad model
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            missing = re.search(r"implementation for (\w+)\(", first)
+            if missing and _uses_bfloat16(self.path):
+                raise MoetrtError(
+                    f"onnxruntime's {providers[0]} has no bf16 kernel for {missing.group(1)}, so it cannot run "
+                    f"the bf16 model {self.path.name}",
+                    "run it with onnxruntime-gpu on a CUDA machine, or build/export with --precision fp16 or fp32",
+                ) from err
             raise MoetrtError(
                 f"onnxruntime cannot load {self.path.name}: {first}",
                 "check the file with `moetrt inspect`, or re-export it",
@@ -125,3 +133,17 @@ def check_inputs(
                     f"pass {name} with shape {dims}",
                 )
     return feeds
+
+
+def _uses_bfloat16(path: Path) -> bool:
+    """Whether an ONNX file's graph inputs, outputs or weights are bf16 (weights' data is not loaded)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # the caller reports the load error itself
+        return False
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(v.type.tensor_type.elem_type == bf16 for v in [*graph.input, *graph.output]) or any(
+        t.data_type == bf16 for t in graph.initializer
+    )
