@@ -105,3 +105,21 @@ def test_demo_tensorrt_rtx_build(tmp_path: Path) -> None:
         "run", str(out), "--backend", "onnxruntime", "--batch", "2", "--seq", "5", "--iters", "1"
     )
     assert code == 0 and "NON-FINITE" not in stdout, err
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_every_demo_family_builds_a_tensorrt_rtx_engine(tmp_path: Path, family: str) -> None:
+    """The other six families through the whole build (about 10 s each): engine, one fused op per MoE layer,
+    parity of the fused ONNX against PyTorch."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    from moetrt.export.demo_models import build_demo
+
+    out = tmp_path / "out"
+    code, _stdout, err = _invoke(
+        "build", f"demo:{family}", "-o", str(out), "--engine-backend", "tensorrt-rtx"
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"]["built"] and (out / "model.plan").stat().st_size > 0
+    assert manifest["fused_ops"]["moetrt::MoE"] == build_demo(family).num_moe_blocks
+    assert manifest["parity"]["passed"], manifest["parity"]
