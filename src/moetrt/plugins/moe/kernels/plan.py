@@ -31,6 +31,14 @@ BUCKETS: tuple[int | None, ...] = DECODE_BUCKETS + PREFILL_BUCKETS
 ALIGN_MAX_PROGRAMS = 128
 ALIGN_SLOT_CHUNK = 256  # slots per program per align-loop step
 
+# The expert-block table the top-k/align kernels write and the expert kernels read, in signature order.
+_BLOCK_TABLE: tuple[tuple[str, str], ...] = (
+    ("offsets_ptr", "i32"),
+    ("nblocks_ptr", "i32"),
+    ("block_expert_ptr", "i32"),
+    ("block_row0_ptr", "i32"),
+    ("sorted_slot_ptr", "i32"),
+)
 # Runtime (non-constexpr) parameters of each kernel, in signature order, with their kind:
 #   x: pointer to the op's dtype · f32 / i32: pointer to that type · T: the token count (i32 scalar)
 #   int: a host-computed i32 (loop trip counts, program counts), given per launch in Launch.args
@@ -57,11 +65,7 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("rank_ptr", "i32"),
         ("counts_ptr", "i32"),
         ("tickets_ptr", "i32"),
-        ("offsets_ptr", "i32"),
-        ("nblocks_ptr", "i32"),
-        ("block_expert_ptr", "i32"),
-        ("block_row0_ptr", "i32"),
-        ("sorted_slot_ptr", "i32"),
+        *_BLOCK_TABLE,
         ("T", "T"),
         ("block_iters", "int"),
         ("slot_iters", "int"),
@@ -70,11 +74,7 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("counts_ptr", "i32"),
         ("topk_ids_ptr", "i32"),
         ("rank_ptr", "i32"),
-        ("offsets_ptr", "i32"),
-        ("nblocks_ptr", "i32"),
-        ("block_expert_ptr", "i32"),
-        ("block_row0_ptr", "i32"),
-        ("sorted_slot_ptr", "i32"),
+        *_BLOCK_TABLE,
         ("T", "T"),
         ("block_iters", "int"),
         ("slot_iters", "int"),
@@ -86,11 +86,7 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("b_gu_ptr", "x"),
         ("shared_w_gu_ptr", "x"),
         ("act_ptr", "x"),
-        ("offsets_ptr", "i32"),
-        ("nblocks_ptr", "i32"),
-        ("block_expert_ptr", "i32"),
-        ("block_row0_ptr", "i32"),
-        ("sorted_slot_ptr", "i32"),
+        *_BLOCK_TABLE,
         ("T", "T"),
     ),
     "down_rows": (
@@ -103,11 +99,7 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("yw_ptr", "x"),
         ("out_ptr", "x"),
         ("htickets_ptr", "i32"),
-        ("offsets_ptr", "i32"),
-        ("nblocks_ptr", "i32"),
-        ("block_expert_ptr", "i32"),
-        ("block_row0_ptr", "i32"),
-        ("sorted_slot_ptr", "i32"),
+        *_BLOCK_TABLE,
         ("T", "T"),
     ),
     "reduce": (("yw_ptr", "x"), ("out_ptr", "x"), ("T", "T")),
@@ -122,11 +114,7 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("topk_w_ptr", "f32"),
         ("gate_ws_ptr", "f32"),
         ("acc_ptr", "f32"),
-        ("offsets_ptr", "i32"),
-        ("nblocks_ptr", "i32"),
-        ("block_expert_ptr", "i32"),
-        ("block_row0_ptr", "i32"),
-        ("sorted_slot_ptr", "i32"),
+        *_BLOCK_TABLE,
         ("T", "T"),
     ),
     "finalize": (("acc_ptr", "f32"), ("out_ptr", "x"), ("T", "T")),

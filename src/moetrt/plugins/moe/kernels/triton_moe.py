@@ -443,6 +443,61 @@ def _block_rows(
 
 
 @triton.jit
+def _gate_up_tile(
+    x_ptr,
+    w_base,
+    b_gu_ptr,
+    e,
+    is_shared,
+    token,
+    row_ok,
+    n,
+    n_ok,
+    n_cols,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """glu(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 for BM token rows and the BN columns n
+    of one expert (`w_base`: its [2 * n_cols, H] gate/up weight), shared by gate_up_kernel and experts_kernel."""
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < H
+        # weights first: their address needs only the expert, the token rows need one more load
+        wmask = n_ok[:, None] & k_ok[None, :]
+        wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+        wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+        xt = tl.load(
+            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        if IEEE:
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision="ieee")
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
+        if not is_shared:
+            bias_base = b_gu_ptr + e * (2 * I)
+            acc_g += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bias_base + I + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if is_shared:
+        act = _glu(acc_g, acc_u, 0, ALPHA, LIMIT)  # the shared expert is always SiLU-GLU (spec)
+    else:
+        act = _glu(acc_g, acc_u, ACTIVATION, ALPHA, LIMIT)
+    return act
+
+
+@triton.jit
 def gate_up_kernel(
     x_ptr,
     w_gu_ptr,
@@ -500,33 +555,28 @@ def gate_up_kernel(
     if pid_n * BN >= n_cols:
         return
     n_ok = n < n_cols
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < H
-        # weights first: their address needs only the expert, the token rows need one more load
-        wmask = n_ok[:, None] & k_ok[None, :]
-        wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-        wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-        xt = tl.load(
-            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        if IEEE:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision="ieee")
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
-    if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
-        if not is_shared:
-            bias_base = b_gu_ptr + e * (2 * I)
-            acc_g += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(bias_base + I + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if is_shared:
-        act = _glu(acc_g, acc_u, 0, ALPHA, LIMIT)  # the shared expert is always SiLU-GLU (spec)
-    else:
-        act = _glu(acc_g, acc_u, ACTIVATION, ALPHA, LIMIT)
+    act = _gate_up_tile(
+        x_ptr,
+        w_base,
+        b_gu_ptr,
+        e,
+        is_shared,
+        token,
+        row_ok,
+        n,
+        n_ok,
+        n_cols,
+        H,
+        I,
+        ACTIVATION,
+        ALPHA,
+        LIMIT,
+        HAS_BIAS,
+        IEEE,
+        BM,
+        BN,
+        BK,
+    )
     tl.store(
         act_ptr + rows[:, None] * NMAX + n[None, :],
         act.to(act_ptr.dtype.element_ty),
@@ -737,32 +787,28 @@ def experts_kernel(
         weight = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < n_cols
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < H
-        wmask = n_ok[:, None] & k_ok[None, :]
-        wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-        wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-        xt = tl.load(
-            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        if IEEE:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision="ieee")
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
-    if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
-        if not is_shared:
-            bias_base = b_gu_ptr + e * (2 * I)
-            acc_g += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(bias_base + I + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if is_shared:
-        act = _glu(acc_g, acc_u, 0, ALPHA, LIMIT)  # the shared expert is always SiLU-GLU (spec)
-    else:
-        act = _glu(acc_g, acc_u, ACTIVATION, ALPHA, LIMIT)
+    act = _gate_up_tile(
+        x_ptr,
+        w_base,
+        b_gu_ptr,
+        e,
+        is_shared,
+        token,
+        row_ok,
+        n,
+        n_ok,
+        n_cols,
+        H,
+        I,
+        ACTIVATION,
+        ALPHA,
+        LIMIT,
+        HAS_BIAS,
+        IEEE,
+        BM,
+        BN,
+        BK,
+    )
     # the same rounding as the two-kernel path, which stores the activation in the input dtype
     act = tl.where(n_ok[None, :], act, 0.0).to(x_ptr.dtype.element_ty)
     for h0 in range(0, H, BH):
