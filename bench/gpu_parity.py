@@ -28,37 +28,9 @@ from moetrt.plugins.moe.kernels.plan import bucket_name, bucket_of
 from moetrt.plugins.moe.reference import glu_activation, route, shared_expert
 from moetrt.plugins.moe.spec import MoEAttributes
 from moetrt.plugins.moe.torch_ops import moe_forward
+from moetrt.plugins.moe.tuning import PRESETS
 
-SHAPES = {
-    "qwen3_next": MoEAttributes(
-        512, 10, 2048, 512, norm_topk_prob=True, shared_intermediate_size=512, has_shared_gate=True
-    ),
-    "qwen3_30b": MoEAttributes(128, 8, 2048, 768, norm_topk_prob=True),
-    "mixtral": MoEAttributes(8, 2, 4096, 14336, norm_topk_prob=True),
-    "deepseek_v3": MoEAttributes(
-        256,
-        8,
-        7168,
-        2048,
-        scoring="sigmoid",
-        has_score_correction_bias=True,
-        n_group=8,
-        topk_group=4,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        shared_intermediate_size=2048,
-    ),
-    "gpt_oss_20b": MoEAttributes(
-        32,
-        4,
-        2880,
-        2880,
-        topk_before_score=True,
-        activation="swiglu_clamped",
-        has_expert_bias=True,
-        has_router_bias=True,
-    ),
-}
+SHAPES = PRESETS  # the BENCH.md shapes
 TOKENS = (0, 1, 2, 8, 64, 512, 4096)
 SKEWED_TOKENS = (8, 4096)
 EXTRA_DTYPES = {"float16": ("qwen3_next", "gpt_oss_20b"), "float32": ("qwen3_next", "gpt_oss_20b")}

@@ -14,6 +14,7 @@ import torch
 
 from moetrt.plugins.moe.reference import (
     glu_activation,
+    input_scales,
     moe_reference,
     random_inputs,
     route,
@@ -21,6 +22,7 @@ from moetrt.plugins.moe.reference import (
     shared_expert,
 )
 from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.plugins.moe.tuning import PRESETS
 
 TOKEN_INPUTS = ("hidden_states", "router_weight", "router_bias", "score_correction_bias")
 
@@ -84,25 +86,26 @@ def _gpt_oss(e: int, k: int, h: int, i: int) -> MoEAttributes:
     )
 
 
+# The real shapes are the package's presets (`moetrt tune/aot --preset`), so bench and tuning agree.
 _ALL = (
     Shape(
         "qwen3_next",
         "qwen3_next",
-        _qwen3_next(512, 10, 2048, 512, 512),
+        PRESETS["qwen3_next"],
         "E512 k10 H2048 I512, shared I512 + sigmoid gate, softmax+renorm",
     ),
-    Shape("qwen3_30b", "qwen3_moe", _softmax_renorm(128, 8, 2048, 768), "E128 k8 H2048 I768, softmax+renorm"),
-    Shape("mixtral", "mixtral", _softmax_renorm(8, 2, 4096, 14336), "E8 k2 H4096 I14336, softmax top-2"),
+    Shape("qwen3_30b", "qwen3_moe", PRESETS["qwen3_30b"], "E128 k8 H2048 I768, softmax+renorm"),
+    Shape("mixtral", "mixtral", PRESETS["mixtral"], "E8 k2 H4096 I14336, softmax top-2"),
     Shape(
         "deepseek_v3",
         "deepseek_v3",
-        _deepseek_v3(256, 8, 7168, 2048, 8, 4, 2048),
+        PRESETS["deepseek_v3"],
         "E256 k8 H7168 I2048, sigmoid+bias, groups 8/4, scale 2.5, shared I2048",
     ),
     Shape(
         "gpt_oss_20b",
         "gpt_oss",
-        _gpt_oss(32, 4, 2880, 2880),
+        PRESETS["gpt_oss_20b"],
         "E32 k4 H2880 I2880, biases, clamped SwiGLU, top-k then softmax",
     ),
     # Same variants at toy sizes: the CPU smoke test runs these.
@@ -138,16 +141,7 @@ def make_weights(
 ) -> dict[str, torch.Tensor]:
     """Expert and shared-expert weights, random (never zero), drawn on `device` with the oracle's scales."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    h, i, s = attrs.hidden_size, attrs.intermediate_size, attrs.shared_intermediate_size
-    scales = {
-        "expert_gate_up_weight": h**-0.5,
-        "expert_gate_up_bias": 0.1,
-        "expert_down_weight": max(i, 1) ** -0.5,
-        "expert_down_bias": 0.1,
-        "shared_gate_up_weight": h**-0.5,
-        "shared_down_weight": max(s, 1) ** -0.5,
-        "shared_gate_weight": h**-0.5,
-    }
+    scales = input_scales(attrs)
     weights = {}
     for name, shape in attrs.input_shapes(1).items():
         if name in TOKEN_INPUTS:

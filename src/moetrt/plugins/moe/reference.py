@@ -116,23 +116,10 @@ def _maybe(x: dict[str, torch.Tensor], name: str, expert: int) -> torch.Tensor |
     return x[name][expert] if name in x else None
 
 
-def random_inputs(
-    attrs: MoEAttributes,
-    num_tokens: int,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    skew: float = 0.0,
-) -> dict[str, torch.Tensor]:
-    """Random (never zero) inputs with realistic scales; `skew` > 0 biases the router towards few experts."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+def input_scales(attrs: MoEAttributes) -> dict[str, float]:
+    """Standard deviation of each op input in random test data: weights at 1/sqrt(fan-in), biases small."""
     h, i, s = attrs.hidden_size, attrs.intermediate_size, attrs.shared_intermediate_size
-
-    def randn(*shape: int, scale: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
-
-    shapes = attrs.input_shapes(num_tokens)
-    scales = {
+    return {
         "hidden_states": 1.0,
         "router_weight": h**-0.5,
         "router_bias": 0.1,
@@ -145,6 +132,25 @@ def random_inputs(
         "shared_down_weight": max(s, 1) ** -0.5,
         "shared_gate_weight": h**-0.5,
     }
+
+
+def random_inputs(
+    attrs: MoEAttributes,
+    num_tokens: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    skew: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Random (never zero) inputs with realistic scales; `skew` > 0 biases the router towards few experts."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    h = attrs.hidden_size
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
+
+    shapes = attrs.input_shapes(num_tokens)
+    scales = input_scales(attrs)
     inputs = {name: randn(*shape, scale=scales[name]) for name, shape in shapes.items()}  # type: ignore[arg-type]
     if skew > 0:
         # A few "hot" experts get a large logit offset through the hidden direction they align with.

@@ -347,21 +347,10 @@ def gpu_random_inputs(
     `names` limits which inputs are drawn (e.g. only hidden_states over weights drawn once)."""
     import torch
 
+    from moetrt.plugins.moe.reference import input_scales
+
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    h, i, s = attrs.hidden_size, attrs.intermediate_size, attrs.shared_intermediate_size
-    scales = {
-        "hidden_states": 1.0,
-        "router_weight": h**-0.5,
-        "router_bias": 0.1,
-        "score_correction_bias": 0.05,
-        "expert_gate_up_weight": h**-0.5,
-        "expert_gate_up_bias": 0.1,
-        "expert_down_weight": max(i, 1) ** -0.5,
-        "expert_down_bias": 0.1,
-        "shared_gate_up_weight": h**-0.5,
-        "shared_down_weight": max(s, 1) ** -0.5,
-        "shared_gate_weight": h**-0.5,
-    }
+    scales = input_scales(attrs)
     out = {}
     wanted = set(names) if names is not None else None
     for name, shape in attrs.input_shapes(num_tokens).items():
