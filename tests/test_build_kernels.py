@@ -85,7 +85,7 @@ def test_tensorrt_path_refuses_a_machine_it_cannot_build_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device_sm: int | None, message: str
 ) -> None:
     # With `tensorrt` importable, a missing or different GPU is refused before the export starts.
-    monkeypatch.setattr("moetrt.build._tensorrt_importable", lambda: True)
+    monkeypatch.setattr("moetrt.build._importable", lambda module: module == "tensorrt")
     monkeypatch.setattr("moetrt.runtime.trt_build.current_device_sm", lambda: device_sm)
     monkeypatch.setattr(
         "moetrt.export.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported before the check")

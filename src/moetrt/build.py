@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from moetrt.errors import MoetrtError
 from moetrt.graph_passes.decompose import count_fused
 from moetrt.plugins.moe import spec
 from moetrt.runtime.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from moetrt.runtime.session import model_precision
 from moetrt.runtime.targets import ENGINE_BACKENDS, Target, resolve_target
 from moetrt.runtime.trt_build import DimRange, EngineBuild, make_profiles, onnx_input_dims
 
@@ -32,11 +34,6 @@ Progress = Callable[[str], None]
 ONNX_NAME = "model.onnx"
 PLAN_NAME = "model.plan"
 KERNELS_DIR = "kernels"
-_ELEM_PRECISION = {
-    onnx.TensorProto.FLOAT: "fp32",
-    onnx.TensorProto.FLOAT16: "fp16",
-    onnx.TensorProto.BFLOAT16: "bf16",
-}
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,7 @@ def build(
     target.check_backend(options.engine_backend)
     if options.engine_backend == "tensorrt":
         _check_kernel_sm(target)
-        if _tensorrt_importable():
+        if _importable("tensorrt"):
             from moetrt.runtime.trt_build import check_build_device
 
             check_build_device(target)  # TensorRT builds for the GPU it runs on: refuse before exporting
@@ -211,7 +208,7 @@ def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tu
                 f"{path} is not a readable ONNX model ({type(err).__name__})",
                 "export it again with `moetrt export`",
             ) from err
-        found = _model_precision(onnx_model)
+        found = model_precision(onnx_model)
         if found is not None and found != precision:
             raise MoetrtError(
                 f"{path} is {found} but --precision is {precision}",
@@ -259,18 +256,6 @@ def _fill_output_types(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _model_precision(model: onnx.ModelProto) -> str | None:
-    for value in model.graph.input:
-        precision = _ELEM_PRECISION.get(value.type.tensor_type.elem_type)
-        if precision:
-            return precision
-    for init in model.graph.initializer:
-        precision = _ELEM_PRECISION.get(init.data_type)
-        if precision:
-            return precision
-    return None
-
-
 def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
     external = model.ByteSize() > (1 << 31) - (1 << 24)
     onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
@@ -302,12 +287,12 @@ def _build_engine(
         say(f"built {PLAN_NAME} with TensorRT-RTX {engine.library_version} in {engine.seconds:.1f}s")
         return engine, None, None
 
-    if not _tensorrt_importable():
+    if not _importable("tensorrt"):
         reason = (
             "the `tensorrt` module (TensorRT 10.8+, for the plugin engine) is not installed: install it "
             "on a GPU of the target, or pass --engine-backend tensorrt-rtx for a plugin-free engine"
         )
-        if not _triton_importable():
+        if not _importable("triton"):
             return None, reason, None
         # The kernels do not need TensorRT: compile them anyway, so a CPU build proves the target's cubins
         # compile and leaves the bundles the launcher (and an app embedding it) loads directly.
@@ -334,14 +319,6 @@ def _build_engine(
     return engine, None, kernels
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _write_kernel_bundles(cache: dict[tuple[Any, str, int], bytes], staging: Path) -> list[str]:
     """One `KernelBundle` file per MoE variant under staging/kernels/; returns their names relative to it."""
     directory = staging / KERNELS_DIR
@@ -355,9 +332,9 @@ def _write_kernel_bundles(cache: dict[tuple[Any, str, int], bytes], staging: Pat
     return names
 
 
-def _tensorrt_importable() -> bool:
+def _importable(module: str) -> bool:
     try:
-        import tensorrt  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 
 from moetrt.errors import MoetrtError
@@ -57,7 +58,7 @@ class Session:
         except Exception as err:  # onnxruntime raises its own exception types for a bad model
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             missing = re.search(r"implementation for (\w+)\(", first)
-            if missing and _uses_bfloat16(self.path):
+            if missing and _is_bf16_file(self.path):
                 raise MoetrtError(
                     f"onnxruntime's {providers[0]} has no bf16 kernel for {missing.group(1)}, so it cannot run "
                     f"the bf16 model {self.path.name}",
@@ -135,15 +136,29 @@ def check_inputs(
     return feeds
 
 
-def _uses_bfloat16(path: Path) -> bool:
-    """Whether an ONNX file's graph inputs, outputs or weights are bf16 (weights' data is not loaded)."""
-    import onnx
+_ELEM_PRECISION = {
+    onnx.TensorProto.FLOAT: "fp32",
+    onnx.TensorProto.FLOAT16: "fp16",
+    onnx.TensorProto.BFLOAT16: "bf16",
+}
 
+
+def model_precision(model: onnx.ModelProto) -> str | None:
+    """fp32 / fp16 / bf16: the float type of the first float graph input, else of the first float weight."""
+    for value in model.graph.input:
+        precision = _ELEM_PRECISION.get(value.type.tensor_type.elem_type)
+        if precision:
+            return precision
+    for init in model.graph.initializer:
+        precision = _ELEM_PRECISION.get(init.data_type)
+        if precision:
+            return precision
+    return None
+
+
+def _is_bf16_file(path: Path) -> bool:
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        model = onnx.load(str(path), load_external_data=False)
     except Exception:  # the caller reports the load error itself
         return False
-    bf16 = onnx.TensorProto.BFLOAT16
-    return any(v.type.tensor_type.elem_type == bf16 for v in [*graph.input, *graph.output]) or any(
-        t.data_type == bf16 for t in graph.initializer
-    )
+    return model_precision(model) == "bf16"
