@@ -14,29 +14,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from moetrt.plugins.moe.aot import KernelBundle, compile_kernels
-from moetrt.plugins.moe.kernels.plan import bucket_name, bucket_of
-from moetrt.plugins.moe.reference import glu_activation, route, shared_expert
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.torch_ops import moe_forward
-from moetrt.plugins.moe.tuning import PRESETS
+from moetrt.core.devices import sm_from_capability
+from moetrt.core.dtypes import precision
+from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.kernels.aot import KernelBundle, compile_kernels
+from moetrt.kernels.plan import bucket_name, bucket_of
+from moetrt.kernels.torch_ops import moe_forward
+from moetrt.op.presets import PRESETS
+from moetrt.op.spec import MoEAttributes
+from moetrt.tune import floors, timing
+from moetrt.tune.gpu_workload import gpu_random_inputs, gpu_reference
 
 SHAPES = PRESETS  # the BENCH.md shapes
 TOKENS = (0, 1, 2, 8, 64, 512, 4096)
 SKEWED_TOKENS = (8, 4096)
 EXTRA_DTYPES = {"float16": ("qwen3_next", "gpt_oss_20b"), "float32": ("qwen3_next", "gpt_oss_20b")}
 EXTRA_TOKENS = (1, 64, 512)
-TOL = {"bfloat16": 1e-2, "float16": 5e-3, "float32": 1e-5}
-TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def gpu_inputs(
@@ -44,7 +44,7 @@ def gpu_inputs(
 ) -> dict[str, torch.Tensor]:
     """Hidden states (and, for skew, a router biased towards a few hot experts) over shared weights.
 
-    Same scales and skew construction as reference.random_inputs, drawn on the GPU (the largest shapes
+    Same skew construction as reference.random_inputs, drawn on the GPU (the largest shapes
     have billions of weights).
     """
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -63,120 +63,8 @@ def gpu_inputs(
     return inputs
 
 
-def gpu_weights(attrs: MoEAttributes, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    h, i, s = attrs.hidden_size, attrs.intermediate_size, attrs.shared_intermediate_size
-    scales = {
-        "router_weight": h**-0.5,
-        "router_bias": 0.1,
-        "score_correction_bias": 0.05,
-        "expert_gate_up_weight": h**-0.5,
-        "expert_gate_up_bias": 0.1,
-        "expert_down_weight": max(i, 1) ** -0.5,
-        "expert_down_bias": 0.1,
-        "shared_gate_up_weight": h**-0.5,
-        "shared_down_weight": max(s, 1) ** -0.5,
-        "shared_gate_weight": h**-0.5,
-    }
-    out = {}
-    for name, shape in attrs.input_shapes(1).items():
-        if name == "hidden_states":
-            continue
-        t = torch.empty(shape, dtype=dtype, device="cuda")
-        # draw in chunks: a float32 copy of the largest tensors would not fit beside them
-        flat = t.view(-1)
-        for lo in range(0, flat.numel(), 1 << 28):
-            hi = min(flat.numel(), lo + (1 << 28))
-            flat[lo:hi] = (torch.randn(hi - lo, generator=gen, device="cuda") * scales[name]).to(dtype)
-        out[name] = t
-    return out
-
-
-@torch.no_grad()
-def reference(inputs: dict[str, torch.Tensor], attrs: MoEAttributes) -> tuple[torch.Tensor, int]:
-    """float32 output of the block and the number of distinct routed experts hit."""
-    x = inputs["hidden_states"].float()
-    bias = inputs.get("router_bias")
-    logits = F.linear(x, inputs["router_weight"].float(), None if bias is None else bias.float())
-    scb = inputs.get("score_correction_bias")
-    weights, ids = route(logits, attrs, None if scb is None else scb.float())
-    out = torch.zeros_like(x)
-    experts = torch.unique(ids).tolist()
-    for e in experts:
-        token_idx, slot = torch.where(ids == e)
-        gu_b = inputs["expert_gate_up_bias"][e].float() if attrs.has_expert_bias else None
-        d_b = inputs["expert_down_bias"][e].float() if attrs.has_expert_bias else None
-        gate_up = F.linear(x[token_idx], inputs["expert_gate_up_weight"][e].float(), gu_b)
-        y = F.linear(glu_activation(gate_up, attrs), inputs["expert_down_weight"][e].float(), d_b)
-        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
-    if attrs.has_shared_expert:
-        gate_w = inputs["shared_gate_weight"].float() if attrs.has_shared_gate else None
-        out += shared_expert(
-            x, inputs["shared_gate_up_weight"].float(), inputs["shared_down_weight"].float(), gate_w
-        )
-    return out, len(experts)
-
-
 def bounds(bundle: KernelBundle) -> tuple[int | None, ...]:
     return tuple(b["bound"] for b in bundle.buckets.values())
-
-
-def measure_ceilings() -> tuple[float, float]:
-    n = 1 << 30  # 2 GiB bf16 read + 2 GiB written
-    src = torch.randn(n // 2, device="cuda").to(torch.bfloat16).repeat(2)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        dst.copy_(src)
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3)
-    copy_gbps = 2 * src.numel() * 2 / statistics.median(times[2:]) / 1e9
-    del src, dst
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    times = []
-    for _ in range(12):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        a @ b
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3)
-    tflops = 2 * 8192**3 / statistics.median(times[2:]) / 1e12
-    return copy_gbps, tflops
-
-
-def time_graph(fn, flush: torch.Tensor, iters: int) -> list[float]:
-    """µs per CUDA-graph replay of fn, L2 flushed (by writing `flush`) before each replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    events = []
-    for _ in range(iters):
-        flush.zero_()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        events.append((e0, e1))
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) * 1e3 for a, b in events]
-
-
-def floors(attrs: MoEAttributes, t: int, distinct: int, esize: int, copy_gbps: float, tflops: float) -> float:
-    h, i, s, e = attrs.hidden_size, attrs.intermediate_size, attrs.shared_intermediate_size, attrs.num_experts
-    nbytes = (distinct * 3 * h * i + 3 * h * s + h * e + 2 * t * h) * esize
-    flops = 2 * t * (attrs.top_k * 3 * h * i + 3 * h * s + e * h)
-    return max(nbytes / (copy_gbps * 1e3), flops / (tflops * 1e6))
 
 
 def main() -> int:
@@ -208,15 +96,16 @@ def main() -> int:
     import triton
 
     props = torch.cuda.get_device_properties(0)
-    sm = props.major * 10 + props.minor
+    sm = sm_from_capability(props.major, props.minor)
     say(
         f"device: {props.name} sm_{sm} · torch {torch.__version__} · triton {triton.__version__} · "
         f"command: {' '.join(sys.argv)}"
     )
-    copy_gbps, tflops = measure_ceilings()
+    device = torch.device("cuda")
+    copy_gbps = timing.copy_bandwidth_gbps(device, 4 << 30, repeats=12)
+    tflops = timing.gemm_tflops(device, torch.bfloat16, 8192, repeats=12)
     say(f"ceilings: copy {copy_gbps:.0f} GB/s (read + write), bf16 GEMM {tflops:.0f} TFLOP/s")
     carried = dict(item.split("=", 1) for item in args.bundle)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     tokens = [int(t) for t in args.tokens.split(",")]
     plan_rows = [(shape, "bfloat16", tokens) for shape in args.shapes.split(",")]
     if not args.no_extra_dtypes:
@@ -226,7 +115,7 @@ def main() -> int:
     failures = 0
     for shape, dtype_name, shape_tokens in plan_rows:
         attrs = SHAPES[shape]
-        dtype = TORCH_DTYPE[dtype_name]
+        dtype = precision(dtype_name).torch
         try:
             start = time.time()
             if shape in carried and dtype_name == "bfloat16":
@@ -241,7 +130,9 @@ def main() -> int:
             say(
                 f"[{shape} {dtype_name}] bundle {origin}: {len(bundle.kernels)} cubins, {time.time() - start:.1f}s"
             )
-            weights = gpu_weights(attrs, dtype, seed=1)
+            weights = gpu_random_inputs(
+                attrs, 1, dtype, seed=1, names=[n for n in attrs.present_inputs() if n != "hidden_states"]
+            )
         except Exception as err:  # keep going: one broken shape must not hide the others
             failures += 1
             say(f"[{shape} {dtype_name}] SETUP FAILED: {err!r}")
@@ -260,11 +151,12 @@ def main() -> int:
                 moe_forward(inputs, attrs, bundle, outputs=out)
                 torch.cuda.synchronize()
                 got = out["output"].float()
-                ref, distinct = reference(inputs, attrs)
+                expected = gpu_reference(inputs, attrs)
+                ref, distinct = expected.output, expected.distinct_experts
                 if t == 0:
                     rel = 0.0 if got.numel() == 0 else float("nan")
                 else:
-                    rel = ((got - ref).norm() / ref.norm()).item()
+                    rel = relative_error(got, ref)
                 nan = bool(torch.isnan(got).any())
                 # the same inputs again, output re-poisoned: a race shows up as a changed result
                 again = {"output": torch.full_like(out["output"], float("nan"))}
@@ -278,11 +170,13 @@ def main() -> int:
                     and "experts" in bundle.buckets[bucket_name(bucket_of(t, bounds(bundle)))]["variants"]
                 )
                 if fused:
-                    rel_again = ((again["output"].float() - ref).norm() / ref.norm()).item()
-                    repeat_ok = rel_again <= TOL[dtype_name] and not bool(torch.isnan(again["output"]).any())
+                    rel_again = relative_error(again["output"].float(), ref)
+                    repeat_ok = rel_again <= tolerance(dtype_name) and not bool(
+                        torch.isnan(again["output"]).any()
+                    )
                 else:
                     repeat_ok = repeat_equal
-                ok = (not nan) and rel <= TOL[dtype_name] and repeat_ok
+                ok = (not nan) and rel <= tolerance(dtype_name) and repeat_ok
                 row.update(
                     {
                         "rel_err": rel,
@@ -294,25 +188,25 @@ def main() -> int:
                     }
                 )
                 if t > 0:
-                    times = time_graph(
+                    times = timing.time_graph(
                         lambda inputs=inputs, attrs=attrs, bundle=bundle: moe_forward(inputs, attrs, bundle),
-                        flush,
                         args.iters,
                     )
-                    floor = floors(attrs, t, distinct, dtype.itemsize, copy_gbps, tflops)
-                    med = statistics.median(times)
+                    nbytes = floors.moe_bytes(attrs, t, distinct, dtype.itemsize)
+                    floor = floors.floor_us(nbytes, floors.moe_flops(attrs, t), copy_gbps, tflops)
+                    med = times.median_us
                     row.update(
                         {
                             "us_median": med,
-                            "us_min": min(times),
-                            "us_max": max(times),
+                            "us_min": times.min_us,
+                            "us_max": times.max_us,
                             "floor_us": floor,
                             "pct_of_floor": floor / med,
                             "timing": "cuda-graph replay, L2 flushed",
                         }
                     )
                 if args.profile and t > 0 and routing == "random":
-                    from moetrt.plugins.moe.tuning import profile_stages
+                    from moetrt.tune.tuner import profile_stages
 
                     stages = profile_stages(bundle, attrs, inputs)
                     row["stages_us"] = {k: round(v, 2) for k, v in stages.items()}

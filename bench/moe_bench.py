@@ -38,13 +38,16 @@ import torch
 # Run from a checkout without installing: the package lives in ../src.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))
 
-import floors
-import measure
 import peers
 import workloads
 
-from moetrt.errors import MoetrtError
-from moetrt.io_utils import write_bytes_atomic, write_text_atomic
+from moetrt.core.devices import sm_from_capability
+from moetrt.core.dtypes import precision
+from moetrt.core.errors import MoetrtError
+from moetrt.core.files import write_bytes_atomic, write_text_atomic
+from moetrt.core.tolerances import tolerance
+from moetrt.tune import floors
+from moetrt.tune import timing as measure
 
 IMPLS = ("moetrt", "moetrt+graph", "eager", "batched_mm", "grouped_mm", "compile", "graph")
 IMPL_HELP = (
@@ -54,8 +57,7 @@ IMPL_HELP = (
 )
 # Row name of an --impls entry where they differ (a graph row is renamed after the peer it replays).
 ROW_NAMES = {"compile": "grouped_mm+compile", "graph": "peer+graph"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TOLERANCES = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+DTYPES = {name: precision(name).torch for name in ("bf16", "fp16", "fp32")}
 DEFAULT_TOKENS = (1, 2, 8, 64, 512, 4096)
 QUICK_TOKENS = (1, 8, 64)
 SKEW = 2.0  # oracle random_inputs skew: ~95 % of token-expert pairs land on top_k + 2 experts
@@ -313,7 +315,7 @@ class Bench:
     def moe_forward(self) -> Callable[..., Any]:
         if self._moe_forward is None and self._moe_forward_error is None:
             try:
-                from moetrt.plugins.moe.torch_ops import moe_forward
+                from moetrt.kernels.torch_ops import moe_forward
 
                 self._moe_forward = moe_forward
             except Exception as err:  # any import-time failure means: kernels unavailable here
@@ -579,7 +581,7 @@ class Bench:
                 _add_note(row, "output holds NaN/Inf")
             else:
                 row["rel_err"] = float(f"{max(errors):.3e}")
-                ok = max(errors) <= TOLERANCES[args.dtype]
+                ok = max(errors) <= tolerance(args.dtype)
                 row["status"] = "ok" if ok else "failed"
                 if labels[0] != case.references[0][0]:
                     _add_note(row, f"checked against the {labels[0]}")
@@ -664,12 +666,12 @@ class Bench:
         return cached
 
     def _load_or_compile_bundle(self, shape: workloads.Shape) -> Any:
-        from moetrt.plugins.moe.aot import KernelBundle, compile_kernels
-        from moetrt.plugins.moe.torch_ops import dtype_name
+        from moetrt.kernels.aot import KernelBundle, compile_kernels
+        from moetrt.kernels.torch_ops import dtype_name
 
         dtype = dtype_name(self.args.dtype)
         major, minor = torch.cuda.get_device_capability(self.device)
-        sm = major * 10 + minor
+        sm = sm_from_capability(major, minor)
         start = time.perf_counter()
         if shape.name in self.args.bundles:
             path = self.args.bundles[shape.name]
@@ -880,7 +882,7 @@ class Bench:
             "copy_GBps": _sig(copy_gbps),
             "gemm_TFLOPs": _sig(gemm_tflops),
             "dtype": str(self.args.dtype).removeprefix("torch."),
-            "tolerance": TOLERANCES[self.args.dtype],
+            "tolerance": tolerance(self.args.dtype),
             "l2_flushed": self.device.type == "cuda",
         }
 

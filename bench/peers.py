@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.op.spec import MoEAttributes
 
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 ROUTER_KEYS = ("gate.weight", "router.weight", "router.bias", "gate.e_score_correction_bias")

@@ -6,11 +6,14 @@ import json
 
 import pytest
 
-from moetrt.errors import MoetrtError
-from moetrt.plugins.moe import tuning
-from moetrt.plugins.moe.aot import SUPPORTED_SMS, KernelBundle, compile_kernels, ptx_entry_params
-from moetrt.plugins.moe.kernels import plan
-from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.cli import resolve_attrs
+from moetrt.core.dtypes import KERNEL_NAMES
+from moetrt.core.errors import MoetrtError
+from moetrt.kernels import configs, plan
+from moetrt.kernels.aot import SUPPORTED_SMS, KernelBundle, compile_kernels, ptx_entry_params
+from moetrt.op.presets import PRESETS
+from moetrt.op.spec import MoEAttributes
+from moetrt.tune import tuner
 
 SMALL = MoEAttributes(12, 3, 64, 48, norm_topk_prob=True, shared_intermediate_size=32, has_shared_gate=True)
 ELF_MAGIC = b"\x7fELF"
@@ -104,37 +107,39 @@ def test_ptx_entry_parser() -> None:
 
 
 def test_config_table_lookup(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
-    tuning._load_table.cache_clear()
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs._load_table.cache_clear()
     try:
-        default = tuning.select_config(SMALL, "bfloat16", 90, 16)
-        assert default == tuning.default_config(SMALL, "bfloat16", 16)
+        default = configs.select_config(SMALL, "bfloat16", 90, 16)
+        assert default == configs.default_config(SMALL, "bfloat16", 16)
         entry = {"gate_up": {"BN": 64, "num_stages": 4}, "down": {"BH": 128}, "us": 1.0, "tokens": 1}
-        tuning.write_table({tuning.entry_key(SMALL, "bfloat16", 16): entry}, 90)
-        tuned = tuning.select_config(SMALL, "bfloat16", 90, 16)
+        configs.write_table({configs.entry_key(SMALL, "bfloat16", 16): entry}, 90)
+        tuned = configs.select_config(SMALL, "bfloat16", 90, 16)
         assert tuned["gate_up"]["BN"] == 64 and tuned["gate_up"]["num_stages"] == 4
         assert tuned["down"]["BH"] == 128
         assert tuned["gate_up"]["BM"] == default["gate_up"]["BM"]  # keys the entry lacks keep their default
-        assert tuning.select_config(SMALL, "bfloat16", 90, 64) == tuning.default_config(SMALL, "bfloat16", 64)
-        assert tuning.select_config(SMALL, "float16", 90, 16) == tuning.default_config(SMALL, "float16", 16)
+        assert configs.select_config(SMALL, "bfloat16", 90, 64) == configs.default_config(
+            SMALL, "bfloat16", 64
+        )
+        assert configs.select_config(SMALL, "float16", 90, 16) == configs.default_config(SMALL, "float16", 16)
         (tmp_path / "sm80.json").write_text("{not json")
         with pytest.raises(MoetrtError, match="not valid"):
-            tuning.select_config(SMALL, "bfloat16", 80, 16)
+            configs.select_config(SMALL, "bfloat16", 80, 16)
     finally:
-        tuning._load_table.cache_clear()
+        configs._load_table.cache_clear()
 
 
 def test_shipped_sm90_table_is_consistent() -> None:
     """The committed sm_90 table: every entry names a known bucket and only known config keys."""
-    path = tuning.CONFIG_DIR / "sm90.json"
+    path = configs.CONFIG_DIR / "sm90.json"
     if not path.exists():
         pytest.skip("no sm_90 table shipped")
     entries = json.loads(path.read_text())["entries"]
     buckets = {plan.bucket_name(b) for b in plan.BUCKETS}
     for key, entry in entries.items():
         _shape, dtype, bucket = key.split("/")
-        assert dtype in plan.DTYPES and bucket in buckets, key
-        base = tuning.default_config(tuning.PRESETS["qwen3_30b"], dtype, None)
+        assert dtype in KERNEL_NAMES and bucket in buckets, key
+        base = configs.default_config(PRESETS["qwen3_30b"], dtype, None)
         for stage, values in entry.items():
             if stage in ("us", "tokens"):
                 continue
@@ -143,19 +148,19 @@ def test_shipped_sm90_table_is_consistent() -> None:
 
 
 def test_presets_and_attrs_json() -> None:
-    assert tuning.resolve_attrs("qwen3_next", None).num_experts == 512
-    attrs = tuning.resolve_attrs(None, json.dumps(SMALL.to_onnx_attributes()))
+    assert resolve_attrs("qwen3_next", None).num_experts == 512
+    attrs = resolve_attrs(None, json.dumps(SMALL.to_onnx_attributes()))
     assert attrs == SMALL
     with pytest.raises(MoetrtError, match="exactly one"):
-        tuning.resolve_attrs(None, None)
+        resolve_attrs(None, None)
     with pytest.raises(MoetrtError, match="unknown preset"):
-        tuning.resolve_attrs("nope", None)
+        resolve_attrs("nope", None)
     with pytest.raises(MoetrtError, match="not a valid"):
-        tuning.resolve_attrs(None, '{"num_experts": 4}')
+        resolve_attrs(None, '{"num_experts": 4}')
 
 
 def test_programmatic_dependent_launch_is_sm90_only() -> None:
-    cfg = tuning.default_config(SMALL, "bfloat16", 16)
+    cfg = configs.default_config(SMALL, "bfloat16", 16)
     cfg["pdl"] = {"enabled": 1}
     bundle = compile_kernels(SMALL, "bfloat16", 90, buckets=(16,), configs={16: cfg})
     for key in bundle.buckets["16"]["variants"].values():
@@ -181,13 +186,13 @@ def test_tune_picks_the_fastest_correct_candidate(tmp_path) -> None:  # type: ig
         )
 
     out = tmp_path / "sm90.json"
-    best = tuning.tune(SMALL, "bfloat16", 90, fake_time, tokens=(1, 8, 40), out_path=out)
-    entry = best[tuning.entry_key(SMALL, "bfloat16", 16)]
+    best = tuner.tune(SMALL, "bfloat16", 90, fake_time, tokens=(1, 8, 40), out_path=out)
+    entry = best[configs.entry_key(SMALL, "bfloat16", 16)]
     assert entry["tokens"] == [1, 8]
     assert entry["fused"]["enabled"] == 1 and entry["gate_up"]["BN"] == 16 and entry["pdl"]["enabled"] == 1
     assert {t for t, _ in seen} == {1, 8, 40}
     table = json.loads(out.read_text())["entries"]
-    assert set(table) == {tuning.entry_key(SMALL, "bfloat16", 16), tuning.entry_key(SMALL, "bfloat16", 64)}
+    assert set(table) == {configs.entry_key(SMALL, "bfloat16", 16), configs.entry_key(SMALL, "bfloat16", 64)}
     # on an SM without programmatic dependent launch the round is not tried
-    best = tuning.tune(SMALL, "bfloat16", 89, fake_time, tokens=(1,), out_path=tmp_path / "sm89.json")
-    assert best[tuning.entry_key(SMALL, "bfloat16", 16)]["pdl"]["enabled"] == 0
+    best = tuner.tune(SMALL, "bfloat16", 89, fake_time, tokens=(1,), out_path=tmp_path / "sm89.json")
+    assert best[configs.entry_key(SMALL, "bfloat16", 16)]["pdl"]["enabled"] == 0

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.op.spec import MoEAttributes
+from moetrt.tune import floors
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-floors = importlib.import_module("floors")
 peers = importlib.import_module("peers")
 workloads = importlib.import_module("workloads")
 moe_bench = importlib.import_module("moe_bench")

@@ -11,11 +11,12 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FusedBlockWriter, leftovers
+from moetrt_testing.single_op_model import single_moe_model
 
 from moetrt.cli import main
-from moetrt.errors import MoetrtError
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+from moetrt.core.errors import MoetrtError
+from moetrt.op.spec import MoEAttributes
 
 ATTRS = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16)
 
@@ -38,15 +39,12 @@ def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 
 def _nothing_left(parent: Path, name: str) -> bool:
-    return not any(p.name == name or p.name.startswith(f".{name}.") for p in parent.iterdir())
+    return not (parent / name).exists() and not leftovers(parent, name)
 
 
 @pytest.fixture
-def block(tmp_path: Path) -> Path:
-    model, _ = single_moe_model(ATTRS, torch.float16)
-    path = tmp_path / "block.onnx"
-    onnx.save(model, str(path))
-    return path
+def block(fused_block: FusedBlockWriter) -> Path:
+    return fused_block("fp16", ATTRS, "block.onnx")
 
 
 @pytest.fixture(scope="module")

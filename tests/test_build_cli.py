@@ -5,24 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import onnx
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import FusedBlockWriter
 
 from moetrt.cli import main
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+from moetrt.op.spec import MoEAttributes
 
 ATTRS = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, output_router_logits=True)
 
 
 @pytest.fixture
-def block(tmp_path: Path) -> Path:
-    model, _ = single_moe_model(ATTRS, torch.float16)
-    path = tmp_path / "block.onnx"
-    onnx.save(model, str(path))
-    return path
+def block(fused_block: FusedBlockWriter) -> Path:
+    return fused_block("fp16", ATTRS, "block.onnx")
 
 
 def _invoke(*args: str) -> tuple[int, str, str]:

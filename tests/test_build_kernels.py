@@ -10,13 +10,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from moetrt_testing.single_op_model import single_moe_model
 from onnx import helper
 
 from moetrt.build import BuildOptions, _compile_kernels, _node_attributes, build
-from moetrt.errors import MoetrtError
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt.single_op_model import single_moe_model
-from moetrt.runtime.targets import resolve_target
+from moetrt.core.errors import MoetrtError
+from moetrt.op.spec import MoEAttributes
+from moetrt.trt.targets import resolve_target
 
 SMALL = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16)
 GROUPED = MoEAttributes(
@@ -56,7 +56,7 @@ def test_one_compilation_per_variant(monkeypatch: pytest.MonkeyPatch) -> None:
         assert workers >= 1
         return b"MOETRTKB" + bytes([len(calls)]) * 10
 
-    monkeypatch.setattr("moetrt.plugins.moe.trt.plugin.compile_kernel_bytes", recorder)
+    monkeypatch.setattr("moetrt.trt.plugin.compile_kernel_bytes", recorder)
     lines: list[str] = []
     timings: dict[str, float] = {}
     summary, cache = _compile_kernels(
@@ -86,7 +86,7 @@ def test_tensorrt_path_refuses_a_machine_it_cannot_build_on(
 ) -> None:
     # With `tensorrt` importable, a missing or different GPU is refused before the export starts.
     monkeypatch.setattr("moetrt.build._importable", lambda module: module == "tensorrt")
-    monkeypatch.setattr("moetrt.runtime.trt_build.current_device_sm", lambda: device_sm)
+    monkeypatch.setattr("moetrt.trt.trt_build.current_device_sm", lambda: device_sm)
     monkeypatch.setattr(
         "moetrt.export.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported before the check")
     )

@@ -11,13 +11,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from moetrt_testing.single_op_model import single_moe_model
 from onnx import numpy_helper
 
-from moetrt.build import UPCAST_SCOPE, BuildOptions, _parity, build, widen_bf16_to_fp32
-from moetrt.plugins.moe.reference import moe_reference, random_inputs
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+from moetrt.build import UPCAST_SCOPE, BuildOptions, _parity, build
+from moetrt.core.onnx_io import widen_to_fp32
+from moetrt.core.tolerances import relative_error
+from moetrt.op.reference import moe_reference, random_inputs
+from moetrt.op.spec import MoEAttributes
 from moetrt.runtime.session import Session
+from moetrt.trt.trt_build import DimRange
 
 ATTRS = MoEAttributes(
     num_experts=8,
@@ -31,13 +34,9 @@ ATTRS = MoEAttributes(
 )
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
 def test_widening_is_exact(tmp_path: Path) -> None:
     model, weights = single_moe_model(ATTRS, torch.bfloat16, seed=3)
-    widened = widen_bf16_to_fp32(model)
+    widened = widen_to_fp32(model)
     tensors = [*widened.graph.initializer]
     assert all(t.data_type == onnx.TensorProto.FLOAT for t in tensors)
     assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in widened.graph.input)
@@ -55,14 +54,14 @@ def test_widening_is_exact(tmp_path: Path) -> None:
         inputs = {name: t.double() for name, t in {**weights, "hidden_states": x}.items()}
         ref = moe_reference(inputs, ATTRS, torch.float64)
         for name in ("output", "router_logits"):
-            assert _rel(out[name], ref[name]) <= 1e-5, (tokens, name)
+            assert relative_error(out[name], ref[name]) <= 1e-5, (tokens, name)
 
 
 @pytest.fixture(scope="module")
 def bf16_block(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("tensorrt_rtx_bindings")
     out = tmp_path_factory.mktemp("bf16") / "out"
-    options = BuildOptions(precision="bf16", engine_backend="tensorrt-rtx", tokens="1:16:256")
+    options = BuildOptions(precision="bf16", engine_backend="tensorrt-rtx", tokens=DimRange(1, 16, 256))
     result = build("demo:mixtral:block", out, options)
     assert "ONNX parity PASS (bf16 graph widened to fp32)" in result.summary()
     return out

@@ -9,50 +9,32 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from conftest import FusedBlockWriter, leftovers
 
 from moetrt.build import BuildOptions, build
-from moetrt.errors import MoetrtError
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+from moetrt.cli import parse_dim_range
+from moetrt.core.errors import MoetrtError
 from moetrt.runtime import load
 from moetrt.runtime.manifest import check_plan, read_manifest, verify_files
-from moetrt.runtime.trt_build import DimRange, make_profiles
+from moetrt.trt.trt_build import DimRange, make_profiles
 
 pytest.importorskip("tensorrt_rtx_bindings")
-
-ATTRS = MoEAttributes(
-    num_experts=8,
-    top_k=2,
-    hidden_size=32,
-    intermediate_size=16,
-    norm_topk_prob=True,
-    shared_intermediate_size=16,
-    has_shared_gate=True,
-)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _fused_onnx(tmp_path: Path, precision: str, attrs: MoEAttributes = ATTRS) -> Path:
-    model, _ = single_moe_model(attrs, DTYPES[precision])
-    path = tmp_path / f"block_{precision}.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
-def _leftovers(parent: Path, name: str) -> list[Path]:
-    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("target", ["rtx40", "rtx50", "a100"])
-def test_rtx_engine_build(tmp_path: Path, precision: str, target: str) -> None:
+def test_rtx_engine_build(tmp_path: Path, precision: str, target: str, fused_block: FusedBlockWriter) -> None:
     out = tmp_path / "out"
     lines: list[str] = []
     result = build(
-        str(_fused_onnx(tmp_path, precision)),
+        str(fused_block(precision)),
         out,
         BuildOptions(
-            target=target, precision=precision, tokens="1:16:512", engine_backend="tensorrt-rtx", parity=False
+            target=target,
+            precision=precision,
+            tokens=DimRange(1, 16, 512),
+            engine_backend="tensorrt-rtx",
+            parity=False,
         ),
         progress=lines.append,
     )
@@ -75,33 +57,35 @@ def test_rtx_engine_build(tmp_path: Path, precision: str, target: str) -> None:
     # The portable model still carries the fused node (the engine got the inlined body).
     assert sum(n.op_type == "MoE" for n in onnx.load(str(out / "model.onnx")).graph.node) == 1
     assert any("inlined 1 moetrt::MoE" in line for line in lines)
-    assert not _leftovers(tmp_path, "out")
+    assert not leftovers(tmp_path, "out")
 
 
-def test_built_directory_runs_with_onnxruntime(tmp_path: Path) -> None:
+def test_built_directory_runs_with_onnxruntime(tmp_path: Path, fused_block: FusedBlockWriter) -> None:
     out = tmp_path / "out"
     build(
-        str(_fused_onnx(tmp_path, "fp32")),
+        str(fused_block("fp32")),
         out,
         BuildOptions(engine_backend="tensorrt-rtx", precision="fp32", parity=False),
     )
     session = load(out, backend="onnxruntime")
     x = torch.randn(5, 32)
-    direct = load(_fused_onnx(tmp_path, "fp32"))({"hidden_states": x})["output"]
+    direct = load(fused_block("fp32"))({"hidden_states": x})["output"]
     assert torch.equal(session({"hidden_states": x})["output"], direct)
 
 
-def test_tensorrt_backend_without_tensorrt_writes_onnx_manifest_and_kernels(tmp_path: Path) -> None:
+def test_tensorrt_backend_without_tensorrt_writes_onnx_manifest_and_kernels(
+    tmp_path: Path, fused_block: FusedBlockWriter
+) -> None:
     """No TensorRT here: no plan, but the fused ONNX, the manifest and the target's real cubin bundles."""
     if _has_tensorrt():
         pytest.skip("tensorrt is installed here: the plugin build path runs instead")
     pytest.importorskip("triton")
-    from moetrt.plugins.moe.aot import KernelBundle
+    from moetrt.kernels.aot import KernelBundle
 
     out = tmp_path / "out"
     lines: list[str] = []
     result = build(
-        str(_fused_onnx(tmp_path, "fp16")),
+        str(fused_block("fp16")),
         out,
         BuildOptions(target="h100", parity=False),
         progress=lines.append,
@@ -142,34 +126,34 @@ def _has_tensorrt() -> bool:
         (BuildOptions(target="sm_75", precision="bf16"), "no bf16"),
         (BuildOptions(target="h100", engine_backend="tensorrt-rtx"), "TensorRT-RTX cannot build"),
         (BuildOptions(target="thor"), "not compiled for target thor"),
-        (BuildOptions(tokens="8:4:2"), "--tokens"),
-        (BuildOptions(batch="x"), "--batch"),
         (BuildOptions(engine_backend="onnx"), "unknown engine backend"),
         (BuildOptions(engine_backend="tensorrt-rtx", precision="fp32"), "is fp16 but --precision is fp32"),
     ],
 )
-def test_bad_input_leaves_nothing(tmp_path: Path, options: BuildOptions, message: str) -> None:
+def test_bad_input_leaves_nothing(
+    tmp_path: Path, options: BuildOptions, message: str, fused_block: FusedBlockWriter
+) -> None:
     out = tmp_path / "out"
     with pytest.raises(MoetrtError, match=message):
-        build(str(_fused_onnx(tmp_path, "fp16")), out, options)
-    assert not out.exists() and not _leftovers(tmp_path, "out")
+        build(str(fused_block("fp16")), out, options)
+    assert not out.exists() and not leftovers(tmp_path, "out")
 
 
-def test_failure_mid_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_mid_build_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused_block: FusedBlockWriter
+) -> None:
     def broken(*_args: object, **_kwargs: object) -> None:
         raise MoetrtError("TensorRT failed to build the engine: out of memory", "retry")
 
-    monkeypatch.setattr("moetrt.runtime.rtx_build.build_rtx_engine", broken)
+    monkeypatch.setattr("moetrt.trt.rtx_build.build_rtx_engine", broken)
     out = tmp_path / "out"
     with pytest.raises(MoetrtError, match="out of memory"):
-        build(
-            str(_fused_onnx(tmp_path, "fp16")), out, BuildOptions(engine_backend="tensorrt-rtx", parity=False)
-        )
-    assert not out.exists() and not _leftovers(tmp_path, "out")
+        build(str(fused_block("fp16")), out, BuildOptions(engine_backend="tensorrt-rtx", parity=False))
+    assert not out.exists() and not leftovers(tmp_path, "out")
 
 
-def test_existing_outdir_needs_force(tmp_path: Path) -> None:
-    source = str(_fused_onnx(tmp_path, "fp16"))
+def test_existing_outdir_needs_force(tmp_path: Path, fused_block: FusedBlockWriter) -> None:
+    source = str(fused_block("fp16"))
     out = tmp_path / "out"
     options = BuildOptions(engine_backend="tensorrt-rtx", parity=False)
     build(source, out, options)
@@ -179,7 +163,7 @@ def test_existing_outdir_needs_force(tmp_path: Path) -> None:
     assert "--force" in err.value.one_line()
     build(source, out, BuildOptions(engine_backend="tensorrt-rtx", parity=False, force=True, target="rtx50"))
     assert read_manifest(out)["target"]["name"] == "rtx50" and read_manifest(out)["created_utc"] >= first
-    assert not _leftovers(tmp_path, "out")
+    assert not leftovers(tmp_path, "out")
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("keep me")
@@ -198,7 +182,7 @@ def test_unreadable_onnx(tmp_path: Path) -> None:
 
 
 def test_profiles_from_onnx_inputs() -> None:
-    tokens, batch = DimRange.parse("1:64:2048"), DimRange.parse("2")
+    tokens, batch = parse_dim_range("1:64:2048", "--tokens"), parse_dim_range("2", "--batch")
     assert batch == DimRange(2, 2, 2)
     profiles = make_profiles(
         [("input_ids", ["batch", "seq"]), ("hidden", ["T", 64]), ("scale", [1])], tokens, batch
@@ -215,15 +199,17 @@ def test_profiles_from_onnx_inputs() -> None:
     ]
     with pytest.raises(MoetrtError, match="3 dynamic dims"):
         make_profiles([("x", ["a", "b", "c"])], tokens, batch)
-    for bad in ("0:1:2", "4:2:8", "1:2", "a:b:c"):
-        with pytest.raises(MoetrtError, match="MIN:OPT:MAX"):
-            DimRange.parse(bad)
+    for bad in ("0:1:2", "4:2:8", "1:2", "a:b:c", "x"):
+        with pytest.raises(MoetrtError, match=r"--tokens .* MIN:OPT:MAX"):
+            parse_dim_range(bad, "--tokens")
+    with pytest.raises(MoetrtError, match="MIN:OPT:MAX"):
+        DimRange(4, 2, 8)  # the library refuses a bad range too, whoever builds it
 
 
-def test_manifest_is_json_with_versions(tmp_path: Path) -> None:
+def test_manifest_is_json_with_versions(tmp_path: Path, fused_block: FusedBlockWriter) -> None:
     out = tmp_path / "out"
     build(
-        str(_fused_onnx(tmp_path, "bf16")),
+        str(fused_block("bf16")),
         out,
         BuildOptions(engine_backend="tensorrt-rtx", precision="bf16", parity=False),
     )

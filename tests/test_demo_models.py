@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from moetrt.errors import MoetrtError
+from moetrt.core.errors import MoetrtError
 from moetrt.export.demo_models import DEFAULT_DEMO, DEMO_FAMILIES, build_demo, demo_config
 from moetrt.export.loaded import count_moe_blocks, is_moe_block
 from moetrt.export.model_source import load_model

@@ -9,11 +9,12 @@ import onnx
 import pytest
 import torch
 
-from moetrt.errors import MoetrtError
+from moetrt.core.errors import MoetrtError
+from moetrt.core.tolerances import TOLERANCES
 from moetrt.export import onnx_export
 from moetrt.export.demo_models import DEMO_FAMILIES, build_demo
 from moetrt.export.onnx_export import MAX_IR_VERSION, META_DTYPE, META_SOURCE, export_onnx
-from moetrt.runtime.verify import TOLERANCES, verify
+from moetrt.verify.model import verify
 
 DATA = Path(__file__).parent / "data"
 CUSTOM = DATA / "custom_moe.py"

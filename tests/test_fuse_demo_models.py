@@ -17,18 +17,18 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from moetrt_testing.graphs import expert_table_gathers, fused_nodes, rel_err, run_onnx
 from onnx import TensorProto, helper
 
 from moetrt.cli import main
+from moetrt.core.artifacts import META_FUSED_MOE as METADATA_KEY
+from moetrt.core.tolerances import tolerance
 from moetrt.export.demo_models import DEMO_FAMILIES, build_demo
 from moetrt.export.onnx_export import export_onnx
-from moetrt.graph_passes import decompose_model, fuse_file, fuse_model
-from moetrt.graph_passes.pipeline import METADATA_KEY
-from moetrt.graph_passes.testing import expert_table_gathers, fused_nodes, rel_err, run_onnx
-from moetrt.runtime.verify import verify
+from moetrt.passes import decompose_model, fuse_file, fuse_model
+from moetrt.verify.model import verify
 
 WHOLE_FAST = ("mixtral",)  # whole-model families in the default run; the rest are `slow`
-TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_block_fuses_in_bf16(workdir: Path, family: str) -> None:
         with torch.no_grad():
             want = module(x.float())
         got = run_onnx(runnable, {runnable.graph.input[0].name: x.float().numpy()})[0]
-        assert rel_err(got, want) <= TOLERANCE["bf16"], (family, batch, seq)
+        assert rel_err(got, want) <= tolerance("bf16"), (family, batch, seq)
 
 
 def _whole_params() -> list[object]:
@@ -217,9 +217,9 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, case: str)
 def test_large_models_are_written_with_external_data(
     workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from moetrt.graph_passes import pipeline
+    from moetrt.core import onnx_io
 
-    monkeypatch.setattr(pipeline, "_PROTOBUF_LIMIT", 1024)  # stands in for protobuf's 2 GiB
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1024)  # stands in for protobuf's 2 GiB
     path, _ = _exported(workdir, "demo:mixtral:block", "fp32")
     out = tmp_path / "fused.onnx"
     fuse_file(path, out)

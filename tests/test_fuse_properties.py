@@ -15,10 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from torch import nn
-
-from moetrt.graph_passes import decompose_model, fuse_model
-from moetrt.graph_passes.testing import (
+from moetrt_testing.graphs import (
     expert_table_gathers,
     export_module,
     fused_nodes,
@@ -27,8 +24,11 @@ from moetrt.graph_passes.testing import (
     rel_err,
     run_onnx,
 )
-from moetrt.plugins.moe.reference import moe_reference
-from moetrt.plugins.moe.spec import MoEAttributes
+from torch import nn
+
+from moetrt.op.reference import moe_reference
+from moetrt.op.spec import MoEAttributes
+from moetrt.passes import decompose_model, fuse_model
 
 HIDDEN, INTER, EXPERTS = 16, 8, 6
 

@@ -1,13 +1,12 @@
 """Item 8: the default Qwen3-Next demo fuses in <= 10 s, and fusion time grows linearly with depth.
 
-The numbers for 2 / 8 / 32 layers are in docs/fusion_speed.md (`python -m moetrt.graph_passes.speed`).
+The numbers for 2 / 8 / 32 layers are in docs/fusion_speed.md (`python -m fusion_speed`).
 """
 
 from __future__ import annotations
 
 import pytest
-
-from moetrt.graph_passes.speed import measure
+from fusion_speed import measure
 
 
 @pytest.mark.slow

@@ -15,11 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from torch import nn
-
-from moetrt.cli import main
-from moetrt.graph_passes import fuse_model
-from moetrt.graph_passes.testing import (
+from moetrt_testing.graphs import (
     expert_table_gathers,
     export_module,
     fused_nodes,
@@ -28,8 +24,12 @@ from moetrt.graph_passes.testing import (
     rel_err,
     run_onnx,
 )
-from moetrt.plugins.moe.reference import moe_reference
-from moetrt.plugins.moe.spec import MoEAttributes
+from torch import nn
+
+from moetrt.cli import main
+from moetrt.op.reference import moe_reference
+from moetrt.op.spec import MoEAttributes
+from moetrt.passes import fuse_model
 
 HIDDEN, EXPERTS, TOP_K, INTER = 24, 6, 3, 10
 
@@ -197,10 +197,10 @@ OTHER_FAMILIES: dict[str, dict[str, object]] = {
 
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_other_transformers_families(family: str) -> None:
+    from moetrt_testing.graphs import FirstOutput, init_random
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moetrt.export.loaded import is_moe_block
-    from moetrt.graph_passes.testing import FirstOutput, init_random
 
     config = AutoConfig.for_model(family, **{**_COMMON, **OTHER_FAMILIES[family]})
     config._experts_implementation = "batched_mm"

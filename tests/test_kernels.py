@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.op.spec import MoEAttributes
 
 TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2}
 
@@ -161,7 +161,7 @@ def test_routing_variants_are_really_different() -> None:
     """Guard against a case list that silently tests one variant: the oracle routes them differently."""
     import torch
 
-    from moetrt.plugins.moe.reference import random_inputs, route, router_logits
+    from moetrt.op.reference import random_inputs, route, router_logits
 
     inputs = random_inputs(VARIANTS["softmax_renorm"], 16, seed=0)
     logits = router_logits(inputs["hidden_states"], inputs["router_weight"])
@@ -173,8 +173,8 @@ def test_routing_variants_are_really_different() -> None:
 def _child(cases: list[tuple[str, str, int, str]]) -> None:
     import torch
 
-    from moetrt.plugins.moe.reference import moe_reference, random_inputs
-    from moetrt.plugins.moe.torch_ops import moe_forward_triton
+    from moetrt.kernels.torch_ops import moe_forward_triton
+    from moetrt.op.reference import moe_reference, random_inputs
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     out: dict[str, dict[str, Any]] = {}
@@ -185,8 +185,8 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
             inputs = random_inputs(attrs, t, dtype=dtypes[dtype], seed=1000 + t)
             config = None
             if bucket in ("split", "fused"):
-                from moetrt.plugins.moe.kernels.plan import bucket_of
-                from moetrt.plugins.moe.tuning import default_config
+                from moetrt.kernels.configs import default_config
+                from moetrt.kernels.plan import bucket_of
 
                 config = default_config(attrs, dtype, bucket_of(t))
                 if bucket == "split":

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from moetrt.plugins.moe import tuning
-from moetrt.plugins.moe.kernels import plan
-from moetrt.plugins.moe.launcher import pack_kernel_params, resolve_launch_args
-from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.kernels import configs as tuning
+from moetrt.kernels import plan
+from moetrt.kernels.launcher import pack_kernel_params, resolve_launch_args
+from moetrt.op.spec import MoEAttributes
 
 FULL = MoEAttributes(
     16,
@@ -64,7 +64,7 @@ def test_pack_rejects_bad_arguments(types: list[str], values: list, message: str
 
 def test_param_lists_match_the_triton_signatures() -> None:
     """KERNEL_PARAMS (what the launcher packs) = each kernel's non-constexpr parameters, in order."""
-    from moetrt.plugins.moe.kernels.triton_moe import KERNELS
+    from moetrt.kernels.triton_moe import KERNELS
 
     assert set(KERNELS) == set(plan.KERNEL_PARAMS)
     for name, fn in KERNELS.items():
@@ -74,8 +74,8 @@ def test_param_lists_match_the_triton_signatures() -> None:
 
 def test_packing_matches_the_compiled_entry_points() -> None:
     """What the launcher packs per parameter (8-byte pointer, 4-byte int) = the cubin entry's .param list."""
-    from moetrt.plugins.moe.aot import compile_variant, ptx_entry_params
-    from moetrt.plugins.moe.kernels.triton_moe import KERNELS
+    from moetrt.kernels.aot import compile_variant, ptx_entry_params
+    from moetrt.kernels.triton_moe import KERNELS
 
     cfg = tuning.default_config(PLAIN, "float16", 16)
     variants = plan.bucket_variants(PLAIN, "float16", 16, cfg)
@@ -210,7 +210,7 @@ def test_bucket_choice() -> None:
 
 def test_launcher_imports_neither_torch_nor_triton() -> None:
     code = (
-        "import sys, moetrt.plugins.moe.launcher; "
+        "import sys, moetrt.kernels.launcher; "
         "bad = [m for m in ('torch', 'triton') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -254,7 +254,7 @@ def test_pdl_flag_reaches_every_launch() -> None:
 
 def test_pdl_launch_config() -> None:
     driver = pytest.importorskip("cuda.bindings.driver")
-    from moetrt.plugins.moe.launcher import pdl_launch_config
+    from moetrt.kernels.launcher import pdl_launch_config
 
     config = pdl_launch_config(driver, (7, 2, 1), 256, 4096, driver.CUstream(0))
     assert (config.gridDimX, config.gridDimY, config.gridDimZ) == (7, 2, 1)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from moetrt.errors import MoetrtError
+from moetrt.core.errors import MoetrtError
 from moetrt.runtime.manifest import (
     build_manifest,
     check_plan,

@@ -9,16 +9,16 @@ import os
 import numpy as np
 import pytest
 
-from moetrt.errors import MoetrtError
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt.fields import (
+from moetrt.core.errors import MoetrtError
+from moetrt.op.spec import MoEAttributes
+from moetrt.trt.fields import (
     FIELDS_VERSION,
     PluginState,
     attributes_to_fields,
     state_from_fields,
     state_to_fields,
 )
-from moetrt.plugins.moe.trt.plugin import field_arrays, from_field_collection, to_field_collection
+from moetrt.trt.plugin import field_arrays, from_field_collection, to_field_collection
 
 VARIANTS = [
     MoEAttributes(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32),
@@ -154,8 +154,8 @@ def test_round_trip_through_tensorrt_plugin_field_collection() -> None:
 def test_real_cubin_bundle_survives_the_fields() -> None:
     """AOT-compiled cubins (Triton, for SM 9.0, on this CPU machine) through the plugin's serialized fields."""
     pytest.importorskip("triton")
-    from moetrt.plugins.moe.aot import KernelBundle
-    from moetrt.plugins.moe.trt.plugin import compile_kernel_bytes
+    from moetrt.kernels.aot import KernelBundle
+    from moetrt.trt.plugin import compile_kernel_bytes
 
     attrs = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16)
     blob = compile_kernel_bytes(attrs, "fp16", 90)

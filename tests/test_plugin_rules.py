@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from moetrt.errors import MoetrtError
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt import io_rules
-from moetrt.plugins.moe.trt.io_rules import EnqueueCall, TensorDesc
+from moetrt.core.errors import MoetrtError
+from moetrt.op.spec import MoEAttributes
+from moetrt.trt import io_rules
+from moetrt.trt.io_rules import EnqueueCall, TensorDesc
 
 PLAIN = MoEAttributes(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32)
 FULL = MoEAttributes(

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from moetrt.plugins.moe.spec import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, MoEAttributes
-from moetrt.plugins.moe.trt import plugin as plugin_module
-from moetrt.plugins.moe.trt.fields import attributes_to_fields
-from moetrt.plugins.moe.trt.plugin import (
+from moetrt.op.spec import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, MoEAttributes
+from moetrt.trt import plugin as plugin_module
+from moetrt.trt.fields import attributes_to_fields
+from moetrt.trt.plugin import (
     BuildSettings,
     from_field_collection,
     make_plugin_classes,

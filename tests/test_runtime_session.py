@@ -8,16 +8,17 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from moetrt_testing.single_op_model import single_moe_model
 
-from moetrt.errors import MoetrtError
-from moetrt.plugins.moe.reference import moe_reference, random_inputs
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+from moetrt.core.errors import MoetrtError
+from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.op.reference import moe_reference, random_inputs
+from moetrt.op.spec import MoEAttributes
 from moetrt.runtime import load, random_feeds
 from moetrt.runtime.session import Session
-from moetrt.runtime.trt_build import check_in_profile
+from moetrt.trt.trt_build import check_in_profile
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 VARIANTS = {
     "softmax_renorm_shared": MoEAttributes(
         num_experts=16,
@@ -54,16 +55,12 @@ VARIANTS = {
 }
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, torch.dtype], tuple[Path, dict]]:
     root = tmp_path_factory.mktemp("models")
     out = {}
     for name, attrs in VARIANTS.items():
-        for dtype in TOLERANCE:
+        for dtype in HALF_AND_FLOAT:
             model, weights = single_moe_model(attrs, dtype, seed=7)
             path = root / f"{name}_{str(dtype)[6:]}.onnx"
             onnx.save(model, str(path))
@@ -72,7 +69,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, torch.dt
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", list(HALF_AND_FLOAT), ids=lambda d: str(d)[6:])
 def test_onnxruntime_parity(models: dict, variant: str, dtype: torch.dtype) -> None:
     attrs = VARIANTS[variant]
     path, weights = models[(variant, dtype)]
@@ -86,7 +83,7 @@ def test_onnxruntime_parity(models: dict, variant: str, dtype: torch.dtype) -> N
         for name, value in out.items():
             assert value.dtype == dtype and value.shape == ref[name].shape
             assert torch.isfinite(value.float()).all()
-            assert _rel(value, ref[name]) <= TOLERANCE[dtype], (name, tokens)
+            assert relative_error(value, ref[name]) <= tolerance(dtype), (name, tokens)
 
 
 def test_keyword_call_and_random_feeds(models: dict) -> None:

@@ -1,4 +1,4 @@
-"""`moetrt.runtime.verify_loaded` (what `moetrt verify --engine` runs): the artifact `load` picks, against the
+"""`moetrt.verify.artifact.verify_loaded` (what `moetrt verify --engine` runs): the artifact `load` picks, against the
 PyTorch model named in the build's manifest, through the onnxruntime backend here (engines need a GPU)."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import pytest
 from onnx import numpy_helper
 
 from moetrt.build import BuildOptions, build
-from moetrt.errors import MoetrtError
-from moetrt.runtime import check_run_request, resolve_artifact, verify_loaded
+from moetrt.core.errors import MoetrtError
+from moetrt.runtime import check_run_request, resolve_artifact
+from moetrt.trt.trt_build import DimRange
+from moetrt.verify.artifact import verify_loaded
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,9 @@ def block_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real build of the Mixtral MoE block demo: export, fuse, TensorRT-RTX engine (about 10 s)."""
     pytest.importorskip("tensorrt_rtx_bindings")
     out = tmp_path_factory.mktemp("block") / "out"
-    options = BuildOptions(precision="fp32", engine_backend="tensorrt-rtx", tokens="1:64:512", parity=False)
+    options = BuildOptions(
+        precision="fp32", engine_backend="tensorrt-rtx", tokens=DimRange(1, 64, 512), parity=False
+    )
     result = build("demo:mixtral:block", out, options)
     assert result.engine_built and result.manifest["fused_ops"]["moetrt::MoE"] == 1
     return out
@@ -64,8 +68,9 @@ def test_shapes_outside_the_profile_are_refused_first(block_build: Path) -> None
 
 
 def test_needs_a_reference(tmp_path: Path) -> None:
-    from moetrt.plugins.moe.spec import MoEAttributes
-    from moetrt.plugins.moe.trt.single_op_model import single_moe_model
+    from moetrt_testing.single_op_model import single_moe_model
+
+    from moetrt.op.spec import MoEAttributes
 
     model, _ = single_moe_model(MoEAttributes(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8))
     onnx.save(model, str(tmp_path / "block.onnx"))

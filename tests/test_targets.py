@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moetrt.errors import MoetrtError
-from moetrt.runtime.targets import NAMED_TARGETS, RTX_SMS, resolve_target
+from moetrt.core.errors import MoetrtError
+from moetrt.trt.targets import NAMED_TARGETS, RTX_SMS, resolve_target
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,13 @@ import onnx
 import pytest
 from onnx import helper
 
-from moetrt.errors import MoetrtError
+from moetrt.cli import parse_shapes
+from moetrt.core.errors import MoetrtError
+from moetrt.core.tolerances import TOLERANCES
 from moetrt.export.onnx_export import META_SOURCE, export_onnx
-from moetrt.runtime.verify import TOLERANCES, _compare, default_shapes, parse_shapes, verify
+from moetrt.verify.compare import compare_outputs as _compare
+from moetrt.verify.compare import default_shapes
+from moetrt.verify.model import verify
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ when all of them succeeded, so a failed build leaves nothing half-written.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -15,33 +14,36 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from moetrt.errors import MoetrtError
-from moetrt.graph_passes.decompose import count_fused
-from moetrt.plugins.moe import spec
-from moetrt.runtime.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from moetrt.core.artifacts import KERNELS_DIR, MANIFEST_NAME, ONNX_NAME, PLAN_NAME, external_data_name
+from moetrt.core.errors import MoetrtError
+from moetrt.core.onnx_io import load_onnx, save_onnx, widen_to_fp32
+from moetrt.core.tolerances import tolerance
+from moetrt.op import spec
+from moetrt.passes.decompose import count_fused
+from moetrt.runtime.manifest import build_manifest, write_manifest
 from moetrt.runtime.session import model_precision
-from moetrt.runtime.targets import ENGINE_BACKENDS, Target, resolve_target
-from moetrt.runtime.trt_build import DimRange, EngineBuild, make_profiles, onnx_input_dims
+from moetrt.trt.targets import ENGINE_BACKENDS, Target, resolve_target
+from moetrt.trt.trt_build import DimRange, EngineBuild, make_profiles, onnx_input_dims
+from moetrt.verify.compare import quiet_transformers
 
 Progress = Callable[[str], None]
-ONNX_NAME = "model.onnx"
-PLAN_NAME = "model.plan"
-KERNELS_DIR = "kernels"
+DEFAULT_TOKENS = DimRange(1, 128, 4096)
+DEFAULT_BATCH = DimRange(1, 1, 4)
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     target: str | None = None
     precision: str = "fp16"
-    tokens: str = "1:128:4096"
-    batch: str = "1:1:4"
+    tokens: DimRange = DEFAULT_TOKENS
+    batch: DimRange = DEFAULT_BATCH
     engine_backend: str = "tensorrt"
     parity: bool = True
     force: bool = False
@@ -93,11 +95,10 @@ def build(
     if options.engine_backend == "tensorrt":
         _check_kernel_sm(target)
         if _importable("tensorrt"):
-            from moetrt.runtime.trt_build import check_build_device
+            from moetrt.trt.trt_build import check_build_device
 
             check_build_device(target)  # TensorRT builds for the GPU it runs on: refuse before exporting
-    tokens = DimRange.parse(options.tokens, "--tokens")
-    batch = DimRange.parse(options.batch, "--batch")
+    tokens, batch = options.tokens, options.batch
     _check_outdir(outdir, options.force)
 
     timings: dict[str, float] = {}
@@ -107,7 +108,7 @@ def build(
         fused_path = staging / ONNX_NAME
         start = time.perf_counter()
         fused, fused_count = _fused_model(model, options.precision, staging, say)
-        _save_onnx(fused, fused_path)
+        save_onnx(fused, fused_path)
         timings["export_and_fuse"] = time.perf_counter() - start
         counts = _op_counts(fused)
         say(f"fused model: {fused_count} moetrt::MoE node(s), {counts['total_nodes']} nodes → {ONNX_NAME}")
@@ -122,7 +123,7 @@ def build(
         if parity is not None:
             timings["parity"] = time.perf_counter() - start
         files: dict[str, str | Path] = {ONNX_NAME: fused_path}
-        files.update({p.name: p for p in staging.glob(f"{ONNX_NAME}.data")})
+        files.update({p.name: p for p in staging.glob(external_data_name(ONNX_NAME))})
         if engine is not None:
             files[PLAN_NAME] = engine.plan_path
         files.update({name: staging / name for name in (kernels or {}).get("files", [])})
@@ -201,13 +202,7 @@ def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tu
         if not path.is_file():
             raise MoetrtError(f"{path} does not exist", "pass an existing .onnx file or a MODEL spec")
         say(f"reading {path}")
-        try:
-            onnx_model = onnx.load(str(path))
-        except Exception as err:  # protobuf raises several types for a file that is not ONNX
-            raise MoetrtError(
-                f"{path} is not a readable ONNX model ({type(err).__name__})",
-                "export it again with `moetrt export`",
-            ) from err
+        onnx_model = load_onnx(path)
         found = model_precision(onnx_model)
         if found is not None and found != precision:
             raise MoetrtError(
@@ -226,7 +221,7 @@ def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tu
     if already:
         say(f"the model is already fused ({already} moetrt::MoE node(s))")
         return _fill_output_types(onnx_model), already
-    from moetrt.graph_passes import fuse_model
+    from moetrt.passes import fuse_model
 
     say("fusing MoE blocks into moetrt::MoE")
     fused = fuse_model(onnx_model)
@@ -256,11 +251,6 @@ def _fill_output_types(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    external = model.ByteSize() > (1 << 31) - (1 << 24)
-    onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
-
-
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Fused-op counts by domain::op (the MoE count always present, 0 included) and the total node count."""
     counts = Counter(
@@ -280,7 +270,7 @@ def _build_engine(
     timings: dict[str, float],
 ) -> tuple[EngineBuild | None, str | None, dict[str, Any] | None]:
     if options.engine_backend == "tensorrt-rtx":
-        from moetrt.runtime.rtx_build import build_rtx_engine
+        from moetrt.trt.rtx_build import build_rtx_engine
 
         engine = build_rtx_engine(fused_path, plan_path, target, profiles, say, options.verbose)
         timings["engine"] = engine.seconds
@@ -299,8 +289,8 @@ def _build_engine(
         kernels, cache = _compile_kernels(fused, target, options.precision, say, timings)
         kernels["files"] = _write_kernel_bundles(cache, plan_path.parent)
         return None, reason, kernels
-    from moetrt.plugins.moe.trt.plugin import compile_kernel_bytes
-    from moetrt.runtime.trt_build import build_tensorrt_engine, check_build_device
+    from moetrt.trt.plugin import compile_kernel_bytes
+    from moetrt.trt.trt_build import build_tensorrt_engine, check_build_device
 
     check_build_device(target)
     kernels, cache = _compile_kernels(fused, target, options.precision, say, timings)
@@ -344,7 +334,7 @@ def _compile_kernels(
     fused: onnx.ModelProto, target: Target, precision: str, say: Progress, timings: dict[str, float]
 ) -> tuple[dict[str, Any], dict[tuple[Any, str, int], bytes]]:
     """AOT cubins for every distinct MoE variant of the model, for the target SM (reused by the plugin)."""
-    from moetrt.plugins.moe.trt.plugin import compile_kernel_bytes
+    from moetrt.trt.plugin import compile_kernel_bytes
 
     variants = {
         _node_attributes(node)
@@ -366,7 +356,7 @@ def _compile_kernels(
 
 
 def _check_kernel_sm(target: Target) -> None:
-    from moetrt.plugins.moe.aot import SUPPORTED_SMS
+    from moetrt.kernels.aot import SUPPORTED_SMS
 
     if target.sm not in SUPPORTED_SMS:
         raise MoetrtError(
@@ -417,22 +407,6 @@ def _io_entry(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """The reference model's "falling back to the PyTorch implementation" notices are not build progress."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 PARITY_SCOPE = (
     "model.onnx (the fused graph, at the build precision) run by onnxruntime's CPU provider against the "
     "PyTorch source model (float32 compute on the same rounded weights); the engine is not run at build time"
@@ -447,17 +421,17 @@ UPCAST_SCOPE = (
 
 
 def _parity(fused_path: Path, precision: str, say: Progress) -> dict[str, Any]:
-    """Parity of the fused ONNX (onnxruntime) with the PyTorch model, via `moetrt.runtime.verify`.
+    """Parity of the fused ONNX (onnxruntime) with the PyTorch model, via `moetrt.verify.model`.
 
     onnxruntime's CPU provider has no bf16 kernels for several ops: a bf16 graph it cannot run is checked as
     its exact fp32 widening instead (UPCAST_SCOPE), and the manifest says so. A model that still cannot be
     checked (e.g. it names no source model) is recorded as not checked, with the reason: never as a pass.
     """
-    from moetrt.runtime.verify import verify
+    from moetrt.verify.model import verify
 
     say("checking parity of the fused ONNX against PyTorch (onnxruntime CPU)")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             report = verify(str(fused_path), progress=None)
         scope, backend = PARITY_SCOPE, "onnxruntime CPUExecutionProvider"
     except MoetrtError as err:
@@ -501,58 +475,15 @@ def _parity(fused_path: Path, precision: str, say: Progress) -> dict[str, Any]:
 
 def _upcast_parity(fused_path: Path) -> Any:
     """`verify_loaded` on the fp32 widening of a bf16 model, against the reference on the same bf16 weights."""
-    from moetrt.runtime import verify_loaded
-    from moetrt.runtime.verify import TOLERANCES
+    from moetrt.verify.artifact import verify_loaded
 
     model = onnx.load(str(fused_path))
     with tempfile.TemporaryDirectory(prefix="moetrt-upcast-") as tmp:
-        widened = Path(tmp) / "model.onnx"
-        _save_onnx(widen_bf16_to_fp32(model), widened)
-        with _quiet_transformers():
+        widened = Path(tmp) / ONNX_NAME
+        save_onnx(widen_to_fp32(model), widened)
+        with quiet_transformers():
             # bf16's tolerance, not fp32's: the graph's scalar constants are bf16-rounded where PyTorch keeps
             # them in float32 (GPT-OSS's SwiGLU alpha 1.702 -> 1.703125: 1e-4 at the output).
-            report = verify_loaded(widened, reference_dtype="bf16", tolerance=TOLERANCES["bf16"])
+            report = verify_loaded(widened, reference_dtype="bf16", tolerance=tolerance("bf16"))
     report.artifact = str(fused_path)
     return report
-
-
-def widen_bf16_to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with every bf16 tensor (weights, constants, casts, graph I/O, function bodies) as fp32:
-    exact, since every bf16 value is an fp32 value. The input model is left as it is."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
-    widened = onnx.ModelProto()
-    widened.CopyFrom(model)
-
-    def widen_tensor(tensor: onnx.TensorProto) -> None:
-        if tensor.data_type == bf16:
-            values = numpy_helper.to_array(tensor).astype(np.float32)
-            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
-
-    def widen_nodes(nodes: Any) -> None:
-        for node in nodes:
-            for attr in node.attribute:
-                if node.op_type == "Cast" and attr.name == "to" and attr.i == bf16:
-                    attr.i = fp32
-                elif attr.type == onnx.AttributeProto.TENSOR:
-                    widen_tensor(attr.t)
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    widen_graph(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        widen_graph(sub)
-
-    def widen_graph(graph: onnx.GraphProto) -> None:
-        for tensor in graph.initializer:
-            widen_tensor(tensor)
-        for value in [*graph.input, *graph.output, *graph.value_info]:
-            if value.type.tensor_type.elem_type == bf16:
-                value.type.tensor_type.elem_type = fp32
-        widen_nodes(graph.node)
-
-    widen_graph(widened.graph)
-    for function in widened.functions:
-        widen_nodes(function.node)
-    return widened

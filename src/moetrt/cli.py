@@ -8,12 +8,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from moetrt import __version__
-from moetrt.errors import MoetrtError
+from moetrt.core.errors import MoetrtError
+
+if TYPE_CHECKING:
+    from moetrt.op.spec import MoEAttributes
+    from moetrt.trt.trt_build import DimRange
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -138,11 +142,11 @@ def verify_cmd(
       moetrt verify model.fused.onnx --reference demo:qwen3_next --shapes 1x8,4x16,2x130
       moetrt verify demo:gpt_oss:block
     """
-    from moetrt.runtime.verify import parse_shapes, verify
+    from moetrt.verify.model import verify
 
     parsed = parse_shapes(shapes) if shapes is not None else None
     if engine:
-        from moetrt.runtime import verify_loaded
+        from moetrt.verify.artifact import verify_loaded
 
         report = verify_loaded(
             model_or_onnx, reference=reference, shapes=parsed, seed=seed, progress=_progress
@@ -188,7 +192,7 @@ def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) ->
       moetrt fuse qwen3_next.onnx -o qwen3_next.fused.onnx --explain
       moetrt fuse qwen3_next.fused.onnx -o roundtrip.onnx --decompose
     """
-    from moetrt.graph_passes import fuse_file
+    from moetrt.passes import fuse_file
 
     if not out_path.endswith(".onnx"):
         raise MoetrtError(f"output {out_path!r} does not end in .onnx", "name the output file *.onnx")
@@ -201,13 +205,13 @@ def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) ->
 # --- kernels: tune / aot ---
 _PRESET_HELP = "A BENCH.md shape: qwen3_next, qwen3_30b, mixtral, deepseek_v3, gpt_oss_20b."
 _ATTRS_HELP = 'MoE attributes as JSON, e.g. \'{"num_experts": 8, "top_k": 2, "hidden_size": 4096, ...}\'.'
-_DTYPE_CHOICE = click.Choice(["bfloat16", "float16", "float32"])
+_DTYPE_CHOICE = click.Choice(["bf16", "fp16", "fp32"])
 
 
 @main.command("aot")
 @click.option("--preset", help=_PRESET_HELP)
 @click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
-@click.option("--dtype", type=_DTYPE_CHOICE, default="bfloat16", show_default=True)
+@click.option("--dtype", type=_DTYPE_CHOICE, default="bf16", show_default=True, help="Kernel precision.")
 @click.option("--sm", type=int, required=True, help="Target SM: 80, 86, 87, 89, 90, 100 or 120.")
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Kernel bundle file to write."
@@ -216,9 +220,8 @@ _DTYPE_CHOICE = click.Choice(["bfloat16", "float16", "float32"])
 @_user_errors
 def aot_cmd(preset: str | None, attrs_json: str | None, dtype: str, sm: int, output: str, jobs: int) -> None:
     """Compile the MoE kernels ahead of time for one SM (no GPU needed) into a kernel bundle."""
-    from moetrt.io_utils import write_bytes_atomic
-    from moetrt.plugins.moe.aot import compile_kernels
-    from moetrt.plugins.moe.tuning import resolve_attrs
+    from moetrt.core.files import write_bytes_atomic
+    from moetrt.kernels.aot import compile_kernels
 
     bundle = compile_kernels(resolve_attrs(preset, attrs_json), dtype, sm, workers=max(1, jobs))
     data = bundle.to_bytes()
@@ -232,7 +235,7 @@ def aot_cmd(preset: str | None, attrs_json: str | None, dtype: str, sm: int, out
 @main.command("tune")
 @click.option("--preset", help=_PRESET_HELP)
 @click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
-@click.option("--dtype", type=_DTYPE_CHOICE, default="bfloat16", show_default=True)
+@click.option("--dtype", type=_DTYPE_CHOICE, default="bf16", show_default=True, help="Kernel precision.")
 @click.option(
     "--tokens",
     default="1,16,64,512,4096",
@@ -251,7 +254,7 @@ def tune_cmd(
     preset: str | None, attrs_json: str | None, dtype: str, tokens: str, output: str | None, jobs: int
 ) -> None:
     """Tune the kernel-config table for the GPU of this machine (times every candidate on it)."""
-    from moetrt.plugins.moe.tuning import resolve_attrs, tune_gpu
+    from moetrt.tune.tuner import tune_gpu
 
     try:
         counts = [int(t) for t in tokens.split(",")]
@@ -316,8 +319,8 @@ def build_cmd(
     options = BuildOptions(
         target=target,
         precision=precision,
-        tokens=tokens,
-        batch=batch,
+        tokens=parse_dim_range(tokens, "--tokens"),
+        batch=parse_dim_range(batch, "--batch"),
         engine_backend=engine_backend,
         parity=not no_parity,
         force=force,
@@ -389,6 +392,67 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
         return
     for line in summary_lines(report):
         click.echo(line)
+
+
+def resolve_attrs(preset: str | None, attrs_json: str | None) -> MoEAttributes:
+    """MoE attributes from a preset name or a JSON object of MoEAttributes fields (exactly one of them)."""
+    import json
+
+    from moetrt.op.presets import PRESETS
+    from moetrt.op.spec import MoEAttributes
+
+    if bool(preset) == bool(attrs_json):
+        raise MoetrtError(
+            "give exactly one of --preset and --attrs",
+            f"e.g. --preset qwen3_next (one of {', '.join(PRESETS)}) or --attrs '{{\"num_experts\": 8, ...}}'",
+        )
+    if preset:
+        if preset not in PRESETS:
+            raise MoetrtError(
+                f"unknown preset {preset!r}", f"use one of {', '.join(PRESETS)} or --attrs JSON"
+            )
+        return PRESETS[preset]
+    try:
+        fields = json.loads(attrs_json or "")
+        return MoEAttributes.from_onnx_attributes(fields)
+    except (ValueError, TypeError) as err:
+        raise MoetrtError(
+            f"--attrs is not a valid MoE attribute object ({err})",
+            "pass JSON with num_experts, top_k, hidden_size, intermediate_size, ... (spec.py)",
+        ) from err
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """`1x8,3x16,2x80` -> [(1, 8), (3, 16), (2, 80)]."""
+    shapes: list[tuple[int, int]] = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise MoetrtError(f"cannot parse shape {item!r}", "write shapes as BATCHxSEQ, e.g. 1x8,3x16,2x80")
+        shapes.append((int(parts[0]), int(parts[1])))
+    if not shapes:
+        raise MoetrtError("no shapes given", "write shapes as BATCHxSEQ, e.g. 1x8,3x16,2x80")
+    return shapes
+
+
+def parse_dim_range(text: str, flag: str) -> DimRange:
+    """`1:128:4096` (or one number for all three) -> DimRange; errors name the flag."""
+    from moetrt.trt.trt_build import DimRange
+
+    parts = text.split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise MoetrtError(
+            f"{flag} {text!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", f"write e.g. {flag} 1:128:4096"
+        )
+    return DimRange(*values)
 
 
 if __name__ == "__main__":

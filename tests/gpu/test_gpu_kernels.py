@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetrt.errors import MoetrtError
-from moetrt.plugins.moe.reference import moe_reference, random_inputs
-from moetrt.plugins.moe.spec import MoEAttributes
+from moetrt.core.devices import current_sm
+from moetrt.core.dtypes import kernel_name_of
+from moetrt.core.errors import MoetrtError
+from moetrt.op.reference import moe_reference, random_inputs
+from moetrt.op.spec import MoEAttributes
 
 pytestmark = pytest.mark.gpu
 
@@ -59,16 +61,15 @@ CASES = [(name, torch.bfloat16) for name in VARIANTS] + [
 
 
 def _bundle(attrs: MoEAttributes, dtype: torch.dtype):  # type: ignore[no-untyped-def]
-    from moetrt.plugins.moe.torch_ops import _cached_bundle, dtype_name
+    from moetrt.kernels.torch_ops import _cached_bundle
 
-    major, minor = torch.cuda.get_device_capability()
-    return _cached_bundle(attrs, dtype_name(dtype), major * 10 + minor)
+    return _cached_bundle(attrs, kernel_name_of(dtype), current_sm())
 
 
 @pytest.mark.parametrize(("variant", "dtype"), CASES)
 @pytest.mark.parametrize("num_tokens", [1, 7, 64, 65, 300])
 def test_launcher_matches_reference(variant: str, dtype: torch.dtype, num_tokens: int) -> None:
-    from moetrt.plugins.moe.torch_ops import moe_forward
+    from moetrt.kernels.torch_ops import moe_forward
 
     attrs = VARIANTS[variant]
     inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens, skew=0.0)
@@ -90,7 +91,7 @@ def test_launcher_matches_reference(variant: str, dtype: torch.dtype, num_tokens
 
 
 def test_skewed_routing_and_empty_input() -> None:
-    from moetrt.plugins.moe.torch_ops import moe_forward
+    from moetrt.kernels.torch_ops import moe_forward
 
     attrs = VARIANTS["softmax_renorm_shared_gate"]
     inputs = random_inputs(attrs, 200, dtype=torch.bfloat16, device="cuda", seed=3, skew=8.0)
@@ -102,7 +103,7 @@ def test_skewed_routing_and_empty_input() -> None:
 
 
 def test_launcher_rejects_bad_pointer_lists() -> None:
-    from moetrt.plugins.moe.launcher import MoELauncher
+    from moetrt.kernels.launcher import MoELauncher
 
     attrs = VARIANTS["gelu_tanh"]
     launcher = MoELauncher(_bundle(attrs, torch.bfloat16), attrs)
@@ -114,19 +115,18 @@ def test_launcher_rejects_bad_pointer_lists() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -> None:
     """The decode buckets with the fused experts kernel (a tuning candidate) through the launcher."""
-    from moetrt.plugins.moe import tuning
-    from moetrt.plugins.moe.aot import compile_kernels
-    from moetrt.plugins.moe.torch_ops import dtype_name, moe_forward
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
 
     attrs = VARIANTS[variant]
-    name = dtype_name(dtype)
-    major, minor = torch.cuda.get_device_capability()
+    name = kernel_name_of(dtype)
     configs = {}
     for bound in (16, 64):
         cfg = tuning.default_config(attrs, name, bound)
         cfg["fused"] = {"enabled": 1, "BH": 32 if dtype == torch.float32 else 64}
         configs[bound] = cfg
-    bundle = compile_kernels(attrs, name, major * 10 + minor, buckets=(16, 64), configs=configs, workers=8)
+    bundle = compile_kernels(attrs, name, current_sm(), buckets=(16, 64), configs=configs, workers=8)
     assert "experts" in bundle.buckets["16"]["variants"]
     for num_tokens in (1, 7, 64):
         inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
@@ -150,20 +150,19 @@ def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -
 @pytest.mark.parametrize("fused", [False, True])
 def test_programmatic_dependent_launch_matches_reference(fused: bool) -> None:
     """Every bucket launched with programmatic stream serialization (cuLaunchKernelEx + griddepcontrol)."""
-    from moetrt.plugins.moe import tuning
-    from moetrt.plugins.moe.aot import compile_kernels
-    from moetrt.plugins.moe.kernels import plan
-    from moetrt.plugins.moe.torch_ops import moe_forward
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels import plan
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
 
     attrs = VARIANTS["softmax_renorm_shared_gate"]
-    major, minor = torch.cuda.get_device_capability()
     configs = {}
     for bound in plan.BUCKETS:
         cfg = tuning.default_config(attrs, "bfloat16", bound)
         cfg["pdl"] = {"enabled": 1}
         cfg["fused"] = {"enabled": int(fused), "BH": 64}
         configs[bound] = cfg
-    bundle = compile_kernels(attrs, "bfloat16", major * 10 + minor, configs=configs, workers=8)
+    bundle = compile_kernels(attrs, "bfloat16", current_sm(), configs=configs, workers=8)
     for num_tokens in (1, 30, 200, 700):
         inputs = random_inputs(attrs, num_tokens, dtype=torch.bfloat16, device="cuda", seed=num_tokens)
         out = {

@@ -13,19 +13,19 @@ import os
 import pytest
 import torch
 
-from moetrt.plugins.moe.reference import moe_reference, random_inputs
-from moetrt.plugins.moe.spec import MoEAttributes
-from moetrt.plugins.moe.trt import io_rules
-from moetrt.plugins.moe.trt.fields import PluginState, state_from_fields, state_to_fields
-from moetrt.plugins.moe.trt.plugin import _launcher, compile_kernel_bytes, current_sm, field_arrays
+from moetrt.core import dtypes
+from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.op.reference import moe_reference, random_inputs
+from moetrt.op.spec import MoEAttributes
+from moetrt.trt import io_rules
+from moetrt.trt.fields import PluginState, state_from_fields, state_to_fields
+from moetrt.trt.plugin import _launcher, compile_kernel_bytes, current_sm, field_arrays
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 1e-2}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VARIANTS = {
     "qwen3_next_like": MoEAttributes(
         num_experts=64,
@@ -66,10 +66,6 @@ TOKENS = (1, 7, 64, 333)
 MAX_TOKENS = 512
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
 def _deserialized_state(attrs: MoEAttributes, dtype: str) -> PluginState:
     """Build-phase state (cubins for this GPU) → serialized fields → runtime-phase state."""
     sm = current_sm()
@@ -79,7 +75,7 @@ def _deserialized_state(attrs: MoEAttributes, dtype: str) -> PluginState:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("dtype", dtypes.NAMES)
 def test_enqueue_matches_reference(variant: str, dtype: str) -> None:
     attrs = VARIANTS[variant]
     state = _deserialized_state(attrs, dtype)
@@ -91,7 +87,7 @@ def test_enqueue_matches_reference(variant: str, dtype: str) -> None:
     )
     workspace = torch.empty(max(workspace_bytes, 256), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()  # not the default stream: the plugin must use the one it is given
-    torch_dtype = TORCH_DTYPES[dtype]
+    torch_dtype = dtypes.precision(dtype).torch
     for tokens in TOKENS:
         assert launcher.workspace_size(tokens) <= workspace_bytes, (tokens, workspace_bytes)
         inputs = random_inputs(attrs, tokens, dtype=torch_dtype, device="cuda", seed=tokens)
@@ -119,9 +115,9 @@ def test_enqueue_matches_reference(variant: str, dtype: str) -> None:
         reference = moe_reference({k: v.cpu() for k, v in inputs.items()}, attrs)
         for name, out in zip(attrs.present_outputs(), outputs):
             assert torch.isfinite(out.float()).all(), (variant, dtype, tokens, name)
-            err = _rel(out.cpu(), reference[name])
+            err = relative_error(out.cpu(), reference[name])
             print(f"{variant} {dtype} T={tokens} {name}: rel err {err:.2e}")
-            assert err <= TOLERANCE[dtype], (variant, dtype, tokens, name, err)
+            assert err <= tolerance(dtype), (variant, dtype, tokens, name, err)
 
 
 def test_enqueue_zero_tokens_touches_nothing() -> None:

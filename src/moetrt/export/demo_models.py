@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetrt.errors import MoetrtError
+from moetrt.core.errors import MoetrtError
 from moetrt.export.export_friendly import CHUNKED_EXAMPLE_SEQ, has_chunked_linear_attention
 from moetrt.export.loaded import (
     EXAMPLE_BATCH,

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetrt.errors import MoetrtError
+from moetrt.core.dtypes import precision
+from moetrt.core.errors import MoetrtError
 from moetrt.export.export_friendly import CHUNKED_EXAMPLE_SEQ, has_chunked_linear_attention
 from moetrt.export.loaded import (
     EXAMPLE_BATCH,
@@ -32,37 +33,14 @@ from moetrt.export.loaded import (
     token_dynamic_shapes,
 )
 
-__all__ = ["LoadedModel", "load_model", "parse_dtype"]
+__all__ = ["LoadedModel", "load_model"]
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 _SPEC_HELP = "MODEL is demo:<family>[:block], a Hugging Face model directory, or module:file.py:factory"
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise MoetrtError(f"unsupported dtype {dtype}", "use fp32, fp16 or bf16")
-        return dtype
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise MoetrtError(f"unsupported dtype {dtype!r}", "use fp32, fp16 or bf16") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
 def load_model(spec: str, dtype: torch.dtype | str = torch.float32) -> LoadedModel:
     """Load the model named by `spec` in eval mode, cast to `dtype`."""
-    dtype = parse_dtype(dtype)
+    dtype = precision(dtype).torch
     if spec.startswith("demo:") or spec == "demo":
         return _load_demo(spec, dtype)
     if spec.startswith("module:"):

@@ -7,8 +7,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,12 +15,20 @@ from pathlib import Path
 
 import torch
 
-from moetrt.errors import MoetrtError
+from moetrt.core.artifacts import (
+    META_DTYPE,
+    META_EXAMPLE_SHAPE,
+    META_LONG_SEQ,
+    META_NUM_MOE_BLOCKS,
+    META_SOURCE,
+)
+from moetrt.core.dtypes import name_of as dtype_name
+from moetrt.core.dtypes import precision
+from moetrt.core.errors import MoetrtError
+from moetrt.core.onnx_io import MAX_IR_VERSION, save_onnx
 from moetrt.export.loaded import LoadedModel
-from moetrt.export.model_source import dtype_name, load_model, parse_dtype
+from moetrt.export.model_source import load_model
 
-#: onnxruntime refuses newer IR versions (onnx 1.23 writes IR 14 by default).
-MAX_IR_VERSION = 10
 DEFAULT_OPSET = 18
 #: bf16 exports need opset 22: earlier opsets do not allow bfloat16 for Conv (Qwen3-Next's short convolution)
 #: and other ops, so an opset-18 bf16 file fails ONNX type checking.
@@ -31,13 +37,6 @@ MIN_BF16_OPSET = 22
 SUPPORTED_OPSETS = range(18, 24)
 #: Protobuf cannot hold more than 2 GiB: larger models keep their weights in `<name>.onnx.data`.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
-
-# metadata_props keys; `verify` reads them back to rebuild the reference model on its own.
-META_SOURCE = "moetrt.source"
-META_DTYPE = "moetrt.dtype"
-META_NUM_MOE_BLOCKS = "moetrt.num_moe_blocks"
-META_LONG_SEQ = "moetrt.long_seq"
-META_EXAMPLE_SHAPE = "moetrt.example_shape"
 
 Progress = Callable[[str], None]
 
@@ -82,7 +81,7 @@ def export_onnx(
         raise MoetrtError(f"output {str(out_path)!r} does not end in .onnx", "name the output file *.onnx")
     if out_path.is_dir():
         raise MoetrtError(f"output {str(out_path)!r} is a directory", "give a file name ending in .onnx")
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = precision(dtype).torch
     opset = default_opset(torch_dtype) if opset is None else opset
     if opset not in SUPPORTED_OPSETS:
         raise MoetrtError(
@@ -128,7 +127,7 @@ def export_onnx(
     num_nodes = sum(1 for _ in model.graph.all_nodes())
 
     say(f"writing {out_path} ({weight_bytes / 1e6:.1f} MB of weights{', external data' if external else ''})")
-    data_path = _save_atomic(model, out_path, external)
+    data_path = save_onnx(model, out_path, external=external)
     return ExportResult(
         path=out_path,
         num_moe_blocks=loaded.num_moe_blocks,
@@ -197,42 +196,6 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _save_atomic(model: object, out_path: Path, external: bool) -> Path | None:
-    """Save into a private temp dir beside `out_path`, then move the data file and the .onnx in place.
-
-    External data is referenced by its final file name, so it is written under that name in the temp dir.
-    """
-    import onnx_ir as ir
-
-    data_name = out_path.name + ".data"
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    except OSError as err:
-        raise MoetrtError(
-            f"cannot write to {out_path.parent}: {err.strerror}", "choose a writable output path"
-        ) from None
-    try:
-        tmp_model = tmp_dir / out_path.name
-        if external:
-            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)  # type: ignore[arg-type]
-        else:
-            ir.save(model, tmp_model)  # type: ignore[arg-type]
-        final_data = out_path.parent / data_name
-        if external:
-            os.replace(tmp_dir / data_name, final_data)
-        elif final_data.exists():
-            final_data.unlink()  # a stale data file from an earlier, larger export of the same name
-        os.replace(tmp_model, out_path)
-        return final_data if external else None
-    except OSError as err:
-        raise MoetrtError(
-            f"cannot write {out_path}: {err.strerror or err}", "check free disk space and permissions"
-        ) from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _nbytes(tensor: object) -> int:

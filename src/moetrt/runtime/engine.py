@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from moetrt.errors import MoetrtError
-from moetrt.runtime.manifest import MANIFEST_NAME, check_plan, read_manifest
+from moetrt.core.artifacts import MANIFEST_NAME, ONNX_NAME
+from moetrt.core.errors import MoetrtError
+from moetrt.runtime.manifest import check_plan, read_manifest
 from moetrt.runtime.session import check_inputs
-from moetrt.runtime.trt_build import CapturingLogger, check_in_profile, current_device_sm
+from moetrt.trt.trt_build import CapturingLogger, check_in_profile, current_device_sm
 
 _TRT_TO_TORCH = {
     "FLOAT": torch.float32,
@@ -36,10 +37,10 @@ _TRT_TO_TORCH = {
 def import_backend(backend: str) -> ModuleType:
     """The TensorRT module an engine of `backend` needs, with the MoE plugin registered where it has one."""
     if backend == "tensorrt-rtx":
-        from moetrt.runtime.rtx_build import import_tensorrt_rtx
+        from moetrt.trt.rtx_build import import_tensorrt_rtx
 
         return import_tensorrt_rtx()
-    from moetrt.plugins.moe.trt.plugin import import_tensorrt, register_plugin
+    from moetrt.trt.plugin import import_tensorrt, register_plugin
 
     trt = import_tensorrt()
     register_plugin(trt)
@@ -60,7 +61,7 @@ class Engine:
         if device_sm is None:
             raise MoetrtError(
                 "no CUDA GPU is visible: TensorRT engines run on a GPU",
-                f"run the portable model instead: `moetrt run {self.path.parent / 'model.onnx'}`",
+                f"run the portable model instead: `moetrt run {self.path.parent / ONNX_NAME}`",
             )
         self.manifest = manifest
         self.backend = manifest["engine"]["backend"]

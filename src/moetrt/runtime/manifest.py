@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from moetrt import __version__
-from moetrt.errors import MoetrtError
-from moetrt.io_utils import write_text_atomic
+from moetrt.core.artifacts import MANIFEST_NAME, ONNX_NAME, PLAN_NAME
+from moetrt.core.errors import MoetrtError
+from moetrt.core.files import write_text_atomic
 
-MANIFEST_NAME = "manifest.json"
 FORMAT = "moetrt-manifest"
 FORMAT_VERSION = 1
 PLAN_MAGIC_BYTES = 4
@@ -135,8 +135,8 @@ def validate_manifest(manifest: Any, where: str = "manifest") -> dict[str, Any]:
             ):
                 problems.append(f"files.{name} needs sha256 and bytes")
     engine = manifest.get("engine")
-    if isinstance(engine, dict) and engine.get("built") and "model.plan" not in (files or {}):
-        problems.append("engine.built but no model.plan in files")
+    if isinstance(engine, dict) and engine.get("built") and PLAN_NAME not in (files or {}):
+        problems.append(f"engine.built but no {PLAN_NAME} in files")
     if problems:
         raise MoetrtError(f"invalid {where}: " + "; ".join(problems), "rebuild with `moetrt build`")
     return manifest
@@ -239,8 +239,8 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         except MoetrtError as err:
             report["files_ok"] = False
             report["files_error"] = err.one_line()
-        if (path / "model.onnx").is_file():
-            report["onnx"] = inspect_onnx(path / "model.onnx")
+        if (path / ONNX_NAME).is_file():
+            report["onnx"] = inspect_onnx(path / ONNX_NAME)
         return report
     if not path.is_file():
         raise MoetrtError(f"{path} does not exist", "pass an .onnx, a .plan or a `moetrt build` directory")
@@ -267,7 +267,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
 def inspect_onnx(path: str | Path) -> dict[str, Any]:
     import onnx
 
-    from moetrt.plugins.moe import spec
+    from moetrt.op import spec
 
     try:
         model = onnx.load(str(path), load_external_data=False)

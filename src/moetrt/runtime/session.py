@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 import torch
 
-from moetrt.errors import MoetrtError
+from moetrt.core.errors import MoetrtError
 
 _ORT_TO_TORCH = {
     "tensor(float)": torch.float32,

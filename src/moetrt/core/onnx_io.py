@@ -1,0 +1,161 @@
+"""Reading and writing ONNX models: atomic, IR ≤ 10, weights in one external-data file past protobuf's limit.
+
+Also the one float32 widening of half-precision graphs (onnxruntime's CPU provider lacks bf16 kernels for most
+ops; every half value is exactly a float32 value, so the widened graph computes the same function in float32).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from moetrt.core.artifacts import external_data_name
+from moetrt.core.errors import MoetrtError
+
+#: onnxruntime refuses newer IR versions; IR 10 is the first with function `overload`.
+MAX_IR_VERSION = 10
+#: Serialised size above which weights go to external data (clear of protobuf's 2 GiB limit).
+PROTOBUF_LIMIT = 2**31 - 2**24
+_EXTERNAL_THRESHOLD_BYTES = 1024
+
+
+def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
+    """Load a model, or raise a one-line MoetrtError that says what is wrong with the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise MoetrtError(f"{path} is a directory", "pass the path of an .onnx file")
+    if not path.is_file():
+        raise MoetrtError(f"{path} does not exist", "pass the path of an .onnx file")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as err:  # onnx raises DecodeError / OSError / ValueError
+        raise MoetrtError(
+            f"{path} is not a readable ONNX model ({type(err).__name__})",
+            "export it with `moetrt export` or check the file",
+        ) from None
+
+
+def save_onnx(model: Any, out_path: str | os.PathLike[str], external: bool | None = None) -> Path | None:
+    """Write `model` (an onnx.ModelProto or an onnx_ir.Model) to `out_path` atomically; returns the external
+    data path when the weights went to `<name>.data` (always when `external`, else when the proto would pass
+    the protobuf limit). A stale data file of an earlier, larger model of the same name is removed."""
+    out_path = Path(out_path)
+    is_proto = isinstance(model, onnx.ModelProto)
+    if is_proto:
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        if external is None:
+            external = model.ByteSize() > PROTOBUF_LIMIT
+    else:
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        external = bool(external)
+    data_name = external_data_name(out_path.name)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    except OSError as err:
+        raise MoetrtError(
+            f"cannot write to {out_path.parent}: {err.strerror}", "choose a writable output path"
+        ) from None
+    try:
+        tmp_model = tmp_dir / out_path.name
+        if is_proto:
+            options: dict[str, Any] = {}
+            if external:
+                options = dict(
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=data_name,
+                    size_threshold=_EXTERNAL_THRESHOLD_BYTES,
+                )
+            onnx.save_model(model, str(tmp_model), **options)
+        else:
+            import onnx_ir as ir
+
+            if external:
+                ir.save(
+                    model, tmp_model, external_data=data_name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES
+                )
+            else:
+                ir.save(model, tmp_model)
+        final_data = out_path.parent / data_name
+        if external:
+            os.replace(tmp_dir / data_name, final_data)
+        elif final_data.exists():
+            final_data.unlink()
+        os.replace(tmp_model, out_path)
+        return final_data if external else None
+    except OSError as err:
+        raise MoetrtError(
+            f"cannot write {out_path}: {err.strerror or err}", "check free disk space and permissions"
+        ) from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+_HALF_TYPES = {
+    "bf16": (onnx.TensorProto.BFLOAT16,),
+    "half": (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16),
+}
+
+
+def widen_to_fp32(model: onnx.ModelProto, which: str = "bf16", in_place: bool = False) -> onnx.ModelProto:
+    """The same model with every `which` tensor ("bf16", or "half" for fp16 and bf16) as float32: weights,
+    constants, Cast targets, graph I/O and value types, subgraphs and function bodies. Exact, since every half
+    value is a float32 value. Returns a copy unless `in_place`."""
+    from onnx import numpy_helper
+
+    narrow = _HALF_TYPES[which]
+    fp32 = onnx.TensorProto.FLOAT
+    if not in_place:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+
+    def widen_tensor(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type in narrow:
+            values = numpy_helper.to_array(tensor).astype("float32")
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+    def widen_nodes(nodes: Iterable[onnx.NodeProto]) -> None:
+        for node in nodes:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i in narrow:
+                    attr.i = fp32
+                elif attr.type == onnx.AttributeProto.TENSOR:
+                    widen_tensor(attr.t)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    widen_graph(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        widen_graph(sub)
+
+    def widen_graph(graph: onnx.GraphProto) -> None:
+        for tensor in graph.initializer:
+            widen_tensor(tensor)
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type in narrow:
+                value.type.tensor_type.elem_type = fp32
+        widen_nodes(graph.node)
+
+    widen_graph(model.graph)
+    for function in model.functions:
+        widen_nodes(function.node)
+    return model

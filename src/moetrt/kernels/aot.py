@@ -1,0 +1,270 @@
+"""Ahead-of-time compilation of the MoE kernels into cubins, on any machine (no GPU needed).
+
+`compile_kernels(attrs, dtype, sm)` compiles every kernel variant of every token bucket for one SM and packs
+cubins, entry names and launch metadata into a `KernelBundle`; `KernelBundle.to_bytes()` is what a TensorRT
+engine carries in its plugin fields, and `from_bytes` restores it without Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from moetrt.core.dtypes import kernel_name_of
+from moetrt.core.errors import MoetrtError
+from moetrt.kernels import plan
+from moetrt.op.spec import MoEAttributes
+
+SUPPORTED_SMS = (80, 86, 87, 89, 90, 100, 120)
+BUNDLE_MAGIC = b"MOETRTKB"
+BUNDLE_VERSION = 2  # 2: split router, top-k kernel, no memset (bundles of 1 must be recompiled)
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """One cubin and what a launcher needs besides it."""
+
+    key: str
+    name: str  # entry point in the cubin
+    cubin: bytes
+    num_warps: int
+    shared: int  # bytes of dynamic shared memory
+    param_types: tuple[str, ...]  # runtime params, in order (the two scratch pointers come after)
+    scratch_params: int  # trailing pointer params the Triton ABI adds (global + profile scratch)
+
+
+@dataclass
+class KernelBundle:
+    """Cubins for one (attributes, dtype, SM) and the per-bucket launch configuration."""
+
+    attrs: dict[str, Any]
+    dtype: str
+    sm: int
+    triton_version: str
+    kernels: dict[str, CompiledKernel] = field(default_factory=dict)
+    # bucket name -> {"bound": int | None, "config": block sizes, "variants": stage -> kernel key,
+    #                 "constexprs": kernel key -> constexpr dict}
+    buckets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def moe_attributes(self) -> MoEAttributes:
+        return MoEAttributes.from_onnx_attributes(self.attrs)
+
+    def to_bytes(self) -> bytes:
+        blobs: list[bytes] = []
+        kernels = []
+        offset = 0
+        for kernel in self.kernels.values():
+            kernels.append(
+                {
+                    "key": kernel.key,
+                    "name": kernel.name,
+                    "num_warps": kernel.num_warps,
+                    "shared": kernel.shared,
+                    "param_types": list(kernel.param_types),
+                    "scratch_params": kernel.scratch_params,
+                    "offset": offset,
+                    "size": len(kernel.cubin),
+                }
+            )
+            blobs.append(kernel.cubin)
+            offset += len(kernel.cubin)
+        header = json.dumps(
+            {
+                "version": BUNDLE_VERSION,
+                "attrs": self.attrs,
+                "dtype": self.dtype,
+                "sm": self.sm,
+                "triton_version": self.triton_version,
+                "kernels": kernels,
+                "buckets": self.buckets,
+            },
+            sort_keys=True,
+        ).encode()
+        return BUNDLE_MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> KernelBundle:
+        hint = "rebuild the engine / recompile the kernels with this moetrt version (`moetrt aot`)"
+        if len(data) < len(BUNDLE_MAGIC) + 4 or not data.startswith(BUNDLE_MAGIC):
+            raise MoetrtError("kernel bundle has no moetrt header (wrong or truncated data)", hint)
+        start = len(BUNDLE_MAGIC) + 4
+        (header_len,) = struct.unpack("<I", data[len(BUNDLE_MAGIC) : start])
+        try:
+            header = json.loads(data[start : start + header_len])
+        except ValueError as err:
+            raise MoetrtError(f"kernel bundle header is corrupt ({err})", hint) from err
+        if header.get("version") != BUNDLE_VERSION:
+            raise MoetrtError(f"kernel bundle version {header.get('version')} is not {BUNDLE_VERSION}", hint)
+        blob_start = start + header_len
+        kernels = {}
+        for k in header["kernels"]:
+            lo, hi = blob_start + k["offset"], blob_start + k["offset"] + k["size"]
+            if hi > len(data):
+                raise MoetrtError("kernel bundle is truncated (a cubin runs past its end)", hint)
+            kernels[k["key"]] = CompiledKernel(
+                k["key"],
+                k["name"],
+                bytes(data[lo:hi]),
+                k["num_warps"],
+                k["shared"],
+                tuple(k["param_types"]),
+                k["scratch_params"],
+            )
+        return cls(
+            header["attrs"],
+            header["dtype"],
+            header["sm"],
+            header["triton_version"],
+            kernels,
+            header["buckets"],
+        )
+
+
+def _signature(kernel_fn: Any, kernel: str, dtype: str, constexprs: dict[str, Any]) -> tuple[dict, dict]:
+    runtime = dict(
+        zip([name for name, _ in plan.KERNEL_PARAMS[kernel]], plan.param_types(kernel, dtype), strict=True)
+    )
+    signature = {}
+    for name in kernel_fn.arg_names:
+        if name in runtime:
+            signature[name] = runtime[name]
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            raise MoetrtError(
+                f"kernel {kernel} parameter {name} has neither a type nor a value",
+                "update kernels/plan.py KERNEL_PARAMS to match the kernel",
+            )
+    # Every pointer is 16-byte aligned (the launcher checks): lets the compiler emit 16-byte loads.
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel_fn.arg_names)
+        if signature[name].startswith("*")
+    }
+    return signature, attrs
+
+
+def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKernel:
+    """Compile one kernel variant for `sm` with Triton's backend (a CPU is enough)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from moetrt.kernels.triton_moe import KERNELS
+
+    fn = KERNELS[variant.kernel]
+    constexprs = dict(variant.constexprs)
+    signature, attrs = _signature(fn, variant.kernel, dtype, constexprs)
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", sm, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    compiled = triton.compile(source, target=target, options=options.__dict__)
+    meta = compiled.metadata
+    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+        raise MoetrtError(
+            f"kernel {variant.key} needs Triton scratch memory, which the launcher does not provide",
+            "pick other block sizes for it in the config table",
+        )
+    if getattr(meta, "num_ctas", 1) != 1:
+        raise MoetrtError(f"kernel {variant.key} uses thread-block clusters", "compile it with num_ctas=1")
+    types = tuple(plan.param_types(variant.kernel, dtype))
+    ptx_params = ptx_entry_params(compiled.asm["ptx"])
+    # The entry must take our runtime params in order (pointers .u64, i32 .u32/.b32), then only
+    # the scratch pointers this Triton version appends; anything else means the packing would be wrong.
+    expected = ["u64" if t.startswith("*") else "b32" for t in types]
+    got = ["u64" if p == "u64" else "b32" for p in ptx_params[: len(types)]]
+    extra = ptx_params[len(types) :]
+    if got != expected or any(p != "u64" for p in extra):
+        raise MoetrtError(
+            f"kernel {variant.key}: compiled entry takes {ptx_params}, expected {expected} + pointers",
+            f"this Triton version ({triton.__version__}) specialises arguments differently; "
+            "pin the version in docs/kernels.md",
+        )
+    return CompiledKernel(
+        variant.key, meta.name, compiled.asm["cubin"], meta.num_warps, meta.shared, types, len(extra)
+    )
+
+
+def ptx_entry_params(ptx: str) -> list[str]:
+    """Parameter types ('u64', 'u32', 'b32', ...) of the single .entry in a PTX module."""
+    start = ptx.index(".entry")
+    decl = ptx[start : ptx.index(")", start)]
+    return re.findall(r"\.param\s+\.(\w+)", decl)
+
+
+def _compile_job(job: tuple[plan.Variant, str, int]) -> CompiledKernel:
+    return compile_variant(*job)
+
+
+def compile_kernels(
+    attrs: MoEAttributes,
+    dtype: str,
+    sm: int,
+    buckets: tuple[int | None, ...] = plan.BUCKETS,
+    workers: int = 1,
+    configs: Mapping[int | None, dict[str, Any]] | None = None,
+    cache: dict[str, CompiledKernel] | None = None,
+) -> KernelBundle:
+    """Cubins of every kernel variant of every token bucket for `sm` (default: all buckets).
+
+    workers > 1 compiles variants in that many forked processes (Triton's compiler is single-threaded).
+    `configs` overrides the config table for some buckets (used when tuning). A bundle without the
+    unbounded bucket (None) serves only token counts up to its largest bound. `cache` (variant key ->
+    compiled kernel) is read and filled, so candidates that share variants compile them once.
+    """
+    import triton
+
+    from moetrt.kernels import configs as config_table
+
+    if sm not in SUPPORTED_SMS:
+        raise MoetrtError(f"SM {sm} is not supported", f"pick one of {', '.join(map(str, SUPPORTED_SMS))}")
+    dtype = kernel_name_of(dtype)  # any spelling of fp32 / fp16 / bf16; bundles store the kernel name
+    if not buckets or any(b not in plan.BUCKETS for b in buckets):
+        raise MoetrtError(
+            f"token buckets {buckets} are not a non-empty subset of {plan.BUCKETS}",
+            "pass a subset of plan.BUCKETS (None: the unbounded one)",
+        )
+    bundle = KernelBundle(attrs.to_onnx_attributes(), dtype, sm, triton.__version__)
+    per_bucket = {}
+    todo: dict[str, plan.Variant] = {}
+    for bound in buckets:
+        cfg = (
+            configs[bound]
+            if configs and bound in configs
+            else config_table.select_config(attrs, dtype, sm, bound)
+        )
+        if plan.uses_pdl(cfg) and sm < 90:
+            raise MoetrtError(
+                f"the config for bucket {plan.bucket_name(bound)} asks for programmatic dependent "
+                f"launch, which sm_{sm} lacks",
+                "disable 'pdl' in that config (SM90+ only)",
+            )
+        variants = plan.bucket_variants(attrs, dtype, bound, cfg)
+        per_bucket[bound] = (cfg, variants)
+        todo.update({v.key: v for v in variants.values()})
+    cache = {} if cache is None else cache
+    jobs = [(variant, dtype, sm) for variant in todo.values() if variant.key not in cache]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(
+            min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")
+        ) as pool:
+            compiled = list(pool.map(_compile_job, jobs))
+    else:
+        compiled = [_compile_job(job) for job in jobs]
+    cache.update({kernel.key: kernel for kernel in compiled})
+    bundle.kernels = {key: cache[key] for key in todo}
+    for bound, (cfg, variants) in per_bucket.items():
+        bundle.buckets[plan.bucket_name(bound)] = {
+            "bound": bound,
+            "config": cfg,
+            "variants": {stage: v.key for stage, v in variants.items()},
+            "constexprs": {v.key: dict(v.constexprs) for v in variants.values()},
+        }
+    return bundle

@@ -1,0 +1,213 @@
+"""Kernel-config table: block sizes per (shape, dtype, SM, token bucket), with tuned entries and defaults.
+
+Tables live in kernels/configs/sm{SM}.json: {"entries": {key: config}}, key = `shape_key(attrs)/dtype/bucket`.
+A missing entry falls back to `default_config`, so every shape works on every SM; tuned entries only make it
+faster. The tuner (`moetrt.tune`, command `moetrt tune`, docs/kernels.md) measures candidates and writes a table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from moetrt.core.errors import MoetrtError
+from moetrt.core.files import write_text_atomic
+from moetrt.kernels.plan import bucket_name, is_decode
+from moetrt.op.spec import MoEAttributes
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def shape_key(attrs: MoEAttributes) -> str:
+    return (
+        f"E{attrs.num_experts}_K{attrs.top_k}_H{attrs.hidden_size}_I{attrs.intermediate_size}"
+        f"_S{attrs.shared_intermediate_size}"
+    )
+
+
+def entry_key(attrs: MoEAttributes, dtype: str, bound: int | None) -> str:
+    return f"{shape_key(attrs)}/{dtype}/{bucket_name(bound)}"
+
+
+def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[str, Any]:
+    """Block sizes that are correct for any shape and reasonable on SM80-SM120."""
+    fp32 = dtype == "float32"
+    e_pad = 1 << max(0, (attrs.num_experts - 1).bit_length())
+    # top-k: about 2048 scores per program keeps the [RT, E] tiles in registers (no spills)
+    topk = {"RT": max(1, min(16, 2048 // e_pad)), "num_warps": 4}
+    if is_decode(bound):
+        assert bound is not None
+        # decode: spread the router weight over many programs; GEMV-like expert tiles (BM=16 is the mma minimum)
+        bk = 64 if fp32 else 128
+        # split H so that about 128 programs stream the router weight (a few slices: top-k sums them)
+        split = max(1, min(16, 128 // -(-attrs.num_experts // 16), attrs.hidden_size // bk))
+        router = {"BT": 16, "BE": 16, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": 3}
+        gate_up = {
+            "BM": 16,
+            "BN": 16 if fp32 else 32,
+            "BK": 64 if fp32 else 128,
+            "num_warps": 4,
+            "num_stages": 3,
+        }
+        # long rows (large I) in few H tiles would leave SMs idle: narrower H tiles, more programs
+        down = {
+            "BH": 16 if fp32 or attrs.intermediate_size >= 8192 else 64,
+            "BK": 64,
+            "num_warps": 4,
+            "num_stages": 3,
+        }
+        reduce = {"BT": 16, "BH": 128, "num_warps": 4}
+    else:
+        big = bound is None
+        router = {
+            "BT": 64 if big else 32,
+            "BE": min(e_pad, 64) if e_pad >= 16 else 16,
+            "BK": 32 if fp32 else 64,
+            "SPLIT": 1,
+            "num_warps": 4,
+            "num_stages": 3,
+        }
+        bm = 64 if big else 32
+        gate_up = {
+            "BM": bm,
+            "BN": 32 if fp32 else 64,
+            "BK": 32 if fp32 else 64,
+            "num_warps": 4,
+            "num_stages": 2 if fp32 else 3,
+        }
+        down = {
+            "BH": 32 if fp32 else 64,
+            "BK": 32 if fp32 else 64,
+            "num_warps": 4,
+            "num_stages": 2 if fp32 else 3,
+        }
+        reduce = {"BT": 16, "BH": 128, "num_warps": 4}
+    # the fused decode experts kernel is a tuning candidate, off by default (float atomics: not bitwise
+    # reproducible from run to run)
+    fused = {"enabled": 0, "BH": 64}
+    # programmatic dependent launch (SM90+) is a tuning candidate too: off unless measured faster
+    pdl = {"enabled": 0}
+    return {
+        "router": router,
+        "topk": topk,
+        "gate_up": gate_up,
+        "down": down,
+        "reduce": reduce,
+        "fused": fused,
+        "pdl": pdl,
+    }
+
+
+@cache
+def _load_table(sm: int) -> dict[str, Any]:
+    path = CONFIG_DIR / f"sm{sm}.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())["entries"]
+    except (ValueError, KeyError) as err:
+        raise MoetrtError(
+            f"kernel-config table {path} is not valid ({err})",
+            "regenerate it with `moetrt tune` or delete it to use defaults",
+        ) from err
+
+
+def select_config(attrs: MoEAttributes, dtype: str, sm: int, bound: int | None) -> dict[str, Any]:
+    """Tuned entry for this shape / dtype / SM / bucket if the table has one, else the default."""
+    cfg = default_config(attrs, dtype, bound)
+    tuned = _load_table(sm).get(entry_key(attrs, dtype, bound))
+    if tuned:
+        cfg = copy.deepcopy(cfg)
+        for stage, values in tuned.items():
+            if stage in cfg:
+                cfg[stage].update(values)
+    return cfg
+
+
+def candidate_configs(attrs: MoEAttributes, dtype: str, bound: int | None) -> list[dict[str, Any]]:
+    """A small search space around the default: the GEMM stages' tiles (router kept at its default)."""
+    base = default_config(attrs, dtype, bound)
+    out = [base]
+    fp32 = dtype == "float32"
+    # (BM, BN, BK, warps, stages) of gate_up x (BH, BK, warps, stages) of down; BM is shared by both
+    if is_decode(bound):
+        gate_up_opts = [
+            (16, 32, 128, 4, 3),
+            (16, 16, 128, 4, 3),
+            (16, 64, 64, 4, 3),
+            (16, 32, 256, 8, 3),
+            (16, 16, 256, 4, 2),
+            (16, 32, 128, 4, 4),
+        ]
+        down_opts = [(64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 4, 3), (64, 128, 8, 3), (16, 128, 4, 3)]
+    else:
+        gate_up_opts = [
+            (64, 64, 64, 4, 3),
+            (64, 128, 64, 4, 3),
+            (64, 128, 64, 8, 4),
+            (128, 128, 64, 8, 3),
+            (128, 64, 64, 4, 4),
+            (128, 128, 32, 8, 4),
+        ]
+        down_opts = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
+    for bm, bn, bk, warps, stages in gate_up_opts:
+        for bh, dbk, dwarps, dstages in down_opts:
+            if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
+                continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
+            cfg = copy.deepcopy(base)
+            cfg["gate_up"].update({"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages})
+            cfg["down"].update({"BH": bh, "BK": dbk, "num_warps": dwarps, "num_stages": dstages})
+            if cfg not in out:
+                out.append(cfg)
+    if is_decode(bound):
+        for bm, bn, bk, warps, stages in gate_up_opts:
+            for bh in (64, 128) if not fp32 else (32,):
+                cfg = copy.deepcopy(base)
+                cfg["gate_up"].update(
+                    {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
+                )
+                cfg["fused"] = {"enabled": 1, "BH": bh}
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def router_candidates(base: dict[str, Any], dtype: str, bound: int | None) -> list[dict[str, Any]]:
+    """Router and top-k block shapes tried once the GEMM tiles are chosen."""
+    if dtype == "float32":
+        opts = [(16, 16, 64, 4, 3), (16, 32, 64, 4, 2), (16, 16, 128, 4, 2)]
+    elif is_decode(bound):
+        opts = [(16, 16, 128, 4, 3), (16, 32, 128, 4, 3), (16, 16, 64, 4, 3), (16, 16, 64, 4, 4)]
+    else:
+        opts = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (32, 64, 64, 4, 3)]
+    out = [base]
+    split = base["router"]["SPLIT"]
+    for bt, be, bk, warps, stages in opts:
+        for new_split in {split, max(1, split // 2), split * 2} if is_decode(bound) else {1}:
+            cfg = copy.deepcopy(base)
+            cfg["router"].update(
+                {"BT": bt, "BE": be, "BK": bk, "SPLIT": new_split, "num_warps": warps, "num_stages": stages}
+            )
+            if cfg not in out:
+                out.append(cfg)
+    rt = base["topk"]["RT"]
+    for new_rt, warps in ((max(1, rt // 2), 4), (rt * 2, 4), (rt, 8)):
+        cfg = copy.deepcopy(base)
+        cfg["topk"].update({"RT": new_rt, "num_warps": warps})
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def write_table(best: dict[str, Any], sm: int, out_path: str | os.PathLike[str] | None = None) -> Path:
+    """Merge tuned entries into the SM's table (entries of other shapes are kept); returns its path."""
+    path = Path(out_path) if out_path else CONFIG_DIR / f"sm{sm}.json"
+    table = json.loads(path.read_text()) if path.exists() else {"entries": {}}
+    table["entries"].update(best)
+    write_text_atomic(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _load_table.cache_clear()
+    return path

@@ -1,0 +1,554 @@
+"""What to launch for T tokens: kernel variants, workspace layout and the launch list (pure Python).
+
+Shared by the AOT compiler (which variants exist), the CUDA-driver launcher (grids and arguments at run time)
+and the Triton JIT path used in CPU tests, so all three run exactly the same sequence.
+
+Two paths, chosen by token bucket (the router-logits kernel also zeroes the counters: no memset):
+  decode  (T <= 64): router logits · top-k(+align) · gate_up · down_rows(+reduce)       — 4 kernels
+          or, when the config table says `fused`: router logits · top-k(+align) · experts (gate_up + down,
+          fp32 atomics) · finalize                                                      — 4 kernels
+  prefill (T > 64):  router logits · top-k · align · gate_up · down_rows · reduce         — 6 kernels
+With `pdl` in the config (SM90+), every launch uses programmatic dependent launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moetrt.core.dtypes import precision
+from moetrt.op.spec import ACTIVATIONS, MoEAttributes
+
+TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+# Upper token bound of each bucket; the last bucket has no bound. Decode buckets fuse align into top-k.
+DECODE_BUCKETS = (16, 64)
+PREFILL_BUCKETS = (512, None)
+BUCKETS: tuple[int | None, ...] = DECODE_BUCKETS + PREFILL_BUCKETS
+ALIGN_MAX_PROGRAMS = 128
+ALIGN_SLOT_CHUNK = 256  # slots per program per align-loop step
+
+# The expert-block table the top-k/align kernels write and the expert kernels read, in signature order.
+_BLOCK_TABLE: tuple[tuple[str, str], ...] = (
+    ("offsets_ptr", "i32"),
+    ("nblocks_ptr", "i32"),
+    ("block_expert_ptr", "i32"),
+    ("block_row0_ptr", "i32"),
+    ("sorted_slot_ptr", "i32"),
+)
+# Runtime (non-constexpr) parameters of each kernel, in signature order, with their kind:
+#   x: pointer to the op's dtype · f32 / i32: pointer to that type · T: the token count (i32 scalar)
+#   int: a host-computed i32 (loop trip counts, program counts), given per launch in Launch.args
+KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "router": (
+        ("x_ptr", "x"),
+        ("router_w_ptr", "x"),
+        ("shared_gate_w_ptr", "x"),
+        ("logits_ws_ptr", "f32"),
+        ("gate_part_ptr", "f32"),
+        ("zero_ptr", "i32"),
+        ("T", "T"),
+        ("zero_words", "int"),
+    ),
+    "topk": (
+        ("logits_ws_ptr", "f32"),
+        ("router_b_ptr", "x"),
+        ("logits_out_ptr", "x"),
+        ("gate_part_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("corr_bias_ptr", "x"),
+        ("topk_ids_ptr", "i32"),
+        ("topk_w_ptr", "f32"),
+        ("rank_ptr", "i32"),
+        ("counts_ptr", "i32"),
+        ("tickets_ptr", "i32"),
+        *_BLOCK_TABLE,
+        ("T", "T"),
+        ("block_iters", "int"),
+        ("slot_iters", "int"),
+    ),
+    "align": (
+        ("counts_ptr", "i32"),
+        ("topk_ids_ptr", "i32"),
+        ("rank_ptr", "i32"),
+        *_BLOCK_TABLE,
+        ("T", "T"),
+        ("block_iters", "int"),
+        ("slot_iters", "int"),
+        ("nprog", "int"),
+    ),
+    "gate_up": (
+        ("x_ptr", "x"),
+        ("w_gu_ptr", "x"),
+        ("b_gu_ptr", "x"),
+        ("shared_w_gu_ptr", "x"),
+        ("act_ptr", "x"),
+        *_BLOCK_TABLE,
+        ("T", "T"),
+    ),
+    "down_rows": (
+        ("w_down_ptr", "x"),
+        ("b_down_ptr", "x"),
+        ("shared_w_down_ptr", "x"),
+        ("act_ptr", "x"),
+        ("topk_w_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("yw_ptr", "x"),
+        ("out_ptr", "x"),
+        ("htickets_ptr", "i32"),
+        *_BLOCK_TABLE,
+        ("T", "T"),
+    ),
+    "reduce": (("yw_ptr", "x"), ("out_ptr", "x"), ("T", "T")),
+    "experts": (
+        ("x_ptr", "x"),
+        ("w_gu_ptr", "x"),
+        ("b_gu_ptr", "x"),
+        ("shared_w_gu_ptr", "x"),
+        ("w_down_ptr", "x"),
+        ("b_down_ptr", "x"),
+        ("shared_w_down_ptr", "x"),
+        ("topk_w_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("acc_ptr", "f32"),
+        *_BLOCK_TABLE,
+        ("T", "T"),
+    ),
+    "finalize": (("acc_ptr", "f32"), ("out_ptr", "x"), ("T", "T")),
+}
+FINALIZE_BLOCK = 1024
+
+# Which op tensor or workspace region feeds each pointer parameter.
+_SOURCES: dict[str, tuple[str, str]] = {
+    "x_ptr": ("in", "hidden_states"),
+    "router_w_ptr": ("in", "router_weight"),
+    "router_b_ptr": ("in", "router_bias"),
+    "corr_bias_ptr": ("in", "score_correction_bias"),
+    "shared_gate_w_ptr": ("in", "shared_gate_weight"),
+    "w_gu_ptr": ("in", "expert_gate_up_weight"),
+    "b_gu_ptr": ("in", "expert_gate_up_bias"),
+    "shared_w_gu_ptr": ("in", "shared_gate_up_weight"),
+    "w_down_ptr": ("in", "expert_down_weight"),
+    "b_down_ptr": ("in", "expert_down_bias"),
+    "shared_w_down_ptr": ("in", "shared_down_weight"),
+    "logits_out_ptr": ("out", "router_logits"),
+    "out_ptr": ("out", "output"),
+    "logits_ws_ptr": ("ws", "logits"),
+    "gate_ws_ptr": ("ws", "gate"),
+    "gate_part_ptr": ("ws", "gate_part"),
+    "topk_ids_ptr": ("ws", "topk_ids"),
+    "topk_w_ptr": ("ws", "topk_w"),
+    "rank_ptr": ("ws", "rank"),
+    "counts_ptr": ("ws", "counts"),
+    "zero_ptr": ("ws", "counts"),  # counts, tickets and htickets: one zeroed span
+    "tickets_ptr": ("ws", "tickets"),
+    "htickets_ptr": ("ws", "htickets"),
+    "offsets_ptr": ("ws", "offsets"),
+    "nblocks_ptr": ("ws", "nblocks"),
+    "block_expert_ptr": ("ws", "block_expert"),
+    "block_row0_ptr": ("ws", "block_row0"),
+    "sorted_slot_ptr": ("ws", "sorted_slot"),
+    "act_ptr": ("ws", "act"),
+    "yw_ptr": ("ws", "yw"),
+    "acc_ptr": ("ws", "acc"),
+}
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bucket_of(num_tokens: int, available: Sequence[int | None] = BUCKETS) -> int | None:
+    """The smallest of `available` buckets (upper token bound, None = unbounded) that serves `num_tokens`."""
+    bounded = sorted(b for b in available if b is not None and num_tokens <= b)
+    if bounded:
+        return bounded[0]
+    if None in available:
+        return None
+    raise ValueError(f"no bucket serves {num_tokens} tokens")
+
+
+def bucket_name(bound: int | None) -> str:
+    return "inf" if bound is None else str(bound)
+
+
+def is_decode(bound: int | None) -> bool:
+    return bound is not None and bound <= DECODE_BUCKETS[-1]
+
+
+def is_fused(cfg: dict[str, Any], bound: int | None) -> bool:
+    """Whether the decode bucket runs the fused experts kernel (gate_up + down in one launch)."""
+    return is_decode(bound) and bool(cfg.get("fused", {}).get("enabled", 0))
+
+
+def param_types(kernel: str, dtype: str) -> list[str]:
+    """Triton signature types of a kernel's runtime parameters (what the cubin's entry point takes)."""
+    kinds = {"x": "*" + TRITON_DTYPE[dtype], "f32": "*fp32", "i32": "*i32", "T": "i32", "int": "i32"}
+    return [kinds[kind] for _, kind in KERNEL_PARAMS[kernel]]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled kernel: Triton function, its constexpr values and launch options."""
+
+    kernel: str
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int
+    num_stages: int
+
+    @property
+    def key(self) -> str:
+        text = json.dumps([self.kernel, list(self.constexprs), self.num_warps, self.num_stages])
+        return f"{self.kernel}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _nmax(attrs: MoEAttributes) -> int:
+    return max(attrs.intermediate_size, attrs.shared_intermediate_size)
+
+
+def _align_constexprs(attrs: MoEAttributes, cfg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "E": attrs.num_experts,
+        "K": attrs.top_k,
+        "BM": cfg["gate_up"]["BM"],
+        "HAS_SHARED": int(attrs.has_shared_expert),
+        "EP_PAD": next_pow2(attrs.num_experts + 2),
+        "CS": ALIGN_SLOT_CHUNK,
+    }
+
+
+def uses_pdl(cfg: dict[str, Any]) -> bool:
+    """Programmatic dependent launch (SM90+): each kernel's launch overlaps the previous kernel's tail."""
+    return bool(cfg.get("pdl", {}).get("enabled", 0))
+
+
+def bucket_variants(
+    attrs: MoEAttributes, dtype: str, bound: int | None, cfg: dict[str, Any]
+) -> dict[str, Variant]:
+    """Stage name -> kernel variant for one token bucket under config `cfg` (see configs.default_config)."""
+    pdl = ("PDL", int(uses_pdl(cfg)))
+    return {
+        stage: Variant(v.kernel, (*v.constexprs, pdl), v.num_warps, v.num_stages)
+        for stage, v in _stage_variants(attrs, dtype, bound, cfg).items()
+    }
+
+
+def _stage_variants(
+    attrs: MoEAttributes, dtype: str, bound: int | None, cfg: dict[str, Any]
+) -> dict[str, Variant]:
+    e, h, k = attrs.num_experts, attrs.hidden_size, attrs.top_k
+    ieee = int(dtype == "float32")
+    decode = is_decode(bound)
+    rc, gc, dc = cfg["router"], cfg["gate_up"], cfg["down"]
+    router = {
+        "E": e,
+        "H": h,
+        "HAS_SHARED_GATE": int(attrs.has_shared_gate),
+        "IEEE": ieee,
+        "SPLIT": rc["SPLIT"],
+        "BT": rc["BT"],
+        "BE": rc["BE"],
+        "BK": rc["BK"],
+    }
+    tc = cfg["topk"]
+    align = _align_constexprs(attrs, cfg)
+    topk = {
+        "E": e,
+        "K": k,
+        "SCORING_SIGMOID": int(attrs.scoring == "sigmoid"),
+        "TOPK_BEFORE": int(attrs.topk_before_score),
+        "NORM_TOPK": int(attrs.norm_topk_prob),
+        "N_GROUP": attrs.n_group,
+        "TOPK_GROUP": attrs.topk_group,
+        "SCALE": float(attrs.routed_scaling_factor),
+        "HAS_CORR_BIAS": int(attrs.has_score_correction_bias),
+        "HAS_ROUTER_BIAS": int(attrs.has_router_bias),
+        "HAS_SHARED": int(attrs.has_shared_expert),
+        "HAS_SHARED_GATE": int(attrs.has_shared_gate),
+        "OUT_LOGITS": int(attrs.output_router_logits),
+        "SPLIT": rc["SPLIT"],
+        "FUSE_ALIGN": int(decode),
+        "RT": tc["RT"],
+        "E_PAD": next_pow2(e),
+        "K_PAD": next_pow2(k),
+        "G_PAD": next_pow2(attrs.n_group),
+        **{name: align[name] for name in ("BM", "EP_PAD", "CS")},
+    }
+    dims = {
+        "E": e,
+        "K": k,
+        "H": h,
+        "I": attrs.intermediate_size,
+        "IS": attrs.shared_intermediate_size,
+        "NMAX": _nmax(attrs),
+    }
+    gate_up = {
+        **dims,
+        "ACTIVATION": ACTIVATIONS.index(attrs.activation),
+        "ALPHA": float(attrs.swiglu_alpha),
+        "LIMIT": float(attrs.swiglu_limit),
+        "HAS_BIAS": int(attrs.has_expert_bias),
+        "IEEE": ieee,
+        "BM": gc["BM"],
+        "BN": gc["BN"],
+        "BK": gc["BK"],
+    }
+    if is_fused(cfg, bound):
+        experts = {
+            **{
+                name: gate_up[name]
+                for name in (
+                    "E",
+                    "K",
+                    "H",
+                    "I",
+                    "IS",
+                    "NMAX",
+                    "ACTIVATION",
+                    "ALPHA",
+                    "LIMIT",
+                    "HAS_BIAS",
+                    "IEEE",
+                    "BM",
+                    "BN",
+                    "BK",
+                )
+            },
+            "BH": cfg["fused"]["BH"],
+        }
+        return {
+            "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
+            "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
+            "experts": Variant("experts", tuple(experts.items()), gc["num_warps"], gc["num_stages"]),
+            "finalize": Variant("finalize", (("H", h), ("BLOCK", FINALIZE_BLOCK)), 4, 1),
+        }
+    down = {
+        **dims,
+        "HAS_BIAS": int(attrs.has_expert_bias),
+        "HAS_SHARED": int(attrs.has_shared_expert),
+        "FUSE_REDUCE": int(decode),
+        "IEEE": ieee,
+        "BM": gc["BM"],
+        "BH": dc["BH"],
+        "BK": dc["BK"],
+        "BT": cfg["reduce"]["BT"],
+    }
+    variants = {
+        "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
+        "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
+        "gate_up": Variant("gate_up", tuple(gate_up.items()), gc["num_warps"], gc["num_stages"]),
+    }
+    variants["down_rows"] = Variant("down_rows", tuple(down.items()), dc["num_warps"], dc["num_stages"])
+    if not decode:
+        variants["align"] = Variant("align", tuple(align.items()), 4, 1)
+        red = cfg["reduce"]
+        reduce = {
+            "K": k,
+            "H": h,
+            "HAS_SHARED": int(attrs.has_shared_expert),
+            "BT": red["BT"],
+            "BH": red["BH"],
+        }
+        variants["reduce"] = Variant("reduce", tuple(reduce.items()), red["num_warps"], 1)
+    return variants
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """What the launch list needs of a compiled variant (a Variant, or one restored from a bundle)."""
+
+    key: str
+    constexprs: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Region:
+    offset: int
+    nbytes: int
+
+
+def _max_blocks(attrs: MoEAttributes, num_tokens: int, bm: int) -> int:
+    slots = num_tokens * attrs.top_k
+    shared = cdiv(num_tokens, bm) if attrs.has_shared_expert else 0
+    # sum_e cdiv(c_e, BM) <= slots / BM + (experts hit), each hit expert wasting < 1 block
+    return cdiv(slots, bm) + min(attrs.num_experts, slots) + shared
+
+
+def workspace_layout(
+    attrs: MoEAttributes, dtype: str, num_tokens: int, cfg: dict[str, Any], bound: int | None
+) -> dict[str, Region]:
+    """Byte regions of the workspace for `num_tokens` in bucket `bound` (config `cfg`); 'total' spans all."""
+    t, k, e, h = num_tokens, attrs.top_k, attrs.num_experts, attrs.hidden_size
+    rows = t * k + (t if attrs.has_shared_expert else 0)
+    max_blocks = _max_blocks(attrs, t, cfg["gate_up"]["BM"])
+    esize = precision(dtype).itemsize
+    fused = is_fused(cfg, bound)
+    sizes = [
+        ("counts", 4 * (e + 2)),
+        ("tickets", 16),  # counts, tickets, htickets: one span the router-logits kernel zeroes
+        ("htickets", 4 * cdiv(h, cfg["down"]["BH"])),
+        ("acc", 4 * t * h if fused else 0),  # fused decode: fp32 output accumulator, zeroed with the counters
+        ("logits", 4 * cfg["router"]["SPLIT"] * t * e),
+        ("gate_part", 4 * cfg["router"]["SPLIT"] * t),
+        ("gate", 4 * t),
+        ("topk_ids", 4 * t * k),
+        ("topk_w", 4 * t * k),
+        ("rank", 4 * t * k),
+        ("offsets", 4 * (e + 2)),
+        ("nblocks", 4),
+        ("block_expert", 4 * max_blocks),
+        ("block_row0", 4 * max_blocks),
+        ("sorted_slot", 4 * rows),
+        ("act", 0 if fused else esize * rows * _nmax(attrs)),
+        ("yw", 0 if fused else esize * rows * h),
+    ]
+    layout: dict[str, Region] = {}
+    offset = 0
+    for name, nbytes in sizes:
+        align = 16 if name in ("tickets", "htickets", "acc") else 256
+        offset = cdiv(offset, align) * align
+        layout[name] = Region(offset, nbytes)
+        offset += nbytes
+    layout["total"] = Region(0, cdiv(offset, 256) * 256)
+    return layout
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the variant key, its grid, and where each runtime argument comes from.
+
+    args: ('in', name) | ('out', name) | ('ws', region) | ('T', '') | ('int', decimal) — absent optional tensors resolve
+    to the hidden_states pointer (never read: a constexpr flag disables their use).
+    """
+
+    stage: str
+    variant_key: str
+    grid: tuple[int, int, int]
+    args: tuple[tuple[str, str], ...]
+    pdl: bool = False  # launch with programmatic stream serialization (the kernel waits with griddepcontrol)
+
+
+def launch_sequence(
+    attrs: MoEAttributes,
+    dtype: str,
+    num_tokens: int,
+    variants: Mapping[str, Variant | StageRef],
+    cfg: dict[str, Any],
+    bound: int | None,
+) -> list[Launch]:
+    """The ordered operations for `num_tokens` tokens served by bucket `bound` (empty for T = 0)."""
+    t = num_tokens
+    if t <= 0:
+        return []
+    if bound is not None and t > bound:
+        raise ValueError(f"{t} tokens do not fit bucket {bound}")
+    layout = workspace_layout(attrs, dtype, t, cfg, bound)
+    e, h, k = attrs.num_experts, attrs.hidden_size, attrs.top_k
+    const = {name: dict(v.constexprs) for name, v in variants.items()}
+    bm = cfg["gate_up"]["BM"]
+    max_blocks = _max_blocks(attrs, t, bm)
+    present_in = set(attrs.present_inputs())
+    present_out = set(attrs.present_outputs())
+
+    def args_for(kernel: str, **ints: int) -> tuple[tuple[str, str], ...]:
+        out: list[tuple[str, str]] = []
+        for name, kind in KERNEL_PARAMS[kernel]:
+            if kind == "T":
+                out.append(("T", ""))
+                continue
+            if kind == "int":
+                out.append(("int", str(ints[name])))
+                continue
+            src, ref = _SOURCES[name]
+            if (src == "in" and ref not in present_in) or (src == "out" and ref not in present_out):
+                out.append(("in", "hidden_states"))
+            else:
+                out.append((src, ref))
+        return tuple(out)
+
+    zero_end = layout["acc"].offset + layout["acc"].nbytes
+    ops: list[Launch] = []
+    r = const["router"]
+    ops.append(
+        Launch(
+            "router",
+            variants["router"].key,
+            (cdiv(t, r["BT"]), cdiv(e, r["BE"]), r["SPLIT"]),
+            args_for("router", zero_words=zero_end // 4),
+        )
+    )
+    tk = const["topk"]
+    chunk = tk["CS"]
+    blocks_per_expert = cdiv(t, bm)  # a token picks an expert at most once (the shared expert: every token)
+    if is_decode(bound):
+        topk_ints = {"block_iters": blocks_per_expert, "slot_iters": cdiv(t * k, chunk)}
+    else:
+        topk_ints = {"block_iters": 0, "slot_iters": 0}
+    ops.append(Launch("topk", variants["topk"].key, (cdiv(t, tk["RT"]), 1, 1), args_for("topk", **topk_ints)))
+    if not is_decode(bound):
+        programs = max(1, min(ALIGN_MAX_PROGRAMS, max(cdiv(t * k, chunk), blocks_per_expert)))
+        iters = {
+            "block_iters": cdiv(blocks_per_expert, programs),
+            "slot_iters": cdiv(t * k, chunk * programs),
+            "nprog": programs,
+        }
+        ops.append(Launch("align", variants["align"].key, (programs, 1, 1), args_for("align", **iters)))
+    if is_fused(cfg, bound):
+        ex = const["experts"]
+        ops.append(
+            Launch(
+                "experts",
+                variants["experts"].key,
+                (max_blocks * cdiv(_nmax(attrs), ex["BN"]), 1, 1),
+                args_for("experts"),
+            )
+        )
+        ops.append(
+            Launch(
+                "finalize",
+                variants["finalize"].key,
+                (cdiv(t * h, FINALIZE_BLOCK), 1, 1),
+                args_for("finalize"),
+            )
+        )
+        return _with_pdl(ops, const)
+    g = const["gate_up"]
+    ops.append(
+        Launch(
+            "gate_up",
+            variants["gate_up"].key,
+            (max_blocks * cdiv(_nmax(attrs), g["BN"]), 1, 1),
+            args_for("gate_up"),
+        )
+    )
+    d = const["down_rows"]
+    ops.append(
+        Launch(
+            "down_rows",
+            variants["down_rows"].key,
+            (max_blocks * cdiv(h, d["BH"]), 1, 1),
+            args_for("down_rows"),
+        )
+    )
+    if not is_decode(bound):
+        red = const["reduce"]
+        ops.append(
+            Launch(
+                "reduce",
+                variants["reduce"].key,
+                (cdiv(t, red["BT"]), cdiv(h, red["BH"]), 1),
+                args_for("reduce"),
+            )
+        )
+    return _with_pdl(ops, const)
+
+
+def _with_pdl(ops: list[Launch], const: dict[str, dict[str, Any]]) -> list[Launch]:
+    return [dataclasses.replace(op, pdl=bool(const[op.stage].get("PDL", 0))) for op in ops]

@@ -1,0 +1,273 @@
+"""PyTorch conveniences over the fused MoE kernels.
+
+`moe_forward`: CUDA tensors through the ahead-of-time cubins and the CUDA-driver launcher (the same path the
+TensorRT plugin takes). `moe_forward_triton`: the same launch sequence through Triton's JIT, which also runs on
+CPU tensors under TRITON_INTERPRET=1 (used by the CPU tests).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moetrt.core.devices import sm_from_capability
+from moetrt.core.dtypes import kernel_name_of
+from moetrt.core.errors import MoetrtError
+from moetrt.kernels import plan
+from moetrt.op.spec import MoEAttributes
+
+if TYPE_CHECKING:
+    from moetrt.kernels.aot import KernelBundle
+    from moetrt.kernels.launcher import MoELauncher
+
+_KIND_DTYPE = {"f32": torch.float32, "i32": torch.int32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The kernel name (float32 / float16 / bfloat16) of a tensor dtype the op takes."""
+    return kernel_name_of(dtype)
+
+
+def check_inputs(
+    inputs: dict[str, torch.Tensor], attrs: MoEAttributes, device_type: str | None = None
+) -> int:
+    """Validate names, shapes, dtypes, contiguity and alignment; return the token count."""
+    missing = [name for name in attrs.present_inputs() if name not in inputs]
+    if missing:
+        raise MoetrtError(
+            f"missing MoE inputs {missing}",
+            f"pass every input of attrs.present_inputs(): {list(attrs.present_inputs())}",
+        )
+    hidden = inputs["hidden_states"]
+    if hidden.dim() != 2:
+        raise MoetrtError(
+            f"hidden_states must be [T, H], got shape {tuple(hidden.shape)}",
+            "flatten batch and sequence into one token dimension",
+        )
+    num_tokens = hidden.shape[0]
+    dtype_name(hidden.dtype)
+    for name, shape in attrs.input_shapes(num_tokens).items():
+        tensor = inputs[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise MoetrtError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}",
+                "check the weights against the MoE attributes (spec.py layouts)",
+            )
+        if tensor.dtype != hidden.dtype:
+            raise MoetrtError(
+                f"{name} is {tensor.dtype} but hidden_states is {hidden.dtype}",
+                "cast every weight to the dtype of hidden_states",
+            )
+        if device_type is not None and tensor.device.type != device_type:
+            raise MoetrtError(
+                f"{name} is on {tensor.device}, expected a {device_type} tensor",
+                f"move every input to {device_type}",
+            )
+        if not tensor.is_contiguous():
+            raise MoetrtError(f"{name} is not contiguous", "call .contiguous() on it first")
+        if tensor.numel() and tensor.data_ptr() % 16:
+            raise MoetrtError(f"{name} is not 16-byte aligned", "pass a freshly allocated tensor (.clone())")
+    return num_tokens
+
+
+def _outputs(attrs: MoEAttributes, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    t = hidden.shape[0]
+    out = {"output": torch.empty(t, attrs.hidden_size, dtype=hidden.dtype, device=hidden.device)}
+    if attrs.output_router_logits:
+        out["router_logits"] = torch.empty(t, attrs.num_experts, dtype=hidden.dtype, device=hidden.device)
+    return out
+
+
+def _interpreter_fixes() -> None:
+    """Gaps of Triton 3.6's CPU interpreter, patched in the interpreter only (compiled kernels unaffected):
+    scalars are 1-element arrays and loop bounds call int() on them, which numpy >= 2.4 refuses; bf16 is
+    held as raw 16-bit integers, so tl.dot multiplies the bit patterns, int/bool -> bf16 casts copy integer
+    bits, and fp32 -> bf16 truncates where the GPU rounds to nearest even. The fixes compute what the GPU
+    computes: bf16 products exact in fp32 with fp32 accumulation, casts rounded to nearest even."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_moetrt_fixes", False):
+        return
+    original_patch = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        original_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(
+        self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any
+    ) -> Any:
+        def upcast(x: Any) -> Any:
+            if x.dtype == tl.bfloat16:
+                bits = x.data.view(np.uint16).astype(np.uint32) << 16
+                return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+            return x
+
+        return original_dot(self, upcast(a), upcast(b), d, input_precision, max_num_imprecise_acc)
+
+    def to_f32(x: Any) -> Any:
+        if x.dtype.scalar == tl.bfloat16:
+            return (x.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return x.data.astype(np.float32)
+
+    original_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self: Any, src: Any, dst_type: Any) -> Any:
+        src_bf16, dst_bf16 = src.dtype.scalar == tl.bfloat16, dst_type.scalar == tl.bfloat16
+        if dst_bf16 and not src_bf16:
+            bits = to_f32(src).view(np.uint32)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            return interpreter.TensorHandle(rounded, tl.bfloat16)
+        if src_bf16 and not dst_bf16:
+            f32 = to_f32(src)
+            return interpreter.TensorHandle(f32.astype(interpreter._get_np_dtype(dst_type)), dst_type.scalar)
+        return original_cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    interpreter._moetrt_fixes = True
+
+
+def moe_forward_triton(
+    inputs: dict[str, torch.Tensor],
+    attrs: MoEAttributes,
+    config: dict[str, Any] | None = None,
+    bucket: int | str | None = "auto",
+) -> dict[str, torch.Tensor]:
+    """Run the op's launch sequence through Triton JIT (GPU, or CPU with TRITON_INTERPRET=1).
+
+    `config` overrides the bucket's block sizes (default: configs.default_config); `bucket` forces a token
+    bucket (e.g. the prefill path for a few tokens). The workspace is filled with garbage first, so a kernel
+    that relies on unwritten memory fails the comparison.
+    """
+    from moetrt.kernels.configs import default_config
+    from moetrt.kernels.triton_moe import KERNELS
+
+    num_tokens = check_inputs(inputs, attrs)
+    hidden = inputs["hidden_states"]
+    dtype = dtype_name(hidden.dtype)
+    outputs = _outputs(attrs, hidden)
+    if num_tokens == 0:
+        return outputs
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _interpreter_fixes()
+    bound = plan.bucket_of(num_tokens) if bucket == "auto" else bucket
+    if bound is not None and (not isinstance(bound, int) or num_tokens > bound):
+        raise MoetrtError(
+            f"bucket {bound!r} cannot serve {num_tokens} tokens", "pass 'auto', None or a larger bound"
+        )
+    cfg = config or default_config(attrs, dtype, bound)
+    if plan.uses_pdl(cfg) and os.environ.get("TRITON_INTERPRET") == "1":
+        raise MoetrtError(
+            "programmatic dependent launch has no CPU interpreter form",
+            "pass a config with pdl disabled (the default)",
+        )
+    variants = plan.bucket_variants(attrs, dtype, bound, cfg)
+    layout = plan.workspace_layout(attrs, dtype, num_tokens, cfg, bound)
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    workspace = torch.randint(0, 256, (layout["total"].nbytes,), dtype=torch.uint8, generator=gen).to(
+        hidden.device
+    )
+    by_key = {v.key: v for v in variants.values()}
+
+    def region(name: str, dt: torch.dtype) -> torch.Tensor:
+        reg = layout[name]
+        if reg.nbytes == 0:
+            return workspace[:16].view(dt)
+        return workspace[reg.offset : reg.offset + reg.nbytes].view(dt)
+
+    for op in plan.launch_sequence(attrs, dtype, num_tokens, variants, cfg, bound):
+        variant = by_key[op.variant_key]
+        args: list[Any] = []
+        for (_, kind), (src, ref) in zip(plan.KERNEL_PARAMS[variant.kernel], op.args, strict=True):
+            if src == "T":
+                args.append(num_tokens)
+            elif src == "int":
+                args.append(int(ref))
+            elif src == "in":
+                args.append(inputs[ref])
+            elif src == "out":
+                args.append(outputs[ref])
+            else:
+                args.append(region(ref, hidden.dtype if kind == "x" else _KIND_DTYPE[kind]))
+        KERNELS[variant.kernel][op.grid](
+            *args, **dict(variant.constexprs), num_warps=variant.num_warps, num_stages=variant.num_stages
+        )
+    return outputs
+
+
+@cache
+def _cached_bundle(attrs: MoEAttributes, dtype: str, sm: int) -> KernelBundle:
+    from moetrt.kernels.aot import compile_kernels
+
+    return compile_kernels(attrs, dtype, sm, workers=min(16, os.cpu_count() or 1))
+
+
+_LAUNCHERS: dict[tuple[int, int], MoELauncher] = {}
+
+
+def moe_forward(
+    inputs: dict[str, torch.Tensor],
+    attrs: MoEAttributes,
+    bundle: KernelBundle | None = None,
+    outputs: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the op on CUDA tensors through AOT cubins and the CUDA-driver launcher on torch's current stream.
+
+    Without `bundle`, one is compiled (and cached per process) for the current device's SM. `outputs`
+    (optional) are preallocated output tensors to write into.
+    """
+    from moetrt.kernels.launcher import MoELauncher
+
+    num_tokens = check_inputs(inputs, attrs, device_type="cuda")
+    hidden = inputs["hidden_states"]
+    dtype = dtype_name(hidden.dtype)
+    if bundle is None:
+        major, minor = torch.cuda.get_device_capability(hidden.device)
+        bundle = _cached_bundle(attrs, dtype, sm_from_capability(major, minor))
+    elif bundle.dtype != dtype:
+        raise MoetrtError(
+            f"kernel bundle was compiled for {bundle.dtype}, inputs are {dtype}",
+            f"compile a bundle for {dtype}",
+        )
+    if outputs is None:
+        outputs = _outputs(attrs, hidden)
+    else:
+        expected = _outputs(attrs, hidden[:0])
+        for name in attrs.present_outputs():
+            out = outputs.get(name)
+            want = (num_tokens, expected[name].shape[1])
+            if (
+                out is None
+                or tuple(out.shape) != want
+                or out.dtype != hidden.dtype
+                or not out.is_contiguous()
+            ):
+                raise MoetrtError(
+                    f"output {name} must be a contiguous {hidden.dtype} tensor of shape {want}",
+                    "or pass outputs=None to allocate them",
+                )
+    if num_tokens == 0:
+        return outputs
+    with torch.cuda.device(hidden.device):
+        cache_key = (id(bundle), hidden.device.index or 0)
+        launcher = _LAUNCHERS.get(cache_key)
+        if launcher is None or launcher.bundle is not bundle:
+            launcher = _LAUNCHERS[cache_key] = MoELauncher(bundle, attrs)
+        workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device=hidden.device)
+        launcher.enqueue(
+            num_tokens,
+            [inputs[name].data_ptr() for name in attrs.present_inputs()],
+            [outputs[name].data_ptr() for name in attrs.present_outputs()],
+            workspace.data_ptr(),
+            torch.cuda.current_stream(hidden.device).cuda_stream,
+        )
+    return outputs

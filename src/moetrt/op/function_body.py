@@ -1,0 +1,218 @@
+"""The standard-op body of the fused ``moetrt::MoE`` op: one model-local ONNX function per variant.
+
+Every distinct `MoEAttributes` gets its own function, told apart by the ONNX function ``overload`` field
+(IR 10). The attributes are baked into the body as constants, so the function declares no attributes and a
+runtime that does not know the plugin (onnxruntime, TensorRT without the plugin) runs the body unchanged.
+
+The body computes exactly `moetrt.op.reference.moe_reference`: inputs upcast to float32, router
+(softmax | sigmoid, grouped top-k, score-correction bias, renorm, scaling), experts in the gather form
+(per (token, slot) pair: gather the expert's weights, two batched MatMuls, GLU activation), weighted sum over
+the k slots, optional shared expert, outputs cast back to the dtype of ``hidden_states``. The gather form has
+the same cost profile as the graph that transformers' batched_mm experts export, so decomposing never makes a
+model slower than it was before fusion. Ops used exist unchanged from opset 15 on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
+
+MIN_OPSET = 15  # CastLike
+
+
+def overload_name(attrs: MoEAttributes) -> str:
+    """A short stable name for one variant: readable prefix + hash of every attribute."""
+    digest = hashlib.sha1(repr(sorted(attrs.to_onnx_attributes().items())).encode()).hexdigest()[:10]
+    prefix = f"{attrs.scoring}_{attrs.activation}_e{attrs.num_experts}_k{attrs.top_k}"
+    return f"{prefix}_{digest}"
+
+
+class _BodyBuilder:
+    """Appends nodes with fresh value names; constants become Constant nodes inside the body."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, hint: str = "", outputs: int = 1, **attrs: object) -> list[str]:
+        names = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names
+
+    def one(self, op_type: str, *inputs: str, hint: str = "", **attrs: object) -> str:
+        return self.op(op_type, *inputs, hint=hint, **attrs)[0]
+
+    def const(self, value: object, dtype: type = np.int64, hint: str = "c") -> str:
+        name = self.fresh(hint)
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), name=name)
+        self.nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+        return name
+
+    def f32(self, value: float, hint: str = "f") -> str:
+        return self.const(value, dtype=np.float32, hint=hint)
+
+
+def _scalar_tensor(value: float) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array([value], dtype=np.float32))
+
+
+def _linear(b: _BodyBuilder, x: str, weight: str) -> str:
+    """x [.., in] @ weight[out, in].T (nn.Linear layout)."""
+    return b.one("MatMul", x, b.one("Transpose", weight, perm=[1, 0]))
+
+
+def _halves(b: _BodyBuilder, x: str, half: int) -> tuple[str, str]:
+    """Split the last axis of a 2-D value into its first and second half."""
+    axis = b.const([1])
+    first = b.one("Slice", x, b.const([0]), b.const([half]), axis, hint="gate")
+    second = b.one("Slice", x, b.const([half]), b.const([2 * half]), axis, hint="up")
+    return first, second
+
+
+def _silu(b: _BodyBuilder, x: str) -> str:
+    return b.one("Mul", x, b.one("Sigmoid", x))
+
+
+def _glu(b: _BodyBuilder, gate_up: str, attrs: MoEAttributes) -> str:
+    gate, up = _halves(b, gate_up, attrs.intermediate_size)
+    if attrs.activation == "silu_glu":
+        return b.one("Mul", _silu(b, gate), up)
+    if attrs.activation == "gelu_glu":
+        erf = b.one("Erf", b.one("Mul", gate, b.f32(1.0 / math.sqrt(2.0))))
+        gelu = b.one("Mul", b.one("Mul", gate, b.f32(0.5)), b.one("Add", erf, b.f32(1.0)))
+        return b.one("Mul", gelu, up)
+    if attrs.activation == "gelu_tanh_glu":
+        cube = b.one("Mul", b.one("Mul", gate, gate), gate)
+        inner = b.one("Add", gate, b.one("Mul", cube, b.f32(0.044715)))
+        tanh = b.one("Tanh", b.one("Mul", inner, b.f32(math.sqrt(2.0 / math.pi))))
+        gelu = b.one("Mul", b.one("Mul", gate, b.f32(0.5)), b.one("Add", tanh, b.f32(1.0)))
+        return b.one("Mul", gelu, up)
+    # swiglu_clamped (GPT-OSS): gate clamped above, up clamped both sides, (up + 1) * gate * sigmoid(alpha gate)
+    limit = attrs.swiglu_limit
+    gate = b.one("Clip", gate, "", b.f32(limit))
+    up = b.one("Clip", up, b.f32(-limit), b.f32(limit))
+    glu = b.one("Mul", gate, b.one("Sigmoid", b.one("Mul", gate, b.f32(attrs.swiglu_alpha))))
+    return b.one("Mul", b.one("Add", up, b.f32(1.0)), glu)
+
+
+def _route(b: _BodyBuilder, logits: str, attrs: MoEAttributes, correction: str | None) -> tuple[str, str]:
+    """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64), as `reference.route`."""
+    k = b.const([attrs.top_k])
+    last = b.const([-1])
+    if attrs.topk_before_score:
+        top, ids = b.op("TopK", logits, k, outputs=2, axis=-1, largest=1, sorted=1)
+        return b.one("Softmax", top, axis=-1), ids
+
+    scores = b.one("Softmax", logits, axis=-1) if attrs.scoring == "softmax" else b.one("Sigmoid", logits)
+    choice = scores if correction is None else b.one("Add", scores, correction)
+    if attrs.n_group > 1:
+        per_group = attrs.num_experts // attrs.n_group
+        grouped = b.one("Reshape", choice, b.const([-1, attrs.n_group, per_group]))
+        best = b.op("TopK", grouped, b.const([min(2, per_group)]), outputs=2, axis=-1, largest=1, sorted=1)[0]
+        group_scores = b.one("ReduceSum", best, last, keepdims=0)  # [T, G]
+        group_ids = b.op("TopK", group_scores, b.const([attrs.topk_group]), outputs=2, axis=-1)[1]
+        zeros = b.one("ConstantOfShape", b.one("Shape", group_scores), value=_scalar_tensor(0.0))
+        ones = b.one("ConstantOfShape", b.one("Shape", group_ids), value=_scalar_tensor(1.0))
+        group_mask = b.one("ScatterElements", zeros, group_ids, ones, axis=1)  # [T, G] 1.0 where kept
+        expert_mask = b.one("Expand", b.one("Unsqueeze", group_mask, last), b.const([1, 1, per_group]))
+        expert_mask = b.one("Reshape", expert_mask, b.const([0, attrs.num_experts]))
+        keep = b.one("Greater", expert_mask, b.f32(0.5))
+        choice = b.one("Where", keep, choice, b.f32(-np.inf))
+    ids = b.op("TopK", choice, k, outputs=2, axis=-1, largest=1, sorted=1)[1]
+    weights = b.one("GatherElements", scores, ids, axis=1)
+    if attrs.norm_topk_prob:
+        total = b.one("Add", b.one("ReduceSum", weights, last, keepdims=1), b.f32(1e-20))
+        weights = b.one("Div", weights, total)
+    if attrs.routed_scaling_factor != 1.0:
+        weights = b.one("Mul", weights, b.f32(attrs.routed_scaling_factor))
+    return weights, ids
+
+
+def make_moe_function(
+    attrs: MoEAttributes, overload: str | None = None, opset: int = 18
+) -> onnx.FunctionProto:
+    """The standard-op body of the fused op for one variant (`opset`: the model's default-domain opset)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"the MoE function body needs opset >= {MIN_OPSET}, got {opset}")
+    b = _BodyBuilder()
+    names = attrs.present_inputs()
+    # Expert tables are gathered in their stored dtype and only the selected rows are cast: casting the
+    # whole [E, ...] tables to float32 on every call would cost more than the experts' own work.
+    x = {
+        name: b.one("Cast", name, to=TensorProto.FLOAT, hint=f"{name}_f32")
+        for name in names
+        if not name.startswith("expert_")
+    }
+    hidden = x["hidden_states"]
+
+    def gathered(name: str) -> str:
+        rows = b.one("Gather", name, ids_flat, axis=0)
+        return b.one("Cast", rows, to=TensorProto.FLOAT, hint=f"{name}_rows_f32")
+
+    logits = _linear(b, hidden, x["router_weight"])
+    if attrs.has_router_bias:
+        logits = b.one("Add", logits, x["router_bias"])
+    weights, ids = _route(b, logits, attrs, x.get("score_correction_bias"))
+
+    # Gather form: one row per (token, slot) pair, S = T * k, ordered token-major like TopK's output.
+    flat = b.const([-1])
+    ids_flat = b.one("Reshape", ids, flat)
+    hidden_dim = attrs.hidden_size
+    tokens = b.one("Unsqueeze", hidden, b.const([1]))  # [T, 1, H]
+    tokens = b.one("Expand", tokens, b.const([1, attrs.top_k, 1]))
+    tokens = b.one("Reshape", tokens, b.const([-1, hidden_dim, 1]))  # [S, H, 1]
+    w_gate_up = gathered("expert_gate_up_weight")  # [S, 2I, H]
+    gate_up = b.one("Squeeze", b.one("MatMul", w_gate_up, tokens), flat)  # [S, 2I]
+    if attrs.has_expert_bias:
+        gate_up = b.one("Add", gate_up, gathered("expert_gate_up_bias"))
+    act = _glu(b, gate_up, attrs)  # [S, I]
+    w_down = gathered("expert_down_weight")  # [S, H, I]
+    down = b.one("Squeeze", b.one("MatMul", w_down, b.one("Unsqueeze", act, flat)), flat)  # [S, H]
+    if attrs.has_expert_bias:
+        down = b.one("Add", down, gathered("expert_down_bias"))
+    weighted = b.one("Mul", down, b.one("Reshape", weights, b.const([-1, 1])))
+    per_slot = b.one("Reshape", weighted, b.const([-1, attrs.top_k, hidden_dim]))
+    out = b.one("ReduceSum", per_slot, b.const([1]), keepdims=0)  # [T, H]
+
+    if attrs.has_shared_expert:
+        gate, up = _halves(b, _linear(b, hidden, x["shared_gate_up_weight"]), attrs.shared_intermediate_size)
+        shared = _linear(b, b.one("Mul", _silu(b, gate), up), x["shared_down_weight"])
+        if attrs.has_shared_gate:
+            shared = b.one("Mul", b.one("Sigmoid", _linear(b, hidden, x["shared_gate_weight"])), shared)
+        out = b.one("Add", out, shared)
+
+    outputs = list(attrs.present_outputs())
+    b.nodes.append(helper.make_node("CastLike", [out, "hidden_states"], [outputs[0]]))
+    if attrs.output_router_logits:
+        b.nodes.append(helper.make_node("CastLike", [logits, "hidden_states"], [outputs[1]]))
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        list(names),
+        outputs,
+        b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=[],
+        overload=overload if overload is not None else overload_name(attrs),
+    )
+
+
+def make_moe_node(
+    attrs: MoEAttributes, inputs: list[str], outputs: list[str], overload: str, name: str = ""
+) -> onnx.NodeProto:
+    """A fused node (proto form) that calls the function `make_moe_function(attrs, overload)`."""
+    node = helper.make_node(
+        OP_TYPE, inputs, outputs, name=name or None, domain=DOMAIN, **attrs.to_onnx_attributes()
+    )
+    node.overload = overload
+    return node

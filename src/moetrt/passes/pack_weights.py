@@ -1,0 +1,114 @@
+"""Pass `pack_weights`: store every fused MoE weight once, as one initializer in the canonical layout.
+
+The fusion pass feeds the fused node through standard layout ops (Transpose, Slice with step 2 for
+interleaved gate/up, Concat of separate gate and up, Reshape). This pass folds each such chain of constants
+into a single contiguous initializer named `<node>.<input>` in the layout of spec.py (the layout the kernels
+and the plugin read: [E, 2I, H] gate rows then up rows, [E, H, I], ...), shares one initializer between
+nodes whose chains are identical, and drops the original initializers nothing reads any more, so each weight
+is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
+from moetrt.passes.base import CountedPass, CountedPassResult
+from moetrt.passes.graph_utils import attr_int, const_array
+
+_LAYOUT_OPS = frozenset(
+    {"Transpose", "Slice", "Concat", "Reshape", "Constant", "Unsqueeze", "Squeeze", "Cast"}
+)
+
+
+def _key(value: ir.Value) -> tuple | None:
+    """A structural key of a constant layout chain (None when `value` is not one)."""
+    node = value.producer()
+    if node is None:
+        return ("init", value.name) if value.const_value is not None else None
+    if node.domain != "" or node.op_type not in _LAYOUT_OPS:
+        return None
+    if node.op_type == "Constant":
+        array = const_array(value)
+        return None if array is None else ("const", array.dtype.str, array.shape, array.tobytes())
+    children = tuple(_key(v) for v in node.inputs if v is not None)
+    if any(c is None for c in children):
+        return None
+    attrs = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
+    return (node.op_type, attrs, children)
+
+
+def _evaluate(value: ir.Value) -> np.ndarray:
+    node = value.producer()
+    if node is None or node.op_type == "Constant":
+        array = const_array(value)
+        assert array is not None
+        return array
+    args = [_evaluate(v) for v in node.inputs if v is not None]
+    op = node.op_type
+    if op == "Transpose":
+        perm = node.attributes.get("perm")
+        return np.transpose(args[0], None if perm is None else list(perm.value))
+    if op == "Slice":
+        data, starts, ends = args[0], args[1], args[2]
+        axes = args[3] if len(args) > 3 else np.arange(len(starts))
+        steps = args[4] if len(args) > 4 else np.ones(len(starts), dtype=np.int64)
+        index = [slice(None)] * data.ndim
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            index[int(a)] = slice(int(s), int(min(e, np.iinfo(np.int64).max)), int(st))
+        return data[tuple(index)]
+    if op == "Concat":
+        return np.concatenate(args, axis=attr_int(node, "axis", 0))
+    if op == "Reshape":
+        return args[0].reshape([int(d) for d in args[1]])
+    if op == "Cast":
+        return args[0].astype(ir.DataType(attr_int(node, "to", 0)).numpy())
+    if op == "Unsqueeze":
+        return np.expand_dims(args[0], tuple(int(a) for a in args[1]))
+    return np.squeeze(args[0], tuple(int(a) for a in args[1]))  # Squeeze
+
+
+class PackMoEWeightsPass(CountedPass):
+    name = "pack_weights"
+
+    def call(self, model: ir.Model) -> CountedPassResult:
+        graph = model.graph
+        packed: dict[tuple, ir.Value] = {}
+        count = 0
+        for node in list(graph):
+            if node.domain != DOMAIN or node.op_type != OP_TYPE:
+                continue
+            attrs = MoEAttributes.from_onnx_attributes({k: a.value for k, a in node.attributes.items()})
+            for index, input_name in enumerate(attrs.present_inputs()):
+                value = node.inputs[index]
+                if index == 0 or value is None or value.producer() is None:
+                    continue
+                key = _key(value)
+                if key is None:
+                    continue
+                if key not in packed:
+                    array = np.ascontiguousarray(_evaluate(value))
+                    name = _unique(graph, f"{node.name or 'moe'}.{input_name}".replace("/MoE.", "."))
+                    tensor = ir.tensor(array, name=name)
+                    packed_value = ir.Value(
+                        name=name,
+                        shape=ir.Shape(array.shape),
+                        type=ir.TensorType(tensor.dtype),
+                        const_value=tensor,
+                    )
+                    graph.register_initializer(packed_value)
+                    packed[key] = packed_value
+                    count += 1
+                node.replace_input_with(index, packed[key])
+        if count:
+            common_passes.RemoveUnusedNodesPass()(model)
+        return CountedPassResult(model, count > 0, count)
+
+
+def _unique(graph: ir.Graph, name: str) -> str:
+    candidate, i = name, 1
+    while candidate in graph.initializers:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate

@@ -1,0 +1,96 @@
+"""The fusion pipeline: cleanup -> fuse_moe -> pack_weights, on ModelProtos and on files."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from moetrt.core.artifacts import META_FUSED_MOE
+from moetrt.core.errors import MoetrtError
+from moetrt.core.onnx_io import MAX_IR_VERSION, load_onnx, save_onnx, set_metadata
+from moetrt.passes.base import CountedPass, PassStat, UnfusedCandidate, run_pipeline
+from moetrt.passes.cleanup import CleanupPass
+from moetrt.passes.decompose import count_fused, decompose_model
+from moetrt.passes.fuse_moe import FuseMoEPass
+from moetrt.passes.pack_weights import PackMoEWeightsPass
+
+
+@dataclass
+class FuseResult:
+    model: onnx.ModelProto
+    stats: list[PassStat] = field(default_factory=list)
+    num_fused: int = 0
+    unfused_candidates: list[UnfusedCandidate] = field(default_factory=list)
+    num_decomposed: int | None = None  # set by `fuse_file(..., decompose=True)`: fused nodes inlined
+
+    def summary_lines(self, explain: bool = False) -> list[str]:
+        """What `moetrt fuse` prints: per-pass counts and time, the total, and with `explain` every miss."""
+        lines = [f"  {s.name:<14} {s.count:>5}  {s.seconds * 1000:9.1f} ms" for s in self.stats]
+        if self.num_decomposed is not None:
+            lines.append(f"{self.num_decomposed} fused MoE nodes inlined back to standard ops")
+        elif self.num_fused == 0 and not self.unfused_candidates:
+            lines.append("0 MoE blocks: nothing to fuse, the model is unchanged")
+        else:
+            lines.append(
+                f"{self.num_fused} MoE blocks fused, {len(self.unfused_candidates)} unfused candidates"
+            )
+            if self.num_fused == 0:
+                lines.append("the model is unchanged (run with --explain to see why each candidate was left)")
+        if explain:
+            for c in self.unfused_candidates:
+                lines.append(f"  unfused: {c.where}  rule={c.rule}  failed: {c.check}")
+        return lines
+
+
+def default_passes() -> list[CountedPass]:
+    return [CleanupPass(), FuseMoEPass(), PackMoEWeightsPass()]
+
+
+def fuse_model(model: onnx.ModelProto, explain: bool = False) -> FuseResult:
+    """Fuse every MoE block of `model` into one `moetrt::MoE` node (the input proto is not modified).
+
+    `explain` only affects what `summary_lines` prints; unfused candidates are always collected.
+    """
+    del explain
+    ir_model = ir.serde.deserialize_model(model)
+    stats, unfused = run_pipeline(ir_model, default_passes())
+    num_fused = next((s.count for s in stats if s.name == FuseMoEPass.name), 0)
+    if num_fused:
+        out = ir.serde.serialize_model(ir_model)
+        out.ir_version = MAX_IR_VERSION  # function `overload` needs IR 10; onnxruntime refuses newer
+    else:
+        # Nothing fused: hand back the input graph as it was (the cleanup alone is not worth a changed file).
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    set_metadata(out, META_FUSED_MOE, str(count_fused(out)))
+    return FuseResult(out, stats, num_fused, unfused)
+
+
+def fuse_file(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    explain: bool = False,
+    decompose: bool = False,
+) -> FuseResult:
+    """Fuse IN into OUT (or, with `decompose`, inline IN's fused nodes back to standard ops)."""
+    if Path(in_path).resolve() == Path(out_path).resolve():
+        raise MoetrtError("output path equals the input path", "write the fused model to a new file with -o")
+    if Path(out_path).is_dir():
+        raise MoetrtError(f"output {out_path} is a directory", "give a file name ending in .onnx")
+    model = load_onnx(in_path)
+    if decompose:
+        start = time.perf_counter()
+        count = count_fused(model)
+        out = decompose_model(model)
+        set_metadata(out, META_FUSED_MOE, "0")
+        stats = [PassStat("decompose", count, time.perf_counter() - start)]
+        result = FuseResult(out, stats, 0, [], num_decomposed=count)
+    else:
+        result = fuse_model(model, explain=explain)
+    save_onnx(result.model, out_path)
+    return result

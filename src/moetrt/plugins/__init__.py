@@ -1,1 +1,0 @@
-"""Plugins for the fused ops moetrt emits."""

@@ -1,1 +1,0 @@
-"""The fused MoE op: its contract (spec), PyTorch oracle (reference), kernels, AOT cubins, launcher, TensorRT glue."""

@@ -1,6 +1,0 @@
-"""TensorRT glue for the fused MoE op: the `IPluginV3` (plugin.py) over pure, tested rules (fields, io_rules)."""
-
-from moetrt.plugins.moe.trt.fields import PluginState, state_from_fields, state_to_fields
-from moetrt.plugins.moe.trt.plugin import register_plugin
-
-__all__ = ["PluginState", "register_plugin", "state_from_fields", "state_to_fields"]

@@ -1,0 +1,116 @@
+"""Engine builds with TensorRT-RTX: no plugins, so every `moetrt::MoE` node is inlined to its function body
+(standard ONNX ops) and TensorRT-RTX compiles it natively. Builds on a CPU-only machine for any
+TensorRT-RTX compute capability (SM 7.5, 8.0, 8.6, 8.9, 12.0, 12.1).
+
+TensorRT-RTX networks are strongly typed: the precision is the ONNX model's (export at --precision).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import onnx
+
+from moetrt.core.errors import MoetrtError
+from moetrt.op import spec
+from moetrt.trt.targets import RTX_SMS, Target
+from moetrt.trt.trt_build import (
+    CapturingLogger,
+    EngineBuild,
+    Progress,
+    add_profile,
+    parse_onnx,
+    serialize,
+)
+
+PIP_HINT = (
+    "pip install tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116 (or moetrt[rtx])"
+)
+
+
+def import_tensorrt_rtx() -> ModuleType:
+    """The TensorRT-RTX Python module: `tensorrt_rtx` (NVIDIA's SDK wheel) or `tensorrt_rtx_bindings` (PyPI)."""
+    try:
+        import tensorrt_rtx
+
+        return tensorrt_rtx
+    except ImportError:
+        pass
+    try:
+        import tensorrt_rtx_bindings
+    except ImportError as err:
+        raise MoetrtError("TensorRT-RTX is not installed", PIP_HINT) from err
+    return tensorrt_rtx_bindings
+
+
+def inline_moe_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace every moetrt::MoE call by its function body; returns (model, number of calls inlined)."""
+    from moetrt.passes.decompose import count_fused, decompose_model
+
+    calls = count_fused(model)
+    if calls and not any(f.domain == spec.DOMAIN and f.name == spec.OP_TYPE for f in model.functions):
+        raise MoetrtError(
+            f"the model has {calls} moetrt::MoE nodes but no function bodies for them",
+            "re-fuse it with `moetrt fuse` (fused nodes must carry their ONNX function body)",
+        )
+    if not calls:
+        return model, 0
+    inlined = decompose_model(model)
+    left = sum(1 for node in inlined.graph.node if node.domain == spec.DOMAIN)
+    if left:
+        raise MoetrtError(
+            f"{left} moetrt nodes remain after inlining", "re-fuse the model with `moetrt fuse`"
+        )
+    return inlined, calls
+
+
+def build_rtx_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    target: Target,
+    profiles: Sequence[dict[str, Any]],
+    progress: Progress,
+    verbose: bool = False,
+) -> EngineBuild:
+    """Build `plan_path` from the fused ONNX with TensorRT-RTX for `target` (MoE nodes as native layers)."""
+    if target.sm not in RTX_SMS:
+        raise MoetrtError(
+            f"TensorRT-RTX cannot build for SM {target.sm}",
+            f"use a target with SM in {RTX_SMS} or --engine-backend tensorrt",
+        )
+    trt = import_tensorrt_rtx()
+    start = time.perf_counter()
+    model = onnx.load(str(onnx_path))
+    model, inlined = inline_moe_functions(model)
+    progress(f"inlined {inlined} moetrt::MoE node(s) to standard ops (TensorRT-RTX takes no plugins)")
+    logger = CapturingLogger(trt, verbose)
+    builder = trt.Builder(logger)
+    with tempfile.TemporaryDirectory(prefix="moetrt-rtx-") as tmp:
+        staged = Path(tmp) / "inlined.onnx"
+        external = model.ByteSize() > (1 << 31) - (1 << 24)
+        onnx.save(model, str(staged), save_as_external_data=external)
+        progress(f"parsing with the TensorRT-RTX {trt.__version__} ONNX parser")
+        network = parse_onnx(trt, builder, logger, onnx.load(str(staged), load_external_data=False), staged)
+        config = builder.create_builder_config()
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{target.sm}"), 0)
+        add_profile(builder, config, network, profiles)
+        progress(
+            f"building the TensorRT-RTX engine for {target.name} (SM {target.sm}, {network.num_layers} layers)"
+        )
+        data = serialize(trt, builder, network, config, logger, plan_path)
+    return EngineBuild(
+        plan_path,
+        "tensorrt-rtx",
+        time.perf_counter() - start,
+        data[:4].hex(),
+        False,
+        [target.sm],
+        trt.__version__,
+        logger.warnings[-20:],
+    )

@@ -1,0 +1,269 @@
+"""Engine builds through a TensorRT ONNX parser: shared pieces (profiles, logger, parse, build) and the
+`tensorrt` path, where the parser builds each `moetrt::MoE` node with the registered IPluginV3.
+
+Works with any module of TensorRT's Python API (`tensorrt`, `tensorrt_rtx`); `rtx_build.py` adds the
+TensorRT-RTX specifics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from moetrt.core.devices import sm_from_capability
+from moetrt.core.errors import MoetrtError
+from moetrt.core.files import write_bytes_atomic
+from moetrt.trt.targets import Target
+
+if TYPE_CHECKING:
+    from moetrt.trt.plugin import KernelSource
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """MIN:OPT:MAX of one dynamic dimension."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise MoetrtError(
+                f"dimension range {self} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", "e.g. 1:128:4096"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass(frozen=True)
+class EngineBuild:
+    """What a build wrote, for the manifest."""
+
+    plan_path: Path
+    backend: str
+    seconds: float
+    plan_magic: str
+    plugin: bool
+    runs_on_sms: list[int]
+    library_version: str
+    warnings: list[str]
+
+
+def onnx_input_dims(model: onnx.ModelProto) -> list[tuple[str, list[int | str]]]:
+    """Graph inputs (initializers excluded) with their dims: an int, or the dim's name (or "?") when dynamic."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims: list[int | str] = []
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                dims.append(dim.dim_value)
+            else:
+                dims.append(dim.dim_param or "?")
+        inputs.append((value.name, dims))
+    return inputs
+
+
+def make_profiles(
+    inputs: Sequence[tuple[str, Sequence[int | str]]], tokens: DimRange, batch: DimRange
+) -> list[dict[str, Any]]:
+    """One optimization profile: the last dynamic dim of each input is tokens, an earlier one is batch.
+
+    Matches the exporter's layout ([batch, seq] ids or [batch, seq, hidden] states) and the fused op's [T, H].
+    """
+    profiles = []
+    for name, dims in inputs:
+        dynamic = [axis for axis, d in enumerate(dims) if isinstance(d, str)]
+        if not dynamic:
+            continue
+        if len(dynamic) > 2:
+            raise MoetrtError(
+                f"input {name} has {len(dynamic)} dynamic dims {list(dims)}; moetrt profiles batch and tokens only",
+                "export with at most a dynamic batch and a dynamic sequence dimension",
+            )
+        roles = {dynamic[-1]: ("tokens", tokens)}
+        if len(dynamic) == 2:
+            roles[dynamic[0]] = ("batch", batch)
+        shape = {
+            key: [roles[a][1].__dict__[key] if a in roles else int(d) for a, d in enumerate(dims)]
+            for key in ("min", "opt", "max")
+        }
+        profiles.append({"input": name, "axes": {str(a): role for a, (role, _) in roles.items()}, **shape})
+    return profiles
+
+
+def check_in_profile(profiles: Sequence[dict[str, Any]], shapes: dict[str, Sequence[int]]) -> None:
+    """Refuse a shape outside the engine's profile, naming the dim and the range (before TensorRT sees it)."""
+    for profile in profiles:
+        name = profile["input"]
+        if name not in shapes:
+            continue
+        shape = list(shapes[name])
+        if len(shape) != len(profile["min"]):
+            raise MoetrtError(
+                f"input {name} has rank {len(shape)}, the engine expects {len(profile['min'])}",
+                f"pass {name} with shape like {profile['opt']}",
+            )
+        for axis, (lo, hi, got) in enumerate(zip(profile["min"], profile["max"], shape)):
+            if not lo <= got <= hi:
+                role = profile.get("axes", {}).get(str(axis), f"dim {axis}")
+                flag = "--tokens" if role == "tokens" else "--batch" if role == "batch" else "the export"
+                raise MoetrtError(
+                    f"input {name} {role} = {got} is outside the engine's profile {lo}..{hi}",
+                    f"use {role} in {lo}..{hi}, or rebuild with a wider {flag} range",
+                )
+
+
+class CapturingLogger:
+    """A TensorRT ILogger that keeps errors and warnings for the one-line failure message."""
+
+    def __new__(cls, trt: ModuleType, verbose: bool = False) -> Any:
+        class _Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+                self.warnings: list[str] = []
+
+            def log(self, severity: Any, msg: str) -> None:
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    self.errors.append(msg)
+                elif severity == trt.ILogger.Severity.WARNING:
+                    self.warnings.append(msg)
+                elif verbose:
+                    print(f"[TensorRT] {msg}")
+
+        return _Logger()
+
+
+def parse_onnx(trt: ModuleType, builder: Any, logger: Any, model: onnx.ModelProto, onnx_path: Path) -> Any:
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file resolves external weight files beside the model.
+    ok = (
+        parser.parse_from_file(str(onnx_path))
+        if _has_external_data(model)
+        else parser.parse(model.SerializeToString(), str(onnx_path))
+    )
+    if not ok:
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise MoetrtError(
+            f"the TensorRT ONNX parser refused {onnx_path.name}: {errors[0] if errors else ''}",
+            "check `moetrt inspect` on the ONNX file; report the op it names",
+        )
+    return network
+
+
+def add_profile(builder: Any, config: Any, network: Any, profiles: Sequence[dict[str, Any]]) -> None:
+    if not profiles:
+        return
+    profile = builder.create_optimization_profile()
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    for entry in profiles:
+        if entry["input"] in names:
+            profile.set_shape(entry["input"], entry["min"], entry["opt"], entry["max"])
+    config.add_optimization_profile(profile)
+
+
+def serialize(
+    trt: ModuleType, builder: Any, network: Any, config: Any, logger: Any, plan_path: Path
+) -> bytes:
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = logger.errors[-1] if logger.errors else "no error message"
+        raise MoetrtError(
+            f"TensorRT failed to build the engine: {detail}", "run with --verbose for TensorRT's log"
+        )
+    data = bytes(serialized)
+    write_bytes_atomic(plan_path, data)
+    return data
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def current_device_sm() -> int | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return sm_from_capability(*torch.cuda.get_device_capability())
+
+
+def check_build_device(target: Target) -> None:
+    """TensorRT (unlike TensorRT-RTX) builds for the GPU it runs on: refuse early, before kernels compile."""
+    device_sm = current_device_sm()
+    if device_sm is None:
+        raise MoetrtError(
+            "TensorRT builds engines on a CUDA GPU and none is visible",
+            "run `moetrt build` on a machine with the target GPU, or use --engine-backend tensorrt-rtx",
+        )
+    if device_sm != target.sm:
+        raise MoetrtError(
+            f"TensorRT builds for the GPU it runs on (SM {device_sm}), not for target {target.name} "
+            f"(SM {target.sm})",
+            f"build on a {target.name} GPU, or pass --target sm_{device_sm}",
+        )
+
+
+def build_tensorrt_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    target: Target,
+    profiles: Sequence[dict[str, Any]],
+    progress: Progress,
+    verbose: bool = False,
+    workspace_gib: float | None = None,
+    kernel_source: KernelSource | None = None,
+) -> EngineBuild:
+    """Build `plan_path` from the fused ONNX with full TensorRT and the MoE IPluginV3 (cubins for target.sm).
+
+    `kernel_source(attrs, dtype, sm)` gives each plugin its kernel bytes (default: compile them on demand).
+    """
+    from moetrt.trt.plugin import import_tensorrt, register_plugin
+
+    trt = import_tensorrt()
+    check_build_device(target)
+    start = time.perf_counter()
+    register_plugin(trt, sm=target.sm, kernel_source=kernel_source)
+    logger = CapturingLogger(trt, verbose)
+    builder = trt.Builder(logger)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    progress("parsing the fused ONNX with TensorRT's parser (MoE nodes → moetrt::MoE plugin)")
+    network = parse_onnx(trt, builder, logger, model, onnx_path)
+    plugin_layers = sum(
+        1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.PLUGIN_V3
+    )
+    config = builder.create_builder_config()
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    add_profile(builder, config, network, profiles)
+    progress(
+        f"building the TensorRT {trt.__version__} engine for {target.name} ({plugin_layers} MoE plugin layers)"
+    )
+    data = serialize(trt, builder, network, config, logger, plan_path)
+    return EngineBuild(
+        plan_path,
+        "tensorrt",
+        time.perf_counter() - start,
+        data[:4].hex(),
+        plugin_layers > 0,
+        [target.sm],
+        trt.__version__,
+        logger.warnings[-20:],
+    )

@@ -1,0 +1,77 @@
+"""MoE inputs drawn on the GPU and the float32 reference of the op computed there, for real-size shapes.
+
+Same scales as the oracle's `random_inputs` (`reference.input_scales`), drawn on the device because the oracle
+draws on the CPU from one generator, which takes minutes at 22 GB; the reference upcasts one expert at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from moetrt.op.spec import MoEAttributes
+
+
+@dataclass(frozen=True)
+class GpuReference:
+    output: Any  # float32 [T, H]
+    distinct_experts: int  # routed experts hit by at least one token
+
+
+def gpu_random_inputs(
+    attrs: MoEAttributes, num_tokens: int, dtype: Any, seed: int = 0, names: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """Random (never zero) CUDA inputs with the oracle's scales, drawn on the GPU (real shapes hold GBs).
+
+    `names` limits which inputs are drawn (e.g. only hidden_states over weights drawn once)."""
+    import torch
+
+    from moetrt.op.reference import input_scales
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    scales = input_scales(attrs)
+    out = {}
+    wanted = set(names) if names is not None else None
+    for name, shape in attrs.input_shapes(num_tokens).items():
+        if wanted is not None and name not in wanted:
+            continue
+        tensor = torch.empty(shape, dtype=dtype, device="cuda")  # type: ignore[arg-type]
+        flat = tensor.view(-1)
+        for lo in range(
+            0, flat.numel(), 1 << 28
+        ):  # chunks: a float32 copy of the largest weights would not fit
+            hi = min(flat.numel(), lo + (1 << 28))
+            flat[lo:hi] = (torch.randn(hi - lo, generator=gen, device="cuda") * scales[name]).to(dtype)
+        out[name] = tensor
+    return out
+
+
+def gpu_reference(inputs: dict[str, Any], attrs: MoEAttributes) -> GpuReference:
+    """float32 output of the op on CUDA inputs with the oracle's routing and activation, one expert at a time
+    (moe_reference upcasts every weight at once, which does not fit at real sizes)."""
+    import torch
+    import torch.nn.functional as F
+
+    from moetrt.op.reference import glu_activation, route, shared_expert
+
+    x = inputs["hidden_states"].float()
+    bias = inputs.get("router_bias")
+    logits = F.linear(x, inputs["router_weight"].float(), None if bias is None else bias.float())
+    scb = inputs.get("score_correction_bias")
+    weights, ids = route(logits, attrs, None if scb is None else scb.float())
+    out = torch.zeros_like(x)
+    experts = torch.unique(ids).tolist()
+    for e in experts:
+        token_idx, slot = torch.where(ids == e)
+        gu_b = inputs["expert_gate_up_bias"][e].float() if attrs.has_expert_bias else None
+        d_b = inputs["expert_down_bias"][e].float() if attrs.has_expert_bias else None
+        gate_up = F.linear(x[token_idx], inputs["expert_gate_up_weight"][e].float(), gu_b)
+        y = F.linear(glu_activation(gate_up, attrs), inputs["expert_down_weight"][e].float(), d_b)
+        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+    if attrs.has_shared_expert:
+        gate_w = inputs["shared_gate_weight"].float() if attrs.has_shared_gate else None
+        out += shared_expert(
+            x, inputs["shared_gate_up_weight"].float(), inputs["shared_down_weight"].float(), gate_w
+        )
+    return GpuReference(out, len(experts))

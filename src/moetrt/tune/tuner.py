@@ -1,0 +1,212 @@
+"""The kernel-config tuner: time candidate configs per token bucket on the GPU at hand, write the best."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from moetrt.core.devices import current_sm
+from moetrt.core.dtypes import precision
+from moetrt.core.errors import MoetrtError
+from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.kernels.configs import (
+    candidate_configs,
+    default_config,
+    entry_key,
+    router_candidates,
+    write_table,
+)
+from moetrt.kernels.plan import BUCKETS
+from moetrt.op.spec import MoEAttributes
+from moetrt.tune.gpu_workload import gpu_random_inputs, gpu_reference
+from moetrt.tune.timing import time_graph
+
+
+def tune(
+    attrs: MoEAttributes,
+    dtype: str,
+    sm: int,
+    time_config: Callable[[dict[str, Any], int], float],
+    tokens: Iterable[int] = (1, 16, 64, 512, 4096),
+    out_path: str | os.PathLike[str] | None = None,
+    prepare: Callable[[list[tuple[dict[str, Any], int]]], None] | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Time candidates per bucket with `time_config(cfg, num_tokens) -> µs`; write the best to the table.
+
+    Rounds per token count: the GEMM tiles (and the fused decode kernel), then the router's block shapes
+    with the best tiles, then (SM90+) programmatic dependent launch on or off.
+    `prepare(list of (cfg, num_tokens))`, if given, sees each round's candidates first (to compile them
+    in parallel). A bucket is scored by the sum of its times over the `tokens` it serves (e.g. 1 and 8
+    for the <= 16 bucket), so one fast token count cannot pick a config that is slow at another.
+    """
+    per_bucket: dict[int | None, list[int]] = {}
+    for t in tokens:
+        per_bucket.setdefault(next(b for b in BUCKETS if b is None or t <= b), []).append(t)
+    best: dict[str, Any] = {}
+    for bound, counts in per_bucket.items():
+        chosen = default_config(attrs, dtype, bound)
+        us = float("inf")
+        for round_name in ("tiles", "router", "pdl"):
+            if round_name == "tiles":
+                cands = candidate_configs(attrs, dtype, bound)
+            elif round_name == "router":
+                cands = router_candidates(chosen, dtype, bound)
+            elif sm >= 90:
+                cands = [chosen, {**copy.deepcopy(chosen), "pdl": {"enabled": 1}}]
+            else:
+                continue
+            if prepare is not None:
+                prepare([(cfg, counts[0]) for cfg in cands])
+            timings = []
+            for i, cfg in enumerate(cands):
+                try:
+                    timings.append((sum(time_config(cfg, t) for t in counts), i, cfg))
+                except Exception as err:  # a candidate that does not compile, fit or compute right is skipped
+                    log(f"  candidate {i} failed: {err!r}")
+            if not timings:
+                raise MoetrtError(
+                    f"no candidate config ran for {counts} tokens", "check the GPU and the shape"
+                )
+            us, _, chosen = min(timings, key=lambda x: x[:2])
+            log(
+                f"{entry_key(attrs, dtype, bound)} T={counts} [{round_name}]: best {us:.1f} us of {len(timings)} "
+                f"(first {timings[0][0]:.1f} us); fused={chosen['fused']['enabled']} pdl={chosen['pdl']['enabled']}"
+            )
+        best[entry_key(attrs, dtype, bound)] = {
+            "router": chosen["router"],
+            "topk": chosen["topk"],
+            "gate_up": chosen["gate_up"],
+            "down": chosen["down"],
+            "fused": chosen["fused"],
+            "pdl": chosen["pdl"],
+            "us": round(us, 2),
+            "tokens": counts,
+        }
+    write_table(best, sm, out_path)
+    return best
+
+
+# --- on a GPU (torch imported inside): inputs, timing, per-stage profile, the tuning driver ---------------
+
+
+def profile_stages(
+    bundle: Any, attrs: MoEAttributes, inputs: dict[str, Any], iters: int = 20
+) -> dict[str, float]:
+    """Median GPU µs of each op of the launch sequence (memset, router, ...), L2 flushed before each run.
+
+    A sleep kernel first lets the host enqueue the whole sequence ahead of the GPU, so the event gaps
+    measure the kernels, not Python's launch cost.
+    """
+    import statistics
+
+    import torch
+
+    from moetrt.kernels.launcher import MoELauncher
+
+    num_tokens = inputs["hidden_states"].shape[0]
+    launcher = MoELauncher(bundle, attrs)
+    ops, _ = launcher.launch_plan(num_tokens)
+    hidden = inputs["hidden_states"]
+    outputs = [torch.empty(num_tokens, attrs.hidden_size, dtype=hidden.dtype, device="cuda")]
+    if attrs.output_router_logits:
+        outputs.append(torch.empty(num_tokens, attrs.num_experts, dtype=hidden.dtype, device="cuda"))
+    workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device="cuda")
+    in_ptrs = [inputs[name].data_ptr() for name in attrs.present_inputs()]
+    out_ptrs = [t.data_ptr() for t in outputs]
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    names = [op.stage for op in ops]
+    samples: list[list[float]] = [[] for _ in ops]
+    for _ in range(iters + 2):
+        flush.zero_()
+        torch.cuda._sleep(2_000_000)
+        events = [torch.cuda.Event(enable_timing=True)]
+        events[0].record()
+        for i in range(len(ops)):
+            launcher.enqueue_ops(num_tokens, in_ptrs, out_ptrs, workspace.data_ptr(), stream, ops[i : i + 1])
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+        torch.cuda.synchronize()
+        for i in range(len(ops)):
+            samples[i].append(events[i].elapsed_time(events[i + 1]) * 1e3)
+    result: dict[str, float] = {}
+    for name, times in zip(names, samples, strict=True):
+        key = name if name not in result else f"{name}_{len(result)}"
+        result[key] = statistics.median(times[2:])
+    return result
+
+
+def tune_gpu(
+    attrs: MoEAttributes,
+    dtype: str,
+    tokens: Iterable[int] = (1, 16, 64, 512, 4096),
+    out_path: str | os.PathLike[str] | None = None,
+    workers: int = 8,
+    iters: int = 20,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Tune the config table for this GPU's SM: compile every candidate, time it through the launcher."""
+    import torch
+
+    from moetrt.kernels import aot, plan
+    from moetrt.kernels.torch_ops import moe_forward
+
+    if not torch.cuda.is_available():
+        raise MoetrtError("tuning needs a CUDA GPU", "run `moetrt tune` on the GPU the table is for")
+    sm = current_sm()
+    dtype = precision(dtype).kernel_name  # config tables and bundles key by the kernel name
+    torch_dtype = precision(dtype).torch
+    weights = gpu_random_inputs(attrs, 1, torch_dtype, seed=1)
+    cache: dict[str, aot.CompiledKernel] = {}
+    broken: set[str] = set()
+
+    def bucket(t: int) -> int | None:
+        return next(b for b in BUCKETS if b is None or t <= b)
+
+    def prepare(cands: list[tuple[dict[str, Any], int]]) -> None:
+        todo: dict[str, plan.Variant] = {}
+        for cfg, t in cands:
+            for v in plan.bucket_variants(attrs, dtype, bucket(t), cfg).values():
+                if v.key not in cache and v.key not in broken:
+                    todo[v.key] = v
+        if not todo:
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(
+            min(workers, len(todo)), mp_context=multiprocessing.get_context("fork")
+        ) as pool:
+            futures = {key: pool.submit(aot.compile_variant, v, dtype, sm) for key, v in todo.items()}
+            for key, fut in futures.items():
+                try:
+                    cache[key] = fut.result()
+                except Exception as err:
+                    broken.add(key)
+                    log(f"  variant {key} does not compile: {err!r}")
+
+    references: dict[int, tuple[dict[str, Any], Any]] = {}
+
+    def time_config(cfg: dict[str, Any], t: int) -> float:
+        bound = bucket(t)
+        keys = {v.key for v in plan.bucket_variants(attrs, dtype, bound, cfg).values()}
+        if keys & broken:
+            raise MoetrtError("a variant of this candidate does not compile", "")
+        bundle = aot.compile_kernels(attrs, dtype, sm, buckets=(bound,), configs={bound: cfg}, cache=cache)
+        if t not in references:
+            inputs = dict(weights)
+            inputs.update(gpu_random_inputs(attrs, t, torch_dtype, seed=100 + t, names=["hidden_states"]))
+            references[t] = (inputs, gpu_reference(inputs, attrs).output)
+        inputs, ref = references[t]
+        # a fast candidate must also be right: poisoned output, compared with the float32 reference
+        out = {"output": torch.full((t, attrs.hidden_size), float("nan"), dtype=torch_dtype, device="cuda")}
+        moe_forward(inputs, attrs, bundle, outputs=out)
+        rel = relative_error(out["output"], ref)
+        if not rel <= tolerance(dtype):
+            raise MoetrtError(f"candidate is wrong (rel err {rel:.2e})", "")
+        return time_graph(lambda: moe_forward(inputs, attrs, bundle), repeats=iters).median_us
+
+    return tune(attrs, dtype, sm, time_config, tokens, out_path, prepare=prepare, log=log)

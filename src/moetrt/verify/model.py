@@ -1,0 +1,254 @@
+"""Parity check: an ONNX model run by onnxruntime against its PyTorch reference, at several shapes.
+
+Works on any ONNX file with the exported signature, including fused models whose custom-domain nodes carry
+local function bodies (onnxruntime runs the bodies). The reference MODEL is found in the file's
+`moetrt.source` metadata unless given. Execution goes through polygraphy: its onnxruntime runner and a
+small CPU PyTorch runner, driven by `Comparator.run`; the comparison is `verify.compare` (the
+relative norm error of `core.tolerances`, with the tolerance of the model's dtype).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moetrt.core.artifacts import META_DTYPE, META_EXAMPLE_SHAPE, META_LONG_SEQ, META_SOURCE, ONNX_NAME
+from moetrt.core.errors import MoetrtError
+from moetrt.core.tolerances import TOLERANCES
+from moetrt.verify.compare import Shape, VerifyReport, compare_outputs, default_shapes, quiet_logs
+
+Progress = Callable[[str], None]
+
+
+def verify(
+    artifact: str | Path,
+    reference: str | None = None,
+    shapes: Sequence[Shape] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    dtype: str = "fp32",
+) -> VerifyReport:
+    """Run `artifact` (an .onnx file, or a MODEL spec exported first) and its PyTorch reference on the same
+    random inputs at each shape; `dtype` only applies when `artifact` is a MODEL spec."""
+    say = progress or (lambda _msg: None)
+    start = time.perf_counter()
+    artifact_str = str(artifact)
+    with contextlib.ExitStack() as stack:
+        if _looks_like_onnx(artifact_str):
+            onnx_path = Path(artifact_str)
+        else:
+            from moetrt.export.onnx_export import export_onnx
+
+            tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moetrt-verify-")))
+            onnx_path = tmp_dir / ONNX_NAME
+            say(f"{artifact_str} is a MODEL spec: exporting it to a temporary ONNX file first")
+            export_onnx(artifact_str, onnx_path, dtype=dtype, progress=say)
+            reference = reference or artifact_str
+        report = _verify_onnx(onnx_path, reference, shapes, seed, say)
+    report.artifact = artifact_str
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _looks_like_onnx(text: str) -> bool:
+    return text.endswith(".onnx") or Path(text).is_file()
+
+
+def _verify_onnx(
+    onnx_path: Path, reference: str | None, shapes: Sequence[Shape] | None, seed: int, say: Progress
+) -> VerifyReport:
+    meta, onnx_inputs, onnx_outputs = _read_onnx_header(onnx_path)
+    reference = reference or meta.get(META_SOURCE)
+    if not reference:
+        raise MoetrtError(
+            f"{onnx_path} does not name its source model (no {META_SOURCE} metadata)",
+            "pass --reference MODEL",
+        )
+    dtype = meta.get(META_DTYPE, "fp32")
+    if dtype not in TOLERANCES:
+        raise MoetrtError(f"{onnx_path} has unknown dtype {dtype!r} in its metadata", "re-export it")
+    tolerance = TOLERANCES[dtype]
+
+    # onnxruntime first: a file it cannot run fails fast, before the reference model is built.
+    say(f"starting onnxruntime on {onnx_path}")
+    with quiet_logs():
+        ort_runner = _onnxruntime_runner(onnx_path, dtype)
+
+    say(f"loading the reference {reference} ({dtype})")
+    from moetrt.export.model_source import load_model
+
+    loaded = load_model(reference, dtype)
+    if list(loaded.input_names) != onnx_inputs:
+        raise MoetrtError(
+            f"{onnx_path} takes inputs {onnx_inputs} but the reference {reference} takes {loaded.input_names}",
+            "pass the --reference MODEL this file was exported from",
+        )
+    output_names = onnx_outputs[: len(loaded.output_names)]
+    if shapes is None:
+        example = _parse_example_shape(meta.get(META_EXAMPLE_SHAPE), loaded)
+        long_seq = int(meta.get(META_LONG_SEQ, loaded.long_seq))
+        shapes = default_shapes(example, long_seq)
+
+    feeds = [
+        OrderedDict(
+            (name, _to_numpy(tensor))
+            for name, tensor in zip(loaded.input_names, loaded.make_inputs(batch, seq, seed + i))
+        )
+        for i, (batch, seq) in enumerate(shapes)
+    ]
+    torch_runner = _torch_runner(loaded.module, feeds[0], output_names)
+    say(f"running onnxruntime and PyTorch at shapes {', '.join(f'{b}x{s}' for b, s in shapes)}")
+    results = _run_comparator([ort_runner, torch_runner], feeds)
+
+    report = VerifyReport(artifact=str(onnx_path), reference=reference, dtype=dtype)
+    ort_results, torch_results = results[0][1], results[1][1]
+    for (batch, seq), ort_out, ref_out in zip(shapes, ort_results, torch_results):
+        for name in output_names:
+            report.rows.append(compare_outputs(ort_out[name], ref_out[name], (batch, seq), name, tolerance))
+    return report
+
+
+def _read_onnx_header(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """Metadata, input and output names, without loading external weights."""
+    import onnx
+
+    if not path.exists():
+        raise MoetrtError(f"{path} does not exist", "pass an .onnx file or a MODEL spec")
+    if path.is_dir():
+        raise MoetrtError(f"{path} is a directory", "pass an .onnx file or a MODEL spec")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise MoetrtError(
+            f"{path} is not a readable ONNX model ({type(err).__name__})",
+            "re-export it with `moetrt export`",
+        ) from None
+    if not model.graph.node:
+        raise MoetrtError(f"{path} holds an empty ONNX graph", "re-export it with `moetrt export`")
+    initializer_names = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializer_names]
+    outputs = [o.name for o in model.graph.output]
+    return {p.key: p.value for p in model.metadata_props}, inputs, outputs
+
+
+def _parse_example_shape(text: str | None, loaded: Any) -> Shape:
+    if text:
+        with contextlib.suppress(ValueError):
+            batch, seq = (int(v) for v in text.split("x"))
+            return batch, seq
+    shape = loaded.example_inputs[0].shape
+    return int(shape[0]), int(shape[1]) if len(shape) > 1 else 1
+
+
+def _onnxruntime_runner(path: Path, dtype: str) -> Any:
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    # The session is built here rather than lazily in the runner, so a load failure becomes a clear error.
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        text = str(err)
+        if "tensor(bfloat16)" in text and "Type Error" in text:
+            # Written by an older export at an opset that does not allow bfloat16 for some op.
+            bad_op = re.search(r"of operator \((\w+)\)", text)
+            raise MoetrtError(
+                f"{path} uses bfloat16 where its opset does not allow it"
+                f" ({bad_op.group(1) if bad_op else 'some op'}), so onnxruntime rejects the file",
+                "re-export it with `moetrt export --dtype bf16` (which writes opset 22)",
+            ) from None
+        if dtype == "bf16" and ("NOT_IMPLEMENTED" in text or "implementation" in text):
+            missing = re.search(r"implementation for (\w+)\(", text)
+            op = missing.group(1) if missing else "some op"
+            raise MoetrtError(
+                f"onnxruntime's CPU provider has no bf16 kernel for {op}, so this bf16 model cannot be "
+                "verified on CPU",
+                "verify an fp32 or fp16 export, or run the bf16 model on a GPU runtime",
+            ) from None
+        raise MoetrtError(
+            f"onnxruntime cannot load {path}: {text.strip().splitlines()[0] if text.strip() else type(err)}",
+            "re-export it with `moetrt export`, or check that custom ops have function bodies",
+        ) from None
+    return OnnxrtRunner(session, name="onnxruntime")
+
+
+def _run_comparator(runners: list[Any], feeds: list[OrderedDict[str, np.ndarray]]) -> Any:
+    from polygraphy.comparator import Comparator
+
+    with quiet_logs():
+        try:
+            return Comparator.run(runners, data_loader=feeds, warm_up=0)
+        except MoetrtError:
+            raise
+        except Exception as err:
+            text = str(err).strip()
+            raise MoetrtError(
+                f"running the models failed: {text.splitlines()[0] if text else type(err).__name__}",
+                "check that the ONNX file matches the reference model",
+            ) from None
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        raise MoetrtError(
+            "bf16 inputs cannot be passed to onnxruntime from numpy",
+            "verify the fp32 or fp16 export of this model on CPU",
+        )
+    return tensor.detach().cpu().numpy()
+
+
+def _torch_runner(module: Any, example_feed: dict[str, np.ndarray], output_names: list[str]) -> Any:
+    """A polygraphy runner for a PyTorch module on CPU (polygraphy's own PytRunner needs CUDA).
+
+    The reference runs in float32 from the model's own weights (already rounded to the export dtype),
+    so the tolerance measures only the ONNX side's rounding.
+    """
+    import torch
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    input_names = list(example_feed)
+
+    class _Runner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name="pytorch")
+            self.module = module
+            self._output_names = list(output_names)
+
+        def activate_impl(self) -> None:
+            self.reference = self.module.float().eval()
+
+        def get_input_metadata_impl(self) -> TensorMetadata:
+            meta = TensorMetadata()
+            for name, array in example_feed.items():
+                meta.add(name, array.dtype, ["batch", "seq", *array.shape[2:]])
+            return meta
+
+        def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+            tensors = []
+            for name in input_names:
+                tensor = torch.from_numpy(np.ascontiguousarray(feed_dict[name]))
+                tensors.append(tensor.float() if tensor.is_floating_point() else tensor)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = self.reference(*tensors)
+            self.inference_time = time.perf_counter() - start
+            outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+            return OrderedDict(
+                (name, t.float().numpy()) for name, t in zip(self._output_names, outs, strict=False)
+            )
+
+        def deactivate_impl(self) -> None:
+            del self.reference
+
+    return _Runner()

@@ -1,0 +1,44 @@
+"""Fixtures shared by the CPU tests: a fused single-block ONNX file and the check that nothing was left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+from moetrt_testing.single_op_model import single_moe_model
+
+from moetrt.core.dtypes import precision
+from moetrt.op.spec import MoEAttributes
+
+#: A small block with every common part: softmax + renorm, a gated shared expert.
+SMALL_SHARED = MoEAttributes(
+    num_experts=8,
+    top_k=2,
+    hidden_size=32,
+    intermediate_size=16,
+    norm_topk_prob=True,
+    shared_intermediate_size=16,
+    has_shared_gate=True,
+)
+
+FusedBlockWriter = Callable[..., Path]
+
+
+@pytest.fixture
+def fused_block(tmp_path: Path) -> FusedBlockWriter:
+    """`fused_block(dtype="fp16", attrs=SMALL_SHARED)` writes one fused moetrt::MoE model under tmp_path."""
+
+    def write(dtype: str = "fp16", attrs: MoEAttributes = SMALL_SHARED, name: str | None = None) -> Path:
+        model, _ = single_moe_model(attrs, precision(dtype).torch)
+        path = tmp_path / (name or f"block_{dtype}.onnx")
+        onnx.save(model, str(path))
+        return path
+
+    return write
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    """The hidden staging files a write of `parent/name` left beside it (none after success or failure)."""
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
