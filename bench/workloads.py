@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moetrt.core import tolerances
-from moetrt.op.presets import PRESETS
+from moetrt.op.presets import PRESETS, like
 from moetrt.op.reference import (
     glu_activation,
     input_scales,
@@ -37,55 +37,6 @@ class Shape:
     family: str  # qwen3_next | qwen3_moe | mixtral | deepseek_v3 | gpt_oss
     attrs: MoEAttributes
     summary: str
-
-
-def _qwen3_next(e: int, k: int, h: int, i: int, shared: int) -> MoEAttributes:
-    return MoEAttributes(
-        e,
-        k,
-        h,
-        i,
-        scoring="softmax",
-        norm_topk_prob=True,
-        shared_intermediate_size=shared,
-        has_shared_gate=True,
-    )
-
-
-def _softmax_renorm(e: int, k: int, h: int, i: int) -> MoEAttributes:
-    return MoEAttributes(e, k, h, i, scoring="softmax", norm_topk_prob=True)
-
-
-def _deepseek_v3(e: int, k: int, h: int, i: int, n_group: int, topk_group: int, shared: int) -> MoEAttributes:
-    return MoEAttributes(
-        e,
-        k,
-        h,
-        i,
-        scoring="sigmoid",
-        norm_topk_prob=True,
-        n_group=n_group,
-        topk_group=topk_group,
-        routed_scaling_factor=2.5,
-        has_score_correction_bias=True,
-        shared_intermediate_size=shared,
-    )
-
-
-def _gpt_oss(e: int, k: int, h: int, i: int) -> MoEAttributes:
-    return MoEAttributes(
-        e,
-        k,
-        h,
-        i,
-        scoring="softmax",
-        topk_before_score=True,
-        has_router_bias=True,
-        has_expert_bias=True,
-        activation="swiglu_clamped",
-        swiglu_alpha=1.702,
-        swiglu_limit=7.0,
-    )
 
 
 # The real shapes are the package's presets (`moetrt tune/aot --preset`), so bench and tuning agree.
@@ -111,11 +62,16 @@ _ALL = (
         "E32 k4 H2880 I2880, biases, clamped SwiGLU, top-k then softmax",
     ),
     # Same variants at toy sizes: the CPU smoke test runs these.
-    Shape("tiny_qwen3_next", "qwen3_next", _qwen3_next(16, 4, 64, 32, 32), "tiny qwen3_next"),
-    Shape("tiny_qwen3_30b", "qwen3_moe", _softmax_renorm(16, 4, 64, 48), "tiny qwen3_30b"),
-    Shape("tiny_mixtral", "mixtral", _softmax_renorm(8, 2, 64, 96), "tiny mixtral"),
-    Shape("tiny_deepseek_v3", "deepseek_v3", _deepseek_v3(16, 4, 64, 32, 4, 2, 32), "tiny deepseek_v3"),
-    Shape("tiny_gpt_oss", "gpt_oss", _gpt_oss(8, 2, 64, 64), "tiny gpt_oss"),
+    Shape("tiny_qwen3_next", "qwen3_next", like("qwen3_next", 16, 4, 64, 32), "tiny qwen3_next"),
+    Shape("tiny_qwen3_30b", "qwen3_moe", like("qwen3_30b", 16, 4, 64, 48), "tiny qwen3_30b"),
+    Shape("tiny_mixtral", "mixtral", like("mixtral", 8, 2, 64, 96), "tiny mixtral"),
+    Shape(
+        "tiny_deepseek_v3",
+        "deepseek_v3",
+        like("deepseek_v3", 16, 4, 64, 32, n_group=4, topk_group=2),
+        "tiny deepseek_v3",
+    ),
+    Shape("tiny_gpt_oss", "gpt_oss", like("gpt_oss_20b", 8, 2, 64, 64), "tiny gpt_oss"),
 )
 SHAPES: dict[str, Shape] = {shape.name: shape for shape in _ALL}
 GPU_DEFAULT_SHAPES = ("qwen3_next", "qwen3_30b", "mixtral", "deepseek_v3", "gpt_oss_20b")

@@ -10,18 +10,11 @@ import pytest
 from moetrt_testing.single_op_model import single_moe_model
 
 from moetrt.core.dtypes import precision
+from moetrt.op.presets import like
 from moetrt.op.spec import MoEAttributes
 
 #: A small block with every common part: softmax + renorm, a gated shared expert.
-SMALL_SHARED = MoEAttributes(
-    num_experts=8,
-    top_k=2,
-    hidden_size=32,
-    intermediate_size=16,
-    norm_topk_prob=True,
-    shared_intermediate_size=16,
-    has_shared_gate=True,
-)
+SMALL_SHARED = like("qwen3_next", 8, 2, 32, 16)
 
 FusedBlockWriter = Callable[..., Path]
 

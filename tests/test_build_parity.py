@@ -3,6 +3,7 @@ cannot run (checked as the exact fp32 widening of the same graph, and recorded a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SMALL_SHARED
 from moetrt_testing.single_op_model import single_moe_model
 from onnx import numpy_helper
 
@@ -18,20 +20,10 @@ from moetrt.build import UPCAST_SCOPE, BuildOptions, _parity, build
 from moetrt.core.onnx_io import widen_to_fp32
 from moetrt.core.tolerances import relative_error
 from moetrt.op.reference import moe_reference, random_inputs
-from moetrt.op.spec import MoEAttributes
 from moetrt.runtime.session import Session
 from moetrt.trt.trt_build import DimRange
 
-ATTRS = MoEAttributes(
-    num_experts=8,
-    top_k=2,
-    hidden_size=32,
-    intermediate_size=16,
-    norm_topk_prob=True,
-    shared_intermediate_size=16,
-    has_shared_gate=True,
-    output_router_logits=True,
-)
+ATTRS = dataclasses.replace(SMALL_SHARED, output_router_logits=True)
 
 
 def test_widening_is_exact(tmp_path: Path) -> None:

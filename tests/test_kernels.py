@@ -17,40 +17,22 @@ from typing import Any
 
 import pytest
 
+from moetrt.core.dtypes import KERNEL_NAMES
+from moetrt.core.tolerances import tolerance
+from moetrt.op.presets import like
 from moetrt.op.spec import MoEAttributes
-
-TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2}
 
 # Small shapes: every dimension still exercises masking (E not a power of two where allowed, H % BK != 0).
 VARIANTS: dict[str, MoEAttributes] = {
     "softmax_renorm": MoEAttributes(8, 2, 48, 32, norm_topk_prob=True),
     "softmax_no_renorm": MoEAttributes(12, 3, 48, 40),
     "topk_before_softmax": MoEAttributes(8, 2, 48, 32, topk_before_score=True),
-    "sigmoid_grouped_bias_scaled": MoEAttributes(
-        16,
-        4,
-        48,
-        32,
-        scoring="sigmoid",
-        has_score_correction_bias=True,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
+    "sigmoid_grouped_bias_scaled": like(
+        "deepseek_v3", 16, 4, 48, 32, n_group=4, topk_group=2, shared_intermediate_size=0
     ),
     "gelu_glu": MoEAttributes(8, 2, 48, 32, activation="gelu_glu"),
     "gelu_tanh_glu": MoEAttributes(8, 2, 48, 32, activation="gelu_tanh_glu"),
-    "swiglu_clamped_biases": MoEAttributes(
-        8,
-        2,
-        48,
-        32,
-        topk_before_score=True,
-        activation="swiglu_clamped",
-        swiglu_limit=1.5,
-        has_expert_bias=True,
-        has_router_bias=True,
-    ),
+    "swiglu_clamped_biases": like("gpt_oss_20b", 8, 2, 48, 32, swiglu_limit=1.5),
     "shared_gated_logits": MoEAttributes(
         12,
         3,
@@ -97,7 +79,7 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
 SLOW_CASES: list[tuple[str, str, int, str]] = [
     (variant, dtype, t, "auto")
     for variant in VARIANTS
-    for dtype in TOL
+    for dtype in KERNEL_NAMES
     for t in (1, 16, 64, 130)
     if (variant, dtype, t, "auto") not in FAST_CASES
 ]
@@ -141,7 +123,7 @@ def _check(result: dict[str, Any], dtype: str, num_tokens: int) -> None:
         return
     for name, err in result["rel_err"].items():
         assert not result["nan"][name], f"{name} has NaN (an element was never written)"
-        assert err <= TOL[dtype], f"{name}: rel err {err:.3e} > {TOL[dtype]:.0e}"
+        assert err <= tolerance(dtype), f"{name}: rel err {err:.3e} > {tolerance(dtype):.0e}"
 
 
 @pytest.mark.parametrize("case", FAST_CASES, ids=_case_id)

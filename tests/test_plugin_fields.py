@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moetrt.core.errors import MoetrtError
+from moetrt.op.presets import PRESETS
 from moetrt.op.spec import MoEAttributes
 from moetrt.trt.fields import (
     FIELDS_VERSION,
@@ -20,43 +21,9 @@ from moetrt.trt.fields import (
 )
 from moetrt.trt.plugin import field_arrays, from_field_collection, to_field_collection
 
-VARIANTS = [
-    MoEAttributes(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32),
-    MoEAttributes(
-        num_experts=512,
-        top_k=10,
-        hidden_size=2048,
-        intermediate_size=512,
-        norm_topk_prob=True,
-        shared_intermediate_size=512,
-        has_shared_gate=True,
-        output_router_logits=True,
-    ),
-    MoEAttributes(
-        num_experts=256,
-        top_k=8,
-        hidden_size=7168,
-        intermediate_size=2048,
-        scoring="sigmoid",
-        n_group=8,
-        topk_group=4,
-        routed_scaling_factor=2.5,
-        has_score_correction_bias=True,
-        norm_topk_prob=True,
-        shared_intermediate_size=2048,
-    ),
-    MoEAttributes(
-        num_experts=32,
-        top_k=4,
-        hidden_size=2880,
-        intermediate_size=2880,
-        topk_before_score=True,
-        activation="swiglu_clamped",
-        swiglu_alpha=1.702,
-        swiglu_limit=7.0,
-        has_expert_bias=True,
-        has_router_bias=True,
-    ),
+VARIANTS = [MoEAttributes(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32)] + [
+    dataclasses.replace(PRESETS[name], output_router_logits=name == "qwen3_next")
+    for name in ("qwen3_next", "deepseek_v3", "gpt_oss_20b")
 ]
 
 

@@ -12,46 +12,19 @@ from moetrt_testing.single_op_model import single_moe_model
 
 from moetrt.core.errors import MoetrtError
 from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.op.presets import like
 from moetrt.op.reference import moe_reference, random_inputs
-from moetrt.op.spec import MoEAttributes
 from moetrt.runtime import load, random_feeds
 from moetrt.runtime.session import Session
 from moetrt.trt.trt_build import check_in_profile
 
 HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 VARIANTS = {
-    "softmax_renorm_shared": MoEAttributes(
-        num_experts=16,
-        top_k=4,
-        hidden_size=64,
-        intermediate_size=32,
-        norm_topk_prob=True,
-        shared_intermediate_size=32,
-        has_shared_gate=True,
-        output_router_logits=True,
+    "softmax_renorm_shared": like("qwen3_next", 16, 4, 64, 32, output_router_logits=True),
+    "deepseek_grouped": like(
+        "deepseek_v3", 16, 4, 64, 32, n_group=4, topk_group=2, shared_intermediate_size=0
     ),
-    "deepseek_grouped": MoEAttributes(
-        num_experts=16,
-        top_k=4,
-        hidden_size=64,
-        intermediate_size=32,
-        scoring="sigmoid",
-        n_group=4,
-        topk_group=2,
-        has_score_correction_bias=True,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-    ),
-    "gpt_oss": MoEAttributes(
-        num_experts=8,
-        top_k=2,
-        hidden_size=64,
-        intermediate_size=64,
-        topk_before_score=True,
-        activation="swiglu_clamped",
-        has_router_bias=True,
-        has_expert_bias=True,
-    ),
+    "gpt_oss": like("gpt_oss_20b", 8, 2, 64, 64),
 }
 
 

@@ -8,6 +8,8 @@ import torch
 from moetrt.core.devices import current_sm
 from moetrt.core.dtypes import kernel_name_of
 from moetrt.core.errors import MoetrtError
+from moetrt.core.tolerances import tolerance
+from moetrt.op.presets import like
 from moetrt.op.reference import moe_reference, random_inputs
 from moetrt.op.spec import MoEAttributes
 
@@ -17,42 +19,13 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 VARIANTS = {
-    "softmax_renorm_shared_gate": MoEAttributes(
-        64,
-        6,
-        256,
-        128,
-        norm_topk_prob=True,
-        shared_intermediate_size=96,
-        has_shared_gate=True,
-        output_router_logits=True,
+    "softmax_renorm_shared_gate": like(
+        "qwen3_next", 64, 6, 256, 128, shared_intermediate_size=96, output_router_logits=True
     ),
-    "deepseek_grouped": MoEAttributes(
-        64,
-        6,
-        256,
-        128,
-        scoring="sigmoid",
-        has_score_correction_bias=True,
-        n_group=8,
-        topk_group=3,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        shared_intermediate_size=128,
-    ),
-    "gpt_oss": MoEAttributes(
-        16,
-        4,
-        192,
-        160,
-        topk_before_score=True,
-        activation="swiglu_clamped",
-        has_expert_bias=True,
-        has_router_bias=True,
-    ),
+    "deepseek_grouped": like("deepseek_v3", 64, 6, 256, 128, n_group=8, topk_group=3),
+    "gpt_oss": like("gpt_oss_20b", 16, 4, 192, 160),
     "gelu_tanh": MoEAttributes(8, 2, 128, 96, activation="gelu_tanh_glu"),
 }
-TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
 CASES = [(name, torch.bfloat16) for name in VARIANTS] + [
     ("softmax_renorm_shared_gate", torch.float16),
     ("softmax_renorm_shared_gate", torch.float32),
@@ -87,7 +60,7 @@ def test_launcher_matches_reference(variant: str, dtype: torch.dtype, num_tokens
         g, r = got[name].double().cpu(), ref[name].double()
         assert not torch.isnan(g).any(), f"{name} has NaN (unwritten elements)"
         rel = ((g - r).norm() / r.norm()).item()
-        assert rel <= TOL[dtype], f"{name}: rel err {rel:.2e}"
+        assert rel <= tolerance(dtype), f"{name}: rel err {rel:.2e}"
 
 
 def test_skewed_routing_and_empty_input() -> None:
@@ -143,7 +116,7 @@ def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -
             g, r = got[key].double().cpu(), ref[key].double()
             assert not torch.isnan(g).any(), f"{key} has NaN"
             rel = ((g - r).norm() / r.norm()).item()
-            assert rel <= TOL[dtype], f"T={num_tokens} {key}: rel err {rel:.2e}"
+            assert rel <= tolerance(dtype), f"T={num_tokens} {key}: rel err {rel:.2e}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="SM90+")

@@ -15,6 +15,7 @@ import torch
 
 from moetrt.core import dtypes
 from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.op.presets import like
 from moetrt.op.reference import moe_reference, random_inputs
 from moetrt.op.spec import MoEAttributes
 from moetrt.trt import io_rules
@@ -27,40 +28,10 @@ pytestmark = [
 ]
 
 VARIANTS = {
-    "qwen3_next_like": MoEAttributes(
-        num_experts=64,
-        top_k=10,
-        hidden_size=256,
-        intermediate_size=128,
-        norm_topk_prob=True,
-        shared_intermediate_size=128,
-        has_shared_gate=True,
-        output_router_logits=True,
-    ),
-    "mixtral_like": MoEAttributes(num_experts=8, top_k=2, hidden_size=256, intermediate_size=512),
-    "deepseek_like": MoEAttributes(
-        num_experts=32,
-        top_k=4,
-        hidden_size=128,
-        intermediate_size=64,
-        scoring="sigmoid",
-        n_group=4,
-        topk_group=2,
-        has_score_correction_bias=True,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        shared_intermediate_size=64,
-    ),
-    "gpt_oss_like": MoEAttributes(
-        num_experts=16,
-        top_k=4,
-        hidden_size=128,
-        intermediate_size=128,
-        topk_before_score=True,
-        activation="swiglu_clamped",
-        has_router_bias=True,
-        has_expert_bias=True,
-    ),
+    "qwen3_next_like": like("qwen3_next", 64, 10, 256, 128, output_router_logits=True),
+    "mixtral_like": like("mixtral", 8, 2, 256, 512, norm_topk_prob=False),
+    "deepseek_like": like("deepseek_v3", 32, 4, 128, 64, n_group=4, topk_group=2),
+    "gpt_oss_like": like("gpt_oss_20b", 16, 4, 128, 128),
 }
 TOKENS = (1, 7, 64, 333)
 MAX_TOKENS = 512

@@ -13,17 +13,14 @@ import torch
 from torch import nn
 
 from moetrt.core.errors import MoetrtError
-from moetrt.export.export_friendly import CHUNKED_EXAMPLE_SEQ, has_chunked_linear_attention
 from moetrt.export.loaded import (
     EXAMPLE_BATCH,
     EXAMPLE_SEQ,
-    CausalLMLogits,
     FirstOutput,
     LoadedModel,
-    count_moe_blocks,
+    causal_lm,
     is_moe_block,
     random_hidden_inputs,
-    random_token_inputs,
     token_dynamic_shapes,
 )
 
@@ -190,21 +187,13 @@ def build_demo(
             description=f"first MoE block of the tiny {family} demo ({type(moe).__name__})",
         )
 
-    module = CausalLMLogits(model).eval()
-    make_inputs = random_token_inputs(config.vocab_size)
-    example_seq = CHUNKED_EXAMPLE_SEQ if has_chunked_linear_attention(model) else EXAMPLE_SEQ
-    return LoadedModel(
-        module=module,
-        example_inputs=make_inputs(EXAMPLE_BATCH, example_seq),
-        input_names=["input_ids"],
-        output_names=["logits"],
-        dynamic_shapes=token_dynamic_shapes("input_ids"),
-        make_inputs=make_inputs,
-        num_moe_blocks=count_moe_blocks(model),
-        spec=f"demo:{family}",
-        dtype=dtype,
-        long_seq=long_seq,
-        description=f"tiny {family} causal LM ({config.num_hidden_layers} layers, hidden {config.hidden_size})",
+    return causal_lm(
+        model,
+        config.vocab_size,
+        f"demo:{family}",
+        dtype,
+        f"tiny {family} causal LM ({config.num_hidden_layers} layers, hidden {config.hidden_size})",
+        long_seq,
     )
 
 

@@ -130,3 +130,33 @@ def token_dynamic_shapes(input_name: str) -> dict[str, dict[int, Any]]:
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=131072)
     return {input_name: {0: batch, 1: seq}}
+
+
+def causal_lm(
+    model: nn.Module,
+    vocab_size: int,
+    spec: str,
+    dtype: torch.dtype,
+    description: str,
+    long_seq: int | None = None,
+) -> LoadedModel:
+    """A causal LM as `input_ids -> logits` (no cache). Models with chunked linear attention export with an
+    example longer than one chunk; `long_seq` defaults to a length that crosses every chunk."""
+    from moetrt.export.export_friendly import CHUNKED_EXAMPLE_SEQ, has_chunked_linear_attention
+
+    make_inputs = random_token_inputs(vocab_size)
+    chunked = has_chunked_linear_attention(model)
+    example_seq = CHUNKED_EXAMPLE_SEQ if chunked else EXAMPLE_SEQ
+    return LoadedModel(
+        module=CausalLMLogits(model).eval(),
+        example_inputs=make_inputs(EXAMPLE_BATCH, example_seq),
+        input_names=["input_ids"],
+        output_names=["logits"],
+        dynamic_shapes=token_dynamic_shapes("input_ids"),
+        make_inputs=make_inputs,
+        num_moe_blocks=count_moe_blocks(model),
+        spec=spec,
+        dtype=dtype,
+        long_seq=long_seq if long_seq is not None else (130 if chunked else 80),
+        description=description,
+    )

@@ -22,15 +22,10 @@ from torch import nn
 
 from moetrt.core.dtypes import precision
 from moetrt.core.errors import MoetrtError
-from moetrt.export.export_friendly import CHUNKED_EXAMPLE_SEQ, has_chunked_linear_attention
 from moetrt.export.loaded import (
-    EXAMPLE_BATCH,
-    EXAMPLE_SEQ,
-    CausalLMLogits,
     LoadedModel,
+    causal_lm,
     count_moe_blocks,
-    random_token_inputs,
-    token_dynamic_shapes,
 )
 
 __all__ = ["LoadedModel", "load_model"]
@@ -112,22 +107,8 @@ def _load_hf_dir(spec: str, dtype: torch.dtype) -> LoadedModel:
             "check that the weights match config.json and are a causal LM",
         ) from None
     model = model.to(dtype).eval()
-    make_inputs = random_token_inputs(int(config.get_text_config().vocab_size))
-    module = CausalLMLogits(model).eval()
-    example_seq = CHUNKED_EXAMPLE_SEQ if has_chunked_linear_attention(model) else EXAMPLE_SEQ
-    return LoadedModel(
-        module=module,
-        example_inputs=make_inputs(EXAMPLE_BATCH, example_seq),
-        input_names=["input_ids"],
-        output_names=["logits"],
-        dynamic_shapes=token_dynamic_shapes("input_ids"),
-        make_inputs=make_inputs,
-        num_moe_blocks=count_moe_blocks(model),
-        spec=str(path.resolve()),
-        dtype=dtype,
-        long_seq=130 if example_seq == CHUNKED_EXAMPLE_SEQ else 80,
-        description=f"{config.model_type} from {path}",
-    )
+    vocab_size = int(config.get_text_config().vocab_size)
+    return causal_lm(model, vocab_size, str(path.resolve()), dtype, f"{config.model_type} from {path}")
 
 
 def _load_module(spec: str, dtype: torch.dtype) -> LoadedModel:

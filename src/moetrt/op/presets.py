@@ -35,3 +35,23 @@ PRESETS: dict[str, MoEAttributes] = {
         has_router_bias=True,
     ),
 }
+
+
+def like(
+    preset: str, num_experts: int, top_k: int, hidden: int, intermediate: int, **changes: object
+) -> MoEAttributes:
+    """A preset's routing and expert variant at other sizes (tests, small benchmarks). A shared expert, when the
+    preset has one, takes `intermediate` unless `shared_intermediate_size` is given; `changes` override any
+    other field (n_group, output_router_logits, ...)."""
+    import dataclasses
+
+    base = PRESETS[preset]
+    fields: dict[str, object] = {
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+    }
+    if base.shared_intermediate_size:
+        fields["shared_intermediate_size"] = intermediate
+    return dataclasses.replace(base, **{**fields, **changes})  # type: ignore[arg-type]

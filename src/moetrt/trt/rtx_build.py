@@ -17,15 +17,15 @@ from typing import Any
 import onnx
 
 from moetrt.core.errors import MoetrtError
+from moetrt.core.onnx_io import save_onnx
 from moetrt.op import spec
 from moetrt.trt.targets import RTX_SMS, Target
 from moetrt.trt.trt_build import (
     CapturingLogger,
     EngineBuild,
     Progress,
-    add_profile,
+    build_and_serialize,
     parse_onnx,
-    serialize,
 )
 
 PIP_HINT = (
@@ -92,25 +92,25 @@ def build_rtx_engine(
     builder = trt.Builder(logger)
     with tempfile.TemporaryDirectory(prefix="moetrt-rtx-") as tmp:
         staged = Path(tmp) / "inlined.onnx"
-        external = model.ByteSize() > (1 << 31) - (1 << 24)
-        onnx.save(model, str(staged), save_as_external_data=external)
+        save_onnx(model, staged)
         progress(f"parsing with the TensorRT-RTX {trt.__version__} ONNX parser")
         network = parse_onnx(trt, builder, logger, onnx.load(str(staged), load_external_data=False), staged)
         config = builder.create_builder_config()
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{target.sm}"), 0)
-        add_profile(builder, config, network, profiles)
         progress(
             f"building the TensorRT-RTX engine for {target.name} (SM {target.sm}, {network.num_layers} layers)"
         )
-        data = serialize(trt, builder, network, config, logger, plan_path)
-    return EngineBuild(
-        plan_path,
-        "tensorrt-rtx",
-        time.perf_counter() - start,
-        data[:4].hex(),
-        False,
-        [target.sm],
-        trt.__version__,
-        logger.warnings[-20:],
-    )
+        return build_and_serialize(
+            trt,
+            builder,
+            network,
+            config,
+            logger,
+            profiles,
+            plan_path,
+            "tensorrt-rtx",
+            False,
+            target.sm,
+            start,
+        )

@@ -177,9 +177,21 @@ def add_profile(builder: Any, config: Any, network: Any, profiles: Sequence[dict
     config.add_optimization_profile(profile)
 
 
-def serialize(
-    trt: ModuleType, builder: Any, network: Any, config: Any, logger: Any, plan_path: Path
-) -> bytes:
+def build_and_serialize(
+    trt: ModuleType,
+    builder: Any,
+    network: Any,
+    config: Any,
+    logger: Any,
+    profiles: Sequence[dict[str, Any]],
+    plan_path: Path,
+    backend: str,
+    plugin: bool,
+    sm: int,
+    started: float,
+) -> EngineBuild:
+    """Add the optimization profile, build, write `plan_path` atomically; what the build did, for the manifest."""
+    add_profile(builder, config, network, profiles)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = logger.errors[-1] if logger.errors else "no error message"
@@ -188,7 +200,16 @@ def serialize(
         )
     data = bytes(serialized)
     write_bytes_atomic(plan_path, data)
-    return data
+    return EngineBuild(
+        plan_path,
+        backend,
+        time.perf_counter() - started,
+        data[:4].hex(),
+        plugin,
+        [sm],
+        trt.__version__,
+        logger.warnings[-20:],
+    )
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
@@ -252,18 +273,19 @@ def build_tensorrt_engine(
     config = builder.create_builder_config()
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    add_profile(builder, config, network, profiles)
     progress(
         f"building the TensorRT {trt.__version__} engine for {target.name} ({plugin_layers} MoE plugin layers)"
     )
-    data = serialize(trt, builder, network, config, logger, plan_path)
-    return EngineBuild(
+    return build_and_serialize(
+        trt,
+        builder,
+        network,
+        config,
+        logger,
+        profiles,
         plan_path,
         "tensorrt",
-        time.perf_counter() - start,
-        data[:4].hex(),
         plugin_layers > 0,
-        [target.sm],
-        trt.__version__,
-        logger.warnings[-20:],
+        target.sm,
+        start,
     )
