@@ -1,6 +1,6 @@
 """How long fusion takes as the model gets deeper: Qwen3-Next-style demo models of several depths.
 
-    python -m fusion_speed --layers 2,8,32 --out docs/fusion_speed.md
+    PYTHONPATH=src python3 bench/fusion_speed.py --layers 2,8,32 --out docs/fusion_speed.md
 
 Each depth is exported once (not timed), then `fuse_model` is timed (best of `--repeat` runs). The table
 shows graph nodes, fused blocks, the time per pass and the time per MoE layer, which stays flat when the

@@ -42,7 +42,7 @@ import peers
 import workloads
 
 from moetrt.core.devices import sm_from_capability
-from moetrt.core.dtypes import precision
+from moetrt.core.dtypes import kernel_name_of, precision
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import write_bytes_atomic, write_text_atomic
 from moetrt.core.tolerances import tolerance
@@ -667,9 +667,8 @@ class Bench:
 
     def _load_or_compile_bundle(self, shape: workloads.Shape) -> Any:
         from moetrt.kernels.aot import KernelBundle, compile_kernels
-        from moetrt.kernels.torch_ops import dtype_name
 
-        dtype = dtype_name(self.args.dtype)
+        dtype = kernel_name_of(self.args.dtype)
         major, minor = torch.cuda.get_device_capability(self.device)
         sm = sm_from_capability(major, minor)
         start = time.perf_counter()

@@ -84,12 +84,14 @@ def save_onnx(model: Any, out_path: str | os.PathLike[str], external: bool | Non
             else:
                 ir.save(model, tmp_model)
         final_data = out_path.parent / data_name
-        if external:
+        # Tensors under the threshold stay inline: an "external" save of small tensors writes no data file.
+        wrote_data = external and (tmp_dir / data_name).is_file()
+        if wrote_data:
             os.replace(tmp_dir / data_name, final_data)
         elif final_data.exists():
             final_data.unlink()
         os.replace(tmp_model, out_path)
-        return final_data if external else None
+        return final_data if wrote_data else None
     except OSError as err:
         raise MoetrtError(
             f"cannot write {out_path}: {err.strerror or err}", "check free disk space and permissions"

@@ -22,8 +22,7 @@ from moetrt.core.artifacts import (
     META_NUM_MOE_BLOCKS,
     META_SOURCE,
 )
-from moetrt.core.dtypes import name_of as dtype_name
-from moetrt.core.dtypes import precision
+from moetrt.core.dtypes import name_of, precision
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import MAX_IR_VERSION, save_onnx
 from moetrt.export.loaded import LoadedModel
@@ -99,11 +98,11 @@ def export_onnx(
         loaded = spec_or_loaded
         if loaded.dtype != torch_dtype:
             raise MoetrtError(
-                f"the loaded model is {dtype_name(loaded.dtype)} but dtype {dtype} was requested",
+                f"the loaded model is {name_of(loaded.dtype)} but dtype {dtype} was requested",
                 "load it with the same dtype or pass the MODEL spec instead",
             )
     else:
-        say(f"loading {spec_or_loaded} ({dtype_name(torch_dtype)})")
+        say(f"loading {spec_or_loaded} ({name_of(torch_dtype)})")
         loaded = load_model(spec_or_loaded, torch_dtype)
     say(f"found {loaded.num_moe_blocks} MoE block(s) in {loaded.spec}")
 
@@ -115,7 +114,7 @@ def export_onnx(
     model.metadata_props.update(
         {
             META_SOURCE: loaded.spec,
-            META_DTYPE: dtype_name(loaded.dtype),
+            META_DTYPE: name_of(loaded.dtype),
             META_NUM_MOE_BLOCKS: str(loaded.num_moe_blocks),
             META_LONG_SEQ: str(loaded.long_seq),
             META_EXAMPLE_SHAPE: "x".join(str(d) for d in loaded.example_inputs[0].shape[:2]),
@@ -134,7 +133,7 @@ def export_onnx(
         num_nodes=num_nodes,
         seconds=time.perf_counter() - start,
         spec=loaded.spec,
-        dtype=dtype_name(loaded.dtype),
+        dtype=name_of(loaded.dtype),
         opset=opset,
         ir_version=model.ir_version,
         external_data=data_path,

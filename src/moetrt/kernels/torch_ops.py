@@ -26,11 +26,6 @@ if TYPE_CHECKING:
 _KIND_DTYPE = {"f32": torch.float32, "i32": torch.int32}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The kernel name (float32 / float16 / bfloat16) of a tensor dtype the op takes."""
-    return kernel_name_of(dtype)
-
-
 def check_inputs(
     inputs: dict[str, torch.Tensor], attrs: MoEAttributes, device_type: str | None = None
 ) -> int:
@@ -48,7 +43,7 @@ def check_inputs(
             "flatten batch and sequence into one token dimension",
         )
     num_tokens = hidden.shape[0]
-    dtype_name(hidden.dtype)
+    kernel_name_of(hidden.dtype)
     for name, shape in attrs.input_shapes(num_tokens).items():
         tensor = inputs[name]
         if tuple(tensor.shape) != tuple(shape):
@@ -153,7 +148,7 @@ def moe_forward_triton(
 
     num_tokens = check_inputs(inputs, attrs)
     hidden = inputs["hidden_states"]
-    dtype = dtype_name(hidden.dtype)
+    dtype = kernel_name_of(hidden.dtype)
     outputs = _outputs(attrs, hidden)
     if num_tokens == 0:
         return outputs
@@ -229,7 +224,7 @@ def moe_forward(
 
     num_tokens = check_inputs(inputs, attrs, device_type="cuda")
     hidden = inputs["hidden_states"]
-    dtype = dtype_name(hidden.dtype)
+    dtype = kernel_name_of(hidden.dtype)
     if bundle is None:
         major, minor = torch.cuda.get_device_capability(hidden.device)
         bundle = _cached_bundle(attrs, dtype, sm_from_capability(major, minor))

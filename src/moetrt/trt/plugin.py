@@ -45,8 +45,8 @@ def import_tensorrt() -> ModuleType:
     return tensorrt
 
 
-def dtype_name(trt_dtype: Any) -> str:
-    """trt.DataType → fp32 / fp16 / bf16 (other types keep TensorRT's name, lower case, and are refused)."""
+def io_dtype_name(trt_dtype: Any) -> str:
+    """trt.DataType → fp32 / fp16 / bf16 (other types keep TensorRT's name, lower case, for io_rules to refuse)."""
     name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
     return _TRT_DTYPE_NAMES.get(name, name.lower())
 
@@ -135,8 +135,8 @@ def make_plugin_classes(trt: ModuleType, settings: BuildSettings):
 
         # IPluginV3OneBuild
         def get_output_data_types(self, input_types: list[Any]) -> list[Any]:
-            names = io_rules.output_dtypes(self.state.attrs, [dtype_name(t) for t in input_types])
-            by_name = {dtype_name(t): t for t in input_types}
+            names = io_rules.output_dtypes(self.state.attrs, [io_dtype_name(t) for t in input_types])
+            by_name = {io_dtype_name(t): t for t in input_types}
             return [by_name[n] for n in names]
 
         def get_output_shapes(
@@ -149,12 +149,12 @@ def make_plugin_classes(trt: ModuleType, settings: BuildSettings):
             ]
 
         def supports_format_combination(self, pos: int, in_out: list[Any], num_inputs: int) -> bool:
-            descs = [(dtype_name(d.desc.type), d.desc.format.name) for d in in_out]
+            descs = [(io_dtype_name(d.desc.type), d.desc.format.name) for d in in_out]
             return io_rules.supports_format_combination(self.state.attrs, pos, descs, num_inputs)
 
         def configure_plugin(self, inp: list[Any], _out: list[Any]) -> None:
             io_rules.check_input_dims(self.state.attrs, [tuple(d.desc.dims) for d in inp])
-            self.state.dtype = dtype_name(inp[0].desc.type)
+            self.state.dtype = io_dtype_name(inp[0].desc.type)
             target = settings.target_sm()
             if target not in self.state.bundles:
                 self.state.bundles[target] = settings.kernel_source(
@@ -187,7 +187,7 @@ def make_plugin_classes(trt: ModuleType, settings: BuildSettings):
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
             call = io_rules.enqueue_call(
                 self.state.attrs,
-                self.state.dtype or dtype_name(input_desc[0].type),
+                self.state.dtype or io_dtype_name(input_desc[0].type),
                 [_desc(d) for d in input_desc],
                 [_desc(d) for d in output_desc],
                 inputs,
@@ -239,7 +239,7 @@ def _dims_exprs(trt: ModuleType, exprs: list[Any]) -> Any:
 
 
 def _desc(desc: Any) -> io_rules.TensorDesc:
-    return io_rules.TensorDesc(tuple(desc.dims), dtype_name(desc.type), desc.format.name)
+    return io_rules.TensorDesc(tuple(desc.dims), io_dtype_name(desc.type), desc.format.name)
 
 
 _registered: dict[int, tuple[Any, BuildSettings]] = {}

@@ -1,0 +1,72 @@
+"""ONNX I/O: atomic saves with external data past the limit, IR capped at 10, exact float32 widening."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from moetrt.core import onnx_io
+from moetrt.core.errors import MoetrtError
+
+
+def _bf16_model(size: int = 1024) -> onnx.ModelProto:
+    """x (bf16) -> Cast to bf16 -> times a bf16 initializer, IR 11. 1024 values are 2 KiB: over the size from
+    which tensors go to external data; 4 values stay inline."""
+    values = ([1.5, 2.0, -0.25, 3.0] * 256)[:size]
+    weight = numpy_helper.from_array(np.array(values, dtype=ml_dtypes.bfloat16), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["c"], to=onnx.TensorProto.BFLOAT16),
+            helper.make_node("Mul", ["c", "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.BFLOAT16, [2, size])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.BFLOAT16, [2, size])],
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=11)
+
+
+def test_save_caps_ir_and_writes_external_data_past_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _bf16_model()
+    small = tmp_path / "small.onnx"
+    assert onnx_io.save_onnx(model, small) is None and onnx.load(str(small)).ir_version == 10
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1)  # stands in for 2 GiB
+    data = onnx_io.save_onnx(model, small)
+    assert data == tmp_path / "small.onnx.data" and data.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx", "small.onnx.data"]  # no staging left
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1 << 40)
+    tiny = tmp_path / "tiny.onnx"
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1)
+    assert onnx_io.save_onnx(_bf16_model(4), tiny) is None  # "external", but every tensor stays inline
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1 << 40)
+    onnx_io.save_onnx(model, small)  # smaller again: the stale data file goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx", "tiny.onnx"]
+
+
+def test_load_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty.onnx").write_bytes(b"not a model")
+    for path, message in ((tmp_path, "is a directory"), (tmp_path / "no.onnx", "does not exist")):
+        with pytest.raises(MoetrtError, match=message):
+            onnx_io.load_onnx(path)
+    with pytest.raises(MoetrtError, match="not a readable ONNX model"):
+        onnx_io.load_onnx(tmp_path / "empty.onnx")
+
+
+def test_widening_is_exact_and_leaves_the_input_alone() -> None:
+    model = _bf16_model()
+    wide = onnx_io.widen_to_fp32(model)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16  # untouched
+    assert wide.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert wide.graph.node[0].attribute[0].i == onnx.TensorProto.FLOAT
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(wide.graph.initializer[0])[:4], [1.5, 2.0, -0.25, 3.0]
+    )
+    onnx.checker.check_model(wide)

@@ -1,0 +1,61 @@
+"""Find and open what `moetrt build` wrote: `load(path)` -> an Engine (.plan) or a Session (.onnx)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moetrt.core.artifacts import ONNX_NAME, PLAN_NAME
+from moetrt.core.errors import MoetrtError
+
+if TYPE_CHECKING:
+    from moetrt.runtime.engine import Engine
+    from moetrt.runtime.session import Session
+
+
+def resolve_artifact(path: str | Path, backend: str | None = None) -> Path:
+    """The file `load` would run: `path` itself, or a build directory's model.plan (model.onnx when it has no
+    plan or `backend="onnxruntime"`)."""
+    path = Path(path)
+    if path.is_dir():
+        plan, onnx_path = path / PLAN_NAME, path / ONNX_NAME
+        if backend != "onnxruntime" and plan.is_file():
+            return plan
+        if onnx_path.is_file():
+            return onnx_path
+        raise MoetrtError(
+            f"{path} holds neither {PLAN_NAME} nor {ONNX_NAME}",
+            "point at a directory written by `moetrt build`, or at a file",
+        )
+    if not path.exists():
+        raise MoetrtError(f"{path} does not exist", "pass a .plan, an .onnx, or a `moetrt build` directory")
+    if path.suffix == ".plan" and backend == "onnxruntime":
+        portable = path.parent / ONNX_NAME
+        if not portable.is_file():
+            raise MoetrtError(
+                f"no {ONNX_NAME} beside {path} for the onnxruntime backend", "pass the .onnx file itself"
+            )
+        return portable
+    return path
+
+
+def load(path: str | Path, backend: str | None = None) -> Engine | Session:
+    """Load `path` for inference: `out = load(p)({"hidden_states": x})` returns {output name: tensor}.
+
+    - `.plan`: a TensorRT / TensorRT-RTX Engine (checked against the manifest.json beside it first);
+    - `.onnx`: an onnxruntime Session (CUDA EP with onnxruntime-gpu and a GPU, CPU otherwise);
+    - a `moetrt build` directory: its model.plan, or its model.onnx when no engine was built or
+      `backend="onnxruntime"`.
+    """
+    path = resolve_artifact(path, backend)
+    if path.suffix == ".plan" and backend != "onnxruntime":
+        from moetrt.runtime.engine import Engine
+
+        return Engine(path)
+    if path.suffix == ".onnx":
+        from moetrt.runtime.session import Session
+
+        return Session(path)
+    raise MoetrtError(
+        f"cannot tell how to run {path.name}", "pass a .plan, an .onnx, or a `moetrt build` directory"
+    )
