@@ -7,8 +7,10 @@ from pathlib import Path
 
 import onnx
 import pytest
+from click.testing import CliRunner
 from moetrt_testing.single_op_model import single_moe_model
 
+from moetrt.cli import main
 from moetrt.core.dtypes import precision
 from moetrt.op.presets import like
 from moetrt.op.spec import MoEAttributes
@@ -35,3 +37,21 @@ def fused_block(tmp_path: Path) -> FusedBlockWriter:
 def leftovers(parent: Path, name: str) -> list[Path]:
     """The hidden staging files a write of `parent/name` left beside it (none after success or failure)."""
     return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    """`moetrt ARGS` in this process: (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit 1; stderr ends with exactly one `error: ...` line (progress lines may come before it)."""
+    assert code == 1, err
+    lines = err.splitlines()
+    assert (
+        lines and lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1
+    ), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[-1], (needle, err)

@@ -10,32 +10,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import FusedBlockWriter, leftovers
+from conftest import FusedBlockWriter, assert_one_line_error, invoke, leftovers
 from moetrt_testing.single_op_model import single_moe_model
 
-from moetrt.cli import main
 from moetrt.core.errors import MoetrtError
 from moetrt.op.spec import MoEAttributes
 
 ATTRS = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16)
-
-
-def _invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    """Exit 1; stderr ends with exactly one `error: ...` line (progress lines may come before it)."""
-    assert code == 1, err
-    lines = err.splitlines()
-    assert (
-        lines and lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1
-    ), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[-1], (needle, err)
 
 
 def _nothing_left(parent: Path, name: str) -> bool:
@@ -55,7 +36,7 @@ def rtx_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model, _ = single_moe_model(ATTRS, torch.float16)
     onnx.save(model, str(root / "block.onnx"))
     out = root / "out"
-    code, _, err = _invoke(
+    code, _, err = invoke(
         "build",
         str(root / "block.onnx"),
         "-o",
@@ -86,16 +67,16 @@ def rtx_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_build_refuses_with_one_line(
     tmp_path: Path, block: Path, args: list[str], needles: list[str]
 ) -> None:
-    code, stdout, err = _invoke("build", str(block), "-o", str(tmp_path / "out"), *args)
-    _assert_one_line_error(code, err, *needles)
+    code, stdout, err = invoke("build", str(block), "-o", str(tmp_path / "out"), *args)
+    assert_one_line_error(code, err, *needles)
     assert stdout == "" and _nothing_left(tmp_path, "out")
 
 
 def test_build_of_a_file_that_is_not_onnx(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x07not protobuf at all")
-    code, _, err = _invoke("build", str(bad), "-o", str(tmp_path / "out"), "--engine-backend", "tensorrt-rtx")
-    _assert_one_line_error(code, err, "not a readable ONNX model")
+    code, _, err = invoke("build", str(bad), "-o", str(tmp_path / "out"), "--engine-backend", "tensorrt-rtx")
+    assert_one_line_error(code, err, "not a readable ONNX model")
     assert _nothing_left(tmp_path, "out")
 
 
@@ -107,10 +88,10 @@ def test_corrupt_plan_is_refused_before_tensorrt(rtx_build: Path, tmp_path: Path
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle: same size, same header
     plan.write_bytes(bytes(data))
     for command in ("run", "inspect"):
-        code, _, err = _invoke(command, str(plan))
-        _assert_one_line_error(code, err, "does not match its manifest", "rebuild")
-    code, _, err = _invoke("run", str(out))  # the build directory resolves to the same plan
-    _assert_one_line_error(code, err, "does not match its manifest")
+        code, _, err = invoke(command, str(plan))
+        assert_one_line_error(code, err, "does not match its manifest", "rebuild")
+    code, _, err = invoke("run", str(out))  # the build directory resolves to the same plan
+    assert_one_line_error(code, err, "does not match its manifest")
 
 
 def test_foreign_plans_are_refused(rtx_build: Path, tmp_path: Path) -> None:
@@ -118,31 +99,31 @@ def test_foreign_plans_are_refused(rtx_build: Path, tmp_path: Path) -> None:
     out = tmp_path / "foreign"
     shutil.copytree(rtx_build, out)
     (out / "model.plan").write_bytes(b"PK\x03\x04" + bytes(4096))
-    code, _, err = _invoke("run", str(out / "model.plan"))
-    _assert_one_line_error(code, err, "is not a TensorRT plan of the kind its manifest records")
+    code, _, err = invoke("run", str(out / "model.plan"))
+    assert_one_line_error(code, err, "is not a TensorRT plan of the kind its manifest records")
     # A plan that came without moetrt's manifest: moetrt cannot tell what it was built for.
     loose = tmp_path / "loose"
     loose.mkdir()
     shutil.copy(rtx_build / "model.plan", loose / "engine.plan")
-    code, _, err = _invoke("run", str(loose / "engine.plan"))
-    _assert_one_line_error(code, err, "no manifest.json beside", "moetrt build")
+    code, _, err = invoke("run", str(loose / "engine.plan"))
+    assert_one_line_error(code, err, "no manifest.json beside", "moetrt build")
     # A manifest that is not moetrt's.
     (loose / "manifest.json").write_text(json.dumps({"format": "something-else"}))
-    code, _, err = _invoke("inspect", str(loose / "engine.plan"))
-    _assert_one_line_error(code, err, "invalid", "format")
+    code, _, err = invoke("inspect", str(loose / "engine.plan"))
+    assert_one_line_error(code, err, "invalid", "format")
 
 
 def test_engine_built_for_another_sm(rtx_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An H100 (SM 9.0) is visible; the plan was built for rtx40 (SM 8.9).
     monkeypatch.setattr("moetrt.runtime.engine.current_device_sm", lambda: 90)
-    code, _, err = _invoke("run", str(rtx_build))
-    _assert_one_line_error(code, err, "built for SM 89 (rtx40)", "this GPU is SM 90", "--target sm_90")
+    code, _, err = invoke("run", str(rtx_build))
+    assert_one_line_error(code, err, "built for SM 89 (rtx40)", "this GPU is SM 90", "--target sm_90")
 
 
 def test_engine_needs_a_gpu(rtx_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("moetrt.runtime.engine.current_device_sm", lambda: None)
-    code, _, err = _invoke("run", str(rtx_build))
-    _assert_one_line_error(code, err, "no CUDA GPU is visible", "model.onnx")
+    code, _, err = invoke("run", str(rtx_build))
+    assert_one_line_error(code, err, "no CUDA GPU is visible", "model.onnx")
 
 
 @pytest.mark.parametrize(
@@ -154,16 +135,16 @@ def test_engine_needs_a_gpu(rtx_build: Path, monkeypatch: pytest.MonkeyPatch) ->
 )
 def test_token_count_outside_the_profile(rtx_build: Path, args: list[str], needles: list[str]) -> None:
     # Refused from the manifest, before a GPU or TensorRT is needed.
-    code, _, err = _invoke("run", str(rtx_build), *args)
-    _assert_one_line_error(code, err, *needles)
+    code, _, err = invoke("run", str(rtx_build), *args)
+    assert_one_line_error(code, err, *needles)
     # The portable model has no profile: the same request runs through onnxruntime.
-    code, stdout, err = _invoke("run", str(rtx_build), "--backend", "onnxruntime", *args, "--iters", "1")
+    code, stdout, err = invoke("run", str(rtx_build), "--backend", "onnxruntime", *args, "--iters", "1")
     assert code == 0 and "NON-FINITE" not in stdout, err
 
 
 def test_run_of_a_directory_without_artifacts(tmp_path: Path) -> None:
-    code, _, err = _invoke("run", str(tmp_path))
-    _assert_one_line_error(code, err, "holds neither model.plan nor model.onnx")
+    code, _, err = invoke("run", str(tmp_path))
+    assert_one_line_error(code, err, "holds neither model.plan nor model.onnx")
 
 
 def test_tokens_flag_on_a_batch_seq_model(tmp_path: Path) -> None:

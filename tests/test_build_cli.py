@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import FusedBlockWriter
+from conftest import FusedBlockWriter, invoke
 
-from moetrt.cli import main
 from moetrt.op.spec import MoEAttributes
 
 ATTRS = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, output_router_logits=True)
@@ -18,11 +16,6 @@ ATTRS = MoEAttributes(num_experts=8, top_k=2, hidden_size=32, intermediate_size=
 @pytest.fixture
 def block(fused_block: FusedBlockWriter) -> Path:
     return fused_block("fp16", ATTRS, "block.onnx")
-
-
-def _invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize(
@@ -35,7 +28,7 @@ def _invoke(*args: str) -> tuple[int, str, str]:
     ],
 )
 def test_build_errors_are_one_line(tmp_path: Path, block: Path, args: list[str], message: str) -> None:
-    code, _, err = _invoke("build", str(block), "-o", str(tmp_path / "out"), *args)
+    code, _, err = invoke("build", str(block), "-o", str(tmp_path / "out"), *args)
     assert code == 1 and message in err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
@@ -44,7 +37,7 @@ def test_build_errors_are_one_line(tmp_path: Path, block: Path, args: list[str],
 def test_build_inspect_run(tmp_path: Path, block: Path) -> None:
     pytest.importorskip("tensorrt_rtx_bindings")
     out = tmp_path / "out"
-    code, stdout, err = _invoke("build", str(block), "-o", str(out), "--engine-backend", "tensorrt-rtx")
+    code, stdout, err = invoke("build", str(block), "-o", str(out), "--engine-backend", "tensorrt-rtx")
     assert code == 0, err
     # The single-node model names no source model: parity is recorded as not checked, with the reason.
     assert stdout.count("\n") == 1 and "parity not checked" in stdout  # the one summary line
@@ -52,32 +45,32 @@ def test_build_inspect_run(tmp_path: Path, block: Path) -> None:
     assert parity["checked"] is False and "moetrt.source" in parity["reason"]
     assert "built model.plan with TensorRT-RTX" in err and "engine model.plan (tensorrt-rtx, rtx40)" in stdout
 
-    code, stdout, _ = _invoke("inspect", str(out))
+    code, stdout, _ = invoke("inspect", str(out))
     assert code == 0 and "hashes match" in stdout and "MoE x1" in stdout and "top_k=2" in stdout
-    code, stdout, _ = _invoke("inspect", str(out / "model.plan"))
+    code, stdout, _ = invoke("inspect", str(out / "model.plan"))
     assert code == 0 and "matches its manifest" in stdout
-    code, stdout, _ = _invoke("inspect", str(out / "model.onnx"), "--json")
+    code, stdout, _ = invoke("inspect", str(out / "model.onnx"), "--json")
     assert code == 0 and json.loads(stdout)["onnx"]["moe_nodes"] == 1
 
-    code, stdout, err = _invoke("run", str(out), "--backend", "onnxruntime", "--tokens", "7", "--iters", "2")
+    code, stdout, err = invoke("run", str(out), "--backend", "onnxruntime", "--tokens", "7", "--iters", "2")
     assert code == 0, err
     assert "output output: (7, 32) float16" in stdout and "output router_logits: (7, 8) float16" in stdout
     assert "NON-FINITE" not in stdout and "time: median" in stdout
 
     (out / "model.plan").write_bytes(b"vtrt" + bytes(100))  # damaged after the build
-    code, _, err = _invoke("run", str(out / "model.plan"))
+    code, _, err = invoke("run", str(out / "model.plan"))
     assert code == 1 and "does not match its manifest" in err and err.count("\n") == 1
-    code, _, err = _invoke("inspect", str(out / "model.plan"))
+    code, _, err = invoke("inspect", str(out / "model.plan"))
     assert code == 1 and "corrupt" in err
 
 
 def test_run_and_inspect_bad_paths(tmp_path: Path) -> None:
-    code, _, err = _invoke("run", str(tmp_path / "nope.onnx"))
+    code, _, err = invoke("run", str(tmp_path / "nope.onnx"))
     assert code == 1 and "does not exist" in err
     (tmp_path / "x.plan").write_bytes(b"ftrt")
-    code, _, err = _invoke("inspect", str(tmp_path / "x.plan"))
+    code, _, err = invoke("inspect", str(tmp_path / "x.plan"))
     assert code == 1 and "no manifest.json" in err
-    code, _, err = _invoke("run", str(tmp_path / "x.plan"), "--cuda-graph")
+    code, _, err = invoke("run", str(tmp_path / "x.plan"), "--cuda-graph")
     assert code == 1 and "no manifest.json" in err
 
 
@@ -85,9 +78,7 @@ def test_demo_tensorrt_rtx_build(tmp_path: Path) -> None:
     """The README's command, for real: export, fuse, inline, build with TensorRT-RTX (about 40 s on 2 cores)."""
     pytest.importorskip("tensorrt_rtx_bindings")
     out = tmp_path / "out"
-    code, stdout, err = _invoke(
-        "build", "demo:qwen3_next", "-o", str(out), "--engine-backend", "tensorrt-rtx"
-    )
+    code, stdout, err = invoke("build", "demo:qwen3_next", "-o", str(out), "--engine-backend", "tensorrt-rtx")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["engine"]["built"] and manifest["engine"]["backend"] == "tensorrt-rtx"
@@ -96,7 +87,7 @@ def test_demo_tensorrt_rtx_build(tmp_path: Path) -> None:
     assert "onnxruntime" in manifest["parity"]["scope"] and manifest["parity"]["precision"] == "fp16"
     assert stdout.count("\n") == 1 and "ONNX parity PASS" in stdout and "parity PASS" in err
     assert (out / "model.plan").stat().st_size == manifest["files"]["model.plan"]["bytes"]
-    code, stdout, err = _invoke(
+    code, stdout, err = invoke(
         "run", str(out), "--backend", "onnxruntime", "--batch", "2", "--seq", "5", "--iters", "1"
     )
     assert code == 0 and "NON-FINITE" not in stdout, err
@@ -110,9 +101,7 @@ def test_every_demo_family_builds_a_tensorrt_rtx_engine(tmp_path: Path, family: 
     from moetrt.export.demo_models import build_demo
 
     out = tmp_path / "out"
-    code, _stdout, err = _invoke(
-        "build", f"demo:{family}", "-o", str(out), "--engine-backend", "tensorrt-rtx"
-    )
+    code, _stdout, err = invoke("build", f"demo:{family}", "-o", str(out), "--engine-backend", "tensorrt-rtx")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["engine"]["built"] and (out / "model.plan").stat().st_size > 0

@@ -21,7 +21,7 @@ from moetrt.core.onnx_io import widen_to_fp32
 from moetrt.core.tolerances import relative_error
 from moetrt.op.reference import moe_reference, random_inputs
 from moetrt.runtime.session import Session
-from moetrt.trt.trt_build import DimRange
+from moetrt.trt.targets import DimRange
 
 ATTRS = dataclasses.replace(SMALL_SHARED, output_router_logits=True)
 

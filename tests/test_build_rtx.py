@@ -16,7 +16,8 @@ from moetrt.cli import parse_dim_range
 from moetrt.core.errors import MoetrtError
 from moetrt.runtime import load
 from moetrt.runtime.manifest import check_plan, read_manifest, verify_files
-from moetrt.trt.trt_build import DimRange, make_profiles
+from moetrt.trt.targets import DimRange
+from moetrt.trt.trt_build import make_profiles
 
 pytest.importorskip("tensorrt_rtx_bindings")
 
@@ -167,7 +168,7 @@ def test_existing_outdir_needs_force(tmp_path: Path, fused_block: FusedBlockWrit
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("keep me")
-    with pytest.raises(MoetrtError, match=r"holds no manifest\.json"):
+    with pytest.raises(MoetrtError, match="is not a `moetrt build` directory"):
         build(source, stranger, BuildOptions(engine_backend="tensorrt-rtx", parity=False, force=True))
     assert (stranger / "notes.txt").read_text() == "keep me"
 

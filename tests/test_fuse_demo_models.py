@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_one_line_error, invoke
 from moetrt_testing.graphs import expert_table_gathers, fused_nodes, rel_err, run_onnx
 from onnx import TensorProto, helper
 
@@ -208,9 +209,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, case: str)
         dst = tmp_path / "already_a_dir.onnx"
         dst.mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
-    out = CliRunner().invoke(main, ["fuse", str(src), "-o", str(dst)])
-    assert out.exit_code == 1, out.output
-    assert len(out.output.strip().splitlines()) == 1 and out.output.startswith("error"), out.output
+    code, _, err = invoke("fuse", str(src), "-o", str(dst))
+    assert_one_line_error(code, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

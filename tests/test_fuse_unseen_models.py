@@ -29,7 +29,7 @@ from torch import nn
 from moetrt.cli import main
 from moetrt.op.reference import moe_reference
 from moetrt.op.spec import MoEAttributes
-from moetrt.passes import fuse_model
+from moetrt.passes import FuseResult, fuse_model
 
 HIDDEN, EXPERTS, TOP_K, INTER = 24, 6, 3, 10
 
@@ -197,19 +197,51 @@ OTHER_FAMILIES: dict[str, dict[str, object]] = {
 
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_other_transformers_families(family: str) -> None:
+    _fuses_and_matches(family, OTHER_FAMILIES[family], expect_fused=family != "phimoe")
+
+
+# Grouped top-k with one group (n_group = topk_group = 1), the value several released configs ship: the mask
+# keeps every expert, so the block is plain sigmoid routing with a correction bias.
+SINGLE_GROUP: dict[str, dict[str, object]] = {
+    "glm4_moe": {**OTHER_FAMILIES["glm4_moe"], "n_group": 1, "topk_group": 1},
+    "deepseek_v3": {
+        "moe_intermediate_size": 16,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 0,
+        "n_shared_experts": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 24,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+    },
+}
+
+
+@pytest.mark.parametrize("family", sorted(SINGLE_GROUP))
+def test_single_group_routing_fuses(family: str) -> None:
+    result = _fuses_and_matches(family, SINGLE_GROUP[family], expect_fused=True)
+    attrs = MoEAttributes.from_onnx_attributes(node_attributes(fused_nodes(result.model)[0]))
+    assert (attrs.n_group, attrs.topk_group, attrs.scoring) == (1, 1, "sigmoid")
+
+
+def _fuses_and_matches(family: str, overrides: dict[str, object], expect_fused: bool) -> FuseResult:
     from moetrt_testing.graphs import FirstOutput, init_random
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moetrt.export.loaded import is_moe_block
 
-    config = AutoConfig.for_model(family, **{**_COMMON, **OTHER_FAMILIES[family]})
+    config = AutoConfig.for_model(family, **{**_COMMON, **overrides})
     config._experts_implementation = "batched_mm"
     torch.manual_seed(0)
     block = next(m for m in AutoModelForCausalLM.from_config(config).modules() if is_moe_block(m))
     module = init_random(FirstOutput(block).eval(), seed=3, std=0.2)
     model = export_module(module, 32)
     result = fuse_model(model)
-    if family == "phimoe":
+    if not expect_fused:
         assert result.num_fused == 0 and result.unfused_candidates
     else:
         assert result.num_fused == 1 and not result.unfused_candidates, result.unfused_candidates
@@ -220,6 +252,7 @@ def test_other_transformers_families(family: str) -> None:
             want = module(x)
         got = run_onnx(result.model, {model.graph.input[0].name: x.numpy()})[0]
         assert rel_err(got, want) <= 1e-5
+    return result
 
 
 class LogitsMoE(UserMoE):

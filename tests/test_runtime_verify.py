@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from moetrt.build import BuildOptions, build
 from moetrt.core.errors import MoetrtError
 from moetrt.runtime import check_run_request, resolve_artifact
-from moetrt.trt.trt_build import DimRange
+from moetrt.trt.targets import DimRange
 from moetrt.verify.artifact import verify_loaded
 
 
@@ -48,7 +48,10 @@ def test_a_wrong_model_fails_parity(block_build: Path, tmp_path: Path) -> None:
     values[0] *= 1.5  # one expert's weights off by half: a defect parity must catch
     experts.CopyFrom(numpy_helper.from_array(values, experts.name))
     onnx.save(model, str(broken / "model.onnx"))
-    report = verify_loaded(broken, backend="onnxruntime")
+    with pytest.raises(MoetrtError, match="does not match its manifest"):  # inside a build: refused unrun
+        verify_loaded(broken, backend="onnxruntime")
+    onnx.save(model, str(tmp_path / "wrong.onnx"))  # on its own, it runs, and parity catches the defect
+    report = verify_loaded(tmp_path / "wrong.onnx")
     assert not report.passed and max(row.rel_err for row in report.rows) > 1e-3
 
 

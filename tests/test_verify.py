@@ -112,7 +112,7 @@ def test_missing_metadata_asks_for_reference(mixtral_block: Path, tmp_path: Path
     ("content", "message"),
     [
         (b"this is not an onnx model", "is not a readable ONNX model"),
-        (b"", "empty ONNX graph"),
+        (b"", "is empty"),
     ],
 )
 def test_corrupt_onnx_is_refused(content: bytes, message: str, tmp_path: Path) -> None:

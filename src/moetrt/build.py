@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import importlib
 import os
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -21,33 +20,19 @@ from typing import Any
 
 import onnx
 
+from moetrt.build_request import BuildOptions, check_build_request
 from moetrt.core.artifacts import KERNELS_DIR, MANIFEST_NAME, ONNX_NAME, PLAN_NAME, external_data_name
 from moetrt.core.errors import MoetrtError
-from moetrt.core.onnx_io import load_onnx, save_onnx, widen_to_fp32
+from moetrt.core.onnx_io import load_onnx, model_precision, save_onnx, widen_to_fp32
 from moetrt.core.tolerances import tolerance
 from moetrt.op import spec
-from moetrt.passes.decompose import count_fused
-from moetrt.runtime.manifest import build_manifest, write_manifest
-from moetrt.runtime.session import model_precision
-from moetrt.trt.targets import ENGINE_BACKENDS, Target, resolve_target
-from moetrt.trt.trt_build import DimRange, EngineBuild, make_profiles, onnx_input_dims
+from moetrt.op.fused_node import check_fused_model
+from moetrt.runtime.manifest import build_manifest, parity_line, write_manifest
+from moetrt.trt.targets import Target
+from moetrt.trt.trt_build import EngineBuild, make_profiles, onnx_input_dims
 from moetrt.verify.compare import quiet_transformers
 
 Progress = Callable[[str], None]
-DEFAULT_TOKENS = DimRange(1, 128, 4096)
-DEFAULT_BATCH = DimRange(1, 1, 4)
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    target: str | None = None
-    precision: str = "fp16"
-    tokens: DimRange = DEFAULT_TOKENS
-    batch: DimRange = DEFAULT_BATCH
-    engine_backend: str = "tensorrt"
-    parity: bool = True
-    force: bool = False
-    verbose: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,35 +64,28 @@ class BuildResult:
 
 
 def build(
-    model: str, outdir: str | Path, options: BuildOptions = BuildOptions(), progress: Progress | None = None
+    model: str, outdir: str | Path, options: BuildOptions | None = None, progress: Progress | None = None
 ) -> BuildResult:
     """Export (MODEL) or read (ONNX), fuse, compile kernels, build the engine, write the manifest."""
     say = _timed(progress or (lambda _msg: None))
     outdir = Path(outdir)
     # Every user input is checked before any heavy work starts.
-    if options.engine_backend not in ENGINE_BACKENDS:
-        raise MoetrtError(
-            f"unknown engine backend {options.engine_backend!r}", f"use one of {', '.join(ENGINE_BACKENDS)}"
-        )
-    target = resolve_target(options.target, options.engine_backend)
-    target.check_precision(options.precision)
-    target.check_backend(options.engine_backend)
-    if options.engine_backend == "tensorrt":
-        _check_kernel_sm(target)
-        if _importable("tensorrt"):
-            from moetrt.trt.trt_build import check_build_device
+    options = options or BuildOptions()
+    request = check_build_request(model, outdir, options)
+    precision, target, output = request.precision, request.target, request.output
+    options = dataclasses.replace(options, precision=precision)
+    if options.engine_backend == "tensorrt" and _importable("tensorrt"):
+        from moetrt.trt.trt_build import check_build_device
 
-            check_build_device(target)  # TensorRT builds for the GPU it runs on: refuse before exporting
+        check_build_device(target)  # TensorRT builds for the GPU it runs on: refuse before exporting
     tokens, batch = options.tokens, options.batch
-    _check_outdir(outdir, options.force)
 
     timings: dict[str, float] = {}
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
-    try:
+    with output.writing() as staging:
+        say = _unstaging(say, output.unstaged)
         fused_path = staging / ONNX_NAME
         start = time.perf_counter()
-        fused, fused_count = _fused_model(model, options.precision, staging, say)
+        fused, fused_count = _fused_model(model, precision, staging, say)
         save_onnx(fused, fused_path)
         timings["export_and_fuse"] = time.perf_counter() - start
         counts = _op_counts(fused)
@@ -119,7 +97,7 @@ def build(
         )
 
         start = time.perf_counter()
-        parity = _parity(fused_path, options.precision, say) if options.parity else None
+        parity = _parity(fused_path, precision, say) if options.parity else None
         if parity is not None:
             timings["parity"] = time.perf_counter() - start
         files: dict[str, str | Path] = {ONNX_NAME: fused_path}
@@ -130,7 +108,7 @@ def build(
         manifest = build_manifest(
             source=model,
             target={"name": target.name, "sm": target.sm, "description": target.description},
-            precision=options.precision,
+            precision=precision,
             engine=_engine_entry(engine, options.engine_backend, reason, kernels),
             profiles=profiles,
             fused_ops=dict(counts),
@@ -140,12 +118,25 @@ def build(
             build_seconds={k: round(v, 3) for k, v in timings.items()},
         )
         write_manifest(staging / MANIFEST_NAME, manifest)
-        _publish(staging, outdir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        output.publish()
     say(f"wrote {outdir}")
+    if (
+        parity is not None
+        and parity.get("checked")
+        and not parity.get("passed")
+        and not options.allow_parity_failure
+    ):
+        raise MoetrtError(
+            f"parity FAILED: {parity_line(parity)}; the build is in {outdir} with the failure recorded in "
+            f"{MANIFEST_NAME}",
+            "investigate with `moetrt verify`, or pass --allow-parity-failure to accept it",
+        )
     return BuildResult(outdir, manifest, engine is not None, reason)
+
+
+def _unstaging(say: Progress, unstaged: Callable[[str], str]) -> Progress:
+    """Progress that names OUTDIR where a step names the hidden staging directory."""
+    return lambda message: say(unstaged(message))
 
 
 def _timed(progress: Progress) -> Progress:
@@ -155,44 +146,6 @@ def _timed(progress: Progress) -> Progress:
         progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
 
     return say
-
-
-def _check_outdir(outdir: Path, force: bool) -> None:
-    if outdir.exists() and not outdir.is_dir():
-        raise MoetrtError(f"{outdir} exists and is not a directory", "give -o a directory path")
-    if outdir.is_dir() and any(outdir.iterdir()):
-        if not force:
-            raise MoetrtError(
-                f"{outdir} is not empty", "choose a new -o directory, or pass --force to replace it"
-            )
-        if not (outdir / MANIFEST_NAME).is_file():
-            raise MoetrtError(
-                f"{outdir} is not empty and holds no {MANIFEST_NAME}: --force replaces only "
-                "directories written by `moetrt build`",
-                "choose a new -o directory",
-            )
-
-
-def _publish(staging: Path, outdir: Path) -> None:
-    """Move the finished build into place; an old build is swapped out only after the new one is complete."""
-    # Temporary files are created private (0700 / 0600); the published build gets the usual umask modes.
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    for path in staging.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    backup = None
-    if outdir.exists():
-        backup = outdir.with_name(f".{outdir.name}.old-{int(time.time())}")
-        outdir.rename(backup)
-    try:
-        staging.rename(outdir)
-    except BaseException:
-        if backup is not None:
-            backup.rename(outdir)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tuple[onnx.ModelProto, int]:
@@ -217,7 +170,7 @@ def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tu
         onnx_model = onnx.load(str(result.path))
         for leftover in staging.glob("exported.onnx*"):
             leftover.unlink()
-    already = count_fused(onnx_model)
+    already = len(check_fused_model(onnx_model))
     if already:
         say(f"the model is already fused ({already} moetrt::MoE node(s))")
         return _fill_output_types(onnx_model), already
@@ -353,16 +306,6 @@ def _compile_kernels(
         )
     timings["kernels"] = time.perf_counter() - start
     return {"sm": target.sm, "variants": len(cache), "bytes": sum(len(b) for b in cache.values())}, cache
-
-
-def _check_kernel_sm(target: Target) -> None:
-    from moetrt.kernels.aot import SUPPORTED_SMS
-
-    if target.sm not in SUPPORTED_SMS:
-        raise MoetrtError(
-            f"the MoE kernels are not compiled for target {target.name} (SM {target.sm}) yet",
-            f"use a target with SM in {', '.join(map(str, SUPPORTED_SMS))}, or --engine-backend tensorrt-rtx",
-        )
 
 
 def _node_attributes(node: onnx.NodeProto) -> spec.MoEAttributes:

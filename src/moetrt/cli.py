@@ -17,7 +17,7 @@ from moetrt.core.errors import MoetrtError
 
 if TYPE_CHECKING:
     from moetrt.op.spec import MoEAttributes
-    from moetrt.trt.trt_build import DimRange
+    from moetrt.trt.targets import DimRange
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -25,11 +25,19 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from moetrt.core.publish import Interrupted, interrupt_exit_code
+
         try:
             return fn(*args, **kwargs)
         except MoetrtError as err:
             click.echo(f"error: {err.one_line()}", err=True)
             sys.exit(1)
+        except Interrupted as err:
+            click.echo(f"error: interrupted ({err.signal_name}); nothing was written", err=True)
+            sys.exit(interrupt_exit_code(err))
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (SIGINT)", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -71,8 +79,16 @@ def _progress(message: str) -> None:
 @click.option(
     "--opset", type=int, default=None, help="ONNX opset, 18-23 [default: 18; 22 for bf16, which needs it]."
 )
+@click.option(
+    "--self-check",
+    type=click.Choice(["error", "warn", "off"]),
+    default="error",
+    show_default=True,
+    help="Run the written ONNX (onnxruntime) against PyTorch at the example inputs before reporting success: "
+    "a mismatch fails the export (error), is reported with the file kept (warn), or is not checked (off).",
+)
 @_user_errors
-def export_cmd(model: str, output: str, dtype: str, opset: int | None) -> None:
+def export_cmd(model: str, output: str, dtype: str, opset: int | None, self_check: str) -> None:
     """Export MODEL to ONNX with dynamic batch and sequence length.
 
     MODEL is demo:<family>[:block], a Hugging Face model directory (config.json + safetensors), or
@@ -85,9 +101,12 @@ def export_cmd(model: str, output: str, dtype: str, opset: int | None) -> None:
       moetrt export demo:mixtral:block -o mixtral_block.onnx --dtype fp16
       moetrt export ./my-moe-model -o model.onnx
     """
+    from moetrt.core.files import check_output_file
+
+    check_output_file(output, ".onnx")  # before the (long) export, not after it
     from moetrt.export.onnx_export import export_onnx
 
-    result = export_onnx(model, output, dtype=dtype, opset=opset, progress=_progress)
+    result = export_onnx(model, output, dtype=dtype, opset=opset, progress=_progress, self_check=self_check)
     click.echo(result.summary())
     if result.num_moe_blocks == 0:
         click.echo(
@@ -192,11 +211,13 @@ def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) ->
       moetrt fuse qwen3_next.onnx -o qwen3_next.fused.onnx --explain
       moetrt fuse qwen3_next.fused.onnx -o roundtrip.onnx --decompose
     """
+    from moetrt.core.files import check_input_file, check_output_file
+
+    check_input_file(in_path, "ONNX file", "pass the path of an .onnx file")
+    check_output_file(out_path, ".onnx")
     from moetrt.passes import fuse_file
 
-    if not out_path.endswith(".onnx"):
-        raise MoetrtError(f"output {out_path!r} does not end in .onnx", "name the output file *.onnx")
-    result = fuse_file(in_path, out_path, explain=explain, decompose=decompose)
+    result = fuse_file(in_path, out_path, explain=explain, decompose=decompose, progress=_progress)
     for line in result.summary_lines(explain=explain):
         click.echo(line)
     click.echo(f"wrote {out_path}")
@@ -220,10 +241,13 @@ _DTYPE_CHOICE = click.Choice(["bf16", "fp16", "fp32"])
 @_user_errors
 def aot_cmd(preset: str | None, attrs_json: str | None, dtype: str, sm: int, output: str, jobs: int) -> None:
     """Compile the MoE kernels ahead of time for one SM (no GPU needed) into a kernel bundle."""
-    from moetrt.core.files import write_bytes_atomic
+    from moetrt.core.files import check_output_file, write_bytes_atomic
+
+    attrs = resolve_attrs(preset, attrs_json)
+    check_output_file(output)
     from moetrt.kernels.aot import compile_kernels
 
-    bundle = compile_kernels(resolve_attrs(preset, attrs_json), dtype, sm, workers=max(1, jobs))
+    bundle = compile_kernels(attrs, dtype, sm, workers=max(1, jobs))
     data = bundle.to_bytes()
     write_bytes_atomic(output, data)
     click.echo(
@@ -281,7 +305,12 @@ def tune_cmd(
     help="orin, thor, rtx40, rtx50, a100, h100, h200, b200 or sm_XX "
     "[default: h100; rtx40 with --engine-backend tensorrt-rtx].",
 )
-@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp16", "bf16", "fp32"]),
+    default=None,
+    help="Engine precision [default: an .onnx file's own; fp16 for a MODEL].",
+)
 @click.option(
     "--tokens",
     default="1:128:4096",
@@ -297,6 +326,11 @@ def tune_cmd(
     help="tensorrt: the MoE op as the moetrt plugin; tensorrt-rtx: as native layers, no plugin.",
 )
 @click.option("--no-parity", is_flag=True, help="Skip the onnxruntime-vs-PyTorch parity check.")
+@click.option(
+    "--allow-parity-failure",
+    is_flag=True,
+    help="Exit 0 even when the parity check fails (the manifest records the failure either way).",
+)
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it holds an earlier build.")
 @click.option("--verbose", is_flag=True, help="Print TensorRT's log.")
 @_user_errors
@@ -304,17 +338,18 @@ def build_cmd(
     model: str,
     outdir: str,
     target: str | None,
-    precision: str,
+    precision: str | None,
     tokens: str,
     batch: str,
     engine_backend: str,
     no_parity: bool,
+    allow_parity_failure: bool,
     force: bool,
     verbose: bool,
 ) -> None:
     """Export MODEL (or take an .onnx), fuse MoE blocks, build an engine; write OUTDIR/{model.onnx,
     model.plan, manifest.json}."""
-    from moetrt.build import BuildOptions, build
+    from moetrt.build_request import BuildOptions, check_build_request
 
     options = BuildOptions(
         target=target,
@@ -323,9 +358,13 @@ def build_cmd(
         batch=parse_dim_range(batch, "--batch"),
         engine_backend=engine_backend,
         parity=not no_parity,
+        allow_parity_failure=allow_parity_failure,
         force=force,
         verbose=verbose,
     )
+    check_build_request(model, outdir, options)  # bad arguments answered before the heavy imports
+    from moetrt.build import build
+
     # Progress to stderr, the one summary line to stdout (scripts read that).
     result = build(model, outdir, options, progress=lambda message: click.echo(message, err=True))
     click.echo(result.summary())
@@ -333,8 +372,16 @@ def build_cmd(
 
 @main.command("run")
 @click.argument("artifact", type=click.Path())
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seq", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch of [batch, seq] inputs."
+)
+@click.option(
+    "--seq",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Sequence length of [batch, seq] inputs.",
+)
 @click.option(
     "--tokens",
     type=click.IntRange(min=1),
@@ -342,7 +389,7 @@ def build_cmd(
     help="Token count for [T, H] inputs (default: batch * seq).",
 )
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option(
     "--backend",
     type=click.Choice(["auto", "onnxruntime"]),
@@ -389,9 +436,14 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
     report = inspect_artifact(artifact)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
-        return
-    for line in summary_lines(report):
-        click.echo(line)
+    else:
+        for line in summary_lines(report):
+            click.echo(line)
+    if report.get("files_ok") is False:
+        raise MoetrtError(
+            f"{artifact} does not match its manifest: {report.get('files_error')}",
+            "rebuild it with `moetrt build`",
+        )
 
 
 def resolve_attrs(preset: str | None, attrs_json: str | None) -> MoEAttributes:
@@ -439,7 +491,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def parse_dim_range(text: str, flag: str) -> DimRange:
     """`1:128:4096` (or one number for all three) -> DimRange; errors name the flag."""
-    from moetrt.trt.trt_build import DimRange
+    from moetrt.trt.targets import MAX_DIM, DimRange
 
     parts = text.split(":")
     try:
@@ -448,9 +500,10 @@ def parse_dim_range(text: str, flag: str) -> DimRange:
         values = []
     if len(values) == 1:
         values = values * 3
-    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2] <= MAX_DIM:
         raise MoetrtError(
-            f"{flag} {text!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", f"write e.g. {flag} 1:128:4096"
+            f"{flag} {text!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX <= {MAX_DIM}",
+            f"write e.g. {flag} 1:128:4096",
         )
     return DimRange(*values)
 

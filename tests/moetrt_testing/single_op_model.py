@@ -11,24 +11,20 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from moetrt.core.dtypes import precision
 from moetrt.op import spec
 from moetrt.op.function_body import make_moe_function, make_moe_node, overload_name
 from moetrt.op.reference import random_inputs
 
 OPSET = 18
 IR_VERSION = 10
-ONNX_DTYPES = {
-    torch.float32: TensorProto.FLOAT,
-    torch.float16: TensorProto.FLOAT16,
-    torch.bfloat16: TensorProto.BFLOAT16,
-}
 
 
 def single_moe_model(
     attrs: spec.MoEAttributes, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
     """(model, weights) with random weights from `reference.random_inputs` (never zero)."""
-    onnx_dtype = ONNX_DTYPES[dtype]
+    onnx_dtype = precision(dtype).onnx_type
     weights = random_inputs(attrs, 1, dtype=dtype, seed=seed)
     weights.pop("hidden_states")
     overload = overload_name(attrs)

@@ -16,7 +16,9 @@ from typing import Any
 import onnx
 
 from moetrt.core.artifacts import external_data_name
+from moetrt.core.dtypes import PRECISIONS
 from moetrt.core.errors import MoetrtError
+from moetrt.core.files import check_input_file
 
 #: onnxruntime refuses newer IR versions; IR 10 is the first with function `overload`.
 MAX_IR_VERSION = 10
@@ -26,19 +28,37 @@ _EXTERNAL_THRESHOLD_BYTES = 1024
 
 
 def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
-    """Load a model, or raise a one-line MoetrtError that says what is wrong with the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise MoetrtError(f"{path} is a directory", "pass the path of an .onnx file")
-    if not path.is_file():
-        raise MoetrtError(f"{path} does not exist", "pass the path of an .onnx file")
+    """Load a model, or raise a one-line MoetrtError that says what is wrong with the file (missing, empty,
+    not ONNX, no graph, external weights missing)."""
+    path = check_input_file(
+        path, "ONNX file", "pass an .onnx file written by `moetrt export` or `moetrt fuse`"
+    )
     try:
-        return onnx.load(str(path), load_external_data=load_external_data)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError / OSError / ValueError
         raise MoetrtError(
             f"{path} is not a readable ONNX model ({type(err).__name__})",
             "export it with `moetrt export` or check the file",
         ) from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise MoetrtError(f"{path} holds no ONNX graph (no nodes)", "export it with `moetrt export`")
+    missing = sorted(
+        {
+            entry.value
+            for init in model.graph.initializer
+            if init.data_location == onnx.TensorProto.EXTERNAL
+            for entry in init.external_data
+            if entry.key == "location" and not (path.parent / entry.value).is_file()
+        }
+    )
+    if missing:
+        raise MoetrtError(
+            f"{path} keeps its weights in {', '.join(str(path.parent / m) for m in missing)}, which is missing",
+            "put the .data file beside the .onnx file it belongs to",
+        )
+    if load_external_data:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    return model
 
 
 def save_onnx(model: Any, out_path: str | os.PathLike[str], external: bool | None = None) -> Path | None:
@@ -161,3 +181,19 @@ def widen_to_fp32(model: onnx.ModelProto, which: str = "bf16", in_place: bool = 
     for function in model.functions:
         widen_nodes(function.node)
     return model
+
+
+def model_precision(model: onnx.ModelProto) -> str | None:
+    """fp32 / fp16 / bf16: the float type of the first float graph input, else of the first float weight."""
+    for value in model.graph.input:
+        found = _PRECISION_OF_TYPE.get(value.type.tensor_type.elem_type)
+        if found:
+            return found
+    for init in model.graph.initializer:
+        found = _PRECISION_OF_TYPE.get(init.data_type)
+        if found:
+            return found
+    return None
+
+
+_PRECISION_OF_TYPE = {p.onnx_type: p.name for p in PRECISIONS}

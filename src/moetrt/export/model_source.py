@@ -98,17 +98,39 @@ def _load_hf_dir(spec: str, dtype: torch.dtype) -> LoadedModel:
     config._attn_implementation = "eager"
     try:
         with _no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=dtype, local_files_only=True, experts_implementation="batched_mm"
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                path,
+                config=config,
+                dtype=dtype,
+                local_files_only=True,
+                experts_implementation="batched_mm",
+                output_loading_info=True,
             )
     except Exception as err:
         raise MoetrtError(
             f"cannot load the model in {spec!r}: {_first_line(err)}",
             "check that the weights match config.json and are a causal LM",
         ) from None
+    _check_checkpoint_keys(spec, loading)
     model = model.to(dtype).eval()
     vocab_size = int(config.get_text_config().vocab_size)
     return causal_lm(model, vocab_size, str(path.resolve()), dtype, f"{config.model_type} from {path}")
+
+
+def _check_checkpoint_keys(spec: str, loading: dict[str, Any]) -> None:
+    """transformers fills weights missing from the checkpoint with random values and drops unexpected ones,
+    silently: either means the checkpoint is not the model config.json describes."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in loading.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({shown})")
+    if problems:
+        raise MoetrtError(
+            f"the checkpoint in {spec!r} does not match its config.json: {'; '.join(problems)}",
+            "use the complete checkpoint (every *.safetensors shard and its index) saved with this config",
+        )
 
 
 def _load_module(spec: str, dtype: torch.dtype) -> LoadedModel:
@@ -196,6 +218,18 @@ def _loaded_from_factory(result: Any, spec: str, dtype: torch.dtype) -> LoadedMo
                 f"{spec}: the module fails on its own example inputs: {type(err).__name__}: {_first_line(err)}",
                 "return example inputs the module accepts",
             ) from None
+    if not (
+        isinstance(outputs, torch.Tensor)
+        or (
+            isinstance(outputs, tuple | list)
+            and outputs
+            and all(isinstance(o, torch.Tensor) for o in outputs)
+        )
+    ):
+        raise MoetrtError(
+            f"{spec}: the module's forward returns {type(outputs).__name__}, not a tensor or a tuple of tensors",
+            "make forward return the output tensor(s)",
+        )
     num_outputs = 1 if isinstance(outputs, torch.Tensor) else len(outputs)
     output_names = list(
         fields.get("output_names")
@@ -267,14 +301,18 @@ def _inputs_like(examples: tuple[torch.Tensor, ...], dtype: torch.dtype) -> Any:
 
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """transformers draws a weight-loading progress bar; `moetrt` reports its own progress."""
+    """transformers draws a weight-loading progress bar and a load report; `moetrt` reports its own progress
+    and turns a key mismatch into its own one-line error."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
 

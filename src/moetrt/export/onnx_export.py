@@ -7,6 +7,8 @@ import contextlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,10 +23,13 @@ from moetrt.core.artifacts import (
     META_LONG_SEQ,
     META_NUM_MOE_BLOCKS,
     META_SOURCE,
+    external_data_name,
 )
 from moetrt.core.dtypes import name_of, precision
 from moetrt.core.errors import MoetrtError
+from moetrt.core.files import make_parents, remove_dirs
 from moetrt.core.onnx_io import MAX_IR_VERSION, save_onnx
+from moetrt.core.progress import heartbeat
 from moetrt.export.loaded import LoadedModel
 from moetrt.export.model_source import load_model
 
@@ -38,6 +43,8 @@ SUPPORTED_OPSETS = range(18, 24)
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 
 Progress = Callable[[str], None]
+#: error: a mismatch fails the export; warn: it is reported and the file kept; off: no check.
+SELF_CHECK_MODES = ("error", "warn", "off")
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,18 @@ def export_onnx(
     dtype: str = "fp32",
     opset: int | None = None,
     progress: Progress | None = None,
+    self_check: str = "error",
 ) -> ExportResult:
     """Export a MODEL spec (or an already loaded model) to `out_path`.
 
     `opset` defaults to 18, or 22 for bf16. The file (and `<out>.data` when the weights exceed 2 GB)
-    appears only when the export succeeded.
+    appears only when the export succeeded and, unless `self_check` is "warn" or "off", the written model
+    matches PyTorch at the example inputs (`self_check.check_export`).
     """
+    if self_check not in SELF_CHECK_MODES:
+        raise MoetrtError(
+            f"unknown self-check mode {self_check!r}", f"use one of {', '.join(SELF_CHECK_MODES)}"
+        )
     start = time.perf_counter()
     say = progress or (lambda _msg: None)
     out_path = Path(out_path)
@@ -107,7 +120,8 @@ def export_onnx(
     say(f"found {loaded.num_moe_blocks} MoE block(s) in {loaded.spec}")
 
     say(f"exporting with torch.onnx.export (dynamo, opset {opset}); this can take a while for large models")
-    program = _torch_export(loaded, opset)
+    with heartbeat(say, "exporting"):
+        program = _torch_export(loaded, opset)
     model = program.model
     say("exported; finalising the graph")
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
@@ -124,9 +138,15 @@ def export_onnx(
     weight_bytes = sum(_nbytes(v.const_value) for v in model.graph.initializers.values())
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     num_nodes = sum(1 for _ in model.graph.all_nodes())
+    ir_version = model.ir_version
 
     say(f"writing {out_path} ({weight_bytes / 1e6:.1f} MB of weights{', external data' if external else ''})")
-    data_path = save_onnx(model, out_path, external=external)
+    with _staged(out_path) as staged:
+        save_onnx(model, staged, external=external)
+        del program, model  # the check loads the file: do not hold two copies of the weights
+        if self_check != "off":
+            _check_written(staged, out_path, loaded, self_check, say)
+    data_path = out_path.parent / external_data_name(out_path.name) if external else None
     return ExportResult(
         path=out_path,
         num_moe_blocks=loaded.num_moe_blocks,
@@ -135,7 +155,7 @@ def export_onnx(
         spec=loaded.spec,
         dtype=name_of(loaded.dtype),
         opset=opset,
-        ir_version=model.ir_version,
+        ir_version=MAX_IR_VERSION if ir_version > MAX_IR_VERSION else ir_version,
         external_data=data_path,
         weight_bytes=weight_bytes,
     )
@@ -204,3 +224,51 @@ def _nbytes(tensor: object) -> int:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _staged(out_path: Path) -> Iterator[Path]:
+    """A path in a hidden directory beside `out_path`; the file and its external data move into place only
+    when the block succeeds (a stale data file of an earlier, larger export of the same name goes)."""
+    created = make_parents(out_path.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    except OSError as err:
+        remove_dirs(created)
+        raise MoetrtError(
+            f"cannot write into {out_path.parent}: {err.strerror}", "choose a writable output path"
+        ) from None
+    try:
+        staged = staging / out_path.name
+        yield staged
+        data_name = external_data_name(out_path.name)
+        final_data = out_path.parent / data_name
+        if (staging / data_name).is_file():
+            os.replace(staging / data_name, final_data)
+        elif final_data.exists():
+            final_data.unlink()
+        os.replace(staged, out_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not out_path.exists():
+            remove_dirs(created)
+
+
+def _check_written(staged: Path, out_path: Path, loaded: LoadedModel, mode: str, say: Progress) -> None:
+    from moetrt.export.self_check import check_export
+
+    say("checking the written ONNX against PyTorch at the example inputs (onnxruntime CPU)")
+    with heartbeat(say, "checking"):
+        checks = check_export(staged, loaded)
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        say("self-check PASS: " + "; ".join(map(str, checks)))
+        return
+    line = f"the exported ONNX does not match PyTorch at the example inputs: {'; '.join(map(str, failed))}"
+    if mode == "warn":
+        say(f"warning: {line} (kept: --self-check warn)")
+        return
+    raise MoetrtError(
+        f"{line}; {out_path} was not written",
+        "report the model family; `moetrt export --self-check warn` keeps the file for inspection",
+    )

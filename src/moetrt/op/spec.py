@@ -23,6 +23,7 @@ Outputs: output [T, H] (dtype of hidden_states); router_logits [T, E] when ``out
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,9 @@ INPUT_ORDER = (
     "shared_gate_weight",
 )
 OUTPUT_ORDER = ("output", "router_logits")
+#: Attributes on the node for TensorRT's ONNX parser, not part of the op's variant.
+NODE_ONLY_ATTRIBUTES = frozenset({"plugin_version", "plugin_namespace"})
+REQUIRED_ATTRIBUTES = ("num_experts", "top_k", "hidden_size", "intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,17 @@ class MoEAttributes:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} {getattr(self, name)!r} is not a positive integer")
+        if not isinstance(self.shared_intermediate_size, int) or self.shared_intermediate_size < 0:
+            problems.append(f"shared_intermediate_size {self.shared_intermediate_size!r} is negative")
+        for name in ("routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                problems.append(f"{name} {value!r} is not a positive finite number")
+        if problems:  # the checks below compare these fields
+            raise ValueError("invalid MoE attributes: " + "; ".join(problems))
         if self.scoring not in SCORINGS:
             problems.append(f"scoring {self.scoring!r} not in {SCORINGS}")
         if self.activation not in ACTIVATIONS:
@@ -145,7 +160,15 @@ class MoEAttributes:
 
     @classmethod
     def from_onnx_attributes(cls, attrs: dict[str, Any]) -> MoEAttributes:
-        """Inverse of to_onnx_attributes; unknown keys (plugin_version, ...) are ignored."""
+        """Inverse of to_onnx_attributes. Raises ValueError for an unknown key (the plugin fields are known),
+        a missing required field or a value outside the contract."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(attrs) - names - NODE_ONLY_ATTRIBUTES)
+        if unknown:
+            raise ValueError(f"unknown MoE attribute(s) {', '.join(unknown)}")
+        missing = [name for name in REQUIRED_ATTRIBUTES if name not in attrs]
+        if missing:
+            raise ValueError(f"missing MoE attribute(s) {', '.join(missing)}")
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name not in attrs:
@@ -153,11 +176,26 @@ class MoEAttributes:
             value = attrs[field.name]
             if isinstance(value, bytes):
                 value = value.decode()
-            if field.type in ("bool", bool):
-                value = bool(value)
-            elif field.type in ("int", int):
-                value = int(value)
-            elif field.type in ("float", float):
-                value = float(value)
+            try:
+                if field.type in ("bool", bool):
+                    value = _as_bool(field.name, value)
+                elif field.type in ("int", int):
+                    value = _as_int(field.name, value)
+                elif field.type in ("float", float):
+                    value = float(value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{field.name} {value!r} is not a valid value ({err})") from None
             kwargs[field.name] = value
         return cls(**kwargs)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("not an integer")
+    return int(value)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if value not in (0, 1, True, False):
+        raise ValueError("not 0 or 1")
+    return bool(value)

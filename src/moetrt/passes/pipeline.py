@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import onnx_ir as ir
 from moetrt.core.artifacts import META_FUSED_MOE
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import MAX_IR_VERSION, load_onnx, save_onnx, set_metadata
+from moetrt.core.progress import heartbeat
+from moetrt.op.fused_node import check_fused_model
 from moetrt.passes.base import CountedPass, PassStat, UnfusedCandidate, run_pipeline
 from moetrt.passes.cleanup import CleanupPass
 from moetrt.passes.decompose import count_fused, decompose_model
@@ -76,13 +79,17 @@ def fuse_file(
     out_path: str | os.PathLike[str],
     explain: bool = False,
     decompose: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> FuseResult:
     """Fuse IN into OUT (or, with `decompose`, inline IN's fused nodes back to standard ops)."""
+    say = progress or (lambda _message: None)
     if Path(in_path).resolve() == Path(out_path).resolve():
         raise MoetrtError("output path equals the input path", "write the fused model to a new file with -o")
     if Path(out_path).is_dir():
         raise MoetrtError(f"output {out_path} is a directory", "give a file name ending in .onnx")
+    say(f"reading {in_path}")
     model = load_onnx(in_path)
+    check_fused_model(model)  # fused nodes already in IN must be whole (attributes, inputs, function body)
     if decompose:
         start = time.perf_counter()
         count = count_fused(model)
@@ -91,6 +98,9 @@ def fuse_file(
         stats = [PassStat("decompose", count, time.perf_counter() - start)]
         result = FuseResult(out, stats, 0, [], num_decomposed=count)
     else:
-        result = fuse_model(model, explain=explain)
+        say(f"fusing MoE blocks ({len(model.graph.node)} nodes)")
+        with heartbeat(say, "fusing"):
+            result = fuse_model(model, explain=explain)
+    say(f"writing {out_path}")
     save_onnx(result.model, out_path)
     return result

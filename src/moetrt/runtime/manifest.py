@@ -17,7 +17,7 @@ from typing import Any
 from moetrt import __version__
 from moetrt.core.artifacts import MANIFEST_NAME, ONNX_NAME, PLAN_NAME
 from moetrt.core.errors import MoetrtError
-from moetrt.core.files import write_text_atomic
+from moetrt.core.files import check_input_file, write_text_atomic
 
 FORMAT = "moetrt-manifest"
 FORMAT_VERSION = 1
@@ -163,6 +163,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return validate_manifest(data, str(path))
 
 
+def owned_entries(directory: str | Path) -> set[str] | None:
+    """The top-level names a `moetrt build` wrote into `directory` (its manifest and the files it lists), or
+    None when the directory holds no valid moetrt manifest: what `build --force` may replace."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_manifest(path)
+    except MoetrtError:
+        return None
+    return {MANIFEST_NAME} | {Path(name).parts[0] for name in manifest["files"]}
+
+
 def verify_files(manifest: dict[str, Any], directory: str | Path) -> None:
     """Every file the manifest lists exists beside it with the recorded size and sha256."""
     directory = Path(directory)
@@ -239,11 +252,10 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         except MoetrtError as err:
             report["files_ok"] = False
             report["files_error"] = err.one_line()
-        if (path / ONNX_NAME).is_file():
+        if report["files_ok"] and (path / ONNX_NAME).is_file():  # a corrupt file is reported, not parsed
             report["onnx"] = inspect_onnx(path / ONNX_NAME)
         return report
-    if not path.is_file():
-        raise MoetrtError(f"{path} does not exist", "pass an .onnx, a .plan or a `moetrt build` directory")
+    check_input_file(path, "artifact", "pass an .onnx, a .plan or a `moetrt build` directory")
     if path.suffix == ".onnx":
         return {"kind": "onnx", "path": str(path), "onnx": inspect_onnx(path)}
     if path.suffix == ".plan":
@@ -267,15 +279,12 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
 def inspect_onnx(path: str | Path) -> dict[str, Any]:
     import onnx
 
+    from moetrt.core.onnx_io import load_onnx
     from moetrt.op import spec
+    from moetrt.op.fused_node import check_fused_model
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf raises several types for a file that is not ONNX
-        raise MoetrtError(
-            f"{path} is not a readable ONNX model ({type(err).__name__})",
-            "export it again with `moetrt export`",
-        ) from err
+    model = load_onnx(path, load_external_data=False)
+    check_fused_model(model)
     moe_nodes = [n for n in model.graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
     variants: dict[str, dict[str, Any]] = {}
     for node in moe_nodes:

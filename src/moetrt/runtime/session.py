@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from moetrt.core.errors import MoetrtError
+from moetrt.core.onnx_io import model_precision
 
 _ORT_TO_TORCH = {
     "tensor(float)": torch.float32,
@@ -134,26 +135,6 @@ def check_inputs(
                     f"pass {name} with shape {dims}",
                 )
     return feeds
-
-
-_ELEM_PRECISION = {
-    onnx.TensorProto.FLOAT: "fp32",
-    onnx.TensorProto.FLOAT16: "fp16",
-    onnx.TensorProto.BFLOAT16: "bf16",
-}
-
-
-def model_precision(model: onnx.ModelProto) -> str | None:
-    """fp32 / fp16 / bf16: the float type of the first float graph input, else of the first float weight."""
-    for value in model.graph.input:
-        precision = _ELEM_PRECISION.get(value.type.tensor_type.elem_type)
-        if precision:
-            return precision
-    for init in model.graph.initializer:
-        precision = _ELEM_PRECISION.get(init.data_type)
-        if precision:
-            return precision
-    return None
 
 
 def _is_bf16_file(path: Path) -> bool:

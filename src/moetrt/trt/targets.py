@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from moetrt.core.errors import MoetrtError
 
 PRECISIONS = ("fp16", "bf16", "fp32")
+#: TensorRT dimensions are int32.
+MAX_DIM = 2**31 - 1
 ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
 
 # TensorRT 10 dropped everything before Turing; the Triton kernels need Ampere-style MMA for bf16.
@@ -98,3 +100,22 @@ def resolve_target(name: str | None, backend: str = "tensorrt") -> Target:
         f"unknown target {name!r}",
         f"use one of {', '.join(NAMED_TARGETS)} or sm_XX (e.g. sm_90)",
     )
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """MIN:OPT:MAX of one dynamic dimension."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max <= MAX_DIM:
+            raise MoetrtError(
+                f"dimension range {self} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX <= {MAX_DIM}",
+                "e.g. 1:128:4096",
+            )
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"

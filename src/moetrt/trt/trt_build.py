@@ -19,30 +19,12 @@ import onnx
 from moetrt.core.devices import sm_from_capability
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import write_bytes_atomic
-from moetrt.trt.targets import Target
+from moetrt.trt.targets import DimRange, Target
 
 if TYPE_CHECKING:
     from moetrt.trt.plugin import KernelSource
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class DimRange:
-    """MIN:OPT:MAX of one dynamic dimension."""
-
-    min: int
-    opt: int
-    max: int
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise MoetrtError(
-                f"dimension range {self} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", "e.g. 1:128:4096"
-            )
-
-    def __str__(self) -> str:
-        return f"{self.min}:{self.opt}:{self.max}"
 
 
 @dataclass(frozen=True)

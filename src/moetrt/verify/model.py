@@ -20,9 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from moetrt.core.artifacts import META_DTYPE, META_EXAMPLE_SHAPE, META_LONG_SEQ, META_SOURCE, ONNX_NAME
+from moetrt.core.artifacts import (
+    MANIFEST_NAME,
+    META_DTYPE,
+    META_EXAMPLE_SHAPE,
+    META_LONG_SEQ,
+    META_SOURCE,
+    ONNX_NAME,
+)
 from moetrt.core.errors import MoetrtError
+from moetrt.core.onnx_io import load_onnx, metadata
 from moetrt.core.tolerances import TOLERANCES
+from moetrt.op.fused_node import check_fused_model
 from moetrt.verify.compare import Shape, VerifyReport, compare_outputs, default_shapes, quiet_logs
 
 Progress = Callable[[str], None]
@@ -44,6 +53,13 @@ def verify(
     with contextlib.ExitStack() as stack:
         if _looks_like_onnx(artifact_str):
             onnx_path = Path(artifact_str)
+            if (
+                onnx_path.is_dir()
+            ):  # a `moetrt build` directory: its portable model, checked against the manifest
+                from moetrt.runtime.loading import check_against_manifest, resolve_artifact
+
+                onnx_path = resolve_artifact(onnx_path, "onnxruntime")
+                check_against_manifest(onnx_path)
         else:
             from moetrt.export.onnx_export import export_onnx
 
@@ -59,7 +75,7 @@ def verify(
 
 
 def _looks_like_onnx(text: str) -> bool:
-    return text.endswith(".onnx") or Path(text).is_file()
+    return text.endswith(".onnx") or Path(text).is_file() or (Path(text) / MANIFEST_NAME).is_file()
 
 
 def _verify_onnx(
@@ -117,26 +133,13 @@ def _verify_onnx(
 
 
 def _read_onnx_header(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
-    """Metadata, input and output names, without loading external weights."""
-    import onnx
-
-    if not path.exists():
-        raise MoetrtError(f"{path} does not exist", "pass an .onnx file or a MODEL spec")
-    if path.is_dir():
-        raise MoetrtError(f"{path} is a directory", "pass an .onnx file or a MODEL spec")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise MoetrtError(
-            f"{path} is not a readable ONNX model ({type(err).__name__})",
-            "re-export it with `moetrt export`",
-        ) from None
-    if not model.graph.node:
-        raise MoetrtError(f"{path} holds an empty ONNX graph", "re-export it with `moetrt export`")
+    """Metadata, input and output names (fused nodes checked), without loading external weights."""
+    model = load_onnx(path, load_external_data=False)
+    check_fused_model(model)
     initializer_names = {init.name for init in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializer_names]
     outputs = [o.name for o in model.graph.output]
-    return {p.key: p.value for p in model.metadata_props}, inputs, outputs
+    return metadata(model), inputs, outputs
 
 
 def _parse_example_shape(text: str | None, loaded: Any) -> Shape:

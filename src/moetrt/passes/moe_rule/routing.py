@@ -258,8 +258,11 @@ def _match_group_mask(where_out: ir.Value) -> tuple[GroupMask, ir.Value]:
         if producer.op_type == "TopK":
             topk_ks.append((int(const_scalar(producer.inputs[1]) or 0), rank(producer.inputs[0])))
         stack.extend(v for v in producer.inputs if v is not None)
-    require(n_group > 1 and len(topk_ks) == 2, "the expert mask is not a grouped top-k")
+    require(len(topk_ks) == 2, "the expert mask is not a grouped top-k")
     group_topk = [kk for kk, r in topk_ks if r == 2]
     require(len(group_topk) == 1, "could not tell the group top-k from the in-group top-k")
     in_group_k = next(kk for kk, r in topk_ks if r != 2)
+    # One group (n_group = topk_group = 1, as several released configs ship): the mask keeps every expert, so
+    # the routing is the ungrouped one; the block's numeric check confirms it.
+    require(n_group > 1 or group_topk[0] == 1, "a single expert group with a group top-k other than 1")
     return GroupMask(n_group, group_topk[0], group_size, in_group_k), choice

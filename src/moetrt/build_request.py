@@ -1,0 +1,82 @@
+"""What `moetrt build` is asked to do, checked before any heavy import or work.
+
+Kept apart from build.py (which imports onnx, torch and the passes) so every bad argument is answered in a
+fraction of a second, by the same checks the library runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from moetrt.core.errors import MoetrtError
+from moetrt.core.files import check_input_file
+from moetrt.core.publish import OutputDir
+from moetrt.runtime.manifest import owned_entries
+from moetrt.trt.targets import ENGINE_BACKENDS, DimRange, Target, resolve_target
+
+DEFAULT_PRECISION = "fp16"
+DEFAULT_TOKENS = DimRange(1, 128, 4096)
+DEFAULT_BATCH = DimRange(1, 1, 4)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    target: str | None = None
+    precision: str | None = None  # None: an .onnx file's own precision, fp16 for a MODEL
+    tokens: DimRange = DEFAULT_TOKENS
+    batch: DimRange = DEFAULT_BATCH
+    engine_backend: str = "tensorrt"
+    parity: bool = True
+    allow_parity_failure: bool = False  # succeed although parity failed (the manifest records it either way)
+    force: bool = False
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """A checked request: the resolved precision and target, and the output directory to write."""
+
+    model: str
+    precision: str
+    target: Target
+    output: OutputDir
+    options: BuildOptions
+
+
+def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -> BuildRequest:
+    """Every user input of a build, checked (one MoetrtError for the first problem) before heavy work."""
+    if options.engine_backend not in ENGINE_BACKENDS:
+        raise MoetrtError(
+            f"unknown engine backend {options.engine_backend!r}", f"use one of {', '.join(ENGINE_BACKENDS)}"
+        )
+    if model.endswith(".onnx"):
+        check_input_file(model, "ONNX file", "pass an existing .onnx file or a MODEL spec")
+    precision = options.precision or _default_precision(model)
+    target = resolve_target(options.target, options.engine_backend)
+    target.check_precision(precision)
+    target.check_backend(options.engine_backend)
+    if options.engine_backend == "tensorrt":
+        _check_kernel_sm(target)
+    output = OutputDir(outdir, options.force, owned_entries, "a `moetrt build` directory")
+    output.check()
+    return BuildRequest(model, precision, target, output, options)
+
+
+def _default_precision(model: str) -> str:
+    """An .onnx file builds at its own precision (export and build defaults then agree); a MODEL at fp16."""
+    if model.endswith(".onnx"):
+        from moetrt.core.onnx_io import load_onnx, model_precision
+
+        return model_precision(load_onnx(model, load_external_data=False)) or DEFAULT_PRECISION
+    return DEFAULT_PRECISION
+
+
+def _check_kernel_sm(target: Target) -> None:
+    from moetrt.kernels.aot import SUPPORTED_SMS
+
+    if target.sm not in SUPPORTED_SMS:
+        raise MoetrtError(
+            f"the MoE kernels are not compiled for target {target.name} (SM {target.sm}) yet",
+            f"use a target with SM in {', '.join(map(str, SUPPORTED_SMS))}, or --engine-backend tensorrt-rtx",
+        )

@@ -1,0 +1,86 @@
+"""An export checks itself: the written ONNX, run by onnxruntime on the export's example inputs, against the
+PyTorch module it came from. A silently wrong export (an op the exporter lowered differently, a specialised
+shape) is caught here, before the file is reported written.
+
+The reference runs in float32 from the model's own weights (already rounded to the export dtype), as `moetrt
+verify` does; a bf16 graph runs as its exact float32 widening (onnxruntime's CPU provider lacks bf16 kernels),
+judged at the bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moetrt.core.dtypes import name_of
+from moetrt.core.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx, widen_to_fp32
+from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.export.loaded import LoadedModel
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    name: str
+    rel_err: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.rel_err <= self.tolerance
+
+    def __str__(self) -> str:
+        return f"{self.name}: rel err {self.rel_err:.2e} (tolerance {self.tolerance:.0e})"
+
+
+def check_export(onnx_path: Path, loaded: LoadedModel) -> list[OutputCheck]:
+    """Relative error of every output of the written model against PyTorch at the example inputs."""
+    import onnxruntime as ort
+
+    widen = loaded.dtype == torch.bfloat16
+    inputs = loaded.example_inputs
+    with tempfile.TemporaryDirectory(prefix="moetrt-check-") as tmp:
+        path = onnx_path
+        if widen:
+            model = widen_to_fp32(load_onnx(onnx_path), in_place=True)
+            if model.ByteSize() < PROTOBUF_LIMIT:
+                path = None
+                serialized = model.SerializeToString()
+            else:
+                path = Path(tmp) / "widened.onnx"
+                save_onnx(model, path)
+            del model
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        source = str(path) if path is not None else serialized
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        feeds = {
+            name: (t.float() if widen and t.is_floating_point() else t).detach().cpu().numpy()
+            for name, t in zip(loaded.input_names, inputs)
+        }
+        got = session.run(None, feeds)
+        del session
+    expected = _float32_reference(loaded)
+    bound = tolerance(name_of(loaded.dtype))
+    return [
+        OutputCheck(name, relative_error(np.asarray(out, dtype=np.float64), ref.double().numpy()), bound)
+        for name, out, ref in zip(loaded.output_names, got, expected)
+    ]
+
+
+def _float32_reference(loaded: LoadedModel) -> tuple[torch.Tensor, ...]:
+    """The module's outputs in float32 on its own weights; the module is put back in its dtype after (exact:
+    every half value is a float32 value)."""
+    module, dtype = loaded.module, loaded.dtype
+    inputs = tuple(t.float() if t.is_floating_point() else t for t in loaded.example_inputs)
+    module.float()
+    try:
+        with torch.inference_mode():
+            out = module(*inputs)
+    finally:
+        module.to(dtype)
+    outs = (out,) if isinstance(out, torch.Tensor) else tuple(o for o in out if isinstance(o, torch.Tensor))
+    return tuple(o.float() for o in outs)
