@@ -45,6 +45,8 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 Progress = Callable[[str], None]
 #: error: a mismatch fails the export; warn: it is reported and the file kept; off: no check.
 SELF_CHECK_MODES = ("error", "warn", "off")
+#: The whole-model self-check holds the graph in onnxruntime and a float32 copy of the module: bounded.
+SELF_CHECK_MAX_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,13 @@ def export_onnx(
     with _staged(out_path) as staged:
         save_onnx(model, staged, external=external)
         del program, model  # the check loads the file: do not hold two copies of the weights
-        if self_check != "off":
+        if self_check != "off" and weight_bytes > SELF_CHECK_MAX_BYTES:
+            say(
+                f"self-check skipped: {weight_bytes / 1e9:.1f} GB of weights are over the whole-model check's "
+                f"{SELF_CHECK_MAX_BYTES / 1e9:.0f} GB bound (it holds an onnxruntime session and a float32 "
+                "PyTorch copy); check blocks with `moetrt verify`"
+            )
+        elif self_check != "off":
             _check_written(staged, out_path, loaded, self_check, say)
     data_path = out_path.parent / external_data_name(out_path.name) if external else None
     return ExportResult(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
+import pytest
 import torch
 from moetrt_testing.graphs import exported_hf_block, fused_nodes, initializer_arrays, packed_inputs
 
 from moetrt.passes import fuse_model
+from moetrt.passes.pipeline import fuse_ir
 
 
 def test_gpt_oss_gate_up_is_transposed_and_deinterleaved() -> None:
@@ -48,3 +51,23 @@ def test_shared_expert_packed_gate_then_up() -> None:
     np.testing.assert_array_equal(
         packed["shared_down_weight"].numpy(), shared.down_proj.weight.detach().numpy()
     )
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "deepseek_v3"])  # layouts that need packing
+def test_packed_weights_are_lazy_and_their_declared_shapes_hold(family: str) -> None:
+    """Packed weights are computed when written (memory bounded by one weight at any model size): the shape
+    and dtype each declares without evaluating must be what evaluating it gives."""
+    _, model = exported_hf_block(family)
+    ir_model = ir.serde.deserialize_model(model)
+    fuse_ir(ir_model)
+    lazy = [
+        v.const_value
+        for v in ir_model.graph.initializers.values()
+        if isinstance(v.const_value, ir.LazyTensor)
+    ]
+    assert lazy
+    for tensor in lazy:
+        array = tensor.numpy()
+        assert (
+            tuple(array.shape) == tuple(tensor.shape) and ir.DataType.from_numpy(array.dtype) == tensor.dtype
+        )

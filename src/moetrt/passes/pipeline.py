@@ -11,11 +11,13 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from moetrt.core import onnx_io
 from moetrt.core.artifacts import META_FUSED_MOE
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import MAX_IR_VERSION, load_onnx, save_onnx, set_metadata
 from moetrt.core.progress import heartbeat
 from moetrt.op.fused_node import check_fused_model
+from moetrt.op.spec import DOMAIN, OP_TYPE
 from moetrt.passes.base import CountedPass, PassStat, UnfusedCandidate, run_pipeline
 from moetrt.passes.cleanup import CleanupPass
 from moetrt.passes.decompose import count_fused, decompose_model
@@ -25,7 +27,7 @@ from moetrt.passes.pack_weights import PackMoEWeightsPass
 
 @dataclass
 class FuseResult:
-    model: onnx.ModelProto
+    model: onnx.ModelProto | ir.Model  # an ir.Model from `fuse_file`
     stats: list[PassStat] = field(default_factory=list)
     num_fused: int = 0
     unfused_candidates: list[UnfusedCandidate] = field(default_factory=list)
@@ -54,6 +56,33 @@ def default_passes() -> list[CountedPass]:
     return [CleanupPass(), FuseMoEPass(), PackMoEWeightsPass()]
 
 
+def fuse_ir(model: ir.Model) -> tuple[list[PassStat], int, list[UnfusedCandidate]]:
+    """Run the passes on `model` in place: (per-pass stats, blocks fused, candidates left unfused)."""
+    stats, unfused = run_pipeline(model, default_passes())
+    num_fused = next((s.count for s in stats if s.name == FuseMoEPass.name), 0)
+    if num_fused:
+        model.ir_version = MAX_IR_VERSION  # function `overload` needs IR 10; onnxruntime refuses newer
+        _type_graph_outputs(model)
+    return stats, num_fused, unfused
+
+
+def _type_graph_outputs(model: ir.Model) -> None:
+    """A graph output the rewrite now computes (the block's output reshaped back) has no element type yet;
+    TensorRT's parser refuses an untyped output. Its type is its producer's first input's (views, the fused
+    node: both keep the dtype), or a Cast's target."""
+    for output in model.graph.outputs:
+        value = output
+        while output.dtype is None and (node := value.producer()) is not None:
+            if node.op_type == "Cast" and node.domain == "":
+                output.dtype = ir.DataType(node.attributes["to"].value)
+                break
+            if not node.inputs or node.inputs[0] is None:
+                break
+            value = node.inputs[0]
+            if value.dtype is not None:
+                output.dtype = value.dtype
+
+
 def fuse_model(model: onnx.ModelProto, explain: bool = False) -> FuseResult:
     """Fuse every MoE block of `model` into one `moetrt::MoE` node (the input proto is not modified).
 
@@ -61,11 +90,9 @@ def fuse_model(model: onnx.ModelProto, explain: bool = False) -> FuseResult:
     """
     del explain
     ir_model = ir.serde.deserialize_model(model)
-    stats, unfused = run_pipeline(ir_model, default_passes())
-    num_fused = next((s.count for s in stats if s.name == FuseMoEPass.name), 0)
+    stats, num_fused, unfused = fuse_ir(ir_model)
     if num_fused:
         out = ir.serde.serialize_model(ir_model)
-        out.ir_version = MAX_IR_VERSION  # function `overload` needs IR 10; onnxruntime refuses newer
     else:
         # Nothing fused: hand back the input graph as it was (the cleanup alone is not worth a changed file).
         out = onnx.ModelProto()
@@ -88,19 +115,43 @@ def fuse_file(
     if Path(out_path).is_dir():
         raise MoetrtError(f"output {out_path} is a directory", "give a file name ending in .onnx")
     say(f"reading {in_path}")
-    model = load_onnx(in_path)
-    check_fused_model(model)  # fused nodes already in IN must be whole (attributes, inputs, function body)
     if decompose:
+        model = load_onnx(in_path)
+        check_fused_model(
+            model
+        )  # fused nodes already in IN must be whole (attributes, inputs, function body)
         start = time.perf_counter()
         count = count_fused(model)
         out = decompose_model(model)
         set_metadata(out, META_FUSED_MOE, "0")
         stats = [PassStat("decompose", count, time.perf_counter() - start)]
         result = FuseResult(out, stats, 0, [], num_decomposed=count)
-    else:
-        say(f"fusing MoE blocks ({len(model.graph.node)} nodes)")
-        with heartbeat(say, "fusing"):
-            result = fuse_model(model, explain=explain)
-    say(f"writing {out_path}")
-    save_onnx(result.model, out_path)
-    return result
+        say(f"writing {out_path}")
+        save_onnx(result.model, out_path)
+        return result
+    # onnx-ir end to end: weights in external data stay on disk (memory-mapped), packed weights are computed
+    # one at a time while the output is written, so fusing a model of any size holds about one weight.
+    header = load_onnx(in_path, load_external_data=False)  # a readable graph, its external data present
+    check_fused_model(header)  # fused nodes already in IN must be whole (attributes, inputs, function body)
+    external = _has_external_data(header)
+    del header
+    model = ir.load(in_path)
+    say(f"fusing MoE blocks ({len(model.graph)} nodes)")
+    with heartbeat(say, "fusing"):
+        stats, num_fused, unfused = fuse_ir(model)
+    if not num_fused:
+        model = ir.load(in_path)  # nothing fused: the input graph as it was
+    model.metadata_props[META_FUSED_MOE] = str(
+        sum(1 for n in model.graph if n.domain == DOMAIN and n.op_type == OP_TYPE)
+    )
+    weight_bytes = sum(
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+    )
+    say(f"writing {out_path} ({weight_bytes / 1e6:.1f} MB of weights)")
+    with heartbeat(say, "writing"):
+        save_onnx(model, out_path, external=external or weight_bytes > onnx_io.PROTOBUF_LIMIT)
+    return FuseResult(model, stats, num_fused, unfused)
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
