@@ -468,3 +468,18 @@ def test_run_options_have_help() -> None:
         "Seed of the random inputs",
     ):
         assert text in " ".join(stdout.split()), text
+
+
+def test_aot_takes_both_dtype_spellings_and_refuses_others(tmp_path: Path) -> None:
+    from moetrt.kernels.aot import KernelBundle
+
+    small = json.dumps({"num_experts": 4, "top_k": 2, "hidden_size": 32, "intermediate_size": 16})
+    for spelling in ("bf16", "bfloat16"):
+        out = tmp_path / f"{spelling}.bin"
+        code, _, err = invoke("aot", "--attrs", small, "--dtype", spelling, "--sm", "90", "-o", str(out))
+        assert code == 0, err
+        assert KernelBundle.from_bytes(out.read_bytes()).dtype == "bfloat16"  # the bundle's stored name
+    code, _, err = invoke(
+        "aot", "--attrs", small, "--dtype", "int8", "--sm", "90", "-o", str(tmp_path / "x.bin")
+    )
+    assert code == 2 and "unsupported dtype 'int8'" in err and not (tmp_path / "x.bin").exists()

@@ -226,13 +226,36 @@ def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) ->
 # --- kernels: tune / aot ---
 _PRESET_HELP = "A BENCH.md shape: qwen3_next, qwen3_30b, mixtral, deepseek_v3, gpt_oss_20b."
 _ATTRS_HELP = 'MoE attributes as JSON, e.g. \'{"num_experts": 8, "top_k": 2, "hidden_size": 4096, ...}\'.'
-_DTYPE_CHOICE = click.Choice(["bf16", "fp16", "fp32"])
+
+
+class _PrecisionType(click.ParamType):
+    """fp32 / fp16 / bf16; the kernel spellings (float32, float16, bfloat16) are accepted and normalised."""
+
+    name = "[bf16|fp16|fp32]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from moetrt.core.dtypes import name_of
+
+        try:
+            return name_of(str(value))
+        except MoetrtError as err:
+            self.fail(err.one_line(), param, ctx)
+
+
+_DTYPE_CHOICE = _PrecisionType()
 
 
 @main.command("aot")
 @click.option("--preset", help=_PRESET_HELP)
 @click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
-@click.option("--dtype", type=_DTYPE_CHOICE, default="bf16", show_default=True, help="Kernel precision.")
+@click.option(
+    "--dtype",
+    type=_DTYPE_CHOICE,
+    default="bf16",
+    show_default=True,
+    metavar="[bf16|fp16|fp32]",
+    help="Kernel precision.",
+)
 @click.option("--sm", type=int, required=True, help="Target SM: 80, 86, 87, 89, 90, 100 or 120.")
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Kernel bundle file to write."
@@ -259,7 +282,14 @@ def aot_cmd(preset: str | None, attrs_json: str | None, dtype: str, sm: int, out
 @main.command("tune")
 @click.option("--preset", help=_PRESET_HELP)
 @click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
-@click.option("--dtype", type=_DTYPE_CHOICE, default="bf16", show_default=True, help="Kernel precision.")
+@click.option(
+    "--dtype",
+    type=_DTYPE_CHOICE,
+    default="bf16",
+    show_default=True,
+    metavar="[bf16|fp16|fp32]",
+    help="Kernel precision.",
+)
 @click.option(
     "--tokens",
     default="1,16,64,512,4096",
