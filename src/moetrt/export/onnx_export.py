@@ -248,7 +248,12 @@ def _staged(out_path: Path) -> Iterator[Path]:
         ) from None
     try:
         staged = staging / out_path.name
-        yield staged
+        try:
+            yield staged
+        except MoetrtError as err:  # name the output, not the hidden staging directory
+            raise MoetrtError(
+                err.message.replace(str(staged), str(out_path)), err.hint.replace(str(staged), str(out_path))
+            ) from None
         data_name = external_data_name(out_path.name)
         final_data = out_path.parent / data_name
         if (staging / data_name).is_file():
