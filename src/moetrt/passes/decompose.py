@@ -1,9 +1,10 @@
-"""Inline every fused `moetrt::MoE` node back into its standard-op function body."""
+"""Inline every fused `moetrt::MoE` node back into its standard-op function body (onnx-ir, any model size)."""
 
 from __future__ import annotations
 
 import onnx
-import onnx.inliner
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from moetrt.op.spec import DOMAIN, OP_TYPE
 
@@ -12,14 +13,22 @@ def count_fused(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE)
 
 
+def decompose_ir(model: ir.Model) -> int:
+    """Inline the fused MoE nodes of `model` in place (their functions go, and the moetrt opset when nothing of
+    it is left); returns how many nodes were inlined."""
+    count = sum(1 for n in model.graph if n.domain == DOMAIN and n.op_type == OP_TYPE)
+    common_passes.InlinePass(criteria=lambda f: f.domain == DOMAIN and f.name == OP_TYPE)(model)
+    for key in [k for k in model.functions if k[0] == DOMAIN and k[1] == OP_TYPE]:
+        del model.functions[key]
+    if not any(n.domain == DOMAIN for n in model.graph.all_nodes()) and not any(
+        f.domain == DOMAIN for f in model.functions.values()
+    ):
+        model.opset_imports.pop(DOMAIN, None)
+    return count
+
+
 def decompose_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose fused MoE nodes are replaced by their function bodies (standard ops only)."""
-    inlined = onnx.inliner.inline_selected_functions(model, [(DOMAIN, OP_TYPE)], exclude=False)
-    kept = [f for f in inlined.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
-    del inlined.functions[:]
-    inlined.functions.extend(kept)
-    if not any(n.domain == DOMAIN for n in inlined.graph.node) and not any(f.domain == DOMAIN for f in kept):
-        opsets = [o for o in inlined.opset_import if o.domain != DOMAIN]
-        del inlined.opset_import[:]
-        inlined.opset_import.extend(opsets)
-    return inlined
+    ir_model = ir.serde.deserialize_model(model)
+    decompose_ir(ir_model)
+    return ir.serde.serialize_model(ir_model)

@@ -20,7 +20,7 @@ from moetrt.op.fused_node import check_fused_model
 from moetrt.op.spec import DOMAIN, OP_TYPE
 from moetrt.passes.base import CountedPass, PassStat, UnfusedCandidate, run_pipeline
 from moetrt.passes.cleanup import CleanupPass
-from moetrt.passes.decompose import count_fused, decompose_model
+from moetrt.passes.decompose import count_fused, decompose_ir
 from moetrt.passes.fuse_moe import FuseMoEPass
 from moetrt.passes.pack_weights import PackMoEWeightsPass
 
@@ -115,26 +115,21 @@ def fuse_file(
     if Path(out_path).is_dir():
         raise MoetrtError(f"output {out_path} is a directory", "give a file name ending in .onnx")
     say(f"reading {in_path}")
-    if decompose:
-        model = load_onnx(in_path)
-        check_fused_model(
-            model
-        )  # fused nodes already in IN must be whole (attributes, inputs, function body)
-        start = time.perf_counter()
-        count = count_fused(model)
-        out = decompose_model(model)
-        set_metadata(out, META_FUSED_MOE, "0")
-        stats = [PassStat("decompose", count, time.perf_counter() - start)]
-        result = FuseResult(out, stats, 0, [], num_decomposed=count)
-        say(f"writing {out_path}")
-        save_onnx(result.model, out_path)
-        return result
-    # onnx-ir end to end: weights in external data stay on disk (memory-mapped), packed weights are computed
-    # one at a time while the output is written, so fusing a model of any size holds about one weight.
     header = load_onnx(in_path, load_external_data=False)  # a readable graph, its external data present
     check_fused_model(header)  # fused nodes already in IN must be whole (attributes, inputs, function body)
     external = _has_external_data(header)
     del header
+    if decompose:
+        model = ir.load(in_path)
+        start = time.perf_counter()
+        count = decompose_ir(model)
+        model.metadata_props[META_FUSED_MOE] = "0"
+        stats = [PassStat("decompose", count, time.perf_counter() - start)]
+        say(f"writing {out_path}")
+        save_onnx(model, out_path, external=external or _weight_bytes(model) > onnx_io.PROTOBUF_LIMIT)
+        return FuseResult(model, stats, 0, [], num_decomposed=count)
+    # onnx-ir end to end: weights in external data stay on disk (memory-mapped), packed weights are computed
+    # one at a time while the output is written, so fusing a model of any size holds about one weight.
     model = ir.load(in_path)
     say(f"fusing MoE blocks ({len(model.graph)} nodes)")
     with heartbeat(say, "fusing"):
@@ -151,6 +146,10 @@ def fuse_file(
     with heartbeat(say, "writing"):
         save_onnx(model, out_path, external=external or weight_bytes > onnx_io.PROTOBUF_LIMIT)
     return FuseResult(model, stats, num_fused, unfused)
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
