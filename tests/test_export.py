@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from moetrt.core import onnx_io
 from moetrt.core.errors import MoetrtError
 from moetrt.core.tolerances import TOLERANCES
 from moetrt.export import onnx_export
@@ -195,7 +196,8 @@ def test_opset_option(tmp_path: Path) -> None:
 
 def test_external_data_above_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A 2 GB model is too big for a unit test: lower the threshold instead.
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1024)
+    limit = onnx_io.PROTOBUF_LIMIT
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1024)
     out = tmp_path / "ext.onnx"
     result = export_onnx("demo:mixtral:block", out)
     assert result.external_data == tmp_path / "ext.onnx.data" and result.external_data.is_file()
@@ -204,7 +206,7 @@ def test_external_data_above_threshold(tmp_path: Path, monkeypatch: pytest.Monke
     assert verify(out).passed
 
     # Re-exporting under the same name without external data removes the stale data file.
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 2 * 1024**3)
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", limit)
     assert export_onnx("demo:mixtral:block", out).external_data is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx"]
 

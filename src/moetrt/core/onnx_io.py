@@ -6,10 +6,11 @@ ops; every half value is exactly a float32 value, so the widened graph computes 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import onnx
 from moetrt.core.artifacts import external_data_name
 from moetrt.core.dtypes import PRECISIONS
 from moetrt.core.errors import MoetrtError
-from moetrt.core.files import check_input_file
+from moetrt.core.files import check_input_file, make_parents, remove_dirs
 
 #: onnxruntime refuses newer IR versions; IR 10 is the first with function `overload`.
 MAX_IR_VERSION = 10
@@ -61,63 +62,94 @@ def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> 
     return model
 
 
-def save_onnx(model: Any, out_path: str | os.PathLike[str], external: bool | None = None) -> Path | None:
-    """Write `model` (an onnx.ModelProto or an onnx_ir.Model) to `out_path` atomically; returns the external
-    data path when the weights went to `<name>.data` (always when `external`, else when the proto would pass
-    the protobuf limit). A stale data file of an earlier, larger model of the same name is removed."""
-    out_path = Path(out_path)
-    is_proto = isinstance(model, onnx.ModelProto)
-    if is_proto:
-        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        if external is None:
-            external = model.ByteSize() > PROTOBUF_LIMIT
-    else:
-        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        external = bool(external)
-    data_name = external_data_name(out_path.name)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    except OSError as err:
-        raise MoetrtError(
-            f"cannot write to {out_path.parent}: {err.strerror}", "choose a writable output path"
-        ) from None
-    try:
-        tmp_model = tmp_dir / out_path.name
-        if is_proto:
-            options: dict[str, Any] = {}
-            if external:
-                options = dict(
-                    save_as_external_data=True,
-                    all_tensors_to_one_file=True,
-                    location=data_name,
-                    size_threshold=_EXTERNAL_THRESHOLD_BYTES,
-                )
-            onnx.save_model(model, str(tmp_model), **options)
-        else:
-            import onnx_ir as ir
+def weight_bytes(model: Any) -> int:
+    """Bytes of the initializers of an onnx_ir.Model (lazy and external tensors are not read)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
-            if external:
-                ir.save(
-                    model, tmp_model, external_data=data_name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES
-                )
-            else:
-                ir.save(model, tmp_model)
+
+def needs_external_data(model: Any) -> bool:
+    """Whether `model` (an onnx.ModelProto or an onnx_ir.Model) must keep its weights in external data."""
+    if isinstance(model, onnx.ModelProto):
+        return model.ByteSize() > PROTOBUF_LIMIT
+    return weight_bytes(model) > PROTOBUF_LIMIT
+
+
+@contextlib.contextmanager
+def staged_onnx_path(out_path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A path in a hidden directory beside `out_path` to write a model (and its `<name>.data`) to; both move
+    into place only when the block succeeds, a stale data file of an earlier, larger model of the same name
+    goes, and parents created for it are removed on failure. Messages name `out_path`, not the staging path."""
+    out_path = Path(out_path)
+    created = make_parents(out_path.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    except OSError as err:
+        remove_dirs(created)
+        raise MoetrtError(
+            f"cannot write into {out_path.parent}: {err.strerror}", "choose a writable output path"
+        ) from None
+    staged = staging / out_path.name
+    try:
+        try:
+            yield staged
+        except MoetrtError as err:
+            raise MoetrtError(
+                err.message.replace(str(staged), str(out_path)), err.hint.replace(str(staged), str(out_path))
+            ) from None
+        data_name = external_data_name(out_path.name)
         final_data = out_path.parent / data_name
-        # Tensors under the threshold stay inline: an "external" save of small tensors writes no data file.
-        wrote_data = external and (tmp_dir / data_name).is_file()
-        if wrote_data:
-            os.replace(tmp_dir / data_name, final_data)
+        if (staging / data_name).is_file():
+            os.replace(staging / data_name, final_data)
         elif final_data.exists():
             final_data.unlink()
-        os.replace(tmp_model, out_path)
-        return final_data if wrote_data else None
+        os.replace(staged, out_path)
     except OSError as err:
         raise MoetrtError(
             f"cannot write {out_path}: {err.strerror or err}", "check free disk space and permissions"
         ) from None
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if not out_path.exists():
+            remove_dirs(created)
+
+
+def write_onnx(model: Any, path: str | os.PathLike[str], external: bool | None = None) -> None:
+    """Write `model` (an onnx.ModelProto or an onnx_ir.Model) to `path` as it is, IR capped at 10; weights go to
+    `<name>.data` when `external` (default: when the model needs it). Not atomic: write into
+    `staged_onnx_path`, or call `save_onnx`."""
+    path = Path(path)
+    if external is None:
+        external = needs_external_data(model)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    data_name = external_data_name(path.name)
+    if isinstance(model, onnx.ModelProto):
+        options: dict[str, Any] = {}
+        if external:
+            options = dict(
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=_EXTERNAL_THRESHOLD_BYTES,
+            )
+        onnx.save_model(model, str(path), **options)
+    else:
+        import onnx_ir as ir
+
+        if external:
+            ir.save(model, path, external_data=data_name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES)
+        else:
+            ir.save(model, path)
+
+
+def save_onnx(model: Any, out_path: str | os.PathLike[str], external: bool | None = None) -> Path | None:
+    """Write `model` (an onnx.ModelProto or an onnx_ir.Model) to `out_path` atomically (`staged_onnx_path`);
+    returns the external data path when the weights went to `<name>.data` (tensors under 1 KiB stay inline,
+    so an external save of small tensors writes none)."""
+    out_path = Path(out_path)
+    with staged_onnx_path(out_path) as staged:
+        write_onnx(model, staged, external)
+    data = out_path.parent / external_data_name(out_path.name)
+    return data if data.is_file() else None
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

@@ -7,8 +7,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,8 +25,13 @@ from moetrt.core.artifacts import (
 )
 from moetrt.core.dtypes import name_of, precision
 from moetrt.core.errors import MoetrtError
-from moetrt.core.files import make_parents, remove_dirs
-from moetrt.core.onnx_io import MAX_IR_VERSION, save_onnx
+from moetrt.core.onnx_io import (
+    MAX_IR_VERSION,
+    needs_external_data,
+    staged_onnx_path,
+    weight_bytes,
+    write_onnx,
+)
 from moetrt.core.progress import heartbeat
 from moetrt.export.loaded import LoadedModel
 from moetrt.export.model_source import load_model
@@ -39,8 +42,6 @@ DEFAULT_OPSET = 18
 MIN_BF16_OPSET = 22
 #: Opsets the dynamo exporter and onnxruntime both handle.
 SUPPORTED_OPSETS = range(18, 24)
-#: Protobuf cannot hold more than 2 GiB: larger models keep their weights in `<name>.onnx.data`.
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 
 Progress = Callable[[str], None]
 #: error: a mismatch fails the export; warn: it is reported and the file kept; off: no check.
@@ -137,18 +138,18 @@ def export_onnx(
         }
     )
     model.producer_name = "moetrt"
-    weight_bytes = sum(_nbytes(v.const_value) for v in model.graph.initializers.values())
-    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    weights = weight_bytes(model)
+    external = needs_external_data(model)
     num_nodes = sum(1 for _ in model.graph.all_nodes())
     ir_version = model.ir_version
 
-    say(f"writing {out_path} ({weight_bytes / 1e6:.1f} MB of weights{', external data' if external else ''})")
-    with _staged(out_path) as staged:
-        save_onnx(model, staged, external=external)
+    say(f"writing {out_path} ({weights / 1e6:.1f} MB of weights{', external data' if external else ''})")
+    with staged_onnx_path(out_path) as staged:
+        write_onnx(model, staged, external=external)
         del program, model  # the check loads the file: do not hold two copies of the weights
-        if self_check != "off" and weight_bytes > SELF_CHECK_MAX_BYTES:
+        if self_check != "off" and weights > SELF_CHECK_MAX_BYTES:
             say(
-                f"self-check skipped: {weight_bytes / 1e9:.1f} GB of weights are over the whole-model check's "
+                f"self-check skipped: {weights / 1e9:.1f} GB of weights are over the whole-model check's "
                 f"{SELF_CHECK_MAX_BYTES / 1e9:.0f} GB bound (it holds an onnxruntime session and a float32 "
                 "PyTorch copy); check blocks with `moetrt verify`"
             )
@@ -165,7 +166,7 @@ def export_onnx(
         opset=opset,
         ir_version=MAX_IR_VERSION if ir_version > MAX_IR_VERSION else ir_version,
         external_data=data_path,
-        weight_bytes=weight_bytes,
+        weight_bytes=weights,
     )
 
 
@@ -225,46 +226,9 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _nbytes(tensor: object) -> int:
-    return int(getattr(tensor, "nbytes", 0) or 0) if tensor is not None else 0
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-@contextlib.contextmanager
-def _staged(out_path: Path) -> Iterator[Path]:
-    """A path in a hidden directory beside `out_path`; the file and its external data move into place only
-    when the block succeeds (a stale data file of an earlier, larger export of the same name goes)."""
-    created = make_parents(out_path.parent)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    except OSError as err:
-        remove_dirs(created)
-        raise MoetrtError(
-            f"cannot write into {out_path.parent}: {err.strerror}", "choose a writable output path"
-        ) from None
-    try:
-        staged = staging / out_path.name
-        try:
-            yield staged
-        except MoetrtError as err:  # name the output, not the hidden staging directory
-            raise MoetrtError(
-                err.message.replace(str(staged), str(out_path)), err.hint.replace(str(staged), str(out_path))
-            ) from None
-        data_name = external_data_name(out_path.name)
-        final_data = out_path.parent / data_name
-        if (staging / data_name).is_file():
-            os.replace(staging / data_name, final_data)
-        elif final_data.exists():
-            final_data.unlink()
-        os.replace(staged, out_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not out_path.exists():
-            remove_dirs(created)
 
 
 def _check_written(staged: Path, out_path: Path, loaded: LoadedModel, mode: str, say: Progress) -> None:

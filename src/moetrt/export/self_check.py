@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from moetrt.core.dtypes import name_of
-from moetrt.core.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx, widen_to_fp32
+from moetrt.core.onnx_io import load_onnx, widen_to_fp32, write_onnx
 from moetrt.core.tolerances import relative_error, tolerance
 from moetrt.export.loaded import LoadedModel
 
@@ -44,19 +44,12 @@ def check_export(onnx_path: Path, loaded: LoadedModel) -> list[OutputCheck]:
     inputs = loaded.example_inputs
     with tempfile.TemporaryDirectory(prefix="moetrt-check-") as tmp:
         path = onnx_path
-        if widen:
-            model = widen_to_fp32(load_onnx(onnx_path), in_place=True)
-            if model.ByteSize() < PROTOBUF_LIMIT:
-                path = None
-                serialized = model.SerializeToString()
-            else:
-                path = Path(tmp) / "widened.onnx"
-                save_onnx(model, path)
-            del model
+        if widen:  # onnxruntime runs the exact float32 widening, from a file (external data when it needs)
+            path = Path(tmp) / "widened.onnx"
+            write_onnx(widen_to_fp32(load_onnx(onnx_path), in_place=True), path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        source = str(path) if path is not None else serialized
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feeds = {
             name: (t.float() if widen and t.is_floating_point() else t).detach().cpu().numpy()
             for name, t in zip(loaded.input_names, inputs)

@@ -11,13 +11,11 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from moetrt.core import onnx_io
 from moetrt.core.artifacts import META_FUSED_MOE
 from moetrt.core.errors import MoetrtError
-from moetrt.core.onnx_io import MAX_IR_VERSION, load_onnx, save_onnx, set_metadata
+from moetrt.core.onnx_io import MAX_IR_VERSION, load_onnx, save_onnx, set_metadata, weight_bytes
 from moetrt.core.progress import heartbeat
 from moetrt.op.fused_node import check_fused_model
-from moetrt.op.spec import DOMAIN, OP_TYPE
 from moetrt.passes.base import CountedPass, PassStat, UnfusedCandidate, run_pipeline
 from moetrt.passes.cleanup import CleanupPass
 from moetrt.passes.decompose import count_fused, decompose_ir
@@ -126,7 +124,7 @@ def fuse_file(
         model.metadata_props[META_FUSED_MOE] = "0"
         stats = [PassStat("decompose", count, time.perf_counter() - start)]
         say(f"writing {out_path}")
-        save_onnx(model, out_path, external=external or _weight_bytes(model) > onnx_io.PROTOBUF_LIMIT)
+        save_onnx(model, out_path, external=external or None)  # None: when the weights need it
         return FuseResult(model, stats, 0, [], num_decomposed=count)
     # onnx-ir end to end: weights in external data stay on disk (memory-mapped), packed weights are computed
     # one at a time while the output is written, so fusing a model of any size holds about one weight.
@@ -136,20 +134,11 @@ def fuse_file(
         stats, num_fused, unfused = fuse_ir(model)
     if not num_fused:
         model = ir.load(in_path)  # nothing fused: the input graph as it was
-    model.metadata_props[META_FUSED_MOE] = str(
-        sum(1 for n in model.graph if n.domain == DOMAIN and n.op_type == OP_TYPE)
-    )
-    weight_bytes = sum(
-        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
-    )
-    say(f"writing {out_path} ({weight_bytes / 1e6:.1f} MB of weights)")
+    model.metadata_props[META_FUSED_MOE] = str(count_fused(model))
+    say(f"writing {out_path} ({weight_bytes(model) / 1e6:.1f} MB of weights)")
     with heartbeat(say, "writing"):
-        save_onnx(model, out_path, external=external or weight_bytes > onnx_io.PROTOBUF_LIMIT)
+        save_onnx(model, out_path, external=external or None)  # None: when the weights need it
     return FuseResult(model, stats, num_fused, unfused)
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
