@@ -24,13 +24,13 @@ from moetrt.build_request import BuildOptions, check_build_request
 from moetrt.core.artifacts import KERNELS_DIR, MANIFEST_NAME, ONNX_NAME, PLAN_NAME, external_data_name
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import load_onnx, model_precision, save_onnx, widen_to_fp32
+from moetrt.core.progress import quiet_loggers
 from moetrt.core.tolerances import tolerance
 from moetrt.op import spec
 from moetrt.op.fused_node import check_fused_model
 from moetrt.runtime.manifest import build_manifest, parity_line, write_manifest
 from moetrt.trt.targets import Target
 from moetrt.trt.trt_build import EngineBuild, make_profiles, onnx_input_dims
-from moetrt.verify.compare import quiet_transformers
 
 Progress = Callable[[str], None]
 
@@ -385,7 +385,7 @@ def _parity(fused_path: Path, precision: str, say: Progress) -> dict[str, Any]:
         return {"checked": False, "scope": PARITY_SCOPE, "precision": precision, "reason": reason}
     say("checking parity of the fused ONNX against PyTorch (onnxruntime CPU)")
     try:
-        with quiet_transformers():
+        with quiet_loggers("transformers"):
             report = verify(str(fused_path), progress=None)
         scope, backend = PARITY_SCOPE, "onnxruntime CPUExecutionProvider"
     except MoetrtError as err:
@@ -435,7 +435,7 @@ def _upcast_parity(fused_path: Path) -> Any:
     with tempfile.TemporaryDirectory(prefix="moetrt-upcast-") as tmp:
         widened = Path(tmp) / ONNX_NAME
         save_onnx(widen_to_fp32(model), widened)
-        with quiet_transformers():
+        with quiet_loggers("transformers"):
             # bf16's tolerance, not fp32's: the graph's scalar constants are bf16-rounded where PyTorch keeps
             # them in float32 (GPT-OSS's SwiGLU alpha 1.702 -> 1.703125: 1e-4 at the output).
             report = verify_loaded(widened, reference_dtype="bf16", tolerance=tolerance("bf16"))

@@ -1,8 +1,10 @@
-"""Progress for long steps: a line now and then while a call that reports nothing itself is running."""
+"""What the user sees during long steps: a line now and then while a call that reports nothing itself is
+running, and libraries' own log chatter held back."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,3 +27,18 @@ def heartbeat(say: Callable[[str], None], what: str, every_s: float = 15.0) -> I
     finally:
         done.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from the named loggers (a library's notices about its own speed or fallbacks are not
+    moetrt's progress); their levels are restored after."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -22,6 +22,7 @@ from torch import nn
 
 from moetrt.core.dtypes import precision
 from moetrt.core.errors import MoetrtError
+from moetrt.core.progress import quiet_loggers
 from moetrt.export.loaded import (
     LoadedModel,
     causal_lm,
@@ -301,18 +302,16 @@ def _inputs_like(examples: tuple[torch.Tensor, ...], dtype: torch.dtype) -> Any:
 
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """transformers draws a weight-loading progress bar and a load report; `moetrt` reports its own progress
-    and turns a key mismatch into its own one-line error."""
+    """transformers draws a weight-loading progress bar and logs a load report; `moetrt` reports its own
+    progress and turns a key mismatch into its own one-line error."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     try:
-        yield
+        with quiet_loggers("transformers"):
+            yield
     finally:
-        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from moetrt.core.onnx_io import (
     weight_bytes,
     write_onnx,
 )
-from moetrt.core.progress import heartbeat
+from moetrt.core.progress import heartbeat, quiet_loggers
 from moetrt.export.loaded import LoadedModel
 from moetrt.export.model_source import load_model
 
@@ -183,7 +182,7 @@ def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(log),
-            _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "transformers"),
+            quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "transformers"),
             export_friendly(loaded.module),
         ):
             warnings.simplefilter("ignore")
@@ -211,19 +210,6 @@ def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise MoetrtError(f"torch.onnx.export returned nothing for {loaded.spec}", "report this as a bug")
     return program
-
-
-@contextlib.contextmanager
-def _quiet_loggers(*names: str) -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _first_line(err: BaseException) -> str:

@@ -14,11 +14,12 @@ from moetrt.core.artifacts import (
     ONNX_NAME,
 )
 from moetrt.core.errors import MoetrtError
+from moetrt.core.progress import quiet_loggers
 from moetrt.core.tolerances import TOLERANCES
 from moetrt.runtime import load, resolve_artifact
 from moetrt.runtime.manifest import read_manifest
 from moetrt.trt.trt_build import check_in_profile
-from moetrt.verify.compare import VerifyReport, compare_outputs, default_shapes, quiet_transformers
+from moetrt.verify.compare import VerifyReport, compare_outputs, default_shapes
 
 
 def verify_loaded(
@@ -97,7 +98,7 @@ def verify_loaded(
     say(f"running {runner.backend} and PyTorch at shapes {', '.join(f'{b}x{s}' for b, s in shapes)}")
     for (batch, seq), inputs in zip(shapes, feeds_per_shape):
         outputs = runner({n: feed(n, t) for n, t in zip(loaded.input_names, inputs)})
-        with torch.inference_mode(), quiet_transformers():
+        with torch.inference_mode(), quiet_loggers("transformers"):
             expected = reference_module(*(t.float() if t.is_floating_point() else t for t in inputs))
         expected = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
         for name, ref in zip(output_names, expected):

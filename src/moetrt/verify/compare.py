@@ -7,11 +7,11 @@ and the bounds are `core.tolerances`'.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from moetrt.core.progress import quiet_loggers
 from moetrt.core.tolerances import max_abs_error, relative_error
 
 Shape = tuple[int, int]
@@ -95,18 +95,6 @@ def _all_finite(values: Any) -> bool:
 
 
 @contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' "falling back to the PyTorch implementation" notices are about speed, not parity."""
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
 def quiet_logs() -> Iterator[None]:
     """Polygraphy logs every iteration (and a missing-colour warning) to stdout: keep only errors, and
     quiet transformers too."""
@@ -115,7 +103,7 @@ def quiet_logs() -> Iterator[None]:
     severity = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.ERROR
     try:
-        with quiet_transformers():
+        with quiet_loggers("transformers"):
             yield
     finally:
         G_LOGGER.module_severity = severity
