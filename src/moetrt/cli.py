@@ -520,22 +520,17 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def parse_dim_range(text: str, flag: str) -> DimRange:
-    """`1:128:4096` (or one number for all three) -> DimRange; errors name the flag."""
+    """`1:128:4096` (or one number for all three) -> DimRange (which checks the range); errors name the flag."""
     from moetrt.trt.targets import MAX_DIM, DimRange
 
-    parts = text.split(":")
     try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2] <= MAX_DIM:
+        values = [int(p) for p in text.split(":")]
+        return DimRange(*(values * 3 if len(values) == 1 else values))
+    except (ValueError, TypeError, MoetrtError):
         raise MoetrtError(
             f"{flag} {text!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX <= {MAX_DIM}",
             f"write e.g. {flag} 1:128:4096",
-        )
-    return DimRange(*values)
+        ) from None
 
 
 if __name__ == "__main__":
