@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from moetrt.build_request import BuildOptions, check_build_request
+from moetrt.build_request import BuildOptions, BuildRequest, check_build_request
 from moetrt.core.artifacts import KERNELS_DIR, MANIFEST_NAME, ONNX_NAME, PLAN_NAME, external_data_name
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import load_onnx, model_precision, save_onnx, widen_to_fp32
@@ -67,13 +67,16 @@ def build(
     model: str, outdir: str | Path, options: BuildOptions | None = None, progress: Progress | None = None
 ) -> BuildResult:
     """Export (MODEL) or read (ONNX), fuse, compile kernels, build the engine, write the manifest."""
-    say = _timed(progress or (lambda _msg: None))
-    outdir = Path(outdir)
     # Every user input is checked before any heavy work starts.
-    options = options or BuildOptions()
-    request = check_build_request(model, outdir, options)
+    return build_checked(check_build_request(model, outdir, options or BuildOptions()), progress)
+
+
+def build_checked(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
+    """`build` of a request `check_build_request` already accepted (the CLI checks before importing this)."""
+    say = _timed(progress or (lambda _msg: None))
+    model, outdir = request.model, request.output.outdir
     precision, target, output = request.precision, request.target, request.output
-    options = dataclasses.replace(options, precision=precision)
+    options = dataclasses.replace(request.options, precision=precision)
     if options.engine_backend == "tensorrt" and _importable("tensorrt"):
         from moetrt.trt.trt_build import check_build_device
 

@@ -392,11 +392,11 @@ def build_cmd(
         force=force,
         verbose=verbose,
     )
-    check_build_request(model, outdir, options)  # bad arguments answered before the heavy imports
-    from moetrt.build import build
+    request = check_build_request(model, outdir, options)  # bad arguments answered before the heavy imports
+    from moetrt.build import build_checked
 
     # Progress to stderr, the one summary line to stdout (scripts read that).
-    result = build(model, outdir, options, progress=lambda message: click.echo(message, err=True))
+    result = build_checked(request, progress=lambda message: click.echo(message, err=True))
     click.echo(result.summary())
 
 

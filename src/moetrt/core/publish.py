@@ -51,6 +51,7 @@ class OutputDir:
         self._created_parents: list[Path] = []
         self._seen: str | None = None  # fingerprint of the directory to replace, taken at the start
         self.staging: Path | None = None
+        self._checked = False
         self.interrupted: str | None = None
 
     # --- checks before any work ------------------------------------------------------------------------
@@ -75,6 +76,7 @@ class OutputDir:
                 )
             self._seen = self._fingerprint_of_owned()
         check_writable_dir(outdir.parent)
+        self._checked = True
 
     def _fingerprint_of_owned(self) -> str:
         owned = self.owned_names(self.outdir)
@@ -102,7 +104,8 @@ class OutputDir:
     def writing(self) -> Iterator[Path]:
         """Create the staging directory (and missing parents), yield it; on any failure or interrupt remove
         both and re-raise, with the staging path replaced by OUTDIR in the message."""
-        self.check()
+        if not self._checked:
+            self.check()
         self._created_parents = make_parents(self.outdir.parent)
         try:
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.outdir.name}.", dir=self.outdir.parent))
