@@ -242,20 +242,20 @@ class _PrecisionType(click.ParamType):
             self.fail(err.one_line(), param, ctx)
 
 
-_DTYPE_CHOICE = _PrecisionType()
-
-
-@main.command("aot")
-@click.option("--preset", help=_PRESET_HELP)
-@click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
-@click.option(
+_kernel_dtype_option = click.option(
     "--dtype",
-    type=_DTYPE_CHOICE,
+    type=_PrecisionType(),
     default="bf16",
     show_default=True,
     metavar="[bf16|fp16|fp32]",
     help="Kernel precision.",
 )
+
+
+@main.command("aot")
+@click.option("--preset", help=_PRESET_HELP)
+@click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
+@_kernel_dtype_option
 @click.option("--sm", type=int, required=True, help="Target SM: 80, 86, 87, 89, 90, 100 or 120.")
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Kernel bundle file to write."
@@ -282,14 +282,7 @@ def aot_cmd(preset: str | None, attrs_json: str | None, dtype: str, sm: int, out
 @main.command("tune")
 @click.option("--preset", help=_PRESET_HELP)
 @click.option("--attrs", "attrs_json", help=_ATTRS_HELP)
-@click.option(
-    "--dtype",
-    type=_DTYPE_CHOICE,
-    default="bf16",
-    show_default=True,
-    metavar="[bf16|fp16|fp32]",
-    help="Kernel precision.",
-)
+@_kernel_dtype_option
 @click.option(
     "--tokens",
     default="1,16,64,512,4096",
