@@ -16,3 +16,7 @@ class MoetrtError(Exception):
         if self.hint:
             text += f"; {self.hint.rstrip('.')}"
         return " ".join(text.split())
+
+    def naming(self, old: str, new: str) -> MoetrtError:
+        """The same error with the path `old` (a hidden staging path) written as `new` (what the user asked)."""
+        return MoetrtError(self.message.replace(old, new), self.hint.replace(old, new))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -84,6 +85,27 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
             tmp.unlink()
         remove_dirs(created)
         raise
+
+
+@contextlib.contextmanager
+def staging_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """A hidden temporary directory beside `final` (its missing parents created), removed on exit together
+    with the parents it created when `final` did not come to exist. Write there, then move into `final`."""
+    final = Path(final)
+    created = make_parents(final.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as err:
+        remove_dirs(created)
+        raise MoetrtError(
+            f"cannot write into {final.parent}: {err.strerror}", "choose a writable output path"
+        ) from None
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not final.exists():
+            remove_dirs(created)
 
 
 def write_bytes_atomic(final: str | os.PathLike[str], data: bytes) -> None:

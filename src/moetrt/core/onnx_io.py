@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import onnx
 from moetrt.core.artifacts import external_data_name
 from moetrt.core.dtypes import PRECISIONS
 from moetrt.core.errors import MoetrtError
-from moetrt.core.files import check_input_file, make_parents, remove_dirs
+from moetrt.core.files import check_input_file, staging_dir
 
 #: onnxruntime refuses newer IR versions; IR 10 is the first with function `overload`.
 MAX_IR_VERSION = 10
@@ -80,37 +78,24 @@ def staged_onnx_path(out_path: str | os.PathLike[str]) -> Iterator[Path]:
     into place only when the block succeeds, a stale data file of an earlier, larger model of the same name
     goes, and parents created for it are removed on failure. Messages name `out_path`, not the staging path."""
     out_path = Path(out_path)
-    created = make_parents(out_path.parent)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    except OSError as err:
-        remove_dirs(created)
-        raise MoetrtError(
-            f"cannot write into {out_path.parent}: {err.strerror}", "choose a writable output path"
-        ) from None
-    staged = staging / out_path.name
-    try:
+    with staging_dir(out_path) as staging:
+        staged = staging / out_path.name
         try:
             yield staged
         except MoetrtError as err:
-            raise MoetrtError(
-                err.message.replace(str(staged), str(out_path)), err.hint.replace(str(staged), str(out_path))
-            ) from None
+            raise err.naming(str(staged), str(out_path)) from None
         data_name = external_data_name(out_path.name)
         final_data = out_path.parent / data_name
-        if (staging / data_name).is_file():
-            os.replace(staging / data_name, final_data)
-        elif final_data.exists():
-            final_data.unlink()
-        os.replace(staged, out_path)
-    except OSError as err:
-        raise MoetrtError(
-            f"cannot write {out_path}: {err.strerror or err}", "check free disk space and permissions"
-        ) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not out_path.exists():
-            remove_dirs(created)
+        try:
+            if (staging / data_name).is_file():
+                os.replace(staging / data_name, final_data)
+            elif final_data.exists():
+                final_data.unlink()
+            os.replace(staged, out_path)
+        except OSError as err:
+            raise MoetrtError(
+                f"cannot write {out_path}: {err.strerror or err}", "check free disk space and permissions"
+            ) from None
 
 
 def write_onnx(model: Any, path: str | os.PathLike[str], external: bool | None = None) -> None:

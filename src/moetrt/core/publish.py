@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from moetrt.core.errors import MoetrtError
-from moetrt.core.files import check_writable_dir, make_parents, remove_dirs
+from moetrt.core.files import check_writable_dir, staging_dir
 
 #: Given an existing directory, the names of its entries the caller wrote there (None: not the caller's).
 OwnedNames = Callable[[Path], set[str] | None]
@@ -48,7 +48,6 @@ class OutputDir:
         self.force = force
         self.owned_names = owned_names
         self.what = what  # e.g. "a `moetrt build` directory", for messages
-        self._created_parents: list[Path] = []
         self._seen: str | None = None  # fingerprint of the directory to replace, taken at the start
         self.staging: Path | None = None
         self._checked = False
@@ -106,23 +105,13 @@ class OutputDir:
         both and re-raise, with the staging path replaced by OUTDIR in the message."""
         if not self._checked:
             self.check()
-        self._created_parents = make_parents(self.outdir.parent)
-        try:
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.outdir.name}.", dir=self.outdir.parent))
-        except OSError as err:
-            self._remove_created_parents()
-            raise MoetrtError(
-                f"cannot write into {self.outdir.parent}: {err.strerror}", "choose a writable -o directory"
-            ) from None
-        try:
-            with self._signals_as_interrupts():
-                yield self.staging
-        except MoetrtError as err:
-            self._discard()
-            raise MoetrtError(self.unstaged(err.message), self.unstaged(err.hint)) from None
-        except BaseException:
-            self._discard()
-            raise
+        with staging_dir(self.outdir) as staging:
+            self.staging = staging
+            try:
+                with self._signals_as_interrupts():
+                    yield staging
+            except MoetrtError as err:
+                raise err.naming(str(staging), str(self.outdir)) from None
 
     def publish(self) -> None:
         """Make the staging directory OUTDIR, or raise (and leave OUTDIR as it was)."""
@@ -161,15 +150,6 @@ class OutputDir:
             shutil.rmtree(backup, ignore_errors=True)
 
     # --- helpers -----------------------------------------------------------------------------------------
-    def _remove_created_parents(self) -> None:
-        remove_dirs(self._created_parents)
-        self._created_parents = []
-
-    def _discard(self) -> None:
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        self._remove_created_parents()
-
     def unstaged(self, text: str) -> str:
         """`text` with the hidden staging path replaced by OUTDIR (for messages)."""
         return text.replace(str(self.staging), str(self.outdir)) if self.staging and text else text
