@@ -232,3 +232,18 @@ def test_large_models_are_written_with_external_data(
     assert (
         rel_err(run_onnx(model, {"hidden_states": x})[0], run_onnx(original, {"hidden_states": x})[0]) <= 1e-5
     )
+
+
+def test_input_with_external_data_is_checked_and_fused(workdir: Path, tmp_path: Path) -> None:
+    """Weights read from external data (memory-mapped) still go through the fused op's numeric check."""
+    path, _ = _exported(workdir, "demo:mixtral:block", "fp32")
+    external = tmp_path / "ext.onnx"
+    onnx.save(
+        onnx.load(str(path)),
+        str(external),
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
+    result = fuse_file(external, tmp_path / "fused.onnx")
+    assert result.num_fused == 1 and not result.unfused_candidates, result.unfused_candidates

@@ -73,7 +73,10 @@ def subgraph_model(
                 continue
             if value.const_value is None:
                 raise ValueError(f"subgraph reads '{value.name}', which is neither an input nor a constant")
-            tensor = ir.serde.serialize_tensor(value.const_value)
+            const = value.const_value
+            if isinstance(const, ir.ExternalTensor):  # the check runs from bytes: carry the values inline
+                const = ir.tensor(const.numpy())
+            tensor = ir.serde.serialize_tensor(const)
             tensor.name = value.name  # type: ignore[assignment]
             initializers[value.name] = tensor  # type: ignore[index]
     graph = helper.make_graph(
