@@ -85,3 +85,29 @@ def make_raises() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 def make_not_a_module() -> tuple[object, tuple[torch.Tensor, ...]]:
     return "not a module", (_example(),)
+
+
+def make_near_tie_moe() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A linear layer, then a TinyMoE with 64 experts, top-8: over a few thousand tokens some meet two experts
+    at the top-k boundary within what the linear layer's half-precision rounding moves their scores."""
+    torch.manual_seed(5)
+    hidden = 64
+    model = nn.Sequential(nn.Linear(hidden, hidden), TinyMoE(hidden=hidden, num_experts=64, top_k=8))
+    return model, (_example(hidden),)
+
+
+class Cancellation(nn.Module):
+    """(a + 100) - a with |a| in the thousands: half precision loses the 100's digits in any implementation."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.lin = nn.Linear(hidden, hidden)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        big = self.lin(hidden_states) * 4096.0
+        return (big + 100.0) - big
+
+
+def make_cancellation() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(3)
+    return Cancellation(), (_example(),)

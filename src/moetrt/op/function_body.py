@@ -24,6 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
 
 MIN_OPSET = 15  # CastLike
+#: The extra output of a body made with `expose_ids`: the selected experts [T, k] (int64), for diagnosis.
+EXPERT_IDS_OUTPUT = "expert_ids"
 
 
 def overload_name(attrs: MoEAttributes) -> str:
@@ -139,9 +141,13 @@ def _route(b: _BodyBuilder, logits: str, attrs: MoEAttributes, correction: str |
 
 
 def make_moe_function(
-    attrs: MoEAttributes, overload: str | None = None, opset: int = 18
+    attrs: MoEAttributes, overload: str | None = None, opset: int = 18, expose_ids: bool = False
 ) -> onnx.FunctionProto:
-    """The standard-op body of the fused op for one variant (`opset`: the model's default-domain opset)."""
+    """The standard-op body of the fused op for one variant (`opset`: the model's default-domain opset).
+
+    `expose_ids` adds a last output, `EXPERT_IDS_OUTPUT`: the experts the body selected, so a diagnosis can
+    see the routing onnxruntime actually took (not part of the op's contract; never written by the fusion).
+    """
     if opset < MIN_OPSET:
         raise ValueError(f"the MoE function body needs opset >= {MIN_OPSET}, got {opset}")
     b = _BodyBuilder()
@@ -195,6 +201,9 @@ def make_moe_function(
     b.nodes.append(helper.make_node("CastLike", [out, "hidden_states"], [outputs[0]]))
     if attrs.output_router_logits:
         b.nodes.append(helper.make_node("CastLike", [logits, "hidden_states"], [outputs[1]]))
+    if expose_ids:
+        outputs.append(EXPERT_IDS_OUTPUT)
+        b.nodes.append(helper.make_node("Identity", [ids], [EXPERT_IDS_OUTPUT]))
     return helper.make_function(
         DOMAIN,
         OP_TYPE,

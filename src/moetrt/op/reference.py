@@ -17,26 +17,46 @@ def router_logits(
     return F.linear(hidden, router_weight, router_bias)
 
 
-def route(
+def choice_scores(
     logits: torch.Tensor, attrs: MoEAttributes, score_correction_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The [T, E] values the experts are selected on (top-k of these, groups masked to -inf), before any
+    group masking: raw logits when top-k comes first, else the scores plus the correction bias."""
+    if attrs.topk_before_score:
+        return logits
+    scores = torch.softmax(logits, dim=-1) if attrs.scoring == "softmax" else torch.sigmoid(logits)
+    return scores if score_correction_bias is None else scores + score_correction_bias
+
+
+def route(
+    logits: torch.Tensor,
+    attrs: MoEAttributes,
+    score_correction_bias: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (top-k weights [T, k] in logits' dtype, top-k expert ids [T, k] int64)."""
+    """Router logits [T, E] -> (top-k weights [T, k] in logits' dtype, top-k expert ids [T, k] int64).
+
+    `ids` given: the experts are not selected but taken from `ids` (weights computed for them as for a
+    selection), which is how a reference is routed like another implementation.
+    """
     k = attrs.top_k
     if attrs.topk_before_score:
-        top_logits, ids = torch.topk(logits, k, dim=-1)
-        return torch.softmax(top_logits, dim=-1), ids
+        if ids is None:
+            ids = torch.topk(logits, k, dim=-1).indices
+        return torch.softmax(logits.gather(1, ids), dim=-1), ids
 
     scores = torch.softmax(logits, dim=-1) if attrs.scoring == "softmax" else torch.sigmoid(logits)
-    choice = scores if score_correction_bias is None else scores + score_correction_bias
-    if attrs.n_group > 1:
-        num_tokens = choice.shape[0]
-        grouped = choice.view(num_tokens, attrs.n_group, attrs.num_experts // attrs.n_group)
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
-        group_ids = group_scores.topk(attrs.topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, attrs.num_experts)
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
-    ids = torch.topk(choice, k, dim=-1).indices
+    if ids is None:
+        choice = choice_scores(logits, attrs, score_correction_bias)
+        if attrs.n_group > 1:
+            num_tokens = choice.shape[0]
+            grouped = choice.view(num_tokens, attrs.n_group, attrs.num_experts // attrs.n_group)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            group_ids = group_scores.topk(attrs.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, attrs.num_experts)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        ids = torch.topk(choice, k, dim=-1).indices
     weights = scores.gather(1, ids)
     if attrs.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -83,11 +103,15 @@ def _silu_glu(hidden: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tenso
 
 
 def moe_reference(
-    inputs: dict[str, torch.Tensor], attrs: MoEAttributes, compute_dtype: torch.dtype = torch.float32
+    inputs: dict[str, torch.Tensor],
+    attrs: MoEAttributes,
+    compute_dtype: torch.dtype = torch.float32,
+    ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the op on named inputs (see spec.INPUT_ORDER); returns {"output", ["router_logits"]}.
 
-    Everything is upcast to `compute_dtype`; outputs come back in the dtype of hidden_states.
+    Everything is upcast to `compute_dtype`; outputs come back in the dtype of hidden_states. `ids` [T, k]
+    routes the tokens to those experts instead of the router's own choice (see `route`).
     """
     missing = [name for name in attrs.present_inputs() if name not in inputs]
     if missing:
@@ -95,7 +119,7 @@ def moe_reference(
     x = {name: inputs[name].to(compute_dtype) for name in attrs.present_inputs()}
     hidden = x["hidden_states"]
     logits = router_logits(hidden, x["router_weight"], x.get("router_bias"))
-    weights, ids = route(logits, attrs, x.get("score_correction_bias"))
+    weights, ids = route(logits, attrs, x.get("score_correction_bias"), ids)
 
     out = torch.zeros_like(hidden)
     for expert in torch.unique(ids).tolist():

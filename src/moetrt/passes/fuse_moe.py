@@ -16,10 +16,13 @@ original on random hidden states (numeric_check.py; fp16 / bf16 pieces run in a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from moetrt.core.artifacts import NODE_NAME_SCOPES, node_scopes
 from moetrt.core.tolerances import FUSION_CHECK_TOLERANCE
 from moetrt.op.function_body import MIN_OPSET, make_moe_function, overload_name
 from moetrt.op.spec import DOMAIN, OP_TYPE
@@ -199,6 +202,10 @@ class FuseMoEPass(CountedPass):
         overload = function.overload
         anchor = match.output.producer()
         assert anchor is not None
+        scopes = _block_scopes(match.nodes)
+        if scopes:
+            for node in new_nodes:
+                node.metadata_props[NODE_NAME_SCOPES] = repr([*scopes, node.name or ""])
         model.graph.insert_before(anchor, new_nodes)
         for old, new in pairs:
             old_name = old.name
@@ -251,6 +258,24 @@ def _nodes_for_check(
         else:
             nodes.append(node)
     return nodes
+
+
+def _block_scopes(nodes: Iterable[ir.Node]) -> list[str]:
+    """The module scopes every node of the block ran in (root first, down to the block's own module)."""
+    common: list[str] | None = None
+    for node in nodes:
+        text = node.metadata_props.get(NODE_NAME_SCOPES)
+        scopes = node_scopes(text) if text else []
+        if not scopes:  # nodes the exporter's optimiser made carry no scopes
+            continue
+        if common is None:
+            common = scopes
+        else:
+            length = 0
+            while length < min(len(common), len(scopes)) and common[length] == scopes[length]:
+                length += 1
+            common = common[:length]
+    return common or []
 
 
 def _detach(nodes: list[ir.Node]) -> None:

@@ -35,6 +35,8 @@ class VerifyReport:
     dtype: str
     rows: list[VerifyRow] = field(default_factory=list)
     seconds: float = 0.0
+    #: lines printed under the table: what a diagnosis found (routing flips, layers, the dtype)
+    findings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -58,6 +60,7 @@ class VerifyReport:
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*line) for line in lines]
         out = [line.rstrip() for line in out]
+        out += self.findings
         verdict = "PASS" if self.passed else "FAIL"
         failed = sum(not row.passed for row in self.rows)
         out.append(

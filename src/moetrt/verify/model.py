@@ -44,9 +44,14 @@ def verify(
     seed: int = 0,
     progress: Progress | None = None,
     dtype: str = "fp32",
+    per_layer: bool = False,
 ) -> VerifyReport:
     """Run `artifact` (an .onnx file, or a MODEL spec exported first) and its PyTorch reference on the same
-    random inputs at each shape; `dtype` only applies when `artifact` is a MODEL spec."""
+    random inputs at each shape; `dtype` only applies when `artifact` is a MODEL spec.
+
+    A failing shape is diagnosed (`verify.diagnose`): tokens routed differently at near-ties are named and
+    judged against the reference routed like the artifact; `per_layer` also compares every layer's output
+    (at every shape) and names the first out of tolerance."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     artifact_str = str(artifact)
@@ -68,7 +73,7 @@ def verify(
             say(f"{artifact_str} is a MODEL spec: exporting it to a temporary ONNX file first")
             export_onnx(artifact_str, onnx_path, dtype=dtype, progress=say)
             reference = reference or artifact_str
-        report = _verify_onnx(onnx_path, reference, shapes, seed, say)
+        report = _verify_onnx(onnx_path, reference, shapes, seed, say, per_layer)
     report.artifact = artifact_str
     report.seconds = time.perf_counter() - start
     return report
@@ -79,7 +84,12 @@ def _looks_like_onnx(text: str) -> bool:
 
 
 def _verify_onnx(
-    onnx_path: Path, reference: str | None, shapes: Sequence[Shape] | None, seed: int, say: Progress
+    onnx_path: Path,
+    reference: str | None,
+    shapes: Sequence[Shape] | None,
+    seed: int,
+    say: Progress,
+    per_layer: bool = False,
 ) -> VerifyReport:
     meta, onnx_inputs, onnx_outputs = _read_onnx_header(onnx_path)
     reference = reference or meta.get(META_SOURCE)
@@ -129,6 +139,19 @@ def _verify_onnx(
     for (batch, seq), ort_out, ref_out in zip(shapes, ort_results, torch_results):
         for name in output_names:
             report.rows.append(compare_outputs(ort_out[name], ref_out[name], (batch, seq), name, tolerance))
+
+    failing = {row.shape for row in report.rows if not row.passed}
+    cases = [(shape, feed) for shape, feed in zip(shapes, feeds) if per_layer or shape in failing]
+    if cases:
+        from moetrt.verify.diagnose import apply_diagnoses, diagnose
+
+        what = "every layer's output and the routing" if per_layer else "the routing and the dtype"
+        say(f"diagnosing {', '.join(f'{b}x{s}' for (b, s), _ in cases)}: {what}")
+        with quiet_logs():
+            diagnoses = diagnose(
+                onnx_path, loaded.module, loaded.input_names, output_names, cases, dtype, tolerance, per_layer
+            )
+        apply_diagnoses(report, diagnoses)
     return report
 
 
