@@ -4,9 +4,9 @@
     python3 bench/scale_bench.py --layers 1,2,4 --work /big/disk/scale --out bench/results/<date>-scale
 
 For each depth: write the random checkpoint shard by shard (bench/scale_checkpoint.py, reused if present), then
-time `moetrt export DIR --dtype bf16`, `moetrt fuse` of that ONNX and `moetrt build ONNX --target h100` (fused
-ONNX + sm_90 kernels + manifest; no TensorRT here) as separate processes, each one's peak RSS read from
-getrusage of a process that runs only it. Writes results.json and table.md under --out; prints the table.
+time `moetrt export DIR --dtype bf16`, `moetrt fuse` of that ONNX, `moetrt build ONNX --target h100` (fused
+ONNX + sm_90 kernels + manifest; no TensorRT here) and `moetrt build DIR` (the checkpoint to a build directory
+in one process) as separate processes, each one's peak RSS read from getrusage of a process that runs only it. Writes results.json and table.md under --out; prints the table.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+STEPS = ("export", "fuse", "build", "build_from_checkpoint")
 # Runs `argv` as the only child of a fresh interpreter, prints its exit code, wall seconds and peak RSS (KiB).
 _MEASURE = (
     "import resource, subprocess, sys, time; s = time.perf_counter(); "
@@ -68,22 +69,29 @@ def main(argv: list[str] | None = None) -> int:
         outdir = args.work / f"build_{layers}l"
         shutil.rmtree(outdir, ignore_errors=True)
         row["build"] = measure([*moetrt, "build", str(onnx_path), "-o", str(outdir), "--target", "h100"], log)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
         if not args.keep:
             for path in (fused, onnx_path):
                 for p in path.parent.glob(f"{path.name}*"):
                     p.unlink()
             shutil.rmtree(outdir, ignore_errors=True)
+        # What a user runs: the checkpoint straight to a build directory, in one process.
+        row["build_from_checkpoint"] = measure(
+            [*moetrt, "build", str(ckpt), "-o", str(outdir), "--target", "h100", "--precision", "bf16"], log
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if not args.keep:
+            shutil.rmtree(outdir, ignore_errors=True)
     table = [
-        "| layers | weights GB | export s / peak GB | fuse s / peak GB | build s / peak GB |",
-        "|---|---|---|---|---|",
+        "| layers | weights GB | export s / peak GB | fuse s / peak GB | build ONNX s / peak GB "
+        "| build checkpoint s / peak GB |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
             f"{r[k]['seconds']} / {r[k]['peak_rss_gb']}"
             + ("" if r[k]["rc"] == 0 else f" (exit {r[k]['rc']})")
-            for k in ("export", "fuse", "build")
+            for k in STEPS
         ]  # type: ignore[index]
         table.append(f"| {r['layers']} | {r['weights_gb']} | " + " | ".join(cells) + " |")
     (args.out / "table.md").write_text("\n".join(table) + "\n")
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows}, indent=1)
     )
     print("\n".join(table))
-    return 0 if all(r[k]["rc"] == 0 for r in rows for k in ("export", "fuse", "build")) else 1  # type: ignore[index]
+    return 0 if all(r[k]["rc"] == 0 for r in rows for k in STEPS) else 1  # type: ignore[index]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Heavy imports (torch, onnx, transformers) happen inside the commands so `moetrt 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any
@@ -151,6 +152,12 @@ def export_cmd(model: str, output: str, dtype: str, opset: int | None, self_chec
     help="Also compare the output of every attention, linear-attention and MoE/MLP module of every layer "
     "and name the first out of tolerance (onnxruntime path only).",
 )
+@click.option(
+    "--blocks",
+    is_flag=True,
+    help="Instead, check each fused MoE block against its PyTorch module, one block in memory at a time: "
+    "works at any model size (a large checkpoint is read from disk).",
+)
 @_user_errors
 def verify_cmd(
     model_or_onnx: str,
@@ -160,6 +167,7 @@ def verify_cmd(
     engine: bool,
     dtype: str,
     per_layer: bool,
+    blocks: bool,
 ) -> None:
     """Compare an ONNX model run by onnxruntime with its PyTorch reference.
 
@@ -178,11 +186,21 @@ def verify_cmd(
       moetrt verify model.fused.onnx --reference demo:qwen3_next --shapes 1x8,4x16,2x130
       moetrt verify demo:gpt_oss:block
       moetrt verify out/qwen3_next --per-layer
+      moetrt verify big/model.onnx --blocks
     """
     from moetrt.verify.model import verify
 
     parsed = parse_shapes(shapes) if shapes is not None else None
-    if engine:
+    if blocks:
+        from moetrt.verify.blocks import verify_blocks
+
+        if engine or per_layer or shapes is not None:
+            raise MoetrtError(
+                "--blocks checks the fused blocks alone, at 1, 7 and 64 tokens",
+                "leave out --engine, --per-layer and --shapes",
+            )
+        report = verify_blocks(Path(model_or_onnx), reference=reference, seed=seed, progress=_progress)
+    elif engine:
         if per_layer:
             raise MoetrtError(
                 "--per-layer looks inside the ONNX model, which --engine does not run",

@@ -78,3 +78,29 @@ def name_of(value: str | Precision | Any) -> str:
 def kernel_name_of(value: str | Precision | Any) -> str:
     """float32 / float16 / bfloat16 of anything `precision` accepts."""
     return precision(value).kernel_name
+
+
+def torch_from_numpy(array: Any) -> Any:
+    """A torch tensor sharing `array`'s memory (numpy has no bfloat16: ml_dtypes' bfloat16 goes through its
+    bits). Read-only arrays (memory maps) are shared too; do not write to the result."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    bf16 = array.dtype.name == "bfloat16"
+    with warnings.catch_warnings():  # torch warns about read-only memory; the callers only read it
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(np.asarray(array).view(np.uint16) if bf16 else np.asarray(array))
+    return tensor.view(torch.bfloat16) if bf16 else tensor
+
+
+def numpy_from_torch(tensor: Any) -> Any:
+    """A CPU tensor as a numpy array (bfloat16 as ml_dtypes' bfloat16), sharing memory where it can."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from moetrt.export.offloaded import OffloadedWeights
 
 #: Sequence length of the export example. >= 3 so the exporter keeps the sequence dimension symbolic.
 EXAMPLE_SEQ = 8
@@ -37,6 +40,8 @@ class LoadedModel:
     long_seq: int = 72
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: set when the module is on the meta device and its values are on disk (`export.offloaded`)
+    offloaded: OffloadedWeights | None = None
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Run the module without autograd; always returns a tuple of output tensors."""
@@ -57,6 +62,9 @@ def _as_tensor_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 
 class CausalLMLogits(nn.Module):
     """`input_ids [batch, seq] -> logits [batch, seq, vocab]`, no KV cache: the exported signature."""
+
+    #: how the names of the wrapped model's parameters start in the exported graph
+    WRAPPED_PREFIX = "model."
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -34,14 +34,29 @@ __all__ = ["LoadedModel", "load_model"]
 _SPEC_HELP = "MODEL is demo:<family>[:block], a Hugging Face model directory, or module:file.py:factory"
 
 
-def load_model(spec: str, dtype: torch.dtype | str = torch.float32) -> LoadedModel:
-    """Load the model named by `spec` in eval mode, cast to `dtype`."""
+def load_model(
+    spec: str, dtype: torch.dtype | str = torch.float32, offload_dir: Path | None = None
+) -> LoadedModel:
+    """Load the model named by `spec` in eval mode, cast to `dtype`.
+
+    `offload_dir` (Hugging Face directories only): load nothing into memory; the module comes back on the meta
+    device, its weights converted into `offload_dir` where they need converting (`export.offloaded`)."""
     dtype = precision(dtype).torch
     if spec.startswith("demo:") or spec == "demo":
         return _load_demo(spec, dtype)
     if spec.startswith("module:"):
         return _load_module(spec, dtype)
-    return _load_hf_dir(spec, dtype)
+    return _load_hf_dir(spec, dtype, offload_dir)
+
+
+def checkpoint_bytes(spec: str) -> int | None:
+    """The size of a Hugging Face directory's safetensors weights; None for other MODEL specs."""
+    if spec.startswith(("demo:", "module:")) or spec == "demo":
+        return None
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def _load_demo(spec: str, dtype: torch.dtype) -> LoadedModel:
@@ -60,7 +75,7 @@ def _load_demo(spec: str, dtype: torch.dtype) -> LoadedModel:
     return build_demo(family, block=block, dtype=dtype)
 
 
-def _load_hf_dir(spec: str, dtype: torch.dtype) -> LoadedModel:
+def _load_hf_dir(spec: str, dtype: torch.dtype, offload_dir: Path | None = None) -> LoadedModel:
     path = Path(spec).expanduser()
     if not path.exists():
         raise MoetrtError(f"model path {spec!r} does not exist", _SPEC_HELP)
@@ -97,6 +112,9 @@ def _load_hf_dir(spec: str, dtype: torch.dtype) -> LoadedModel:
         ) from None
     config._experts_implementation = "batched_mm"  # export-friendly experts (no data-dependent loop)
     config._attn_implementation = "eager"
+    offload: dict[str, Any] = {}
+    if offload_dir is not None:
+        offload = {"device_map": {"": "disk"}, "offload_folder": str(offload_dir)}
     try:
         with _no_progress_bars():
             model, loading = AutoModelForCausalLM.from_pretrained(
@@ -106,16 +124,29 @@ def _load_hf_dir(spec: str, dtype: torch.dtype) -> LoadedModel:
                 local_files_only=True,
                 experts_implementation="batched_mm",
                 output_loading_info=True,
+                **offload,
             )
+    except ImportError as err:
+        raise MoetrtError(
+            f"cannot load the model in {spec!r} from disk: {_first_line(err)}", "pip install accelerate"
+        ) from None
     except Exception as err:
         raise MoetrtError(
             f"cannot load the model in {spec!r}: {_first_line(err)}",
             "check that the weights match config.json and are a causal LM",
         ) from None
     _check_checkpoint_keys(spec, loading)
-    model = model.to(dtype).eval()
+    offloaded = None
+    if offload_dir is not None:
+        from moetrt.export.offloaded import offload_to_meta
+
+        offloaded = offload_to_meta(model)
+    else:
+        model = model.to(dtype)
     vocab_size = int(config.get_text_config().vocab_size)
-    return causal_lm(model, vocab_size, str(path.resolve()), dtype, f"{config.model_type} from {path}")
+    loaded = causal_lm(model.eval(), vocab_size, str(path.resolve()), dtype, f"{config.model_type} from {path}")
+    loaded.offloaded = offloaded
+    return loaded
 
 
 def _check_checkpoint_keys(spec: str, loading: dict[str, Any]) -> None:

@@ -32,8 +32,9 @@ from moetrt.core.onnx_io import (
     write_onnx,
 )
 from moetrt.core.progress import heartbeat, quiet_loggers
-from moetrt.export.loaded import LoadedModel
-from moetrt.export.model_source import load_model
+from moetrt.export.loaded import CausalLMLogits, LoadedModel
+from moetrt.export.model_source import checkpoint_bytes, load_model
+from moetrt.export.offloaded import STREAM_MIN_BYTES, attach_weights, fold_weight_transposes
 
 DEFAULT_OPSET = 18
 #: bf16 exports need opset 22: earlier opsets do not allow bfloat16 for Conv (Qwen3-Next's short convolution)
@@ -46,7 +47,7 @@ Progress = Callable[[str], None]
 #: error: a mismatch fails the export; warn: it is reported and the file kept; off: no check.
 SELF_CHECK_MODES = ("error", "warn", "off")
 #: The whole-model self-check holds the graph in onnxruntime and a float32 copy of the module: bounded.
-SELF_CHECK_MAX_BYTES = 2 * 1024**3
+SELF_CHECK_MAX_BYTES = STREAM_MIN_BYTES  # above it the model is exported from disk, never held whole
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,17 @@ def export_onnx(
     opset: int | None = None,
     progress: Progress | None = None,
     self_check: str = "error",
+    stream: bool | None = None,
 ) -> ExportResult:
     """Export a MODEL spec (or an already loaded model) to `out_path`.
 
     `opset` defaults to 18, or 22 for bf16. The file (and `<out>.data` when the weights exceed 2 GB)
     appears only when the export succeeded and, unless `self_check` is "warn" or "off", the written model
     matches PyTorch at the example inputs (`self_check.check_export`).
+
+    `stream` (default: for Hugging Face checkpoints over `STREAM_MIN_BYTES`) exports from disk: the model is
+    traced on the meta device and each weight is read when it is written (`export.offloaded`), so memory
+    holds about one layer's weights; converted weights take disk space beside the output meanwhile.
     """
     if self_check not in SELF_CHECK_MODES:
         raise MoetrtError(
@@ -109,44 +115,61 @@ def export_onnx(
             f"pass --opset {MIN_BF16_OPSET} or leave --opset out",
         )
 
-    if isinstance(spec_or_loaded, LoadedModel):
-        loaded = spec_or_loaded
-        if loaded.dtype != torch_dtype:
-            raise MoetrtError(
-                f"the loaded model is {name_of(loaded.dtype)} but dtype {dtype} was requested",
-                "load it with the same dtype or pass the MODEL spec instead",
-            )
-    else:
-        say(f"loading {spec_or_loaded} ({name_of(torch_dtype)})")
-        loaded = load_model(spec_or_loaded, torch_dtype)
-    say(f"found {loaded.num_moe_blocks} MoE block(s) in {loaded.spec}")
+    if stream is None:
+        size = None if isinstance(spec_or_loaded, LoadedModel) else checkpoint_bytes(spec_or_loaded)
+        stream = size is not None and size > STREAM_MIN_BYTES
+    if stream and isinstance(spec_or_loaded, LoadedModel):
+        raise MoetrtError("a loaded model cannot be exported from disk", "pass the MODEL spec instead")
 
-    say(f"exporting with torch.onnx.export (dynamo, opset {opset}); this can take a while for large models")
-    with heartbeat(say, "exporting"):
-        program = _torch_export(loaded, opset)
-    model = program.model
-    say("exported; finalising the graph")
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    model.metadata_props.update(
-        {
-            META_SOURCE: loaded.spec,
-            META_DTYPE: name_of(loaded.dtype),
-            META_NUM_MOE_BLOCKS: str(loaded.num_moe_blocks),
-            META_LONG_SEQ: str(loaded.long_seq),
-            META_EXAMPLE_SHAPE: "x".join(str(d) for d in loaded.example_inputs[0].shape[:2]),
-        }
-    )
-    model.producer_name = "moetrt"
-    weights = weight_bytes(model)
-    external = needs_external_data(model)
-    num_nodes = sum(1 for _ in model.graph.all_nodes())
-    ir_version = model.ir_version
-
-    say(f"writing {out_path} ({weights / 1e6:.1f} MB of weights{', external data' if external else ''})")
     with staged_onnx_path(out_path) as staged:
-        write_onnx(model, staged, external=external)
+        if isinstance(spec_or_loaded, LoadedModel):
+            loaded = spec_or_loaded
+            if loaded.dtype != torch_dtype:
+                raise MoetrtError(
+                    f"the loaded model is {name_of(loaded.dtype)} but dtype {dtype} was requested",
+                    "load it with the same dtype or pass the MODEL spec instead",
+                )
+        elif stream:
+            # Converted weights go to a folder in the staging directory: removed with it, whatever happens.
+            say(f"loading {spec_or_loaded} ({name_of(torch_dtype)}) from disk: weights stay there until written")
+            with heartbeat(say, "converting the checkpoint"), quiet_loggers("transformers", "accelerate"):
+                loaded = load_model(spec_or_loaded, torch_dtype, offload_dir=staged.parent / "offload")
+        else:
+            say(f"loading {spec_or_loaded} ({name_of(torch_dtype)})")
+            loaded = load_model(spec_or_loaded, torch_dtype)
+        say(f"found {loaded.num_moe_blocks} MoE block(s) in {loaded.spec}")
+
+        say(f"exporting with torch.onnx.export (dynamo, opset {opset}); this can take a while for large models")
+        with heartbeat(say, "exporting"):
+            program = _torch_export(loaded, opset)
+        model = program.model
+        say("exported; finalising the graph")
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        model.metadata_props.update(
+            {
+                META_SOURCE: loaded.spec,
+                META_DTYPE: name_of(loaded.dtype),
+                META_NUM_MOE_BLOCKS: str(loaded.num_moe_blocks),
+                META_LONG_SEQ: str(loaded.long_seq),
+                META_EXAMPLE_SHAPE: "x".join(str(d) for d in loaded.example_inputs[0].shape[:2]),
+            }
+        )
+        model.producer_name = "moetrt"
+        weights = weight_bytes(model)
+        external = needs_external_data(model)
+        num_nodes = sum(1 for _ in model.graph.all_nodes())
+        ir_version = model.ir_version
+
+        say(f"writing {out_path} ({weights / 1e6:.1f} MB of weights{', external data' if external else ''})")
+        with heartbeat(say, "writing"):
+            write_onnx(model, staged, external=external)
         del program, model  # the check loads the file: do not hold two copies of the weights
-        if self_check != "off" and weights > SELF_CHECK_MAX_BYTES:
+        if self_check != "off" and stream:
+            say(
+                "self-check skipped: the model was exported from disk and is never held whole in memory; "
+                "check it with `moetrt verify` on a machine that holds it"
+            )
+        elif self_check != "off" and weights > SELF_CHECK_MAX_BYTES:
             say(
                 f"self-check skipped: {weights / 1e9:.1f} GB of weights are over the whole-model check's "
                 f"{SELF_CHECK_MAX_BYTES / 1e9:.0f} GB bound (it holds an onnxruntime session and a float32 "
@@ -186,18 +209,26 @@ def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
             export_friendly(loaded.module),
         ):
             warnings.simplefilter("ignore")
+            offloaded = loaded.offloaded
+            examples = loaded.example_inputs
+            if offloaded is not None:  # a meta-device module: trace on meta inputs, optimise once weights are set
+                examples = tuple(t.to("meta") for t in examples)
             program = torch.onnx.export(
                 loaded.module,
-                loaded.example_inputs,
+                examples,
                 dynamo=True,
                 input_names=loaded.input_names,
                 output_names=loaded.output_names,
                 dynamic_shapes=loaded.dynamic_shapes,
                 opset_version=opset,
-                optimize=True,
+                optimize=offloaded is None,
                 verbose=False,
                 report=False,
             )
+            if offloaded is not None and program is not None:
+                attach_weights(program.model, offloaded, prefix=CausalLMLogits.WRAPPED_PREFIX)
+                fold_weight_transposes(program.model)  # else the optimiser folds them, holding every weight
+                program.optimize()
     except Exception as err:
         # The exporter wraps the real failure in a generic "step 1/3 failed" error: report the innermost cause.
         cause: BaseException = err

@@ -116,7 +116,11 @@ def moe_reference(
     missing = [name for name in attrs.present_inputs() if name not in inputs]
     if missing:
         raise ValueError(f"moe_reference: missing inputs {missing}")
-    x = {name: inputs[name].to(compute_dtype) for name in attrs.present_inputs()}
+    # Expert tables are upcast one expert at a time, so a real-width block never has a float32 copy.
+    x = {
+        name: inputs[name] if name.startswith("expert_") else inputs[name].to(compute_dtype)
+        for name in attrs.present_inputs()
+    }
     hidden = x["hidden_states"]
     logits = router_logits(hidden, x["router_weight"], x.get("router_bias"))
     weights, ids = route(logits, attrs, x.get("score_correction_bias"), ids)
@@ -125,10 +129,12 @@ def moe_reference(
     for expert in torch.unique(ids).tolist():
         token_idx, slot = torch.where(ids == expert)
         h = hidden[token_idx]
-        gate_up = F.linear(h, x["expert_gate_up_weight"][expert], _maybe(x, "expert_gate_up_bias", expert))
+        gate_up = F.linear(
+            h, _row(x, "expert_gate_up_weight", expert, compute_dtype), _maybe(x, "expert_gate_up_bias", expert)
+        )
         y = F.linear(
             glu_activation(gate_up, attrs),
-            x["expert_down_weight"][expert],
+            _row(x, "expert_down_weight", expert, compute_dtype),
             _maybe(x, "expert_down_bias", expert),
         )
         out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
@@ -144,8 +150,12 @@ def moe_reference(
     return result
 
 
+def _row(x: dict[str, torch.Tensor], name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    return x[name][expert].to(dtype)
+
+
 def _maybe(x: dict[str, torch.Tensor], name: str, expert: int) -> torch.Tensor | None:
-    return x[name][expert] if name in x else None
+    return x[name][expert].to(x["hidden_states"].dtype) if name in x else None
 
 
 def input_scales(attrs: MoEAttributes) -> dict[str, float]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moetrt.core.dtypes import precision
+from moetrt.core.dtypes import precision, torch_from_numpy
 from moetrt.core.tolerances import relative_error
 from moetrt.op.reference import choice_scores, moe_reference, router_logits
 from moetrt.verify.compare import Shape, VerifyReport, VerifyRow, compare_outputs
@@ -183,7 +183,7 @@ class _BlockWeights:
         value = self._graph.initializers.get(name)
         if value is None or value.const_value is None:
             return None
-        return torch.from_numpy(np.array(value.const_value.numpy()))  # a copy: the map is read-only
+        return torch_from_numpy(value.const_value.numpy())  # memory-mapped: only read
 
 
 @contextlib.contextmanager
