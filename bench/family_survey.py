@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SHRINK = {
@@ -84,6 +85,12 @@ try:
             setattr(text, key, value)
     if getattr(text, "layer_types", None):
         text.layer_types = list(text.layer_types)[: text.num_hidden_layers]
+    if getattr(text, "qk_rope_head_dim", None) and hasattr(text, "head_dim"):
+        text.head_dim = text.qk_rope_head_dim  # multi-head latent attention: rotary width is the head_dim
+        text.num_key_value_heads = text.num_attention_heads  # and every head has its own keys
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids of the released vocabulary
+        if isinstance(getattr(text, key, None), int) and getattr(text, key) >= text.vocab_size:
+            setattr(text, key, 0)
     config._experts_implementation = "batched_mm"; config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -122,6 +129,12 @@ done(f"exports and self-checks; fused {fused.num_fused} of {loaded.num_moe_block
 """
 
 
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def families() -> list[str]:
     import transformers
 
@@ -143,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--families", default=None)
     parser.add_argument("--timeout-s", type=int, default=240)
+    parser.add_argument("--jobs", type=int, default=1, help="families surveyed at once")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.families.split(",") if args.families else families()
-    rows = []
-    for name in names:
+
+    def survey(name: str) -> dict:
         start = time.perf_counter()
         try:
             done = subprocess.run(
@@ -165,13 +179,24 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             row = {"family": name, "status": f"over the {args.timeout_s} s limit", "detail": ""}
         row["seconds"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
         print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each family is its own process
+        rows = list(pool.map(survey, names))
     table = ["| family | status | detail |", "|---|---|---|"]
     table += [f"| {r['family']} | {r['status']} | {str(r.get('detail', ''))[:160]} |" for r in rows]
     (args.out / "families.md").write_text("\n".join(table) + "\n")
     (args.out / "families.json").write_text(
-        json.dumps({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows}, indent=1)
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "transformers": transformers_version(),
+                "command": " ".join(sys.argv),
+                "rows": rows,
+            },
+            indent=1,
+        )
     )
     print("\n".join(table))
     return 0

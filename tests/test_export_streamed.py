@@ -38,7 +38,10 @@ def test_streamed_export_writes_the_same_model_as_the_in_memory_one(
     result = export_onnx(str(sharded_checkpoint), streamed, dtype=dtype, stream=True)
     export_onnx(str(sharded_checkpoint), in_memory, dtype=dtype, stream=False)
     assert result.num_moe_blocks == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in_memory.onnx", "streamed.onnx"]  # no offload left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in_memory.onnx",
+        "streamed.onnx",
+    ]  # no offload left
 
     got, want = _initializers(streamed), _initializers(in_memory)
     if dtype == "bf16":

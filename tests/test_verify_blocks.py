@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import invoke
 from onnx import numpy_helper
 
 from moetrt import build as build_module
@@ -20,8 +21,6 @@ from moetrt.export.demo_models import build_demo
 from moetrt.export.onnx_export import export_onnx
 from moetrt.passes.pipeline import fuse_file
 from moetrt.verify.blocks import BLOCK_TOKENS, verify_blocks
-
-from conftest import invoke
 
 
 def _fused(tmp_path: Path, spec: str, dtype: str = "fp32", stream: bool | None = None) -> Path:
@@ -40,7 +39,9 @@ def test_every_block_matches_its_module(qwen3_moe_fused: Path) -> None:
     report = verify_blocks(qwen3_moe_fused)
     assert report.passed, report.format_table()
     modules = [row.output for row in report.rows]
-    assert modules == [m for m in ("model.model.layers.0.mlp", "model.model.layers.1.mlp") for _ in BLOCK_TOKENS]
+    assert modules == [
+        m for m in ("model.model.layers.0.mlp", "model.model.layers.1.mlp") for _ in BLOCK_TOKENS
+    ]
     assert {row.shape for row in report.rows} == {(1, t) for t in BLOCK_TOKENS}
     assert all(row.rel_err <= FUSION_CHECK_TOLERANCE for row in report.rows)
 
@@ -74,7 +75,9 @@ def test_a_large_checkpoint_is_checked_from_disk(tmp_path: Path, monkeypatch: py
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("moetrt-blocks-")]  # offload folder gone
 
 
-def test_build_above_the_whole_model_bound_checks_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_above_the_whole_model_bound_checks_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(build_module, "PARITY_MAX_BYTES", 1)
     outdir = tmp_path / "out"
     result = build_module.build("demo:mixtral", outdir, BuildOptions(target="h100"))

@@ -6,9 +6,9 @@ Heavy imports (torch, onnx, transformers) happen inside the commands so `moetrt 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click

@@ -4,8 +4,10 @@ Hugging Face's torch fallback for the chunked gated delta rule (Qwen3-Next linea
 chunks in Python and solves each chunk's triangular system with a 63-step loop: the chunk count becomes a
 constant of the graph and the sequence length is specialised. `chunk_gated_delta_rule_scan` computes the
 same function with the chunk recurrence as `torch.scan` (an ONNX Scan) and the triangular inverse by
-log-depth products. The stand-ins are swapped in only while exporting (`export_friendly`): the PyTorch
-reference keeps the original code, so `verify` checks one against the other.
+log-depth products. DeepSeek-V2's rotary embedding, computed with complex numbers (which torch.export cannot
+decompose), is swapped for the same product in real arithmetic. The stand-ins are swapped in only while
+exporting (`export_friendly`): the PyTorch reference keeps the original code, so `verify` checks one against
+the other.
 """
 
 from __future__ import annotations
@@ -124,8 +126,43 @@ def _unit_lower_inverse(strict_lower: torch.Tensor, size: int) -> torch.Tensor:
     return result
 
 
+def polar_free_rotary_forward(self: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V2's rotary embedding without complex numbers: `torch.polar(1, freqs) * scaling` as its real
+    and imaginary parts, [..., dim / 2, 2] (torch.export has no complex decompositions)."""
+    if getattr(self, "rope_type", "default") in ("dynamic", "longrope"):
+        # frequencies updated at run time by the original's decorator: not what this computes
+        raise NotImplementedError(f"{self.rope_type} rotary scaling computed with complex numbers")
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
+
+
+def real_apply_rotary_emb(
+    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's `apply_rotary_emb` on (cos, sin) pairs from `polar_free_rotary_forward`: the complex
+    product of interleaved (real, imaginary) pairs, written out."""
+    freqs = freqs_cis.unsqueeze(1).to(xq.device)  # [batch, 1, seq, dim / 2, 2]
+    cos, sin = freqs[..., 0], freqs[..., 1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        real, imag = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+        return rotated.flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
 # Module-level functions that Hugging Face modelling code calls by global name, and their stand-ins.
 _STAND_INS = {"torch_chunk_gated_delta_rule": chunk_gated_delta_rule_scan}
+# Stand-ins that belong together, per modelling module ("Class.method" for methods): complex rotary embeddings
+# rewritten in real arithmetic, swapped as a pair so the embedding's form matches its one consumer.
+_MODULE_STAND_INS: dict[str, dict[str, object]] = {
+    "transformers.models.deepseek_v2.modeling_deepseek_v2": {
+        "DeepseekV2RotaryEmbedding.forward": polar_free_rotary_forward,
+        "apply_rotary_emb": real_apply_rotary_emb,
+    },
+}
 
 
 #: Export example length for models with chunked linear attention: two chunks, so that the chunk count is
@@ -151,6 +188,13 @@ def export_friendly(model: nn.Module) -> Iterator[list[str]]:
             if hasattr(module, name):
                 saved.append((module, name, getattr(module, name)))
                 setattr(module, name, stand_in)
+        for dotted, stand_in in _MODULE_STAND_INS.get(getattr(module, "__name__", ""), {}).items():
+            owner: object = module
+            *path, name = dotted.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, stand_in)
     try:
         yield sorted({f"{getattr(m, '__name__', '?')}.{n}" for m, n, _ in saved})
     finally:

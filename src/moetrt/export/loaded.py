@@ -89,7 +89,8 @@ class FirstOutput(nn.Module):
 def is_moe_block(module: nn.Module) -> bool:
     """A module that holds stacked experts (3-D weights, or a list of >= 2 expert MLPs) plus a router.
 
-    The router is another child holding a 2-D weight whose first dimension is the number of experts.
+    The router is another child holding (itself or nested, e.g. `gate.wg`) a 2-D weight whose first dimension
+    is the number of experts.
     """
     experts = getattr(module, "experts", None)
     if not isinstance(experts, nn.Module):
@@ -100,9 +101,9 @@ def is_moe_block(module: nn.Module) -> bool:
     for name, child in module.named_children():
         if name == "experts":
             continue
-        weight = getattr(child, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts:
-            return True
+        for weight in child.parameters():
+            if weight.dim() == 2 and weight.shape[0] == num_experts:
+                return True
     return False
 
 

@@ -144,7 +144,9 @@ def _load_hf_dir(spec: str, dtype: torch.dtype, offload_dir: Path | None = None)
     else:
         model = model.to(dtype)
     vocab_size = int(config.get_text_config().vocab_size)
-    loaded = causal_lm(model.eval(), vocab_size, str(path.resolve()), dtype, f"{config.model_type} from {path}")
+    loaded = causal_lm(
+        model.eval(), vocab_size, str(path.resolve()), dtype, f"{config.model_type} from {path}"
+    )
     loaded.offloaded = offloaded
     return loaded
 

@@ -131,7 +131,9 @@ def export_onnx(
                 )
         elif stream:
             # Converted weights go to a folder in the staging directory: removed with it, whatever happens.
-            say(f"loading {spec_or_loaded} ({name_of(torch_dtype)}) from disk: weights stay there until written")
+            say(
+                f"loading {spec_or_loaded} ({name_of(torch_dtype)}) from disk: weights stay there until written"
+            )
             with heartbeat(say, "converting the checkpoint"), quiet_loggers("transformers", "accelerate"):
                 loaded = load_model(spec_or_loaded, torch_dtype, offload_dir=staged.parent / "offload")
         else:
@@ -139,7 +141,9 @@ def export_onnx(
             loaded = load_model(spec_or_loaded, torch_dtype)
         say(f"found {loaded.num_moe_blocks} MoE block(s) in {loaded.spec}")
 
-        say(f"exporting with torch.onnx.export (dynamo, opset {opset}); this can take a while for large models")
+        say(
+            f"exporting with torch.onnx.export (dynamo, opset {opset}); this can take a while for large models"
+        )
         with heartbeat(say, "exporting"):
             program = _torch_export(loaded, opset)
         model = program.model
@@ -211,7 +215,9 @@ def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
             warnings.simplefilter("ignore")
             offloaded = loaded.offloaded
             examples = loaded.example_inputs
-            if offloaded is not None:  # a meta-device module: trace on meta inputs, optimise once weights are set
+            if (
+                offloaded is not None
+            ):  # a meta-device module: trace on meta inputs, optimise once weights are set
                 examples = tuple(t.to("meta") for t in examples)
             program = torch.onnx.export(
                 loaded.module,

@@ -130,7 +130,9 @@ def moe_reference(
         token_idx, slot = torch.where(ids == expert)
         h = hidden[token_idx]
         gate_up = F.linear(
-            h, _row(x, "expert_gate_up_weight", expert, compute_dtype), _maybe(x, "expert_gate_up_bias", expert)
+            h,
+            _row(x, "expert_gate_up_weight", expert, compute_dtype),
+            _maybe(x, "expert_gate_up_bias", expert),
         )
         y = F.linear(
             glu_activation(gate_up, attrs),

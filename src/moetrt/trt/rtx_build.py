@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 
 from moetrt.core.errors import MoetrtError
-from moetrt.core.onnx_io import save_onnx
+from moetrt.core.onnx_io import write_onnx
 from moetrt.op import spec
 from moetrt.trt.targets import RTX_SMS, Target
 from moetrt.trt.trt_build import (
@@ -48,25 +48,29 @@ def import_tensorrt_rtx() -> ModuleType:
     return tensorrt_rtx_bindings
 
 
-def inline_moe_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace every moetrt::MoE call by its function body; returns (model, number of calls inlined)."""
-    from moetrt.passes.decompose import count_fused, decompose_model
+def write_inlined(onnx_path: Path, out_path: Path) -> int:
+    """Write `onnx_path` with every moetrt::MoE call replaced by its function body to `out_path` (onnx-ir end
+    to end: weights stay in the external data until written, so memory does not grow with the model);
+    returns the number of calls inlined."""
+    import onnx_ir as ir
 
+    from moetrt.passes.decompose import count_fused, decompose_ir
+
+    model = ir.load(str(onnx_path))
     calls = count_fused(model)
-    if calls and not any(f.domain == spec.DOMAIN and f.name == spec.OP_TYPE for f in model.functions):
+    if calls and not any(key[0] == spec.DOMAIN and key[1] == spec.OP_TYPE for key in model.functions):
         raise MoetrtError(
             f"the model has {calls} moetrt::MoE nodes but no function bodies for them",
             "re-fuse it with `moetrt fuse` (fused nodes must carry their ONNX function body)",
         )
-    if not calls:
-        return model, 0
-    inlined = decompose_model(model)
-    left = sum(1 for node in inlined.graph.node if node.domain == spec.DOMAIN)
+    decompose_ir(model)
+    left = sum(1 for node in model.graph.all_nodes() if node.domain == spec.DOMAIN)
     if left:
         raise MoetrtError(
             f"{left} moetrt nodes remain after inlining", "re-fuse the model with `moetrt fuse`"
         )
-    return inlined, calls
+    write_onnx(model, out_path)
+    return calls
 
 
 def build_rtx_engine(
@@ -85,14 +89,14 @@ def build_rtx_engine(
         )
     trt = import_tensorrt_rtx()
     start = time.perf_counter()
-    model = onnx.load(str(onnx_path))
-    model, inlined = inline_moe_functions(model)
-    progress(f"inlined {inlined} moetrt::MoE node(s) to standard ops (TensorRT-RTX takes no plugins)")
     logger = CapturingLogger(trt, verbose)
     builder = trt.Builder(logger)
-    with tempfile.TemporaryDirectory(prefix="moetrt-rtx-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="moetrt-rtx-", dir=plan_path.parent) as tmp:
         staged = Path(tmp) / "inlined.onnx"
-        save_onnx(model, staged)
+        inlined = write_inlined(onnx_path, staged)
+        progress(f"inlined {inlined} moetrt::MoE node(s) to standard ops (TensorRT-RTX takes no plugins)")
+        # The parser and builder hold every weight themselves: TensorRT-RTX's own need, about the weights
+        # once more while the plan is serialised.
         progress(f"parsing with the TensorRT-RTX {trt.__version__} ONNX parser")
         network = parse_onnx(trt, builder, logger, onnx.load(str(staged), load_external_data=False), staged)
         config = builder.create_builder_config()

@@ -88,9 +88,7 @@ def verify_blocks(
                     "fuse the export again with this moetrt (fused nodes now carry their module scopes)",
                 )
             path = scopes[-1]
-            attrs = MoEAttributes.from_onnx_attributes(
-                {a.name: _attribute(a) for a in node.attribute}
-            )
+            attrs = MoEAttributes.from_onnx_attributes({a.name: _attribute(a) for a in node.attribute})
             say(f"block {index + 1}/{len(blocks)}: {path or '(root)'}")
             module = root.get_submodule(path) if path else root
             with _materialised(module, loaded.offloaded, path, prefix):
@@ -103,6 +101,7 @@ def verify_blocks(
                     got = _oracle(graph, node, attrs, hidden.reshape(count, -1))
                     row = compare_outputs(got, ref, (1, count), path or "(root)", FUSION_CHECK_TOLERANCE)
                     report.rows.append(row)
+            _release(graph, node)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -126,6 +125,15 @@ def _oracle(graph: Any, node: Any, attrs: Any, hidden: torch.Tensor) -> torch.Te
             )
         inputs[name] = torch_from_numpy(value.const_value.numpy())  # memory-mapped; the oracle only reads
     return moe_reference(inputs, attrs)["output"].float()
+
+
+def _release(graph: Any, node: Any) -> None:
+    """Unmap the block's weights: pages read from a memory map stay resident while it is open."""
+    for name in node.input:
+        value = graph.initializers.get(name)
+        release = getattr(getattr(value, "const_value", None), "release", None)
+        if callable(release):
+            release()
 
 
 class _materialised:
