@@ -88,6 +88,8 @@ try:
     if getattr(text, "qk_rope_head_dim", None) and hasattr(text, "head_dim"):
         text.head_dim = text.qk_rope_head_dim  # multi-head latent attention: rotary width is the head_dim
         text.num_key_value_heads = text.num_attention_heads  # and every head has its own keys
+        if hasattr(text, "qk_head_dim"):
+            text.qk_head_dim = text.qk_nope_head_dim + text.qk_rope_head_dim
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids of the released vocabulary
         if isinstance(getattr(text, key, None), int) and getattr(text, key) >= text.vocab_size:
             setattr(text, key, 0)

@@ -69,3 +69,50 @@ def test_deepseek_v2_exports_fuses_and_verifies(tmp_path: Path, dtype: str) -> N
     assert fuse_file(exported, fused).num_fused == 2
     report = verify(fused)
     assert report.passed, report.format_table()
+
+
+def _tiny_longcat_flash() -> torch.nn.Module:
+    from transformers import LongcatFlashConfig
+
+    config = LongcatFlashConfig(
+        vocab_size=128,
+        hidden_size=64,
+        ffn_hidden_size=64,
+        expert_ffn_hidden_size=32,
+        num_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        zero_expert_num=4,
+        moe_topk=3,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        qk_head_dim=24,
+        v_head_dim=16,
+        head_dim=8,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    init_demo_weights(model, config, seed=2)
+    return model
+
+
+def test_zero_compute_experts_export_and_say_why_they_stay_unfused(tmp_path: Path) -> None:
+    """LongCat-Flash's router also picks identity (zero-compute) experts; its experts loop is data-dependent.
+    The gather-form stand-in exports; the op has no identity experts, so the block stays unfused, explained."""
+    model = _tiny_longcat_flash()
+    ids = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(0))
+    router = model.model.layers[0].mlp.router
+    with torch.no_grad():
+        chosen = router(model.model.embed_tokens(ids))[2]
+    assert (chosen >= 8).any() and (chosen < 8).any()  # both kinds of expert are picked
+    model_dir = tmp_path / "tiny-longcat"
+    model.save_pretrained(model_dir)
+    exported, fused = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    export_onnx(str(model_dir), exported)  # its self-check compares with the original loop
+    result = fuse_file(exported, fused, explain=True)
+    assert result.num_fused == 0 and result.unfused_candidates
+    assert all("TopK" in c.check for c in result.unfused_candidates)
+    assert verify(exported, shapes=[(1, 5), (3, 17)]).passed

@@ -5,7 +5,8 @@ chunks in Python and solves each chunk's triangular system with a 63-step loop: 
 constant of the graph and the sequence length is specialised. `chunk_gated_delta_rule_scan` computes the
 same function with the chunk recurrence as `torch.scan` (an ONNX Scan) and the triangular inverse by
 log-depth products. DeepSeek-V2's rotary embedding, computed with complex numbers (which torch.export cannot
-decompose), is swapped for the same product in real arithmetic. The stand-ins are swapped in only while
+decompose), is swapped for the same product in real arithmetic; LongCat-Flash's experts loop (data-dependent:
+its router may pick zero-compute identity experts) for the gather form. The stand-ins are swapped in only while
 exporting (`export_friendly`): the PyTorch reference keeps the original code, so `verify` checks one against
 the other.
 """
@@ -153,14 +154,36 @@ def real_apply_rotary_emb(
     return rotate(xq), rotate(xk)
 
 
+def zero_expert_gather_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """LongCat-Flash's experts, whose router may pick zero-compute (identity) experts, in the gather form: every
+    (token, slot) computes its expert (ids of identity experts clamped to a real one) and a slot that picked an
+    identity expert takes the token itself instead. The original loops over the experts hit, which
+    torch.export cannot trace (the loop count depends on the data)."""
+    num_real = self.num_routed_experts
+    is_real = top_k_index < num_real
+    ids = torch.where(is_real, top_k_index, torch.zeros_like(top_k_index))
+    tokens = hidden_states[:, None, :].expand(-1, top_k_index.shape[1], -1)  # [T, k, H]
+    gate_up = torch.einsum("tkh,tkih->tki", tokens, self.gate_up_proj[ids])
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = torch.einsum("tki,tkhi->tkh", self.act_fn(gate) * up, self.down_proj[ids])
+    out = torch.where(is_real[..., None], out, tokens)
+    return (out * top_k_weights[..., None]).sum(dim=1).to(hidden_states.dtype)
+
+
 # Module-level functions that Hugging Face modelling code calls by global name, and their stand-ins.
 _STAND_INS = {"torch_chunk_gated_delta_rule": chunk_gated_delta_rule_scan}
-# Stand-ins that belong together, per modelling module ("Class.method" for methods): complex rotary embeddings
-# rewritten in real arithmetic, swapped as a pair so the embedding's form matches its one consumer.
+# Stand-ins per modelling module ("Class.method" for methods): complex rotary embeddings rewritten in real
+# arithmetic (swapped as a pair, so the embedding's form matches its one consumer); experts with zero-compute
+# members in the gather form.
 _MODULE_STAND_INS: dict[str, dict[str, object]] = {
     "transformers.models.deepseek_v2.modeling_deepseek_v2": {
         "DeepseekV2RotaryEmbedding.forward": polar_free_rotary_forward,
         "apply_rotary_emb": real_apply_rotary_emb,
+    },
+    "transformers.models.longcat_flash.modeling_longcat_flash": {
+        "LongcatFlashExperts.forward": zero_expert_gather_forward,
     },
 }
 
