@@ -91,10 +91,12 @@ def test_model_without_moe_exports_and_says_so(tmp_path: Path) -> None:
     assert "0 MoE blocks found" in result.stdout
 
 
-def test_bf16_verify_is_one_line(tmp_path: Path) -> None:
+def test_bf16_verify_runs_the_float32_widening_and_says_so(tmp_path: Path) -> None:
     out = tmp_path / "bf16.onnx"
     assert _run("export", "demo:mixtral:block", "-o", str(out), "--dtype", "bf16").exit_code == 0
-    _assert_one_line_error(_run("verify", str(out)), "cannot be verified on CPU", "fp32 or fp16")
+    result = _run("verify", str(out))
+    assert result.exit_code == 0, result.output
+    assert "exact float32 widening" in result.stdout and "1e-02 (bf16)" in result.stdout
 
 
 @pytest.mark.parametrize(

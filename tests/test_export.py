@@ -162,17 +162,17 @@ def test_fp16_export_verifies_within_fp16_tolerance(tmp_path: Path) -> None:
     assert all(TOLERANCES["fp32"] < row.rel_err <= TOLERANCES["fp16"] for row in report.rows)
 
 
-def test_bf16_export_is_valid_and_verify_says_cpu_cannot_run_it(tmp_path: Path) -> None:
+def test_bf16_export_is_valid_and_verifies_as_its_float32_widening(tmp_path: Path) -> None:
     out = tmp_path / "bf16.onnx"
     result = export_onnx("demo:mixtral:block", out, dtype="bf16")
     assert result.opset == onnx_export.MIN_BF16_OPSET and result.dtype == "bf16"
     model = _assert_valid_export(out, "demo:mixtral:block", dtype="bf16")
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
-    with pytest.raises(MoetrtError) as err:
-        verify(out)
-    line = err.value.one_line()
-    assert "bf16" in line and "cannot be verified on CPU" in line and "\n" not in line
-    assert "fp32 or fp16" in line  # what to do instead
+    report = verify(
+        out
+    )  # onnxruntime's CPU provider has no bf16 kernels: the exact widening runs, and says so
+    assert report.passed and report.dtype == "bf16", report.format_table()
+    assert any("exact float32 widening" in line for line in report.findings)
 
 
 def test_bf16_below_opset_22_is_refused(tmp_path: Path) -> None:
