@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import importlib
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,11 +20,10 @@ from typing import Any
 import onnx
 
 from moetrt.build_request import BuildOptions, BuildRequest, check_build_request
-from moetrt.core.artifacts import KERNELS_DIR, MANIFEST_NAME, ONNX_NAME, PLAN_NAME, external_data_name
+from moetrt.core.artifacts import KERNELS_DIR, MANIFEST_NAME, ONNX_NAME, PLAN_NAME
 from moetrt.core.errors import MoetrtError
-from moetrt.core.onnx_io import load_onnx, model_precision, save_onnx, widen_to_fp32
+from moetrt.core.onnx_io import external_data_files, load_onnx, model_precision, save_onnx
 from moetrt.core.progress import heartbeat, quiet_loggers
-from moetrt.core.tolerances import tolerance
 from moetrt.op import spec
 from moetrt.op.fused_node import check_fused_model
 from moetrt.runtime.manifest import build_manifest, parity_line, write_manifest
@@ -105,7 +103,7 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
         if parity is not None:
             timings["parity"] = time.perf_counter() - start
         files: dict[str, str | Path] = {ONNX_NAME: fused_path}
-        files.update({p.name: p for p in staging.glob(external_data_name(ONNX_NAME))})
+        files.update({p.name: p for p in external_data_files(fused_path)})
         if engine is not None:
             files[PLAN_NAME] = engine.plan_path
         files.update({name: staging / name for name in (kernels or {}).get("files", [])})
@@ -410,29 +408,20 @@ def _parity(fused_path: Path, precision: str, say: Progress) -> dict[str, Any]:
 
 
 def _whole_model_parity(fused_path: Path, precision: str, say: Progress) -> tuple[Any, str, str]:
-    from moetrt.verify.model import verify
+    from moetrt.verify.model import BF16_WIDENED_NOTE, verify
 
     say("checking parity of the fused ONNX against PyTorch (onnxruntime CPU)")
     try:
         with quiet_loggers("transformers"):
             report = verify(str(fused_path), progress=None)
-        scope, backend = PARITY_SCOPE, "onnxruntime CPUExecutionProvider"
     except MoetrtError as err:
-        if precision != "bf16" or not ("bf16" in err.message or "bfloat16" in err.message):
-            say(f"parity not checked: {err.message}")
-            not_checked = {"checked": False, "scope": PARITY_SCOPE, "precision": precision}
-            return {**not_checked, "reason": err.one_line()}, "", ""
-        say(f"{err.message}: checking the same graph widened to fp32 instead")
-        try:
-            report = _upcast_parity(fused_path)
-        except MoetrtError as upcast_err:
-            say(f"parity not checked: {upcast_err.message}")
-            reason = (
-                f"{err.one_line()}; the fp32 widening could not be checked either: {upcast_err.one_line()}"
-            )
-            return {"checked": False, "scope": UPCAST_SCOPE, "precision": precision, "reason": reason}, "", ""
-        scope, backend = UPCAST_SCOPE, "onnxruntime CPUExecutionProvider (graph widened to fp32)"
-    return report, scope, backend
+        say(f"parity not checked: {err.message}")
+        scope = UPCAST_SCOPE if precision == "bf16" else PARITY_SCOPE
+        not_checked = {"checked": False, "scope": scope, "precision": precision}
+        return {**not_checked, "reason": err.one_line()}, "", ""
+    if BF16_WIDENED_NOTE in report.findings:  # onnxruntime's CPU provider ran the bf16 graph's exact widening
+        return report, UPCAST_SCOPE, "onnxruntime CPUExecutionProvider (graph widened to fp32)"
+    return report, PARITY_SCOPE, "onnxruntime CPUExecutionProvider"
 
 
 def _parity_summary(report: Any, scope: str, backend: str, precision: str, say: Progress) -> dict[str, Any]:
@@ -459,19 +448,3 @@ def _parity_summary(report: Any, scope: str, backend: str, precision: str, say: 
     )
     say(line if report.passed else "warning: " + line)
     return summary
-
-
-def _upcast_parity(fused_path: Path) -> Any:
-    """`verify_loaded` on the fp32 widening of a bf16 model, against the reference on the same bf16 weights."""
-    from moetrt.verify.artifact import verify_loaded
-
-    model = onnx.load(str(fused_path))
-    with tempfile.TemporaryDirectory(prefix="moetrt-upcast-") as tmp:
-        widened = Path(tmp) / ONNX_NAME
-        save_onnx(widen_to_fp32(model), widened)
-        with quiet_loggers("transformers"):
-            # bf16's tolerance, not fp32's: the graph's scalar constants are bf16-rounded where PyTorch keeps
-            # them in float32 (GPT-OSS's SwiGLU alpha 1.702 -> 1.703125: 1e-4 at the output).
-            report = verify_loaded(widened, reference_dtype="bf16", tolerance=tolerance("bf16"))
-    report.artifact = str(fused_path)
-    return report

@@ -68,7 +68,7 @@ def _progress(message: str) -> None:
     "output",
     required=True,
     type=click.Path(dir_okay=False),
-    help="Output ONNX file (*.onnx). Weights over 2 GB go to OUTPUT.data beside it.",
+    help="Output ONNX file (*.onnx). Weights over 2 GB go to OUTPUT.data beside it (numbered shards past 4 GiB).",
 )
 @click.option(
     "--dtype",
@@ -251,7 +251,8 @@ def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) ->
     the rule recognises it and (for blocks under 1 GiB of weights) the fused node gives the block's values
     on random inputs; anything MoE-looking left as standard ops is counted, and listed with the rule and
     the failed check under --explain. The output
-    (IR 10, onnxruntime runs it as is) is written atomically; weights over 2 GB go to OUT.onnx.data.
+    (IR 10, onnxruntime runs it as is) is written atomically; weights over 2 GB go to OUT.onnx.data (numbered
+    shards past 4 GiB).
 
     \b
     Examples:

@@ -24,6 +24,9 @@ MAX_IR_VERSION = 10
 #: Serialised size above which weights go to external data (clear of protobuf's 2 GiB limit).
 PROTOBUF_LIMIT = 2**31 - 2**24
 _EXTERNAL_THRESHOLD_BYTES = 1024
+#: One external-data file holds at most this much; a larger model's weights go to numbered shards (below the
+#: 4 GiB single-file limits of FAT32 and of several upload tools, as checkpoints shard their safetensors).
+DATA_SHARD_BYTES = 4 * 1024**3
 
 
 def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
@@ -60,6 +63,24 @@ def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> 
     return model
 
 
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external-data files the ONNX file at `path` names (its `.data` file, or its numbered shards), in the
+    order they are first named; [] when its weights are inline or the file cannot be read."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # an unreadable file names no data files
+        return []
+    names = dict.fromkeys(
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    )
+    return [path.parent / name for name in names]
+
+
 def weight_bytes(model: Any) -> int:
     """Bytes of the initializers of an onnx_ir.Model (lazy and external tensors are not read)."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
@@ -84,13 +105,15 @@ def staged_onnx_path(out_path: str | os.PathLike[str]) -> Iterator[Path]:
             yield staged
         except MoetrtError as err:
             raise err.naming(str(staged), str(out_path)) from None
-        data_name = external_data_name(out_path.name)
-        final_data = out_path.parent / data_name
+        # The staged model's external data (one .data file or numbered shards) moves with it; data files of
+        # the model being replaced that the new one does not name go.
+        new_data = external_data_files(staged)
+        stale = [p for p in external_data_files(out_path) if p.name not in {d.name for d in new_data}]
         try:
-            if (staging / data_name).is_file():
-                os.replace(staging / data_name, final_data)
-            elif final_data.exists():
-                final_data.unlink()
+            for data in new_data:
+                os.replace(data, out_path.parent / data.name)
+            for old in stale:
+                old.unlink(missing_ok=True)
             os.replace(staged, out_path)
         except OSError as err:
             raise MoetrtError(
@@ -121,20 +144,28 @@ def write_onnx(model: Any, path: str | os.PathLike[str], external: bool | None =
         import onnx_ir as ir
 
         if external:
-            ir.save(model, path, external_data=data_name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES)
+            # Above one shard's worth, numbered shard files (<stem>-00001-of-0000N...): no single huge file.
+            shard = DATA_SHARD_BYTES if weight_bytes(model) > DATA_SHARD_BYTES else None
+            ir.save(
+                model,
+                path,
+                external_data=data_name,
+                size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
+                max_shard_size_bytes=shard,
+            )
         else:
             ir.save(model, path)
 
 
 def save_onnx(model: Any, out_path: str | os.PathLike[str], external: bool | None = None) -> Path | None:
     """Write `model` (an onnx.ModelProto or an onnx_ir.Model) to `out_path` atomically (`staged_onnx_path`);
-    returns the external data path when the weights went to `<name>.data` (tensors under 1 KiB stay inline,
-    so an external save of small tensors writes none)."""
+    returns the first external-data file when the weights went to external data (tensors under 1 KiB stay
+    inline, so an external save of small tensors writes none)."""
     out_path = Path(out_path)
     with staged_onnx_path(out_path) as staged:
         write_onnx(model, staged, external)
-    data = out_path.parent / external_data_name(out_path.name)
-    return data if data.is_file() else None
+    data = external_data_files(out_path)
+    return data[0] if data else None
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

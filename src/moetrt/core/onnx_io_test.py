@@ -70,3 +70,46 @@ def test_widening_is_exact_and_leaves_the_input_alone() -> None:
         numpy_helper.to_array(wide.graph.initializer[0])[:4], [1.5, 2.0, -0.25, 3.0]
     )
     onnx.checker.check_model(wide)
+
+
+def _ir_model_with_weights(count: int, size: int = 4096) -> object:
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(_bf16_model(size))
+    graph = model.graph
+    for i in range(1, count):  # more weights, each added to the output
+        weight = ir.Value(
+            name=f"w{i}",
+            shape=ir.Shape([size]),
+            type=ir.TensorType(ir.DataType.BFLOAT16),
+            const_value=ir.tensor(np.full(size, i, dtype=ml_dtypes.bfloat16), name=f"w{i}"),
+        )
+        graph.register_initializer(weight)
+        add = ir.node("Add", [graph.outputs[0], weight])
+        graph.append(add)
+        graph.outputs[0] = add.outputs[0]
+        add.outputs[0].name = f"y{i}"
+    return model
+
+
+def test_large_weights_go_to_numbered_shards_and_stale_shards_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1)  # stands in for 2 GiB
+    monkeypatch.setattr(onnx_io, "DATA_SHARD_BYTES", 3 * 8192)  # three 8 KiB weights per shard
+    out = tmp_path / "m.onnx"
+    first = onnx_io.save_onnx(_ir_model_with_weights(7), out)
+    shards = onnx_io.external_data_files(out)
+    assert len(shards) == 3 and first == shards[0] and all(s.is_file() for s in shards)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", *(s.name for s in shards)])
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx_io.load_onnx(out).graph.initializer}
+    assert all((weights[f"w{i}"].astype(np.float32) == i).all() for i in range(1, 7))  # read back exactly
+
+    onnx_io.save_onnx(_ir_model_with_weights(4), out)  # fewer shards now: the old ones go
+    again = onnx_io.external_data_files(out)
+    assert len(again) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", *(s.name for s in again)])
+    monkeypatch.setattr(onnx_io, "DATA_SHARD_BYTES", 1 << 40)
+    onnx_io.save_onnx(_ir_model_with_weights(4), out)  # under one shard: one .data file
+    assert [p.name for p in onnx_io.external_data_files(out)] == ["m.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]

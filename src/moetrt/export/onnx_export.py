@@ -20,12 +20,12 @@ from moetrt.core.artifacts import (
     META_LONG_SEQ,
     META_NUM_MOE_BLOCKS,
     META_SOURCE,
-    external_data_name,
 )
 from moetrt.core.dtypes import name_of, precision
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import (
     MAX_IR_VERSION,
+    external_data_files,
     needs_external_data,
     staged_onnx_path,
     weight_bytes,
@@ -60,11 +60,15 @@ class ExportResult:
     dtype: str
     opset: int
     ir_version: int
-    external_data: Path | None
+    external_data: Path | None  # the first external-data file (of several when the weights are sharded)
     weight_bytes: int
+    data_files: int = 0
 
     def summary(self) -> str:
-        data = f", weights in {self.external_data.name}" if self.external_data else ""
+        data = ""
+        if self.external_data is not None:
+            more = f" and {self.data_files - 1} more shard(s)" if self.data_files > 1 else ""
+            data = f", weights in {self.external_data.name}{more}"
         return (
             f"wrote {self.path} ({self.num_nodes} nodes, {self.num_moe_blocks} MoE blocks found, "
             f"{self.dtype}, opset {self.opset}, IR {self.ir_version}{data}) in {self.seconds:.1f} s"
@@ -181,7 +185,7 @@ def export_onnx(
             )
         elif self_check != "off":
             _check_written(staged, out_path, loaded, self_check, say)
-    data_path = out_path.parent / external_data_name(out_path.name) if external else None
+    data_files = external_data_files(out_path)
     return ExportResult(
         path=out_path,
         num_moe_blocks=loaded.num_moe_blocks,
@@ -191,8 +195,9 @@ def export_onnx(
         dtype=name_of(loaded.dtype),
         opset=opset,
         ir_version=MAX_IR_VERSION if ir_version > MAX_IR_VERSION else ir_version,
-        external_data=data_path,
+        external_data=data_files[0] if data_files else None,
         weight_bytes=weights,
+        data_files=len(data_files),
     )
 
 
