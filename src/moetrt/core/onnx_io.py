@@ -130,31 +130,27 @@ def write_onnx(model: Any, path: str | os.PathLike[str], external: bool | None =
         external = needs_external_data(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     data_name = external_data_name(path.name)
-    if isinstance(model, onnx.ModelProto):
-        options: dict[str, Any] = {}
-        if external:
-            options = dict(
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=_EXTERNAL_THRESHOLD_BYTES,
-            )
-        onnx.save_model(model, str(path), **options)
-    else:
-        import onnx_ir as ir
+    if isinstance(model, onnx.ModelProto) and not external:
+        onnx.save_model(model, str(path))
+        return
+    import onnx_ir as ir
 
-        if external:
-            # Above one shard's worth, numbered shard files (<stem>-00001-of-0000N...): no single huge file.
-            shard = DATA_SHARD_BYTES if weight_bytes(model) > DATA_SHARD_BYTES else None
-            ir.save(
-                model,
-                path,
-                external_data=data_name,
-                size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
-                max_shard_size_bytes=shard,
-            )
-        else:
-            ir.save(model, path)
+    if isinstance(model, onnx.ModelProto):
+        # onnx's own external-data save rewrites the caller's proto (its tensors turn into references to the
+        # written file); onnx-ir writes from a view of it and leaves it as it was.
+        model = ir.serde.deserialize_model(model)
+    if external:
+        # Above one shard's worth, numbered shard files (<stem>-00001-of-0000N...): no single huge file.
+        shard = DATA_SHARD_BYTES if weight_bytes(model) > DATA_SHARD_BYTES else None
+        ir.save(
+            model,
+            path,
+            external_data=data_name,
+            size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
+            max_shard_size_bytes=shard,
+        )
+    else:
+        ir.save(model, path)
 
 
 def save_onnx(model: Any, out_path: str | os.PathLike[str], external: bool | None = None) -> Path | None:

@@ -113,3 +113,20 @@ def test_large_weights_go_to_numbered_shards_and_stale_shards_go(
     onnx_io.save_onnx(_ir_model_with_weights(4), out)  # under one shard: one .data file
     assert [p.name for p in onnx_io.external_data_files(out)] == ["m.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_an_external_save_leaves_the_callers_model_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _bf16_model()
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1)  # stands in for 2 GiB
+    onnx_io.save_onnx(model, tmp_path / "a.onnx")
+    assert model.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT  # still inline, still whole
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1 << 40)
+    onnx_io.save_onnx(model, tmp_path / "a.onnx")  # inline now: the old data file goes, the model still loads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+    loaded = onnx_io.load_onnx(tmp_path / "a.onnx")
+    assert (
+        numpy_helper.to_array(loaded.graph.initializer[0]).tobytes()
+        == numpy_helper.to_array(model.graph.initializer[0]).tobytes()
+    )
