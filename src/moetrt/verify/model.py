@@ -170,7 +170,15 @@ def _verify_onnx(
         say(f"diagnosing {', '.join(f'{b}x{s}' for (b, s), _ in cases)}: {what}")
         with quiet_logs():
             diagnoses = diagnose(
-                onnx_path, loaded.module, loaded.input_names, output_names, cases, dtype, tolerance, per_layer
+                onnx_path,
+                loaded.module,
+                loaded.input_names,
+                output_names,
+                cases,
+                dtype,
+                tolerance,
+                per_layer,
+                failing,
             )
         apply_diagnoses(report, diagnoses)
     return report
