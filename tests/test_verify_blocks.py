@@ -99,3 +99,14 @@ def test_cli_blocks(qwen3_moe_fused: Path) -> None:
     assert code == 0 and "model.model.layers.1.mlp" in out and "PASS: 6/6" in out
     code, _, err = invoke("verify", str(qwen3_moe_fused), "--blocks", "--per-layer")
     assert code == 1 and "--blocks" in err
+
+
+def test_a_block_model_is_checked_too(tmp_path: Path) -> None:
+    """A block export carries the exporter's shape bookkeeping outside any module scope: the fused node
+    still names its block module."""
+    from moetrt.core.artifacts import node_scopes
+
+    assert node_scopes("['_empty_nn_module_stack_from_metadata_hook', 'sym_size_int_7']") == []
+    assert node_scopes("['', 'block', 'block.experts', 'bmm_1']") == ["", "block", "block.experts"]
+    report = verify_blocks(_fused(tmp_path, "demo:qwen3_next:block"))
+    assert report.passed and {row.output for row in report.rows} == {"block"}, report.format_table()

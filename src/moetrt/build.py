@@ -182,8 +182,9 @@ def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tu
         count = int(result.num_fused)
         if count == 0:
             say("warning: no MoE block was fused; the engine will run the standard-op graph")
-    for leftover in staging.glob("exported.onnx*"):
-        leftover.unlink()
+    exported = staging / "exported.onnx"
+    for leftover in [*external_data_files(exported), exported]:  # its .data file or numbered shards
+        leftover.unlink(missing_ok=True)
     return load_onnx(fused_path, load_external_data=False), count
 
 
@@ -384,7 +385,7 @@ def _parity(fused_path: Path, precision: str, say: Progress) -> dict[str, Any]:
     its exact fp32 widening instead (UPCAST_SCOPE), and the manifest says so. A model that still cannot be
     checked (e.g. it names no source model) is recorded as not checked, with the reason: never as a pass.
     """
-    weight_bytes = sum(p.stat().st_size for p in fused_path.parent.glob(f"{fused_path.name}*"))
+    weight_bytes = sum(p.stat().st_size for p in [fused_path, *external_data_files(fused_path)])
     if weight_bytes > PARITY_MAX_BYTES:
         say(
             f"{weight_bytes / 1e9:.1f} GB of weights are over the whole-model parity check's "

@@ -32,6 +32,8 @@ def node_scopes(metadata_value: str) -> list[str]:
         return []
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         return []
+    if not scopes or scopes[0] != "":  # shape bookkeeping the exporter adds outside any module
+        return []
     return scopes[:-1]
 
 
