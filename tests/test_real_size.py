@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from moetrt.core.onnx_io import external_data_files
 from moetrt.op.fused_node import check_fused_model
 from moetrt.runtime.manifest import read_manifest, verify_files
 
@@ -111,6 +112,10 @@ def test_a_real_width_checkpoint_builds_from_disk(tmp_path: Path) -> None:
         "build", str(checkpoint), "-o", str(out), "--target", "h100", "--precision", "bf16"
     )
     assert code == 0 and build_peak < 12.0, build_peak
-    parity = read_manifest(out)["parity"]
+    manifest = read_manifest(out)
+    parity = manifest["parity"]
     assert parity["checked"] and parity["passed"] and len(parity["rows"]) == 3
+    shards = external_data_files(out / "model.onnx")  # 4.5 GB of weights: past one 4 GiB shard
+    assert len(shards) == 2 and all(s.name in manifest["files"] for s in shards)
+    verify_files(manifest, out)
     shutil.rmtree(tmp_path)
