@@ -59,10 +59,10 @@ def test_streamed_export_writes_the_same_model_as_the_in_memory_one(
 
 
 def test_large_checkpoints_stream_by_default(sharded_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
-    from moetrt.export import onnx_export
+    from moetrt.export import offloaded
 
     messages: list[str] = []
-    monkeypatch.setattr(onnx_export, "STREAM_MIN_BYTES", 1)
+    monkeypatch.setattr(offloaded, "STREAM_MIN_BYTES", 1)
     export_onnx(str(sharded_checkpoint), tmp_path / "m.onnx", progress=messages.append)
     assert any("from disk" in m for m in messages)
     assert any("self-check skipped" in m for m in messages)

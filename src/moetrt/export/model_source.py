@@ -59,6 +59,15 @@ def checkpoint_bytes(spec: str) -> int | None:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def loads_from_disk(spec: str) -> bool:
+    """Whether `spec` is a Hugging Face checkpoint too large to hold whole (over
+    `offloaded.STREAM_MIN_BYTES`), which is then loaded with `offload_dir` and read from disk."""
+    from moetrt.export import offloaded
+
+    size = checkpoint_bytes(spec)
+    return size is not None and size > offloaded.STREAM_MIN_BYTES
+
+
 def _load_demo(spec: str, dtype: torch.dtype) -> LoadedModel:
     from moetrt.export.demo_models import DEFAULT_DEMO, DEMO_FAMILIES, build_demo
 

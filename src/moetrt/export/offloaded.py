@@ -64,13 +64,11 @@ def offload_to_meta(model: nn.Module) -> OffloadedWeights:
     return OffloadedWeights(loader=loader, buffers=buffers)
 
 
-def attach_weights(model: Any, weights: OffloadedWeights, prefix: str) -> int:
+def attach_weights(model: Any, weights: OffloadedWeights, prefix: str) -> None:
     """Give every initializer of the exported `model` (onnx_ir) that the trace left without values a lazy
-    tensor reading its value from `weights`; `prefix` is the exported root's path to the traced module.
-    Returns the weight bytes attached."""
+    tensor reading its value from `weights`; `prefix` is the exported root's path to the traced module."""
     import onnx_ir as ir
 
-    total = 0
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if tensor is not None and not _is_meta(tensor):
@@ -84,18 +82,14 @@ def attach_weights(model: Any, weights: OffloadedWeights, prefix: str) -> int:
         dtype = value.dtype if value.dtype is not None else ir.DataType.FLOAT
         shape = value.shape if value.shape is not None else ir.Shape(tensor.shape)
         value.const_value = ir.LazyTensor(_reader(weights, source, name, dtype), dtype, shape, name=name)
-        total += dtype.itemsize * int(np.prod([int(d) for d in shape]))
-    return total
 
 
-def fold_weight_transposes(model: Any) -> int:
+def fold_weight_transposes(model: Any) -> None:
     """Fold `Transpose(weight)` of attached weights into transposed lazy weights, as the exporter's optimiser
-    would fold them into arrays (it folds a Transpose of any size): the same graph, still read when written.
-    Returns how many were folded."""
+    would fold them into arrays (it folds a Transpose of any size): the same graph, still read when written."""
     import onnx_ir as ir
 
     graph = model.graph
-    folded = 0
     for node in list(graph):
         if node.op_type != "Transpose" or node.domain != "" or len(node.inputs) != 1:
             continue
@@ -118,8 +112,6 @@ def fold_weight_transposes(model: Any) -> int:
         graph.remove(node, safe=True)
         graph.initializers.pop(weight.name)
         graph.register_initializer(value)
-        folded += 1
-    return folded
 
 
 def _transposed(source: Any, perm: list[int], name: str) -> Callable[[], Any]:

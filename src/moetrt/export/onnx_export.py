@@ -33,7 +33,7 @@ from moetrt.core.onnx_io import (
 )
 from moetrt.core.progress import heartbeat, quiet_loggers
 from moetrt.export.loaded import CausalLMLogits, LoadedModel
-from moetrt.export.model_source import checkpoint_bytes, load_model
+from moetrt.export.model_source import load_model, loads_from_disk
 from moetrt.export.offloaded import STREAM_MIN_BYTES, attach_weights, fold_weight_transposes
 
 DEFAULT_OPSET = 18
@@ -120,8 +120,7 @@ def export_onnx(
         )
 
     if stream is None:
-        size = None if isinstance(spec_or_loaded, LoadedModel) else checkpoint_bytes(spec_or_loaded)
-        stream = size is not None and size > STREAM_MIN_BYTES
+        stream = not isinstance(spec_or_loaded, LoadedModel) and loads_from_disk(spec_or_loaded)
     if stream and isinstance(spec_or_loaded, LoadedModel):
         raise MoetrtError("a loaded model cannot be exported from disk", "pass the MODEL spec instead")
 
@@ -220,9 +219,8 @@ def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
             warnings.simplefilter("ignore")
             offloaded = loaded.offloaded
             examples = loaded.example_inputs
-            if (
-                offloaded is not None
-            ):  # a meta-device module: trace on meta inputs, optimise once weights are set
+            # A meta-device module traces on meta inputs and is optimised once its weights are attached.
+            if offloaded is not None:
                 examples = tuple(t.to("meta") for t in examples)
             program = torch.onnx.export(
                 loaded.module,

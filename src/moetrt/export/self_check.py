@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from moetrt.core.dtypes import name_of
-from moetrt.core.onnx_io import load_onnx, widen_to_fp32, write_onnx
+from moetrt.core.onnx_io import write_widened
 from moetrt.core.tolerances import relative_error, tolerance
 from moetrt.export.loaded import LoadedModel
 
@@ -46,7 +46,7 @@ def check_export(onnx_path: Path, loaded: LoadedModel) -> list[OutputCheck]:
         path = onnx_path
         if widen:  # onnxruntime runs the exact float32 widening, from a file (external data when it needs)
             path = Path(tmp) / "widened.onnx"
-            write_onnx(widen_to_fp32(load_onnx(onnx_path), in_place=True), path)
+            write_widened(onnx_path, path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

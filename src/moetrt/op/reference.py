@@ -24,7 +24,14 @@ def choice_scores(
     group masking: raw logits when top-k comes first, else the scores plus the correction bias."""
     if attrs.topk_before_score:
         return logits
-    scores = torch.softmax(logits, dim=-1) if attrs.scoring == "softmax" else torch.sigmoid(logits)
+    return _biased(_scores(logits, attrs), score_correction_bias)
+
+
+def _scores(logits: torch.Tensor, attrs: MoEAttributes) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1) if attrs.scoring == "softmax" else torch.sigmoid(logits)
+
+
+def _biased(scores: torch.Tensor, score_correction_bias: torch.Tensor | None) -> torch.Tensor:
     return scores if score_correction_bias is None else scores + score_correction_bias
 
 
@@ -45,9 +52,9 @@ def route(
             ids = torch.topk(logits, k, dim=-1).indices
         return torch.softmax(logits.gather(1, ids), dim=-1), ids
 
-    scores = torch.softmax(logits, dim=-1) if attrs.scoring == "softmax" else torch.sigmoid(logits)
+    scores = _scores(logits, attrs)
     if ids is None:
-        choice = choice_scores(logits, attrs, score_correction_bias)
+        choice = _biased(scores, score_correction_bias)
         if attrs.n_group > 1:
             num_tokens = choice.shape[0]
             grouped = choice.view(num_tokens, attrs.n_group, attrs.num_experts // attrs.n_group)

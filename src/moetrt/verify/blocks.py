@@ -25,12 +25,11 @@ import torch
 from torch import nn
 
 from moetrt.core.artifacts import META_DTYPE, META_SOURCE
-from moetrt.core.dtypes import torch_from_numpy
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import load_onnx, metadata
 from moetrt.core.tolerances import FUSION_CHECK_TOLERANCE
 from moetrt.verify.compare import VerifyReport, compare_outputs
-from moetrt.verify.probes import node_module_scopes
+from moetrt.verify.probes import node_module_scopes, stored_tensor
 
 Progress = Callable[[str], None]
 #: Token counts each block is checked at: one token (decode), a few, and more than any top-k could tie up.
@@ -48,9 +47,8 @@ def verify_blocks(
     import onnx_ir as ir
 
     from moetrt.export.loaded import CausalLMLogits
-    from moetrt.export.model_source import checkpoint_bytes, load_model
-    from moetrt.export.offloaded import STREAM_MIN_BYTES
-    from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
+    from moetrt.export.model_source import load_model, loads_from_disk
+    from moetrt.op.fused_node import check_fused_model, fused_nodes
 
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
@@ -66,21 +64,20 @@ def verify_blocks(
     if not reference:
         raise MoetrtError(f"{onnx_path} does not name its source model", "pass --reference MODEL")
     dtype = meta.get(META_DTYPE, "fp32")
-    blocks = [n for n in header.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+    blocks = list(zip(fused_nodes(header), check_fused_model(header)))
     if not blocks:
         raise MoetrtError(f"{onnx_path} has no fused moetrt::MoE node", "fuse it first (`moetrt fuse`)")
     del header
 
     report = VerifyReport(artifact=str(onnx_path), reference=reference, dtype=dtype)
     graph = ir.load(str(onnx_path)).graph  # weights stay memory-mapped in the external data
-    size = checkpoint_bytes(reference)
     with tempfile.TemporaryDirectory(prefix="moetrt-blocks-", dir=onnx_path.parent) as tmp:
-        from_disk = size is not None and size > STREAM_MIN_BYTES
+        from_disk = loads_from_disk(reference)
         say(f"opening the reference {reference}{' from disk' if from_disk else ''}")
         loaded = load_model(reference, dtype, offload_dir=Path(tmp) / "offload" if from_disk else None)
         root = loaded.module
         prefix = CausalLMLogits.WRAPPED_PREFIX if isinstance(root, CausalLMLogits) else ""
-        for index, node in enumerate(blocks):
+        for index, (node, attrs) in enumerate(blocks):
             scopes = node_module_scopes(node)
             if not scopes:
                 raise MoetrtError(
@@ -88,7 +85,6 @@ def verify_blocks(
                     "fuse the export again with this moetrt (fused nodes now carry their module scopes)",
                 )
             path = scopes[-1]
-            attrs = MoEAttributes.from_onnx_attributes({a.name: _attribute(a) for a in node.attribute})
             say(f"block {index + 1}/{len(blocks)}: {path or '(root)'}")
             module = root.get_submodule(path) if path else root
             with _materialised(module, loaded.offloaded, path, prefix):
@@ -106,24 +102,18 @@ def verify_blocks(
     return report
 
 
-def _attribute(attribute: Any) -> Any:
-    from onnx import helper
-
-    return helper.get_attribute_value(attribute)
-
-
 def _oracle(graph: Any, node: Any, attrs: Any, hidden: torch.Tensor) -> torch.Tensor:
     from moetrt.op.reference import moe_reference
 
     inputs = {"hidden_states": hidden}
     for name, value_name in zip(attrs.present_inputs()[1:], list(node.input)[1:], strict=False):
-        value = graph.initializers.get(value_name)
-        if value is None or value.const_value is None:
+        tensor = stored_tensor(graph, value_name)
+        if tensor is None:
             raise MoetrtError(
                 f"fused node {node.name}: input {name} ({value_name}) is not a stored weight",
                 "check the file written by `moetrt fuse` (its weights are packed initializers)",
             )
-        inputs[name] = torch_from_numpy(value.const_value.numpy())  # memory-mapped; the oracle only reads
+        inputs[name] = tensor
     return moe_reference(inputs, attrs)["output"].float()
 
 

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from moetrt.core.dtypes import precision, torch_from_numpy
+from moetrt.core.dtypes import precision
 from moetrt.core.tolerances import relative_error
-from moetrt.op.reference import choice_scores, moe_reference, router_logits
+from moetrt.op.reference import choice_scores, moe_reference, route, router_logits
 from moetrt.verify.compare import Shape, VerifyReport, VerifyRow, compare_outputs
-from moetrt.verify.probes import FusedBlockProbe, ProbedModel, write_probed_model
+from moetrt.verify.probes import FusedBlockProbe, ProbedModel, stored_tensor, write_probed_model
 
 #: Scores computed in float32 by the artifact agree with the float64 recomputation only to this relative
 #: amount, so a margin below it is a tie whatever the inputs.
@@ -181,10 +181,7 @@ class _BlockWeights:
         self._graph = ir.load(str(onnx_path)).graph
 
     def get(self, name: str) -> torch.Tensor | None:
-        value = self._graph.initializers.get(name)
-        if value is None or value.const_value is None:
-            return None
-        return torch_from_numpy(value.const_value.numpy())  # memory-mapped: only read
+        return stored_tensor(self._graph, name)
 
 
 @contextlib.contextmanager
@@ -273,9 +270,10 @@ class _RoutingHook:
         bias, correction = self._input("router_bias"), self._input("score_correction_bias")
         router, bias = router.double(), None if bias is None else bias.double()
         correction = None if correction is None else correction.double()
-        choice_ref = choice_scores(router_logits(x_ref, router, bias), attrs, correction)
+        logits_ref = router_logits(x_ref, router, bias)
+        choice_ref = choice_scores(logits_ref, attrs, correction)
         choice_art = choice_scores(router_logits(x_art, router, bias), attrs, correction)
-        ref_ids = _top_ids(x_ref, router, bias, correction, attrs)
+        ref_ids = route(logits_ref, attrs, correction)[1]
         forced: list[int] = []
         for token in range(x_ref.shape[0]):
             ref_set, art_set = set(ref_ids[token].tolist()), set(art_ids[token].tolist())
@@ -318,18 +316,6 @@ def _flip(
         margin=margin,
         perturbation=perturbation,
     )
-
-
-def _top_ids(
-    x: torch.Tensor,
-    router: torch.Tensor,
-    bias: torch.Tensor | None,
-    correction: torch.Tensor | None,
-    attrs: Any,
-) -> torch.Tensor:
-    from moetrt.op.reference import route
-
-    return route(router_logits(x, router, bias), attrs, correction)[1]
 
 
 def _with_rows_rerouted(

@@ -93,10 +93,10 @@ def _widened_if_bf16(onnx_path: Path, stack: contextlib.ExitStack) -> Path | Non
     """A bf16 model's exact float32 widening, written to a temporary file; None for other dtypes."""
     if metadata(load_onnx(onnx_path, load_external_data=False)).get(META_DTYPE) != "bf16":
         return None
-    from moetrt.core.onnx_io import widen_to_fp32, write_onnx
+    from moetrt.core.onnx_io import write_widened
 
     path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moetrt-widened-"))) / onnx_path.name
-    write_onnx(widen_to_fp32(load_onnx(onnx_path), in_place=True), path)
+    write_widened(onnx_path, path)
     return path
 
 

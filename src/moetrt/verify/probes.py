@@ -13,13 +13,16 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import external_data_helper
 
 from moetrt.core.artifacts import NODE_NAME_SCOPES, node_scopes
+from moetrt.core.dtypes import torch_from_numpy
 from moetrt.core.onnx_io import load_onnx
 from moetrt.op.function_body import make_moe_function
+from moetrt.op.fused_node import check_fused_model, fused_nodes
 from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
 
 
@@ -71,12 +74,7 @@ def write_probed_model(source: Path, directory: Path, modules: Iterable[str]) ->
 
     opset = next((o.version for o in model.opset_import if o.domain == ""), 18)
     functions = {(f.domain, f.name, f.overload): f for f in model.functions}
-    for node in graph.node:
-        if node.domain != DOMAIN or node.op_type != OP_TYPE:
-            continue
-        attrs = MoEAttributes.from_onnx_attributes(
-            {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        )
+    for node, attrs in zip(fused_nodes(model), check_fused_model(model)):
         overload = f"{node.overload}_probe_ids"
         if (DOMAIN, OP_TYPE, overload) not in functions:
             function = make_moe_function(attrs, overload, opset=opset, expose_ids=True)
@@ -134,3 +132,12 @@ def _link_external_data(model: onnx.ModelProto, source_dir: Path, directory: Pat
         target = directory / location
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink((source_dir / location).resolve(), target)
+
+
+def stored_tensor(graph: Any, name: str) -> Any:
+    """The value of initializer `name` of an onnx-ir graph as a torch tensor (memory-mapped from external data:
+    only read it), or None when `name` is not a stored value."""
+    value = graph.initializers.get(name)
+    if value is None or value.const_value is None:
+        return None
+    return torch_from_numpy(value.const_value.numpy())
