@@ -16,8 +16,8 @@ from moetrt.cli import parse_dim_range
 from moetrt.core.errors import MoetrtError
 from moetrt.runtime import load
 from moetrt.runtime.manifest import check_plan, read_manifest, verify_files
+from moetrt.trt.profiles import make_profiles
 from moetrt.trt.targets import DimRange
-from moetrt.trt.trt_build import make_profiles
 
 pytest.importorskip("tensorrt_rtx_bindings")
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moetrt.core.errors import MoetrtError
+from moetrt.export.cached import positions
 from moetrt.export.demo_models import DEFAULT_DEMO, DEMO_FAMILIES, build_demo, demo_config
-from moetrt.export.loaded import count_moe_blocks, is_moe_block
+from moetrt.export.loaded import UNCACHED, count_moe_blocks, is_moe_block
 from moetrt.export.model_source import load_model
 
 
@@ -22,7 +23,7 @@ def test_families_listed_with_qwen3_next_first() -> None:
 
 @pytest.mark.parametrize("family", DEMO_FAMILIES)
 def test_whole_model_runs_with_o1_logits(family: str) -> None:
-    loaded = build_demo(family)
+    loaded = build_demo(family, form=UNCACHED)
     assert loaded.spec == f"demo:{family}"
     assert loaded.input_names == ["input_ids"] and loaded.output_names == ["logits"]
     assert loaded.num_moe_blocks >= 1
@@ -34,6 +35,27 @@ def test_whole_model_runs_with_o1_logits(family: str) -> None:
     assert 0.1 < logits.std().item() < 10.0
     # The example batch is >= 2 and seq >= 3: a batch-1 example would specialise the exported graph.
     assert loaded.example_inputs[0].shape[0] >= 2 and loaded.example_inputs[0].shape[1] >= 3
+
+
+@pytest.mark.parametrize("family", DEMO_FAMILIES)
+def test_cached_decoder_continues_its_own_prefill(family: str) -> None:
+    """The cached form's state carries the sequence: 11 tokens at once give the logits of 8, then 3 more."""
+    loaded = build_demo(family)
+    assert loaded.state is not None and loaded.input_names[:3] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+    ]
+    assert len(loaded.input_names) == 3 + 2 * len(loaded.state.layers) == len(loaded.output_names) + 2
+    ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 11, dtype=torch.int64)
+    empty = loaded.state.empty_state(2)
+    whole = loaded.run((ids, mask, positions(mask, 11), *empty))
+    first = loaded.run((ids[:, :8], mask[:, :8], positions(mask[:, :8], 8), *empty))
+    rest = loaded.run((ids[:, 8:], mask, positions(mask, 3), *first[1:]))
+    torch.testing.assert_close(torch.cat([first[0], rest[0]], dim=1), whole[0], rtol=1e-4, atol=1e-4)
+    for got, want in zip(rest[1:], whole[1:]):  # the state after both steps is the state after one
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", DEMO_FAMILIES)

@@ -39,16 +39,19 @@ def _assert_valid_export(path: Path, spec: str, dtype: str = "fp32") -> onnx.Mod
     return model
 
 
-def _assert_verified(path: Path, expected_seq_at_least: int = 65) -> None:
+def _assert_verified(path: Path, expected_seq_at_least: int = 65, decoder: bool = False) -> None:
     report = verify(path)
     print(report.format_table())
     assert report.passed, report.format_table()
     shapes = [row.shape for row in report.rows]
     assert len(set(shapes)) >= 3
-    assert any(batch == 1 for batch, _ in shapes)
-    assert any(batch > 2 for batch, _ in shapes), "a batch above the export example (2)"
-    assert any(seq >= expected_seq_at_least for _, seq in shapes), "a sequence longer than any chunk"
+    assert any(shape[0] == 1 for shape in shapes)
+    assert any(shape[0] > 2 for shape in shapes), "a batch above the export example (2)"
+    assert any(shape[1] >= expected_seq_at_least for shape in shapes), "a sequence longer than any chunk"
     assert all(row.rel_err <= TOLERANCES["fp32"] for row in report.rows)
+    if decoder:  # prefill after a past, and decode steps after a short and a long past
+        assert any(shape[1] > 1 and len(shape) > 2 and shape[2] > 0 for shape in shapes)
+        assert any(shape[1] == 1 and shape[2] >= expected_seq_at_least for shape in shapes)
 
 
 @pytest.mark.parametrize("family", DEMO_FAMILIES)
@@ -73,7 +76,7 @@ def test_whole_model_exports_and_verifies(family: str, tmp_path: Path) -> None:
     assert any("exporting" in m for m in messages) and any("found" in m for m in messages)
     _assert_valid_export(out, f"demo:{family}")
     # Qwen3-Next's linear attention runs in 64-token chunks: verify crosses two chunk boundaries.
-    _assert_verified(out, expected_seq_at_least=129 if family == "qwen3_next" else 65)
+    _assert_verified(out, expected_seq_at_least=129 if family == "qwen3_next" else 65, decoder=True)
     if family == "qwen3_next":  # the chunk edges themselves, and several chunks
         report = verify(out, shapes=[(1, 1), (1, 64), (1, 65), (3, 200)])
         assert report.passed, report.format_table()

@@ -16,7 +16,7 @@ from moetrt.op.presets import like
 from moetrt.op.reference import moe_reference, random_inputs
 from moetrt.runtime import load, random_feeds
 from moetrt.runtime.session import Session
-from moetrt.trt.trt_build import check_in_profile
+from moetrt.trt.profiles import check_in_profile
 
 HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 VARIANTS = {

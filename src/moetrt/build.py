@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 import time
 from collections import Counter
@@ -20,15 +21,27 @@ from typing import Any
 import onnx
 
 from moetrt.build_request import BuildOptions, BuildRequest, check_build_request
-from moetrt.core.artifacts import KERNELS_DIR, MANIFEST_NAME, ONNX_NAME, PLAN_NAME
+from moetrt.core.artifacts import (
+    GENERATION_CONFIG_NAME,
+    KERNELS_DIR,
+    LOGITS,
+    MANIFEST_NAME,
+    META_LAST_LOGITS,
+    META_SOURCE,
+    META_STATE,
+    ONNX_NAME,
+    PLAN_NAME,
+    TOKENIZER_FILE_NAMES,
+)
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import external_data_files, load_onnx, model_precision, save_onnx
 from moetrt.core.progress import heartbeat, quiet_loggers
 from moetrt.op import spec
 from moetrt.op.fused_node import check_fused_model
 from moetrt.runtime.manifest import build_manifest, parity_line, write_manifest
+from moetrt.trt.profiles import make_profiles
 from moetrt.trt.targets import Target
-from moetrt.trt.trt_build import EngineBuild, make_profiles, onnx_input_dims
+from moetrt.trt.trt_build import EngineBuild, onnx_input_dims, onnx_output_dims
 
 Progress = Callable[[str], None]
 
@@ -88,11 +101,12 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
         say = _unstaging(say, output.unstaged)
         fused_path = staging / ONNX_NAME
         start = time.perf_counter()
-        fused, fused_count = _fused_model(model, precision, staging, say)
+        fused, fused_count = _fused_model(model, precision, staging, say, options)
         timings["export_and_fuse"] = time.perf_counter() - start
         counts = _op_counts(fused)
         say(f"fused model: {fused_count} moetrt::MoE node(s), {counts['total_nodes']} nodes → {ONNX_NAME}")
-        profiles = make_profiles(onnx_input_dims(fused), tokens, batch)
+        profiles = make_profiles(onnx_input_dims(fused), tokens, batch, options.context_limit())
+        decoder = _decoder_entry(fused, model, staging, options.context_limit(), say)
 
         engine, reason, kernels = _build_engine(
             fused, fused_path, staging / PLAN_NAME, target, options, profiles, say, timings
@@ -107,6 +121,7 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
         if engine is not None:
             files[PLAN_NAME] = engine.plan_path
         files.update({name: staging / name for name in (kernels or {}).get("files", [])})
+        files.update({name: staging / name for name in (decoder or {}).get("files", [])})
         manifest = build_manifest(
             source=model,
             target={"name": target.name, "sm": target.sm, "description": target.description},
@@ -118,6 +133,7 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
             io=_io_entry(fused),
             parity=parity,
             build_seconds={k: round(v, 3) for k, v in timings.items()},
+            decoder=decoder,
         )
         write_manifest(staging / MANIFEST_NAME, manifest)
         output.publish()
@@ -150,7 +166,9 @@ def _timed(progress: Progress) -> Progress:
     return say
 
 
-def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tuple[onnx.ModelProto, int]:
+def _fused_model(
+    model: str, precision: str, staging: Path, say: Progress, options: BuildOptions
+) -> tuple[onnx.ModelProto, int]:
     """Write the fused model to staging/model.onnx, weights streamed from the export or the given .onnx; return
     its graph (weights not loaded) and its number of moetrt::MoE nodes."""
     fused_path = staging / ONNX_NAME
@@ -165,10 +183,12 @@ def _fused_model(model: str, precision: str, staging: Path, say: Progress) -> tu
                 f"pass --precision {found}, or export again with `moetrt export --dtype {precision}`",
             )
     else:
+        from moetrt.export.loaded import DecoderForm
         from moetrt.export.onnx_export import export_onnx
 
         source = staging / "exported.onnx"
-        export_onnx(model, source, dtype=precision, progress=say)
+        form = DecoderForm(cached=options.cache, last_logits=options.last_logits)
+        export_onnx(model, source, dtype=precision, progress=say, form=form)
         header = load_onnx(source, load_external_data=False)
     already = len(check_fused_model(header))
     if already:
@@ -207,6 +227,30 @@ def _fill_output_types(model: onnx.ModelProto) -> onnx.ModelProto:
         if not out.type.tensor_type.HasField("shape") and found.HasField("shape"):
             out.type.tensor_type.shape.CopyFrom(found.shape)
     return model
+
+
+def _decoder_entry(
+    fused: onnx.ModelProto, model: str, staging: Path, max_context: int, say: Progress
+) -> dict[str, Any] | None:
+    """A cached decoder's manifest entry: its state tensors, logits form, context limit, and the tokenizer files
+    packaged beside it (from its source model); None for any other model."""
+    from moetrt.export.tokenizer_files import package_tokenizer
+
+    meta = {p.key: p.value for p in fused.metadata_props}
+    if META_STATE not in meta:
+        return None
+    source = meta.get(META_SOURCE, model) if model.endswith(".onnx") else model
+    vocab = next((d for d in onnx_output_dims(fused, LOGITS)[-1:] if isinstance(d, int)), None)
+    files = package_tokenizer(source, staging, vocab)
+    say(f"packaged {', '.join(files)}" if files else f"no tokenizer files found for {source}")
+    return {
+        "state": json.loads(meta[META_STATE]),
+        "last_logits": meta.get(META_LAST_LOGITS) == "1",
+        "max_context": max_context,
+        "files": files,
+        "tokenizer": any(name in TOKENIZER_FILE_NAMES for name in files),
+        "generation_config": GENERATION_CONFIG_NAME if GENERATION_CONFIG_NAME in files else None,
+    }
 
 
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:

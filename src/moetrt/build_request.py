@@ -13,6 +13,7 @@ from moetrt.core.errors import MoetrtError
 from moetrt.core.files import check_input_file
 from moetrt.core.publish import OutputDir
 from moetrt.runtime.manifest import owned_entries
+from moetrt.trt.profiles import DEFAULT_MAX_CONTEXT
 from moetrt.trt.targets import ENGINE_BACKENDS, DimRange, Target, resolve_target
 
 DEFAULT_PRECISION = "fp16"
@@ -31,6 +32,15 @@ class BuildOptions:
     allow_parity_failure: bool = False  # succeed although parity failed (the manifest records it either way)
     force: bool = False
     verbose: bool = False
+    #: a causal LM exports as a cached decoder (`export.cached`) unless `cache` is False
+    cache: bool = True
+    last_logits: bool = False
+    #: longest context (past + new tokens) a cached decoder's engine accepts; None: the larger of
+    #: `profiles.DEFAULT_MAX_CONTEXT` and --tokens' max
+    max_context: int | None = None
+
+    def context_limit(self) -> int:
+        return self.max_context if self.max_context is not None else max(DEFAULT_MAX_CONTEXT, self.tokens.max)
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,15 @@ def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -
         )
     if model.endswith(".onnx"):
         check_input_file(model, "ONNX file", "pass an existing .onnx file or a MODEL spec")
+    if options.max_context is not None and options.max_context < options.tokens.max:
+        raise MoetrtError(
+            f"--max-context {options.max_context} is below the longest prefill (--tokens max {options.tokens.max})",
+            f"pass --max-context {options.tokens.max} or more, or a smaller --tokens",
+        )
+    if options.last_logits and not options.cache:
+        raise MoetrtError(
+            "--last-logits applies to cached decoders", "leave out --no-cache, or leave out --last-logits"
+        )
     precision = options.precision or _default_precision(model)
     target = resolve_target(options.target, options.engine_backend)
     target.check_precision(precision)

@@ -5,6 +5,7 @@ Heavy imports (torch, onnx, transformers) happen inside the commands so `moetrt 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -60,6 +61,22 @@ def _progress(message: str) -> None:
     click.echo(f"[moetrt] {message}", err=True)
 
 
+def _cache_options(command: Any) -> Any:
+    """--no-cache / --last-logits, shared by export and build."""
+    command = click.option(
+        "--last-logits",
+        is_flag=True,
+        help="Cached decoders: logits of the last position only ([batch, 1, vocab]); prefill then does not "
+        "compute [batch, seq, vocab].",
+    )(command)
+    return click.option(
+        "--no-cache",
+        is_flag=True,
+        help="Export a causal LM as input_ids -> logits without its KV cache / linear-attention state "
+        "(every step recomputes the whole prefix).",
+    )(command)
+
+
 @main.command("export")
 @click.argument("model")
 @click.option(
@@ -88,13 +105,21 @@ def _progress(message: str) -> None:
     help="Run the written ONNX (onnxruntime) against PyTorch at the example inputs before reporting success: "
     "a mismatch fails the export (error), is reported with the file kept (warn), or is not checked (off).",
 )
+@_cache_options
 @_user_errors
-def export_cmd(model: str, output: str, dtype: str, opset: int | None, self_check: str) -> None:
+def export_cmd(
+    model: str, output: str, dtype: str, opset: int | None, self_check: str, no_cache: bool, last_logits: bool
+) -> None:
     """Export MODEL to ONNX with dynamic batch and sequence length.
 
     MODEL is demo:<family>[:block], a Hugging Face model directory (config.json + safetensors), or
     module:path/to/file.py:factory (factory() returns (module, example_inputs)). The file is written
     atomically; progress goes to stderr, the summary to stdout.
+
+    A causal LM exports as a cached decoder: inputs input_ids [batch, seq], attention_mask [batch, past + seq],
+    position_ids [batch, seq] and past_key_values.{i}.key/.value (attention layers) or .conv/.recurrent
+    (linear-attention layers); outputs logits and present.{i}.*. One graph serves prefill and decode.
+    --no-cache exports input_ids -> logits over the whole sequence instead.
 
     \b
     Examples:
@@ -107,7 +132,16 @@ def export_cmd(model: str, output: str, dtype: str, opset: int | None, self_chec
     check_output_file(output, ".onnx")  # before the (long) export, not after it
     from moetrt.export.onnx_export import export_onnx
 
-    result = export_onnx(model, output, dtype=dtype, opset=opset, progress=_progress, self_check=self_check)
+    if last_logits and no_cache:
+        raise MoetrtError(
+            "--last-logits applies to cached decoders", "leave out --no-cache, or leave out --last-logits"
+        )
+    from moetrt.export.loaded import DecoderForm
+
+    form = DecoderForm(cached=not no_cache, last_logits=last_logits)
+    result = export_onnx(
+        model, output, dtype=dtype, opset=opset, progress=_progress, self_check=self_check, form=form
+    )
     click.echo(result.summary())
     if result.num_moe_blocks == 0:
         click.echo(
@@ -129,8 +163,10 @@ def export_cmd(model: str, output: str, dtype: str, opset: int | None, self_chec
     "--shapes",
     default=None,
     metavar="BxS,...",
-    help="Input shapes as BATCHxSEQ, comma-separated (default: batch 1, a batch above the export "
-    "example, and a sequence longer than any internal chunk).",
+    help="Input shapes as BATCHxSEQ, comma-separated; BATCHxSEQ+PAST for a cached decoder: SEQ new tokens "
+    "after PAST earlier ones, whose state the reference computes (default: batch 1, a batch above the export "
+    "example, a sequence longer than any internal chunk; for a decoder also 2x16+9, 1x1+7 and a decode "
+    "step after a long past).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option(
@@ -404,6 +440,14 @@ def tune_cmd(
 )
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it holds an earlier build.")
 @click.option("--verbose", is_flag=True, help="Print TensorRT's log.")
+@_cache_options
+@click.option(
+    "--max-context",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Longest context (past + new tokens) a cached decoder's engine accepts "
+    "[default: 4096, or --tokens' max when larger].",
+)
 @_user_errors
 def build_cmd(
     model: str,
@@ -417,9 +461,17 @@ def build_cmd(
     allow_parity_failure: bool,
     force: bool,
     verbose: bool,
+    no_cache: bool,
+    last_logits: bool,
+    max_context: int | None,
 ) -> None:
     """Export MODEL (or take an .onnx), fuse MoE blocks, build an engine; write OUTDIR/{model.onnx,
-    model.plan, manifest.json}."""
+    model.plan, manifest.json}.
+
+    A causal LM builds as a cached decoder (see `moetrt export --help`) ready for `moetrt generate`: the
+    engine gets a prefill profile (--tokens new tokens) and a decode profile (one token after up to
+    --max-context - 1), and OUTDIR gets the model's tokenizer files and generation_config.json (a small
+    tokenizer made locally for the demo models)."""
     from moetrt.build_request import BuildOptions, check_build_request
 
     options = BuildOptions(
@@ -432,6 +484,9 @@ def build_cmd(
         allow_parity_failure=allow_parity_failure,
         force=force,
         verbose=verbose,
+        cache=not no_cache,
+        last_logits=last_logits,
+        max_context=max_context,
     )
     request = check_build_request(model, outdir, options)  # bad arguments answered before the heavy imports
     from moetrt.build import build_checked
@@ -459,6 +514,13 @@ def build_cmd(
     default=None,
     help="Token count for [T, H] inputs (default: batch * seq).",
 )
+@click.option(
+    "--past",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Cached decoders: earlier tokens in the random state (e.g. --seq 1 --past 1024 times a decode step).",
+)
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option(
@@ -475,6 +537,7 @@ def run_cmd(
     batch: int,
     seq: int,
     tokens: int | None,
+    past: int,
     iters: int,
     seed: int,
     backend: str,
@@ -484,13 +547,164 @@ def run_cmd(
     from moetrt.runtime import check_run_request, load, run_timed
 
     chosen = None if backend == "auto" else backend
-    check_run_request(artifact, chosen, batch=batch, seq=seq, tokens=tokens)
+    check_run_request(artifact, chosen, batch=batch, seq=seq, tokens=tokens, past=past)
     runner = load(artifact, backend=chosen)
     report = run_timed(
-        runner, batch=batch, seq=seq, tokens=tokens, iters=iters, seed=seed, cuda_graph=cuda_graph
+        runner, batch=batch, seq=seq, tokens=tokens, iters=iters, seed=seed, cuda_graph=cuda_graph, past=past
     )
     for line in report:
         click.echo(line)
+
+
+@main.command("generate")
+@click.argument("artifact", type=click.Path())
+@click.option(
+    "--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch of several prompts)."
+)
+@click.option(
+    "--prompt-ids",
+    "prompt_ids",
+    multiple=True,
+    metavar="1,2,3",
+    help="Prompt as comma-separated token ids (repeat for several sequences).",
+)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens to generate.")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Repeat one prompt BATCH times.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="0 is greedy (argmax); above 0 samples from softmax(logits / temperature).",
+)
+@click.option(
+    "--top-k", type=int, default=0, show_default=True, help="Sample among the k most likely (0: all)."
+)
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
+@click.option(
+    "--stop-id",
+    "stop_ids",
+    type=int,
+    multiple=True,
+    help="Token id that ends a sequence (repeatable; generation_config.json's eos_token_id always does).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime"]),
+    default="auto",
+    show_default=True,
+    help="onnxruntime: run a build directory's model.onnx even when it has a plan.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, timings) at the end."
+)
+@_user_errors
+def generate_cmd(
+    artifact: str,
+    prompts: tuple[str, ...],
+    prompt_ids: tuple[str, ...],
+    max_new_tokens: int,
+    batch: int | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    stop_ids: tuple[int, ...],
+    backend: str,
+    as_json: bool,
+) -> None:
+    """Generate text with a cached decoder: a `moetrt build` directory (its engine, or its model.onnx with
+    --backend onnxruntime) or a cached .onnx.
+
+    Prefill runs the prompt once; each new token then runs one decode step with the KV cache and the
+    linear-attention state kept on the device. Tokens print as they are produced (text when the artifact
+    carries a tokenizer; one prompt), then prefill and decode tokens/s on stderr. Prompts of different
+    lengths are left-padded into one batch.
+
+    \b
+    Examples:
+      moetrt build demo:qwen3_next -o out/qwen3_next --target rtx40 --engine-backend tensorrt-rtx
+      moetrt generate out/qwen3_next --prompt "hello" --backend onnxruntime
+      moetrt generate out/qwen3_next --prompt-ids 1,2,3 --prompt-ids 4,5 --max-new-tokens 16 --json
+    """
+    from moetrt.runtime.generation import Sampling
+
+    if max_new_tokens < 1:
+        raise MoetrtError(f"--max-new-tokens is {max_new_tokens}", "ask for at least 1 new token")
+    if prompts and prompt_ids:
+        raise MoetrtError("both --prompt and --prompt-ids given", "pass one of them")
+    if not prompts and not prompt_ids:
+        raise MoetrtError("no prompt given", "pass --prompt TEXT or --prompt-ids 1,2,3")
+    ids = [_parse_ids(text) for text in prompt_ids]
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    from moetrt.runtime.text_generation import (
+        PromptRequest,
+        decode_text,
+        generation_json,
+        open_generator,
+        run_generation,
+    )
+    from moetrt.runtime.text_generation import (
+        prompt_ids as to_ids,
+    )
+
+    request = PromptRequest(
+        texts=prompts,
+        ids=ids,
+        batch=batch,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_ids=stop_ids,
+    )
+    generator = open_generator(artifact, None if backend == "auto" else backend)
+    sequences = to_ids(generator, request)  # bad prompts answered before anything runs
+    stream = not as_json and len(sequences) == 1
+    produced: list[int] = []
+    shown = [""]
+
+    def on_step(_step: int, tokens: list[int | None]) -> None:
+        token = tokens[0]
+        if token is None:
+            return
+        produced.append(token)
+        text = decode_text(generator, produced)
+        if text is not None and text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest
+            return
+        if text is None:
+            click.echo(f"{token} ", nl=False)
+        elif text.startswith(shown[0]):
+            click.echo(text[len(shown[0]) :], nl=False)
+            shown[0] = text
+
+    result = run_generation(generator, request, on_step if stream else None)
+    if as_json:
+        click.echo(json.dumps(generation_json(generator, result)))
+        return
+    if stream:
+        click.echo("")
+    else:
+        for index, new in enumerate(result.ids):
+            text = decode_text(generator, new)
+            click.echo(f"[{index}] {text if text is not None else ' '.join(map(str, new))}")
+    click.echo(
+        f"prefill: {sum(result.prompt_lengths)} tokens in {result.prefill_seconds * 1e3:.1f} ms "
+        f"({result.prefill_tokens_per_s:.1f} tokens/s); decode: {result.decode_tokens} tokens in "
+        f"{result.decode_seconds * 1e3:.1f} ms ({result.decode_tokens_per_s:.1f} tokens/s) on {generator.backend}",
+        err=True,
+    )
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise MoetrtError(
+            f"--prompt-ids {text!r} is not a comma list of integers", "e.g. --prompt-ids 1,2,3"
+        ) from None
+    if not ids:
+        raise MoetrtError(f"--prompt-ids {text!r} holds no ids", "e.g. --prompt-ids 1,2,3")
+    return ids
 
 
 @main.command("inspect")
@@ -545,18 +759,23 @@ def resolve_attrs(preset: str | None, attrs_json: str | None) -> MoEAttributes:
         ) from err
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """`1x8,3x16,2x80` -> [(1, 8), (3, 16), (2, 80)]."""
-    shapes: list[tuple[int, int]] = []
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """`1x8,3x16,2x1+80` -> [(1, 8), (3, 16), (2, 1, 80)] (`+PAST`: new tokens after PAST earlier ones)."""
+    hint = "write shapes as BATCHxSEQ or BATCHxSEQ+PAST, e.g. 1x8,3x16,2x1+80"
+    shapes: list[tuple[int, ...]] = []
     for item in text.replace(" ", "").split(","):
         if not item:
             continue
-        parts = item.lower().split("x")
+        head, plus, past = item.lower().partition("+")
+        parts = head.split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise MoetrtError(f"cannot parse shape {item!r}", "write shapes as BATCHxSEQ, e.g. 1x8,3x16,2x80")
-        shapes.append((int(parts[0]), int(parts[1])))
+            raise MoetrtError(f"cannot parse shape {item!r}", hint)
+        if plus and not past.isdigit():
+            raise MoetrtError(f"cannot parse the past of shape {item!r}", hint)
+        shape = (int(parts[0]), int(parts[1]))
+        shapes.append((*shape, int(past)) if plus else shape)
     if not shapes:
-        raise MoetrtError("no shapes given", "write shapes as BATCHxSEQ, e.g. 1x8,3x16,2x80")
+        raise MoetrtError("no shapes given", hint)
     return shapes
 
 

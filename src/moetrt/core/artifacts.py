@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 ONNX_NAME = "model.onnx"
 PLAN_NAME = "model.plan"
 MANIFEST_NAME = "manifest.json"
 KERNELS_DIR = "kernels"
+# Copied from a Hugging Face directory into a build directory as they are (`export.tokenizer_files`).
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 # ONNX metadata_props written by `moetrt export` and read by verify / build / run.
 META_SOURCE = "moetrt.source"
@@ -40,3 +55,51 @@ def node_scopes(metadata_value: str) -> list[str]:
 def external_data_name(onnx_file_name: str) -> str:
     """The one external-data file that sits beside a model over the 2 GB protobuf limit."""
     return f"{onnx_file_name}.data"
+
+
+# The cached decoder's graph inputs and outputs (`export.cached`), named as onnxruntime-genai and Optimum name
+# theirs. Each layer's state is two tensors: key/value for attention layers, conv/recurrent for linear ones.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+#: How the names of a wrapped causal LM's parameters start in the exported graph (both export wrappers hold the
+#: model as `self.model`).
+WRAPPED_PREFIX = "model."
+STATE_PARTS = {"kv": ("key", "value"), "linear": ("conv", "recurrent")}
+# Written by `moetrt export`: the state layout of a cached decoder (JSON list of `StateTensor` fields), and
+# whether its logits cover the last position only.
+META_STATE = "moetrt.state"
+META_LAST_LOGITS = "moetrt.last_logits"
+
+
+def state_names(layer: int, kind: str) -> list[tuple[str, str]]:
+    """(past input, present output) names of one layer's state tensors."""
+    return [(f"past_key_values.{layer}.{part}", f"present.{layer}.{part}") for part in STATE_PARTS[kind]]
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One state tensor of a cached decoder: its input and output names, layer kind, shape (ints, or "batch" /
+    "past" for the dynamic dims) and dtype name."""
+
+    past: str
+    present: str
+    kind: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    layer: int
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> StateTensor:
+        return cls(
+            past=str(data["past"]),
+            present=str(data["present"]),
+            kind=str(data["kind"]),
+            shape=tuple(data["shape"]),  # type: ignore[arg-type]
+            dtype=str(data["dtype"]),
+            layer=int(data["layer"]),  # type: ignore[arg-type]
+        )

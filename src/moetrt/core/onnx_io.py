@@ -153,11 +153,11 @@ def write_onnx(model: Any, path: str | os.PathLike[str], external: bool | None =
         ir.save(model, path)
 
 
-def write_widened(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+def write_widened(source: str | os.PathLike[str], path: str | os.PathLike[str], which: str = "bf16") -> None:
     """Write the exact float32 widening of the half-precision model at `source` (`widen_to_fp32`) to `path`,
     with external data when it needs it: how onnxruntime's CPU provider runs a bf16 model it has no kernels
     for."""
-    write_onnx(widen_to_fp32(load_onnx(source), in_place=True), path)
+    write_onnx(widen_to_fp32(load_onnx(source), which, in_place=True), path)
 
 
 def save_onnx(model: Any, out_path: str | os.PathLike[str], external: bool | None = None) -> Path | None:

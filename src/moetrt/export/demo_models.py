@@ -1,6 +1,7 @@
 """Built-in demo models: tiny, seeded, random-weight configs of seven MoE families, built locally.
 
-`demo:<family>` is the whole causal LM (`input_ids -> logits`, no KV cache); `demo:<family>:block` is the
+`demo:<family>` is the whole causal LM (a cached decoder, or `input_ids -> logits` without a cache);
+`demo:<family>:block` is the
 first MoE block of the same model (`hidden_states -> hidden_states`). Weights are random but initialised so
 that activations stay O(1) and routing is not degenerate (no zero routers, no zero biases).
 """
@@ -14,8 +15,10 @@ from torch import nn
 
 from moetrt.core.errors import MoetrtError
 from moetrt.export.loaded import (
+    CACHED,
     EXAMPLE_BATCH,
     EXAMPLE_SEQ,
+    DecoderForm,
     FirstOutput,
     LoadedModel,
     causal_lm,
@@ -154,7 +157,11 @@ def demo_config(family: str, num_layers: int | None = None) -> Any:
 
 
 def build_demo(
-    family: str, block: bool = False, dtype: torch.dtype = torch.float32, num_layers: int | None = None
+    family: str,
+    block: bool = False,
+    dtype: torch.dtype = torch.float32,
+    num_layers: int | None = None,
+    form: DecoderForm = CACHED,
 ) -> LoadedModel:
     """Build `demo:<family>` (whole causal LM) or `demo:<family>:block` (its first MoE block)."""
     from transformers import AutoModelForCausalLM
@@ -194,6 +201,7 @@ def build_demo(
         dtype,
         f"tiny {family} causal LM ({config.num_hidden_layers} layers, hidden {config.hidden_size})",
         long_seq,
+        form,
     )
 
 

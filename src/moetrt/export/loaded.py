@@ -9,13 +9,31 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from moetrt.core.artifacts import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRAPPED_PREFIX
+
 if TYPE_CHECKING:
+    from moetrt.export.cached import StateLayout
     from moetrt.export.offloaded import OffloadedWeights
 
 #: Sequence length of the export example. >= 3 so the exporter keeps the sequence dimension symbolic.
 EXAMPLE_SEQ = 8
 #: Batch of the export example. >= 2: a batch-1 example specialises the graph to batch 1.
 EXAMPLE_BATCH = 2
+#: Past length of a cached decoder's export example: >= 2 for the same reason (0 and 1 are specialised).
+EXAMPLE_PAST = 5
+
+
+@dataclass(frozen=True)
+class DecoderForm:
+    """What a causal LM's export computes: with the state of every layer as inputs and outputs (`cached`,
+    the default) or `input_ids -> logits` over the whole sequence; logits of every position or the last."""
+
+    cached: bool = True
+    last_logits: bool = False
+
+
+CACHED = DecoderForm()
+UNCACHED = DecoderForm(cached=False)
 
 
 @dataclass
@@ -42,6 +60,18 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)
     #: set when the module is on the meta device and its values are on disk (`export.offloaded`)
     offloaded: OffloadedWeights | None = None
+    #: a cached decoder's state tensors (`export.cached`); None for every other signature
+    state: StateLayout | None = None
+    last_logits: bool = False
+
+    def prefixed_inputs(self, batch: int, seq: int, seed: int = 0, past: int = 0) -> tuple[torch.Tensor, ...]:
+        """Inputs of `batch x seq` new tokens after `past` earlier ones (cached decoders; `past` must be 0
+        for every other model)."""
+        if self.state is None:
+            if past:
+                raise ValueError(f"{self.spec} keeps no state: it has no past")
+            return self.make_inputs(batch, seq, seed)
+        return self.make_inputs(batch, seq, seed, past)
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Run the module without autograd; always returns a tuple of output tensors."""
@@ -63,8 +93,7 @@ def _as_tensor_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 class CausalLMLogits(nn.Module):
     """`input_ids [batch, seq] -> logits [batch, seq, vocab]`, no KV cache: the exported signature."""
 
-    #: how the names of the wrapped model's parameters start in the exported graph
-    WRAPPED_PREFIX = "model."
+    WRAPPED_PREFIX = WRAPPED_PREFIX
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -148,24 +177,62 @@ def causal_lm(
     dtype: torch.dtype,
     description: str,
     long_seq: int | None = None,
+    form: DecoderForm = CACHED,
 ) -> LoadedModel:
-    """A causal LM as `input_ids -> logits` (no cache). Models with chunked linear attention export with an
-    example longer than one chunk; `long_seq` defaults to a length that crosses every chunk."""
+    """A causal LM as a cached decoder (`export.cached`) or as `input_ids -> logits` (no cache). Models with
+    chunked linear attention export with an example longer than one chunk; `long_seq` defaults to a length
+    that crosses every chunk."""
     from moetrt.export.export_friendly import CHUNKED_EXAMPLE_SEQ, has_chunked_linear_attention
 
-    make_inputs = random_token_inputs(vocab_size)
     chunked = has_chunked_linear_attention(model)
     example_seq = CHUNKED_EXAMPLE_SEQ if chunked else EXAMPLE_SEQ
+    long_seq = long_seq if long_seq is not None else (130 if chunked else 80)
+    if form.cached:
+        return _cached_causal_lm(model, vocab_size, spec, dtype, description, long_seq, example_seq, form)
+    make_inputs = random_token_inputs(vocab_size)
     return LoadedModel(
         module=CausalLMLogits(model).eval(),
         example_inputs=make_inputs(EXAMPLE_BATCH, example_seq),
-        input_names=["input_ids"],
-        output_names=["logits"],
-        dynamic_shapes=token_dynamic_shapes("input_ids"),
+        input_names=[INPUT_IDS],
+        output_names=[LOGITS],
+        dynamic_shapes=token_dynamic_shapes(INPUT_IDS),
         make_inputs=make_inputs,
         num_moe_blocks=count_moe_blocks(model),
         spec=spec,
         dtype=dtype,
-        long_seq=long_seq if long_seq is not None else (130 if chunked else 80),
+        long_seq=long_seq,
         description=description,
+    )
+
+
+def _cached_causal_lm(
+    model: nn.Module,
+    vocab_size: int,
+    spec: str,
+    dtype: torch.dtype,
+    description: str,
+    long_seq: int,
+    example_seq: int,
+    form: DecoderForm,
+) -> LoadedModel:
+    from moetrt.export.cached import CausalLMWithState, read_state_layout, state_dynamic_shapes, state_inputs
+
+    layout = read_state_layout(model)
+    tensors = layout.tensors()
+    module = CausalLMWithState(model, layout, form.last_logits).eval()
+    make_inputs = state_inputs(module, layout, vocab_size)
+    return LoadedModel(
+        module=module,
+        example_inputs=make_inputs(EXAMPLE_BATCH, example_seq, 0, EXAMPLE_PAST),
+        input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *(t.past for t in tensors)],
+        output_names=[LOGITS, *(t.present for t in tensors)],
+        dynamic_shapes=state_dynamic_shapes(layout),
+        make_inputs=make_inputs,
+        num_moe_blocks=count_moe_blocks(model),
+        spec=spec,
+        dtype=dtype,
+        long_seq=long_seq,
+        description=description,
+        state=layout,
+        last_logits=form.last_logits,
     )

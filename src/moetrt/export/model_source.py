@@ -24,6 +24,8 @@ from moetrt.core.dtypes import precision
 from moetrt.core.errors import MoetrtError
 from moetrt.core.progress import quiet_loggers
 from moetrt.export.loaded import (
+    CACHED,
+    DecoderForm,
     LoadedModel,
     causal_lm,
     count_moe_blocks,
@@ -35,18 +37,22 @@ _SPEC_HELP = "MODEL is demo:<family>[:block], a Hugging Face model directory, or
 
 
 def load_model(
-    spec: str, dtype: torch.dtype | str = torch.float32, offload_dir: Path | None = None
+    spec: str,
+    dtype: torch.dtype | str = torch.float32,
+    offload_dir: Path | None = None,
+    form: DecoderForm = CACHED,
 ) -> LoadedModel:
     """Load the model named by `spec` in eval mode, cast to `dtype`.
 
     `offload_dir` (Hugging Face directories only): load nothing into memory; the module comes back on the meta
-    device, its weights converted into `offload_dir` where they need converting (`export.offloaded`)."""
+    device, its weights converted into `offload_dir` where they need converting (`export.offloaded`).
+    `form`: how a causal LM is wrapped (cached decoder by default); other models ignore it."""
     dtype = precision(dtype).torch
     if spec.startswith("demo:") or spec == "demo":
-        return _load_demo(spec, dtype)
+        return _load_demo(spec, dtype, form)
     if spec.startswith("module:"):
         return _load_module(spec, dtype)
-    return _load_hf_dir(spec, dtype, offload_dir)
+    return _load_hf_dir(spec, dtype, offload_dir, form)
 
 
 def checkpoint_bytes(spec: str) -> int | None:
@@ -68,7 +74,7 @@ def loads_from_disk(spec: str) -> bool:
     return size is not None and size > offloaded.STREAM_MIN_BYTES
 
 
-def _load_demo(spec: str, dtype: torch.dtype) -> LoadedModel:
+def _load_demo(spec: str, dtype: torch.dtype, form: DecoderForm) -> LoadedModel:
     from moetrt.export.demo_models import DEFAULT_DEMO, DEMO_FAMILIES, build_demo
 
     parts = spec.split(":")[1:]
@@ -81,10 +87,12 @@ def _load_demo(spec: str, dtype: torch.dtype) -> LoadedModel:
             f"cannot parse demo spec {spec!r}",
             f"write demo:<family> or demo:<family>:block with family one of {', '.join(DEMO_FAMILIES)}",
         )
-    return build_demo(family, block=block, dtype=dtype)
+    return build_demo(family, block=block, dtype=dtype, form=form)
 
 
-def _load_hf_dir(spec: str, dtype: torch.dtype, offload_dir: Path | None = None) -> LoadedModel:
+def _load_hf_dir(
+    spec: str, dtype: torch.dtype, offload_dir: Path | None = None, form: DecoderForm = CACHED
+) -> LoadedModel:
     path = Path(spec).expanduser()
     if not path.exists():
         raise MoetrtError(f"model path {spec!r} does not exist", _SPEC_HELP)
@@ -154,7 +162,7 @@ def _load_hf_dir(spec: str, dtype: torch.dtype, offload_dir: Path | None = None)
         model = model.to(dtype)
     vocab_size = int(config.get_text_config().vocab_size)
     loaded = causal_lm(
-        model.eval(), vocab_size, str(path.resolve()), dtype, f"{config.model_type} from {path}"
+        model.eval(), vocab_size, str(path.resolve()), dtype, f"{config.model_type} from {path}", form=form
     )
     loaded.offloaded = offloaded
     return loaded

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import time
 import warnings
@@ -17,9 +18,12 @@ import torch
 from moetrt.core.artifacts import (
     META_DTYPE,
     META_EXAMPLE_SHAPE,
+    META_LAST_LOGITS,
     META_LONG_SEQ,
     META_NUM_MOE_BLOCKS,
     META_SOURCE,
+    META_STATE,
+    WRAPPED_PREFIX,
 )
 from moetrt.core.dtypes import name_of, precision
 from moetrt.core.errors import MoetrtError
@@ -32,7 +36,7 @@ from moetrt.core.onnx_io import (
     write_onnx,
 )
 from moetrt.core.progress import heartbeat, quiet_loggers
-from moetrt.export.loaded import CausalLMLogits, LoadedModel
+from moetrt.export.loaded import CACHED, DecoderForm, LoadedModel
 from moetrt.export.model_source import load_model, loads_from_disk
 from moetrt.export.offloaded import STREAM_MIN_BYTES, attach_weights, fold_weight_transposes
 
@@ -83,12 +87,16 @@ def export_onnx(
     progress: Progress | None = None,
     self_check: str = "error",
     stream: bool | None = None,
+    form: DecoderForm = CACHED,
 ) -> ExportResult:
     """Export a MODEL spec (or an already loaded model) to `out_path`.
 
     `opset` defaults to 18, or 22 for bf16. The file (and `<out>.data` when the weights exceed 2 GB)
     appears only when the export succeeded and, unless `self_check` is "warn" or "off", the written model
     matches PyTorch at the example inputs (`self_check.check_export`).
+
+    `form` (causal LMs): a cached decoder with the state of every layer as inputs and outputs (the default,
+    `export.cached`) or `input_ids -> logits`; logits of every position or of the last only.
 
     `stream` (default: for Hugging Face checkpoints over `STREAM_MIN_BYTES`) exports from disk: the model is
     traced on the meta device and each weight is read when it is written (`export.offloaded`), so memory
@@ -138,10 +146,10 @@ def export_onnx(
                 f"loading {spec_or_loaded} ({name_of(torch_dtype)}) from disk: weights stay there until written"
             )
             with heartbeat(say, "converting the checkpoint"), quiet_loggers("transformers", "accelerate"):
-                loaded = load_model(spec_or_loaded, torch_dtype, offload_dir=staged.parent / "offload")
+                loaded = load_model(spec_or_loaded, torch_dtype, staged.parent / "offload", form)
         else:
             say(f"loading {spec_or_loaded} ({name_of(torch_dtype)})")
-            loaded = load_model(spec_or_loaded, torch_dtype)
+            loaded = load_model(spec_or_loaded, torch_dtype, form=form)
         say(f"found {loaded.num_moe_blocks} MoE block(s) in {loaded.spec}")
 
         say(
@@ -161,6 +169,9 @@ def export_onnx(
                 META_EXAMPLE_SHAPE: "x".join(str(d) for d in loaded.example_inputs[0].shape[:2]),
             }
         )
+        if loaded.state is not None:
+            model.metadata_props[META_STATE] = json.dumps([t.to_json() for t in loaded.state.tensors()])
+            model.metadata_props[META_LAST_LOGITS] = str(int(loaded.last_logits))
         model.producer_name = "moetrt"
         weights = weight_bytes(model)
         external = needs_external_data(model)
@@ -235,7 +246,7 @@ def _torch_export(loaded: LoadedModel, opset: int) -> torch.onnx.ONNXProgram:
                 report=False,
             )
             if offloaded is not None and program is not None:
-                attach_weights(program.model, offloaded, prefix=CausalLMLogits.WRAPPED_PREFIX)
+                attach_weights(program.model, offloaded, prefix=WRAPPED_PREFIX)
                 fold_weight_transposes(program.model)  # else the optimiser folds them, holding every weight
                 program.optimize()
     except Exception as err:

@@ -3,8 +3,10 @@ PyTorch module it came from. A silently wrong export (an op the exporter lowered
 shape) is caught here, before the file is reported written.
 
 The reference runs in float32 from the model's own weights (already rounded to the export dtype), as `moetrt
-verify` does; a bf16 graph runs as its exact float32 widening (onnxruntime's CPU provider lacks bf16 kernels),
-judged at the bf16 tolerance.
+verify` does. A bf16 or fp16 graph runs as its exact float32 widening (onnxruntime's CPU provider lacks bf16
+kernels), judged at its dtype's tolerance: the check is of the graph. Half-precision arithmetic can flip a
+top-k routing choice at a near-tie (a cached decoder's example, with its past, meets such ties in the fp16
+demos), which says nothing about the export; `moetrt verify` runs the half graph and explains such flips.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ def check_export(onnx_path: Path, loaded: LoadedModel) -> list[OutputCheck]:
     """Relative error of every output of the written model against PyTorch at the example inputs."""
     import onnxruntime as ort
 
-    widen = loaded.dtype == torch.bfloat16
+    widen = loaded.dtype in (torch.bfloat16, torch.float16)
     inputs = loaded.example_inputs
     with tempfile.TemporaryDirectory(prefix="moetrt-check-") as tmp:
         path = onnx_path
         if widen:  # onnxruntime runs the exact float32 widening, from a file (external data when it needs)
             path = Path(tmp) / "widened.onnx"
-            write_widened(onnx_path, path)
+            write_widened(onnx_path, path, which="half")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

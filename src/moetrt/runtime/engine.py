@@ -18,9 +18,11 @@ import torch
 
 from moetrt.core.artifacts import MANIFEST_NAME, ONNX_NAME
 from moetrt.core.errors import MoetrtError
+from moetrt.runtime.decoder_io import check_decoder_feeds, state_from_manifest
 from moetrt.runtime.manifest import check_plan, read_manifest
 from moetrt.runtime.session import check_inputs
-from moetrt.trt.trt_build import CapturingLogger, check_in_profile, current_device_sm
+from moetrt.trt.profiles import check_in_profile
+from moetrt.trt.trt_build import CapturingLogger, current_device_sm
 
 _TRT_TO_TORCH = {
     "FLOAT": torch.float32,
@@ -87,6 +89,8 @@ class Engine:
             n: (self._dtypes[n], [d if d >= 0 else "?" for d in self._engine.get_tensor_shape(n)])
             for n in self.input_names
         }
+        self.state = state_from_manifest(manifest)
+        self._profile = 0
         self._allocator: _OutputAllocator | None = None
         self._bound_inputs: dict[str, torch.Tensor] = {}
 
@@ -128,7 +132,13 @@ class Engine:
                 f"inputs {on_cpu} are on the CPU; a TensorRT engine takes CUDA tensors",
                 "move them with .cuda()",
             )
-        check_in_profile(self.profiles, {name: list(t.shape) for name, t in feeds.items()})
+        shapes = {name: list(t.shape) for name, t in feeds.items()}
+        if self.state is not None:
+            check_decoder_feeds(self.state, shapes)
+        profile = check_in_profile(self.profiles, shapes)
+        if profile != self._profile:  # a cached decoder's prefill and decode profiles
+            self._context.set_optimization_profile_async(profile, torch.cuda.current_stream().cuda_stream)
+            self._profile = profile
         for name, tensor in feeds.items():
             tensor = tensor.contiguous()
             feeds[name] = tensor

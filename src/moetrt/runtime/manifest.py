@@ -86,6 +86,7 @@ def build_manifest(
     io: dict[str, list[dict[str, Any]]],
     parity: dict[str, Any] | None = None,
     build_seconds: dict[str, float] | None = None,
+    decoder: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble and validate a manifest; `files` maps artifact name → path (hashed here)."""
     manifest = {
@@ -104,6 +105,7 @@ def build_manifest(
         "io": io,
         "parity": parity,
         "build_seconds": build_seconds or {},
+        "decoder": decoder,
     }
     validate_manifest(manifest)
     return manifest

@@ -22,9 +22,21 @@ def feed_shapes(
     batch: int = 1,
     seq: int = 16,
     tokens: int | None = None,
+    past: int = 0,
 ) -> dict[str, list[int]]:
     """Concrete input shapes: an input with two dynamic dims gets (batch, seq), one with a single dynamic dim
-    gets `tokens` (default batch * seq)."""
+    gets `tokens` (default batch * seq). A cached decoder's dims go by name: `past` earlier tokens, the
+    mask's `total` = past + seq."""
+    from moetrt.trt.profiles import BATCH_DIM, PAST_DIM, SEQ_DIM, TOTAL_DIM, is_decoder
+
+    if is_decoder([(name, dims) for name, (_dtype, dims) in input_specs.items()]):
+        sizes_by_name = {BATCH_DIM: batch, SEQ_DIM: seq, PAST_DIM: past, TOTAL_DIM: past + seq}
+        return {
+            name: [d if isinstance(d, int) and d > 0 else sizes_by_name.get(d, batch) for d in dims]
+            for name, (_dtype, dims) in input_specs.items()
+        }
+    if past:
+        raise MoetrtError("--past applies to cached decoders; this model keeps no state", "leave out --past")
     shapes = {}
     single_dynamic = False
     for name, (_dtype, dims) in input_specs.items():
@@ -48,12 +60,17 @@ def feed_shapes(
 
 
 def check_run_request(
-    path: str | Path, backend: str | None = None, batch: int = 1, seq: int = 16, tokens: int | None = None
+    path: str | Path,
+    backend: str | None = None,
+    batch: int = 1,
+    seq: int = 16,
+    tokens: int | None = None,
+    past: int = 0,
 ) -> None:
     """For an engine: refuse a batch / token count outside its profile from the manifest alone, before a GPU
     or TensorRT is needed (ONNX models have no profile)."""
     from moetrt.runtime.manifest import read_manifest
-    from moetrt.trt.trt_build import check_in_profile
+    from moetrt.trt.profiles import check_in_profile
 
     resolved = resolve_artifact(path, backend)
     manifest_path = resolved.parent / MANIFEST_NAME
@@ -61,7 +78,7 @@ def check_run_request(
         return
     manifest = read_manifest(manifest_path)
     specs = {entry["name"]: (None, entry["shape"]) for entry in manifest["io"]["inputs"]}
-    check_in_profile(manifest["profiles"], feed_shapes(specs, batch, seq, tokens))
+    check_in_profile(manifest["profiles"], feed_shapes(specs, batch, seq, tokens, past))
 
 
 def random_feeds(
@@ -71,18 +88,27 @@ def random_feeds(
     tokens: int | None = None,
     seed: int = 0,
     int_high: dict[str, int] | None = None,
+    past: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Random inputs (never zeros) for every input of `runner`: an input with two dynamic dims gets
-    (batch, seq), one with a single dynamic dim gets `tokens` (default batch * seq)."""
+    (batch, seq), one with a single dynamic dim gets `tokens` (default batch * seq). A cached decoder gets
+    `seq` random tokens after `past` earlier ones: an all-ones mask, their positions, random state."""
     import torch
+
+    from moetrt.core.artifacts import ATTENTION_MASK, POSITION_IDS
 
     gen = torch.Generator().manual_seed(seed)
     device = "cuda" if getattr(runner, "backend", "") != "onnxruntime" else runner.device
-    shapes = feed_shapes(runner.input_specs, batch, seq, tokens)
+    shapes = feed_shapes(runner.input_specs, batch, seq, tokens, past)
+    decoder = getattr(runner, "state", None) is not None
     feeds = {}
     for name, (dtype, _dims) in runner.input_specs.items():
         shape = shapes[name]
-        if dtype is not None and dtype.is_floating_point:
+        if decoder and name == ATTENTION_MASK:
+            value = torch.ones(shape, dtype=torch.int64)
+        elif decoder and name == POSITION_IDS:
+            value = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+        elif dtype is not None and dtype.is_floating_point:
             value = torch.randn(shape, generator=gen).to(dtype)
         else:
             high = (int_high or {}).get(name, 100)
@@ -113,6 +139,7 @@ def run_timed(
     iters: int = 10,
     seed: int = 0,
     cuda_graph: bool = False,
+    past: int = 0,
 ) -> list[str]:
     """Run on random inputs: one warm-up, `iters` timed runs; returns printable lines (outputs, timing)."""
     import statistics
@@ -122,7 +149,7 @@ def run_timed(
 
     onnx_path = runner.path if runner.path.suffix == ".onnx" else runner.path.parent / ONNX_NAME
     highs = vocab_sizes(onnx_path) if onnx_path.is_file() else {}
-    feeds = random_feeds(runner, batch=batch, seq=seq, tokens=tokens, seed=seed, int_high=highs)
+    feeds = random_feeds(runner, batch=batch, seq=seq, tokens=tokens, seed=seed, int_high=highs, past=past)
     on_gpu = any(t.is_cuda for t in feeds.values())
     call = runner
     if cuda_graph:

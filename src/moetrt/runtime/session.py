@@ -18,6 +18,7 @@ import torch
 
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import model_precision
+from moetrt.runtime.decoder_io import check_decoder_feeds, state_from_metadata
 
 _ORT_TO_TORCH = {
     "tensor(float)": torch.float32,
@@ -75,6 +76,7 @@ class Session:
         self.input_specs = {
             i.name: (_ORT_TO_TORCH.get(i.type), list(i.shape)) for i in self._session.get_inputs()
         }
+        self.state = state_from_metadata(self._session.get_modelmeta().custom_metadata_map)
         self.last_seconds = 0.0
 
     @property
@@ -87,6 +89,8 @@ class Session:
         import onnxruntime as ort
 
         feeds = check_inputs(dict(inputs or {}, **named), self.input_specs)
+        if self.state is not None:
+            check_decoder_feeds(self.state, {name: list(t.shape) for name, t in feeds.items()})
         values = {name: ort.OrtValue.from_dlpack(tensor.contiguous()) for name, tensor in feeds.items()}
         start = time.perf_counter()
         try:

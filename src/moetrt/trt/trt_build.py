@@ -19,7 +19,8 @@ import onnx
 from moetrt.core.devices import sm_from_capability
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import write_bytes_atomic
-from moetrt.trt.targets import DimRange, Target
+from moetrt.trt.profiles import add_profiles
+from moetrt.trt.targets import Target
 
 if TYPE_CHECKING:
     from moetrt.trt.plugin import KernelSource
@@ -41,6 +42,18 @@ class EngineBuild:
     warnings: list[str]
 
 
+def onnx_output_dims(model: onnx.ModelProto, name: str) -> list[int | str]:
+    """The dims of graph output `name` (as `onnx_input_dims` gives them); [] when there is no such output."""
+    for value in model.graph.output:
+        if value.name == name:
+            return [_dim(d) for d in value.type.tensor_type.shape.dim]
+    return []
+
+
+def _dim(dim: Any) -> int | str:
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else (dim.dim_param or "?")
+
+
 def onnx_input_dims(model: onnx.ModelProto) -> list[tuple[str, list[int | str]]]:
     """Graph inputs (initializers excluded) with their dims: an int, or the dim's name (or "?") when dynamic."""
     initializers = {init.name for init in model.graph.initializer}
@@ -56,56 +69,6 @@ def onnx_input_dims(model: onnx.ModelProto) -> list[tuple[str, list[int | str]]]
                 dims.append(dim.dim_param or "?")
         inputs.append((value.name, dims))
     return inputs
-
-
-def make_profiles(
-    inputs: Sequence[tuple[str, Sequence[int | str]]], tokens: DimRange, batch: DimRange
-) -> list[dict[str, Any]]:
-    """One optimization profile: the last dynamic dim of each input is tokens, an earlier one is batch.
-
-    Matches the exporter's layout ([batch, seq] ids or [batch, seq, hidden] states) and the fused op's [T, H].
-    """
-    profiles = []
-    for name, dims in inputs:
-        dynamic = [axis for axis, d in enumerate(dims) if isinstance(d, str)]
-        if not dynamic:
-            continue
-        if len(dynamic) > 2:
-            raise MoetrtError(
-                f"input {name} has {len(dynamic)} dynamic dims {list(dims)}; moetrt profiles batch and tokens only",
-                "export with at most a dynamic batch and a dynamic sequence dimension",
-            )
-        roles = {dynamic[-1]: ("tokens", tokens)}
-        if len(dynamic) == 2:
-            roles[dynamic[0]] = ("batch", batch)
-        shape = {
-            key: [roles[a][1].__dict__[key] if a in roles else int(d) for a, d in enumerate(dims)]
-            for key in ("min", "opt", "max")
-        }
-        profiles.append({"input": name, "axes": {str(a): role for a, (role, _) in roles.items()}, **shape})
-    return profiles
-
-
-def check_in_profile(profiles: Sequence[dict[str, Any]], shapes: dict[str, Sequence[int]]) -> None:
-    """Refuse a shape outside the engine's profile, naming the dim and the range (before TensorRT sees it)."""
-    for profile in profiles:
-        name = profile["input"]
-        if name not in shapes:
-            continue
-        shape = list(shapes[name])
-        if len(shape) != len(profile["min"]):
-            raise MoetrtError(
-                f"input {name} has rank {len(shape)}, the engine expects {len(profile['min'])}",
-                f"pass {name} with shape like {profile['opt']}",
-            )
-        for axis, (lo, hi, got) in enumerate(zip(profile["min"], profile["max"], shape)):
-            if not lo <= got <= hi:
-                role = profile.get("axes", {}).get(str(axis), f"dim {axis}")
-                flag = "--tokens" if role == "tokens" else "--batch" if role == "batch" else "the export"
-                raise MoetrtError(
-                    f"input {name} {role} = {got} is outside the engine's profile {lo}..{hi}",
-                    f"use {role} in {lo}..{hi}, or rebuild with a wider {flag} range",
-                )
 
 
 class CapturingLogger:
@@ -148,17 +111,6 @@ def parse_onnx(trt: ModuleType, builder: Any, logger: Any, model: onnx.ModelProt
     return network
 
 
-def add_profile(builder: Any, config: Any, network: Any, profiles: Sequence[dict[str, Any]]) -> None:
-    if not profiles:
-        return
-    profile = builder.create_optimization_profile()
-    names = {network.get_input(i).name for i in range(network.num_inputs)}
-    for entry in profiles:
-        if entry["input"] in names:
-            profile.set_shape(entry["input"], entry["min"], entry["opt"], entry["max"])
-    config.add_optimization_profile(profile)
-
-
 def build_and_serialize(
     trt: ModuleType,
     builder: Any,
@@ -173,7 +125,7 @@ def build_and_serialize(
     started: float,
 ) -> EngineBuild:
     """Add the optimization profile, build, write `plan_path` atomically; what the build did, for the manifest."""
-    add_profile(builder, config, network, profiles)
+    add_profiles(builder, config, network, profiles)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = logger.errors[-1] if logger.errors else "no error message"

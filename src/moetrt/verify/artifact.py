@@ -18,8 +18,8 @@ from moetrt.core.progress import quiet_loggers
 from moetrt.core.tolerances import TOLERANCES
 from moetrt.runtime import load, resolve_artifact
 from moetrt.runtime.manifest import read_manifest
-from moetrt.trt.trt_build import check_in_profile
-from moetrt.verify.compare import VerifyReport, compare_outputs, default_shapes
+from moetrt.trt.profiles import check_in_profile
+from moetrt.verify.compare import VerifyReport, compare_outputs, default_shapes, past_of, shape_text
 
 
 def verify_loaded(
@@ -67,8 +67,11 @@ def verify_loaded(
         example = meta.get(META_EXAMPLE_SHAPE, "")
         batch, _, seq = example.partition("x")
         example_shape = (int(batch), int(seq)) if batch.isdigit() and seq.isdigit() else (2, 8)
-        shapes = default_shapes(example_shape, int(meta.get(META_LONG_SEQ, loaded.long_seq)))
-    feeds_per_shape = [loaded.make_inputs(b, s, seed + i) for i, (b, s) in enumerate(shapes)]
+        long_seq = int(meta.get(META_LONG_SEQ, loaded.long_seq))
+        shapes = default_shapes(example_shape, long_seq, decoder=loaded.state is not None)
+    feeds_per_shape = [
+        loaded.prefixed_inputs(shape[0], shape[1], seed + i, past_of(shape)) for i, shape in enumerate(shapes)
+    ]
     if path.suffix == ".plan" and manifest is not None:
         # From the manifest alone, before a GPU or TensorRT is needed.
         for inputs in feeds_per_shape:
@@ -95,14 +98,14 @@ def verify_loaded(
             tensor = tensor.to(want)
         return tensor.to(device)
 
-    say(f"running {runner.backend} and PyTorch at shapes {', '.join(f'{b}x{s}' for b, s in shapes)}")
-    for (batch, seq), inputs in zip(shapes, feeds_per_shape):
+    say(f"running {runner.backend} and PyTorch at shapes {', '.join(map(shape_text, shapes))}")
+    for shape, inputs in zip(shapes, feeds_per_shape):
         outputs = runner({n: feed(n, t) for n, t in zip(loaded.input_names, inputs)})
         with torch.inference_mode(), quiet_loggers("transformers"):
             expected = reference_module(*(t.float() if t.is_floating_point() else t for t in inputs))
         expected = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
         for name, ref in zip(output_names, expected):
-            report.rows.append(compare_outputs(outputs[name], ref, (batch, seq), name, tolerance))
+            report.rows.append(compare_outputs(outputs[name], ref, shape, name, tolerance))
     report.seconds = time.perf_counter() - start
     return report
 

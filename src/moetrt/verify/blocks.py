@@ -46,7 +46,7 @@ def verify_blocks(
     """One row per (fused block, token count): the block's output against its PyTorch module's."""
     import onnx_ir as ir
 
-    from moetrt.export.loaded import CausalLMLogits
+    from moetrt.core.artifacts import WRAPPED_PREFIX
     from moetrt.export.model_source import load_model, loads_from_disk
     from moetrt.op.fused_node import check_fused_model, fused_nodes
 
@@ -76,7 +76,7 @@ def verify_blocks(
         say(f"opening the reference {reference}{' from disk' if from_disk else ''}")
         loaded = load_model(reference, dtype, offload_dir=Path(tmp) / "offload" if from_disk else None)
         root = loaded.module
-        prefix = CausalLMLogits.WRAPPED_PREFIX if isinstance(root, CausalLMLogits) else ""
+        prefix = WRAPPED_PREFIX if hasattr(root, "WRAPPED_PREFIX") else ""
         for index, (node, attrs) in enumerate(blocks):
             scopes = node_module_scopes(node)
             if not scopes:

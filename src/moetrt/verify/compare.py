@@ -14,12 +14,23 @@ from typing import Any
 from moetrt.core.progress import quiet_loggers
 from moetrt.core.tolerances import max_abs_error, relative_error
 
-Shape = tuple[int, int]
+#: (batch, seq), or (batch, seq, past) for a cached decoder: seq new tokens after past earlier ones.
+Shape = tuple[int, ...]
+
+
+def shape_text(shape: Shape) -> str:
+    """`2x16`, or `2x1+130` for one new token after 130 earlier ones."""
+    text = f"{shape[0]}x{shape[1]}"
+    return f"{text}+{shape[2]}" if len(shape) > 2 else text
+
+
+def past_of(shape: Shape) -> int:
+    return shape[2] if len(shape) > 2 else 0
 
 
 @dataclass(frozen=True)
 class VerifyRow:
-    shape: Shape  # (batch, seq)
+    shape: Shape  # (batch, seq) or (batch, seq, past)
     output: str
     max_abs_err: float
     rel_err: float
@@ -46,7 +57,7 @@ class VerifyReport:
         header = ("shape", "output", "max abs err", "rel err", "tolerance", "result")
         lines = [
             (
-                f"{row.shape[0]}x{row.shape[1]}",
+                shape_text(row.shape),
                 row.output,
                 f"{row.max_abs_err:.3e}",
                 f"{row.rel_err:.3e}",
@@ -70,10 +81,15 @@ class VerifyReport:
         return "\n".join(out)
 
 
-def default_shapes(example_shape: Shape, long_seq: int) -> list[Shape]:
-    """Batch 1; a batch above the export example; a sequence that crosses every internal chunk."""
-    example_batch, example_seq = example_shape
-    return [(1, 7), (example_batch + 1, 16), (2, max(long_seq, example_seq + 1))]
+def default_shapes(example_shape: Shape, long_seq: int, decoder: bool = False) -> list[Shape]:
+    """Batch 1; a batch above the export example; a sequence that crosses every internal chunk. A cached
+    decoder adds a prefill after earlier tokens and two decode steps (one token after a short and after a long
+    past), each past computed by the reference model itself."""
+    example_batch, example_seq = example_shape[:2]
+    shapes: list[Shape] = [(1, 7), (example_batch + 1, 16), (2, max(long_seq, example_seq + 1))]
+    if decoder:
+        shapes = [(b, s, 0) for b, s in shapes] + [(2, 16, 9), (1, 1, 7), (2, 1, max(long_seq, 16))]
+    return shapes
 
 
 def compare_outputs(out: Any, ref: Any, shape: Shape, name: str, tolerance: float) -> VerifyRow:

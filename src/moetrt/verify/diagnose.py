@@ -34,6 +34,7 @@ from moetrt.core.dtypes import precision
 from moetrt.core.tolerances import relative_error
 from moetrt.op.reference import choice_scores, moe_reference, route, router_logits
 from moetrt.verify.compare import Shape, VerifyReport, VerifyRow, compare_outputs
+from moetrt.verify.compare import shape_text as format_shape
 from moetrt.verify.probes import FusedBlockProbe, ProbedModel, stored_tensor, write_probed_model
 
 #: Scores computed in float32 by the artifact agree with the float64 recomputation only to this relative
@@ -411,7 +412,7 @@ def apply_diagnoses(report: VerifyReport, diagnoses: Sequence[Diagnosis]) -> Non
     """Fold what the diagnoses found into `report`: rows of a shape whose only differences are near-tie
     routing flips are judged against the reference routed like the artifact; findings explain the rest."""
     for diagnosis in diagnoses:
-        shape_text = f"{diagnosis.shape[0]}x{diagnosis.shape[1]}"
+        shape_text = format_shape(diagnosis.shape)
         flips = diagnosis.flips
         if flips:
             near = sum(flip.near_tie for flip in flips)

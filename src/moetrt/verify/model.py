@@ -32,7 +32,15 @@ from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import load_onnx, metadata
 from moetrt.core.tolerances import TOLERANCES
 from moetrt.op.fused_node import check_fused_model
-from moetrt.verify.compare import Shape, VerifyReport, compare_outputs, default_shapes, quiet_logs
+from moetrt.verify.compare import (
+    Shape,
+    VerifyReport,
+    compare_outputs,
+    default_shapes,
+    past_of,
+    quiet_logs,
+    shape_text,
+)
 
 Progress = Callable[[str], None]
 
@@ -142,24 +150,26 @@ def _verify_onnx(
     if shapes is None:
         example = _parse_example_shape(meta.get(META_EXAMPLE_SHAPE), loaded)
         long_seq = int(meta.get(META_LONG_SEQ, loaded.long_seq))
-        shapes = default_shapes(example, long_seq)
+        shapes = default_shapes(example, long_seq, decoder=loaded.state is not None)
 
     feeds = [
         OrderedDict(
             (name, _to_numpy(tensor))
-            for name, tensor in zip(loaded.input_names, loaded.make_inputs(batch, seq, seed + i))
+            for name, tensor in zip(
+                loaded.input_names, loaded.prefixed_inputs(shape[0], shape[1], seed + i, past_of(shape))
+            )
         )
-        for i, (batch, seq) in enumerate(shapes)
+        for i, shape in enumerate(shapes)
     ]
     torch_runner = _torch_runner(loaded.module, feeds[0], output_names)
-    say(f"running onnxruntime and PyTorch at shapes {', '.join(f'{b}x{s}' for b, s in shapes)}")
+    say(f"running onnxruntime and PyTorch at shapes {', '.join(map(shape_text, shapes))}")
     results = _run_comparator([ort_runner, torch_runner], feeds)
 
     report = VerifyReport(artifact=str(onnx_path), reference=reference, dtype=dtype)
     ort_results, torch_results = results[0][1], results[1][1]
-    for (batch, seq), ort_out, ref_out in zip(shapes, ort_results, torch_results):
+    for shape, ort_out, ref_out in zip(shapes, ort_results, torch_results):
         for name in output_names:
-            report.rows.append(compare_outputs(ort_out[name], ref_out[name], (batch, seq), name, tolerance))
+            report.rows.append(compare_outputs(ort_out[name], ref_out[name], shape, name, tolerance))
 
     failing = {row.shape for row in report.rows if not row.passed}
     cases = [(shape, feed) for shape, feed in zip(shapes, feeds) if per_layer or shape in failing]
@@ -167,7 +177,7 @@ def _verify_onnx(
         from moetrt.verify.diagnose import apply_diagnoses, diagnose
 
         what = "every layer's output and the routing" if per_layer else "the routing and the dtype"
-        say(f"diagnosing {', '.join(f'{b}x{s}' for (b, s), _ in cases)}: {what}")
+        say(f"diagnosing {', '.join(shape_text(shape) for shape, _ in cases)}: {what}")
         with quiet_logs():
             diagnoses = diagnose(
                 onnx_path,
@@ -282,8 +292,8 @@ def _torch_runner(module: Any, example_feed: dict[str, np.ndarray], output_names
 
         def get_input_metadata_impl(self) -> TensorMetadata:
             meta = TensorMetadata()
-            for name, array in example_feed.items():
-                meta.add(name, array.dtype, ["batch", "seq", *array.shape[2:]])
+            for name, array in example_feed.items():  # every dim dynamic: decoders' state dims differ
+                meta.add(name, array.dtype, [f"{name}_{axis}" for axis in range(array.ndim)])
             return meta
 
         def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
