@@ -94,7 +94,9 @@ def main() -> int:
                 decoder._past = past  # the same past every time: each run is the step after C tokens
                 decoder.step(token, mask, where)
 
-            def uncached_step(whole=torch.cat([prompt, token], dim=1).numpy()) -> None:
+            whole_sequence = torch.cat([prompt, token], dim=1).numpy()
+
+            def uncached_step(whole=whole_sequence) -> None:
                 uncached.run([LOGITS], {INPUT_IDS: whole})
 
             row = {
