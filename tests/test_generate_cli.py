@@ -67,7 +67,15 @@ def test_generate_json_for_two_prompts(built: Path) -> None:
     assert result["decode_tokens_per_s"] > 0 and result["backend"] == "onnxruntime"
     # The second prompt alone (no padding) gives the same tokens: padding changes nothing.
     code, alone, err = invoke(
-        "generate", str(built), "--prompt-ids", "10,11", "--max-new-tokens", "6", "--backend", "onnxruntime", "--json"
+        "generate",
+        str(built),
+        "--prompt-ids",
+        "10,11",
+        "--max-new-tokens",
+        "6",
+        "--backend",
+        "onnxruntime",
+        "--json",
     )
     assert code == 0, err
     assert json.loads(alone)["ids"][0] == result["ids"][1]
@@ -75,7 +83,15 @@ def test_generate_json_for_two_prompts(built: Path) -> None:
 
 def test_stop_id_ends_a_sequence(built: Path) -> None:
     code, out, err = invoke(
-        "generate", str(built), "--prompt-ids", "3,4,5", "--max-new-tokens", "6", "--backend", "onnxruntime", "--json"
+        "generate",
+        str(built),
+        "--prompt-ids",
+        "3,4,5",
+        "--max-new-tokens",
+        "6",
+        "--backend",
+        "onnxruntime",
+        "--json",
     )
     first = json.loads(out)["ids"][0]
     stop = first[2]
@@ -104,11 +120,15 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy() -> None:
     one = choose_tokens(logits, Sampling(temperature=1.0, top_k=1), torch.Generator().manual_seed(1))
     assert torch.equal(one, greedy)
     draws = [
-        choose_tokens(logits, Sampling(temperature=1.5, top_p=0.9), torch.Generator().manual_seed(s)) for s in (7, 7)
+        choose_tokens(logits, Sampling(temperature=1.5, top_p=0.9), torch.Generator().manual_seed(s))
+        for s in (7, 7)
     ]
     assert torch.equal(draws[0], draws[1])
     many = torch.stack(
-        [choose_tokens(logits, Sampling(temperature=2.0), torch.Generator().manual_seed(s)) for s in range(20)]
+        [
+            choose_tokens(logits, Sampling(temperature=2.0), torch.Generator().manual_seed(s))
+            for s in range(20)
+        ]
     )
     assert (many != greedy).any(), "sampling at temperature 2 never left the argmax"
     tiny = choose_tokens(logits, Sampling(temperature=1.0, top_p=1e-6), torch.Generator().manual_seed(3))
@@ -120,7 +140,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy() -> None:
 def test_bad_requests_are_one_line_errors(built: Path, tmp_path: Path) -> None:
     onnxruntime = ("--backend", "onnxruntime")
     long_prompt = ",".join(["7"] * 70)
-    code, _, err = invoke("generate", str(built), "--prompt-ids", long_prompt, "--max-new-tokens", "2", *onnxruntime)
+    code, _, err = invoke(
+        "generate", str(built), "--prompt-ids", long_prompt, "--max-new-tokens", "2", *onnxruntime
+    )
     assert_one_line_error(code, err, "over this artifact's 64", "--max-context")
     code, _, err = invoke("generate", str(built), "--prompt", "hi", "--max-new-tokens", "0", *onnxruntime)
     assert_one_line_error(code, err, "--max-new-tokens is 0")
@@ -158,7 +180,9 @@ def test_state_of_the_wrong_shape_is_named(built: Path) -> None:
         shape = [1 if d == "batch" else 2 if d == "past" else int(d) for d in tensor.shape]
         feeds[tensor.past] = torch.randn(shape)
     assert session(feeds)["logits"].shape == (1, 3, 512)
-    wrong_batch = dict(feeds, **{session.state[0].past: torch.randn(2, *feeds[session.state[0].past].shape[1:])})
+    wrong_batch = dict(
+        feeds, **{session.state[0].past: torch.randn(2, *feeds[session.state[0].past].shape[1:])}
+    )
     with pytest.raises(MoetrtError, match=r"has shape \[2, .*expected \[1, .*batch 1, past 2"):
         session(wrong_batch)
     wrong_past = dict(feeds, attention_mask=torch.ones(1, 9, dtype=torch.int64))

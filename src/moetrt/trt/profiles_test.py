@@ -41,7 +41,9 @@ def test_decoder_gets_prefill_and_decode_profiles() -> None:
     assert check_in_profile(profiles, _shapes(2, 100, 0)) == 0  # prefill
     assert check_in_profile(profiles, _shapes(2, 16, 300)) == 0  # chunked prefill after a past
     assert check_in_profile(profiles, _shapes(3, 1, 500)) == 1  # decode after a long past
-    with pytest.raises(MoetrtError, match=r"tokens = 200 is outside the engine's prefill profile 1\.\.128") as err:
+    with pytest.raises(
+        MoetrtError, match=r"tokens = 200 is outside the engine's prefill profile 1\.\.128"
+    ) as err:
         check_in_profile(profiles, _shapes(1, 200, 0))
     assert "--tokens" in err.value.one_line()
     with pytest.raises(MoetrtError, match="decode profile") as err:
@@ -58,4 +60,6 @@ def test_max_context_below_the_longest_prefill_is_refused() -> None:
 
 def test_unknown_dynamic_dim_of_a_decoder_is_refused() -> None:
     with pytest.raises(MoetrtError, match="dynamic dims"):
-        make_profiles([*DECODER_INPUTS, ("extra", ["batch", "mystery"])], DimRange(1, 1, 8), DimRange(1, 1, 1))
+        make_profiles(
+            [*DECODER_INPUTS, ("extra", ["batch", "mystery"])], DimRange(1, 1, 8), DimRange(1, 1, 1)
+        )
