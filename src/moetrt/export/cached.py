@@ -16,6 +16,7 @@ every call, so the PyTorch reference and the export run the model's own attentio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,8 +141,9 @@ def read_state_layout(model: nn.Module) -> StateLayout:
     """Run the model once with its own cache on two tokens and read what each layer kept."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.zeros(1, 2, dtype=torch.int64, device=device)
+    cache = _cache_classes()[0](model.config, 0)  # transformers' own, except for linear-only models
     with torch.inference_mode(), quiet_loggers("transformers"):
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, cache=cache, use_cache=True)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "layers"):
         raise MoetrtError(
@@ -199,7 +201,8 @@ class CausalLMWithState(nn.Module):
         position_ids: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        cache = _state_cache(self.model.config, self.layout, past)
+        past_length = attention_mask.shape[1] - input_ids.shape[1]
+        cache = _state_cache(self.model.config, self.layout, past, past_length)
         extra = {"logits_to_keep": 1} if self.last_logits else {}
         out = self.model(
             input_ids=input_ids,
@@ -212,18 +215,17 @@ class CausalLMWithState(nn.Module):
         return (out.logits, *_flat_state(cache, self.layout))
 
 
-def _state_cache(config: Any, layout: StateLayout, past: Sequence[torch.Tensor]) -> Any:
-    from transformers.cache_utils import DynamicCache
-
-    cache = DynamicCache(config=config)
+def _state_cache(config: Any, layout: StateLayout, past: Sequence[torch.Tensor], past_length: Any) -> Any:
+    state_cache, kv_state, linear_state = _cache_classes()
+    cache = state_cache(config, past_length)
     tensors = iter(past)
     layers = []
     for layer in layout.layers:
         first, second = next(tensors), next(tensors)
         if layer.kind == KV:
-            layers.append(_KVState(first, second))
+            layers.append(kv_state(first, second))
         else:  # the model's one-token decode updates the conv state in place: never the caller's tensor
-            layers.append(_LinearState(first.clone(), second))
+            layers.append(linear_state(first.clone(), second))
     cache.layers = layers
     return cache
 
@@ -238,8 +240,29 @@ def _flat_state(cache: Any, layout: StateLayout) -> list[torch.Tensor]:
     return out
 
 
-def _make_state_layers() -> tuple[type, type]:
-    from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+@functools.cache
+def _cache_classes() -> tuple[type, type, type]:
+    """The cache and its layers, made on first use (transformers is imported only then)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer
+
+    class StateCache(DynamicCache):
+        """transformers' cache, knowing its past length when no attention layer holds one (a model of linear
+        layers only: transformers' own cache then has no length to give its mask code)."""
+
+        def __init__(self, config: Any, past_length: Any) -> None:
+            super().__init__(config=config)
+            self.past_length = past_length
+
+        def _linear_only(self) -> bool:
+            return not any(isinstance(layer, DynamicLayer) for layer in self.layers)
+
+        def get_seq_length(self, layer_idx: int = 0) -> Any:
+            return self.past_length if self._linear_only() else super().get_seq_length(layer_idx)
+
+        def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[Any, int]:
+            if self._linear_only():  # a mask no layer reads: sized as a full-attention one would be
+                return self.past_length + query_length, 0
+            return super().get_mask_sizes(query_length, layer_idx)
 
     class KVState(DynamicLayer):
         """Key/value state given as tensors; its length is the past dimension itself (DynamicLayer tests
@@ -277,24 +300,7 @@ def _make_state_layers() -> tuple[type, type]:
             self.recurrent_states[state_idx] = recurrent_states.to(self.recurrent_states[state_idx].dtype)
             return self.recurrent_states[state_idx]
 
-    return KVState, LinearState
-
-
-def _KVState(keys: torch.Tensor, values: torch.Tensor) -> Any:
-    return _state_classes()[0](keys, values)
-
-
-def _LinearState(conv: torch.Tensor, recurrent: torch.Tensor) -> Any:
-    return _state_classes()[1](conv, recurrent)
-
-
-_CLASSES: list[tuple[type, type]] = []
-
-
-def _state_classes() -> tuple[type, type]:
-    if not _CLASSES:
-        _CLASSES.append(_make_state_layers())
-    return _CLASSES[0]
+    return StateCache, KVState, LinearState
 
 
 __all__ = [

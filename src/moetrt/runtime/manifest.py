@@ -350,7 +350,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"engine: {built}",
             "profiles: "
             + "; ".join(
-                f"{p['input']} min {p['min']} opt {p['opt']} max {p['max']}" for p in manifest["profiles"]
+                f"{p['name'] + ' ' if 'name' in p else ''}{p['input']} min {p['min']} opt {p['opt']} max {p['max']}"
+                for p in manifest["profiles"]
             ),
             "fused ops: " + ", ".join(f"{k} {v}" for k, v in manifest["fused_ops"].items()),
             "files: "
@@ -358,6 +359,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             + (" — hashes match" if report.get("files_ok") else f" — {report.get('files_error')}"),
         ]
         lines.append(f"parity: {parity_line(manifest.get('parity'))}")
+        decoder = manifest.get("decoder")
+        if decoder:
+            kinds = sorted({t["kind"] for t in decoder["state"]})
+            lines.append(
+                f"decoder: {len(decoder['state'])} state tensors ({', '.join(kinds)}), context up to "
+                f"{decoder['max_context']}, {'last-position' if decoder['last_logits'] else 'all'} logits, "
+                f"tokenizer: {', '.join(decoder['files']) or 'none'}"
+            )
     if report["kind"] == "plan":
         lines += [
             f"plan: {report['bytes']} B, matches its manifest (sha256, header)",
