@@ -188,3 +188,26 @@ def test_state_of_the_wrong_shape_is_named(built: Path) -> None:
     wrong_past = dict(feeds, attention_mask=torch.ones(1, 9, dtype=torch.int64))
     with pytest.raises(MoetrtError, match="past 6 from attention_mask"):
         session(wrong_past)
+
+
+def test_default_verify_shapes_fit_a_default_decoder_build() -> None:
+    """`moetrt verify --engine` of a default build runs its default shapes: prefill after a past included."""
+    from moetrt.trt.profiles import check_in_profile, make_profiles
+    from moetrt.verify.compare import default_shapes
+
+    options = BuildOptions()
+    inputs = [
+        ("input_ids", ["batch", "seq"]),
+        ("attention_mask", ["batch", "total"]),
+        ("position_ids", ["batch", "seq"]),
+        ("past_key_values.0.key", ["batch", 2, "past", 16]),
+    ]
+    profiles = make_profiles(inputs, options.tokens, options.batch, options.context_limit())
+    for batch, seq, past in default_shapes((2, 72), 130, decoder=True):
+        shapes = {
+            "input_ids": [batch, seq],
+            "attention_mask": [batch, past + seq],
+            "position_ids": [batch, seq],
+            "past_key_values.0.key": [batch, 2, past, 16],
+        }
+        assert check_in_profile(profiles, shapes) == (1 if seq == 1 else 0)

@@ -103,6 +103,9 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
         start = time.perf_counter()
         fused, fused_count = _fused_model(model, precision, staging, say, options)
         timings["export_and_fuse"] = time.perf_counter() - start
+        quantization = _quantization(options)
+        if quantization is not None:
+            fused = _quantize_experts(fused_path, quantization, say, timings)
         counts = _op_counts(fused)
         say(f"fused model: {fused_count} moetrt::MoE node(s), {counts['total_nodes']} nodes → {ONNX_NAME}")
         profiles = make_profiles(onnx_input_dims(fused), tokens, batch, options.context_limit())
@@ -116,6 +119,10 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
         parity = _parity(fused_path, precision, say) if options.parity else None
         if parity is not None:
             timings["parity"] = time.perf_counter() - start
+        if quantization is not None:
+            blocks = sorted({attrs.weight_block for attrs in check_fused_model(fused)})
+            measured = _quantization_error(fused_path, options.parity, say)
+            quantization_entry = quantization.describe() | {"block": blocks} | measured
         files: dict[str, str | Path] = {ONNX_NAME: fused_path}
         files.update({p.name: p for p in external_data_files(fused_path)})
         if engine is not None:
@@ -134,6 +141,7 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
             parity=parity,
             build_seconds={k: round(v, 3) for k, v in timings.items()},
             decoder=decoder,
+            quantization=quantization_entry if quantization is not None else None,
         )
         write_manifest(staging / MANIFEST_NAME, manifest)
         output.publish()
@@ -227,6 +235,58 @@ def _fill_output_types(model: onnx.ModelProto) -> onnx.ModelProto:
         if not out.type.tensor_type.HasField("shape") and found.HasField("shape"):
             out.type.tensor_type.shape.CopyFrom(found.shape)
     return model
+
+
+def _quantization(options: BuildOptions) -> Any:
+    from moetrt.passes.quantize_experts import ExpertQuantization
+
+    return ExpertQuantization.from_option(options.weights, options.weight_block, options.int4_zero_point)
+
+
+def _quantize_experts(fused_path: Path, quantization: Any, say: Progress, timings: dict[str, float]) -> Any:
+    """Replace staging's fused model by the same model with its experts quantized; its header back."""
+    from moetrt.passes.pipeline import quantize_file
+
+    native_dir = fused_path.parent / "native"
+    native_dir.mkdir()
+    for path in [fused_path, *external_data_files(fused_path)]:  # the data files keep their names
+        path.rename(native_dir / path.name)
+    say(f"quantizing the experts to {quantization.weight_format} (round to nearest)")
+    start = time.perf_counter()
+    stat = quantize_file(native_dir / fused_path.name, fused_path, quantization)
+    timings["quantize"] = time.perf_counter() - start
+    for path in native_dir.iterdir():
+        path.unlink()
+    native_dir.rmdir()
+    say(f"quantized the experts of {stat.count} moetrt::MoE node(s) in {stat.seconds:.1f}s")
+    return load_onnx(fused_path, load_external_data=False)
+
+
+def _quantization_error(fused_path: Path, measure: bool, say: Progress) -> dict[str, Any]:
+    """The quantized model against the model's native weights: the quantization's own error, per output."""
+    weight_bytes = sum(p.stat().st_size for p in [fused_path, *external_data_files(fused_path)])
+    if not measure or weight_bytes > PARITY_MAX_BYTES:
+        why = "--no-parity" if not measure else "over the whole-model check's bound"
+        return {"error_vs_native": None, "error_vs_native_reason": f"not measured ({why})"}
+    from moetrt.verify.model import verify
+
+    say("measuring the quantization's error against the native weights (onnxruntime CPU)")
+    try:
+        with quiet_loggers("transformers"):
+            report = verify(str(fused_path), native_reference=True)
+    except MoetrtError as err:
+        return {"error_vs_native": None, "error_vs_native_reason": err.one_line()}
+    worst: dict[str, float] = {}
+    for row in report.rows:
+        worst[row.output] = max(worst.get(row.output, 0.0), row.rel_err)
+    say(
+        "quantization error vs native weights (max rel err): "
+        + ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
+    )
+    return {
+        "error_vs_native": worst,
+        "error_vs_native_metric": "max relative norm error over the parity shapes",
+    }
 
 
 def _decoder_entry(
@@ -484,6 +544,7 @@ def _parity_summary(report: Any, scope: str, backend: str, precision: str, say: 
         "max_rel_err": max((row["rel_err"] for row in rows), default=None),
         "worst_err_over_tolerance": worst,
         "rows": rows,
+        "findings": list(report.findings),  # e.g. what a quantized model was compared against
         "seconds": round(report.seconds, 3),
     }
     verdict = "PASS" if report.passed else "FAILED"

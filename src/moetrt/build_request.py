@@ -12,6 +12,7 @@ from pathlib import Path
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import check_input_file
 from moetrt.core.publish import OutputDir
+from moetrt.op.spec import WEIGHTS_OPTIONS
 from moetrt.runtime.manifest import owned_entries
 from moetrt.trt.profiles import DEFAULT_MAX_CONTEXT
 from moetrt.trt.targets import ENGINE_BACKENDS, DimRange, Target, resolve_target
@@ -36,11 +37,18 @@ class BuildOptions:
     cache: bool = True
     last_logits: bool = False
     #: longest context (past + new tokens) a cached decoder's engine accepts; None: the larger of
-    #: `profiles.DEFAULT_MAX_CONTEXT` and --tokens' max
+    #: `profiles.DEFAULT_MAX_CONTEXT` and twice --tokens' max
     max_context: int | None = None
 
+    #: the routed experts' storage: native, or quantized (fp8, int4, mxfp4; `passes.quantize_experts`)
+    weights: str = "native"
+    weight_block: int | None = None
+    int4_zero_point: bool = False
+
     def context_limit(self) -> int:
-        return self.max_context if self.max_context is not None else max(DEFAULT_MAX_CONTEXT, self.tokens.max)
+        if self.max_context is not None:
+            return self.max_context
+        return max(DEFAULT_MAX_CONTEXT, 2 * self.tokens.max)  # room for a whole prefill after earlier tokens
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,21 @@ def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -
         raise MoetrtError(
             f"--max-context {options.max_context} is below the longest prefill (--tokens max {options.tokens.max})",
             f"pass --max-context {options.tokens.max} or more, or a smaller --tokens",
+        )
+    if options.weights not in WEIGHTS_OPTIONS:
+        raise MoetrtError(
+            f"unknown --weights {options.weights!r}", f"use one of {', '.join(WEIGHTS_OPTIONS)}"
+        )
+    if options.int4_zero_point and options.weights != "int4":
+        raise MoetrtError("--int4-zero-point applies to --weights int4", "add --weights int4 or drop it")
+    if options.weight_block is not None and options.weights == "native":
+        raise MoetrtError("--weight-block applies to quantized weights", "add --weights fp8|int4|mxfp4")
+    if options.weights != "native" and options.engine_backend == "tensorrt":
+        raise MoetrtError(
+            f"--weights {options.weights}: the moetrt plugin's kernels take native expert weights (quantized "
+            "kernels are not built yet)",
+            "build with --engine-backend tensorrt-rtx, whose engine runs the function body that dequantizes "
+            "them, or leave out --weights",
         )
     if options.last_logits and not options.cache:
         raise MoetrtError(

@@ -194,6 +194,12 @@ def export_cmd(
     help="Instead, check each fused MoE block against its PyTorch module, one block in memory at a time: "
     "works at any model size (a large checkpoint is read from disk).",
 )
+@click.option(
+    "--native-reference",
+    is_flag=True,
+    help="Quantized experts: compare against the model's own (native) weights, which measures the "
+    "quantization's error, instead of against the same dequantized experts (which checks the graph).",
+)
 @_user_errors
 def verify_cmd(
     model_or_onnx: str,
@@ -204,6 +210,7 @@ def verify_cmd(
     dtype: str,
     per_layer: bool,
     blocks: bool,
+    native_reference: bool,
 ) -> None:
     """Compare an ONNX model run by onnxruntime with its PyTorch reference.
 
@@ -215,6 +222,8 @@ def verify_cmd(
     margin; where the margin is a near-tie that the artifact's rounding decides, the row is judged against
     the reference routed like the artifact. For fp16/bf16 it says whether PyTorch itself in that dtype
     misses the float32 reference as much. --per-layer names the first layer whose output leaves tolerance.
+    An artifact with quantized experts (`moetrt fuse --weights`) is compared against the reference running the
+    same dequantized experts; --native-reference measures the quantization's error instead.
 
     \b
     Examples:
@@ -230,13 +239,15 @@ def verify_cmd(
     if blocks:
         from moetrt.verify.blocks import verify_blocks
 
-        if engine or per_layer or shapes is not None:
+        if engine or per_layer or shapes is not None or native_reference:
             raise MoetrtError(
                 "--blocks checks the fused blocks alone, at 1, 7 and 64 tokens",
-                "leave out --engine, --per-layer and --shapes",
+                "leave out --engine, --per-layer, --shapes and --native-reference",
             )
         report = verify_blocks(Path(model_or_onnx), reference=reference, seed=seed, progress=_progress)
     elif engine:
+        if native_reference:
+            raise MoetrtError("--native-reference applies to the onnxruntime check", "leave out --engine")
         if per_layer:
             raise MoetrtError(
                 "--per-layer looks inside the ONNX model, which --engine does not run",
@@ -256,6 +267,7 @@ def verify_cmd(
             progress=_progress,
             dtype=dtype,
             per_layer=per_layer,
+            native_reference=native_reference,
         )
     click.echo(report.format_table())
     if not report.passed:
@@ -279,8 +291,33 @@ def verify_cmd(
 @click.option(
     "--decompose", is_flag=True, help="Inline fused moetrt::MoE nodes of IN back to standard ops instead."
 )
+@click.option(
+    "--weights",
+    type=click.Choice(["native", "fp8", "int4", "mxfp4"]),
+    default="native",
+    show_default=True,
+    help="Store the routed experts quantized (round to nearest, one scale per block or group): fp8 e4m3 "
+    "with 128x128 block scales, int4 with group scales, mxfp4 with e8m0 scales per 32; the function body "
+    "dequantizes them, so onnxruntime runs the result.",
+)
+@click.option(
+    "--weight-block",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Block side (fp8) or group size (int4) [default: 128, or the largest of 64, 32, 16 that divides the "
+    "hidden and intermediate sizes].",
+)
+@click.option("--int4-zero-point", is_flag=True, help="int4 with zero points (asymmetric groups).")
 @_user_errors
-def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) -> None:
+def fuse_command(
+    in_path: str,
+    out_path: str,
+    explain: bool,
+    decompose: bool,
+    weights: str,
+    weight_block: int | None,
+    int4_zero_point: bool,
+) -> None:
     """Fuse each MoE block of IN.onnx into one moetrt::MoE node (with its standard-op function body).
 
     Prints the count and time of each pass (cleanup, fuse_moe, pack_weights). A block is fused only when
@@ -299,9 +336,19 @@ def fuse_command(in_path: str, out_path: str, explain: bool, decompose: bool) ->
 
     check_input_file(in_path, "ONNX file", "pass the path of an .onnx file")
     check_output_file(out_path, ".onnx")
+    if weights != "native" and decompose:
+        raise MoetrtError("--weights quantizes fused experts; --decompose removes them", "pass one of them")
+    if int4_zero_point and weights != "int4":
+        raise MoetrtError("--int4-zero-point applies to --weights int4", "add --weights int4 or drop it")
+    if weight_block is not None and weights == "native":
+        raise MoetrtError("--weight-block applies to quantized weights", "add --weights fp8|int4|mxfp4")
     from moetrt.passes import fuse_file
+    from moetrt.passes.quantize_experts import ExpertQuantization
 
-    result = fuse_file(in_path, out_path, explain=explain, decompose=decompose, progress=_progress)
+    quantize = ExpertQuantization.from_option(weights, weight_block, int4_zero_point)
+    result = fuse_file(
+        in_path, out_path, explain=explain, decompose=decompose, progress=_progress, quantize=quantize
+    )
     for line in result.summary_lines(explain=explain):
         click.echo(line)
     click.echo(f"wrote {out_path}")
@@ -446,8 +493,21 @@ def tune_cmd(
     type=click.IntRange(min=1),
     default=None,
     help="Longest context (past + new tokens) a cached decoder's engine accepts "
-    "[default: 4096, or --tokens' max when larger].",
+    "[default: twice --tokens' max, at least 4096, so a prefill can follow earlier tokens].",
 )
+@click.option(
+    "--weights",
+    type=click.Choice(["native", "fp8", "int4", "mxfp4"]),
+    default="native",
+    show_default=True,
+    help="Store the routed experts quantized (see `moetrt fuse --help`); parity then runs the reference with "
+    "the same dequantized experts and the manifest records the quantization's error against the native "
+    "weights. Engines: --engine-backend tensorrt-rtx (the plugin's kernels take native weights).",
+)
+@click.option(
+    "--weight-block", type=click.IntRange(min=1), default=None, help="Block or group size (see fuse)."
+)
+@click.option("--int4-zero-point", is_flag=True, help="int4 with zero points (asymmetric groups).")
 @_user_errors
 def build_cmd(
     model: str,
@@ -464,6 +524,9 @@ def build_cmd(
     no_cache: bool,
     last_logits: bool,
     max_context: int | None,
+    weights: str,
+    weight_block: int | None,
+    int4_zero_point: bool,
 ) -> None:
     """Export MODEL (or take an .onnx), fuse MoE blocks, build an engine; write OUTDIR/{model.onnx,
     model.plan, manifest.json}.
@@ -487,6 +550,9 @@ def build_cmd(
         cache=not no_cache,
         last_logits=last_logits,
         max_context=max_context,
+        weights=weights,
+        weight_block=weight_block,
+        int4_zero_point=int4_zero_point,
     )
     request = check_build_request(model, outdir, options)  # bad arguments answered before the heavy imports
     from moetrt.build import build_checked

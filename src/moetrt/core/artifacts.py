@@ -30,6 +30,8 @@ META_LONG_SEQ = "moetrt.long_seq"
 META_EXAMPLE_SHAPE = "moetrt.example_shape"
 # Written by `moetrt fuse`: how many MoE blocks the file holds fused.
 META_FUSED_MOE = "moetrt.fused_moe_blocks"
+# Written by `moetrt fuse --weights`: the format the routed experts are stored in (absent: native).
+META_EXPERT_WEIGHTS = "moetrt.expert_weights"
 
 # Node metadata_props. The exporter's module scopes of a node: a Python-literal list of the module paths from
 # the root down (the deepest is the module that ran the node), then the node's own name. The fusion gives its

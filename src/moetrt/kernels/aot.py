@@ -222,6 +222,11 @@ def compile_kernels(
 
     if sm not in SUPPORTED_SMS:
         raise MoetrtError(f"SM {sm} is not supported", f"pick one of {', '.join(map(str, SUPPORTED_SMS))}")
+    if attrs.is_quantized:
+        raise MoetrtError(
+            f"the MoE kernels take native expert weights; {attrs.weight_format} experts have no kernels yet",
+            "run the quantized model.onnx with onnxruntime (its function body dequantizes)",
+        )
     dtype = kernel_name_of(dtype)  # any spelling of fp32 / fp16 / bf16; bundles store the kernel name
     if not buckets or any(b not in plan.BUCKETS for b in buckets):
         raise MoetrtError(

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from moetrt.op import spec
 from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
 
 MIN_OPSET = 15  # CastLike
@@ -107,6 +108,55 @@ def _glu(b: _BodyBuilder, gate_up: str, attrs: MoEAttributes) -> str:
     return b.one("Mul", b.one("Add", up, b.f32(1.0)), glu)
 
 
+def _dequantized_rows(b: _BodyBuilder, attrs: MoEAttributes, which: str, ids: str, n: int, k: int) -> str:
+    """Gather the selected experts' codes and scales and dequantize them to float32 [S, N, K] (op/quant.py's
+    arithmetic: a lookup table of code values, scales repeated over their block)."""
+    from moetrt.op.quant import e2m1_table, fp8_e4m3_table
+
+    fmt, block = attrs.weight_format, attrs.weight_block
+    codes = b.one("Gather", f"expert_{which}_weight", ids, axis=0, hint=f"{which}_codes")
+    scale = b.one("Gather", f"expert_{which}_scale", ids, axis=0, hint=f"{which}_scale")
+    if fmt == spec.FP8_BLOCK:
+        values = b.one(
+            "Gather",
+            b.const(fp8_e4m3_table(), np.float32, "fp8_values"),
+            b.one("Cast", codes, to=TensorProto.INT64),
+        )
+        rows, cols = spec.scale_shape(fmt, block, n, k)
+        tiles = b.one("Unsqueeze", scale, b.const([2, 4]))  # [S, R, 1, C, 1]
+        tiles = b.one("Expand", tiles, b.const([1, 1, block, 1, block]))
+        full = b.one("Reshape", tiles, b.const([-1, rows * block, cols * block]))
+        full = b.one("Slice", full, b.const([0, 0]), b.const([n, k]), b.const([1, 2]))
+        return b.one("Mul", values, full, hint=f"{which}_dequantized")
+    # Two codes a byte, taken apart in float32 arithmetic (exact; TensorRT has no uint8 bitwise ops).
+    byte = b.one("Cast", codes, to=TensorProto.FLOAT)
+    high = b.one("Floor", b.one("Div", byte, b.f32(16.0)))
+    low = b.one("Sub", byte, b.one("Mul", high, b.f32(16.0)))
+    pairs = b.one(
+        "Concat", b.one("Unsqueeze", low, b.const([-1])), b.one("Unsqueeze", high, b.const([-1])), axis=-1
+    )
+    nibbles = b.one("Reshape", pairs, b.const([-1, n, k]))  # [S, N, K] float32 codes, low nibble first
+
+    def per_code(x: str) -> str:  # [S, N, K / G] -> [S, N, K]
+        expanded = b.one("Expand", b.one("Unsqueeze", x, b.const([-1])), b.const([1, 1, 1, block]))
+        return b.one("Reshape", expanded, b.const([-1, n, k]))
+
+    if fmt == spec.INT4:
+        if attrs.has_weight_zero_point:
+            zero = b.one("Cast", b.one("Gather", f"expert_{which}_zero", ids, axis=0), to=TensorProto.FLOAT)
+            centred = b.one("Sub", nibbles, per_code(zero))
+        else:
+            centred = b.one("Sub", nibbles, b.f32(spec.INT4_SYMMETRIC_ZERO))
+        return b.one("Mul", centred, per_code(scale), hint=f"{which}_dequantized")
+    values = b.one(
+        "Gather",
+        b.const(e2m1_table(), np.float32, "e2m1_values"),
+        b.one("Cast", nibbles, to=TensorProto.INT64),
+    )
+    exponent = b.one("Sub", b.one("Cast", scale, to=TensorProto.FLOAT), b.f32(127.0))
+    return b.one("Mul", values, per_code(b.one("Pow", b.f32(2.0), exponent)), hint=f"{which}_dequantized")
+
+
 def _route(b: _BodyBuilder, logits: str, attrs: MoEAttributes, correction: str | None) -> tuple[str, str]:
     """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64), as `reference.route`."""
     k = b.const([attrs.top_k])
@@ -165,6 +215,17 @@ def make_moe_function(
         rows = b.one("Gather", name, ids_flat, axis=0)
         return b.one("Cast", rows, to=TensorProto.FLOAT, hint=f"{name}_rows_f32")
 
+    def expert_rows(which: str) -> str:
+        """The selected experts' gate_up or down weights, float32 [S, N, K] (dequantized when quantized)."""
+        if not attrs.is_quantized:
+            return gathered(f"expert_{which}_weight")
+        n, k = (
+            (2 * attrs.intermediate_size, hidden_dim)
+            if which == "gate_up"
+            else (hidden_dim, attrs.intermediate_size)
+        )
+        return _dequantized_rows(b, attrs, which, ids_flat, n, k)
+
     logits = _linear(b, hidden, x["router_weight"])
     if attrs.has_router_bias:
         logits = b.one("Add", logits, x["router_bias"])
@@ -177,12 +238,12 @@ def make_moe_function(
     tokens = b.one("Unsqueeze", hidden, b.const([1]))  # [T, 1, H]
     tokens = b.one("Expand", tokens, b.const([1, attrs.top_k, 1]))
     tokens = b.one("Reshape", tokens, b.const([-1, hidden_dim, 1]))  # [S, H, 1]
-    w_gate_up = gathered("expert_gate_up_weight")  # [S, 2I, H]
+    w_gate_up = expert_rows("gate_up")  # [S, 2I, H]
     gate_up = b.one("Squeeze", b.one("MatMul", w_gate_up, tokens), flat)  # [S, 2I]
     if attrs.has_expert_bias:
         gate_up = b.one("Add", gate_up, gathered("expert_gate_up_bias"))
     act = _glu(b, gate_up, attrs)  # [S, I]
-    w_down = gathered("expert_down_weight")  # [S, H, I]
+    w_down = expert_rows("down")  # [S, H, I]
     down = b.one("Squeeze", b.one("MatMul", w_down, b.one("Unsqueeze", act, flat)), flat)  # [S, H]
     if attrs.has_expert_bias:
         down = b.one("Add", down, gathered("expert_down_bias"))

@@ -58,7 +58,12 @@ def run_single_node(attrs: MoEAttributes, inputs: dict[str, torch.Tensor]) -> li
     graph = helper.make_graph(
         [make_moe_node(attrs, names, outputs, overload, name="moe0")],
         "single_moe",
-        [helper.make_tensor_value_info(n, elem, list(inputs[n].shape)) for n in names],
+        [
+            helper.make_tensor_value_info(
+                n, helper.np_dtype_to_tensor_dtype(inputs[n].numpy().dtype), list(inputs[n].shape)
+            )
+            for n in names
+        ],
         [helper.make_tensor_value_info(n, elem, ["T", None]) for n in outputs],
     )
     model = helper.make_model(
@@ -166,3 +171,39 @@ def test_body_runs_in_bf16(variant: str) -> None:
     assert rel_err(got[0], ref["output"].float()) <= 1e-2
     if attrs.output_router_logits:
         assert rel_err(got[1], ref["router_logits"].float()) <= 1e-2
+
+
+#: Quantized experts: (format, block, zero points) on variants with biases, a shared expert and router logits.
+QUANTIZED = [
+    ("fp8_block", 16, False),
+    ("fp8_block", 128, False),
+    ("int4", 4, False),
+    ("int4", 4, True),
+    ("mxfp4", 32, False),
+]
+
+
+@pytest.mark.parametrize(("fmt", "block", "zero"), QUANTIZED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantized_body_dequantizes_like_the_reference(
+    fmt: str, block: int, zero: bool, dtype: torch.dtype
+) -> None:
+    """The body's dequantization (gathered codes, lookup tables, repeated scales) is the reference's, exactly
+    up to float32 sums; the bound is the dtype's."""
+    base = {**_BASE, "hidden_size": 64, "intermediate_size": 32}
+    attrs = MoEAttributes(
+        **base,
+        weight_format=fmt,
+        weight_block=block,
+        has_weight_zero_point=zero,
+        shared_intermediate_size=8,
+        has_expert_bias=True,
+        output_router_logits=True,
+    )
+    inputs = random_inputs(attrs, 11, dtype=dtype, seed=7)
+    assert inputs["expert_gate_up_weight"].dtype == torch.uint8
+    got = run_single_node(attrs, inputs)
+    ref = moe_reference(inputs, attrs, compute_dtype=torch.float64)
+    bound = 1e-5 if dtype == torch.float32 else 5e-3
+    assert rel_err(got[0], ref["output"]) <= bound
+    assert rel_err(got[1], ref["router_logits"]) <= bound

@@ -49,6 +49,31 @@ def check_fused_node(node: onnx.NodeProto, function_keys: set[tuple[str, str, st
 
 
 def check_fused_model(model: onnx.ModelProto) -> list[MoEAttributes]:
-    """Every fused node of `model` checked (see `check_fused_node`), in graph order."""
+    """Every fused node of `model` checked (see `check_fused_node`), in graph order; a quantized node's stored
+    codes, scales and zero points must also have the shapes its attributes give."""
     keys = {(f.domain, f.name, f.overload) for f in model.functions}
-    return [check_fused_node(node, keys) for node in fused_nodes(model)]
+    stored = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    checked = []
+    for node in fused_nodes(model):
+        attrs = check_fused_node(node, keys)
+        if attrs.is_quantized:
+            _check_quantized_shapes(node, attrs, stored)
+        checked.append(attrs)
+    return checked
+
+
+def _check_quantized_shapes(
+    node: onnx.NodeProto, attrs: MoEAttributes, stored: dict[str, tuple[int, ...]]
+) -> None:
+    expected = attrs.input_shapes()
+    wrong = [
+        f"{name} {stored[value]} != {expected[name]}"
+        for name, value in zip(attrs.present_inputs(), node.input)
+        if name.startswith("expert_") and value in stored and stored[value] != expected[name]
+    ]
+    if wrong:
+        raise MoetrtError(
+            f"fused MoE node {node.name!r} stores {attrs.weight_format} experts whose shapes do not match its "
+            f"attributes (block {attrs.weight_block}): {'; '.join(wrong)}",
+            "quantize the fused model again with `moetrt fuse --weights`",
+        )

@@ -138,12 +138,12 @@ def moe_reference(
         h = hidden[token_idx]
         gate_up = F.linear(
             h,
-            _row(x, "expert_gate_up_weight", expert, compute_dtype),
+            expert_weight(x, attrs, "gate_up", expert).to(compute_dtype),
             _maybe(x, "expert_gate_up_bias", expert),
         )
         y = F.linear(
             glu_activation(gate_up, attrs),
-            _row(x, "expert_down_weight", expert, compute_dtype),
+            expert_weight(x, attrs, "down", expert).to(compute_dtype),
             _maybe(x, "expert_down_bias", expert),
         )
         out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
@@ -159,8 +159,20 @@ def moe_reference(
     return result
 
 
-def _row(x: dict[str, torch.Tensor], name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
-    return x[name][expert].to(dtype)
+def expert_weight(x: dict[str, torch.Tensor], attrs: MoEAttributes, which: str, expert: int) -> torch.Tensor:
+    """One expert's gate_up or down weight in the canonical [N, K] layout, dequantized when stored quantized
+    (float32 then; the stored dtype otherwise)."""
+    weight = x[f"expert_{which}_weight"][expert]
+    if not attrs.is_quantized:
+        return weight
+    from moetrt.op.quant import QuantizedWeight, dequantize
+
+    zero = x.get(f"expert_{which}_zero")
+    stored = QuantizedWeight(
+        weight, x[f"expert_{which}_scale"][expert], None if zero is None else zero[expert]
+    )
+    k = attrs.hidden_size if which == "gate_up" else attrs.intermediate_size
+    return dequantize(attrs.weight_format, attrs.weight_block, stored, k)
 
 
 def _maybe(x: dict[str, torch.Tensor], name: str, expert: int) -> torch.Tensor | None:
@@ -193,7 +205,10 @@ def random_inputs(
     seed: int = 0,
     skew: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Random (never zero) inputs with realistic scales; `skew` > 0 biases the router towards few experts."""
+    """Random (never zero) inputs with realistic scales; `skew` > 0 biases the router towards few experts.
+    Quantized attributes get the native inputs with their expert weights quantized (`op.quant.quantize`)."""
+    if attrs.is_quantized:
+        return _quantized_inputs(attrs, num_tokens, dtype, device, seed, skew)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     h = attrs.hidden_size
 
@@ -213,4 +228,33 @@ def random_inputs(
         inputs["router_weight"] = rw.to(dtype=dtype, device=device)
         hs = inputs["hidden_states"].float().cpu() + 3.0 * direction
         inputs["hidden_states"] = hs.to(dtype=dtype, device=device)
+    return inputs
+
+
+def _quantized_inputs(
+    attrs: MoEAttributes,
+    num_tokens: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    seed: int,
+    skew: float,
+) -> dict[str, torch.Tensor]:
+    import dataclasses
+
+    from moetrt.op.quant import quantize
+    from moetrt.op.spec import NATIVE
+
+    native = dataclasses.replace(attrs, weight_format=NATIVE, weight_block=0, has_weight_zero_point=False)
+    inputs = random_inputs(native, num_tokens, dtype, device, seed, skew)
+    for which in ("gate_up", "down"):
+        stored = quantize(
+            attrs.weight_format,
+            attrs.weight_block,
+            inputs[f"expert_{which}_weight"].float().cpu(),
+            attrs.has_weight_zero_point,
+        )
+        inputs[f"expert_{which}_weight"] = stored.codes.to(device)
+        inputs[f"expert_{which}_scale"] = stored.scale.to(device)
+        if stored.zero is not None:
+            inputs[f"expert_{which}_zero"] = stored.zero.to(device)
     return inputs

@@ -16,7 +16,10 @@ Weight layouts (canonical = ``nn.Linear`` layout, reduction dim contiguous):
     shared_gate_up_weight    [2*Is, H]     rows 0..Is-1 = gate, rows Is.. = up
     shared_down_weight       [H, Is]
     shared_gate_weight       [1, H]        output scaled by sigmoid(x @ w.T)
-Inputs:  hidden_states [T, H] (fp32 | fp16 | bf16; every weight has the same dtype).
+Quantized experts (``weight_format`` fp8_block | int4 | mxfp4, layouts in ``op/quant.py``): the two expert
+weights hold uint8 codes ([E, N, K], or [E, N, K/2] for 4-bit codes), with ``expert_gate_up_scale`` /
+``expert_down_scale`` (and int4's ``expert_*_zero``) as further inputs.
+Inputs:  hidden_states [T, H] (fp32 | fp16 | bf16; every native weight has the same dtype).
 Outputs: output [T, H] (dtype of hidden_states); router_logits [T, E] when ``output_router_logits``.
 """
 
@@ -34,6 +37,15 @@ PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "moetrt"
 
 SCORINGS = ("softmax", "sigmoid")
+# Expert weight formats (layouts and arithmetic in `op/quant.py`, docs/moe_op.md).
+NATIVE, FP8_BLOCK, INT4, MXFP4 = "native", "fp8_block", "int4", "mxfp4"
+WEIGHT_FORMATS = (NATIVE, FP8_BLOCK, INT4, MXFP4)
+#: Block / group size of each format when a checkpoint does not say (MXFP4's is fixed by the format).
+DEFAULT_BLOCK = {FP8_BLOCK: 128, INT4: 128, MXFP4: 32}
+MXFP4_GROUP = 32
+INT4_SYMMETRIC_ZERO = 8
+#: `--weights` choices and the formats they store.
+WEIGHTS_OPTIONS = {"native": NATIVE, "fp8": FP8_BLOCK, "int4": INT4, "mxfp4": MXFP4}
 ACTIVATIONS = ("silu_glu", "gelu_glu", "gelu_tanh_glu", "swiglu_clamped")
 
 INPUT_ORDER = (
@@ -48,6 +60,11 @@ INPUT_ORDER = (
     "shared_gate_up_weight",
     "shared_down_weight",
     "shared_gate_weight",
+    # quantized experts only (after every native input, so native nodes keep their input positions)
+    "expert_gate_up_scale",
+    "expert_down_scale",
+    "expert_gate_up_zero",
+    "expert_down_zero",
 )
 OUTPUT_ORDER = ("output", "router_logits")
 #: Attributes on the node for TensorRT's ONNX parser, not part of the op's variant.
@@ -79,6 +96,9 @@ class MoEAttributes:
     shared_intermediate_size: int = 0  # 0: no shared expert
     has_shared_gate: bool = False
     output_router_logits: bool = False
+    weight_format: str = NATIVE  # the routed experts' storage; router and shared expert stay native
+    weight_block: int = 0  # fp8_block: square block side; int4 / mxfp4: group along the reduction
+    has_weight_zero_point: bool = False  # int4 with zero points (asymmetric)
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,12 +129,26 @@ class MoEAttributes:
             problems.append("topk_before_score needs softmax scoring")
         if self.has_shared_gate and not self.shared_intermediate_size:
             problems.append("has_shared_gate without a shared expert")
+        if self.weight_format not in WEIGHT_FORMATS:
+            problems.append(f"weight_format {self.weight_format!r} not in {WEIGHT_FORMATS}")
+        else:
+            for k in (self.hidden_size, self.intermediate_size):
+                why = check_block(self.weight_format, self.weight_block, k)
+                if why:
+                    problems.append(why)
+                    break
+        if self.has_weight_zero_point and self.weight_format != INT4:
+            problems.append("has_weight_zero_point is for int4 weights only")
         if problems:
             raise ValueError("invalid MoE attributes: " + "; ".join(problems))
 
     @property
     def has_shared_expert(self) -> bool:
         return self.shared_intermediate_size > 0
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_format != NATIVE
 
     def present_inputs(self) -> tuple[str, ...]:
         """Names of the node's inputs, in order (absent optional inputs are left out, not empty)."""
@@ -126,6 +160,10 @@ class MoEAttributes:
             "shared_gate_up_weight": self.has_shared_expert,
             "shared_down_weight": self.has_shared_expert,
             "shared_gate_weight": self.has_shared_gate,
+            "expert_gate_up_scale": self.is_quantized,
+            "expert_down_scale": self.is_quantized,
+            "expert_gate_up_zero": self.has_weight_zero_point,
+            "expert_down_zero": self.has_weight_zero_point,
         }
         return tuple(name for name in INPUT_ORDER if present.get(name, True))
 
@@ -135,14 +173,21 @@ class MoEAttributes:
     def input_shapes(self, num_tokens: int | str = "T") -> dict[str, tuple[int | str, ...]]:
         """Expected shape of every present input (num_tokens may be symbolic)."""
         e, h, i, s = self.num_experts, self.hidden_size, self.intermediate_size, self.shared_intermediate_size
+        fmt, block = self.weight_format, self.weight_block
+        gate_up_scale = (e, *scale_shape(fmt, block, 2 * i, h))
+        down_scale = (e, *scale_shape(fmt, block, h, i))
         shapes: dict[str, tuple[int | str, ...]] = {
             "hidden_states": (num_tokens, h),
             "router_weight": (e, h),
             "router_bias": (e,),
             "score_correction_bias": (e,),
-            "expert_gate_up_weight": (e, 2 * i, h),
+            "expert_gate_up_weight": (e, 2 * i, packed_k(fmt, h)),
             "expert_gate_up_bias": (e, 2 * i),
-            "expert_down_weight": (e, h, i),
+            "expert_down_weight": (e, h, packed_k(fmt, i)),
+            "expert_gate_up_scale": gate_up_scale,
+            "expert_down_scale": down_scale,
+            "expert_gate_up_zero": gate_up_scale,
+            "expert_down_zero": down_scale,
             "expert_down_bias": (e, h),
             "shared_gate_up_weight": (2 * s, h),
             "shared_down_weight": (h, s),
@@ -187,6 +232,33 @@ class MoEAttributes:
                 raise ValueError(f"{field.name} {value!r} is not a valid value ({err})") from None
             kwargs[field.name] = value
         return cls(**kwargs)
+
+
+def packed_k(weight_format: str, k: int) -> int:
+    """The stored last dim of an expert weight whose reduction is `k` (two 4-bit codes a byte)."""
+    return k if weight_format in (NATIVE, FP8_BLOCK) else k // 2
+
+
+def scale_shape(weight_format: str, block: int, n: int, k: int) -> tuple[int, ...]:
+    """The per-expert scale (and zero point) shape of an [N, K] weight; () for native weights."""
+    if weight_format == NATIVE:
+        return ()
+    if weight_format == FP8_BLOCK:
+        return (-(-n // block), -(-k // block))
+    return (n, k // block)
+
+
+def check_block(weight_format: str, block: int, k: int) -> str | None:
+    """Why a block size does not fit a reduction of `k` (None when it fits)."""
+    if weight_format == NATIVE:
+        return None if block == 0 else f"weight_block {block} given for native weights"
+    if block < 1:
+        return f"weight_block {block} is not positive"
+    if weight_format == MXFP4 and block != MXFP4_GROUP:
+        return f"mxfp4 groups are {MXFP4_GROUP} wide, not {block}"
+    if weight_format in (INT4, MXFP4) and (k % block or block % 2):
+        return f"group {block} does not divide the reduction {k} into even groups"
+    return None
 
 
 def _as_int(name: str, value: Any) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from moetrt.core.artifacts import META_FUSED_MOE
+from moetrt.core.artifacts import META_EXPERT_WEIGHTS, META_FUSED_MOE
 from moetrt.core.errors import MoetrtError
 from moetrt.core.onnx_io import MAX_IR_VERSION, load_onnx, save_onnx, set_metadata, weight_bytes
 from moetrt.core.progress import heartbeat
@@ -21,6 +21,7 @@ from moetrt.passes.cleanup import CleanupPass
 from moetrt.passes.decompose import count_fused, decompose_ir
 from moetrt.passes.fuse_moe import FuseMoEPass
 from moetrt.passes.pack_weights import PackMoEWeightsPass
+from moetrt.passes.quantize_experts import ExpertQuantization, QuantizeExpertsPass
 
 
 @dataclass
@@ -105,8 +106,10 @@ def fuse_file(
     explain: bool = False,
     decompose: bool = False,
     progress: Callable[[str], None] | None = None,
+    quantize: ExpertQuantization | None = None,
 ) -> FuseResult:
-    """Fuse IN into OUT (or, with `decompose`, inline IN's fused nodes back to standard ops)."""
+    """Fuse IN into OUT (or, with `decompose`, inline IN's fused nodes back to standard ops). `quantize`
+    then stores every fused node's routed experts in that format (`QuantizeExpertsPass`)."""
     say = progress or (lambda _message: None)
     if Path(in_path).resolve() == Path(out_path).resolve():
         raise MoetrtError("output path equals the input path", "write the fused model to a new file with -o")
@@ -134,11 +137,39 @@ def fuse_file(
         stats, num_fused, unfused = fuse_ir(model)
     if not num_fused:
         model = ir.load(in_path)  # nothing fused: the input graph as it was
+    if quantize is not None:
+        quantizer = QuantizeExpertsPass(quantize.weight_format, quantize.block, quantize.zero_point)
+        start = time.perf_counter()
+        result = quantizer(model)
+        stats.append(PassStat(quantizer.name, result.count, time.perf_counter() - start))
+        if not count_fused(model):
+            raise MoetrtError(f"{in_path} has no fused MoE block to quantize", "fuse a model with MoE blocks")
+        model.metadata_props[META_EXPERT_WEIGHTS] = quantize.weight_format
     model.metadata_props[META_FUSED_MOE] = str(count_fused(model))
     say(f"writing {out_path} ({weight_bytes(model) / 1e6:.1f} MB of weights)")
     with heartbeat(say, "writing"):
         save_onnx(model, out_path, external=external or None)  # None: when the weights need it
     return FuseResult(model, stats, num_fused, unfused)
+
+
+def quantize_file(
+    in_path: str | os.PathLike[str], out_path: str | os.PathLike[str], quantize: ExpertQuantization
+) -> PassStat:
+    """Store the experts of IN's fused nodes quantized, into OUT (weights streamed as `fuse_file` does)."""
+    header = load_onnx(in_path, load_external_data=False)
+    external = _has_external_data(header)
+    del header
+    model = ir.load(in_path)
+    quantizer = QuantizeExpertsPass(quantize.weight_format, quantize.block, quantize.zero_point)
+    start = time.perf_counter()
+    result = quantizer(model)
+    if not result.count:
+        raise MoetrtError(
+            f"{in_path} has no fused MoE block with native experts to quantize", "fuse it first"
+        )
+    model.metadata_props[META_EXPERT_WEIGHTS] = quantize.weight_format
+    save_onnx(model, out_path, external=external or None)
+    return PassStat(quantizer.name, result.count, time.perf_counter() - start)
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:

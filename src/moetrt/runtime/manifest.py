@@ -87,6 +87,7 @@ def build_manifest(
     parity: dict[str, Any] | None = None,
     build_seconds: dict[str, float] | None = None,
     decoder: dict[str, Any] | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble and validate a manifest; `files` maps artifact name → path (hashed here)."""
     manifest = {
@@ -106,6 +107,7 @@ def build_manifest(
         "parity": parity,
         "build_seconds": build_seconds or {},
         "decoder": decoder,
+        "quantization": quantization,
     }
     validate_manifest(manifest)
     return manifest

@@ -107,10 +107,21 @@ def profile_count(profiles: Sequence[dict[str, Any]]) -> int:
 
 
 def check_in_profile(profiles: Sequence[dict[str, Any]], shapes: dict[str, Sequence[int]]) -> int:
-    """The index of the profile that accepts these input shapes; refuses shapes no profile accepts, naming the
-    dim and the range of the profile meant (decode for one new token, prefill otherwise)."""
+    """The index of the profile for these input shapes: the decode profile for one new token, else the first
+    that accepts them. Shapes no profile accepts are refused, naming the dim and the range of the profile
+    meant (decode for one new token, prefill otherwise)."""
+    one_token = any(
+        role == "tokens" and list(shapes.get(p["input"], []))[int(axis) : int(axis) + 1] == [1]
+        for p in profiles
+        for axis, role in p.get("axes", {}).items()
+    )
+    indices = list(range(profile_count(profiles)))
+    decode = next((int(p.get("profile", 0)) for p in profiles if p.get("name") == DECODE), None)
+    if one_token and decode is not None:
+        indices.remove(decode)
+        indices.insert(0, decode)
     problems: list[MoetrtError] = []
-    for index in range(profile_count(profiles)):
+    for index in indices:
         entries = [p for p in profiles if int(p.get("profile", 0)) == index]
         try:
             _check_one(entries, shapes)
@@ -120,13 +131,7 @@ def check_in_profile(profiles: Sequence[dict[str, Any]], shapes: dict[str, Seque
         return index
     if not problems:  # no profile at all: nothing is dynamic
         return 0
-    one_token = any(
-        role == "tokens" and list(shapes.get(p["input"], []))[int(axis) : int(axis) + 1] == [1]
-        for p in profiles
-        for axis, role in p.get("axes", {}).items()
-    )
-    names = [p.get("name") for p in profiles]
-    raise problems[1] if one_token and DECODE in names and len(problems) > 1 else problems[0]
+    raise problems[0]  # the decode profile's for one token, the prefill profile's otherwise
 
 
 def _check_one(entries: Sequence[dict[str, Any]], shapes: dict[str, Sequence[int]]) -> None:

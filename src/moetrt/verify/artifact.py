@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from moetrt.core.artifacts import (
@@ -88,6 +89,10 @@ def verify_loaded(
 
     device = torch.device("cuda") if runner.backend != "onnxruntime" else runner.device
     reference_module = loaded.module.float().eval()
+    from moetrt.verify.quantized import dequantized_experts
+
+    # Quantized experts: the reference runs with the same dequantized experts (a no-op for native ones).
+    quantized = dequantized_experts(reference_module, onnx_path) if onnx_path.is_file() else nullcontext(0)
     output_names = list(runner.output_names)[: len(loaded.output_names)]
     report = VerifyReport(artifact=str(artifact), reference=reference, dtype=dtype)
     tolerance = tolerance if tolerance is not None else TOLERANCES[dtype]
@@ -99,13 +104,14 @@ def verify_loaded(
         return tensor.to(device)
 
     say(f"running {runner.backend} and PyTorch at shapes {', '.join(map(shape_text, shapes))}")
-    for shape, inputs in zip(shapes, feeds_per_shape):
-        outputs = runner({n: feed(n, t) for n, t in zip(loaded.input_names, inputs)})
-        with torch.inference_mode(), quiet_loggers("transformers"):
-            expected = reference_module(*(t.float() if t.is_floating_point() else t for t in inputs))
-        expected = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
-        for name, ref in zip(output_names, expected):
-            report.rows.append(compare_outputs(outputs[name], ref, shape, name, tolerance))
+    with quantized:
+        for shape, inputs in zip(shapes, feeds_per_shape):
+            outputs = runner({n: feed(n, t) for n, t in zip(loaded.input_names, inputs)})
+            with torch.inference_mode(), quiet_loggers("transformers"):
+                expected = reference_module(*(t.float() if t.is_floating_point() else t for t in inputs))
+            expected = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
+            for name, ref in zip(output_names, expected):
+                report.rows.append(compare_outputs(outputs[name], ref, shape, name, tolerance))
     report.seconds = time.perf_counter() - start
     return report
 

@@ -30,6 +30,7 @@ from moetrt.core.onnx_io import load_onnx, metadata
 from moetrt.core.tolerances import FUSION_CHECK_TOLERANCE
 from moetrt.verify.compare import VerifyReport, compare_outputs
 from moetrt.verify.probes import node_module_scopes, stored_tensor
+from moetrt.verify.quantized import dequantized_experts
 
 Progress = Callable[[str], None]
 #: Token counts each block is checked at: one token (decode), a few, and more than any top-k could tie up.
@@ -87,7 +88,8 @@ def verify_blocks(
             path = scopes[-1]
             say(f"block {index + 1}/{len(blocks)}: {path or '(root)'}")
             module = root.get_submodule(path) if path else root
-            with _materialised(module, loaded.offloaded, path, prefix):
+            quantized = dequantized_experts(root, onnx_path, [(node, attrs)], graph)  # a no-op for native
+            with _materialised(module, loaded.offloaded, path, prefix), quantized:
                 for count in tokens:
                     gen = torch.Generator().manual_seed(seed + count)
                     hidden = torch.randn(1, count, attrs.hidden_size, generator=gen).to(loaded.dtype).float()

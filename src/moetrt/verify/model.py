@@ -53,13 +53,16 @@ def verify(
     progress: Progress | None = None,
     dtype: str = "fp32",
     per_layer: bool = False,
+    native_reference: bool = False,
 ) -> VerifyReport:
     """Run `artifact` (an .onnx file, or a MODEL spec exported first) and its PyTorch reference on the same
     random inputs at each shape; `dtype` only applies when `artifact` is a MODEL spec.
 
     A failing shape is diagnosed (`verify.diagnose`): tokens routed differently at near-ties are named and
     judged against the reference routed like the artifact; `per_layer` also compares every layer's output
-    (at every shape) and names the first out of tolerance."""
+    (at every shape) and names the first out of tolerance. An artifact with quantized experts is compared
+    against the reference running the same dequantized experts (`verify.quantized`), or, with
+    `native_reference`, against the model's own weights (the quantization's error)."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     artifact_str = str(artifact)
@@ -82,7 +85,9 @@ def verify(
             export_onnx(artifact_str, onnx_path, dtype=dtype, progress=say)
             reference = reference or artifact_str
         widened = _widened_if_bf16(onnx_path, stack)
-        report = _verify_onnx(widened or onnx_path, reference, shapes, seed, say, per_layer)
+        report = _verify_onnx(
+            widened or onnx_path, reference, shapes, seed, say, per_layer, native_reference, onnx_path
+        )
         if widened is not None:
             report.findings.append(BF16_WIDENED_NOTE)
     report.artifact = artifact_str
@@ -119,6 +124,8 @@ def _verify_onnx(
     seed: int,
     say: Progress,
     per_layer: bool = False,
+    native_reference: bool = False,
+    original: Path | None = None,
 ) -> VerifyReport:
     meta, onnx_inputs, onnx_outputs = _read_onnx_header(onnx_path)
     reference = reference or meta.get(META_SOURCE)
@@ -141,6 +148,53 @@ def _verify_onnx(
     from moetrt.export.model_source import load_model
 
     loaded = load_model(reference, dtype)
+    with contextlib.ExitStack() as stack:
+        return _compare(
+            onnx_path,
+            reference,
+            loaded,
+            shapes,
+            seed,
+            say,
+            per_layer,
+            meta,
+            onnx_inputs,
+            onnx_outputs,
+            dtype,
+            tolerance,
+            stack,
+            native_reference,
+            original or onnx_path,
+            ort_runner,
+        )
+
+
+def _compare(
+    onnx_path: Path,
+    reference: str,
+    loaded: Any,
+    shapes: Sequence[Shape] | None,
+    seed: int,
+    say: Progress,
+    per_layer: bool,
+    meta: dict[str, str],
+    onnx_inputs: list[str],
+    onnx_outputs: list[str],
+    dtype: str,
+    tolerance: float,
+    stack: contextlib.ExitStack,
+    native_reference: bool,
+    original: Path,
+    ort_runner: Any,
+) -> VerifyReport:
+    from moetrt.verify.quantized import dequantized_experts, describe_formats, quantized_nodes
+
+    quantized = quantized_nodes(original)  # the file as written (a bf16 one runs as its float32 widening)
+    if quantized and not native_reference:
+        stack.enter_context(dequantized_experts(loaded.module, original))
+        say(
+            f"experts stored as {describe_formats(quantized)}: the reference runs with the same dequantized experts"
+        )
     if list(loaded.input_names) != onnx_inputs:
         raise MoetrtError(
             f"{onnx_path} takes inputs {onnx_inputs} but the reference {reference} takes {loaded.input_names}",
@@ -166,6 +220,8 @@ def _verify_onnx(
     results = _run_comparator([ort_runner, torch_runner], feeds)
 
     report = VerifyReport(artifact=str(onnx_path), reference=reference, dtype=dtype)
+    if quantized:
+        report.findings.append(_quantized_finding(describe_formats(quantized), native_reference))
     ort_results, torch_results = results[0][1], results[1][1]
     for shape, ort_out, ref_out in zip(shapes, ort_results, torch_results):
         for name in output_names:
@@ -192,6 +248,18 @@ def _verify_onnx(
             )
         apply_diagnoses(report, diagnoses)
     return report
+
+
+def _quantized_finding(formats: str, native_reference: bool) -> str:
+    if native_reference:
+        return (
+            f"experts stored as {formats}: compared against the model's native weights, so the errors are the "
+            "quantization's own"
+        )
+    return (
+        f"experts stored as {formats}: compared against the reference with the same dequantized experts (checks "
+        "the quantized graph); the quantization's own error is not in these rows"
+    )
 
 
 def _read_onnx_header(path: Path) -> tuple[dict[str, str], list[str], list[str]]:

@@ -1,0 +1,99 @@
+"""Quantized experts end to end on a demo model: `moetrt fuse --weights`, `moetrt verify` against the same
+dequantized experts (and, on request, against the native weights), `moetrt build --weights` into a TensorRT-RTX
+engine with the quantization recorded, generation through the quantized decoder, and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error, invoke
+
+from moetrt.core.onnx_io import load_onnx
+from moetrt.export.onnx_export import export_onnx
+from moetrt.op.fused_node import check_fused_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("quantized") / "qwen3_moe.onnx"
+    export_onnx("demo:qwen3_moe", path, self_check="off")
+    return path
+
+
+@pytest.mark.parametrize("weights", ["fp8", "int4", "mxfp4"])
+def test_fuse_quantizes_and_verify_checks_the_quantized_graph(
+    exported: Path, tmp_path: Path, weights: str
+) -> None:
+    out = tmp_path / f"{weights}.onnx"
+    code, stdout, err = invoke("fuse", str(exported), "-o", str(out), "--weights", weights)
+    assert code == 0, err
+    assert "quantize" in stdout
+    formats = {a.weight_format for a in check_fused_model(load_onnx(out, load_external_data=False))}
+    assert formats == {"fp8_block" if weights == "fp8" else weights}
+    code, stdout, err = invoke("verify", str(out))
+    assert code == 0, stdout + err
+    assert "compared against the reference with the same dequantized experts" in stdout
+    # Against the native weights the rows measure the quantization itself: they leave the fp32 bound.
+    code, stdout, _ = invoke("verify", str(out), "--native-reference")
+    assert code == 1 and "compared against the model's native weights" in stdout
+
+
+def test_build_with_quantized_experts(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = invoke(
+        "build",
+        "demo:mixtral",
+        "-o",
+        str(out),
+        "--engine-backend",
+        "tensorrt-rtx",
+        "--weights",
+        "int4",
+        "--int4-zero-point",
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"]["built"] and manifest["parity"]["passed"]
+    assert any("dequantized experts" in line for line in manifest["parity"]["findings"])
+    quantization = manifest["quantization"]
+    assert (
+        quantization["format"] == "int4" and quantization["zero_point"] and quantization["block"] == [64]
+    )  # the largest that divides 64
+    assert 1e-3 < quantization["error_vs_native"]["logits"] < 0.5, quantization
+    code, stdout, err = invoke(
+        "generate",
+        str(out),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "4",
+        "--backend",
+        "onnxruntime",
+        "--json",
+    )
+    assert code == 0, err
+    assert len(json.loads(stdout)["ids"][0]) == 4
+
+
+def test_quantization_refusals(exported: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, _, err = invoke("build", "demo:mixtral", "-o", str(out), "--weights", "fp8")
+    assert_one_line_error(code, err, "--weights fp8", "--engine-backend tensorrt-rtx")
+    code, _, err = invoke(
+        "build", "demo:mixtral", "-o", str(out), "--int4-zero-point", "--engine-backend", "tensorrt-rtx"
+    )
+    assert_one_line_error(code, err, "--int4-zero-point applies to --weights int4")
+    assert not out.exists()
+    code, _, err = invoke(
+        "fuse", str(exported), "-o", str(tmp_path / "f.onnx"), "--weights", "int4", "--weight-block", "48"
+    )
+    assert_one_line_error(code, err, "--weight-block 48 does not fit")
+    assert not (tmp_path / "f.onnx").exists()
+    code, _, err = invoke(
+        "fuse", str(exported), "-o", str(tmp_path / "f.onnx"), "--weights", "fp8", "--decompose"
+    )
+    assert_one_line_error(code, err, "--decompose")
+    code, _, err = invoke("fuse", str(exported), "-o", str(tmp_path / "f.onnx"), "--weight-block", "32")
+    assert_one_line_error(code, err, "--weight-block applies to quantized weights")
