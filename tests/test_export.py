@@ -120,8 +120,16 @@ def test_sharded_hf_directory_with_linear_attention(tmp_path: Path) -> None:
             {"config.json": '{"model_type": "no_such_arch"}', "model.safetensors": ""},
             "transformers cannot read",
         ),
+        (
+            {
+                "config.json": '{"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8", '
+                '"weight_block_size": [128, 128]}}',
+                "model.safetensors": "",
+            },
+            "is a fp8-quantized checkpoint, which moetrt does not read yet",
+        ),
     ],
-    ids=["bad-json", "no-weights", "unknown-model-type"],
+    ids=["bad-json", "no-weights", "unknown-model-type", "quantized-checkpoint"],
 )
 def test_broken_hf_directory(files: dict[str, str], message: str, tmp_path: Path) -> None:
     model_dir = tmp_path / "model"

@@ -107,11 +107,12 @@ def _load_hf_dir(
             "pass a Hugging Face model directory (config.json + *.safetensors)",
         )
     try:
-        json.loads((path / "config.json").read_text())
+        raw_config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
         raise MoetrtError(
             f"{path / 'config.json'} is not valid JSON ({err})", "fix or re-download it"
         ) from None
+    _refuse_quantized_checkpoint(spec, raw_config)
     if not any(path.glob("*.safetensors")):
         raise MoetrtError(
             f"{spec!r} has no *.safetensors weights",
@@ -166,6 +167,20 @@ def _load_hf_dir(
     )
     loaded.offloaded = offloaded
     return loaded
+
+
+def _refuse_quantized_checkpoint(spec: str, config: Any) -> None:
+    """A checkpoint stored quantized (config.json's quantization_config) is not read yet: say so by name, before
+    transformers tries (and dequantizes it, or asks for a GPU library)."""
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quantization, dict):
+        return
+    method = quantization.get("quant_method", "unknown")
+    raise MoetrtError(
+        f"{spec!r} is a {method}-quantized checkpoint, which moetrt does not read yet (it reads bf16, fp16 and "
+        "fp32 checkpoints)",
+        "export the model's bf16 checkpoint and quantize its experts with `moetrt build --weights fp8|int4|mxfp4`",
+    )
 
 
 def _check_checkpoint_keys(spec: str, loading: dict[str, Any]) -> None:

@@ -361,6 +361,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             + (" — hashes match" if report.get("files_ok") else f" — {report.get('files_error')}"),
         ]
         lines.append(f"parity: {parity_line(manifest.get('parity'))}")
+        quantization = manifest.get("quantization")
+        if quantization:
+            error = quantization.get("error_vs_native") or {}
+            measured = f", logits {error['logits']:.2e} from the native weights" if "logits" in error else ""
+            lines.append(
+                f"experts: {quantization['format']} (block {quantization.get('block')}{', zero points' if quantization.get('zero_point') else ''}){measured}"
+            )
         decoder = manifest.get("decoder")
         if decoder:
             kinds = sorted({t["kind"] for t in decoder["state"]})
