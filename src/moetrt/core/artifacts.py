@@ -68,7 +68,8 @@ LOGITS = "logits"
 #: How the names of a wrapped causal LM's parameters start in the exported graph (both export wrappers hold the
 #: model as `self.model`).
 WRAPPED_PREFIX = "model."
-STATE_PARTS = {"kv": ("key", "value"), "linear": ("conv", "recurrent")}
+KV_STATE, LINEAR_STATE = "kv", "linear"  # the layer kinds of a decoder's state
+STATE_PARTS = {KV_STATE: ("key", "value"), LINEAR_STATE: ("conv", "recurrent")}
 # Written by `moetrt export`: the state layout of a cached decoder (JSON list of `StateTensor` fields), and
 # whether its logits cover the last position only.
 META_STATE = "moetrt.state"

@@ -24,22 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetrt.core.artifacts import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    LOGITS,
-    POSITION_IDS,
-    WRAPPED_PREFIX,
-    StateTensor,
-    state_names,
-)
+from moetrt.core.artifacts import KV_STATE as KV
+from moetrt.core.artifacts import LINEAR_STATE as LINEAR
+from moetrt.core.artifacts import WRAPPED_PREFIX, StateTensor, state_names
 from moetrt.core.dtypes import name_of
 from moetrt.core.errors import MoetrtError
 from moetrt.core.progress import quiet_loggers
-
-#: Layer kinds of the state layout.
-KV = "kv"
-LINEAR = "linear"
 
 
 @dataclass(frozen=True)
@@ -301,20 +291,3 @@ def _cache_classes() -> tuple[type, type, type]:
             return self.recurrent_states[state_idx]
 
     return StateCache, KVState, LinearState
-
-
-__all__ = [
-    "ATTENTION_MASK",
-    "INPUT_IDS",
-    "KV",
-    "LINEAR",
-    "LOGITS",
-    "POSITION_IDS",
-    "CausalLMWithState",
-    "LayerState",
-    "StateLayout",
-    "positions",
-    "read_state_layout",
-    "state_dynamic_shapes",
-    "state_inputs",
-]
