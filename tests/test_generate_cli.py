@@ -152,6 +152,9 @@ def test_bad_requests_are_one_line_errors(built: Path, tmp_path: Path) -> None:
     assert_one_line_error(code, err, "outside the vocabulary")
     code, _, err = invoke("generate", str(built), *onnxruntime)
     assert_one_line_error(code, err, "no prompt given")
+    if not torch.cuda.is_available():  # the build's engine needs a GPU: the error says how to run here
+        code, _, err = invoke("generate", str(built), "--prompt-ids", "1,2")
+        assert_one_line_error(code, err, "no CUDA GPU is visible", "--backend onnxruntime")
 
     bare = tmp_path / "bare"
     bare.mkdir()

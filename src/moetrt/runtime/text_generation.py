@@ -58,7 +58,13 @@ def open_generator(artifact: str | Path, backend: str | None = None, check: bool
         check_against_manifest(path)
     if path.suffix == ".plan" and backend != "onnxruntime":
         from moetrt.runtime.engine import Engine
+        from moetrt.trt.trt_build import current_device_sm
 
+        if current_device_sm() is None:  # before TensorRT is imported: say how to generate here instead
+            raise MoetrtError(
+                f"{path} is a TensorRT engine and no CUDA GPU is visible",
+                "generate with its portable model on the CPU: add --backend onnxruntime",
+            )
         engine = Engine(path, manifest)
         state = engine.state
         decoder: StateDecoder | None = EngineDecoder(engine, state) if state is not None else None
