@@ -214,3 +214,38 @@ def test_default_verify_shapes_fit_a_default_decoder_build() -> None:
             "past_key_values.0.key": [batch, 2, past, 16],
         }
         assert check_in_profile(profiles, shapes) == (1 if seq == 1 else 0)
+
+
+def test_chat_renders_the_models_template(built: Path, tmp_path: Path) -> None:
+    code, _, err = invoke("generate", str(built), "--prompt", "hi", "--chat", "--backend", "onnxruntime")
+    assert_one_line_error(code, err, "has no chat template", "leave out --chat")
+    with_template = tmp_path / "chat"
+    shutil.copytree(built, with_template)
+    (with_template / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m.role }}|> {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(with_template))
+    rendered = "<|user|> hello\n<|assistant|> "
+    expected = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    args = (
+        "generate",
+        str(with_template),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "2",
+        "--backend",
+        "onnxruntime",
+    )
+    code, out, err = invoke(*args, "--chat", "--json")
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == [len(expected)] and len(expected) > len(
+        tokenizer("hello")["input_ids"]
+    )
+    code, _, err = invoke(
+        "generate", str(with_template), "--prompt-ids", "1,2", "--chat", "--backend", "onnxruntime"
+    )
+    assert_one_line_error(code, err, "--chat renders text prompts")

@@ -663,6 +663,11 @@ def run_cmd(
     help="onnxruntime: run a build directory's model.onnx even when it has a plan.",
 )
 @click.option(
+    "--chat",
+    is_flag=True,
+    help="Render each --prompt as a user message with the model's chat template (and its generation prompt).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, timings) at the end."
 )
 @_user_errors
@@ -678,6 +683,7 @@ def generate_cmd(
     seed: int,
     stop_ids: tuple[int, ...],
     backend: str,
+    chat: bool,
     as_json: bool,
 ) -> None:
     """Generate text with a cached decoder: a `moetrt build` directory (its engine, or its model.onnx with
@@ -717,6 +723,7 @@ def generate_cmd(
 
     request = PromptRequest(
         texts=prompts,
+        chat=chat,
         ids=ids,
         batch=batch,
         max_new_tokens=max_new_tokens,

@@ -38,6 +38,8 @@ class PromptRequest:
     """What to generate: prompts as text (needs a tokenizer) or as ids; `batch` repeats one prompt."""
 
     texts: Sequence[str] = ()
+    #: each text is one user message, rendered with the tokenizer's chat template
+    chat: bool = False
     ids: Sequence[Sequence[int]] = ()
     batch: int | None = None
     max_new_tokens: int = 32
@@ -109,7 +111,9 @@ def prompt_ids(generator: Generator, request: PromptRequest) -> list[list[int]]:
                 f"{generator.path} has no tokenizer, so --prompt cannot be turned into ids",
                 "pass --prompt-ids 1,2,3, or generate from a `moetrt build` directory of a model with one",
             )
-        prompts = [list(generator.tokenizer(text)["input_ids"]) for text in request.texts]
+        prompts = [_encode(generator, text, request.chat) for text in request.texts]
+    elif request.chat:
+        raise MoetrtError("--chat renders text prompts", "pass --prompt TEXT with --chat (not --prompt-ids)")
     elif request.ids:
         prompts = [list(p) for p in request.ids]
     else:
@@ -128,6 +132,21 @@ def prompt_ids(generator: Generator, request: PromptRequest) -> list[list[int]]:
         if bad:
             raise MoetrtError(f"prompt ids {bad[:5]} are outside the vocabulary 0..{vocab}", "pass valid ids")
     return prompts
+
+
+def _encode(generator: Generator, text: str, chat: bool) -> list[int]:
+    tokenizer = generator.tokenizer
+    if not chat:
+        return list(tokenizer(text)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise MoetrtError(
+            f"{generator.path.parent} has no chat template (chat_template.jinja or tokenizer_config.json's)",
+            "leave out --chat to send the prompt as plain text",
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
 def run_generation(generator: Generator, request: PromptRequest, on_step: Any = None) -> Generation:
