@@ -21,7 +21,7 @@ from moetrt.build_request import BuildOptions
 from moetrt.core.artifacts import MANIFEST_NAME, ONNX_NAME, PLAN_NAME
 from moetrt.core.tolerances import relative_error, tolerance
 from moetrt.export.demo_models import DEMO_FAMILIES, build_demo
-from moetrt.runtime.generation import OrtDecoder, generate
+from moetrt.runtime.generation import OrtDecoder, generate, left_padded
 from moetrt.trt.targets import DimRange
 
 NEW_TOKENS = 32
@@ -54,12 +54,8 @@ def _transformers_generate(family: str, prompts: list[list[int]]) -> tuple[torch
     model = build_demo(family).module.model
     model.generation_config.eos_token_id = None  # 32 tokens, as our loop runs them
     model.generation_config.pad_token_id = 0
-    longest = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-        mask[row, longest - len(prompt) :] = 1
+    ids, mask = left_padded(prompts)  # pad id 0, as set above
+    longest = ids.shape[1]
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids,

@@ -62,6 +62,16 @@ class BuildRequest:
     options: BuildOptions
 
 
+def check_weights_options(weights: str, weight_block: int | None, int4_zero_point: bool) -> None:
+    """`--weights`, `--weight-block` and `--int4-zero-point` together (fuse and build take them alike)."""
+    if weights not in WEIGHTS_OPTIONS:
+        raise MoetrtError(f"unknown --weights {weights!r}", f"use one of {', '.join(WEIGHTS_OPTIONS)}")
+    if int4_zero_point and weights != "int4":
+        raise MoetrtError("--int4-zero-point applies to --weights int4", "add --weights int4 or drop it")
+    if weight_block is not None and weights == "native":
+        raise MoetrtError("--weight-block applies to quantized weights", "add --weights fp8|int4|mxfp4")
+
+
 def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -> BuildRequest:
     """Every user input of a build, checked (one MoetrtError for the first problem) before heavy work."""
     if options.engine_backend not in ENGINE_BACKENDS:
@@ -75,14 +85,7 @@ def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -
             f"--max-context {options.max_context} is below the longest prefill (--tokens max {options.tokens.max})",
             f"pass --max-context {options.tokens.max} or more, or a smaller --tokens",
         )
-    if options.weights not in WEIGHTS_OPTIONS:
-        raise MoetrtError(
-            f"unknown --weights {options.weights!r}", f"use one of {', '.join(WEIGHTS_OPTIONS)}"
-        )
-    if options.int4_zero_point and options.weights != "int4":
-        raise MoetrtError("--int4-zero-point applies to --weights int4", "add --weights int4 or drop it")
-    if options.weight_block is not None and options.weights == "native":
-        raise MoetrtError("--weight-block applies to quantized weights", "add --weights fp8|int4|mxfp4")
+    check_weights_options(options.weights, options.weight_block, options.int4_zero_point)
     if options.weights != "native" and options.engine_backend == "tensorrt":
         raise MoetrtError(
             f"--weights {options.weights}: the moetrt plugin's kernels take native expert weights (quantized "

@@ -61,6 +61,34 @@ def _progress(message: str) -> None:
     click.echo(f"[moetrt] {message}", err=True)
 
 
+def _weights_options(what_follows: str) -> Callable[[Any], Any]:
+    """--weights / --weight-block / --int4-zero-point, shared by fuse and build (checked by
+    `build_request.check_weights_options`); `what_follows` says what the command does with quantized experts."""
+
+    def add(command: Any) -> Any:
+        command = click.option(
+            "--int4-zero-point", is_flag=True, help="int4 with zero points (asymmetric groups)."
+        )(command)
+        command = click.option(
+            "--weight-block",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Block side (fp8) or group size (int4) [default: 128, or the largest of 64, 32, 16 that "
+            "divides the hidden and intermediate sizes].",
+        )(command)
+        return click.option(
+            "--weights",
+            type=click.Choice(["native", "fp8", "int4", "mxfp4"]),
+            default="native",
+            show_default=True,
+            help="Store the routed experts quantized (round to nearest, one scale per block or group): fp8 "
+            "e4m3 with 128x128 block scales, int4 with group scales, mxfp4 with e8m0 scales per 32; "
+            + what_follows,
+        )(command)
+
+    return add
+
+
 def _cache_options(command: Any) -> Any:
     """--no-cache / --last-logits, shared by export and build."""
     command = click.option(
@@ -291,23 +319,7 @@ def verify_cmd(
 @click.option(
     "--decompose", is_flag=True, help="Inline fused moetrt::MoE nodes of IN back to standard ops instead."
 )
-@click.option(
-    "--weights",
-    type=click.Choice(["native", "fp8", "int4", "mxfp4"]),
-    default="native",
-    show_default=True,
-    help="Store the routed experts quantized (round to nearest, one scale per block or group): fp8 e4m3 "
-    "with 128x128 block scales, int4 with group scales, mxfp4 with e8m0 scales per 32; the function body "
-    "dequantizes them, so onnxruntime runs the result.",
-)
-@click.option(
-    "--weight-block",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Block side (fp8) or group size (int4) [default: 128, or the largest of 64, 32, 16 that divides the "
-    "hidden and intermediate sizes].",
-)
-@click.option("--int4-zero-point", is_flag=True, help="int4 with zero points (asymmetric groups).")
+@_weights_options("the function body dequantizes them, so onnxruntime runs the result.")
 @_user_errors
 def fuse_command(
     in_path: str,
@@ -338,10 +350,9 @@ def fuse_command(
     check_output_file(out_path, ".onnx")
     if weights != "native" and decompose:
         raise MoetrtError("--weights quantizes fused experts; --decompose removes them", "pass one of them")
-    if int4_zero_point and weights != "int4":
-        raise MoetrtError("--int4-zero-point applies to --weights int4", "add --weights int4 or drop it")
-    if weight_block is not None and weights == "native":
-        raise MoetrtError("--weight-block applies to quantized weights", "add --weights fp8|int4|mxfp4")
+    from moetrt.build_request import check_weights_options
+
+    check_weights_options(weights, weight_block, int4_zero_point)
     from moetrt.passes import fuse_file
     from moetrt.passes.quantize_experts import ExpertQuantization
 
@@ -495,19 +506,11 @@ def tune_cmd(
     help="Longest context (past + new tokens) a cached decoder's engine accepts "
     "[default: twice --tokens' max, at least 4096, so a prefill can follow earlier tokens].",
 )
-@click.option(
-    "--weights",
-    type=click.Choice(["native", "fp8", "int4", "mxfp4"]),
-    default="native",
-    show_default=True,
-    help="Store the routed experts quantized (see `moetrt fuse --help`); parity then runs the reference with "
-    "the same dequantized experts and the manifest records the quantization's error against the native "
-    "weights. Engines: --engine-backend tensorrt-rtx (the plugin's kernels take native weights).",
+@_weights_options(
+    "parity then runs the reference with the same dequantized experts and the manifest records the "
+    "quantization's error against the native weights. Engines: --engine-backend tensorrt-rtx (the plugin's "
+    "kernels take native weights)."
 )
-@click.option(
-    "--weight-block", type=click.IntRange(min=1), default=None, help="Block or group size (see fuse)."
-)
-@click.option("--int4-zero-point", is_flag=True, help="int4 with zero points (asymmetric groups).")
 @_user_errors
 def build_cmd(
     model: str,

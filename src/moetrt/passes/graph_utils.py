@@ -195,3 +195,11 @@ def static_dims(value: ir.Value | None, check: str) -> tuple[int, ...]:
     if shape is None or not all(isinstance(d, int) for d in shape):
         raise NoMatch(check)
     return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+
+
+def unique_initializer_name(graph: ir.Graph, name: str) -> str:
+    """`name`, or `name_1`, `name_2`, ... : the first no initializer of `graph` has."""
+    candidate, i = name, 1
+    while candidate in graph.initializers:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate

@@ -20,7 +20,7 @@ import onnx_ir.passes.common as common_passes
 
 from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
 from moetrt.passes.base import CountedPass, CountedPassResult
-from moetrt.passes.graph_utils import attr_int, const_array
+from moetrt.passes.graph_utils import attr_int, const_array, unique_initializer_name
 
 _LAYOUT_OPS = frozenset(
     {"Transpose", "Slice", "Concat", "Reshape", "Constant", "Unsqueeze", "Squeeze", "Cast"}
@@ -164,7 +164,9 @@ class PackMoEWeightsPass(CountedPass):
                 if key is None:
                     continue
                 if key not in packed:
-                    name = _unique(graph, f"{node.name or 'moe'}.{input_name}".replace("/MoE.", "."))
+                    name = unique_initializer_name(
+                        graph, f"{node.name or 'moe'}.{input_name}".replace("/MoE.", ".")
+                    )
                     shape, dtype = _meta(value)
                     # Evaluated when the model is saved (or read), one weight at a time: packing a model
                     # never holds more than the weight being written, whatever the model's size.
@@ -179,10 +181,3 @@ class PackMoEWeightsPass(CountedPass):
         if count:
             common_passes.RemoveUnusedNodesPass()(model)
         return CountedPassResult(model, count > 0, count)
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    candidate, i = name, 1
-    while candidate in graph.initializers:
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate

@@ -138,13 +138,9 @@ def fuse_file(
     if not num_fused:
         model = ir.load(in_path)  # nothing fused: the input graph as it was
     if quantize is not None:
-        quantizer = QuantizeExpertsPass(quantize.weight_format, quantize.block, quantize.zero_point)
-        start = time.perf_counter()
-        result = quantizer(model)
-        stats.append(PassStat(quantizer.name, result.count, time.perf_counter() - start))
         if not count_fused(model):
             raise MoetrtError(f"{in_path} has no fused MoE block to quantize", "fuse a model with MoE blocks")
-        model.metadata_props[META_EXPERT_WEIGHTS] = quantize.weight_format
+        stats.append(_quantize(model, quantize))
     model.metadata_props[META_FUSED_MOE] = str(count_fused(model))
     say(f"writing {out_path} ({weight_bytes(model) / 1e6:.1f} MB of weights)")
     with heartbeat(say, "writing"):
@@ -160,15 +156,21 @@ def quantize_file(
     external = _has_external_data(header)
     del header
     model = ir.load(in_path)
-    quantizer = QuantizeExpertsPass(quantize.weight_format, quantize.block, quantize.zero_point)
-    start = time.perf_counter()
-    result = quantizer(model)
-    if not result.count:
+    stat = _quantize(model, quantize)
+    if not stat.count:
         raise MoetrtError(
             f"{in_path} has no fused MoE block with native experts to quantize", "fuse it first"
         )
-    model.metadata_props[META_EXPERT_WEIGHTS] = quantize.weight_format
     save_onnx(model, out_path, external=external or None)
+    return stat
+
+
+def _quantize(model: ir.Model, quantize: ExpertQuantization) -> PassStat:
+    """Run the quantize pass on `model` in place and record the format in its metadata."""
+    quantizer = QuantizeExpertsPass(quantize.weight_format, quantize.block, quantize.zero_point)
+    start = time.perf_counter()
+    result = quantizer(model)
+    model.metadata_props[META_EXPERT_WEIGHTS] = quantize.weight_format
     return PassStat(quantizer.name, result.count, time.perf_counter() - start)
 
 

@@ -33,6 +33,7 @@ from moetrt.op.spec import (
     check_block,
 )
 from moetrt.passes.base import CountedPass, CountedPassResult
+from moetrt.passes.graph_utils import unique_initializer_name
 
 METHOD = (
     "round to nearest, one scale per block or group (amax / the largest code; MXFP4's shared exponent per the "
@@ -138,7 +139,9 @@ class QuantizeExpertsPass(CountedPass):
                 {"zero": "zero"} if new.has_weight_zero_point else {}
             )
             for input_part, field_name in parts.items():
-                name = _unique(graph, f"{node.name or 'moe'}.expert_{which}_{input_part}.{new.weight_format}")
+                name = unique_initializer_name(
+                    graph, f"{node.name or 'moe'}.expert_{which}_{input_part}.{new.weight_format}"
+                )
                 shape = new.input_shapes()[f"expert_{which}_{input_part}"]
                 float_scale = field_name == "scale" and new.weight_format != MXFP4  # e8m0 scales are bytes
                 dtype = ir.DataType.FLOAT if float_scale else ir.DataType.UINT8
@@ -180,10 +183,3 @@ def _quantized_part(
         return ir.Tensor(result.contiguous().numpy())
 
     return compute
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    candidate, i = name, 1
-    while candidate in graph.initializers:
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate

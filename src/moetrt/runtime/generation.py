@@ -103,12 +103,8 @@ def generate(
     """
     check_generation_request(prompts, max_new_tokens, max_context)
     batch = len(prompts)
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((batch, longest), pad_id, dtype=torch.int64)
-    mask = torch.zeros((batch, longest), dtype=torch.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.int64)
-        mask[row, longest - len(prompt) :] = 1
+    ids, mask = left_padded(prompts, pad_id)
+    longest = ids.shape[1]
     result = Generation(ids=[[] for _ in prompts], prompt_lengths=[len(p) for p in prompts])
     finished = torch.zeros(batch, dtype=torch.bool)
     stops = torch.tensor(list(stop_ids), dtype=torch.int64)
@@ -146,6 +142,17 @@ def generate(
     result.decode_seconds = time.perf_counter() - decode_start if result.decode_tokens else 0.0
     result.stopped = [bool(f) for f in finished]
     return result
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [batch, longest] of prompts of any lengths, left-padded as transformers pads."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.int64)
+        mask[row, longest - len(prompt) :] = 1
+    return ids, mask
 
 
 def check_generation_request(
