@@ -49,11 +49,12 @@ from moetrt.core.tolerances import tolerance
 from moetrt.tune import floors
 from moetrt.tune import timing as measure
 
-IMPLS = ("moetrt", "moetrt+graph", "eager", "batched_mm", "grouped_mm", "compile", "graph")
+IMPLS = ("moetrt", "moetrt+graph", "eager", "batched_mm", "grouped_mm", "compile", "graph", "liger")
 IMPL_HELP = (
     "moetrt: moe_forward through the AOT-cubin launcher; moetrt+graph: the same replayed from a CUDA "
     "graph; eager / batched_mm / grouped_mm: transformers experts implementations; compile: grouped_mm "
-    "under torch.compile; graph: the fastest transformers peer of the row replayed from a CUDA graph"
+    "under torch.compile; graph: the fastest transformers peer of the row replayed from a CUDA graph; liger: "
+    "Liger-Kernel's fused MoE (Triton) for the routed experts, given the transformers router's choice"
 )
 # Row name of an --impls entry where they differ (a graph row is renamed after the peer it replays).
 ROW_NAMES = {"compile": "grouped_mm+compile", "graph": "peer+graph"}
@@ -400,7 +401,7 @@ class Bench:
             weights.clear()  # before _free(): the partial copies must not stay cached
             self._free()
             return
-        if any(i in args.impls for i in ("eager", "batched_mm", "grouped_mm", "compile", "graph")):
+        if any(i in args.impls for i in ("eager", "batched_mm", "grouped_mm", "compile", "graph", "liger")):
             try:
                 probe = workloads.make_token_inputs(attrs, 1, args.dtype, self.device, args.seed, 0.0)
                 blocks = [
@@ -453,6 +454,8 @@ class Bench:
                         self.run_compiled(case, compiled_blocks, peer_error)
                     elif impl == "graph" and self._graph_row(tokens):
                         self.run_peer_graph(case)
+                    elif impl == "liger":
+                        self.run_liger(case, blocks, peer_error)
                 except Exception as err:  # measure() records its own failures; this is the set-up around it
                     row = new_row(shape.name, tokens, routing, ROW_NAMES.get(impl, impl))
                     row.update(distinct_experts=case.distinct, floor_us=_sig(case.floor), note=_short(err))
@@ -543,8 +546,13 @@ class Bench:
         impl: str,
         make_calls: Callable[[], list[Callable[[], torch.Tensor]]],
         compile_row: bool = False,
+        routing: Callable[[], torch.Tensor] | None = None,
     ) -> dict[str, Any]:
-        """Warm up, check (outputs poisoned first), time; every failure lands in the row, never raises."""
+        """Warm up, check (outputs poisoned first), time; every failure lands in the row, never raises.
+
+        `routing` (the implementation's own expert ids for the row's first inputs): where they differ from
+        the oracle's (a near-tie of router scores decided the other way), the row is also judged against
+        the reference routed the same way, and records how many tokens differ and that error."""
         args = self.args
         row = new_row(case.shape.name, case.tokens, case.routing, impl)
         row["distinct_experts"] = case.distinct
@@ -580,6 +588,21 @@ class Bench:
                 row["status"] = "failed"
                 _add_note(row, "output holds NaN/Inf")
             else:
+                if routing is not None:
+                    try:
+                        same = self.same_routing_error(case, routing, calls[0])
+                    except Exception as err:  # the row stands on the other references
+                        same = None
+                        _add_note(row, f"own routing not read: {_short(err)}")
+                    if same is not None:
+                        differs, err = same
+                        row["routing_differs"] = _sig(differs)
+                        row["rel_err_same_routing"] = _sig(err) if err is not None else None
+                        if err is not None and err < max(errors):
+                            errors, labels = (
+                                [err],
+                                [f"reference routed like it ({100 * differs:.2f}% of tokens)"],
+                            )
                 row["rel_err"] = float(f"{max(errors):.3e}")
                 ok = max(errors) <= tolerance(args.dtype)
                 row["status"] = "ok" if ok else "failed"
@@ -616,6 +639,19 @@ class Bench:
             f"{row['status']}{'  (' + row['note'] + ')' if row['note'] else ''}"
         )
         return row
+
+    def same_routing_error(
+        self, case: Case, routing: Callable[[], torch.Tensor], call: Callable[[], torch.Tensor]
+    ) -> tuple[float, float | None] | None:
+        """(fraction of tokens the implementation routes unlike the oracle, its error against the reference
+        routed like it), or None where it routes every token as the oracle does."""
+        attrs = case.shape.attrs
+        ids = routing()
+        differs = workloads.routing_differs(case.inputs[0], attrs, ids)
+        if differs == 0:
+            return None
+        ref, _ = workloads.reference_output_routed(case.inputs[0], attrs, ids)
+        return differs, workloads.relative_error(call(), ref)
 
     def check(
         self, out: torch.Tensor, references: list[tuple[str, torch.Tensor]]
@@ -723,9 +759,21 @@ class Bench:
                 return [measure.CapturedCall(call, self.device) for call in calls]
             return calls
 
-        row = self.measure(case, "moetrt+graph" if graph else "moetrt", make_calls)
+        row = self.measure(
+            case, "moetrt+graph" if graph else "moetrt", make_calls, routing=self._moetrt_routing(case)
+        )
         if graph and row["status"] != "error":
             _add_note(row, "CUDA-graph replay")
+
+    def _moetrt_routing(self, case: Case) -> Callable[[], torch.Tensor] | None:
+        if self.device.type != "cuda":
+            return None
+        try:
+            from moetrt.kernels.torch_ops import moe_expert_ids
+        except ImportError:  # an older tree under comparison
+            return None
+        bundle = self.moetrt_bundle(case.shape)
+        return lambda: moe_expert_ids(case.inputs[0], case.shape.attrs, bundle)
 
     def _peer_calls(
         self, case: Case, impl: str, blocks: list[peers.HFBlock]
@@ -762,9 +810,30 @@ class Bench:
             self.skip(case, impl, "run time budget (--budget-s) spent")
             return
         make_calls = self._peer_calls(case, impl, blocks)
-        row = self.measure(case, impl, make_calls)
+        hidden = case.inputs[0]["hidden_states"]
+        row = self.measure(case, impl, make_calls, routing=lambda: blocks[0].routing(hidden))
         if row["status"] == "ok" and impl != "eager":
             case.calls[impl] = make_calls
+
+    def run_liger(self, case: Case, blocks: list[peers.HFBlock], peer_error: str | None) -> None:
+        why_not = peers.liger_unsupported(case.shape.family)
+        if why_not:
+            self.skip(case, "liger", why_not)
+            return
+        if peer_error or not blocks:
+            self.measure(case, "liger", lambda: _raise(peer_error or "no transformers block"))
+            return
+
+        def make_calls() -> list[Callable[[], torch.Tensor]]:
+            calls = []
+            for block, inputs in zip(blocks, case.inputs):
+                block.set_router(inputs)
+                liger = peers.LigerBlock(block, inputs)
+                calls.append(lambda liger=liger, h=inputs["hidden_states"]: liger(h))
+            return calls
+
+        hidden = case.inputs[0]["hidden_states"]
+        self.measure(case, "liger", make_calls, routing=lambda: blocks[0].routing(hidden))
 
     def _compile_allowed(self) -> bool:
         # A compile cannot be interrupted: start one only with room left for a typical one.

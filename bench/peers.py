@@ -227,6 +227,57 @@ class HFBlock:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return block_forward(self.module, hidden)
 
+    def router(self) -> nn.Module:
+        """The block's router: every family's returns (logits, top-k weights, top-k expert ids)."""
+        return self.module.router if self.family == "gpt_oss" else self.module.gate
+
+    def routing(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The expert ids [T, k] this block sends `hidden` [T, H] to (its own router, its own dtype)."""
+        with torch.no_grad():
+            return self.router()(hidden)[2].reshape(hidden.shape[0], -1)
+
+
+# Liger-Kernel's fused MoE (pure Triton): routed SiLU-GLU experts without biases, routing given to it.
+LIGER_FAMILIES = ("qwen3_next", "qwen3_moe", "mixtral", "deepseek_v3")
+
+
+def liger_unsupported(family: str) -> str | None:
+    """Why Liger's fused MoE cannot compute this block, or None."""
+    if family not in LIGER_FAMILIES:
+        return "Liger's fused MoE has no expert biases or clamped SwiGLU (GPT-OSS's experts)"
+    try:
+        importlib.import_module("liger_kernel.ops.fused_moe")
+    except ImportError as err:
+        return f"liger-kernel not installed ({err})"
+    return None
+
+
+class LigerBlock:
+    """The transformers block's router and shared expert around Liger-Kernel's fused experts.
+
+    Routing is given to Liger (its function takes top-k ids and weights): the block's own router computes
+    it, so the row times the whole block, and its output is judged against the reference routed like it.
+    """
+
+    def __init__(self, block: HFBlock, inputs: dict[str, torch.Tensor]) -> None:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+        self.block = block
+        self.apply = LigerFusedMoEFunction.apply
+        self.gate_up = inputs["expert_gate_up_weight"]  # [E, 2I, H], gate rows first: Liger's layout too
+        self.down = inputs["expert_down_weight"]  # [E, H, I]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        module = self.block.module
+        with torch.no_grad():
+            _, weights, ids = self.block.router()(hidden)
+            out = self.apply(hidden, self.gate_up, self.down, ids.to(torch.int32), weights.to(hidden.dtype))
+            if self.block.family == "qwen3_next":
+                out = out + torch.sigmoid(module.shared_expert_gate(hidden)) * module.shared_expert(hidden)
+            elif self.block.family == "deepseek_v3":
+                out = out + module.shared_experts(hidden)
+        return out
+
 
 def block_forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """[T, H] -> [T, H] through a block that takes [batch, seq, H] (GPT-OSS also returns router scores)."""

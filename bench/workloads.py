@@ -170,10 +170,27 @@ def reference_output_rounded_router(
     Returns (output, fraction of tokens whose expert set differs from the oracle's routing).
     """
     dtype = inputs["hidden_states"].dtype
-    exact = oracle_logits(inputs, attrs)
-    weights, ids = oracle_routing(inputs, attrs, exact.to(dtype).float())
-    _, oracle_ids = oracle_routing(inputs, attrs, exact)
-    differs = (ids.sort(dim=-1).values != oracle_ids.sort(dim=-1).values).any(dim=-1)
+    _, ids = oracle_routing(inputs, attrs, oracle_logits(inputs, attrs).to(dtype).float())
+    return reference_output_routed(inputs, attrs, ids)
+
+
+def routing_differs(inputs: dict[str, torch.Tensor], attrs: MoEAttributes, ids: torch.Tensor) -> float:
+    """Fraction of tokens whose expert set under `ids` [T, k] differs from the oracle's routing."""
+    _, oracle_ids = oracle_routing(inputs, attrs)
+    differs = (ids.long().sort(dim=-1).values != oracle_ids.sort(dim=-1).values).any(dim=-1)
+    return float(differs.float().mean().item()) if differs.numel() else 0.0
+
+
+def reference_output_routed(
+    inputs: dict[str, torch.Tensor], attrs: MoEAttributes, ids: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Float32 output of the block when tokens go to the experts `ids` [T, k] (another implementation's
+    choice), their weights computed by the oracle for that choice (op.reference.route with ids).
+    Returns (output, fraction of tokens whose expert set differs from the oracle's routing)."""
+    ids = ids.long()
+    weights, _ = route(
+        oracle_logits(inputs, attrs), attrs, _float_or_none(inputs, "score_correction_bias"), ids=ids
+    )
     hidden = inputs["hidden_states"].float()
     out = torch.zeros_like(hidden)
     # Same expert loop as the oracle, upcasting one expert at a time (the full float32 copy is already
@@ -198,7 +215,7 @@ def reference_output_rounded_router(
             inputs["shared_down_weight"].float(),
             _float_or_none(inputs, "shared_gate_weight"),
         )
-    return out, float(differs.float().mean().item())
+    return out, routing_differs(inputs, attrs, ids)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float | None:

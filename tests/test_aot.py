@@ -186,13 +186,30 @@ def test_tune_picks_the_fastest_correct_candidate(tmp_path) -> None:  # type: ig
         )
 
     out = tmp_path / "sm90.json"
-    best = tuner.tune(SMALL, "bfloat16", 90, fake_time, tokens=(1, 8, 40), out_path=out)
+    best = tuner.tune(SMALL, "bfloat16", 90, fake_time, tokens=(2, 8, 40), out_path=out)
     entry = best[configs.entry_key(SMALL, "bfloat16", 16)]
-    assert entry["tokens"] == [1, 8]
+    assert entry["tokens"] == [2, 8]
     assert entry["fused"]["enabled"] == 1 and entry["gate_up"]["BN"] == 16 and entry["pdl"]["enabled"] == 1
-    assert {t for t, _ in seen} == {1, 8, 40}
+    assert {t for t, _ in seen} == {2, 8, 40}
     table = json.loads(out.read_text())["entries"]
     assert set(table) == {configs.entry_key(SMALL, "bfloat16", 16), configs.entry_key(SMALL, "bfloat16", 64)}
     # on an SM without programmatic dependent launch the round is not tried
-    best = tuner.tune(SMALL, "bfloat16", 89, fake_time, tokens=(1,), out_path=tmp_path / "sm89.json")
+    best = tuner.tune(SMALL, "bfloat16", 89, fake_time, tokens=(2,), out_path=tmp_path / "sm89.json")
     assert best[configs.entry_key(SMALL, "bfloat16", 16)]["pdl"]["enabled"] == 0
+
+    # one token: the expert-group path's tiles are candidates too, and the table records the path chosen
+    def gemv_time(cfg: dict, t: int) -> float:
+        return 10.0 - 3 * cfg["gemv"]["enabled"] + cfg["gemv"]["BN"] / 64 + cfg["gemv"]["BH"] / 64
+
+    best = tuner.tune(SMALL, "bfloat16", 90, gemv_time, tokens=(1,), out_path=tmp_path / "gemv.json")
+    entry = best[configs.entry_key(SMALL, "bfloat16", 1)]
+    assert entry["gemv"]["enabled"] == 1 and (entry["gemv"]["BN"], entry["gemv"]["BH"]) == (16, 16)
+    best = tuner.tune(
+        SMALL,
+        "bfloat16",
+        90,
+        lambda cfg, t: gemv_time(cfg, t) + 6 * cfg["gemv"]["enabled"],
+        tokens=(1,),
+        out_path=tmp_path / "sorted.json",
+    )
+    assert best[configs.entry_key(SMALL, "bfloat16", 1)]["gemv"]["enabled"] == 0

@@ -415,7 +415,7 @@ def test_rerun_plan_leaves_out_the_culprit_and_merge_keeps_its_rows(tmp_path: Pa
     plan = moe_bench.rerun_plan
     assert plan(args, ("tiny_mixtral", "moetrt+graph")) == (
         ["tiny_mixtral", "tiny_gpt_oss"],
-        ["eager", "batched_mm", "grouped_mm", "compile", "graph"],
+        ["eager", "batched_mm", "grouped_mm", "compile", "graph", "liger"],
     )
     # a peer broke it: moetrt stays, the peer (and the compiled grouped_mm built on it) go
     assert plan(args, ("tiny_gpt_oss", "grouped_mm"))[1] == [
@@ -424,9 +424,10 @@ def test_rerun_plan_leaves_out_the_culprit_and_merge_keeps_its_rows(tmp_path: Pa
         "eager",
         "batched_mm",
         "graph",
+        "liger",
     ]
     assert plan(args, ("tiny_qwen3_30b", "batched_mm+graph"))[1] == [
-        "moetrt", "moetrt+graph", "eager", "batched_mm", "grouped_mm", "compile"
+        "moetrt", "moetrt+graph", "eager", "batched_mm", "grouped_mm", "compile", "liger"
     ]  # fmt: skip
     assert plan(args, ("tiny_mixtral", "setup")) is None  # broke outside any implementation
     assert plan(args, None) is None
@@ -473,3 +474,29 @@ def test_rows_past_the_deadline_are_skipped_and_say_so(tmp_path: Path) -> None:
     assert all(
         r["status"] == "skipped" and "--deadline-s" in r["note"] and r["us_median"] is None for r in rows
     )
+
+
+def test_reference_routed_like_another_implementation() -> None:
+    """The same-routing reference: the oracle's own ids give the oracle's output; one token sent to another
+    expert is counted and changes the output."""
+    shape = workloads.SHAPES["tiny_qwen3_30b"]
+    attrs = shape.attrs
+    weights = workloads.make_weights(attrs, torch.float32, torch.device("cpu"), seed=3)
+    tokens = workloads.make_token_inputs(attrs, 6, torch.float32, torch.device("cpu"), 7, 0.0)
+    inputs = workloads.assemble(attrs, tokens, weights)
+    _, ids = workloads.oracle_routing(inputs, attrs)
+    same, differs = workloads.reference_output_routed(inputs, attrs, ids)
+    assert differs == 0.0
+    assert workloads.relative_error(same, workloads.reference_output(inputs, attrs)) < 1e-6
+    flipped = ids.clone()
+    unused = next(e for e in range(attrs.num_experts) if e not in flipped[0].tolist())
+    flipped[0, -1] = unused
+    other, differs = workloads.reference_output_routed(inputs, attrs, flipped)
+    assert differs == pytest.approx(1 / 6)
+    assert workloads.relative_error(other, same) > 1e-3
+
+
+def test_liger_peer_refuses_blocks_it_cannot_compute() -> None:
+    assert "biases" in peers.liger_unsupported("gpt_oss")
+    reason = peers.liger_unsupported("qwen3_moe")
+    assert reason is None or "not installed" in reason

@@ -49,7 +49,9 @@ VARIANTS: dict[str, MoEAttributes] = {
 # (variant, dtype, T, bucket): T=1 and a decode T take the decode path (fused align / reduce), T=70 the
 # prefill path; "prefill" forces the prefill path for a decode-sized T, "auto" picks by T, "split" runs
 # the router over 3 slices of H (summed by the top-k kernel), as large shapes do at decode, "fused" the
-# decode path's single experts kernel (gate_up + down with fp32 atomics) and its finalize kernel.
+# decode path's single experts kernel (gate_up + down with fp32 atomics) and its finalize kernel, "gemv" the
+# expert-group path (a tuning candidate) with small tiles ("gemv+fused": with the fused switch also on, which
+# the group path overrides), "sorted" the sorted decode path at T = 1 with every other switch off.
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
@@ -75,6 +77,14 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("shared_gated_logits", "bfloat16", 20, "fused"),
     ("swiglu_clamped_biases", "float16", 9, "fused"),
     ("sigmoid_grouped_bias_scaled", "bfloat16", 64, "fused"),
+    ("softmax_renorm", "bfloat16", 1, "sorted"),
+    ("softmax_no_renorm", "float16", 1, "auto"),
+    ("topk_before_softmax", "bfloat16", 1, "gemv"),
+    ("shared_gated_logits", "bfloat16", 13, "gemv"),
+    ("sigmoid_grouped_bias_scaled", "float32", 16, "gemv"),
+    ("swiglu_clamped_biases", "float16", 2, "gemv"),
+    ("shared_ungated", "float32", 5, "gemv"),
+    ("shared_gated_logits", "bfloat16", 1, "gemv+fused"),
 ]
 SLOW_CASES: list[tuple[str, str, int, str]] = [
     (variant, dtype, t, "auto")
@@ -128,6 +138,8 @@ def _check(result: dict[str, Any], dtype: str, num_tokens: int) -> None:
 
 @pytest.mark.parametrize("case", FAST_CASES, ids=_case_id)
 def test_kernels_match_reference(case: tuple[str, str, int, str], fast_results: dict[str, Any]) -> None:
+    # the expert-group path runs where asked, and only there
+    assert fast_results[_case_id(case)]["gemv"] == case[3].startswith("gemv")
     _check(fast_results[_case_id(case)], case[1], case[2])
 
 
@@ -166,26 +178,43 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
         try:
             inputs = random_inputs(attrs, t, dtype=dtypes[dtype], seed=1000 + t)
             config = None
-            if bucket in ("split", "fused"):
+            if bucket in ("split", "fused", "gemv", "gemv+fused", "sorted"):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
 
                 config = default_config(attrs, dtype, bucket_of(t))
                 if bucket == "split":
                     config["router"].update({"SPLIT": 3, "BK": 16})
+                elif bucket.startswith("gemv"):
+                    config["gemv"].update({"enabled": 1, "BN": 16, "BK": 16, "BH": 16, "BKD": 16})
+                    # a table entry may keep the fused kernel's switch on: the group path wins
+                    config["fused"]["enabled"] = int(bucket == "gemv+fused")
+                elif bucket == "sorted":
+                    config["gemv"]["enabled"] = 0
                 else:
+                    config["gemv"]["enabled"] = 0
                     config["fused"] = {"enabled": 1, "BH": 16}
                     config["gate_up"].update({"BN": 16, "BK": 32})
             got = moe_forward_triton(
                 inputs, attrs, config=config, bucket=None if bucket == "prefill" else "auto"
             )
             ref = moe_reference(inputs, attrs, compute_dtype=torch.float64)
+            from moetrt.kernels import plan
+            from moetrt.kernels.configs import default_config as _default
+
+            bound = None if bucket == "prefill" else plan.bucket_of(max(t, 1))
+            ran_gemv = t > 0 and plan.is_gemv(config or _default(attrs, dtype, bound), bound)
             rel, nan = {}, {}
             for name in attrs.present_outputs():
                 g, r = got[name].double(), ref[name].double()
                 nan[name] = bool(torch.isnan(g).any())
                 rel[name] = float((g - r).norm() / r.norm()) if t else 0.0
-            out[key] = {"rel_err": rel, "nan": nan, "shapes": {n: list(v.shape) for n, v in got.items()}}
+            out[key] = {
+                "rel_err": rel,
+                "nan": nan,
+                "shapes": {n: list(v.shape) for n, v in got.items()},
+                "gemv": ran_gemv,
+            }
         except Exception as err:  # reported per case by the parent
             out[key] = {"error": repr(err)}
     print(json.dumps(out))

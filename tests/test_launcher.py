@@ -118,7 +118,9 @@ def test_launch_plan_and_workspace(attrs: MoEAttributes, num_tokens: int) -> Non
     layout = plan.workspace_layout(attrs, dtype, num_tokens, cfg, bound)
     ops = plan.launch_sequence(attrs, dtype, num_tokens, variants, cfg, bound)
     stages = [op.stage for op in ops]
-    if plan.is_decode(bound):
+    if plan.is_gemv(cfg, bound):
+        assert stages == ["router", "topk_group", "gemv_gate_up", "gemv_down"]
+    elif plan.is_decode(bound):
         assert stages == ["router", "topk", "gate_up", "down_rows"]
     else:
         assert stages == ["router", "topk", "align", "gate_up", "down_rows", "reduce"]
@@ -128,14 +130,15 @@ def test_launch_plan_and_workspace(attrs: MoEAttributes, num_tokens: int) -> Non
         assert hi <= next_lo, f"{name} overlaps the next region"
     assert regions[-1][1] <= layout["total"].nbytes and layout["total"].nbytes % 256 == 0
     for name, region in layout.items():
-        assert region.offset % (16 if name in ("tickets", "htickets", "acc") else 256) == 0, name
+        assert region.offset % (16 if name in ("tickets", "htickets", "ngroups", "acc") else 256) == 0, name
     router = ops[0]
     zero_words = int(
         dict(zip([n for n, _ in plan.KERNEL_PARAMS["router"]], router.args, strict=True))["zero_words"][1]
     )
     assert layout["counts"].offset == 0
     assert zero_words * 4 == layout["acc"].offset + layout["acc"].nbytes
-    assert layout["tickets"].offset < layout["htickets"].offset < layout["acc"].offset + 1
+    assert layout["tickets"].offset < layout["htickets"].offset <= layout["ngroups"].offset
+    assert layout["ngroups"].offset + layout["ngroups"].nbytes <= layout["acc"].offset + 1
     for op in ops:
         assert len(op.args) == len(plan.KERNEL_PARAMS[variants[op.stage].kernel])
         assert all(g >= 1 for g in op.grid) and op.grid[0] < 2**31 and max(op.grid[1:]) < 65536
@@ -201,7 +204,8 @@ def test_no_tokens_no_launches() -> None:
 
 
 def test_bucket_choice() -> None:
-    assert plan.bucket_of(1) == 16 and plan.bucket_of(16) == 16 and plan.bucket_of(17) == 64
+    assert plan.bucket_of(1) == 1 and plan.bucket_of(2) == 16 and plan.bucket_of(16) == 16
+    assert plan.bucket_of(17) == 64 and plan.bucket_of(1, (16, None)) == 16
     assert plan.bucket_of(65) == 512 and plan.bucket_of(513) is None
     assert plan.bucket_of(40, (16, None)) is None
     with pytest.raises(ValueError, match="no bucket"):
@@ -264,13 +268,14 @@ def test_pdl_launch_config() -> None:
     assert attr.value.programmaticStreamSerializationAllowed == 1
 
 
-@pytest.mark.parametrize("fused", [0, 1])
-def test_workspace_grows_with_tokens_within_a_bucket(fused: int) -> None:
+@pytest.mark.parametrize("path", ["sorted", "fused", "gemv"])
+def test_workspace_grows_with_tokens_within_a_bucket(path: str) -> None:
     """The plugin sizes its workspace at each bucket's upper bound: that must cover every T of the bucket."""
     for bound in plan.BUCKETS:
         cfg = tuning.default_config(FULL, "bfloat16", bound)
-        cfg["fused"] = {"enabled": fused, "BH": 64}
-        lo = 1 if bound == 16 else {64: 17, 512: 65, None: 513}[bound]
+        cfg["fused"] = {"enabled": int(path == "fused"), "BH": 64}
+        cfg["gemv"]["enabled"] = int(path == "gemv")
+        lo = {1: 1, 16: 2, 64: 17, 512: 65, None: 513}[bound]
         hi = bound or 3000
         sizes = [
             plan.workspace_layout(FULL, "bfloat16", t, cfg, bound)["total"].nbytes

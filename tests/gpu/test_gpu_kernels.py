@@ -119,6 +119,48 @@ def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -
             assert rel <= tolerance(dtype), f"T={num_tokens} {key}: rel err {rel:.2e}"
 
 
+@pytest.mark.parametrize("variant", ["softmax_renorm_shared_gate", "gpt_oss", "deepseek_grouped"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pdl", [0, 1])
+def test_expert_group_path_matches_reference(variant: str, dtype: torch.dtype, pdl: int) -> None:
+    """The expert-group (gemv) decode path through the launcher, with the fused switch also on (the group path
+    must win), back-to-back calls (its shared-expert programs start before the routing under PDL)."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs SM90+")
+    attrs = VARIANTS[variant]
+    name = kernel_name_of(dtype)
+    configs = {}
+    for bound in (1, 16):
+        cfg = tuning.default_config(attrs, name, bound)
+        cfg["gemv"]["enabled"] = 1
+        cfg["fused"]["enabled"] = 1
+        cfg["pdl"] = {"enabled": pdl}
+        configs[bound] = cfg
+    bundle = compile_kernels(attrs, name, current_sm(), buckets=(1, 16), configs=configs, workers=8)
+    assert "gemv_gate_up" in bundle.buckets["1"]["variants"]  # stage -> variant key
+    for num_tokens in (1, 2, 9, 16):
+        inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
+        out = {
+            "output": torch.full((num_tokens, attrs.hidden_size), float("nan"), dtype=dtype, device="cuda")
+        }
+        if attrs.output_router_logits:
+            out["router_logits"] = torch.full(
+                (num_tokens, attrs.num_experts), float("nan"), dtype=dtype, device="cuda"
+            )
+        for _ in range(3):
+            got = moe_forward(inputs, attrs, bundle, outputs=out)
+        ref = moe_reference({k: v.cpu() for k, v in inputs.items()}, attrs, compute_dtype=torch.float64)
+        for key in attrs.present_outputs():
+            g, r = got[key].double().cpu(), ref[key].double()
+            assert not torch.isnan(g).any(), f"{key} has NaN"
+            rel = ((g - r).norm() / r.norm()).item()
+            assert rel <= tolerance(dtype), f"T={num_tokens} {key}: rel err {rel:.2e}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="SM90+")
 @pytest.mark.parametrize("fused", [False, True])
 def test_programmatic_dependent_launch_matches_reference(fused: bool) -> None:

@@ -16,10 +16,13 @@ from typing import Any
 
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import write_text_atomic
-from moetrt.kernels.plan import bucket_name, is_decode
+from moetrt.kernels.plan import DECODE_BUCKETS, GEMV_MAX_TOKENS, bucket_name, is_decode
 from moetrt.op.spec import MoEAttributes
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# Buckets up to this bound take the expert-group (gemv) path unless a tuned entry turns it off. None: on
+# the H200 it streamed no faster than the sorted path (docs/kernels.md), so it is a tuning candidate only.
+GEMV_DEFAULT_MAX = 0
 
 
 def shape_key(attrs: MoEAttributes) -> str:
@@ -91,6 +94,18 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
     fused = {"enabled": 0, "BH": 64}
     # programmatic dependent launch (SM90+) is a tuning candidate too: off unless measured faster
     pdl = {"enabled": 0}
+    # the expert-group path of small T (kernels/triton_decode.py): (group, N tile) programs
+    gemv = {
+        "enabled": int(bound is not None and bound <= GEMV_DEFAULT_MAX),
+        "BN": 16,
+        "BK": 64 if fp32 else 128,
+        "num_warps": 4,
+        "num_stages": 3,
+        "BH": 16,
+        "BKD": 64 if fp32 else 128,
+        "down_warps": 4,
+        "down_stages": 3,
+    }
     return {
         "router": router,
         "topk": topk,
@@ -99,6 +114,7 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         "reduce": reduce,
         "fused": fused,
         "pdl": pdl,
+        "gemv": gemv,
     }
 
 
@@ -119,7 +135,15 @@ def _load_table(sm: int) -> dict[str, Any]:
 def select_config(attrs: MoEAttributes, dtype: str, sm: int, bound: int | None) -> dict[str, Any]:
     """Tuned entry for this shape / dtype / SM / bucket if the table has one, else the default."""
     cfg = default_config(attrs, dtype, bound)
-    tuned = _load_table(sm).get(entry_key(attrs, dtype, bound))
+    table = _load_table(sm)
+    tuned = table.get(entry_key(attrs, dtype, bound))
+    if tuned is None and bound is not None and bound < DECODE_BUCKETS[1]:
+        # a bucket newer than the table: the next decode bucket's tiles (its own path switch kept)
+        tuned = {
+            stage: values
+            for stage, values in table.get(entry_key(attrs, dtype, DECODE_BUCKETS[1]), {}).items()
+            if stage != "gemv"
+        }
     if tuned:
         cfg = copy.deepcopy(cfg)
         for stage, values in tuned.items():
@@ -161,8 +185,11 @@ def candidate_configs(attrs: MoEAttributes, dtype: str, bound: int | None) -> li
             cfg = copy.deepcopy(base)
             cfg["gate_up"].update({"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages})
             cfg["down"].update({"BH": bh, "BK": dbk, "num_warps": dwarps, "num_stages": dstages})
+            cfg["gemv"]["enabled"] = 0  # these tiles are the sorted path's
             if cfg not in out:
                 out.append(cfg)
+    if bound is not None and bound <= GEMV_MAX_TOKENS:
+        out.extend(c for c in gemv_candidates(base, dtype) if c not in out)
     if is_decode(bound):
         for bm, bn, bk, warps, stages in gate_up_opts:
             for bh in (64, 128) if not fp32 else (32,):
@@ -171,8 +198,29 @@ def candidate_configs(attrs: MoEAttributes, dtype: str, bound: int | None) -> li
                     {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
                 )
                 cfg["fused"] = {"enabled": 1, "BH": bh}
+                cfg["gemv"]["enabled"] = 0
                 if cfg not in out:
                     out.append(cfg)
+    return out
+
+
+def gemv_candidates(base: dict[str, Any], dtype: str) -> list[dict[str, Any]]:
+    """The expert-group path's tiles: gate_up (BN, BK, warps) with the default down tiles, then down
+    (BH, BK, warps) with the default gate_up tiles."""
+    fp32 = dtype == "float32"
+    gate_up_opts = [(16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 64, 4), (16, 256, 8), (64, 128, 4)]
+    down_opts = [(16, 128, 4), (32, 128, 4), (64, 64, 4), (16, 256, 4), (32, 256, 8), (64, 128, 4)]
+    out = []
+    for bn, bk, warps in gate_up_opts:
+        cfg = copy.deepcopy(base)
+        cfg["gemv"].update({"enabled": 1, "BN": bn, "BK": min(bk, 64) if fp32 else bk, "num_warps": warps})
+        out.append(cfg)
+    for bh, bkd, warps in down_opts:
+        cfg = copy.deepcopy(base)
+        cfg["gemv"].update(
+            {"enabled": 1, "BH": bh, "BKD": min(bkd, 64) if fp32 else bkd, "down_warps": warps}
+        )
+        out.append(cfg)
     return out
 
 

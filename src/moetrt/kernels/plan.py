@@ -3,7 +3,9 @@
 Shared by the AOT compiler (which variants exist), the CUDA-driver launcher (grids and arguments at run time)
 and the Triton JIT path used in CPU tests, so all three run exactly the same sequence.
 
-Two paths, chosen by token bucket (the router-logits kernel also zeroes the counters: no memset):
+Three paths, chosen by token bucket (the router-logits kernel also zeroes the counters: no memset):
+  gemv    (T <= 16, when the config says `gemv`): router logits · topk_group · gemv_gate_up ·
+          gemv_down(+reduce) — no sort, no block table (kernels/triton_decode.py)     — 4 kernels
   decode  (T <= 64): router logits · top-k(+align) · gate_up · down_rows(+reduce)       — 4 kernels
           or, when the config table says `fused`: router logits · top-k(+align) · experts (gate_up + down,
           fp32 atomics) · finalize                                                      — 4 kernels
@@ -25,7 +27,8 @@ from moetrt.op.spec import ACTIVATIONS, MoEAttributes
 
 TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Upper token bound of each bucket; the last bucket has no bound. Decode buckets fuse align into top-k.
-DECODE_BUCKETS = (16, 64)
+DECODE_BUCKETS = (1, 16, 64)
+GEMV_MAX_TOKENS = 16  # the expert-group (gemv) path serves buckets up to this bound
 PREFILL_BUCKETS = (512, None)
 BUCKETS: tuple[int | None, ...] = DECODE_BUCKETS + PREFILL_BUCKETS
 ALIGN_MAX_PROGRAMS = 128
@@ -38,6 +41,12 @@ _BLOCK_TABLE: tuple[tuple[str, str], ...] = (
     ("block_expert_ptr", "i32"),
     ("block_row0_ptr", "i32"),
     ("sorted_slot_ptr", "i32"),
+)
+# The expert-group table of the gemv path (topk_group writes it, the gemv kernels read it).
+_GROUP_TABLE: tuple[tuple[str, str], ...] = (
+    ("ngroups_ptr", "i32"),
+    ("group_expert_ptr", "i32"),
+    ("expert_slots_ptr", "i32"),
 )
 # Runtime (non-constexpr) parameters of each kernel, in signature order, with their kind:
 #   x: pointer to the op's dtype · f32 / i32: pointer to that type · T: the token count (i32 scalar)
@@ -118,6 +127,49 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("T", "T"),
     ),
     "finalize": (("acc_ptr", "f32"), ("out_ptr", "x"), ("T", "T")),
+    "topk_group": (
+        ("logits_ws_ptr", "f32"),
+        ("router_b_ptr", "x"),
+        ("logits_out_ptr", "x"),
+        ("gate_part_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("corr_bias_ptr", "x"),
+        ("topk_ids_ptr", "i32"),
+        ("topk_w_ptr", "f32"),
+        ("counts_ptr", "i32"),
+        *_GROUP_TABLE,
+        ("T", "T"),
+    ),
+    "gemv_gate_up": (
+        ("x_ptr", "x"),
+        ("w_gu_ptr", "x"),
+        ("b_gu_ptr", "x"),
+        ("shared_w_gu_ptr", "x"),
+        ("act_ptr", "x"),
+        ("counts_ptr", "i32"),
+        ("ngroups_ptr", "i32"),
+        ("group_expert_ptr", "i32"),
+        ("expert_slots_ptr", "i32"),
+        ("T", "T"),
+        ("gmax", "int"),
+    ),
+    "gemv_down": (
+        ("w_down_ptr", "x"),
+        ("b_down_ptr", "x"),
+        ("shared_w_down_ptr", "x"),
+        ("act_ptr", "x"),
+        ("topk_w_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("yw_ptr", "x"),
+        ("out_ptr", "x"),
+        ("htickets_ptr", "i32"),
+        ("counts_ptr", "i32"),
+        ("ngroups_ptr", "i32"),
+        ("group_expert_ptr", "i32"),
+        ("expert_slots_ptr", "i32"),
+        ("T", "T"),
+        ("gmax", "int"),
+    ),
 }
 FINALIZE_BLOCK = 1024
 
@@ -154,6 +206,9 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "act_ptr": ("ws", "act"),
     "yw_ptr": ("ws", "yw"),
     "acc_ptr": ("ws", "acc"),
+    "ngroups_ptr": ("ws", "ngroups"),
+    "group_expert_ptr": ("ws", "group_expert"),
+    "expert_slots_ptr": ("ws", "expert_slots"),
 }
 
 
@@ -184,8 +239,25 @@ def is_decode(bound: int | None) -> bool:
 
 
 def is_fused(cfg: dict[str, Any], bound: int | None) -> bool:
-    """Whether the decode bucket runs the fused experts kernel (gate_up + down in one launch)."""
-    return is_decode(bound) and bool(cfg.get("fused", {}).get("enabled", 0))
+    """Whether the decode bucket runs the fused experts kernel (gate_up + down in one launch); the
+    expert-group path, where enabled, takes precedence."""
+    return is_decode(bound) and bool(cfg.get("fused", {}).get("enabled", 0)) and not is_gemv(cfg, bound)
+
+
+def is_gemv(cfg: dict[str, Any], bound: int | None) -> bool:
+    """Whether the bucket runs the expert-group (gemv) path: small T, and the config enables it."""
+    return bound is not None and bound <= GEMV_MAX_TOKENS and bool(cfg.get("gemv", {}).get("enabled", 0))
+
+
+def gemv_rows(bound: int) -> int:
+    """Rows per expert group in the gemv kernels: every token of the bucket may pick one expert, and
+    tensor cores take 16 rows at least (measured: FMA rows streamed the weights at half the rate)."""
+    return max(16, next_pow2(bound))
+
+
+def gemv_groups(attrs: MoEAttributes, num_tokens: int) -> int:
+    """Most experts T tokens can hit (the routed groups; the shared expert is one more)."""
+    return min(attrs.num_experts, num_tokens * attrs.top_k)
 
 
 def param_types(kernel: str, dtype: str) -> list[str]:
@@ -300,6 +372,69 @@ def _stage_variants(
         "BN": gc["BN"],
         "BK": gc["BK"],
     }
+    if is_gemv(cfg, bound):
+        assert bound is not None
+        gv = cfg["gemv"]
+        tm = gemv_rows(bound)
+        topk_group = {
+            name: topk[name]
+            for name in (
+                "E",
+                "K",
+                "SCORING_SIGMOID",
+                "TOPK_BEFORE",
+                "NORM_TOPK",
+                "N_GROUP",
+                "TOPK_GROUP",
+                "SCALE",
+                "HAS_CORR_BIAS",
+                "HAS_ROUTER_BIAS",
+                "HAS_SHARED",
+                "HAS_SHARED_GATE",
+                "OUT_LOGITS",
+                "SPLIT",
+            )
+        }
+        topk_group.update(
+            {
+                "RT": topk["RT"],
+                "TM": tm,
+                "E_PAD": topk["E_PAD"],
+                "K_PAD": topk["K_PAD"],
+                "G_PAD": topk["G_PAD"],
+            }
+        )
+        shared = {"HAS_SHARED": int(attrs.has_shared_expert)}
+        gemv_gate_up = {
+            **{
+                name: gate_up[name]
+                for name in ("E", "K", "H", "I", "IS", "NMAX", "ACTIVATION", "ALPHA", "LIMIT")
+            },
+            "HAS_BIAS": int(attrs.has_expert_bias),
+            **shared,
+            "IEEE": ieee,
+            "TM": tm,
+            "BN": gv["BN"],
+            "BK": gv["BK"],
+        }
+        gemv_down = {
+            **dims,
+            "HAS_BIAS": int(attrs.has_expert_bias),
+            **shared,
+            "IEEE": ieee,
+            "TM": tm,
+            "BH": gv["BH"],
+            "BK": gv["BKD"],
+            "BT": tm,
+        }
+        return {
+            "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
+            "topk_group": Variant("topk_group", tuple(topk_group.items()), tc["num_warps"], 1),
+            "gemv_gate_up": Variant(
+                "gemv_gate_up", tuple(gemv_gate_up.items()), gv["num_warps"], gv["num_stages"]
+            ),
+            "gemv_down": Variant("gemv_down", tuple(gemv_down.items()), gv["down_warps"], gv["down_stages"]),
+        }
     if is_fused(cfg, bound):
         experts = {
             **{
@@ -390,11 +525,18 @@ def workspace_layout(
     max_blocks = _max_blocks(attrs, t, cfg["gate_up"]["BM"])
     esize = precision(dtype).itemsize
     fused = is_fused(cfg, bound)
+    gemv = is_gemv(cfg, bound)
+    groups = gemv_groups(attrs, t) if gemv else 0
+    tm = gemv_rows(bound) if gemv and bound is not None else 0
+    tile_h = cfg["gemv"]["BH"] if gemv else cfg["down"]["BH"]
     sizes = [
         ("counts", 4 * (e + 2)),
-        ("tickets", 16),  # counts, tickets, htickets: one span the router-logits kernel zeroes
-        ("htickets", 4 * cdiv(h, cfg["down"]["BH"])),
+        ("tickets", 16),  # counts ... acc: one span the router-logits kernel zeroes
+        ("htickets", 4 * cdiv(h, tile_h)),
+        ("ngroups", 16 if gemv else 0),
         ("acc", 4 * t * h if fused else 0),  # fused decode: fp32 output accumulator, zeroed with the counters
+        ("group_expert", 4 * groups),
+        ("expert_slots", 4 * e * tm),
         ("logits", 4 * cfg["router"]["SPLIT"] * t * e),
         ("gate_part", 4 * cfg["router"]["SPLIT"] * t),
         ("gate", 4 * t),
@@ -412,7 +554,7 @@ def workspace_layout(
     layout: dict[str, Region] = {}
     offset = 0
     for name, nbytes in sizes:
-        align = 16 if name in ("tickets", "htickets", "acc") else 256
+        align = 16 if name in ("tickets", "htickets", "ngroups", "acc") else 256
         offset = cdiv(offset, align) * align
         layout[name] = Region(offset, nbytes)
         offset += nbytes
@@ -484,6 +626,31 @@ def launch_sequence(
             args_for("router", zero_words=zero_end // 4),
         )
     )
+    if is_gemv(cfg, bound):
+        groups = gemv_groups(attrs, t) + int(attrs.has_shared_expert)
+        rt = const["topk_group"]["RT"]
+        ops.append(
+            Launch("topk_group", variants["topk_group"].key, (cdiv(t, rt), 1, 1), args_for("topk_group"))
+        )
+        gu = const["gemv_gate_up"]
+        ops.append(
+            Launch(
+                "gemv_gate_up",
+                variants["gemv_gate_up"].key,
+                (groups * cdiv(_nmax(attrs), gu["BN"]), 1, 1),
+                args_for("gemv_gate_up", gmax=gemv_groups(attrs, t)),
+            )
+        )
+        dn = const["gemv_down"]
+        ops.append(
+            Launch(
+                "gemv_down",
+                variants["gemv_down"].key,
+                (groups * cdiv(h, dn["BH"]), 1, 1),
+                args_for("gemv_down", gmax=gemv_groups(attrs, t)),
+            )
+        )
+        return _with_pdl(ops, const)
     tk = const["topk"]
     chunk = tk["CS"]
     blocks_per_expert = cdiv(t, bm)  # a token picks an expert at most once (the shared expert: every token)

@@ -266,3 +266,34 @@ def moe_forward(
             torch.cuda.current_stream(hidden.device).cuda_stream,
         )
     return outputs
+
+
+def moe_expert_ids(
+    inputs: dict[str, torch.Tensor], attrs: MoEAttributes, bundle: KernelBundle | None = None
+) -> torch.Tensor:
+    """The experts [T, top_k] (int32) the kernels route each token to: the op runs once on CUDA tensors and
+    the top-k ids are read back from its workspace. Lets a comparison route the reference the same way
+    where a near-tie of router scores can flip the choice."""
+    from moetrt.kernels.launcher import MoELauncher
+
+    num_tokens = check_inputs(inputs, attrs, device_type="cuda")
+    hidden = inputs["hidden_states"]
+    if num_tokens == 0:
+        return torch.empty(0, attrs.top_k, dtype=torch.int32, device=hidden.device)
+    if bundle is None:
+        major, minor = torch.cuda.get_device_capability(hidden.device)
+        bundle = _cached_bundle(attrs, kernel_name_of(hidden.dtype), sm_from_capability(major, minor))
+    outputs = _outputs(attrs, hidden)
+    with torch.cuda.device(hidden.device):
+        launcher = MoELauncher(bundle, attrs)
+        workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device=hidden.device)
+        launcher.enqueue(
+            num_tokens,
+            [inputs[name].data_ptr() for name in attrs.present_inputs()],
+            [outputs[name].data_ptr() for name in attrs.present_outputs()],
+            workspace.data_ptr(),
+            torch.cuda.current_stream(hidden.device).cuda_stream,
+        )
+        region = launcher.launch_plan(num_tokens)[1]["topk_ids"]
+        ids = workspace[region.offset : region.offset + region.nbytes].view(torch.int32)
+    return ids.view(num_tokens, attrs.top_k).clone()

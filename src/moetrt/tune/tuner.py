@@ -71,9 +71,16 @@ def tune(
                     f"no candidate config ran for {counts} tokens", "check the GPU and the shape"
                 )
             us, _, chosen = min(timings, key=lambda x: x[:2])
+            by_path: dict[str, float] = {}
+            for t_us, _, cfg in timings:
+                path = "gemv" if cfg.get("gemv", {}).get("enabled") else "sorted"
+                by_path[path] = min(by_path.get(path, float("inf")), t_us)
+            if len(by_path) > 1:
+                log("  best per path: " + ", ".join(f"{p} {t:.1f} us" for p, t in sorted(by_path.items())))
             log(
                 f"{entry_key(attrs, dtype, bound)} T={counts} [{round_name}]: best {us:.1f} us of {len(timings)} "
-                f"(first {timings[0][0]:.1f} us); fused={chosen['fused']['enabled']} pdl={chosen['pdl']['enabled']}"
+                f"(first {timings[0][0]:.1f} us); fused={chosen['fused']['enabled']} pdl={chosen['pdl']['enabled']} "
+                f"gemv={chosen['gemv']['enabled']}"
             )
         best[entry_key(attrs, dtype, bound)] = {
             "router": chosen["router"],
@@ -82,6 +89,7 @@ def tune(
             "down": chosen["down"],
             "fused": chosen["fused"],
             "pdl": chosen["pdl"],
+            "gemv": chosen["gemv"],
             "us": round(us, 2),
             "tokens": counts,
         }

@@ -1,0 +1,120 @@
+"""Triton helpers shared by the prefill/decode kernels (triton_moe) and the small-T kernels (triton_decode)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def glu(g, u, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    # ACTIVATION: 0 silu_glu, 1 gelu_glu, 2 gelu_tanh_glu, 3 swiglu_clamped (same order as spec.ACTIVATIONS)
+    if ACTIVATION == 0:
+        out = g * tl.sigmoid(g) * u
+    elif ACTIVATION == 1:
+        out = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
+    elif ACTIVATION == 2:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        out = g * tl.sigmoid(2.0 * z) * u  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
+    else:
+        gc = tl.minimum(g, LIMIT)
+        uc = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        out = (uc + 1.0) * (gc * tl.sigmoid(gc * ALPHA))
+    return out
+
+
+@triton.jit
+def select_experts(
+    lg,
+    corr_bias_ptr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    SCORING_SIGMOID: tl.constexpr,
+    TOPK_BEFORE: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    SCALE: tl.constexpr,
+    HAS_CORR_BIAS: tl.constexpr,
+    RT: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+    G_PAD: tl.constexpr,
+):
+    """Routing of RT rows of fp32 logits [RT, E_PAD] (bias added): scores, (grouped) top-k, correction
+    bias, renorm, scaling. Returns expert ids [RT, K_PAD] (i32) and routing weights [RT, K_PAD] (fp32);
+    columns past K are padding."""
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols[None, :] < E
+    lg = tl.where(col_ok, lg, NEG_INF)
+    if TOPK_BEFORE:
+        scores = lg
+    elif SCORING_SIGMOID:
+        scores = tl.sigmoid(lg)
+    else:
+        p = tl.exp(lg - tl.max(lg, axis=1)[:, None])
+        scores = p / tl.sum(p, axis=1)[:, None]
+    choice = scores
+    if HAS_CORR_BIAS:
+        choice = choice + tl.load(corr_bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+    choice = tl.where(col_ok, choice, NEG_INF)
+
+    if N_GROUP > 1:
+        # group score = sum of the group's two best experts; keep the TOPK_GROUP best groups
+        EPG: tl.constexpr = E // N_GROUP
+        group_of = cols // EPG
+        gcols = tl.arange(0, G_PAD)
+        group_score = tl.full((RT, G_PAD), NEG_INF, tl.float32)
+        for g in tl.static_range(N_GROUP):
+            v = tl.where((group_of == g)[None, :] & col_ok, choice, NEG_INF)
+            m1 = tl.max(v, axis=1)
+            s = m1
+            if EPG > 1:
+                i1 = tl.min(tl.where(v == m1[:, None], cols[None, :], E_PAD), axis=1)
+                s = m1 + tl.max(tl.where(cols[None, :] == i1[:, None], NEG_INF, v), axis=1)
+            group_score = tl.where(gcols[None, :] == g, s[:, None], group_score)
+        keep_group = tl.zeros((RT, G_PAD), dtype=tl.int32)
+        for _ in tl.static_range(TOPK_GROUP):
+            gm = tl.max(group_score, axis=1)
+            gi = tl.min(tl.where(group_score == gm[:, None], gcols[None, :], G_PAD), axis=1)
+            hit_g = gcols[None, :] == gi[:, None]
+            keep_group = tl.where(hit_g, 1, keep_group)
+            group_score = tl.where(hit_g, NEG_INF, group_score)
+        keep = tl.zeros((RT, E_PAD), dtype=tl.int32)
+        for g in tl.static_range(N_GROUP):
+            kept = tl.max(tl.where(gcols[None, :] == g, keep_group, 0), axis=1)
+            keep = tl.where((group_of == g)[None, :] & (kept[:, None] > 0), 1, keep)
+        choice = tl.where(keep > 0, choice, NEG_INF)
+
+    kcols = tl.arange(0, K_PAD)
+    ids = tl.zeros((RT, K_PAD), dtype=tl.int32)
+    wts = tl.zeros((RT, K_PAD), dtype=tl.float32)
+    # One max-reduction per pick: the score's bits made order-preserving as an int32, in the high half of an
+    # int64 whose low half is (E_PAD - 1 - expert), so the max is the best score and, among equal scores,
+    # the lowest expert id (torch.topk's order on ties). Reductions are what this loop's time goes to.
+    bits = choice.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    keys = (ordered.to(tl.int64) << 32) | (E_PAD - 1 - cols[None, :]).to(tl.int64)
+    for j in tl.static_range(K):
+        best = tl.max(keys, axis=1)
+        idx = (E_PAD - 1) - (best & 0xFFFFFFFF).to(tl.int32)
+        hit = cols[None, :] == idx[:, None]
+        if HAS_CORR_BIAS or N_GROUP > 1:
+            w = tl.sum(tl.where(hit, scores, 0.0), axis=1)  # the weight is the score, not the choice value
+        else:
+            hi = (best >> 32).to(tl.int32)
+            w = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi).to(tl.float32, bitcast=True)
+        ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
+        wts = tl.where(kcols[None, :] == j, w[:, None], wts)
+        keys = tl.where(hit, -9223372036854775807, keys)
+    k_ok = kcols[None, :] < K
+    if TOPK_BEFORE:
+        p = tl.where(k_ok, tl.exp(wts - tl.max(tl.where(k_ok, wts, NEG_INF), axis=1)[:, None]), 0.0)
+        wts = p / tl.sum(p, axis=1)[:, None]
+    else:
+        if NORM_TOPK:
+            wts = wts / (tl.sum(tl.where(k_ok, wts, 0.0), axis=1)[:, None] + 1e-20)
+        wts = wts * SCALE
+    return ids, wts
