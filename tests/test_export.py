@@ -126,10 +126,18 @@ def test_sharded_hf_directory_with_linear_attention(tmp_path: Path) -> None:
                 '"weight_block_size": [128, 128]}}',
                 "model.safetensors": "",
             },
-            "is a fp8-quantized checkpoint, which moetrt does not read yet",
+            "stores its experts as fp8_block (fp8); moetrt reads such experts exactly",
+        ),
+        (
+            {
+                "config.json": '{"model_type": "qwen3_moe", "quantization_config": {"quant_method": "bitsandbytes", '
+                '"load_in_4bit": true}}',
+                "model.safetensors": "",
+            },
+            "a bitsandbytes-quantized checkpoint is not read; moetrt reads fine-grained FP8",
         ),
     ],
-    ids=["bad-json", "no-weights", "unknown-model-type", "quantized-checkpoint"],
+    ids=["bad-json", "no-weights", "unknown-model-type", "quantized-checkpoint", "unsupported-quantization"],
 )
 def test_broken_hf_directory(files: dict[str, str], message: str, tmp_path: Path) -> None:
     model_dir = tmp_path / "model"

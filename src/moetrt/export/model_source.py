@@ -30,6 +30,7 @@ from moetrt.export.loaded import (
     causal_lm,
     count_moe_blocks,
 )
+from moetrt.export.quantized_checkpoint import checkpoint_quantization
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -170,15 +171,17 @@ def _load_hf_dir(
 
 
 def _refuse_quantized_checkpoint(spec: str, config: Any) -> None:
-    """A checkpoint stored quantized (config.json's quantization_config) is not read yet: say so by name, before
-    transformers tries (and dequantizes it, or asks for a GPU library)."""
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(quantization, dict):
+    """A checkpoint stored quantized (config.json's quantization_config) is not exported yet: say so by name,
+    before transformers tries (and dequantizes it, or asks for a GPU library). A quantization moetrt cannot read
+    at all is refused with what it reads (`quantized_checkpoint.checkpoint_quantization`)."""
+    if not isinstance(config, dict):
         return
-    method = quantization.get("quant_method", "unknown")
+    quant = checkpoint_quantization(config)
+    if quant is None:
+        return
     raise MoetrtError(
-        f"{spec!r} is a {method}-quantized checkpoint, which moetrt does not read yet (it reads bf16, fp16 and "
-        "fp32 checkpoints)",
+        f"{spec!r} stores its experts as {quant.weight_format} ({quant.method}); moetrt reads such experts "
+        "exactly (export.quantized_checkpoint) but does not export a stored-quantized checkpoint into a build yet",
         "export the model's bf16 checkpoint and quantize its experts with `moetrt build --weights fp8|int4|mxfp4`",
     )
 

@@ -1,0 +1,266 @@
+"""Experts stored quantized in a Hugging Face checkpoint, read into the fused op's layouts without a float detour.
+
+`checkpoint_quantization(config)` names what config.json's `quantization_config` describes, or refuses it with
+what is supported. `read_experts(...)` turns one MoE layer's stored expert tensors into the op's codes and
+scales (op/quant.py) by exact integer and byte moves — no weight is dequantized on the way:
+
+| checkpoint (`quant_method`)            | stored, per expert                               | op format  |
+|---|---|---|
+| fine-grained FP8 (`fp8`, block B x B)   | `weight` e4m3 [N, K], `weight_scale_inv` [N/B, K/B] | fp8_block B |
+| MXFP4 (`mxfp4`, GPT-OSS)               | `*_blocks` [E, N, K/32, 16] u8, `*_scales` [E, N, K/32] e8m0 | mxfp4 |
+| GPTQ (`gptq`, 4 bits, no act-order)    | `qweight` i32 [K/8, N], `qzeros` i32 [K/G, N/8], `scales` [K/G, N] | int4 G |
+| AWQ (`awq`, 4 bits, GEMM packing)      | `qweight` i32 [K, N/8], `qzeros` i32 [K/G, N/8], `scales` [K/G, N] | int4 G |
+
+The op keeps gate rows then up rows ([E, 2I, H]); GPT-OSS interleaves them (row 2j gate j, 2j + 1 up j), so its
+rows are de-interleaved, codes and scales alike. Scales stay as stored (float scales widened to float32, e8m0
+bytes unchanged). GPTQ's stored zero points are one less than the zero (its "v1" checkpoints).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moetrt.core.errors import MoetrtError
+from moetrt.op.quant import QuantizedWeight
+from moetrt.op.spec import FP8_BLOCK, INT4, INT4_SYMMETRIC_ZERO, MXFP4, MXFP4_GROUP
+
+SUPPORTED = (
+    "fine-grained FP8 with square weight blocks (quant_method fp8, as Qwen3-Next-FP8 and DeepSeek-V3 ship), "
+    "MXFP4 (quant_method mxfp4, GPT-OSS), GPTQ 4-bit without act-order and AWQ 4-bit GEMM"
+)
+# AWQ's GEMM packing: nibble j of a 32-bit word holds column AWQ_ORDER[j] of its 8 columns.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+GATE_NAMES, UP_NAMES, DOWN_NAMES = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
+
+
+@dataclass(frozen=True)
+class CheckpointQuantization:
+    """What a checkpoint's quantization_config says, in the op's terms."""
+
+    method: str  # quant_method as stored: fp8 | mxfp4 | gptq | awq
+    weight_format: str
+    block: int
+    zero_point: bool  # int4 with zero points as inputs (GPTQ asymmetric, AWQ)
+    modules_not_quantized: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "format": self.weight_format,
+            "block": self.block,
+            "zero_point": self.zero_point,
+            "method": f"stored by the checkpoint ({self.method}), read without dequantizing",
+        }
+
+
+def _refuse(method: str, why: str) -> MoetrtError:
+    return MoetrtError(
+        f"a {method}-quantized checkpoint {why}; moetrt reads {SUPPORTED}",
+        "export the model's bf16 checkpoint and quantize its experts with `moetrt build --weights fp8|int4|mxfp4`",
+    )
+
+
+def checkpoint_quantization(config: Mapping[str, Any]) -> CheckpointQuantization | None:
+    """The quantization config.json describes (None: a float checkpoint); refused by name where unsupported."""
+    quant = config.get("quantization_config")
+    if quant is None:
+        return None
+    if not isinstance(quant, Mapping):
+        raise _refuse("unknown", "has a quantization_config that is not an object")
+    method = str(quant.get("quant_method", "unknown")).lower()
+    skip = tuple(
+        str(m) for m in (quant.get("modules_to_not_convert") or quant.get("ignored_layers") or []) if m
+    )
+    if method == "fp8":
+        block = quant.get("weight_block_size")
+        if not (
+            isinstance(block, list | tuple) and len(block) == 2 and block[0] == block[1] and block[0] > 0
+        ):
+            raise _refuse(method, f"with weight_block_size {block!r} (per-tensor or non-square blocks)")
+        if str(quant.get("fmt", "e4m3")).lower() != "e4m3":
+            raise _refuse(method, f"stored as {quant.get('fmt')}")
+        return CheckpointQuantization(method, FP8_BLOCK, int(block[0]), False, skip)
+    if method == "mxfp4":
+        return CheckpointQuantization(method, MXFP4, MXFP4_GROUP, False, skip)
+    if method in ("gptq", "awq"):
+        bits = quant.get("bits", quant.get("w_bit"))
+        if bits != 4:
+            raise _refuse(method, f"with {bits} bits (4-bit only)")
+        group = quant.get("group_size", quant.get("q_group_size"))
+        if not isinstance(group, int) or group <= 0:
+            raise _refuse(method, f"with group_size {group!r} (per-group scales only)")
+        if method == "gptq":
+            if quant.get("desc_act"):
+                raise _refuse(method, "with act-order (desc_act), whose groups are not contiguous")
+            if str(quant.get("checkpoint_format", "gptq")).lower() != "gptq":
+                raise _refuse(method, f"in the {quant.get('checkpoint_format')} checkpoint format")
+            return CheckpointQuantization(method, INT4, group, not quant.get("sym", True), skip)
+        if str(quant.get("version", "gemm")).lower() != "gemm":
+            raise _refuse(method, f"in the {quant.get('version')} packing (GEMM only)")
+        return CheckpointQuantization(method, INT4, group, bool(quant.get("zero_point", True)), skip)
+    raise _refuse(method, "is not read")
+
+
+# ------------------------------------------------------------------------------------------------ readers
+Reader = Callable[[str], torch.Tensor]  # a tensor of the checkpoint by its full name
+
+
+def _nibbles_low_first(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words -> their eight 4-bit fields along a new last dim, lowest bits first, moved to `dim` (x8)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    fields = (words.unsqueeze(-1) >> shifts) & 0xF  # [..., 8]
+    fields = fields.movedim(-1, dim + 1 if dim >= 0 else dim)
+    shape = list(words.shape)
+    shape[dim] *= 8
+    return fields.reshape(shape).to(torch.uint8)
+
+
+def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] 4-bit values -> [N, K/2] bytes, low nibble first (the op's int4 / mxfp4 code layout)."""
+    pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _gptq(read: Reader, prefix: str, zero_point: bool) -> QuantizedWeight:
+    qweight, qzeros, scales = read(f"{prefix}.qweight"), read(f"{prefix}.qzeros"), read(f"{prefix}.scales")
+    codes = _nibbles_low_first(qweight, 0)  # [K, N]: packed along K
+    zeros = _nibbles_low_first(qzeros, 1).to(torch.int32) + 1  # [G, N]: packed along N; stored zero - 1
+    return _int4(codes.t(), scales.t(), zeros.t(), zero_point, prefix)
+
+
+def _awq(read: Reader, prefix: str, zero_point: bool) -> QuantizedWeight:
+    qweight, qzeros, scales = read(f"{prefix}.qweight"), read(f"{prefix}.qzeros"), read(f"{prefix}.scales")
+    order = torch.tensor(AWQ_ORDER)
+    inverse = torch.argsort(order)
+
+    def unpack(words: torch.Tensor) -> torch.Tensor:  # [R, N/8] -> [R, N] in column order
+        fields = _nibbles_low_first(words, 1).unflatten(1, (-1, 8))  # field j holds column order[j]
+        return fields[:, :, inverse].flatten(1)
+
+    codes, zeros = unpack(qweight), unpack(qzeros).to(torch.int32)  # [K, N], [G, N]
+    return _int4(codes.t(), scales.t(), zeros.t(), zero_point, prefix)
+
+
+def _int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, zero_point: bool, where: str
+) -> QuantizedWeight:
+    """codes [N, K], scales / zeros [N, K/G] -> the op's int4 weight."""
+    if zeros.min() < 0 or zeros.max() > 255:
+        raise MoetrtError(
+            f"{where}: zero points outside 0..255", "the checkpoint is not a 4-bit GPTQ/AWQ one"
+        )
+    if not zero_point and bool((zeros != INT4_SYMMETRIC_ZERO).any()):
+        raise MoetrtError(
+            f"{where}: a symmetric checkpoint whose zero points are not {INT4_SYMMETRIC_ZERO}",
+            "mark it asymmetric (sym: false) in quantization_config",
+        )
+    return QuantizedWeight(
+        _pack_codes(codes.contiguous()),
+        scales.float().contiguous(),
+        zeros.to(torch.uint8).contiguous() if zero_point else None,
+    )
+
+
+def _fp8(read: Reader, prefix: str) -> QuantizedWeight:
+    weight = read(f"{prefix}.weight")
+    if weight.dtype != torch.float8_e4m3fn:
+        raise MoetrtError(
+            f"{prefix}.weight is {weight.dtype}, not float8_e4m3fn", "re-save the FP8 checkpoint"
+        )
+    return QuantizedWeight(weight.view(torch.uint8).contiguous(), read(f"{prefix}.weight_scale_inv").float())
+
+
+def _linear(quant: CheckpointQuantization, read: Reader, prefix: str) -> QuantizedWeight:
+    if quant.method == "fp8":
+        return _fp8(read, prefix)
+    if quant.method == "gptq":
+        return _gptq(read, prefix, quant.zero_point)
+    return _awq(read, prefix, quant.zero_point)
+
+
+def _stack(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    zero = None if weights[0].zero is None else torch.stack([w.zero for w in weights])  # type: ignore[misc]
+    return QuantizedWeight(
+        torch.stack([w.codes for w in weights]), torch.stack([w.scale for w in weights]), zero
+    )
+
+
+def _cat_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
+    zero = None if a.zero is None else torch.cat([a.zero, b.zero], dim=-2)  # type: ignore[list-item]
+    return QuantizedWeight(torch.cat([a.codes, b.codes], dim=-2), torch.cat([a.scale, b.scale], dim=-2), zero)
+
+
+@dataclass(frozen=True)
+class QuantizedExperts:
+    """One MoE layer's routed experts in the op's layouts: gate_up [E, 2I, H], down [E, H, I]."""
+
+    gate_up: QuantizedWeight
+    down: QuantizedWeight
+
+
+def expert_layers(names: list[str]) -> dict[str, int]:
+    """MoE layer prefix (the module holding `experts`) -> number of experts, from the checkpoint's names."""
+    layers: dict[str, set[int]] = {}
+    for name in names:
+        match = re.match(r"(.+)\.experts\.(\d+)\.", name)
+        if match:
+            layers.setdefault(match.group(1), set()).add(int(match.group(2)))
+            continue
+        match = re.match(r"(.+)\.experts\.gate_up_proj_blocks$", name)
+        if match:
+            layers.setdefault(match.group(1), set())
+    return {prefix: len(ids) for prefix, ids in layers.items()}
+
+
+def _first(read: Reader, names: set[str], prefix: str, choices: tuple[str, ...], leaf: str) -> str:
+    for choice in choices:
+        if f"{prefix}.{choice}.{leaf}" in names:
+            return f"{prefix}.{choice}"
+    raise MoetrtError(
+        f"{prefix} has none of {', '.join(choices)} ({leaf})",
+        "the checkpoint's expert layout is not a known one",
+    )
+
+
+def read_experts(
+    quant: CheckpointQuantization, read: Reader, names: set[str], layer: str, num_experts: int
+) -> QuantizedExperts:
+    """The routed experts of MoE layer `layer` (e.g. 'model.layers.3.mlp') as stored, in the op's layouts."""
+    if quant.method == "mxfp4":
+        return _gpt_oss_mxfp4(read, layer)
+    leaf = "weight" if quant.method == "fp8" else "qweight"
+    gate_up, down = [], []
+    for e in range(num_experts):
+        expert = f"{layer}.experts.{e}"
+        gate = _linear(quant, read, _first(read, names, expert, GATE_NAMES, leaf))
+        up = _linear(quant, read, _first(read, names, expert, UP_NAMES, leaf))
+        if quant.weight_format == FP8_BLOCK and gate.codes.shape[0] % quant.block:
+            raise MoetrtError(
+                f"{expert}: {gate.codes.shape[0]} gate rows are not whole {quant.block}-row blocks, so gate and up "
+                "cannot share the op's scale grid",
+                "quantize the bf16 checkpoint with `moetrt build --weights fp8` instead",
+            )
+        gate_up.append(_cat_rows(gate, up))
+        down.append(_linear(quant, read, _first(read, names, expert, DOWN_NAMES, leaf)))
+    return QuantizedExperts(_stack(gate_up), _stack(down))
+
+
+def _gpt_oss_mxfp4(read: Reader, layer: str) -> QuantizedExperts:
+    def weight(which: str, interleaved: bool) -> QuantizedWeight:
+        blocks, scales = read(f"{layer}.experts.{which}_blocks"), read(f"{layer}.experts.{which}_scales")
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1] != MXFP4_GROUP // 2:
+            raise MoetrtError(
+                f"{layer}.experts.{which}_blocks/_scales are not MXFP4 (uint8 [E, N, K/32, 16] and [E, N, K/32])",
+                "re-save the GPT-OSS checkpoint",
+            )
+        codes = blocks.flatten(-2)  # [E, N, K/2]: 32 values a group, two a byte, low nibble first
+        if interleaved:  # rows gate 0, up 0, gate 1, ... -> gate rows, then up rows
+            codes = torch.cat([codes[:, 0::2], codes[:, 1::2]], dim=1)
+            scales = torch.cat([scales[:, 0::2], scales[:, 1::2]], dim=1)
+        return QuantizedWeight(codes.contiguous(), scales.contiguous())
+
+    return QuantizedExperts(weight("gate_up_proj", True), weight("down_proj", False))
