@@ -122,11 +122,11 @@ def test_sharded_hf_directory_with_linear_attention(tmp_path: Path) -> None:
         ),
         (
             {
-                "config.json": '{"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8", '
-                '"weight_block_size": [128, 128]}}',
+                "config.json": '{"model_type": "qwen3_moe", "quantization_config": {"quant_method": "gptq", '
+                '"bits": 4, "group_size": 128, "desc_act": true}}',
                 "model.safetensors": "",
             },
-            "stores its experts as fp8_block (fp8); moetrt reads such experts exactly",
+            "a gptq-quantized checkpoint with act-order (desc_act)",
         ),
         (
             {
@@ -137,7 +137,7 @@ def test_sharded_hf_directory_with_linear_attention(tmp_path: Path) -> None:
             "a bitsandbytes-quantized checkpoint is not read; moetrt reads fine-grained FP8",
         ),
     ],
-    ids=["bad-json", "no-weights", "unknown-model-type", "quantized-checkpoint", "unsupported-quantization"],
+    ids=["bad-json", "no-weights", "unknown-model-type", "act-order-gptq", "unsupported-quantization"],
 )
 def test_broken_hf_directory(files: dict[str, str], message: str, tmp_path: Path) -> None:
     model_dir = tmp_path / "model"

@@ -7,6 +7,7 @@ when all of them succeeded, so a failed build leaves nothing half-written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -104,6 +105,12 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
         fused, fused_count = _fused_model(model, precision, staging, say, options)
         timings["export_and_fuse"] = time.perf_counter() - start
         quantization = _quantization(options)
+        stored = sorted({a.weight_format for a in check_fused_model(fused) if a.is_quantized})
+        if quantization is not None and stored:
+            raise MoetrtError(
+                f"the model's experts are already stored as {', '.join(stored)}: --weights would quantize them again",
+                "leave out --weights (the checkpoint's own quantization is kept)",
+            )
         if quantization is not None:
             fused = _quantize_experts(fused_path, quantization, say, timings)
         counts = _op_counts(fused)
@@ -123,6 +130,14 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
             blocks = sorted({attrs.weight_block for attrs in check_fused_model(fused)})
             measured = _quantization_error(fused_path, options.parity, say)
             quantization_entry = quantization.describe() | {"block": blocks} | measured
+        elif stored:
+            nodes = check_fused_model(fused)
+            quantization_entry = {
+                "format": stored[0] if len(stored) == 1 else stored,
+                "block": sorted({a.weight_block for a in nodes if a.is_quantized}),
+                "zero_point": any(a.has_weight_zero_point for a in nodes),
+                "method": "stored by the checkpoint, its codes and scales kept as they are",
+            }
         files: dict[str, str | Path] = {ONNX_NAME: fused_path}
         files.update({p.name: p for p in external_data_files(fused_path)})
         if engine is not None:
@@ -141,7 +156,7 @@ def build_checked(request: BuildRequest, progress: Progress | None = None) -> Bu
             parity=parity,
             build_seconds={k: round(v, 3) for k, v in timings.items()},
             decoder=decoder,
-            quantization=quantization_entry if quantization is not None else None,
+            quantization=quantization_entry if quantization is not None or stored else None,
         )
         write_manifest(staging / MANIFEST_NAME, manifest)
         output.publish()
@@ -196,7 +211,7 @@ def _fused_model(
 
         source = staging / "exported.onnx"
         form = DecoderForm(cached=options.cache, last_logits=options.last_logits)
-        export_onnx(model, source, dtype=precision, progress=say, form=form)
+        export_onnx(model, source, dtype=precision, progress=say, form=form, rewrite=_stored_experts_fused)
         header = load_onnx(source, load_external_data=False)
     already = len(check_fused_model(header))
     if already:
@@ -214,6 +229,39 @@ def _fused_model(
     for leftover in [*external_data_files(exported), exported]:  # its .data file or numbered shards
         leftover.unlink(missing_ok=True)
     return load_onnx(fused_path, load_external_data=False), count
+
+
+def _stored_experts_fused(model: Any, loaded: Any) -> None:
+    """For a checkpoint whose experts are stored quantized: fuse in memory and put the stored codes in the fused
+    nodes before anything is written (`passes.stored_experts`). Other models are written as exported."""
+    stored = loaded.stored
+    if stored is None:
+        return
+    from moetrt.core.artifacts import META_EXPERT_WEIGHTS
+    from moetrt.passes.pipeline import fuse_ir
+    from moetrt.passes.stored_experts import StoredExpertsPass
+
+    fuse_ir(model)
+    layers = [functools.partial(_layer_tables, stored, layer) for layer in _moe_layers_in_order(stored)]
+    quant = stored.quant
+    StoredExpertsPass(quant.weight_format, quant.block, quant.zero_point, layers)(model)
+    model.metadata_props[META_EXPERT_WEIGHTS] = quant.weight_format
+
+
+def _moe_layers_in_order(stored: Any) -> list[str]:
+    """The checkpoint's MoE layers by layer index (the order the exported graph runs them in)."""
+    import re
+
+    def index(layer: str) -> tuple[int, str]:
+        found = re.search(r"layers\.(\d+)\.", layer + ".")
+        return (int(found.group(1)) if found else -1, layer)
+
+    return sorted(stored.layers, key=index)
+
+
+def _layer_tables(stored: Any, layer: str) -> tuple[Any, Any]:
+    experts = stored.experts(layer)
+    return experts.gate_up, experts.down
 
 
 def _fill_output_types(model: onnx.ModelProto) -> onnx.ModelProto:

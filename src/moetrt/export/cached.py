@@ -129,7 +129,8 @@ def _dims(shape: Sequence[int | None]) -> tuple[int | str, ...]:
 
 def read_state_layout(model: nn.Module) -> StateLayout:
     """Run the model once with its own cache on two tokens and read what each layer kept."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # offloaded parameters sit on the meta device (hooks load them per module): inputs go where computing is
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     ids = torch.zeros(1, 2, dtype=torch.int64, device=device)
     cache = _cache_classes()[0](model.config, 0)  # transformers' own, except for linear-only models
     with torch.inference_mode(), quiet_loggers("transformers"):

@@ -60,6 +60,8 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)
     #: set when the module is on the meta device and its values are on disk (`export.offloaded`)
     offloaded: OffloadedWeights | None = None
+    #: a checkpoint whose experts are stored quantized (`export.quantized_checkpoint.StoredCheckpoint`)
+    stored: Any = None
     #: a cached decoder's state tensors (`export.cached`); None for every other signature
     state: StateLayout | None = None
     last_logits: bool = False

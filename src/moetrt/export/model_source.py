@@ -30,7 +30,12 @@ from moetrt.export.loaded import (
     causal_lm,
     count_moe_blocks,
 )
-from moetrt.export.quantized_checkpoint import checkpoint_quantization
+from moetrt.export.quantized_checkpoint import (
+    CheckpointQuantization,
+    StoredCheckpoint,
+    StoredWeights,
+    checkpoint_quantization,
+)
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -113,7 +118,7 @@ def _load_hf_dir(
         raise MoetrtError(
             f"{path / 'config.json'} is not valid JSON ({err})", "fix or re-download it"
         ) from None
-    _refuse_quantized_checkpoint(spec, raw_config)
+    quant = checkpoint_quantization(raw_config)  # refuses a quantization it cannot read, by name
     if not any(path.glob("*.safetensors")):
         raise MoetrtError(
             f"{spec!r} has no *.safetensors weights",
@@ -131,6 +136,10 @@ def _load_hf_dir(
         ) from None
     config._experts_implementation = "batched_mm"  # export-friendly experts (no data-dependent loop)
     config._attn_implementation = "eager"
+    if quant is not None:
+        return _load_stored_quantized(
+            path, spec, config, quant, dtype, form, offloaded=offload_dir is not None
+        )
     offload: dict[str, Any] = {}
     if offload_dir is not None:
         offload = {"device_map": {"": "disk"}, "offload_folder": str(offload_dir)}
@@ -170,20 +179,59 @@ def _load_hf_dir(
     return loaded
 
 
-def _refuse_quantized_checkpoint(spec: str, config: Any) -> None:
-    """A checkpoint stored quantized (config.json's quantization_config) is not exported yet: say so by name,
-    before transformers tries (and dequantizes it, or asks for a GPU library). A quantization moetrt cannot read
-    at all is refused with what it reads (`quantized_checkpoint.checkpoint_quantization`)."""
-    if not isinstance(config, dict):
-        return
-    quant = checkpoint_quantization(config)
-    if quant is None:
-        return
-    raise MoetrtError(
-        f"{spec!r} stores its experts as {quant.weight_format} ({quant.method}); moetrt reads such experts "
-        "exactly (export.quantized_checkpoint) but does not export a stored-quantized checkpoint into a build yet",
-        "export the model's bf16 checkpoint and quantize its experts with `moetrt build --weights fp8|int4|mxfp4`",
-    )
+def _load_stored_quantized(
+    path: Path,
+    spec: str,
+    config: Any,
+    quant: CheckpointQuantization,
+    dtype: torch.dtype,
+    form: DecoderForm,
+    offloaded: bool,
+) -> LoadedModel:
+    """A checkpoint whose experts are stored quantized; `stored` names it, so that a build puts the stored codes
+    of its experts in the fused nodes (`passes.stored_experts`) and never writes them in float.
+
+    offloaded: the model on the meta device, every value read from the checkpoint when a module runs
+    (accelerate's offload hooks over `StoredWeights`) or when the export writes it — memory holds about one
+    layer. Otherwise (checkpoints under the streaming bound) a real model with the experts dequantized in
+    memory, so the export's self-check and `verify` run the PyTorch module itself."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the model is built in float; the stored experts stay aside
+    try:
+        with init_empty_weights(include_buffers=False), _no_progress_bars():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as err:
+        raise MoetrtError(
+            f"cannot build the model of {spec!r}: {_first_line(err)}",
+            "check config.json against transformers",
+        ) from None
+    stored = StoredCheckpoint(path, quant)
+    params = {
+        name: (tuple(p.shape), dtype if p.is_floating_point() else p.dtype)
+        for name, p in model.named_parameters()
+    }
+    weights = StoredWeights(stored, params)
+    if offloaded:
+        from accelerate.hooks import attach_align_device_hook
+
+        from moetrt.export.offloaded import offload_to_meta
+
+        attach_align_device_hook(
+            model, execution_device=torch.device("cpu"), offload=True, weights_map=weights
+        )
+    else:
+        model.load_state_dict({name: weights[name] for name in params}, strict=False, assign=True)
+        model.tie_weights()
+    vocab_size = int(config.get_text_config().vocab_size)
+    description = f"{config.model_type} from {path} ({quant.method} experts)"
+    loaded = causal_lm(model.eval(), vocab_size, str(path.resolve()), dtype, description, form=form)
+    if offloaded:
+        loaded.offloaded = offload_to_meta(model)
+    loaded.stored = stored
+    return loaded
 
 
 def _check_checkpoint_keys(spec: str, loading: dict[str, Any]) -> None:

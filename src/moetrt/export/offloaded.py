@@ -61,6 +61,14 @@ def offload_to_meta(model: nn.Module) -> OffloadedWeights:
     remove_hook_from_module(model, recurse=True)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
     model.to("meta")
+    # A forward under torch.inference_mode (the cache-layout probe) leaves the hooks' parameters as inference
+    # tensors, which torch.export refuses to trace: plain meta parameters of the same shapes instead.
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference():
+                module._parameters[name] = nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False
+                )
     return OffloadedWeights(loader=loader, buffers=buffers)
 
 

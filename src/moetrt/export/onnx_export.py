@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,6 +89,7 @@ def export_onnx(
     self_check: str = "error",
     stream: bool | None = None,
     form: DecoderForm = CACHED,
+    rewrite: Callable[[Any, LoadedModel], None] | None = None,
 ) -> ExportResult:
     """Export a MODEL spec (or an already loaded model) to `out_path`.
 
@@ -101,6 +103,10 @@ def export_onnx(
     `stream` (default: for Hugging Face checkpoints over `STREAM_MIN_BYTES`) exports from disk: the model is
     traced on the meta device and each weight is read when it is written (`export.offloaded`), so memory
     holds about one layer's weights; converted weights take disk space beside the output meanwhile.
+
+    `rewrite(model, loaded)` changes the exported graph (onnx_ir) in place before it is written. A checkpoint
+    whose experts are stored quantized needs one that puts them in fused nodes (the build's): written as
+    exported, its experts would be float.
     """
     if self_check not in SELF_CHECK_MODES:
         raise MoetrtError(
@@ -151,6 +157,13 @@ def export_onnx(
             say(f"loading {spec_or_loaded} ({name_of(torch_dtype)})")
             loaded = load_model(spec_or_loaded, torch_dtype, form=form)
         say(f"found {loaded.num_moe_blocks} MoE block(s) in {loaded.spec}")
+        if loaded.stored is not None and rewrite is None:
+            raise MoetrtError(
+                f"{loaded.spec} stores its experts quantized ({loaded.stored.quant.method}); exported alone they "
+                "would be written in float",
+                "build it instead (`moetrt build MODEL -o OUT --engine-backend tensorrt-rtx`): the build keeps the "
+                "stored experts in the fused nodes",
+            )
 
         say(
             f"exporting with torch.onnx.export (dynamo, opset {opset}); this can take a while for large models"
@@ -159,6 +172,8 @@ def export_onnx(
             program = _torch_export(loaded, opset)
         model = program.model
         say("exported; finalising the graph")
+        if rewrite is not None:
+            rewrite(model, loaded)
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
         model.metadata_props.update(
             {
@@ -182,7 +197,7 @@ def export_onnx(
         with heartbeat(say, "writing"):
             write_onnx(model, staged, external=external)
         del program, model  # the check loads the file: do not hold two copies of the weights
-        if self_check != "off" and stream:
+        if self_check != "off" and (stream or loaded.offloaded is not None):
             say(
                 "self-check skipped: the model was exported from disk and is never held whole in memory; "
                 "check it with `moetrt verify` on a machine that holds it"

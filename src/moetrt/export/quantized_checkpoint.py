@@ -264,3 +264,155 @@ def _gpt_oss_mxfp4(read: Reader, layer: str) -> QuantizedExperts:
         return QuantizedWeight(codes.contiguous(), scales.contiguous())
 
     return QuantizedExperts(weight("gate_up_proj", True), weight("down_proj", False))
+
+
+# ------------------------------------------------------------------------------------- the whole checkpoint
+class StoredCheckpoint:
+    """A stored-quantized checkpoint directory: its tensors by name (read one at a time from the safetensors
+    shards) and its MoE layers' experts in the op's layouts."""
+
+    def __init__(self, path: Any, quant: CheckpointQuantization) -> None:
+        import json
+        from pathlib import Path
+
+        self.path, self.quant = Path(path), quant
+        self._file: dict[str, Path] = {}
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            for name, file in json.loads(index.read_text())["weight_map"].items():
+                self._file[name] = self.path / file
+        else:
+            from safetensors import safe_open
+
+            for file in sorted(self.path.glob("*.safetensors")):
+                with safe_open(str(file), "pt") as handle:
+                    self._file.update(dict.fromkeys(handle.keys(), file))
+        self.names = set(self._file)
+        self.layers = expert_layers(sorted(self.names))
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file[name]), "pt") as handle:
+            return handle.get_tensor(name)
+
+    def experts(self, layer: str) -> QuantizedExperts:
+        return read_experts(self.quant, self.read, self.names, layer, self.layers[layer])
+
+    def layer_for(self, module_prefix: str) -> str:
+        """The checkpoint's MoE layer for a model's MoE module (same name, or the same `layers.N` index: Mixtral
+        stores `block_sparse_moe` where transformers names the module `mlp`)."""
+        if module_prefix in self.layers:
+            return module_prefix
+        index = re.search(r"layers\.(\d+)\.", module_prefix + ".")
+        if index:
+            same = [layer for layer in self.layers if f"layers.{index.group(1)}." in layer + "."]
+            if len(same) == 1:
+                return same[0]
+        raise MoetrtError(
+            f"the checkpoint has no experts for the model's MoE module {module_prefix!r}",
+            f"its expert layers are {', '.join(sorted(self.layers)[:4])}...",
+        )
+
+
+_EXPERT_PARAM = re.compile(r"(.+)\.experts\.(gate_up_proj|down_proj)$")
+
+
+class StoredWeights:
+    """The values of a meta-device model's parameters from a stored-quantized checkpoint, by parameter name: the
+    `weights_map` accelerate's offload hooks read while the model runs (one module at a time), and the source
+    of the export's lazy initializers (`export.offloaded`).
+
+    Non-expert tensors are read as stored (FP8 linears dequantized with their block scales: only the experts
+    stay quantized). Expert tables are dequantized into the model's own parameter layout only when something
+    reads them — a forward of the traced module, a fusion's numeric check — one MoE layer at a time; the build
+    puts the stored codes, not these values, in the fused nodes."""
+
+    def __init__(
+        self, stored: StoredCheckpoint, params: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+    ) -> None:
+        self.stored, self.params = stored, dict(params)
+        self.all_keys = list(self.params)
+        self._layer: tuple[str, dict[str, torch.Tensor]] | None = None
+        missing = [name for name in self.params if not self._resolvable(name)]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise MoetrtError(
+                f"the checkpoint in {str(stored.path)!r} has no values for {len(missing)} parameter(s) ({shown})",
+                "use the complete checkpoint (every *.safetensors shard and its index) saved with this config",
+            )
+
+    def _checkpoint_name(self, name: str) -> str | None:
+        if name in self.stored.names:
+            return name
+        for prefix in self.stored.layers:  # a renamed MoE module (Mixtral's block_sparse_moe)
+            index = re.search(r"layers\.(\d+)\.", prefix + ".")
+            if index is None:
+                continue
+            model_prefix = re.match(rf"(.*layers\.{index.group(1)}\.[^.]+)\.", name)
+            if model_prefix and self.stored.layer_for(model_prefix.group(1)) == prefix:
+                renamed = prefix + name[len(model_prefix.group(1)) :]
+                if renamed in self.stored.names:
+                    return renamed
+        return None
+
+    def _resolvable(self, name: str) -> bool:
+        match = _EXPERT_PARAM.match(name)
+        if match:
+            try:
+                self.stored.layer_for(match.group(1))
+            except MoetrtError:
+                return False
+            return True
+        return self._checkpoint_name(name) is not None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.params
+
+    def keys(self) -> list[str]:
+        return self.all_keys
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape, dtype = self.params[name]
+        match = _EXPERT_PARAM.match(name)
+        if match:
+            return self._expert_table(match.group(1), match.group(2), shape).to(dtype)
+        stored_name = self._checkpoint_name(name)
+        assert stored_name is not None
+        tensor = self.stored.read(stored_name)
+        if tensor.dtype == torch.float8_e4m3fn and f"{stored_name}_scale_inv" in self.stored.names:
+            block = self.stored.quant.block
+            scale = self.stored.read(f"{stored_name}_scale_inv").float()
+            grid = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+            tensor = tensor.float() * grid[: tensor.shape[0], : tensor.shape[1]]
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def _expert_table(self, module: str, which: str, shape: tuple[int, ...]) -> torch.Tensor:
+        from moetrt.op.quant import dequantize
+
+        if self._layer is None or self._layer[0] != module:
+            experts = self.stored.experts(self.stored.layer_for(module))
+            fmt, block = self.stored.quant.weight_format, self.stored.quant.block
+            hidden = experts.down.codes.shape[-2]  # the gate/up reduction: the down table's rows
+            intermediate = experts.gate_up.codes.shape[-2] // 2  # the down reduction
+            self._layer = (
+                module,
+                {
+                    "gate_up_proj": dequantize(fmt, block, experts.gate_up, hidden),
+                    "down_proj": dequantize(fmt, block, experts.down, intermediate),
+                },
+            )
+        table = self._layer[1][which]  # the op's layout: [E, 2I, H] gate rows then up rows, [E, H, I]
+        if (
+            self.stored.quant.method == "mxfp4"
+        ):  # GPT-OSS's own: [E, H, 2I] with gate / up interleaved, [E, I, H]
+            if which == "gate_up_proj":
+                half = table.shape[1] // 2
+                table = torch.stack([table[:, :half], table[:, half:]], dim=2).flatten(1, 2)
+            table = table.transpose(1, 2).contiguous()
+        if tuple(table.shape) == tuple(shape):
+            return table
+        raise MoetrtError(
+            f"the model's {module}.experts.{which} is {list(shape)}, the checkpoint's experts give {list(table.shape)}",
+            "the checkpoint's expert layout is not a known one",
+        )

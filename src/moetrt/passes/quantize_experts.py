@@ -125,8 +125,8 @@ class QuantizeExpertsPass(CountedPass):
     def _quantize_node(
         self, model: ir.Model, node: ir.Node, old: MoEAttributes, new: MoEAttributes, opset: int
     ) -> None:
-        graph = model.graph
         by_name = dict(zip(old.present_inputs(), node.inputs))
+        sources = {}
         for which in ("gate_up", "down"):
             value = by_name[f"expert_{which}_weight"]
             if value is None or value.const_value is None:
@@ -134,38 +134,56 @@ class QuantizeExpertsPass(CountedPass):
                     f"fused node {node.name}: its {which} experts are not stored weights",
                     "fuse the model first (`moetrt fuse`), then quantize",
                 )
-            source = value.const_value
-            parts = {"weight": "codes", "scale": "scale"} | (
-                {"zero": "zero"} if new.has_weight_zero_point else {}
+            sources[which] = value.const_value
+        replace_experts(
+            model, node, old, new, opset, lambda which, part: _quantized_part(sources[which], new, part)
+        )
+
+
+#: The quantized parts of one expert table: input name suffix -> field of `op.quant.QuantizedWeight`.
+_PARTS = {"weight": "codes", "scale": "scale", "zero": "zero"}
+
+
+def replace_experts(
+    model: ir.Model,
+    node: ir.Node,
+    old: MoEAttributes,
+    new: MoEAttributes,
+    opset: int,
+    part_tensor: Callable[[str, str], Callable[[], ir.TensorProtocol]],
+) -> None:
+    """Give fused `node` (attributes `old`) quantized experts: attributes `new`, one lazy initializer per part
+    (`part_tensor(which, field)` computes it: which is gate_up | down, field codes | scale | zero) and the
+    function body of the new variant."""
+    graph = model.graph
+    by_name = dict(zip(old.present_inputs(), node.inputs))
+    for which in ("gate_up", "down"):
+        parts = ("weight", "scale", "zero") if new.has_weight_zero_point else ("weight", "scale")
+        for input_part in parts:
+            field_name = _PARTS[input_part]
+            name = unique_initializer_name(
+                graph, f"{node.name or 'moe'}.expert_{which}_{input_part}.{new.weight_format}"
             )
-            for input_part, field_name in parts.items():
-                name = unique_initializer_name(
-                    graph, f"{node.name or 'moe'}.expert_{which}_{input_part}.{new.weight_format}"
-                )
-                shape = new.input_shapes()[f"expert_{which}_{input_part}"]
-                float_scale = field_name == "scale" and new.weight_format != MXFP4  # e8m0 scales are bytes
-                dtype = ir.DataType.FLOAT if float_scale else ir.DataType.UINT8
-                tensor = ir.LazyTensor(
-                    _quantized_part(source, new, field_name), dtype, ir.Shape(shape), name=name
-                )
-                quantized = ir.Value(
-                    name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor
-                )
-                graph.register_initializer(quantized)
-                by_name[f"expert_{which}_{input_part}"] = quantized
-        inputs = [by_name[name] for name in new.present_inputs()]
-        node.resize_inputs(len(inputs))
-        for index, value in enumerate(inputs):
-            node.replace_input_with(index, value)
-        for key, attr_value in new.to_onnx_attributes().items():
-            node.attributes[key] = ir.convenience.convert_attribute(key, attr_value)
-        overload = overload_name(new)
-        node.overload = overload
-        key = (DOMAIN, OP_TYPE, overload)
-        if key not in model.functions:
-            model.functions[key] = ir.serde.deserialize_function(
-                make_moe_function(new, overload, opset=opset)
+            shape = new.input_shapes()[f"expert_{which}_{input_part}"]
+            float_scale = field_name == "scale" and new.weight_format != MXFP4  # e8m0 scales are bytes
+            dtype = ir.DataType.FLOAT if float_scale else ir.DataType.UINT8
+            tensor = ir.LazyTensor(part_tensor(which, field_name), dtype, ir.Shape(shape), name=name)
+            quantized = ir.Value(
+                name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor
             )
+            graph.register_initializer(quantized)
+            by_name[f"expert_{which}_{input_part}"] = quantized
+    inputs = [by_name[name] for name in new.present_inputs()]
+    node.resize_inputs(len(inputs))
+    for index, value in enumerate(inputs):
+        node.replace_input_with(index, value)
+    for key, attr_value in new.to_onnx_attributes().items():
+        node.attributes[key] = ir.convenience.convert_attribute(key, attr_value)
+    overload = overload_name(new)
+    node.overload = overload
+    key = (DOMAIN, OP_TYPE, overload)
+    if key not in model.functions:
+        model.functions[key] = ir.serde.deserialize_function(make_moe_function(new, overload, opset=opset))
 
 
 def _quantized_part(
