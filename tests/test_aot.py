@@ -41,6 +41,41 @@ def test_compiles_for_every_supported_sm(sm: int) -> None:
     assert bundle.sm == sm
 
 
+@pytest.mark.parametrize(
+    ("sm", "weight_format", "block", "zero"),
+    [(80, "fp8_block", 16, False), (90, "fp8_block", 16, False), (80, "int4", 16, True), (90, "int4", 32, False),
+     (90, "mxfp4", 32, False), (120, "mxfp4", 32, False)],
+)  # fmt: skip
+def test_quantized_experts_compile(sm: int, weight_format: str, block: int, zero: bool) -> None:
+    """The expert kernels dequantize inside the GEMM loop (codes uint8, scales float32 or e8m0 bytes): their
+    entries take those pointer types; SM 80 has no fp8 unit, so codes are decoded arithmetically everywhere."""
+    import dataclasses
+
+    attrs = dataclasses.replace(
+        SMALL,
+        intermediate_size=64,
+        weight_format=weight_format,
+        weight_block=block,
+        has_weight_zero_point=zero,
+    )
+    bundle = compile_kernels(attrs, "bfloat16", sm, buckets=(16,))
+    stages = bundle.buckets["16"]["variants"]
+    assert set(stages) == {"router", "topk", "gate_up", "down_rows"}  # the sorted path: no gemv / fused here
+    for stage in ("gate_up", "down_rows"):
+        kernel = bundle.kernels[stages[stage]]
+        names = [name for name, _ in plan.KERNEL_PARAMS[stage]]
+        types = dict(zip(names, kernel.param_types, strict=True))
+        weight, scale, zero_ptr = (
+            ("w_gu_ptr", "w_gu_scale_ptr", "w_gu_zero_ptr")
+            if stage == "gate_up"
+            else ("w_down_ptr", "w_down_scale_ptr", "w_down_zero_ptr")
+        )
+        assert types[weight] == "*u8"
+        assert types[scale] == ("*u8" if weight_format == "mxfp4" else "*fp32")
+        assert types[zero_ptr] == ("*u8" if weight_format == "int4" else "*bf16")
+        assert kernel.cubin.startswith(ELF_MAGIC)
+
+
 def test_every_bucket_and_stage_is_compiled(sm90_bundle: KernelBundle) -> None:
     assert set(sm90_bundle.buckets) == {plan.bucket_name(b) for b in plan.BUCKETS}
     prefill = sm90_bundle.buckets["inf"]["variants"]

@@ -44,7 +44,20 @@ VARIANTS: dict[str, MoEAttributes] = {
         output_router_logits=True,
     ),
     "shared_ungated": MoEAttributes(8, 2, 48, 32, shared_intermediate_size=32),
-}
+    # quantized routed experts (dequantized inside the expert GEMMs; the shared expert stays native)
+    "fp8_shared_gated": MoEAttributes(
+        12, 3, 64, 32, norm_topk_prob=True, shared_intermediate_size=32, has_shared_gate=True,
+        weight_format="fp8_block", weight_block=16,
+    ),
+    "int4_zero_swiglu_biases": like(
+        "gpt_oss_20b", 8, 2, 64, 32, swiglu_limit=1.5, weight_format="int4", weight_block=16,
+        has_weight_zero_point=True,
+    ),
+    "mxfp4_sigmoid_grouped": like(
+        "deepseek_v3", 16, 4, 64, 32, n_group=4, topk_group=2, shared_intermediate_size=0,
+        weight_format="mxfp4", weight_block=32,
+    ),
+}  # fmt: skip
 
 # (variant, dtype, T, bucket): T=1 and a decode T take the decode path (fused align / reduce), T=70 the
 # prefill path; "prefill" forces the prefill path for a decode-sized T, "auto" picks by T, "split" runs
@@ -85,6 +98,13 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("swiglu_clamped_biases", "float16", 2, "gemv"),
     ("shared_ungated", "float32", 5, "gemv"),
     ("shared_gated_logits", "bfloat16", 1, "gemv+fused"),
+    ("fp8_shared_gated", "float32", 1, "auto"),
+    ("fp8_shared_gated", "bfloat16", 13, "auto"),
+    ("fp8_shared_gated", "bfloat16", 70, "auto"),
+    ("int4_zero_swiglu_biases", "float32", 2, "auto"),
+    ("int4_zero_swiglu_biases", "float16", 70, "auto"),
+    ("mxfp4_sigmoid_grouped", "bfloat16", 1, "auto"),
+    ("mxfp4_sigmoid_grouped", "float32", 70, "auto"),
 ]
 SLOW_CASES: list[tuple[str, str, int, str]] = [
     (variant, dtype, t, "auto")

@@ -213,3 +213,46 @@ def test_enqueue_refusals() -> None:
         io_rules.enqueue_call(
             PLAIN, "fp16", [TensorDesc((5, 63), "fp16"), *in_descs[1:]], out_descs, [1] * 4, [2], 3, 4
         )
+
+
+@pytest.mark.parametrize(
+    ("weight_format", "block", "zero", "scale_dtype"),
+    [("int4", 16, True, "fp32"), ("fp8_block", 16, False, "fp32"), ("mxfp4", 32, False, "uint8")],
+)
+def test_quantized_experts_take_their_stored_types(
+    weight_format: str, block: int, zero: bool, scale_dtype: str
+) -> None:
+    """Quantized experts' codes and zero points are uint8, scales float32 (e8m0 bytes for mxfp4); TensorRT must
+    bind exactly those, and everything else in the activations' dtype."""
+    attrs = MoEAttributes(
+        8, 2, 64, 32, shared_intermediate_size=32, weight_format=weight_format, weight_block=block,
+        has_weight_zero_point=zero,
+    )  # fmt: skip
+    names = attrs.present_inputs()
+    want = {"expert_gate_up_weight": "uint8", "expert_down_weight": "uint8"}
+    want |= {"expert_gate_up_scale": scale_dtype, "expert_down_scale": scale_dtype}
+    if zero:
+        want |= {"expert_gate_up_zero": "uint8", "expert_down_zero": "uint8"}
+    in_out = [(want.get(name, "bf16"), "LINEAR") for name in names] + [("bf16", "LINEAR")]
+    assert [io_rules.expected_dtype(attrs, p, "bf16") for p in range(len(in_out))] == [d for d, _ in in_out]
+    assert all(io_rules.supports_format_combination(attrs, p, in_out, len(names)) for p in range(len(in_out)))
+    codes = names.index("expert_gate_up_weight")
+    wrong = list(in_out)
+    wrong[codes] = ("bf16", "LINEAR")  # codes bound as activations: refused
+    assert not io_rules.supports_format_combination(attrs, codes, wrong, len(names))
+    shared = names.index("shared_gate_up_weight")  # the shared expert stays native
+    wrong = list(in_out)
+    wrong[shared] = ("uint8", "LINEAR")
+    assert not io_rules.supports_format_combination(attrs, shared, wrong, len(names))
+    descs = [
+        TensorDesc(tuple(5 if d == "T" else d for d in shape), want.get(name, "bf16"))
+        for name, shape in attrs.input_shapes("T").items()
+    ]
+    out_descs = [TensorDesc((5, 64), "bf16")]
+    ptrs = [16 * (i + 1) for i in range(len(descs))]
+    call = io_rules.enqueue_call(attrs, "bf16", descs, out_descs, ptrs, [4096], 8192, 0)
+    assert call is not None and call.input_ptrs == tuple(ptrs)
+    bad = list(descs)
+    bad[codes] = TensorDesc(bad[codes].dims, "bf16")
+    with pytest.raises(MoetrtError, match="built for bf16"):
+        io_rules.enqueue_call(attrs, "bf16", bad, out_descs, ptrs, [4096], 8192, 0)

@@ -86,13 +86,6 @@ def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -
             f"pass --max-context {options.tokens.max} or more, or a smaller --tokens",
         )
     check_weights_options(options.weights, options.weight_block, options.int4_zero_point)
-    if options.weights != "native" and options.engine_backend == "tensorrt":
-        raise MoetrtError(
-            f"--weights {options.weights}: the moetrt plugin's kernels take native expert weights (quantized "
-            "kernels are not built yet)",
-            "build with --engine-backend tensorrt-rtx, whose engine runs the function body that dequantizes "
-            "them, or leave out --weights",
-        )
     if options.last_logits and not options.cache:
         raise MoetrtError(
             "--last-logits applies to cached decoders", "leave out --no-cache, or leave out --last-logits"

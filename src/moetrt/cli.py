@@ -508,8 +508,9 @@ def tune_cmd(
 )
 @_weights_options(
     "parity then runs the reference with the same dequantized experts and the manifest records the "
-    "quantization's error against the native weights. Engines: --engine-backend tensorrt-rtx (the plugin's "
-    "kernels take native weights)."
+    "quantization's error against the native weights. Either engine backend: the plugin's kernels dequantize "
+    "in their GEMM loops, TensorRT-RTX runs the function body. A checkpoint whose experts are already stored "
+    "quantized (FP8, MXFP4, GPTQ, AWQ) keeps its own codes: leave --weights out."
 )
 @_user_errors
 def build_cmd(

@@ -125,9 +125,8 @@ class KernelBundle:
 
 
 def _signature(kernel_fn: Any, kernel: str, dtype: str, constexprs: dict[str, Any]) -> tuple[dict, dict]:
-    runtime = dict(
-        zip([name for name, _ in plan.KERNEL_PARAMS[kernel]], plan.param_types(kernel, dtype), strict=True)
-    )
+    types = plan.param_types(kernel, dtype, plan.variant_weight_format(constexprs))
+    runtime = dict(zip([name for name, _ in plan.KERNEL_PARAMS[kernel]], types, strict=True))
     signature = {}
     for name in kernel_fn.arg_names:
         if name in runtime:
@@ -171,7 +170,7 @@ def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKerne
         )
     if getattr(meta, "num_ctas", 1) != 1:
         raise MoetrtError(f"kernel {variant.key} uses thread-block clusters", "compile it with num_ctas=1")
-    types = tuple(plan.param_types(variant.kernel, dtype))
+    types = tuple(plan.param_types(variant.kernel, dtype, plan.variant_weight_format(constexprs)))
     ptx_params = ptx_entry_params(compiled.asm["ptx"])
     # The entry must take our runtime params in order (pointers .u64, i32 .u32/.b32), then only
     # the scratch pointers this Triton version appends; anything else means the packing would be wrong.
@@ -222,11 +221,6 @@ def compile_kernels(
 
     if sm not in SUPPORTED_SMS:
         raise MoetrtError(f"SM {sm} is not supported", f"pick one of {', '.join(map(str, SUPPORTED_SMS))}")
-    if attrs.is_quantized:
-        raise MoetrtError(
-            f"the MoE kernels take native expert weights; {attrs.weight_format} experts have no kernels yet",
-            "run the quantized model.onnx with onnxruntime (its function body dequantizes)",
-        )
     dtype = kernel_name_of(dtype)  # any spelling of fp32 / fp16 / bf16; bundles store the kernel name
     if not buckets or any(b not in plan.BUCKETS for b in buckets):
         raise MoetrtError(

@@ -106,6 +106,10 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         "down_warps": 4,
         "down_stages": 3,
     }
+    if (
+        attrs.is_quantized
+    ):  # quantized experts run the sorted path only (the other kernels take native weights)
+        gemv["enabled"] = 0
     return {
         "router": router,
         "topk": topk,
@@ -149,6 +153,9 @@ def select_config(attrs: MoEAttributes, dtype: str, sm: int, bound: int | None) 
         for stage, values in tuned.items():
             if stage in cfg:
                 cfg[stage].update(values)
+    if attrs.is_quantized:  # tables are keyed by shape, not format: the sorted path whatever they chose
+        cfg["gemv"]["enabled"] = 0
+        cfg["fused"]["enabled"] = 0
     return cfg
 
 

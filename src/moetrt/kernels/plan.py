@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moetrt.core.dtypes import precision
-from moetrt.op.spec import ACTIVATIONS, MoEAttributes
+from moetrt.op.spec import ACTIVATIONS, INT4, MXFP4, NATIVE, WEIGHT_FORMATS, MoEAttributes
 
 TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Upper token bound of each bucket; the last bucket has no bound. Decode buckets fuse align into top-k.
@@ -50,6 +50,8 @@ _GROUP_TABLE: tuple[tuple[str, str], ...] = (
 )
 # Runtime (non-constexpr) parameters of each kernel, in signature order, with their kind:
 #   x: pointer to the op's dtype · f32 / i32: pointer to that type · T: the token count (i32 scalar)
+#   w / s / z: expert weight codes, their scales, their zero points: the op's dtype when the experts are native,
+#   else uint8 codes, float32 scales (uint8 e8m0 for mxfp4) and uint8 zero points (`param_types`)
 #   int: a host-computed i32 (loop trip counts, program counts), given per launch in Launch.args
 KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "router": (
@@ -91,15 +93,17 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "gate_up": (
         ("x_ptr", "x"),
-        ("w_gu_ptr", "x"),
+        ("w_gu_ptr", "w"),
         ("b_gu_ptr", "x"),
         ("shared_w_gu_ptr", "x"),
         ("act_ptr", "x"),
+        ("w_gu_scale_ptr", "s"),
+        ("w_gu_zero_ptr", "z"),
         *_BLOCK_TABLE,
         ("T", "T"),
     ),
     "down_rows": (
-        ("w_down_ptr", "x"),
+        ("w_down_ptr", "w"),
         ("b_down_ptr", "x"),
         ("shared_w_down_ptr", "x"),
         ("act_ptr", "x"),
@@ -108,6 +112,8 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("yw_ptr", "x"),
         ("out_ptr", "x"),
         ("htickets_ptr", "i32"),
+        ("w_down_scale_ptr", "s"),
+        ("w_down_zero_ptr", "z"),
         *_BLOCK_TABLE,
         ("T", "T"),
     ),
@@ -184,6 +190,10 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "b_gu_ptr": ("in", "expert_gate_up_bias"),
     "shared_w_gu_ptr": ("in", "shared_gate_up_weight"),
     "w_down_ptr": ("in", "expert_down_weight"),
+    "w_gu_scale_ptr": ("in", "expert_gate_up_scale"),
+    "w_gu_zero_ptr": ("in", "expert_gate_up_zero"),
+    "w_down_scale_ptr": ("in", "expert_down_scale"),
+    "w_down_zero_ptr": ("in", "expert_down_zero"),
     "b_down_ptr": ("in", "expert_down_bias"),
     "shared_w_down_ptr": ("in", "shared_down_weight"),
     "logits_out_ptr": ("out", "router_logits"),
@@ -260,10 +270,26 @@ def gemv_groups(attrs: MoEAttributes, num_tokens: int) -> int:
     return min(attrs.num_experts, num_tokens * attrs.top_k)
 
 
-def param_types(kernel: str, dtype: str) -> list[str]:
+def param_types(kernel: str, dtype: str, weight_format: str = NATIVE) -> list[str]:
     """Triton signature types of a kernel's runtime parameters (what the cubin's entry point takes)."""
-    kinds = {"x": "*" + TRITON_DTYPE[dtype], "f32": "*fp32", "i32": "*i32", "T": "i32", "int": "i32"}
+    x = "*" + TRITON_DTYPE[dtype]
+    quantized = weight_format != NATIVE
+    kinds = {
+        "x": x,
+        "f32": "*fp32",
+        "i32": "*i32",
+        "T": "i32",
+        "int": "i32",
+        "w": "*u8" if quantized else x,
+        "s": ("*u8" if weight_format == MXFP4 else "*fp32") if quantized else x,
+        "z": "*u8" if weight_format == INT4 else x,
+    }
     return [kinds[kind] for _, kind in KERNEL_PARAMS[kernel]]
+
+
+def variant_weight_format(constexprs: Mapping[str, Any]) -> str:
+    """The expert weight format a variant was compiled for (its WFMT constexpr; native without one)."""
+    return WEIGHT_FORMATS[int(constexprs.get("WFMT", 0))]
 
 
 @dataclass(frozen=True)
@@ -372,6 +398,12 @@ def _stage_variants(
         "BN": gc["BN"],
         "BK": gc["BK"],
     }
+    # the routed experts' weight format (spec.WEIGHT_FORMATS index), its block and zero points
+    weights = {
+        "WFMT": WEIGHT_FORMATS.index(attrs.weight_format),
+        "WB": attrs.weight_block or 1,
+        "HAS_ZERO": int(attrs.has_weight_zero_point),
+    }
     if is_gemv(cfg, bound):
         assert bound is not None
         gv = cfg["gemv"]
@@ -474,11 +506,14 @@ def _stage_variants(
         "BH": dc["BH"],
         "BK": dc["BK"],
         "BT": cfg["reduce"]["BT"],
+        **weights,
     }
     variants = {
         "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
         "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
-        "gate_up": Variant("gate_up", tuple(gate_up.items()), gc["num_warps"], gc["num_stages"]),
+        "gate_up": Variant(
+            "gate_up", tuple({**gate_up, **weights}.items()), gc["num_warps"], gc["num_stages"]
+        ),
     }
     variants["down_rows"] = Variant("down_rows", tuple(down.items()), dc["num_warps"], dc["num_stages"])
     if not decode:

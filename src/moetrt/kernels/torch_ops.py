@@ -17,7 +17,7 @@ from moetrt.core.devices import sm_from_capability
 from moetrt.core.dtypes import kernel_name_of
 from moetrt.core.errors import MoetrtError
 from moetrt.kernels import plan
-from moetrt.op.spec import MoEAttributes
+from moetrt.op.spec import MoEAttributes, stored_dtype
 
 if TYPE_CHECKING:
     from moetrt.kernels.aot import KernelBundle
@@ -51,10 +51,11 @@ def check_inputs(
                 f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}",
                 "check the weights against the MoE attributes (spec.py layouts)",
             )
-        if tensor.dtype != hidden.dtype:
+        want = _input_dtype(name, attrs, hidden.dtype)
+        if tensor.dtype != want:
             raise MoetrtError(
-                f"{name} is {tensor.dtype} but hidden_states is {hidden.dtype}",
-                "cast every weight to the dtype of hidden_states",
+                f"{name} is {tensor.dtype} but must be {want} (hidden_states is {hidden.dtype})",
+                "cast every native weight to the dtype of hidden_states; quantized parts as op/quant.py stores them",
             )
         if device_type is not None and tensor.device.type != device_type:
             raise MoetrtError(
@@ -66,6 +67,12 @@ def check_inputs(
         if tensor.numel() and tensor.data_ptr() % 16:
             raise MoetrtError(f"{name} is not 16-byte aligned", "pass a freshly allocated tensor (.clone())")
     return num_tokens
+
+
+def _input_dtype(name: str, attrs: MoEAttributes, activation: torch.dtype) -> torch.dtype:
+    """The dtype an op input must have (`spec.stored_dtype`; else the activations')."""
+    stored = stored_dtype(name, attrs)
+    return activation if stored is None else getattr(torch, stored)
 
 
 def _outputs(attrs: MoEAttributes, hidden: torch.Tensor) -> dict[str, torch.Tensor]:

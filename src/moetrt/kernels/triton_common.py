@@ -118,3 +118,72 @@ def select_experts(
             wts = wts / (tl.sum(tl.where(k_ok, wts, 0.0), axis=1)[:, None] + 1e-20)
         wts = wts * SCALE
     return ids, wts
+
+
+@triton.jit
+def _e4m3(code):
+    """float32 value of e4m3fn codes (int32 0..255), by arithmetic: every SM, no fp8 conversion unit needed."""
+    exponent = (code >> 3) & 15
+    mantissa = (code & 7).to(tl.float32)
+    normal = (8.0 + mantissa) * tl.exp2((exponent - 10).to(tl.float32))
+    value = tl.where(exponent == 0, mantissa * 0.001953125, normal)  # subnormal: m * 2^-9
+    return tl.where((code >> 7) != 0, -value, value)
+
+
+@triton.jit
+def _e2m1(code):
+    """float32 value of e2m1 codes (int32 0..15): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives."""
+    exponent = (code >> 1) & 3
+    mantissa = (code & 1).to(tl.float32)
+    normal = (2.0 + mantissa) * tl.exp2((exponent - 2).to(tl.float32))
+    value = tl.where(exponent == 0, mantissa * 0.5, normal)
+    return tl.where((code >> 3) != 0, -value, value)
+
+
+@triton.jit
+def weight_tile(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    rows,
+    row_ok,
+    k0,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    OUT: tl.constexpr,
+):
+    """One expert's weight tile [BR rows, BK of the reduction from k0], dequantized to OUT, from its table at
+    w_ptr ([R, K] codes, or [R, K/2] bytes of two 4-bit codes, low nibble first) with its scales (and zero
+    points). WFMT as spec.WEIGHT_FORMATS: 1 fp8_block (scale [ceil(R/WB), ceil(K/WB)]), 2 int4 (scale and zero
+    [R, K/WB]; zero 8 without zero points), 3 mxfp4 (e8m0 scale bytes [R, K/32])."""
+    ks = k0 + tl.arange(0, BK)
+    k_ok = ks < K
+    mask = row_ok[:, None] & k_ok[None, :]
+    if WFMT == 1:
+        code = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0).to(tl.int32)
+        KS: tl.constexpr = (K + WB - 1) // WB
+        scale = tl.load(s_ptr + (rows // WB)[:, None] * KS + (ks // WB)[None, :], mask=mask, other=0.0)
+        value = _e4m3(code) * scale
+    else:
+        KH: tl.constexpr = K // 2
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        byte = tl.load(
+            w_ptr + rows[:, None] * KH + kb[None, :], mask=row_ok[:, None] & (kb < KH)[None, :], other=0
+        ).to(tl.int32)
+        code = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, BK))  # k = 2j: low nibble, 2j + 1: high
+        KG: tl.constexpr = K // WB
+        group = rows[:, None] * KG + (ks // WB)[None, :]
+        if WFMT == 2:
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + group, mask=mask, other=0).to(tl.int32)
+            else:
+                zero = tl.full((BR, BK), 8, tl.int32)
+            value = (code - zero).to(tl.float32) * tl.load(s_ptr + group, mask=mask, other=0.0)
+        else:
+            exponent = tl.load(s_ptr + group, mask=mask, other=127).to(tl.int32)
+            value = _e2m1(code) * tl.exp2((exponent - 127).to(tl.float32))
+    return tl.where(mask, value, 0.0).to(OUT)

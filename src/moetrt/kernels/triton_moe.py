@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moetrt.kernels.triton_common import glu as _glu
-from moetrt.kernels.triton_common import select_experts
+from moetrt.kernels.triton_common import select_experts, weight_tile
 from moetrt.kernels.triton_decode import KERNELS as DECODE_KERNELS
 
 
@@ -399,18 +399,31 @@ def _gate_up_tile(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    s_base,
+    z_base,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
 ):
     """glu(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 for BM token rows and the BN columns n
-    of one expert (`w_base`: its [2 * n_cols, H] gate/up weight), shared by gate_up_kernel and experts_kernel."""
+    of one expert (`w_base`: its [2 * n_cols, H] gate/up weight, or with WFMT its quantized codes, scales at
+    s_base and zero points at z_base: `triton_common.weight_tile`), shared by gate_up_kernel and experts_kernel."""
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, H, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < H
         # weights first: their address needs only the expert, the token rows need one more load
-        wmask = n_ok[:, None] & k_ok[None, :]
-        wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-        wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+        if WFMT == 0:
+            wmask = n_ok[:, None] & k_ok[None, :]
+            wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+            wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+        else:
+            out_ty = x_ptr.dtype.element_ty
+            wg = weight_tile(w_base, s_base, z_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty)
+            wu = weight_tile(
+                w_base, s_base, z_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty
+            )
         xt = tl.load(
             x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
@@ -439,6 +452,8 @@ def gate_up_kernel(
     b_gu_ptr,
     shared_w_gu_ptr,
     act_ptr,
+    w_gu_scale_ptr,
+    w_gu_zero_ptr,
     offsets_ptr,
     nblocks_ptr,
     block_expert_ptr,
@@ -459,6 +474,9 @@ def gate_up_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """act[row, n] = glu(x[token] @ W_gate[e, n], x[token] @ W_up[e, n]) for one (row block, N tile).
@@ -482,36 +500,31 @@ def gate_up_kernel(
         return
     is_shared = e == E
     n_cols = tl.where(is_shared, IS, I)
-    if is_shared:
-        w_base = shared_w_gu_ptr
-    else:
-        w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
     n = pid_n * BN + tl.arange(0, BN)
     if pid_n * BN >= n_cols:
         return
     n_ok = n < n_cols
-    act = _gate_up_tile(
-        x_ptr,
-        w_base,
-        b_gu_ptr,
-        e,
-        is_shared,
-        token,
-        row_ok,
-        n,
-        n_ok,
-        n_cols,
-        H,
-        I,
-        ACTIVATION,
-        ALPHA,
-        LIMIT,
-        HAS_BIAS,
-        IEEE,
-        BM,
-        BN,
-        BK,
-    )
+    if is_shared:  # the shared expert is always native
+        act = _gate_up_tile(
+            x_ptr, shared_w_gu_ptr, b_gu_ptr, e, is_shared, token, row_ok, n, n_ok, n_cols, H, I, ACTIVATION,
+            ALPHA, LIMIT, HAS_BIAS, IEEE, BM, BN, BK, shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0,
+        )  # fmt: skip
+    else:
+        if WFMT == 0:
+            codes = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
+            scales, zeros = w_gu_ptr, w_gu_ptr
+        else:
+            KC: tl.constexpr = H if WFMT == 1 else H // 2
+            SC: tl.constexpr = (
+                ((2 * I + WB - 1) // WB) * ((H + WB - 1) // WB) if WFMT == 1 else 2 * I * (H // WB)
+            )
+            codes = w_gu_ptr + e.to(tl.int64) * (2 * I * KC)
+            scales = w_gu_scale_ptr + e.to(tl.int64) * SC
+            zeros = w_gu_zero_ptr + e.to(tl.int64) * (2 * I * (H // WB))
+        act = _gate_up_tile(
+            x_ptr, codes, b_gu_ptr, e, is_shared, token, row_ok, n, n_ok, n_cols, H, I, ACTIVATION, ALPHA,
+            LIMIT, HAS_BIAS, IEEE, BM, BN, BK, scales, zeros, WFMT, WB, HAS_ZERO,
+        )  # fmt: skip
     tl.store(
         act_ptr + rows[:, None] * NMAX + n[None, :],
         act.to(act_ptr.dtype.element_ty),
@@ -534,7 +547,14 @@ def _down_tile(
     BM: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
+    s_base,
+    z_base,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
 ):
+    """act[rows, :n_cols] @ W[h].T for one expert's down weight ([H, n_cols] at w_base, or with WFMT its
+    quantized codes, scales and zero points: `triton_common.weight_tile`)."""
     y = tl.zeros((BM, BH), dtype=tl.float32)
     for k0 in range(0, n_cols, BK):
         ks = k0 + tl.arange(0, BK)
@@ -542,9 +562,15 @@ def _down_tile(
         a = tl.load(
             act_ptr + rows[:, None] * NMAX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
-        w = tl.load(
-            w_base + h[None, :] * H_STRIDE + ks[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0
-        )
+        if WFMT == 0:
+            w = tl.load(
+                w_base + h[None, :] * H_STRIDE + ks[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0
+            )
+        else:
+            out_ty = act_ptr.dtype.element_ty
+            w = tl.trans(
+                weight_tile(w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty)
+            )
         if IEEE:
             y = tl.dot(a, w, y, input_precision="ieee")
         else:
@@ -563,6 +589,8 @@ def down_rows_kernel(
     yw_ptr,
     out_ptr,
     htickets_ptr,
+    w_down_scale_ptr,
+    w_down_zero_ptr,
     offsets_ptr,
     nblocks_ptr,
     block_expert_ptr,
@@ -583,6 +611,9 @@ def down_rows_kernel(
     BH: tl.constexpr,
     BK: tl.constexpr,
     BT: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """yw[slot, h tile] = weight * (act[row] @ W_down[e].T) for one (row block, H tile).
@@ -606,24 +637,25 @@ def down_rows_kernel(
     )
     if b < num_blocks:
         if e == E:
-            y = _down_tile(act_ptr, shared_w_down_ptr, rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH, BK)
+            y = _down_tile(
+                act_ptr, shared_w_down_ptr, rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH, BK,
+                shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0,
+            )  # fmt: skip
             weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
         else:
+            if WFMT == 0:
+                codes = w_down_ptr + e.to(tl.int64) * (H * I)
+                scales, zeros = w_down_ptr, w_down_ptr
+            else:
+                KC: tl.constexpr = I if WFMT == 1 else I // 2
+                SC: tl.constexpr = ((H + WB - 1) // WB) * ((I + WB - 1) // WB) if WFMT == 1 else H * (I // WB)
+                codes = w_down_ptr + e.to(tl.int64) * (H * KC)
+                scales = w_down_scale_ptr + e.to(tl.int64) * SC
+                zeros = w_down_zero_ptr + e.to(tl.int64) * (H * (I // WB))
             y = _down_tile(
-                act_ptr,
-                w_down_ptr + e.to(tl.int64) * (H * I),
-                rows,
-                row_ok,
-                h,
-                h_ok,
-                I,
-                NMAX,
-                I,
-                IEEE,
-                BM,
-                BH,
-                BK,
-            )
+                act_ptr, codes, rows, row_ok, h, h_ok, I, NMAX, I, IEEE, BM, BH, BK, scales, zeros, WFMT, WB,
+                HAS_ZERO,
+            )  # fmt: skip
             if HAS_BIAS:
                 y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
             weight = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
@@ -743,6 +775,11 @@ def experts_kernel(
         BM,
         BN,
         BK,
+        w_base,
+        w_base,
+        0,
+        0,
+        0,
     )
     # the same rounding as the two-kernel path, which stores the activation in the input dtype
     act = tl.where(n_ok[None, :], act, 0.0).to(x_ptr.dtype.element_ty)

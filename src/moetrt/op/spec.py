@@ -234,6 +234,19 @@ class MoEAttributes:
         return cls(**kwargs)
 
 
+def stored_dtype(name: str, attrs: MoEAttributes) -> str | None:
+    """The element type input `name` is stored in when it is not the activations' dtype: quantized experts'
+    codes and zero points "uint8", their scales "float32" ("uint8" e8m0 for mxfp4); None for every other input
+    (it has the dtype of hidden_states)."""
+    if not (attrs.is_quantized and name.startswith("expert_")):
+        return None
+    if name.endswith(("_weight", "_zero")):
+        return "uint8"
+    if name.endswith("_scale"):
+        return "uint8" if attrs.weight_format == MXFP4 else "float32"
+    return None
+
+
 def packed_k(weight_format: str, k: int) -> int:
     """The stored last dim of an expert weight whose reduction is `k` (two 4-bit codes a byte)."""
     return k if weight_format in (NATIVE, FP8_BLOCK) else k // 2

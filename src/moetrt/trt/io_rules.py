@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from moetrt.core import dtypes
 from moetrt.core.errors import MoetrtError
-from moetrt.op.spec import MoEAttributes
+from moetrt.op.spec import MoEAttributes, stored_dtype
 from moetrt.trt.fields import IO_DTYPES
 
 LINEAR = "LINEAR"
@@ -118,7 +119,17 @@ def supports_format_combination(
         return False
     if pos == 0:
         return dtype in IO_DTYPES
-    return dtype == in_out[0][0]
+    return dtype == expected_dtype(attrs, pos, in_out[0][0])
+
+
+def expected_dtype(attrs: MoEAttributes, pos: int, activation: str) -> str:
+    """The dtype name TensorRT must give position `pos` (inputs, then outputs): a quantized expert part's own
+    (`spec.stored_dtype`: uint8 codes, float32 scales), else the activations' (hidden_states')."""
+    inputs = attrs.present_inputs()
+    stored = stored_dtype(inputs[pos], attrs) if pos < len(inputs) else None
+    if stored is None:
+        return activation
+    return dtypes.name_of(stored) if stored == "float32" else stored
 
 
 def workspace_size(
@@ -160,7 +171,8 @@ def enqueue_call(
             f"{len(attrs.present_inputs())} / {num_outputs(attrs)}",
             "rebuild the engine",
         )
-    wrong = [d.dtype for d in (*input_descs, *output_descs) if d.dtype != dtype]
+    descs = (*input_descs, *output_descs)
+    wrong = [d.dtype for pos, d in enumerate(descs) if d.dtype != expected_dtype(attrs, pos, dtype)]
     if wrong:
         raise MoetrtError(
             f"MoE plugin built for {dtype} got tensors of {sorted(set(wrong))}", "rebuild the engine"
