@@ -216,7 +216,8 @@ def expert_layers(names: list[str]) -> dict[str, int]:
     return {prefix: len(ids) for prefix, ids in layers.items()}
 
 
-def _first(read: Reader, names: set[str], prefix: str, choices: tuple[str, ...], leaf: str) -> str:
+def _linear_name(names: set[str], prefix: str, choices: tuple[str, ...], leaf: str) -> str:
+    """The stored name of an expert's linear (gate_proj or Mixtral's w1, ...), by the tensor it must hold."""
     for choice in choices:
         if f"{prefix}.{choice}.{leaf}" in names:
             return f"{prefix}.{choice}"
@@ -236,8 +237,8 @@ def read_experts(
     gate_up, down = [], []
     for e in range(num_experts):
         expert = f"{layer}.experts.{e}"
-        gate = _linear(quant, read, _first(read, names, expert, GATE_NAMES, leaf))
-        up = _linear(quant, read, _first(read, names, expert, UP_NAMES, leaf))
+        gate = _linear(quant, read, _linear_name(names, expert, GATE_NAMES, leaf))
+        up = _linear(quant, read, _linear_name(names, expert, UP_NAMES, leaf))
         if quant.weight_format == FP8_BLOCK and gate.codes.shape[0] % quant.block:
             raise MoetrtError(
                 f"{expert}: {gate.codes.shape[0]} gate rows are not whole {quant.block}-row blocks, so gate and up "
@@ -245,7 +246,7 @@ def read_experts(
                 "quantize the bf16 checkpoint with `moetrt build --weights fp8` instead",
             )
         gate_up.append(_cat_rows(gate, up))
-        down.append(_linear(quant, read, _first(read, names, expert, DOWN_NAMES, leaf)))
+        down.append(_linear(quant, read, _linear_name(names, expert, DOWN_NAMES, leaf)))
     return QuantizedExperts(_stack(gate_up), _stack(down))
 
 
