@@ -52,6 +52,26 @@ def test_bytes_and_flops_by_hand_shared_gate() -> None:
     assert floors.moe_flops(attrs, 5) == 2800
 
 
+def test_quantized_expert_bytes_by_hand() -> None:
+    """The floor of quantized experts counts what is stored: codes, scales, zero points."""
+    import dataclasses
+
+    native = MoEAttributes(4, 2, 64, 32)
+    assert floors.expert_bytes(native, 2) == 3 * 32 * 64 * 2  # 12288
+    fp8 = dataclasses.replace(native, weight_format="fp8_block", weight_block=16)
+    # codes 3*32*64 = 6144 bytes; scales float32: gate_up [64/16, 64/16] = 16, down [64/16, 32/16] = 8
+    assert floors.expert_bytes(fp8, 2) == 6144 + (16 + 8) * 4
+    int4 = dataclasses.replace(native, weight_format="int4", weight_block=16, has_weight_zero_point=True)
+    # codes 3072 bytes; scales float32 + zeros uint8: gate_up [64, 64/16] = 256, down [64, 32/16] = 128
+    assert floors.expert_bytes(int4, 2) == 3072 + (256 + 128) * 5
+    mxfp4 = dataclasses.replace(native, weight_format="mxfp4", weight_block=32)
+    # codes 3072 bytes; e8m0 scale bytes: gate_up [64, 2] = 128, down [64, 1] = 64
+    assert floors.expert_bytes(mxfp4, 2) == 3072 + 128 + 64
+    assert floors.moe_bytes(mxfp4, 1, 2, itemsize=2) - floors.moe_bytes(native, 1, 2, itemsize=2) == 2 * (
+        3264 - 12288
+    )
+
+
 def test_bytes_by_hand_biases_and_score_correction() -> None:
     gpt_oss = MoEAttributes(
         4,

@@ -8,14 +8,24 @@ expert and the router (elementwise work is negligible next to them).
 
 from __future__ import annotations
 
-from moetrt.op.spec import MoEAttributes
+import math
+
+from moetrt.op.spec import MoEAttributes, stored_dtype
 
 
 def expert_bytes(attrs: MoEAttributes, itemsize: int) -> int:
-    """One routed expert: gate_up [2I, H] + down [H, I] (+ biases [2I] and [H])."""
+    """One routed expert: gate_up [2I, H] + down [H, I] (+ biases [2I] and [H]); quantized experts count their
+    codes, scales and zero points as stored (`spec.stored_dtype`), so the floor is the quantized one."""
     h, i = attrs.hidden_size, attrs.intermediate_size
-    elements = 3 * i * h + ((2 * i + h) if attrs.has_expert_bias else 0)
-    return elements * itemsize
+    biases = ((2 * i + h) if attrs.has_expert_bias else 0) * itemsize
+    if not attrs.is_quantized:
+        return 3 * i * h * itemsize + biases
+    stored = 0
+    for name, shape in attrs.input_shapes(1).items():
+        kind = stored_dtype(name, attrs)
+        if kind is not None:  # one expert's part: the shape without the experts dimension
+            stored += math.prod(int(d) for d in shape[1:]) * (4 if kind == "float32" else 1)
+    return stored + biases
 
 
 def shared_bytes(attrs: MoEAttributes, itemsize: int) -> int:
