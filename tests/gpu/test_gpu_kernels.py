@@ -84,6 +84,32 @@ def test_launcher_rejects_bad_pointer_lists() -> None:
         launcher.enqueue(4, [0], [0], 0, 0)
 
 
+def _poisoned_outputs(attrs: MoEAttributes, num_tokens: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Output buffers filled with NaN: an element the kernels never write shows up in the comparison."""
+    out = {"output": torch.full((num_tokens, attrs.hidden_size), float("nan"), dtype=dtype, device="cuda")}
+    if attrs.output_router_logits:
+        out["router_logits"] = torch.full(
+            (num_tokens, attrs.num_experts), float("nan"), dtype=dtype, device="cuda"
+        )
+    return out
+
+
+def _assert_matches_reference(
+    got: dict[str, torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+    attrs: MoEAttributes,
+    dtype: torch.dtype,
+    label: str,
+) -> None:
+    """Every output without NaN and within the dtype's tolerance of the float64 oracle on the same inputs."""
+    ref = moe_reference({k: v.cpu() for k, v in inputs.items()}, attrs, compute_dtype=torch.float64)
+    for key in attrs.present_outputs():
+        g, r = got[key].double().cpu(), ref[key].double()
+        assert not torch.isnan(g).any(), f"{key} has NaN"
+        rel = ((g - r).norm() / r.norm()).item()
+        assert rel <= tolerance(dtype), f"{label} {key}: rel err {rel:.2e}"
+
+
 @pytest.mark.parametrize("variant", ["softmax_renorm_shared_gate", "gpt_oss", "deepseek_grouped"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -> None:
@@ -103,20 +129,9 @@ def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -
     assert "experts" in bundle.buckets["16"]["variants"]
     for num_tokens in (1, 7, 64):
         inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
-        out = {
-            "output": torch.full((num_tokens, attrs.hidden_size), float("nan"), dtype=dtype, device="cuda")
-        }
-        if attrs.output_router_logits:
-            out["router_logits"] = torch.full(
-                (num_tokens, attrs.num_experts), float("nan"), dtype=dtype, device="cuda"
-            )
+        out = _poisoned_outputs(attrs, num_tokens, dtype)
         got = moe_forward(inputs, attrs, bundle, outputs=out)
-        ref = moe_reference({k: v.cpu() for k, v in inputs.items()}, attrs, compute_dtype=torch.float64)
-        for key in attrs.present_outputs():
-            g, r = got[key].double().cpu(), ref[key].double()
-            assert not torch.isnan(g).any(), f"{key} has NaN"
-            rel = ((g - r).norm() / r.norm()).item()
-            assert rel <= tolerance(dtype), f"T={num_tokens} {key}: rel err {rel:.2e}"
+        _assert_matches_reference(got, inputs, attrs, dtype, f"T={num_tokens}")
 
 
 @pytest.mark.parametrize(
@@ -129,7 +144,6 @@ def test_quantized_experts_match_reference(
 ) -> None:
     """Quantized routed experts through the launcher (dequantized in the GEMM loops) against the oracle on the
     same dequantized weights, at decode and prefill token counts, the shared expert native."""
-
     from moetrt.kernels.aot import compile_kernels
     from moetrt.kernels.torch_ops import moe_forward
     from moetrt.op.presets import like
@@ -141,16 +155,8 @@ def test_quantized_experts_match_reference(
     bundle = compile_kernels(attrs, kernel_name_of(dtype), current_sm(), workers=8)
     for num_tokens in (1, 9, 64, 300, 1000):
         inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
-        out = {
-            "output": torch.full((num_tokens, attrs.hidden_size), float("nan"), dtype=dtype, device="cuda")
-        }
-        got = moe_forward(inputs, attrs, bundle, outputs=out)["output"].double().cpu()
-        ref = moe_reference({k: v.cpu() for k, v in inputs.items()}, attrs, compute_dtype=torch.float64)[
-            "output"
-        ]
-        assert not torch.isnan(got).any()
-        rel = ((got - ref.double()).norm() / ref.double().norm()).item()
-        assert rel <= tolerance(dtype), f"{weight_format} T={num_tokens}: rel err {rel:.2e}"
+        got = moe_forward(inputs, attrs, bundle, outputs=_poisoned_outputs(attrs, num_tokens, dtype))
+        _assert_matches_reference(got, inputs, attrs, dtype, f"{weight_format} T={num_tokens}")
 
 
 @pytest.mark.parametrize("variant", ["softmax_renorm_shared_gate", "gpt_oss", "deepseek_grouped"])
@@ -178,21 +184,10 @@ def test_expert_group_path_matches_reference(variant: str, dtype: torch.dtype, p
     assert "gemv_gate_up" in bundle.buckets["1"]["variants"]  # stage -> variant key
     for num_tokens in (1, 2, 9, 16):
         inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
-        out = {
-            "output": torch.full((num_tokens, attrs.hidden_size), float("nan"), dtype=dtype, device="cuda")
-        }
-        if attrs.output_router_logits:
-            out["router_logits"] = torch.full(
-                (num_tokens, attrs.num_experts), float("nan"), dtype=dtype, device="cuda"
-            )
+        out = _poisoned_outputs(attrs, num_tokens, dtype)
         for _ in range(3):
             got = moe_forward(inputs, attrs, bundle, outputs=out)
-        ref = moe_reference({k: v.cpu() for k, v in inputs.items()}, attrs, compute_dtype=torch.float64)
-        for key in attrs.present_outputs():
-            g, r = got[key].double().cpu(), ref[key].double()
-            assert not torch.isnan(g).any(), f"{key} has NaN"
-            rel = ((g - r).norm() / r.norm()).item()
-            assert rel <= tolerance(dtype), f"T={num_tokens} {key}: rel err {rel:.2e}"
+        _assert_matches_reference(got, inputs, attrs, dtype, f"T={num_tokens}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="SM90+")

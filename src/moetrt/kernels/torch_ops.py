@@ -227,19 +227,9 @@ def moe_forward(
     Without `bundle`, one is compiled (and cached per process) for the current device's SM. `outputs`
     (optional) are preallocated output tensors to write into.
     """
-    from moetrt.kernels.launcher import MoELauncher
-
     num_tokens = check_inputs(inputs, attrs, device_type="cuda")
     hidden = inputs["hidden_states"]
-    dtype = kernel_name_of(hidden.dtype)
-    if bundle is None:
-        major, minor = torch.cuda.get_device_capability(hidden.device)
-        bundle = _cached_bundle(attrs, dtype, sm_from_capability(major, minor))
-    elif bundle.dtype != dtype:
-        raise MoetrtError(
-            f"kernel bundle was compiled for {bundle.dtype}, inputs are {dtype}",
-            f"compile a bundle for {dtype}",
-        )
+    bundle = _bundle_for(attrs, hidden, bundle)
     if outputs is None:
         outputs = _outputs(attrs, hidden)
     else:
@@ -257,8 +247,53 @@ def moe_forward(
                     f"output {name} must be a contiguous {hidden.dtype} tensor of shape {want}",
                     "or pass outputs=None to allocate them",
                 )
+    if num_tokens:
+        _enqueue(inputs, attrs, bundle, outputs, num_tokens)
+    return outputs
+
+
+def moe_expert_ids(
+    inputs: dict[str, torch.Tensor], attrs: MoEAttributes, bundle: KernelBundle | None = None
+) -> torch.Tensor:
+    """The experts [T, top_k] (int32) the kernels route each token to: the op runs once on CUDA tensors and
+    the top-k ids are read back from its workspace. Lets a comparison route the reference the same way
+    where a near-tie of router scores can flip the choice."""
+    num_tokens = check_inputs(inputs, attrs, device_type="cuda")
+    hidden = inputs["hidden_states"]
     if num_tokens == 0:
-        return outputs
+        return torch.empty(0, attrs.top_k, dtype=torch.int32, device=hidden.device)
+    bundle = _bundle_for(attrs, hidden, bundle)
+    launcher, workspace = _enqueue(inputs, attrs, bundle, _outputs(attrs, hidden), num_tokens)
+    region = launcher.launch_plan(num_tokens)[1]["topk_ids"]
+    ids = workspace[region.offset : region.offset + region.nbytes].view(torch.int32)
+    return ids.view(num_tokens, attrs.top_k).clone()
+
+
+def _bundle_for(attrs: MoEAttributes, hidden: torch.Tensor, bundle: KernelBundle | None) -> KernelBundle:
+    """`bundle`, checked against the inputs' dtype; without one, the process's bundle for this device's SM."""
+    dtype = kernel_name_of(hidden.dtype)
+    if bundle is None:
+        major, minor = torch.cuda.get_device_capability(hidden.device)
+        return _cached_bundle(attrs, dtype, sm_from_capability(major, minor))
+    if bundle.dtype != dtype:
+        raise MoetrtError(
+            f"kernel bundle was compiled for {bundle.dtype}, inputs are {dtype}",
+            f"compile a bundle for {dtype}",
+        )
+    return bundle
+
+
+def _enqueue(
+    inputs: dict[str, torch.Tensor],
+    attrs: MoEAttributes,
+    bundle: KernelBundle,
+    outputs: dict[str, torch.Tensor],
+    num_tokens: int,
+) -> tuple[MoELauncher, torch.Tensor]:
+    """Launch the op on torch's current stream (launcher cached per bundle and device); its workspace back."""
+    from moetrt.kernels.launcher import MoELauncher
+
+    hidden = inputs["hidden_states"]
     with torch.cuda.device(hidden.device):
         cache_key = (id(bundle), hidden.device.index or 0)
         launcher = _LAUNCHERS.get(cache_key)
@@ -272,35 +307,4 @@ def moe_forward(
             workspace.data_ptr(),
             torch.cuda.current_stream(hidden.device).cuda_stream,
         )
-    return outputs
-
-
-def moe_expert_ids(
-    inputs: dict[str, torch.Tensor], attrs: MoEAttributes, bundle: KernelBundle | None = None
-) -> torch.Tensor:
-    """The experts [T, top_k] (int32) the kernels route each token to: the op runs once on CUDA tensors and
-    the top-k ids are read back from its workspace. Lets a comparison route the reference the same way
-    where a near-tie of router scores can flip the choice."""
-    from moetrt.kernels.launcher import MoELauncher
-
-    num_tokens = check_inputs(inputs, attrs, device_type="cuda")
-    hidden = inputs["hidden_states"]
-    if num_tokens == 0:
-        return torch.empty(0, attrs.top_k, dtype=torch.int32, device=hidden.device)
-    if bundle is None:
-        major, minor = torch.cuda.get_device_capability(hidden.device)
-        bundle = _cached_bundle(attrs, kernel_name_of(hidden.dtype), sm_from_capability(major, minor))
-    outputs = _outputs(attrs, hidden)
-    with torch.cuda.device(hidden.device):
-        launcher = MoELauncher(bundle, attrs)
-        workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device=hidden.device)
-        launcher.enqueue(
-            num_tokens,
-            [inputs[name].data_ptr() for name in attrs.present_inputs()],
-            [outputs[name].data_ptr() for name in attrs.present_outputs()],
-            workspace.data_ptr(),
-            torch.cuda.current_stream(hidden.device).cuda_stream,
-        )
-        region = launcher.launch_plan(num_tokens)[1]["topk_ids"]
-        ids = workspace[region.offset : region.offset + region.nbytes].view(torch.int32)
-    return ids.view(num_tokens, attrs.top_k).clone()
+    return launcher, workspace

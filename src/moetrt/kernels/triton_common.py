@@ -121,6 +121,127 @@ def select_experts(
 
 
 @triton.jit
+def route_rows(
+    T,
+    logits_ws_ptr,
+    router_b_ptr,
+    logits_out_ptr,
+    gate_part_ptr,
+    gate_ws_ptr,
+    corr_bias_ptr,
+    topk_ids_ptr,
+    topk_w_ptr,
+    counts_ptr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    SCORING_SIGMOID: tl.constexpr,
+    TOPK_BEFORE: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    SCALE: tl.constexpr,
+    HAS_CORR_BIAS: tl.constexpr,
+    HAS_ROUTER_BIAS: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    HAS_SHARED_GATE: tl.constexpr,
+    OUT_LOGITS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    RT: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+    G_PAD: tl.constexpr,
+):
+    """Routing of this program's RT tokens, shared by both top-k kernels: logits (sum of the router's SPLIT
+    slices + bias, written out on request), the shared-expert gate, `select_experts`, the slots' expert ids
+    and weights stored, and each slot's rank among its expert's slots (an atomic on the expert's counter).
+    Returns (ids, slots, slot_mask, rank), each [RT, K_PAD]."""
+    rows = tl.program_id(0) * RT + tl.arange(0, RT)
+    row_ok = rows < T
+    cols = tl.arange(0, E_PAD)
+    lmask = row_ok[:, None] & (cols[None, :] < E)
+    lg = tl.zeros((RT, E_PAD), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT):
+        lg += tl.load(logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :], mask=lmask, other=0.0)
+    if HAS_ROUTER_BIAS:
+        lg += tl.load(router_b_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+    if OUT_LOGITS:
+        out_ptrs = logits_out_ptr + rows[:, None] * E + cols[None, :]
+        tl.store(out_ptrs, lg.to(logits_out_ptr.dtype.element_ty), mask=lmask)
+    if HAS_SHARED:
+        if HAS_SHARED_GATE:
+            g_acc = tl.zeros((RT,), dtype=tl.float32)
+            for sl in tl.static_range(SPLIT):
+                g_acc += tl.load(gate_part_ptr + sl * T + rows, mask=row_ok, other=0.0)
+            gate = tl.sigmoid(g_acc)
+        else:
+            gate = tl.full((RT,), 1.0, tl.float32)
+        tl.store(gate_ws_ptr + rows, gate, mask=row_ok)
+    ids, wts = select_experts(
+        lg,
+        corr_bias_ptr,
+        E,
+        K,
+        SCORING_SIGMOID,
+        TOPK_BEFORE,
+        NORM_TOPK,
+        N_GROUP,
+        TOPK_GROUP,
+        SCALE,
+        HAS_CORR_BIAS,
+        RT,
+        E_PAD,
+        K_PAD,
+        G_PAD,
+    )
+    kcols = tl.arange(0, K_PAD)
+    slot_mask = row_ok[:, None] & (kcols[None, :] < K)
+    slots = rows[:, None] * K + kcols[None, :]
+    ids = tl.minimum(tl.maximum(ids, 0), E - 1)  # NaN logits must not index out of bounds
+    tl.store(topk_ids_ptr + slots, ids, mask=slot_mask)
+    tl.store(topk_w_ptr + slots, wts, mask=slot_mask)
+    rank = tl.atomic_add(counts_ptr + ids, 1, mask=slot_mask, sem="relaxed", scope="gpu")
+    return ids, slots, slot_mask, rank
+
+
+@triton.jit
+def reduce_h_tile_when_last(
+    yw_ptr,
+    out_ptr,
+    htickets_ptr,
+    pid_h,
+    h,
+    h_ok,
+    T,
+    K: tl.constexpr,
+    H: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    BT: tl.constexpr,
+    BH: tl.constexpr,
+    NTH: tl.constexpr,
+):
+    """The down kernels' fused reduction: the last program to finish H tile `pid_h` (ticket counter, after
+    this CTA's stores) sums each token's K slot rows and its shared row of yw into the output, in slot order
+    (deterministic, no float atomics). NTH: the grid's H tiles (programs per tile = programs / NTH)."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(htickets_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) // NTH - 1:
+        tl.debug_barrier()
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT)
+            mask = (t < T)[:, None] & h_ok[None, :]
+            acc = tl.zeros((BT, BH), dtype=tl.float32)
+            for j in tl.static_range(K):
+                acc += tl.load(
+                    yw_ptr + (t * K + j)[:, None] * H + h[None, :], mask=mask, other=0.0, volatile=True
+                ).to(tl.float32)
+            if HAS_SHARED:
+                acc += tl.load(
+                    yw_ptr + (T * K + t)[:, None] * H + h[None, :], mask=mask, other=0.0, volatile=True
+                ).to(tl.float32)
+            tl.store(out_ptr + t[:, None] * H + h[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _e4m3(code):
     """float32 value of e4m3fn codes (int32 0..255), by arithmetic: every SM, no fp8 conversion unit needed."""
     exponent = (code >> 3) & 15

@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moetrt.kernels.triton_common import glu as _glu
-from moetrt.kernels.triton_common import select_experts, weight_tile
+from moetrt.kernels.triton_common import reduce_h_tile_when_last, route_rows, weight_tile
 from moetrt.kernels.triton_decode import KERNELS as DECODE_KERNELS
 
 
@@ -224,34 +224,17 @@ def topk_kernel(
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
         gdc_launch_dependents()
-    rows = tl.program_id(0) * RT + tl.arange(0, RT)
-    row_ok = rows < T
-    cols = tl.arange(0, E_PAD)
-    col_ok = cols[None, :] < E
-    lmask = row_ok[:, None] & col_ok
-    lg = tl.zeros((RT, E_PAD), dtype=tl.float32)
-    for sl in tl.static_range(SPLIT):
-        lg += tl.load(logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :], mask=lmask, other=0.0)
-    if HAS_ROUTER_BIAS:
-        lg += tl.load(router_b_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
-    if OUT_LOGITS:
-        tl.store(
-            logits_out_ptr + rows[:, None] * E + cols[None, :],
-            lg.to(logits_out_ptr.dtype.element_ty),
-            mask=lmask,
-        )
-    if HAS_SHARED:
-        if HAS_SHARED_GATE:
-            g_acc = tl.zeros((RT,), dtype=tl.float32)
-            for sl in tl.static_range(SPLIT):
-                g_acc += tl.load(gate_part_ptr + sl * T + rows, mask=row_ok, other=0.0)
-            gate = tl.sigmoid(g_acc)
-        else:
-            gate = tl.full((RT,), 1.0, tl.float32)
-        tl.store(gate_ws_ptr + rows, gate, mask=row_ok)
-    ids, wts = select_experts(
-        lg,
+    _ids, slots, slot_mask, rank = route_rows(
+        T,
+        logits_ws_ptr,
+        router_b_ptr,
+        logits_out_ptr,
+        gate_part_ptr,
+        gate_ws_ptr,
         corr_bias_ptr,
+        topk_ids_ptr,
+        topk_w_ptr,
+        counts_ptr,
         E,
         K,
         SCORING_SIGMOID,
@@ -261,19 +244,16 @@ def topk_kernel(
         TOPK_GROUP,
         SCALE,
         HAS_CORR_BIAS,
+        HAS_ROUTER_BIAS,
+        HAS_SHARED,
+        HAS_SHARED_GATE,
+        OUT_LOGITS,
+        SPLIT,
         RT,
         E_PAD,
         K_PAD,
         G_PAD,
     )
-    kcols = tl.arange(0, K_PAD)
-    k_ok = kcols[None, :] < K
-    slot_mask = row_ok[:, None] & k_ok
-    slots = rows[:, None] * K + kcols[None, :]
-    ids = tl.minimum(tl.maximum(ids, 0), E - 1)  # NaN logits must not index out of bounds
-    tl.store(topk_ids_ptr + slots, ids, mask=slot_mask)
-    tl.store(topk_w_ptr + slots, wts, mask=slot_mask)
-    rank = tl.atomic_add(counts_ptr + ids, 1, mask=slot_mask, sem="relaxed", scope="gpu")
     tl.store(rank_ptr + slots, rank, mask=slot_mask)
     if FUSE_ALIGN:
         # All of this CTA's stores happen before the release of the ticket (threadfence-reduction pattern).
@@ -666,23 +646,9 @@ def down_rows_kernel(
             mask=row_ok[:, None] & h_ok[None, :],
         )
     if FUSE_REDUCE:
-        tl.debug_barrier()
-        ticket = tl.atomic_add(htickets_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
-        if ticket == tl.num_programs(0) // NTH - 1:
-            tl.debug_barrier()
-            for t0 in range(0, T, BT):
-                t = t0 + tl.arange(0, BT)
-                mask = (t < T)[:, None] & h_ok[None, :]
-                acc = tl.zeros((BT, BH), dtype=tl.float32)
-                for j in tl.static_range(K):
-                    acc += tl.load(
-                        yw_ptr + (t * K + j)[:, None] * H + h[None, :], mask=mask, other=0.0, volatile=True
-                    ).to(tl.float32)
-                if HAS_SHARED:
-                    acc += tl.load(
-                        yw_ptr + (T * K + t)[:, None] * H + h[None, :], mask=mask, other=0.0, volatile=True
-                    ).to(tl.float32)
-                tl.store(out_ptr + t[:, None] * H + h[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        reduce_h_tile_when_last(
+            yw_ptr, out_ptr, htickets_ptr, pid_h, h, h_ok, T, K, H, HAS_SHARED, BT, BH, NTH
+        )
 
 
 @triton.jit
