@@ -242,26 +242,10 @@ def _stored_experts_fused(model: Any, loaded: Any) -> None:
     from moetrt.passes.stored_experts import StoredExpertsPass
 
     fuse_ir(model)
-    layers = [functools.partial(_layer_tables, stored, layer) for layer in _moe_layers_in_order(stored)]
+    layers = [functools.partial(stored.tables, layer) for layer in stored.layers_in_order()]
     quant = stored.quant
     StoredExpertsPass(quant.weight_format, quant.block, quant.zero_point, layers)(model)
     model.metadata_props[META_EXPERT_WEIGHTS] = quant.weight_format
-
-
-def _moe_layers_in_order(stored: Any) -> list[str]:
-    """The checkpoint's MoE layers by layer index (the order the exported graph runs them in)."""
-    import re
-
-    def index(layer: str) -> tuple[int, str]:
-        found = re.search(r"layers\.(\d+)\.", layer + ".")
-        return (int(found.group(1)) if found else -1, layer)
-
-    return sorted(stored.layers, key=index)
-
-
-def _layer_tables(stored: Any, layer: str) -> tuple[Any, Any]:
-    experts = stored.experts(layer)
-    return experts.gate_up, experts.down
 
 
 def _fill_output_types(model: onnx.ModelProto) -> onnx.ModelProto:

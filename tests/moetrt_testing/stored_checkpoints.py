@@ -62,26 +62,14 @@ def fp8_checkpoint(
     """Every expert linear (and each attention q_proj) as e4m3 + `weight_scale_inv` over B x B blocks."""
     tensors = _saved_demo(family, out)
     layers = _per_expert_layers(tensors)
-    stored: dict[str, tuple[QuantizedWeight, QuantizedWeight]] = {}
+    quantized: dict[str, QuantizedWeight] = {}
     for name in list(tensors):
         if _EXPERT_LINEAR.match(name) or name.endswith("self_attn.q_proj.weight"):
             q = quantize(FP8_BLOCK, block, tensors[name].float()[None])
             tensors[name] = q.codes[0].view(torch.float8_e4m3fn)
             tensors[f"{name}_scale_inv"] = q.scale[0]
-    for layer, experts in layers.items():
-        gate, up, down = _names(experts[0])
-        table = {
-            which: [quantize(FP8_BLOCK, block, experts[e][w].float()[None]) for e in sorted(experts)]
-            for which, w in (("gate", gate), ("up", up), ("down", down))
-        }
-        gate_up = QuantizedWeight(
-            torch.stack([torch.cat([g.codes[0], u.codes[0]]) for g, u in zip(table["gate"], table["up"])]),
-            torch.stack([torch.cat([g.scale[0], u.scale[0]]) for g, u in zip(table["gate"], table["up"])]),
-        )
-        down_q = QuantizedWeight(
-            torch.stack([d.codes[0] for d in table["down"]]), torch.stack([d.scale[0] for d in table["down"]])
-        )
-        stored[layer] = (gate_up, down_q)
+            quantized[name] = QuantizedWeight(q.codes[0], q.scale[0])
+    stored = _stacked_layers(layers, quantized)
     _finish(
         out,
         tensors,
@@ -99,13 +87,40 @@ def _names(expert: dict[str, torch.Tensor]) -> tuple[str, str, str]:
     return ("gate_proj", "up_proj", "down_proj") if "gate_proj" in expert else ("w1", "w3", "w2")
 
 
+def _stacked_layers(
+    layers: dict[str, dict[int, dict[str, torch.Tensor]]], quantized: dict[str, QuantizedWeight]
+) -> dict[str, tuple[QuantizedWeight, QuantizedWeight]]:
+    """Per MoE layer, the stored per-expert linears in the op's layouts: gate_up [E, 2I, ...] (gate rows then up
+    rows), down [E, H, ...]; codes, scales and zero points alike."""
+
+    def stack(parts: list[list[QuantizedWeight]]) -> QuantizedWeight:
+        def field(name: str) -> torch.Tensor | None:
+            if getattr(parts[0][0], name) is None:
+                return None
+            return torch.stack([torch.cat([getattr(q, name) for q in expert]) for expert in parts])
+
+        codes, scale = field("codes"), field("scale")
+        assert codes is not None and scale is not None
+        return QuantizedWeight(codes, scale, field("zero"))
+
+    stored = {}
+    for layer, experts in layers.items():
+        gate, up, down = _names(experts[0])
+
+        def of(e: int, w: str, layer: str = layer) -> QuantizedWeight:
+            return quantized[f"{layer}.experts.{e}.{w}.weight"]
+
+        ids = sorted(experts)
+        stored[layer] = (stack([[of(e, gate), of(e, up)] for e in ids]), stack([[of(e, down)] for e in ids]))
+    return stored
+
+
 def gptq_checkpoint(
     family: str, out: Path, group: int = 16
 ) -> dict[str, tuple[QuantizedWeight, QuantizedWeight]]:
     """Every expert linear as asymmetric 4-bit GPTQ ("v1": stored zero points one less than the zero)."""
     tensors = _saved_demo(family, out)
     layers = _per_expert_layers(tensors)
-    stored: dict[str, tuple[QuantizedWeight, QuantizedWeight]] = {}
     quantized: dict[str, QuantizedWeight] = {}
     for name in list(tensors):
         if not _EXPERT_LINEAR.match(name):
@@ -113,7 +128,9 @@ def gptq_checkpoint(
         weight = tensors.pop(name).float()  # [N, K]
         q = quantize(INT4, group, weight[None], zero_point=True)
         assert q.zero is not None
-        quantized[name] = QuantizedWeight(q.codes[0], q.scale[0], q.zero[0])
+        quantized[name] = QuantizedWeight(
+            q.codes[0], q.scale[0].half().float(), q.zero[0]
+        )  # scales stored fp16
         n, k = weight.shape
         codes = torch.stack([q.codes[0] & 0x0F, q.codes[0] >> 4], dim=-1).flatten(-2).t()  # [K, N]
         prefix = name.removesuffix(".weight")
@@ -122,26 +139,7 @@ def gptq_checkpoint(
         tensors[f"{prefix}.qzeros"] = _pack_words(zeros.reshape(k // group, n // 8, 8))
         tensors[f"{prefix}.scales"] = q.scale[0].t().half()
         tensors[f"{prefix}.g_idx"] = torch.arange(k, dtype=torch.int32) // group
-    for layer, experts in layers.items():
-        gate, up, down = _names(experts[0])
-
-        def of(e: int, w: str, layer: str = layer) -> QuantizedWeight:
-            return quantized[f"{layer}.experts.{e}.{w}.weight"]
-
-        ids = sorted(experts)
-        gate_up = QuantizedWeight(
-            torch.stack([torch.cat([of(e, gate).codes, of(e, up).codes]) for e in ids]),
-            torch.stack(
-                [torch.cat([of(e, gate).scale.half().float(), of(e, up).scale.half().float()]) for e in ids]
-            ),
-            torch.stack([torch.cat([of(e, gate).zero, of(e, up).zero]) for e in ids]),  # type: ignore[list-item]
-        )
-        down_q = QuantizedWeight(
-            torch.stack([of(e, down).codes for e in ids]),
-            torch.stack([of(e, down).scale.half().float() for e in ids]),
-            torch.stack([of(e, down).zero for e in ids]),  # type: ignore[misc]
-        )
-        stored[layer] = (gate_up, down_q)
+    stored = _stacked_layers(layers, quantized)
     _finish(
         out,
         tensors,

@@ -300,20 +300,40 @@ class StoredCheckpoint:
     def experts(self, layer: str) -> QuantizedExperts:
         return read_experts(self.quant, self.read, self.names, layer, self.layers[layer])
 
+    def tables(self, layer: str) -> tuple[QuantizedWeight, QuantizedWeight]:
+        """MoE layer `layer`'s (gate_up, down) in the op's layouts (`passes.stored_experts.LayerReader`)."""
+        experts = self.experts(layer)
+        return experts.gate_up, experts.down
+
+    def layers_in_order(self) -> list[str]:
+        """The MoE layers by layer index: the order the exported graph runs them in."""
+
+        def order(layer: str) -> tuple[int, str]:
+            index = _layer_index(layer)
+            return (-1 if index is None else index, layer)
+
+        return sorted(self.layers, key=order)
+
     def layer_for(self, module_prefix: str) -> str:
         """The checkpoint's MoE layer for a model's MoE module (same name, or the same `layers.N` index: Mixtral
         stores `block_sparse_moe` where transformers names the module `mlp`)."""
         if module_prefix in self.layers:
             return module_prefix
-        index = re.search(r"layers\.(\d+)\.", module_prefix + ".")
-        if index:
-            same = [layer for layer in self.layers if f"layers.{index.group(1)}." in layer + "."]
+        index = _layer_index(module_prefix)
+        if index is not None:
+            same = [layer for layer in self.layers if _layer_index(layer) == index]
             if len(same) == 1:
                 return same[0]
         raise MoetrtError(
             f"the checkpoint has no experts for the model's MoE module {module_prefix!r}",
             f"its expert layers are {', '.join(sorted(self.layers)[:4])}...",
         )
+
+
+def _layer_index(name: str) -> int | None:
+    """N of the `layers.N` a tensor or module name lies in (None outside the layer stack)."""
+    found = re.search(r"layers\.(\d+)\.", name + ".")
+    return int(found.group(1)) if found else None
 
 
 _EXPERT_PARAM = re.compile(r"(.+)\.experts\.(gate_up_proj|down_proj)$")
@@ -347,10 +367,10 @@ class StoredWeights:
         if name in self.stored.names:
             return name
         for prefix in self.stored.layers:  # a renamed MoE module (Mixtral's block_sparse_moe)
-            index = re.search(r"layers\.(\d+)\.", prefix + ".")
+            index = _layer_index(prefix)
             if index is None:
                 continue
-            model_prefix = re.match(rf"(.*layers\.{index.group(1)}\.[^.]+)\.", name)
+            model_prefix = re.match(rf"(.*layers\.{index}\.[^.]+)\.", name)
             if model_prefix and self.stored.layer_for(model_prefix.group(1)) == prefix:
                 renamed = prefix + name[len(model_prefix.group(1)) :]
                 if renamed in self.stored.names:
