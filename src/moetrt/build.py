@@ -397,7 +397,15 @@ def _build_engine(
         return cache[key]
 
     engine = build_tensorrt_engine(
-        fused_path, plan_path, target, profiles, say, options.verbose, kernel_source=kernel_source
+        fused_path,
+        plan_path,
+        target,
+        profiles,
+        say,
+        options.verbose,
+        kernel_source=kernel_source,
+        plugin_library=options.plugin_library,
+        dtype=options.precision,
     )
     timings["engine"] = engine.seconds
     return engine, None, kernels

@@ -41,6 +41,8 @@ class BuildOptions:
     max_context: int | None = None
 
     #: the routed experts' storage: native, or quantized (fp8, int4, mxfp4; `passes.quantize_experts`)
+    #: build with the C++ plugin library (libmoetrt_plugin.so) instead of the Python plugin class
+    plugin_library: Path | None = None
     weights: str = "native"
     weight_block: int | None = None
     int4_zero_point: bool = False
@@ -96,6 +98,15 @@ def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -
     target.check_backend(options.engine_backend)
     if options.engine_backend == "tensorrt":
         _check_kernel_sm(target)
+    if options.plugin_library is not None:
+        if options.engine_backend != "tensorrt":
+            raise MoetrtError(
+                "--plugin-library is for --engine-backend tensorrt (TensorRT-RTX engines hold no plugin)",
+                "leave out --plugin-library, or use --engine-backend tensorrt",
+            )
+        check_input_file(
+            options.plugin_library, "plugin library", "build libmoetrt_plugin.so (docs/deploy.md)"
+        )
     output = OutputDir(outdir, options.force, owned_entries, "a `moetrt build` directory")
     output.check()
     return BuildRequest(model, precision, target, output, options)

@@ -498,6 +498,15 @@ def tune_cmd(
 )
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it holds an earlier build.")
 @click.option("--verbose", is_flag=True, help="Print TensorRT's log.")
+@click.option(
+    "--plugin-library",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Build with the C++ plugin library (libmoetrt_plugin.so; docs/deploy.md says how to build it) instead "
+    "of the Python plugin class: the kernels are compiled into each MoE node before TensorRT parses the "
+    "model. Either way the engine holds the same fields and runs with either plugin. --engine-backend "
+    "tensorrt only.",
+)
 @_cache_options
 @click.option(
     "--max-context",
@@ -525,6 +534,7 @@ def build_cmd(
     allow_parity_failure: bool,
     force: bool,
     verbose: bool,
+    plugin_library: str | None,
     no_cache: bool,
     last_logits: bool,
     max_context: int | None,
@@ -557,6 +567,7 @@ def build_cmd(
         weights=weights,
         weight_block=weight_block,
         int4_zero_point=int4_zero_point,
+        plugin_library=Path(plugin_library) if plugin_library else None,
     )
     request = check_build_request(model, outdir, options)  # bad arguments answered before the heavy imports
     from moetrt.build import build_checked

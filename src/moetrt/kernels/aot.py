@@ -14,14 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from moetrt.core import dtypes
 from moetrt.core.dtypes import kernel_name_of
 from moetrt.core.errors import MoetrtError
 from moetrt.kernels import plan
-from moetrt.op.spec import MoEAttributes
+from moetrt.op.spec import MoEAttributes, stored_dtype_name
 
 SUPPORTED_SMS = (80, 86, 87, 89, 90, 100, 120)
+#: Most dynamic shared memory one block may use on each SM (CUDA programming guide, compute capabilities).
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 BUNDLE_MAGIC = b"MOETRTKB"
-BUNDLE_VERSION = 2  # 2: split router, top-k kernel, no memset (bundles of 1 must be recompiled)
+BUNDLE_VERSION = 3  # 3: parameter sources and the op's I/O in the header, for the native launcher
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class CompiledKernel:
     """One cubin and what a launcher needs besides it."""
 
     key: str
+    kernel: str  # the Triton kernel (plan.KERNEL_PARAMS key) this variant compiles
     name: str  # entry point in the cubin
     cubin: bytes
     num_warps: int
@@ -61,6 +65,8 @@ class KernelBundle:
             kernels.append(
                 {
                     "key": kernel.key,
+                    "kernel": kernel.kernel,
+                    "param_sources": [list(src) for src in plan.param_sources(kernel.kernel)],
                     "name": kernel.name,
                     "num_warps": kernel.num_warps,
                     "shared": kernel.shared,
@@ -81,6 +87,7 @@ class KernelBundle:
                 "triton_version": self.triton_version,
                 "kernels": kernels,
                 "buckets": self.buckets,
+                **_io_header(self.moe_attributes(), self.dtype),
             },
             sort_keys=True,
         ).encode()
@@ -107,6 +114,7 @@ class KernelBundle:
                 raise MoetrtError("kernel bundle is truncated (a cubin runs past its end)", hint)
             kernels[k["key"]] = CompiledKernel(
                 k["key"],
+                k["kernel"],
                 k["name"],
                 bytes(data[lo:hi]),
                 k["num_warps"],
@@ -122,6 +130,23 @@ class KernelBundle:
             kernels,
             header["buckets"],
         )
+
+
+def _io_header(attrs: MoEAttributes, dtype: str) -> dict[str, Any]:
+    """The op's inputs and outputs as a launcher or plugin in another language needs them: names in node order,
+    the activations' dtype name (fp32 / fp16 / bf16), the dtype name of each input stored in another type
+    (None: the activations'), and
+    each input's shape (None: the token count)."""
+    return {
+        "io_dtype": dtypes.name_of(dtype),
+        "inputs": list(attrs.present_inputs()),
+        "outputs": list(attrs.present_outputs()),
+        "input_dtypes": {name: stored_dtype_name(name, attrs) for name in attrs.present_inputs()},
+        "input_shapes": {
+            name: [None if dim == "T" else dim for dim in shape]
+            for name, shape in attrs.input_shapes("T").items()
+        },
+    }
 
 
 def _signature(kernel_fn: Any, kernel: str, dtype: str, constexprs: dict[str, Any]) -> tuple[dict, dict]:
@@ -160,9 +185,21 @@ def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKerne
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", sm, 32)
     backend = triton.compiler.make_backend(target)
-    options = backend.parse_options({"num_warps": variant.num_warps, "num_stages": variant.num_stages})
-    compiled = triton.compile(source, target=target, options=options.__dict__)
-    meta = compiled.metadata
+    # A config tuned for one weight format or SM may pipeline more stages than this SM's shared memory holds
+    # (a quantized gate_up runs two K loops: the shared expert's and the routed experts'): fewer stages then.
+    stages = variant.num_stages
+    while True:
+        options = backend.parse_options({"num_warps": variant.num_warps, "num_stages": stages})
+        compiled = triton.compile(source, target=target, options=options.__dict__)
+        meta = compiled.metadata
+        if meta.shared <= MAX_SHARED_BYTES[sm] or stages == 1:
+            break
+        stages -= 1
+    if meta.shared > MAX_SHARED_BYTES[sm]:
+        raise MoetrtError(
+            f"kernel {variant.key} needs {meta.shared} bytes of shared memory, sm_{sm} has {MAX_SHARED_BYTES[sm]}",
+            "pick smaller tiles for it in the config table",
+        )
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
         raise MoetrtError(
             f"kernel {variant.key} needs Triton scratch memory, which the launcher does not provide",
@@ -184,7 +221,14 @@ def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKerne
             "pin the version in docs/kernels.md",
         )
     return CompiledKernel(
-        variant.key, meta.name, compiled.asm["cubin"], meta.num_warps, meta.shared, types, len(extra)
+        variant.key,
+        variant.kernel,
+        meta.name,
+        compiled.asm["cubin"],
+        meta.num_warps,
+        meta.shared,
+        types,
+        len(extra),
     )
 
 

@@ -287,6 +287,22 @@ def param_types(kernel: str, dtype: str, weight_format: str = NATIVE) -> list[st
     return [kinds[kind] for _, kind in KERNEL_PARAMS[kernel]]
 
 
+def param_sources(kernel: str) -> list[tuple[str, str]]:
+    """Where each runtime parameter of `kernel` comes from: ('in' | 'out', tensor name), ('ws', region),
+    ('T', '') or ('int', host value name). Kernel bundles carry this list, so a launcher in any language
+    resolves arguments without its own copy of these tables; an absent optional tensor resolves to
+    hidden_states (never read: a constexpr flag disables it)."""
+    out: list[tuple[str, str]] = []
+    for name, kind in KERNEL_PARAMS[kernel]:
+        if kind == "T":
+            out.append(("T", ""))
+        elif kind == "int":
+            out.append(("int", name))
+        else:
+            out.append(_SOURCES[name])
+    return out
+
+
 def variant_weight_format(constexprs: Mapping[str, Any]) -> str:
     """The expert weight format a variant was compiled for (its WFMT constexpr; native without one)."""
     return WEIGHT_FORMATS[int(constexprs.get("WFMT", 0))]
@@ -636,15 +652,10 @@ def launch_sequence(
 
     def args_for(kernel: str, **ints: int) -> tuple[tuple[str, str], ...]:
         out: list[tuple[str, str]] = []
-        for name, kind in KERNEL_PARAMS[kernel]:
-            if kind == "T":
-                out.append(("T", ""))
-                continue
-            if kind == "int":
-                out.append(("int", str(ints[name])))
-                continue
-            src, ref = _SOURCES[name]
-            if (src == "in" and ref not in present_in) or (src == "out" and ref not in present_out):
+        for src, ref in param_sources(kernel):
+            if src == "int":
+                out.append(("int", str(ints[ref])))
+            elif (src == "in" and ref not in present_in) or (src == "out" and ref not in present_out):
                 out.append(("in", "hidden_states"))
             else:
                 out.append((src, ref))

@@ -243,22 +243,49 @@ def reduce_h_tile_when_last(
 
 @triton.jit
 def _e4m3(code):
-    """float32 value of e4m3fn codes (int32 0..255), by arithmetic: every SM, no fp8 conversion unit needed."""
+    """float32 value of e4m3fn codes (int32 0..255) from their bits: every SM, no fp8 conversion unit needed.
+    A normal code's exponent is rebased (bias 7 to 127) and its 3 mantissa bits moved to the top of fp32's."""
     exponent = (code >> 3) & 15
-    mantissa = (code & 7).to(tl.float32)
-    normal = (8.0 + mantissa) * tl.exp2((exponent - 10).to(tl.float32))
-    value = tl.where(exponent == 0, mantissa * 0.001953125, normal)  # subnormal: m * 2^-9
-    return tl.where((code >> 7) != 0, -value, value)
+    bits = ((code & 0x80) << 24) | ((exponent + 120) << 23) | ((code & 7) << 20)
+    normal = bits.to(tl.float32, bitcast=True)
+    subnormal = (code & 7).to(tl.float32) * 0.001953125  # m * 2^-9
+    return tl.where(exponent == 0, tl.where((code >> 7) != 0, -subnormal, subnormal), normal)
 
 
 @triton.jit
 def _e2m1(code):
-    """float32 value of e2m1 codes (int32 0..15): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives."""
+    """float32 value of e2m1 codes (int32 0..15): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, from bits."""
     exponent = (code >> 1) & 3
-    mantissa = (code & 1).to(tl.float32)
-    normal = (2.0 + mantissa) * tl.exp2((exponent - 2).to(tl.float32))
-    value = tl.where(exponent == 0, mantissa * 0.5, normal)
-    return tl.where((code >> 3) != 0, -value, value)
+    bits = ((code & 8) << 28) | ((exponent + 126) << 23) | ((code & 1) << 22)
+    normal = bits.to(tl.float32, bitcast=True)
+    subnormal = tl.where((code & 1) != 0, 0.5, 0.0)
+    return tl.where(exponent == 0, tl.where((code & 8) != 0, -subnormal, subnormal), normal)
+
+
+@triton.jit
+def _e8m0(exponent):
+    """2^(e - 127) of e8m0 scale bytes (int32 1..254) from bits (0: 2^-127, as a subnormal)."""
+    return tl.where(exponent == 0, 5.877471754111438e-39, (exponent << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _per_group(
+    s_ptr, rows, row_ok, k0, GROUPS: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, WB: tl.constexpr, other
+):
+    """The [BR, BK] tile of a table [R, GROUPS] of one value per WB reduction elements (scales, zero points),
+    loaded once per group and broadcast: BR values when a group spans the tile, BR x BK / WB otherwise."""
+    if WB % BK == 0:
+        value = tl.load(s_ptr + rows * GROUPS + k0 // WB, mask=row_ok, other=other)
+        return tl.broadcast_to(value[:, None], (BR, BK))
+    else:
+        NG: tl.constexpr = BK // WB
+        g = k0 // WB + tl.arange(0, NG)
+        value = tl.load(
+            s_ptr + rows[:, None] * GROUPS + g[None, :],
+            mask=row_ok[:, None] & (g < GROUPS)[None, :],
+            other=other,
+        )
+        return tl.reshape(tl.broadcast_to(value[:, :, None], (BR, NG, WB)), (BR, BK))
 
 
 @triton.jit
@@ -284,10 +311,16 @@ def weight_tile(
     ks = k0 + tl.arange(0, BK)
     k_ok = ks < K
     mask = row_ok[:, None] & k_ok[None, :]
+    # Scales (and zero points) are read once per group and broadcast when the tile and the groups nest (tile
+    # sizes and groups are powers of two); per element otherwise.
+    NEST: tl.constexpr = WB % BK == 0 or BK % WB == 0
     if WFMT == 1:
         code = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0).to(tl.int32)
         KS: tl.constexpr = (K + WB - 1) // WB
-        scale = tl.load(s_ptr + (rows // WB)[:, None] * KS + (ks // WB)[None, :], mask=mask, other=0.0)
+        if NEST:
+            scale = _per_group(s_ptr, rows // WB, row_ok, k0, KS, BR, BK, WB, 0.0)
+        else:
+            scale = tl.load(s_ptr + (rows // WB)[:, None] * KS + (ks // WB)[None, :], mask=mask, other=0.0)
         value = _e4m3(code) * scale
     else:
         KH: tl.constexpr = K // 2
@@ -300,11 +333,21 @@ def weight_tile(
         group = rows[:, None] * KG + (ks // WB)[None, :]
         if WFMT == 2:
             if HAS_ZERO:
-                zero = tl.load(z_ptr + group, mask=mask, other=0).to(tl.int32)
+                if NEST:
+                    zero = _per_group(z_ptr, rows, row_ok, k0, KG, BR, BK, WB, 0).to(tl.int32)
+                else:
+                    zero = tl.load(z_ptr + group, mask=mask, other=0).to(tl.int32)
             else:
                 zero = tl.full((BR, BK), 8, tl.int32)
-            value = (code - zero).to(tl.float32) * tl.load(s_ptr + group, mask=mask, other=0.0)
+            if NEST:
+                scale = _per_group(s_ptr, rows, row_ok, k0, KG, BR, BK, WB, 0.0)
+            else:
+                scale = tl.load(s_ptr + group, mask=mask, other=0.0)
+            value = (code - zero).to(tl.float32) * scale
         else:
-            exponent = tl.load(s_ptr + group, mask=mask, other=127).to(tl.int32)
-            value = _e2m1(code) * tl.exp2((exponent - 127).to(tl.float32))
+            if NEST:
+                exponent = _per_group(s_ptr, rows, row_ok, k0, KG, BR, BK, WB, 127).to(tl.int32)
+            else:
+                exponent = tl.load(s_ptr + group, mask=mask, other=127).to(tl.int32)
+            value = _e2m1(code) * _e8m0(exponent)
     return tl.where(mask, value, 0.0).to(OUT)

@@ -74,7 +74,7 @@ def dequantize(weight_format: str, block: int, q: QuantizedWeight, k: int) -> to
         zero = zero.float().repeat_interleave(block, dim=-1)
         return (nibbles.float() - zero) * q.scale.float().repeat_interleave(block, dim=-1)
     if weight_format == MXFP4:
-        values = torch.from_numpy(e2m1_table())[nibbles.long()]
+        values = torch.from_numpy(e2m1_table()).to(nibbles.device)[nibbles.long()]
         exponent = q.scale.float() - E8M0_BIAS
         return values * torch.exp2(exponent).repeat_interleave(block, dim=-1)
     raise ValueError(f"unknown weight format {weight_format!r}")
@@ -114,7 +114,7 @@ def quantize(
         exponent = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -E8M0_BIAS))
         exponent = exponent.clamp(-E8M0_BIAS, 127)
         scaled = groups / torch.exp2(exponent)[..., None]
-        grid = torch.from_numpy(e2m1_table()[:8])  # the non-negative codes 0..7
+        grid = torch.from_numpy(e2m1_table()[:8]).to(w.device)  # the non-negative codes 0..7
         nearest = (scaled.abs()[..., None] - grid).abs().argmin(dim=-1)  # saturates at 6
         codes = torch.where((scaled < 0) & (nearest > 0), nearest + 8, nearest).flatten(-2)  # zero is +0
         scale = (exponent + E8M0_BIAS).to(torch.uint8)

@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from moetrt.core import dtypes
+
 DOMAIN = "moetrt"
 OP_TYPE = "MoE"
 PLUGIN_NAME = OP_TYPE
@@ -245,6 +247,13 @@ def stored_dtype(name: str, attrs: MoEAttributes) -> str | None:
     if name.endswith("_scale"):
         return "uint8" if attrs.weight_format == MXFP4 else "float32"
     return None
+
+
+def stored_dtype_name(name: str, attrs: MoEAttributes) -> str | None:
+    """`stored_dtype` in the short names TensorRT bindings and the plugin use ("fp32", "uint8"); None: the
+    activations' dtype."""
+    stored = stored_dtype(name, attrs)
+    return dtypes.name_of(stored) if stored == "float32" else stored
 
 
 def packed_k(weight_format: str, k: int) -> int:

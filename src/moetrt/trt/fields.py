@@ -70,7 +70,7 @@ def state_to_fields(state: PluginState) -> Fields:
         )
     out = attributes_to_fields(state.attrs)
     # float32 would round the scaling factor / SwiGLU constants: carry them exactly as float64 bits in int8 too.
-    out["float_attrs_f64"] = (_float64_blob(state.attrs), "int8")
+    out["float_attrs_f64"] = (float64_blob(state.attrs), "int8")
     out["fields_version"] = (np.array([FIELDS_VERSION], dtype=np.int32), "int32")
     out["io_dtype"] = (_char(state.dtype), "char")
     for sm, blob in sorted(state.bundles.items()):
@@ -153,7 +153,8 @@ def _float_names() -> list[str]:
     return [f.name for f in dataclasses.fields(MoEAttributes) if f.type in ("float", float)]
 
 
-def _float64_blob(attrs: MoEAttributes) -> np.ndarray:
+def float64_blob(attrs: MoEAttributes) -> np.ndarray:
+    """The float attributes as float64 bytes (INT8), in `MoEAttributes` order: exact where FLOAT32 rounds."""
     values = np.array([getattr(attrs, name) for name in _float_names()], dtype=np.float64)
     return np.frombuffer(values.tobytes(), dtype=np.int8).copy()
 

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from moetrt.core import dtypes
 from moetrt.core.errors import MoetrtError
-from moetrt.op.spec import MoEAttributes, stored_dtype
+from moetrt.op.spec import MoEAttributes, stored_dtype_name
 from moetrt.trt.fields import IO_DTYPES
 
 LINEAR = "LINEAR"
@@ -126,10 +125,8 @@ def expected_dtype(attrs: MoEAttributes, pos: int, activation: str) -> str:
     """The dtype name TensorRT must give position `pos` (inputs, then outputs): a quantized expert part's own
     (`spec.stored_dtype`: uint8 codes, float32 scales), else the activations' (hidden_states')."""
     inputs = attrs.present_inputs()
-    stored = stored_dtype(inputs[pos], attrs) if pos < len(inputs) else None
-    if stored is None:
-        return activation
-    return dtypes.name_of(stored) if stored == "float32" else stored
+    stored = stored_dtype_name(inputs[pos], attrs) if pos < len(inputs) else None
+    return activation if stored is None else stored
 
 
 def workspace_size(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -246,15 +247,23 @@ _registered: dict[int, tuple[Any, BuildSettings]] = {}
 
 
 def register_plugin(
-    trt: ModuleType | None = None, sm: int | None = None, kernel_source: KernelSource | None = None
+    trt: ModuleType | None = None,
+    sm: int | None = None,
+    kernel_source: KernelSource | None = None,
+    library: str | Path | None = None,
 ) -> Any:
     """Register the MoE plugin creator with `trt`'s plugin registry (once per module); returns the creator.
 
     After this, TensorRT's ONNX parser builds every `moetrt::MoE` node with the plugin instead of inlining its
-    function body, and engines holding the plugin deserialize. A later call updates the build settings
-    (target SM, kernel source) of the creator already registered.
+    function body, and engines holding the plugin deserialize. `library`: load the C++ plugin library
+    (libmoetrt_plugin.so, built from src/moetrt/native with TensorRT's headers) into the registry instead of
+    this module's Python class; its rules are the same (tests/test_native_cmake.py compares them), but at build
+    time it reads each node's kernels from the node (`embedded_kernels`). A later call updates the build
+    settings (target SM, kernel source) of the Python creator already registered.
     """
     trt = trt or import_tensorrt()
+    if library is not None:
+        return _load_library(trt, Path(library))
     if id(trt) in _registered:
         creator, settings = _registered[id(trt)]
         settings.sm = sm
@@ -271,6 +280,30 @@ def register_plugin(
         )
     _registered[id(trt)] = (creator, settings)
     return creator
+
+
+def _load_library(trt: ModuleType, library: Path) -> Any:
+    if not library.is_file():
+        raise MoetrtError(
+            f"plugin library {library} does not exist",
+            "build it: cmake -S src/moetrt/native -B build/native -DTensorRT_ROOT=<TensorRT> && cmake --build build/native",
+        )
+    registry = trt.get_plugin_registry()
+    existing = registry.get_creator(spec.PLUGIN_NAME, spec.PLUGIN_VERSION, spec.PLUGIN_NAMESPACE)
+    if existing is not None and id(trt) in _registered:
+        raise MoetrtError(
+            "the Python moetrt::MoE plugin is already registered in this process",
+            "load the plugin library in a fresh process (one creator per name)",
+        )
+    if existing is None:
+        registry.load_library(str(library))
+        existing = registry.get_creator(spec.PLUGIN_NAME, spec.PLUGIN_VERSION, spec.PLUGIN_NAMESPACE)
+    if existing is None:
+        raise MoetrtError(
+            f"TensorRT loaded {library.name} but found no moetrt::MoE creator in it",
+            "rebuild libmoetrt_plugin.so from this moetrt version",
+        )
+    return existing
 
 
 def field_arrays(fields: Fields) -> dict[str, np.ndarray]:

@@ -185,22 +185,43 @@ def build_tensorrt_engine(
     verbose: bool = False,
     workspace_gib: float | None = None,
     kernel_source: KernelSource | None = None,
+    plugin_library: Path | None = None,
+    dtype: str | None = None,
 ) -> EngineBuild:
     """Build `plan_path` from the fused ONNX with full TensorRT and the MoE IPluginV3 (cubins for target.sm).
 
     `kernel_source(attrs, dtype, sm)` gives each plugin its kernel bytes (default: compile them on demand).
+    With `plugin_library` (libmoetrt_plugin.so), TensorRT loads the C++ plugin and the parser reads each MoE
+    node's kernels, compiled for the I/O `dtype` and written into a copy of the model (`embedded_kernels`);
+    without it, the Python plugin class compiles them when TensorRT configures it.
     """
-    from moetrt.trt.plugin import import_tensorrt, register_plugin
+    from moetrt.trt.plugin import compile_kernel_bytes, import_tensorrt, register_plugin
 
     trt = import_tensorrt()
     check_build_device(target)
     start = time.perf_counter()
-    register_plugin(trt, sm=target.sm, kernel_source=kernel_source)
+    register_plugin(trt, sm=target.sm, kernel_source=kernel_source, library=plugin_library)
     logger = CapturingLogger(trt, verbose)
     builder = trt.Builder(logger)
     model = onnx.load(str(onnx_path), load_external_data=False)
     progress("parsing the fused ONNX with TensorRT's parser (MoE nodes → moetrt::MoE plugin)")
-    network = parse_onnx(trt, builder, logger, model, onnx_path)
+    if plugin_library is None:
+        network = parse_onnx(trt, builder, logger, model, onnx_path)
+    else:
+        from moetrt.trt.embedded_kernels import embed_kernels
+
+        if dtype is None:
+            raise MoetrtError(
+                "the C++ plugin's build needs the I/O dtype", "pass dtype to build_tensorrt_engine"
+            )
+        embed_kernels(model, dtype, target.sm, kernel_source or compile_kernel_bytes)
+        # beside the original, so its external weight files resolve; removed once parsed
+        parse_path = onnx_path.with_name(f".{onnx_path.stem}.with-kernels.onnx")
+        try:
+            onnx.save(model, str(parse_path))
+            network = parse_onnx(trt, builder, logger, model, parse_path)
+        finally:
+            parse_path.unlink(missing_ok=True)
     plugin_layers = sum(
         1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.PLUGIN_V3
     )

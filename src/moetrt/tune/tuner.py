@@ -134,7 +134,7 @@ def profile_stages(
         events = [torch.cuda.Event(enable_timing=True)]
         events[0].record()
         for i in range(len(ops)):
-            launcher.enqueue_ops(num_tokens, in_ptrs, out_ptrs, workspace.data_ptr(), stream, ops[i : i + 1])
+            launcher.enqueue_range(num_tokens, in_ptrs, out_ptrs, workspace.data_ptr(), stream, i, 1)
             events.append(torch.cuda.Event(enable_timing=True))
             events[-1].record()
         torch.cuda.synchronize()

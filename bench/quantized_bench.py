@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Quantized experts on a GPU at real width: each weight format against bf16 in one run, every row checked.
+
+For each shape, random bf16 weights are drawn once; each format quantizes the routed experts (round to nearest,
+`op.quant.quantize`, on the GPU) and runs them through the launcher (dequantized in the GEMM loops). A row is
+checked against the float32 oracle on the same dequantized weights (bf16 tolerance) and timed by CUDA-graph
+replay with L2 flushed; its floor counts the bytes the format stores (`tune.floors`).
+
+    PYTHONPATH=src python3 bench/quantized_bench.py --out OUT.jsonl [--shapes qwen3_next,qwen3_30b]
+        [--tokens 1,8,64,4096] [--formats native,fp8_block,int4,mxfp4]
+Prints one JSON line per row (also appended to OUT) and a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from moetrt.core.devices import sm_from_capability
+from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.kernels.aot import compile_kernels
+from moetrt.kernels.torch_ops import moe_forward
+from moetrt.op import quant
+from moetrt.op.presets import PRESETS
+from moetrt.op.spec import DEFAULT_BLOCK, NATIVE, WEIGHT_FORMATS, MoEAttributes
+from moetrt.tune import floors, timing
+from moetrt.tune.gpu_workload import gpu_random_inputs, gpu_reference
+
+EXPERT_WEIGHTS = {"expert_gate_up_weight": "expert_gate_up", "expert_down_weight": "expert_down"}
+CHUNK = 32  # experts quantized at a time (MXFP4's nearest-code search holds 8 floats per weight)
+
+
+def quantized_inputs(
+    native: dict[str, torch.Tensor], attrs: MoEAttributes
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the op's inputs with quantized experts, the same inputs with the experts dequantized to float32)."""
+    if attrs.weight_format == NATIVE:
+        return native, native
+    inputs, oracle = dict(native), dict(native)
+    for name, prefix in EXPERT_WEIGHTS.items():
+        weight = native[name]
+        parts = [
+            quant.quantize(attrs.weight_format, attrs.weight_block, weight[lo : lo + CHUNK])
+            for lo in range(0, weight.shape[0], CHUNK)
+        ]
+        q = quant.QuantizedWeight(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            None,
+        )
+        inputs[name] = q.codes
+        inputs[f"{prefix}_scale"] = q.scale
+        oracle[name] = torch.cat(
+            [
+                quant.dequantize(
+                    attrs.weight_format, attrs.weight_block, quant.QuantizedWeight(c, s), weight.shape[-1]
+                )
+                for c, s in zip(q.codes.split(CHUNK), q.scale.split(CHUNK))
+            ]
+        )
+    return inputs, oracle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shapes", default="qwen3_next,qwen3_30b")
+    parser.add_argument("--tokens", default="1,8,64,4096")
+    parser.add_argument("--formats", default=",".join(WEIGHT_FORMATS))
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    major, minor = torch.cuda.get_device_capability()
+    sm = sm_from_capability(major, minor)
+    copy_gbps = timing.copy_bandwidth_gbps(device, 4 << 30, repeats=12)
+    tflops = timing.gemm_tflops(device, torch.bfloat16, 8192, repeats=12)
+    print(
+        f"device {torch.cuda.get_device_name()} sm_{sm}; copy {copy_gbps:.0f} GB/s, bf16 {tflops:.0f} TFLOP/s"
+    )
+    rows = []
+    for shape in args.shapes.split(","):
+        base = PRESETS[shape]
+        weights = gpu_random_inputs(
+            base, 1, torch.bfloat16, seed=1, names=[n for n in base.present_inputs() if n != "hidden_states"]
+        )
+        for fmt in args.formats.split(","):
+            attrs = dataclasses.replace(base, weight_format=fmt, weight_block=DEFAULT_BLOCK.get(fmt, 0))
+            bundle = compile_kernels(attrs, "bfloat16", sm, workers=min(16, os.cpu_count() or 1))
+            inputs, oracle = quantized_inputs(weights, attrs)
+            for t in map(int, args.tokens.split(",")):
+                hidden = gpu_random_inputs(base, t, torch.bfloat16, seed=100 + t, names=["hidden_states"])
+                inputs["hidden_states"] = oracle["hidden_states"] = hidden["hidden_states"]
+                got = moe_forward(inputs, attrs, bundle)["output"].float()
+                expected = gpu_reference(
+                    oracle, dataclasses.replace(attrs, weight_format=NATIVE, weight_block=0)
+                )
+                rel = relative_error(got, expected.output)
+                times = timing.time_graph(
+                    lambda i=inputs, a=attrs, b=bundle: moe_forward(i, a, b), args.iters
+                )
+                nbytes = floors.moe_bytes(attrs, t, expected.distinct_experts, 2)
+                floor = floors.floor_us(nbytes, floors.moe_flops(attrs, t), copy_gbps, tflops)
+                row = {
+                    "shape": shape,
+                    "format": fmt,
+                    "T": t,
+                    "rel_err": rel,
+                    "ok": rel <= tolerance("bf16") and not bool(torch.isnan(got).any()),
+                    "us_median": round(times.median_us, 2),
+                    "floor_us": round(floor, 2),
+                    "pct_of_floor": round(100 * floor / times.median_us, 1),
+                    "distinct_experts": expected.distinct_experts,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            del inputs, oracle
+            torch.cuda.empty_cache()
+    native = {(r["shape"], r["T"]): r["us_median"] for r in rows if r["format"] == NATIVE}
+    print(
+        f"{'shape':12} {'format':10} {'T':>5} {'rel err':>9} {'us':>9} {'floor':>8} {'% floor':>8} {'vs bf16':>8}"
+    )
+    for r in rows:
+        speedup = native.get((r["shape"], r["T"]), float("nan")) / r["us_median"]
+        print(
+            f"{r['shape']:12} {r['format']:10} {r['T']:>5} {r['rel_err']:>9.2e} {r['us_median']:>9.1f} "
+            f"{r['floor_us']:>8.1f} {r['pct_of_floor']:>8.1f} {speedup:>7.2f}x"
+        )
+    print(f"failures: {sum(not r['ok'] for r in rows)}")
+
+
+if __name__ == "__main__":
+    main()

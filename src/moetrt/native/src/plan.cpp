@@ -1,0 +1,282 @@
+#include "plan.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <sstream>
+
+#include "errors.h"
+
+namespace moetrt {
+namespace {
+
+// Launch-shape constants of kernels/plan.py (ALIGN_MAX_PROGRAMS); tests compare both planners.
+constexpr int64_t kAlignMaxPrograms = 128;
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t max_blocks(const Shape& s, int64_t t, int64_t bm) {
+    int64_t slots = t * s.top_k;
+    int64_t shared = s.has_shared_expert() ? cdiv(t, bm) : 0;
+    return cdiv(slots, bm) + std::min(s.num_experts, slots) + shared;
+}
+
+struct Layout {
+    std::vector<std::pair<std::string, Region>> regions;
+    const Region& operator[](const std::string& name) const {
+        for (const auto& [n, r] : regions)
+            if (n == name) return r;
+        throw Error(ErrorKind::Invalid, "workspace has no region " + name, "");
+    }
+};
+
+Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
+    const Shape& s = b.shape;
+    int64_t k = s.top_k, e = s.num_experts, h = s.hidden_size;
+    int64_t rows = t * k + (s.has_shared_expert() ? t : 0);
+    int64_t blocks = max_blocks(s, t, bucket.config_int("gate_up", "BM"));
+    int64_t esize = static_cast<int64_t>(b.element_size());
+    const Stage* group = bucket.stage("topk_group");
+    bool gemv = group != nullptr;
+    bool fused = bucket.stage("experts") != nullptr;
+    int64_t groups = gemv ? std::min(e, t * k) : 0;
+    int64_t tm = gemv ? group->constexpr_int("TM") : 0;
+    int64_t tile_h = gemv ? bucket.config_int("gemv", "BH") : bucket.config_int("down", "BH");
+    int64_t split = bucket.config_int("router", "SPLIT");
+    const std::vector<std::pair<const char*, int64_t>> sizes = {
+        {"counts", 4 * (e + 2)},
+        {"tickets", 16},
+        {"htickets", 4 * cdiv(h, tile_h)},
+        {"ngroups", gemv ? 16 : 0},
+        {"acc", fused ? 4 * t * h : 0},
+        {"group_expert", 4 * groups},
+        {"expert_slots", 4 * e * tm},
+        {"logits", 4 * split * t * e},
+        {"gate_part", 4 * split * t},
+        {"gate", 4 * t},
+        {"topk_ids", 4 * t * k},
+        {"topk_w", 4 * t * k},
+        {"rank", 4 * t * k},
+        {"offsets", 4 * (e + 2)},
+        {"nblocks", 4},
+        {"block_expert", 4 * blocks},
+        {"block_row0", 4 * blocks},
+        {"sorted_slot", 4 * rows},
+        {"act", fused ? 0 : esize * rows * s.nmax()},
+        {"yw", fused ? 0 : esize * rows * h},
+    };
+    Layout layout;
+    int64_t offset = 0;
+    for (const auto& [name, nbytes] : sizes) {
+        std::string n(name);
+        int64_t align = (n == "tickets" || n == "htickets" || n == "ngroups" || n == "acc") ? 16 : 256;
+        offset = cdiv(offset, align) * align;
+        layout.regions.emplace_back(n, Region{offset, nbytes});
+        offset += nbytes;
+    }
+    layout.regions.emplace_back("total", Region{0, cdiv(offset, 256) * 256});
+    return layout;
+}
+
+class Planner {
+public:
+    Planner(const Bundle& b, const Bucket& bucket, int64_t t, const Layout& layout)
+        : b_(b), bucket_(bucket), t_(t), layout_(layout) {}
+
+    void add(const char* stage_name, std::array<int64_t, 3> grid, const std::map<std::string, int64_t>& ints = {}) {
+        const Stage* stage = bucket_.stage(stage_name);
+        if (!stage) throw Error(ErrorKind::Bundle, std::string("kernel bundle bucket lacks stage ") + stage_name,
+                                "rebuild the kernels with this moetrt version");
+        if (grid[0] < 1 || grid[0] > 0x7fffffff || grid[1] < 1 || grid[1] > 65535 || grid[2] < 1 || grid[2] > 65535)
+            throw Error(ErrorKind::Invalid,
+                        std::string("stage ") + stage_name + " needs a grid the GPU cannot launch for " +
+                            std::to_string(t_) + " tokens",
+                        "split the tokens into smaller calls");
+        const Kernel& kernel = b_.kernels[stage->kernel];
+        Launch launch{stage_name, stage->kernel, grid, {}, stage->constexpr_int_or("PDL", 0) != 0};
+        for (const ParamSource& src : kernel.sources) {
+            if (src.source == "T") {
+                launch.args.push_back({Arg::Kind::Tokens, t_, ""});
+            } else if (src.source == "int") {
+                auto it = ints.find(src.ref);
+                if (it == ints.end())
+                    throw Error(ErrorKind::Bundle, "kernel " + kernel.key + " takes host value " + src.ref +
+                                                      ", which this library does not compute",
+                                "use the moetrt version that built the kernels");
+                launch.args.push_back({Arg::Kind::Int, it->second, src.ref});
+            } else if (src.source == "ws") {
+                launch.args.push_back({Arg::Kind::Workspace, layout_[src.ref].offset, src.ref});
+            } else if (src.source == "in" || src.source == "out") {
+                int index = src.source == "in" ? b_.input_index(src.ref) : b_.output_index(src.ref);
+                if (index < 0)  // absent optional tensor: never read (a constexpr flag disables it)
+                    launch.args.push_back({Arg::Kind::Input, 0, "hidden_states"});
+                else
+                    launch.args.push_back({src.source == "in" ? Arg::Kind::Input : Arg::Kind::Output, index, src.ref});
+            } else {
+                throw Error(ErrorKind::Bundle, "kernel " + kernel.key + " has parameter source " + src.source,
+                            "rebuild the kernels with this moetrt version");
+            }
+        }
+        launches.push_back(std::move(launch));
+    }
+
+    int64_t stage_int(const char* stage, const char* name) const {
+        const Stage* s = bucket_.stage(stage);
+        if (!s) throw Error(ErrorKind::Bundle, std::string("kernel bundle bucket lacks stage ") + stage,
+                            "rebuild the kernels with this moetrt version");
+        return s->constexpr_int(name);
+    }
+
+    std::vector<Launch> launches;
+
+private:
+    const Bundle& b_;
+    const Bucket& bucket_;
+    int64_t t_;
+    const Layout& layout_;
+};
+
+}  // namespace
+
+size_t bucket_for(const Bundle& bundle, int64_t num_tokens) {
+    size_t best = bundle.buckets.size();
+    for (size_t i = 0; i < bundle.buckets.size(); ++i) {
+        const auto& bound = bundle.buckets[i].bound;
+        if (bound && num_tokens <= *bound && (best == bundle.buckets.size() || !bundle.buckets[best].bound ||
+                                              *bound < *bundle.buckets[best].bound))
+            best = i;
+    }
+    if (best == bundle.buckets.size())
+        for (size_t i = 0; i < bundle.buckets.size(); ++i)
+            if (!bundle.buckets[i].bound) best = i;
+    if (best == bundle.buckets.size())
+        throw Error(ErrorKind::Invalid, "kernel bundle has no token bucket for " + std::to_string(num_tokens) + " tokens",
+                    "compile it with the unbounded bucket (the default of compile_kernels)");
+    return best;
+}
+
+Plan plan_for(const Bundle& b, int64_t t) {
+    if (t < 0) throw Error(ErrorKind::Invalid, "negative token count " + std::to_string(t), "pass T >= 0");
+    Plan plan;
+    plan.num_tokens = t;
+    if (t == 0) return plan;
+    const Bucket& bucket = b.buckets[bucket_for(b, t)];
+    const Shape& s = b.shape;
+    int64_t e = s.num_experts, h = s.hidden_size, k = s.top_k;
+    Layout layout = workspace_layout(b, bucket, t);
+    Planner p(b, bucket, t, layout);
+    const Region& acc = layout["acc"];
+    p.add("router", {cdiv(t, p.stage_int("router", "BT")), cdiv(e, p.stage_int("router", "BE")), p.stage_int("router", "SPLIT")},
+          {{"zero_words", (acc.offset + acc.nbytes) / 4}});
+    int64_t bm = bucket.config_int("gate_up", "BM");
+    int64_t blocks = max_blocks(s, t, bm);
+    if (bucket.stage("topk_group")) {
+        int64_t gmax = std::min(e, t * k);
+        int64_t groups = gmax + (s.has_shared_expert() ? 1 : 0);
+        p.add("topk_group", {cdiv(t, p.stage_int("topk_group", "RT")), 1, 1});
+        p.add("gemv_gate_up", {groups * cdiv(s.nmax(), p.stage_int("gemv_gate_up", "BN")), 1, 1}, {{"gmax", gmax}});
+        p.add("gemv_down", {groups * cdiv(h, p.stage_int("gemv_down", "BH")), 1, 1}, {{"gmax", gmax}});
+    } else {
+        bool decode = bucket.stage("align") == nullptr;
+        int64_t chunk = p.stage_int("topk", "CS");
+        int64_t per_expert = cdiv(t, bm);  // a token picks an expert at most once
+        std::map<std::string, int64_t> topk_ints = {{"block_iters", 0}, {"slot_iters", 0}};
+        if (decode) topk_ints = {{"block_iters", per_expert}, {"slot_iters", cdiv(t * k, chunk)}};
+        p.add("topk", {cdiv(t, p.stage_int("topk", "RT")), 1, 1}, topk_ints);
+        if (!decode) {
+            int64_t programs = std::max<int64_t>(1, std::min(kAlignMaxPrograms, std::max(cdiv(t * k, chunk), per_expert)));
+            p.add("align", {programs, 1, 1},
+                  {{"block_iters", cdiv(per_expert, programs)}, {"slot_iters", cdiv(t * k, chunk * programs)}, {"nprog", programs}});
+        }
+        if (bucket.stage("experts")) {
+            p.add("experts", {blocks * cdiv(s.nmax(), p.stage_int("experts", "BN")), 1, 1});
+            p.add("finalize", {cdiv(t * h, p.stage_int("finalize", "BLOCK")), 1, 1});
+        } else {
+            p.add("gate_up", {blocks * cdiv(s.nmax(), p.stage_int("gate_up", "BN")), 1, 1});
+            p.add("down_rows", {blocks * cdiv(h, p.stage_int("down_rows", "BH")), 1, 1});
+            if (!decode)
+                p.add("reduce", {cdiv(t, p.stage_int("reduce", "BT")), cdiv(h, p.stage_int("reduce", "BH")), 1});
+        }
+    }
+    plan.launches = std::move(p.launches);
+    plan.layout = layout.regions;
+    plan.workspace_bytes = layout["total"].nbytes;
+    return plan;
+}
+
+std::vector<uint64_t> launch_slots(const Bundle& b, const Launch& launch, int64_t num_tokens,
+                                   const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace) {
+    const Kernel& kernel = b.kernels[launch.kernel];
+    std::vector<uint64_t> slots(launch.args.size() + static_cast<size_t>(kernel.scratch_params), 0);
+    for (size_t j = 0; j < launch.args.size(); ++j) {
+        const Arg& a = launch.args[j];
+        int64_t value = 0;
+        switch (a.kind) {
+            case Arg::Kind::Input: value = static_cast<int64_t>(inputs[a.value]); break;
+            case Arg::Kind::Output: value = static_cast<int64_t>(outputs[a.value]); break;
+            case Arg::Kind::Workspace: value = static_cast<int64_t>(workspace) + a.value; break;
+            case Arg::Kind::Tokens: value = num_tokens; break;
+            case Arg::Kind::Int: value = a.value; break;
+        }
+        if (kernel.params[j] == ParamKind::Pointer) {
+            slots[j] = static_cast<uint64_t>(value);
+        } else {
+            if (value < INT32_MIN || value > INT32_MAX)
+                throw Error(ErrorKind::Invalid, "stage " + launch.stage + " argument " + std::to_string(j) + " (" +
+                                                    std::to_string(value) + ") does not fit an i32",
+                            "split the tokens into smaller calls");
+            auto v32 = static_cast<uint32_t>(static_cast<int32_t>(value));
+            slots[j] = v32;  // little-endian: the low 4 bytes of the slot
+        }
+    }
+    return slots;
+}
+
+namespace {
+void quote(std::ostringstream& out, const std::string& text) {
+    out << '"';
+    for (char c : text) {
+        if (c == '"' || c == '\\') out << '\\';
+        out << c;
+    }
+    out << '"';
+}
+}  // namespace
+
+std::string describe(const Bundle& b, const Plan& plan) {
+    std::ostringstream out;
+    out << "{\"num_tokens\":" << plan.num_tokens << ",\"workspace\":" << plan.workspace_bytes << ",\"layout\":{";
+    for (size_t i = 0; i < plan.layout.size(); ++i) {
+        if (i) out << ',';
+        quote(out, plan.layout[i].first);
+        out << ":[" << plan.layout[i].second.offset << ',' << plan.layout[i].second.nbytes << ']';
+    }
+    out << "},\"launches\":[";
+    static const char* kSource[] = {"in", "out", "ws", "T", "int"};
+    for (size_t i = 0; i < plan.launches.size(); ++i) {
+        const Launch& l = plan.launches[i];
+        if (i) out << ',';
+        out << "{\"stage\":";
+        quote(out, l.stage);
+        out << ",\"key\":";
+        quote(out, b.kernels[l.kernel].key);
+        out << ",\"grid\":[" << l.grid[0] << ',' << l.grid[1] << ',' << l.grid[2] << "],\"pdl\":"
+            << (l.pdl ? "true" : "false") << ",\"args\":[";
+        for (size_t j = 0; j < l.args.size(); ++j) {
+            const Arg& a = l.args[j];
+            if (j) out << ',';
+            out << '[';
+            quote(out, kSource[static_cast<int>(a.kind)]);
+            out << ',';
+            if (a.kind == Arg::Kind::Tokens) quote(out, "");
+            else if (a.kind == Arg::Kind::Int) quote(out, std::to_string(a.value));
+            else quote(out, a.name);
+            out << ']';
+        }
+        out << "]}";
+    }
+    out << "]}";
+    return out.str();
+}
+
+}  // namespace moetrt

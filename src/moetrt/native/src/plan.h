@@ -1,0 +1,57 @@
+// What to launch for T tokens: the workspace layout and the launch list (kernels/plan.py, for a bundle).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bundle.h"
+
+namespace moetrt {
+
+struct Region {
+    int64_t offset = 0;
+    int64_t nbytes = 0;
+};
+
+// One runtime argument, resolved to what it means for this token count.
+struct Arg {
+    enum class Kind { Input, Output, Workspace, Tokens, Int };
+    Kind kind;
+    int64_t value;     // input / output index, workspace offset, or the int itself
+    std::string name;  // the input / output / region name (for describing the plan)
+};
+
+struct Launch {
+    std::string stage;
+    size_t kernel;  // index into Bundle::kernels
+    std::array<int64_t, 3> grid;
+    std::vector<Arg> args;
+    bool pdl;
+};
+
+struct Plan {
+    int64_t num_tokens = 0;
+    std::vector<Launch> launches;                       // empty for T = 0
+    std::vector<std::pair<std::string, Region>> layout;  // workspace regions, "total" last
+    int64_t workspace_bytes = 0;
+};
+
+// The bucket serving `num_tokens` (index into bundle.buckets); throws when none does.
+size_t bucket_for(const Bundle& bundle, int64_t num_tokens);
+
+// Throws moetrt::Error for a negative count, a count no bucket serves or a grid the GPU cannot launch.
+Plan plan_for(const Bundle& bundle, int64_t num_tokens);
+
+// The kernel parameter slots of one launch, as cuLaunchKernel takes them: one 8-byte slot per parameter
+// (pointers whole, i32 in the slot's low 4 bytes), then the null scratch pointers Triton's ABI appends.
+// inputs / outputs: device pointers in the bundle's input / output order.
+std::vector<uint64_t> launch_slots(const Bundle& bundle, const Launch& launch, int64_t num_tokens,
+                                   const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace);
+
+// The plan as JSON, in the terms of kernels/plan.py (launch args as [source, ref]; ints as decimal text).
+std::string describe(const Bundle& bundle, const Plan& plan);
+
+}  // namespace moetrt

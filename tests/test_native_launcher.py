@@ -1,0 +1,235 @@
+"""The native launcher library on the CPU: its planner against plan.py for every bucket and path, argument
+packing, and every refusal (damaged, truncated, foreign bundles; wrong SM; bad token counts)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from moetrt_testing.planning_bundles import SCRATCH_PARAMS, planning_bundle
+
+from moetrt.core.errors import MoetrtError
+from moetrt.kernels import configs as tuning
+from moetrt.kernels import plan
+from moetrt.kernels.aot import BUNDLE_MAGIC, KernelBundle
+from moetrt.kernels.launcher import plan_from_native
+from moetrt.kernels.native import NativeBundle, NativeLauncher
+from moetrt.op.spec import FP8_BLOCK, INT4, MXFP4, MoEAttributes
+
+FULL = MoEAttributes(
+    16,
+    4,
+    64,
+    48,
+    scoring="sigmoid",
+    has_score_correction_bias=True,
+    n_group=4,
+    topk_group=2,
+    norm_topk_prob=True,
+    has_router_bias=True,
+    has_expert_bias=True,
+    shared_intermediate_size=32,
+    has_shared_gate=True,
+    output_router_logits=True,
+)
+ATTRS = {
+    "full": FULL,
+    "plain": MoEAttributes(8, 2, 64, 48),
+    "qwen3_next": MoEAttributes(
+        512, 10, 2048, 512, norm_topk_prob=True, shared_intermediate_size=512, has_shared_gate=True
+    ),
+    "gpt_oss": MoEAttributes(
+        32,
+        4,
+        64,
+        64,
+        topk_before_score=True,
+        activation="swiglu_clamped",
+        has_router_bias=True,
+        has_expert_bias=True,
+    ),
+    "fp8": MoEAttributes(8, 2, 256, 128, weight_format=FP8_BLOCK, weight_block=128),
+    "int4_zero": MoEAttributes(
+        8, 2, 256, 128, weight_format=INT4, weight_block=64, has_weight_zero_point=True
+    ),
+    "mxfp4": MoEAttributes(8, 2, 64, 64, weight_format=MXFP4, weight_block=32, shared_intermediate_size=32),
+}
+TOKENS = (0, 1, 2, 5, 15, 16, 17, 63, 64, 65, 300, 511, 512, 513, 4096, 5001)
+
+
+def _python_plan(bundle: KernelBundle, attrs: MoEAttributes, num_tokens: int):
+    bound = plan.bucket_of(num_tokens, [b["bound"] for b in bundle.buckets.values()])
+    cfg = bundle.buckets[plan.bucket_name(bound)]["config"]
+    variants = plan.bucket_variants(attrs, bundle.dtype, bound, cfg)
+    return (
+        plan.launch_sequence(attrs, bundle.dtype, num_tokens, variants, cfg, bound),
+        plan.workspace_layout(attrs, bundle.dtype, num_tokens, cfg, bound),
+    )
+
+
+def _assert_same_plans(bundle: KernelBundle, attrs: MoEAttributes, tokens=TOKENS) -> None:
+    native = NativeBundle(bundle.to_bytes())
+    for t in tokens:
+        ops, layout = plan_from_native(native.plan(t))
+        if t == 0:
+            assert ops == [] and native.workspace_size(0) == 0
+            continue
+        want_ops, want_layout = _python_plan(bundle, attrs, t)
+        assert ops == want_ops, t
+        assert layout == want_layout, t
+        assert native.workspace_size(t) == want_layout["total"].nbytes
+
+
+@pytest.mark.parametrize("name", sorted(ATTRS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
+    attrs = ATTRS[name]
+    _assert_same_plans(planning_bundle(attrs, dtype), attrs)
+
+
+@pytest.mark.parametrize("path", ["gemv", "fused", "pdl"])
+def test_native_plan_follows_the_config(path: str) -> None:
+    """The expert-group path, the fused decode path and PDL, as a tuned table selects them."""
+    attrs = FULL
+    configs = {}
+    for bound in plan.BUCKETS:
+        cfg = tuning.default_config(attrs, "bfloat16", bound)
+        if path == "gemv":
+            cfg["gemv"]["enabled"] = 1
+        elif path == "fused":
+            cfg["fused"] = {"enabled": 1, "BH": 64}
+        else:
+            cfg["pdl"] = {"enabled": 1}
+        configs[bound] = cfg
+    bundle = planning_bundle(attrs, "bfloat16", configs=configs)
+    _assert_same_plans(bundle, attrs)
+    stages = [op["stage"] for op in NativeBundle(bundle.to_bytes()).plan(3)["launches"]]
+    expected = {
+        "gemv": ["router", "topk_group", "gemv_gate_up", "gemv_down"],
+        "fused": ["router", "topk", "experts", "finalize"],
+        "pdl": ["router", "topk", "gate_up", "down_rows"],
+    }[path]
+    assert stages == expected
+    if path == "pdl":
+        assert all(op["pdl"] for op in NativeBundle(bundle.to_bytes()).plan(700)["launches"])
+
+
+def test_native_plan_of_the_shipped_sm90_table() -> None:
+    """Qwen3-Next's tuned H200 configs (their T = 1 bucket and tile choices) plan alike in both planners."""
+    attrs = ATTRS["qwen3_next"]
+    _assert_same_plans(planning_bundle(attrs, "bfloat16", sm=90), attrs, tokens=(1, 2, 8, 64, 512, 4096))
+
+
+def test_bundle_with_some_buckets_only() -> None:
+    attrs = ATTRS["plain"]
+    native = NativeBundle(planning_bundle(attrs, "float16", buckets=(16, 64)).to_bytes())
+    assert [op["stage"] for op in native.plan(16)["launches"]][:2] == ["router", "topk"]
+    with pytest.raises(MoetrtError, match="no token bucket for 65 tokens"):
+        native.plan(65)
+
+
+def test_launch_slots_resolve_every_pointer() -> None:
+    """What the launcher hands cuLaunchKernel: inputs, outputs and workspace regions by name, T and host ints
+    as i32 in the low bytes, absent inputs as hidden_states, Triton's scratch pointers null."""
+    attrs, dtype, t = FULL, "float16", 9
+    bundle = planning_bundle(attrs, dtype)
+    native = NativeBundle(bundle.to_bytes())
+    inputs = [0x10000 * (i + 1) for i in range(len(attrs.present_inputs()))]
+    outputs, ws = [0x9000000, 0xA000000], 0xF0000000
+    by_name = {**dict(zip(attrs.present_inputs(), inputs)), **dict(zip(attrs.present_outputs(), outputs))}
+    ops, layout = plan_from_native(native.plan(t))
+    for index, op in enumerate(ops):
+        slots = native.launch_slots(t, index, inputs, outputs, ws)
+        kernel = bundle.kernels[op.variant_key]
+        assert len(slots) == len(kernel.param_types) + SCRATCH_PARAMS
+        assert slots[-SCRATCH_PARAMS:] == [0] * SCRATCH_PARAMS
+        for (src, ref), value in zip(op.args, slots):
+            if src in ("in", "out"):
+                assert value == by_name[ref]
+            elif src == "ws":
+                assert value == ws + layout[ref].offset
+            elif src == "T":
+                assert value == t
+            else:
+                assert value == struct.unpack("<I", struct.pack("<i", int(ref)))[0]
+
+
+def test_absent_inputs_resolve_to_hidden_states() -> None:
+    attrs, t = ATTRS["plain"], 3
+    native = NativeBundle(planning_bundle(attrs, "bfloat16").to_bytes())
+    inputs = [0x1000, 0x2000, 0x3000, 0x4000]
+    launches = native.plan(t)["launches"]
+    for index, op in enumerate(launches):
+        slots = native.launch_slots(t, index, inputs, [0x5000], 0x100000)
+        for (src, ref), value in zip(op["args"], slots):
+            if src == "in":
+                assert value == inputs[attrs.present_inputs().index(ref)]
+                if ref == "hidden_states":
+                    assert value == 0x1000
+    router_bias_users = [op for op in launches if ["in", "router_bias"] in op["args"]]
+    assert not router_bias_users  # plain has no router bias: its slot names hidden_states instead
+
+
+def test_slot_count_mismatch_and_index_are_refused() -> None:
+    native = NativeBundle(planning_bundle(ATTRS["plain"], "bfloat16").to_bytes())
+    with pytest.raises(MoetrtError, match="wrong number of input or output pointers"):
+        native.launch_slots(3, 0, [0x1000], [0x5000], 0x100000)
+    with pytest.raises(MoetrtError, match="outside the plan"):
+        native.launch_slots(3, 9, [0x1000, 0x2000, 0x3000, 0x4000], [0x5000], 0x100000)
+
+
+def _header(data: bytes) -> tuple[dict, bytes]:
+    start = len(BUNDLE_MAGIC) + 4
+    (length,) = struct.unpack("<I", data[len(BUNDLE_MAGIC) : start])
+    return json.loads(data[start : start + length]), data[start + length :]
+
+
+def _with_header(header: dict, blobs: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return BUNDLE_MAGIC + struct.pack("<I", len(text)) + text + blobs
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: d[:6], "no moetrt header"),
+        (lambda d: b"X" + d[1:], "no moetrt header"),
+        (lambda d: d[:40], "truncated"),
+        (lambda d: d[:-1], "truncated"),
+        (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
+        (lambda d: _with_header({**_header(d)[0], "version": 2}, _header(d)[1]), "version 2 is not 3"),
+        (
+            lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
+            'lacks "inputs"',
+        ),
+        (lambda d: _with_header({**_header(d)[0], "buckets": {}}, _header(d)[1]), "no token bucket"),
+    ],
+    ids=["short", "magic", "header-cut", "cubin-cut", "json", "version", "no-inputs", "no-buckets"],
+)
+def test_damaged_bundles_are_refused(damage, message: str) -> None:
+    data = planning_bundle(ATTRS["plain"], "bfloat16").to_bytes()
+    with pytest.raises(MoetrtError, match=message):
+        NativeBundle(damage(data))
+
+
+def test_sm_and_token_count_refusals() -> None:
+    native = NativeBundle(planning_bundle(ATTRS["plain"], "bfloat16", sm=90).to_bytes())
+    assert native.sm == 90 and native.num_inputs == 4 and native.num_outputs == 1
+    native.check_sm(90)
+    with pytest.raises(MoetrtError, match="bundle is for sm_90, the GPU is sm_89") as err:
+        native.check_sm(89)
+    assert "moetrt aot --sm 89" in err.value.hint
+    with pytest.raises(MoetrtError, match="negative token count"):
+        native.workspace_size(-1)
+
+
+def test_launcher_without_a_driver_says_so() -> None:
+    """On a machine without libcuda the launcher refuses in one line; planning above needed no driver."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has a CUDA driver")
+    native = NativeBundle(planning_bundle(ATTRS["plain"], "bfloat16").to_bytes())
+    with pytest.raises(MoetrtError, match="cannot open the CUDA driver"):
+        NativeLauncher(native)
