@@ -62,6 +62,11 @@ def rtx_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--tokens", "64:8:4096"], ["--tokens", "1:128:4096"]),
         (["--batch", "0:1:2"], ["--batch"]),
         (["--engine-backend", "tensorrt-rtx", "--precision", "bf16"], ["is fp16 but --precision is bf16"]),
+        (["--plugin-library", "/nonexistent/libmoetrt_plugin.so"], ["does not exist", "libmoetrt_plugin.so"]),
+        (
+            ["--engine-backend", "tensorrt-rtx", "--target", "rtx40", "--plugin-library", "x.so"],
+            ["--plugin-library is for --engine-backend tensorrt"],
+        ),
     ],
 )
 def test_build_refuses_with_one_line(
