@@ -7,27 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from moetrt_testing.planning_bundles import EVERY_OPTION as FULL
 
 from moetrt.kernels import configs as tuning
 from moetrt.kernels import plan
 from moetrt.op.spec import MoEAttributes
 
-FULL = MoEAttributes(
-    16,
-    4,
-    64,
-    48,
-    scoring="sigmoid",
-    has_score_correction_bias=True,
-    n_group=4,
-    topk_group=2,
-    norm_topk_prob=True,
-    has_router_bias=True,
-    has_expert_bias=True,
-    shared_intermediate_size=32,
-    has_shared_gate=True,
-    output_router_logits=True,
-)
 PLAIN = MoEAttributes(8, 2, 64, 48)
 
 

@@ -7,6 +7,7 @@ index, so CI builds and tests the header-independent part; the plugin is compile
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from moetrt_testing import native_files
-from moetrt_testing.planning_bundles import planning_bundle
+from moetrt_testing.planning_bundles import EVERY_OPTION, planning_bundle
 
 from moetrt.kernels import plan
 from moetrt.kernels.launcher import plan_from_native
@@ -24,23 +25,7 @@ from moetrt.op.spec import INT4, MoEAttributes
 from moetrt.trt import io_rules
 from moetrt.trt.fields import PluginState, state_to_fields
 
-FULL = MoEAttributes(
-    16,
-    4,
-    64,
-    48,
-    scoring="sigmoid",
-    has_score_correction_bias=True,
-    n_group=4,
-    topk_group=2,
-    norm_topk_prob=True,
-    has_router_bias=True,
-    has_expert_bias=True,
-    shared_intermediate_size=32,
-    has_shared_gate=True,
-    output_router_logits=True,
-    routed_scaling_factor=2.5,
-)
+FULL = dataclasses.replace(EVERY_OPTION, routed_scaling_factor=2.5)
 QUANTIZED = MoEAttributes(8, 2, 256, 128, weight_format=INT4, weight_block=64, has_weight_zero_point=True)
 
 
@@ -168,8 +153,6 @@ def test_plugin_rules_equal_python(native_build: Path, bundle_file) -> None:
 
 
 def test_creator_asks_for_every_field_python_writes(native_build: Path) -> None:
-    import dataclasses
-
     from moetrt.kernels.aot import SUPPORTED_SMS
     from moetrt.trt.fields import KERNELS_PREFIX
 

@@ -7,6 +7,7 @@ import json
 import struct
 
 import pytest
+from moetrt_testing.planning_bundles import EVERY_OPTION as FULL
 from moetrt_testing.planning_bundles import SCRATCH_PARAMS, planning_bundle
 
 from moetrt.core.errors import MoetrtError
@@ -17,22 +18,6 @@ from moetrt.kernels.launcher import plan_from_native
 from moetrt.kernels.native import NativeBundle, NativeLauncher
 from moetrt.op.spec import FP8_BLOCK, INT4, MXFP4, MoEAttributes
 
-FULL = MoEAttributes(
-    16,
-    4,
-    64,
-    48,
-    scoring="sigmoid",
-    has_score_correction_bias=True,
-    n_group=4,
-    topk_group=2,
-    norm_topk_prob=True,
-    has_router_bias=True,
-    has_expert_bias=True,
-    shared_intermediate_size=32,
-    has_shared_gate=True,
-    output_router_logits=True,
-)
 ATTRS = {
     "full": FULL,
     "plain": MoEAttributes(8, 2, 64, 48),
@@ -173,8 +158,9 @@ def test_absent_inputs_resolve_to_hidden_states() -> None:
 
 def test_slot_count_mismatch_and_index_are_refused() -> None:
     native = NativeBundle(planning_bundle(ATTRS["plain"], "bfloat16").to_bytes())
-    with pytest.raises(MoetrtError, match="wrong number of input or output pointers"):
+    with pytest.raises(MoetrtError, match="1 input pointers for 4 inputs") as err:
         native.launch_slots(3, 0, [0x1000], [0x5000], 0x100000)
+    assert err.value.hint.startswith("pass them in this order: hidden_states, router_weight")
     with pytest.raises(MoetrtError, match="outside the plan"):
         native.launch_slots(3, 9, [0x1000, 0x2000, 0x3000, 0x4000], [0x5000], 0x100000)
 

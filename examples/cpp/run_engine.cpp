@@ -16,6 +16,7 @@
 
 #include "driver.h"
 #include "json.h"
+#include "launcher.h"
 
 using namespace nvinfer1;
 
@@ -84,11 +85,8 @@ int main(int argc, char** argv) {
         drv.check(drv.device_get(&device, 0), "opening device 0");
         drv.check(drv.primary_ctx_retain(&ctx, device), "retaining the primary context");
         drv.check(drv.ctx_set_current(ctx), "making it current");
-        int major = 0, minor = 0;
-        drv.check(drv.device_get_attribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "reading the SM");
-        drv.check(drv.device_get_attribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "reading the SM");
         std::string plan = read_file(dir + "/model.plan");
-        check_plan(dir, plan, major * 10 + minor);
+        check_plan(dir, plan, moetrt::device_sm(device));
 
         void* nvinfer = nullptr;
         for (const char* name : {"libnvinfer.so", "libnvinfer.so.11", "libnvinfer.so.10"})

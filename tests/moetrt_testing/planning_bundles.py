@@ -12,6 +12,23 @@ from moetrt.kernels.aot import CompiledKernel, KernelBundle
 from moetrt.op.spec import MoEAttributes
 
 SCRATCH_PARAMS = 2  # what Triton 3.6 appends (global and profile scratch)
+#: an op with every optional input and output (grouped sigmoid routing, biases, gated shared expert, logits)
+EVERY_OPTION = MoEAttributes(
+    16,
+    4,
+    64,
+    48,
+    scoring="sigmoid",
+    has_score_correction_bias=True,
+    n_group=4,
+    topk_group=2,
+    norm_topk_prob=True,
+    has_router_bias=True,
+    has_expert_bias=True,
+    shared_intermediate_size=32,
+    has_shared_gate=True,
+    output_router_logits=True,
+)
 
 
 def planning_bundle(

@@ -53,7 +53,7 @@ class MoELauncher:
         """Bytes of device workspace `enqueue` needs for `num_tokens` tokens (256-byte aligned)."""
         if num_tokens <= 0:
             return 0
-        return self.native_bundle.workspace_size(num_tokens)
+        return self.launch_plan(num_tokens)[1]["total"].nbytes  # cached: called before every enqueue
 
     def launch_plan(self, num_tokens: int) -> tuple[list[plan.Launch], dict[str, plan.Region]]:
         """The launches and workspace layout for `num_tokens` (cached per token count)."""

@@ -80,16 +80,6 @@ PluginFieldType trt_type(const Field& f) {
     }
 }
 
-int64_t current_sm() {
-    const Driver& drv = Driver::get();
-    CUdevice device;
-    drv.check(drv.ctx_get_device(&device), "reading the current device");
-    int major = 0, minor = 0;
-    drv.check(drv.device_get_attribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "reading the SM");
-    drv.check(drv.device_get_attribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "reading the SM");
-    return sm_from_capability(major, minor);
-}
-
 // One launcher (loaded modules) per bundle, shared by every plugin instance and execution context.
 std::shared_ptr<Launcher> launcher_for(const std::shared_ptr<const Bundle>& bundle) {
     static std::mutex mutex;
@@ -202,7 +192,7 @@ public:
     int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc, void const* const* inputs,
                     void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
         try {
-            if (!launcher_) launcher_ = launcher_for(state_->shared_bundle_for(current_sm()));
+            if (!launcher_) launcher_ = launcher_for(state_->shared_bundle_for(current_device_sm()));
             const Bundle& b = launcher_->bundle();
             size_t n_in = b.inputs.size(), n_out = b.outputs.size();
             std::vector<std::vector<int64_t>> dims = dims_of(inputDesc, static_cast<int32_t>(n_in),

@@ -127,9 +127,7 @@ int moetrt_launch_slots(const moetrt_bundle* bundle, int64_t num_tokens, int64_t
     return guarded([&] {
         require(bundle, "bundle");
         const moetrt::Bundle& b = *bundle->bundle;
-        if (num_inputs != b.inputs.size() || num_outputs != b.outputs.size())
-            throw moetrt::Error(moetrt::ErrorKind::Invalid, "wrong number of input or output pointers",
-                                "pass every present input and output");
+        moetrt::check_pointer_counts(b, num_inputs, num_outputs);
         moetrt::Plan plan = moetrt::plan_for(b, num_tokens);
         if (index < 0 || index >= static_cast<int64_t>(plan.launches.size()))
             throw moetrt::Error(moetrt::ErrorKind::Invalid, "launch index " + std::to_string(index) + " is outside the plan",

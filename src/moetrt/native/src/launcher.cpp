@@ -23,6 +23,20 @@ void check_pointers(const uint64_t* ptrs, size_t n, const char* what) {
 
 int64_t sm_from_capability(int major, int minor) { return major * 10 + minor; }
 
+int64_t device_sm(CUdevice device) {
+    const Driver& drv = Driver::get();
+    int major = 0, minor = 0;
+    drv.check(drv.device_get_attribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "reading the SM");
+    drv.check(drv.device_get_attribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "reading the SM");
+    return sm_from_capability(major, minor);
+}
+
+int64_t current_device_sm() {
+    CUdevice device;
+    Driver::get().check(Driver::get().ctx_get_device(&device), "reading the current device");
+    return device_sm(device);
+}
+
 void check_sm(const Bundle& bundle, int64_t sm) {
     if (sm != bundle.sm)
         throw Error(ErrorKind::Unsupported,
@@ -40,12 +54,7 @@ Launcher::Launcher(std::shared_ptr<const Bundle> bundle) : bundle_(std::move(bun
         drv.check(drv.primary_ctx_retain(&ctx, device0), "retaining the primary context");
         drv.check(drv.ctx_set_current(ctx), "making the primary context current");
     }
-    CUdevice device;
-    drv.check(drv.ctx_get_device(&device), "reading the current device");
-    int major = 0, minor = 0;
-    drv.check(drv.device_get_attribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "reading the SM");
-    drv.check(drv.device_get_attribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "reading the SM");
-    check_sm(*bundle_, sm_from_capability(major, minor));
+    check_sm(*bundle_, current_device_sm());
     try {
         for (const Kernel& kernel : bundle_->kernels) {
             CUmodule module = nullptr;
@@ -89,20 +98,7 @@ std::shared_ptr<const Plan> Launcher::plan(int64_t num_tokens) {
 void Launcher::enqueue(int64_t num_tokens, const uint64_t* inputs, size_t num_inputs, const uint64_t* outputs,
                        size_t num_outputs, uint64_t workspace, CUstream stream, int first, int count) {
     const Bundle& b = *bundle_;
-    if (num_inputs != b.inputs.size()) {
-        std::string order;
-        for (const auto& n : b.inputs) order += (order.empty() ? "" : ", ") + n;
-        throw Error(ErrorKind::Invalid,
-                    std::to_string(num_inputs) + " input pointers for " + std::to_string(b.inputs.size()) + " inputs",
-                    "pass them in this order: " + order);
-    }
-    if (num_outputs != b.outputs.size()) {
-        std::string order;
-        for (const auto& n : b.outputs) order += (order.empty() ? "" : ", ") + n;
-        throw Error(ErrorKind::Invalid,
-                    std::to_string(num_outputs) + " output pointers for " + std::to_string(b.outputs.size()) + " outputs",
-                    "pass them in this order: " + order);
-    }
+    check_pointer_counts(b, num_inputs, num_outputs);
     std::shared_ptr<const Plan> plan = this->plan(num_tokens);  // throws for T < 0
     if (num_tokens == 0) return;
     check_pointers(inputs, num_inputs, "input");

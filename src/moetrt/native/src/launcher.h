@@ -45,5 +45,8 @@ void check_sm(const Bundle& bundle, int64_t sm);
 
 // The SM number of a compute capability (9.0 -> 90, 12.0 -> 120), as core/devices.py maps it.
 int64_t sm_from_capability(int major, int minor);
+// The SM of `device` / of the current context's device.
+int64_t device_sm(CUdevice device);
+int64_t current_device_sm();
 
 }  // namespace moetrt

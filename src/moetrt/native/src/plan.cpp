@@ -204,6 +204,18 @@ Plan plan_for(const Bundle& b, int64_t t) {
     return plan;
 }
 
+void check_pointer_counts(const Bundle& b, size_t num_inputs, size_t num_outputs) {
+    auto refuse = [](size_t got, const std::vector<std::string>& names, const char* what) {
+        std::string order;
+        for (const auto& n : names) order += (order.empty() ? "" : ", ") + n;
+        throw Error(ErrorKind::Invalid,
+                    std::to_string(got) + " " + what + " pointers for " + std::to_string(names.size()) + " " + what + "s",
+                    "pass them in this order: " + order);
+    };
+    if (num_inputs != b.inputs.size()) refuse(num_inputs, b.inputs, "input");
+    if (num_outputs != b.outputs.size()) refuse(num_outputs, b.outputs, "output");
+}
+
 std::vector<uint64_t> launch_slots(const Bundle& b, const Launch& launch, int64_t num_tokens,
                                    const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace) {
     const Kernel& kernel = b.kernels[launch.kernel];

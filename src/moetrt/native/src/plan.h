@@ -45,6 +45,9 @@ size_t bucket_for(const Bundle& bundle, int64_t num_tokens);
 // Throws moetrt::Error for a negative count, a count no bucket serves or a grid the GPU cannot launch.
 Plan plan_for(const Bundle& bundle, int64_t num_tokens);
 
+// Throws moetrt::Error naming the order expected unless there is one pointer per present input and output.
+void check_pointer_counts(const Bundle& bundle, size_t num_inputs, size_t num_outputs);
+
 // The kernel parameter slots of one launch, as cuLaunchKernel takes them: one 8-byte slot per parameter
 // (pointers whole, i32 in the slot's low 4 bytes), then the null scratch pointers Triton's ABI appends.
 // inputs / outputs: device pointers in the bundle's input / output order.
