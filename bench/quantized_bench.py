@@ -24,46 +24,13 @@ import torch
 from moetrt.core.devices import sm_from_capability
 from moetrt.core.tolerances import relative_error, tolerance
 from moetrt.kernels.aot import compile_kernels
+from moetrt.kernels.plan import bucket_name, bucket_of
 from moetrt.kernels.torch_ops import moe_forward
-from moetrt.op import quant
 from moetrt.op.presets import PRESETS
-from moetrt.op.spec import DEFAULT_BLOCK, NATIVE, WEIGHT_FORMATS, MoEAttributes
+from moetrt.op.spec import DEFAULT_BLOCK, NATIVE, WEIGHT_FORMATS
 from moetrt.tune import floors, timing
-from moetrt.tune.gpu_workload import gpu_random_inputs, gpu_reference
-
-EXPERT_WEIGHTS = {"expert_gate_up_weight": "expert_gate_up", "expert_down_weight": "expert_down"}
-CHUNK = 32  # experts quantized at a time (MXFP4's nearest-code search holds 8 floats per weight)
-
-
-def quantized_inputs(
-    native: dict[str, torch.Tensor], attrs: MoEAttributes
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the op's inputs with quantized experts, the same inputs with the experts dequantized to float32)."""
-    if attrs.weight_format == NATIVE:
-        return native, native
-    inputs, oracle = dict(native), dict(native)
-    for name, prefix in EXPERT_WEIGHTS.items():
-        weight = native[name]
-        parts = [
-            quant.quantize(attrs.weight_format, attrs.weight_block, weight[lo : lo + CHUNK])
-            for lo in range(0, weight.shape[0], CHUNK)
-        ]
-        q = quant.QuantizedWeight(
-            torch.cat([p.codes for p in parts]),
-            torch.cat([p.scale for p in parts]),
-            None,
-        )
-        inputs[name] = q.codes
-        inputs[f"{prefix}_scale"] = q.scale
-        oracle[name] = torch.cat(
-            [
-                quant.dequantize(
-                    attrs.weight_format, attrs.weight_block, quant.QuantizedWeight(c, s), weight.shape[-1]
-                )
-                for c, s in zip(q.codes.split(CHUNK), q.scale.split(CHUNK))
-            ]
-        )
-    return inputs, oracle
+from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs, gpu_reference
+from moetrt.tune.tuner import profile_stages
 
 
 def main() -> None:
@@ -75,6 +42,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8,64,4096")
     parser.add_argument("--formats", default=",".join(WEIGHT_FORMATS))
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="also each kernel's µs (tune.profile_stages)")
     args = parser.parse_args()
     device = torch.device("cuda")
     major, minor = torch.cuda.get_device_capability()
@@ -93,14 +61,12 @@ def main() -> None:
         for fmt in args.formats.split(","):
             attrs = dataclasses.replace(base, weight_format=fmt, weight_block=DEFAULT_BLOCK.get(fmt, 0))
             bundle = compile_kernels(attrs, "bfloat16", sm, workers=min(16, os.cpu_count() or 1))
-            inputs, oracle = quantized_inputs(weights, attrs)
+            inputs, oracle = gpu_quantized_inputs(weights, attrs)
             for t in map(int, args.tokens.split(",")):
                 hidden = gpu_random_inputs(base, t, torch.bfloat16, seed=100 + t, names=["hidden_states"])
                 inputs["hidden_states"] = oracle["hidden_states"] = hidden["hidden_states"]
                 got = moe_forward(inputs, attrs, bundle)["output"].float()
-                expected = gpu_reference(
-                    oracle, dataclasses.replace(attrs, weight_format=NATIVE, weight_block=0)
-                )
+                expected = gpu_reference(oracle, attrs.with_native_weights())
                 rel = relative_error(got, expected.output)
                 times = timing.time_graph(
                     lambda i=inputs, a=attrs, b=bundle: moe_forward(i, a, b), args.iters
@@ -117,7 +83,15 @@ def main() -> None:
                     "floor_us": round(floor, 2),
                     "pct_of_floor": round(100 * floor / times.median_us, 1),
                     "distinct_experts": expected.distinct_experts,
+                    "config": {
+                        stage: bundle.buckets[bucket_name(bucket_of(t))]["config"][stage]
+                        for stage in ("gate_up", "down")
+                    },
                 }
+                if args.profile:
+                    row["stages_us"] = {
+                        k: round(v, 2) for k, v in profile_stages(bundle, attrs, inputs).items()
+                    }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 with args.out.open("a") as f:

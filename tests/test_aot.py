@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -248,3 +249,90 @@ def test_tune_picks_the_fastest_correct_candidate(tmp_path) -> None:  # type: ig
         out_path=tmp_path / "sorted.json",
     )
     assert best[configs.entry_key(SMALL, "bfloat16", 1)]["gemv"]["enabled"] == 0
+
+
+SMALL_FP8 = dataclasses.replace(SMALL, weight_format="fp8_block", weight_block=16)
+SMALL_MXFP4 = dataclasses.replace(SMALL, intermediate_size=64, weight_format="mxfp4", weight_block=32)
+
+
+def test_quantized_entries_have_their_own_expert_tiles(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A quantized op takes the native entry's router / top-k / PDL and never its expert GEMM tiles."""
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs._load_table.cache_clear()
+    try:
+        assert configs.entry_key(SMALL_FP8, "bfloat16", 1).startswith(
+            configs.shape_key(SMALL) + "+fp8_block16/"
+        )
+        int4 = dataclasses.replace(SMALL, weight_format="int4", weight_block=16, has_weight_zero_point=True)
+        assert configs.weights_key(int4) == "+int4g16z" and configs.weights_key(SMALL) == ""
+        native = {
+            "router": {"SPLIT": 3},
+            "topk": {"RT": 8},
+            "pdl": {"enabled": 1},
+            "gate_up": {"BN": 128},
+            "fused": {"enabled": 1},
+        }
+        configs.write_table({configs.entry_key(SMALL, "bfloat16", 16): native}, 90)
+        cfg = configs.select_config(SMALL_FP8, "bfloat16", 90, 16)
+        assert (cfg["router"]["SPLIT"], cfg["topk"]["RT"], cfg["pdl"]["enabled"]) == (3, 8, 1)
+        assert cfg["gate_up"] == configs.default_config(SMALL_FP8, "bfloat16", 16)["gate_up"]
+        assert cfg["fused"]["enabled"] == 0 and cfg["gemv"]["enabled"] == 0
+        # tiles inside one scale group: the 16-wide blocks give 16-wide K tiles
+        assert cfg["gate_up"]["BK"] == cfg["down"]["BK"] == 16
+        assert cfg["dequant"]["fp8_cvt"] == 1  # SM 9.0 converts e4m3 in hardware
+        assert configs.select_config(SMALL_FP8, "bfloat16", 89, 16)["dequant"]["fp8_cvt"] == 0
+        assert configs.select_config(SMALL_MXFP4, "bfloat16", 90, 16)["dequant"]["fp8_cvt"] == 0
+        own = {"gate_up": {"BN": 16, "num_warps": 8}, "down": {"BH": 32}}
+        configs.write_table({configs.entry_key(SMALL_FP8, "bfloat16", 16): own}, 90)
+        cfg = configs.select_config(SMALL_FP8, "bfloat16", 90, 16)
+        assert (cfg["gate_up"]["BN"], cfg["gate_up"]["num_warps"], cfg["down"]["BH"]) == (16, 8, 32)
+        assert cfg["router"]["SPLIT"] == 3
+        # the native op does not see the quantized entry
+        assert configs.select_config(SMALL, "bfloat16", 90, 16)["gate_up"]["BN"] == 128
+    finally:
+        configs._load_table.cache_clear()
+
+
+def test_hardware_fp8_conversion_needs_sm90() -> None:
+    cfg = configs.default_config(SMALL_FP8, "bfloat16", 16)
+    cfg["dequant"]["fp8_cvt"] = 1
+    bundle = compile_kernels(SMALL_FP8, "bfloat16", 90, buckets=(16,), configs={16: cfg})
+    gate_up = bundle.buckets["16"]["variants"]["gate_up"]
+    assert bundle.buckets["16"]["constexprs"][gate_up]["FP8_CVT"] == 1
+    with pytest.raises(MoetrtError, match="sm_89 lacks"):
+        compile_kernels(SMALL_FP8, "bfloat16", 89, buckets=(16,), configs={16: cfg})
+
+
+def test_tune_of_quantized_experts_writes_only_their_tiles(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    seen = []
+
+    def fake_time(cfg: dict, t: int) -> float:
+        seen.append(cfg)
+        return 5.0 + cfg["gate_up"]["BK"] / 16 + cfg["down"]["BH"] / 64
+
+    best = tuner.tune(SMALL_MXFP4, "bfloat16", 90, fake_time, tokens=(1, 8), out_path=tmp_path / "q.json")
+    assert set(best) == {configs.entry_key(SMALL_MXFP4, "bfloat16", b) for b in (1, 16)}
+    entry = best[configs.entry_key(SMALL_MXFP4, "bfloat16", 16)]
+    assert set(entry) == {*configs.QUANTIZED_STAGES, "us", "tokens"}
+    assert entry["gate_up"]["BK"] == 32 and entry["down"]["BH"] == 16
+    assert not any(c["gemv"]["enabled"] or c["fused"]["enabled"] for c in seen)
+    # one round (the tiles), each candidate changes gate_up or down, not both
+    base = configs.select_config(SMALL_MXFP4, "bfloat16", 90, 16)
+    assert all(c["gate_up"] == base["gate_up"] or c["down"] == base["down"] for c in seen)
+
+
+def test_weights_option_of_aot_and_tune() -> None:
+    """`--weights` turns a preset into its quantized op (block chosen as `moetrt fuse` does), once."""
+    from moetrt.cli import with_weights
+
+    fp8 = with_weights(PRESETS["qwen3_next"], "fp8", None, False)
+    assert (fp8.weight_format, fp8.weight_block, fp8.has_weight_zero_point) == ("fp8_block", 128, False)
+    int4 = with_weights(PRESETS["qwen3_30b"], "int4", 64, True)
+    assert (int4.weight_format, int4.weight_block, int4.has_weight_zero_point) == ("int4", 64, True)
+    assert with_weights(SMALL, "native", None, False) == SMALL
+    with pytest.raises(MoetrtError, match="already store"):
+        with_weights(SMALL_FP8, "int4", None, False)
+    with pytest.raises(MoetrtError, match="applies to --weights int4"):
+        with_weights(SMALL, "fp8", None, True)
+    with pytest.raises(MoetrtError, match="does not fit"):
+        with_weights(SMALL, "int4", 7, False)

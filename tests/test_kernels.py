@@ -50,7 +50,7 @@ VARIANTS: dict[str, MoEAttributes] = {
         weight_format="fp8_block", weight_block=16,
     ),
     "int4_zero_swiglu_biases": like(
-        "gpt_oss_20b", 8, 2, 64, 32, swiglu_limit=1.5, weight_format="int4", weight_block=16,
+        "gpt_oss_20b", 8, 2, 64, 32, swiglu_limit=1.5, weight_format="int4", weight_block=32,
         has_weight_zero_point=True,
     ),
     "mxfp4_sigmoid_grouped": like(
@@ -64,7 +64,11 @@ VARIANTS: dict[str, MoEAttributes] = {
 # the router over 3 slices of H (summed by the top-k kernel), as large shapes do at decode, "fused" the
 # decode path's single experts kernel (gate_up + down with fp32 atomics) and its finalize kernel, "gemv" the
 # expert-group path (a tuning candidate) with small tiles ("gemv+fused": with the fused switch also on, which
-# the group path overrides), "sorted" the sorted decode path at T = 1 with every other switch off.
+# the group path overrides), "sorted" the sorted decode path at T = 1 with every other switch off,
+# "scaled" quantized tiles inside one scale group (K 16 for fp8, 32 for 4-bit codes), so the scales multiply
+# each tile's product (`triton_moe.scales_on_product`), "+cvt" with fp8 converted by Triton's e4m3 type (the
+# SM90+ form), "perweight" quantized tiles dequantized per weight (`weight_tile`): gate_up tiles of K 64
+# across groups below 64 tokens, and by the config's `dequant.per_weight` switch.
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
@@ -105,6 +109,19 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("int4_zero_swiglu_biases", "float16", 70, "auto"),
     ("mxfp4_sigmoid_grouped", "bfloat16", 1, "auto"),
     ("mxfp4_sigmoid_grouped", "float32", 70, "auto"),
+    ("fp8_shared_gated", "bfloat16", 13, "scaled"),
+    ("fp8_shared_gated", "bfloat16", 1, "scaled+cvt"),
+    ("fp8_shared_gated", "float32", 70, "scaled+cvt"),
+    ("fp8_shared_gated", "float16", 70, "scaled"),
+    ("int4_zero_swiglu_biases", "bfloat16", 9, "scaled"),
+    ("int4_zero_swiglu_biases", "float32", 70, "scaled"),
+    ("mxfp4_sigmoid_grouped", "float16", 3, "scaled"),
+    ("mxfp4_sigmoid_grouped", "bfloat16", 70, "scaled"),
+    ("fp8_shared_gated", "bfloat16", 9, "perweight"),
+    ("int4_zero_swiglu_biases", "float16", 5, "perweight"),
+    ("int4_zero_swiglu_biases", "bfloat16", 70, "perweight"),
+    ("mxfp4_sigmoid_grouped", "bfloat16", 2, "perweight"),
+    ("fp8_shared_gated", "bfloat16", 70, "perweight"),
 ]
 SLOW_CASES: list[tuple[str, str, int, str]] = [
     (variant, dtype, t, "auto")
@@ -198,7 +215,16 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
         try:
             inputs = random_inputs(attrs, t, dtype=dtypes[dtype], seed=1000 + t)
             config = None
-            if bucket in ("split", "fused", "gemv", "gemv+fused", "sorted"):
+            if bucket in (
+                "split",
+                "fused",
+                "gemv",
+                "gemv+fused",
+                "sorted",
+                "scaled",
+                "scaled+cvt",
+                "perweight",
+            ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
 
@@ -211,6 +237,13 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     config["fused"]["enabled"] = int(bucket == "gemv+fused")
                 elif bucket == "sorted":
                     config["gemv"]["enabled"] = 0
+                elif bucket.startswith("scaled"):
+                    bk = 16 if attrs.weight_format == "fp8_block" else 32
+                    config["gate_up"]["BK"] = config["down"]["BK"] = bk
+                    config["dequant"]["fp8_cvt"] = int(bucket == "scaled+cvt")
+                elif bucket == "perweight":  # tiles across groups, and tiles inside one by the switch
+                    config["gate_up"]["BK"] = 64 if t < 64 else 16
+                    config["dequant"]["per_weight"] = 1
                 else:
                     config["gemv"]["enabled"] = 0
                     config["fused"] = {"enabled": 1, "BH": 16}

@@ -403,12 +403,23 @@ _kernel_dtype_option = click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Kernel bundle file to write."
 )
 @click.option("-j", "--jobs", type=int, default=1, show_default=True, help="Parallel compiler processes.")
+@_weights_options("the expert GEMMs dequantize them in their loops.")
 @_user_errors
-def aot_cmd(preset: str | None, attrs_json: str | None, dtype: str, sm: int, output: str, jobs: int) -> None:
+def aot_cmd(
+    preset: str | None,
+    attrs_json: str | None,
+    dtype: str,
+    sm: int,
+    output: str,
+    jobs: int,
+    weights: str,
+    weight_block: int | None,
+    int4_zero_point: bool,
+) -> None:
     """Compile the MoE kernels ahead of time for one SM (no GPU needed) into a kernel bundle."""
     from moetrt.core.files import check_output_file, write_bytes_atomic
 
-    attrs = resolve_attrs(preset, attrs_json)
+    attrs = with_weights(resolve_attrs(preset, attrs_json), weights, weight_block, int4_zero_point)
     check_output_file(output)
     from moetrt.kernels.aot import compile_kernels
 
@@ -438,9 +449,21 @@ def aot_cmd(preset: str | None, attrs_json: str | None, dtype: str, sm: int, out
     help="Table to update [default: the package's configs/sm<SM>.json].",
 )
 @click.option("-j", "--jobs", type=int, default=8, show_default=True, help="Parallel compiler processes.")
+@_weights_options(
+    "the expert GEMM tiles are tuned for that format (the native entry of the shape keeps the others; tune "
+    "it first)."
+)
 @_user_errors
 def tune_cmd(
-    preset: str | None, attrs_json: str | None, dtype: str, tokens: str, output: str | None, jobs: int
+    preset: str | None,
+    attrs_json: str | None,
+    dtype: str,
+    tokens: str,
+    output: str | None,
+    jobs: int,
+    weights: str,
+    weight_block: int | None,
+    int4_zero_point: bool,
 ) -> None:
     """Tune the kernel-config table for the GPU of this machine (times every candidate on it)."""
     from moetrt.tune.tuner import tune_gpu
@@ -453,9 +476,8 @@ def tune_cmd(
         ) from err
     if any(t < 1 for t in counts):
         raise MoetrtError("--tokens must be positive", "e.g. --tokens 1,64,4096")
-    best = tune_gpu(
-        resolve_attrs(preset, attrs_json), dtype, counts, output, workers=max(1, jobs), log=click.echo
-    )
+    attrs = with_weights(resolve_attrs(preset, attrs_json), weights, weight_block, int4_zero_point)
+    best = tune_gpu(attrs, dtype, counts, output, workers=max(1, jobs), log=click.echo)
     for key, entry in best.items():
         click.echo(f"{key}: {entry['us']} us at T={entry['tokens']}")
 
@@ -817,6 +839,32 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
             f"{artifact} does not match its manifest: {report.get('files_error')}",
             "rebuild it with `moetrt build`",
         )
+
+
+def with_weights(
+    attrs: MoEAttributes, weights: str, weight_block: int | None, int4_zero_point: bool
+) -> MoEAttributes:
+    """`attrs` with its routed experts in the `--weights` format (block chosen as `moetrt fuse` does)."""
+    import dataclasses
+
+    from moetrt.build_request import check_weights_options
+    from moetrt.passes.quantize_experts import ExpertQuantization, choose_block
+
+    check_weights_options(weights, weight_block, int4_zero_point)
+    quantize = ExpertQuantization.from_option(weights, weight_block, int4_zero_point)
+    if quantize is None:
+        return attrs
+    if attrs.is_quantized:
+        raise MoetrtError(
+            f"the attributes already store {attrs.weight_format} experts and --weights {weights} was given",
+            "pass one of them",
+        )
+    return dataclasses.replace(
+        attrs,
+        weight_format=quantize.weight_format,
+        weight_block=choose_block(quantize.weight_format, attrs, quantize.block),
+        has_weight_zero_point=quantize.zero_point,
+    )
 
 
 def resolve_attrs(preset: str | None, attrs_json: str | None) -> MoEAttributes:

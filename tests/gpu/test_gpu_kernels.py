@@ -136,7 +136,13 @@ def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -
 
 @pytest.mark.parametrize(
     ("weight_format", "block", "zero"),
-    [("fp8_block", 16, False), ("int4", 16, True), ("int4", 32, False), ("mxfp4", 32, False)],
+    [
+        ("fp8_block", 16, False),
+        ("int4", 16, True),
+        ("int4", 32, True),
+        ("int4", 32, False),
+        ("mxfp4", 32, False),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_quantized_experts_match_reference(

@@ -1,4 +1,4 @@
-"""The SM number of a GPU: compute capability (major, minor) -> major * 10 + minor (9.0 -> 90, 12.0 -> 120)."""
+"""GPU facts by SM number: compute capability (major, minor) -> major * 10 + minor (9.0 -> 90, 12.0 -> 120)."""
 
 from __future__ import annotations
 
@@ -12,3 +12,10 @@ def current_sm() -> int:
     import torch
 
     return sm_from_capability(*torch.cuda.get_device_capability())
+
+
+def has_fp8_conversion(sm: int) -> bool:
+    """Whether fp8 (e4m3) expert weights are converted by the SM's instructions rather than decoded from their
+    bits: `cvt.rn.f16x2.e4m3x2` exists from SM 8.9, but Triton 3.6 converts on to bf16 with `cvt.bf16.f16`,
+    which needs SM 9.0; so Hopper and Blackwell (SM 9.0 and later)."""
+    return sm >= 90

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moetrt.core import dtypes
+from moetrt.core.devices import has_fp8_conversion
 from moetrt.core.dtypes import kernel_name_of
 from moetrt.core.errors import MoetrtError
 from moetrt.kernels import plan
@@ -285,6 +286,12 @@ def compile_kernels(
                 f"the config for bucket {plan.bucket_name(bound)} asks for programmatic dependent "
                 f"launch, which sm_{sm} lacks",
                 "disable 'pdl' in that config (SM90+ only)",
+            )
+        if plan.uses_fp8_conversion(cfg) and not has_fp8_conversion(sm):
+            raise MoetrtError(
+                f"the config for bucket {plan.bucket_name(bound)} converts fp8 weights in hardware, which "
+                f"sm_{sm} lacks",
+                "set 'dequant': {'fp8_cvt': 0} in that config (SM90+ only)",
             )
         variants = plan.bucket_variants(attrs, dtype, bound, cfg)
         per_bucket[bound] = (cfg, variants)

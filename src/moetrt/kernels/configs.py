@@ -14,10 +14,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from moetrt.core.devices import has_fp8_conversion
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import write_text_atomic
 from moetrt.kernels.plan import DECODE_BUCKETS, GEMV_MAX_TOKENS, bucket_name, is_decode
-from moetrt.op.spec import MoEAttributes
+from moetrt.op.spec import FP8_BLOCK, MoEAttributes
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Buckets up to this bound take the expert-group (gemv) path unless a tuned entry turns it off. None: on
@@ -32,8 +33,17 @@ def shape_key(attrs: MoEAttributes) -> str:
     )
 
 
+def weights_key(attrs: MoEAttributes) -> str:
+    """The routed experts' format in an entry key: empty for native weights (keys as before formats existed),
+    else `+fp8_block128`, `+int4g128z` (z: zero points), `+mxfp4g32`."""
+    if not attrs.is_quantized:
+        return ""
+    block = f"{attrs.weight_block}" if attrs.weight_format == "fp8_block" else f"g{attrs.weight_block}"
+    return f"+{attrs.weight_format}{block}{'z' if attrs.has_weight_zero_point else ''}"
+
+
 def entry_key(attrs: MoEAttributes, dtype: str, bound: int | None) -> str:
-    return f"{shape_key(attrs)}/{dtype}/{bucket_name(bound)}"
+    return f"{shape_key(attrs)}{weights_key(attrs)}/{dtype}/{bucket_name(bound)}"
 
 
 def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[str, Any]:
@@ -110,6 +120,16 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         attrs.is_quantized
     ):  # quantized experts run the sorted path only (the other kernels take native weights)
         gemv["enabled"] = 0
+        # tiles inside one scale group along the reduction: the scales then multiply each tile's product
+        # instead of every weight (triton_moe._gate_up_tile)
+        group_tile = attrs.weight_block & -attrs.weight_block  # the largest power of two dividing it
+        if group_tile >= (16 if attrs.weight_format == FP8_BLOCK else 32):  # triton_moe.scales_on_product
+            gate_up["BK"] = min(gate_up["BK"], group_tile)
+            down["BK"] = min(down["BK"], group_tile)
+    # fp8 weights: decoded from their bits here (every SM); select_config turns on the SM's conversion.
+    # per_weight: quantized tiles dequantized weight by weight even where the scales could multiply each
+    # tile's product instead (triton_moe.scales_on_product), a tuning candidate
+    dequant = {"fp8_cvt": 0, "per_weight": 0}
     return {
         "router": router,
         "topk": topk,
@@ -119,6 +139,7 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         "fused": fused,
         "pdl": pdl,
         "gemv": gemv,
+        "dequant": dequant,
     }
 
 
@@ -136,32 +157,57 @@ def _load_table(sm: int) -> dict[str, Any]:
         ) from err
 
 
-def select_config(attrs: MoEAttributes, dtype: str, sm: int, bound: int | None) -> dict[str, Any]:
-    """Tuned entry for this shape / dtype / SM / bucket if the table has one, else the default."""
-    cfg = default_config(attrs, dtype, bound)
-    table = _load_table(sm)
-    tuned = table.get(entry_key(attrs, dtype, bound))
+#: The stages whose kernels read the routed experts' weights: a quantized op's own entry tunes these; the
+#: others (router, top-k, PDL) run the same kernels as the native op and take the native entry's tiles.
+QUANTIZED_STAGES = ("gate_up", "down", "dequant")
+
+
+def _tuned_entry(table: dict[str, Any], key_prefix: str, dtype: str, bound: int | None) -> dict[str, Any]:
+    """The table's entry for `key_prefix` (shape and format) in this bucket, or for a decode bucket newer
+    than the table, the next decode bucket's tiles (its own path switch kept); {} when there is none."""
+    tuned = table.get(f"{key_prefix}/{dtype}/{bucket_name(bound)}")
     if tuned is None and bound is not None and bound < DECODE_BUCKETS[1]:
-        # a bucket newer than the table: the next decode bucket's tiles (its own path switch kept)
         tuned = {
             stage: values
-            for stage, values in table.get(entry_key(attrs, dtype, DECODE_BUCKETS[1]), {}).items()
+            for stage, values in table.get(
+                f"{key_prefix}/{dtype}/{bucket_name(DECODE_BUCKETS[1])}", {}
+            ).items()
             if stage != "gemv"
         }
-    if tuned:
-        cfg = copy.deepcopy(cfg)
+    return tuned or {}
+
+
+def select_config(attrs: MoEAttributes, dtype: str, sm: int, bound: int | None) -> dict[str, Any]:
+    """Tuned entry for this shape / format / dtype / SM / bucket if the table has one, else the default.
+
+    Quantized experts: the native entry of the shape gives the stages that do not read the experts, the
+    format's own entry (if tuned) the expert GEMM tiles; bf16 tiles are not used for quantized GEMMs (the
+    dequantization changes what fits in registers)."""
+    cfg = copy.deepcopy(default_config(attrs, dtype, bound))
+    table = _load_table(sm)
+    layers = []
+    if attrs.is_quantized:
+        native = _tuned_entry(table, shape_key(attrs), dtype, bound)
+        layers.append({stage: v for stage, v in native.items() if stage in ("router", "topk", "pdl")})
+    layers.append(_tuned_entry(table, shape_key(attrs) + weights_key(attrs), dtype, bound))
+    for tuned in layers:
         for stage, values in tuned.items():
             if stage in cfg:
                 cfg[stage].update(values)
-    if attrs.is_quantized:  # tables are keyed by shape, not format: the sorted path whatever they chose
+    if attrs.is_quantized:  # the sorted path only: the fused and gemv kernels take native weights
         cfg["gemv"]["enabled"] = 0
         cfg["fused"]["enabled"] = 0
+    cfg["dequant"]["fp8_cvt"] = int(attrs.weight_format == FP8_BLOCK and has_fp8_conversion(sm))
     return cfg
 
 
-def candidate_configs(attrs: MoEAttributes, dtype: str, bound: int | None) -> list[dict[str, Any]]:
-    """A small search space around the default: the GEMM stages' tiles (router kept at its default)."""
-    base = default_config(attrs, dtype, bound)
+def candidate_configs(
+    attrs: MoEAttributes, dtype: str, bound: int | None, base: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """A small search space around `base` (default: the default config): the GEMM stages' tiles (router
+    kept). Quantized experts: gate_up tiles with base's down tiles, then down tiles with base's gate_up
+    (the two kernels are timed together, and are independent), on the sorted path only."""
+    base = copy.deepcopy(base or default_config(attrs, dtype, bound))
     out = [base]
     fp32 = dtype == "float32"
     # (BM, BN, BK, warps, stages) of gate_up x (BH, BK, warps, stages) of down; BM is shared by both
@@ -175,6 +221,9 @@ def candidate_configs(attrs: MoEAttributes, dtype: str, bound: int | None) -> li
             (16, 32, 128, 4, 4),
         ]
         down_opts = [(64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 4, 3), (64, 128, 8, 3), (16, 128, 4, 3)]
+        if attrs.is_quantized:  # decoding costs instructions: more warps per tile; mxfp4's 32-wide groups
+            gate_up_opts += [(16, 64, 128, 8, 3), (16, 32, 64, 4, 4), (16, 32, 32, 4, 4), (16, 64, 32, 4, 4)]
+            down_opts += [(32, 64, 4, 4), (64, 64, 8, 3), (64, 32, 4, 4)]
     else:
         gate_up_opts = [
             (64, 64, 64, 4, 3),
@@ -185,16 +234,40 @@ def candidate_configs(attrs: MoEAttributes, dtype: str, bound: int | None) -> li
             (128, 128, 32, 8, 4),
         ]
         down_opts = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
-    for bm, bn, bk, warps, stages in gate_up_opts:
-        for bh, dbk, dwarps, dstages in down_opts:
-            if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
-                continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
+    base_down = base["down"]
+    pairs = [(g, d) for g in gate_up_opts for d in down_opts]
+    if attrs.is_quantized:
+        bm = base["gate_up"]["BM"]
+        pairs = [
+            (g, (base_down["BH"], base_down["BK"], base_down["num_warps"], base_down["num_stages"]))
+            for g in gate_up_opts
+        ]
+        pairs += [
+            (
+                (
+                    bm,
+                    base["gate_up"]["BN"],
+                    base["gate_up"]["BK"],
+                    base["gate_up"]["num_warps"],
+                    base["gate_up"]["num_stages"],
+                ),
+                d,
+            )
+            for d in down_opts
+        ]
+    for (bm, bn, bk, warps, stages), (bh, dbk, dwarps, dstages) in pairs:
+        if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
+            continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
+        for per_weight in (0, 1) if attrs.is_quantized else (base["dequant"]["per_weight"],):
             cfg = copy.deepcopy(base)
             cfg["gate_up"].update({"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages})
             cfg["down"].update({"BH": bh, "BK": dbk, "num_warps": dwarps, "num_stages": dstages})
             cfg["gemv"]["enabled"] = 0  # these tiles are the sorted path's
+            cfg["dequant"]["per_weight"] = per_weight
             if cfg not in out:
                 out.append(cfg)
+    if attrs.is_quantized:
+        return out
     if bound is not None and bound <= GEMV_MAX_TOKENS:
         out.extend(c for c in gemv_candidates(base, dtype) if c not in out)
     if is_decode(bound):

@@ -338,6 +338,12 @@ def _align_constexprs(attrs: MoEAttributes, cfg: dict[str, Any]) -> dict[str, An
     }
 
 
+def uses_fp8_conversion(cfg: dict[str, Any]) -> bool:
+    """fp8 expert weights converted by the SM's e4m3 instructions (core.devices.has_fp8_conversion) rather
+    than decoded from their bits."""
+    return bool(cfg.get("dequant", {}).get("fp8_cvt", 0))
+
+
 def uses_pdl(cfg: dict[str, Any]) -> bool:
     """Programmatic dependent launch (SM90+): each kernel's launch overlaps the previous kernel's tail."""
     return bool(cfg.get("pdl", {}).get("enabled", 0))
@@ -419,6 +425,8 @@ def _stage_variants(
         "WFMT": WEIGHT_FORMATS.index(attrs.weight_format),
         "WB": attrs.weight_block or 1,
         "HAS_ZERO": int(attrs.has_weight_zero_point),
+        "FP8_CVT": int(uses_fp8_conversion(cfg)),
+        "PER_WEIGHT": int(cfg.get("dequant", {}).get("per_weight", 0)),
     }
     if is_gemv(cfg, bound):
         assert bound is not None

@@ -241,51 +241,79 @@ def reduce_h_tile_when_last(
             tl.store(out_ptr + t[:, None] * H + h[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _e4m3(code):
-    """float32 value of e4m3fn codes (int32 0..255) from their bits: every SM, no fp8 conversion unit needed.
-    A normal code's exponent is rebased (bias 7 to 127) and its 3 mantissa bits moved to the top of fp32's."""
-    exponent = (code >> 3) & 15
-    bits = ((code & 0x80) << 24) | ((exponent + 120) << 23) | ((code & 7) << 20)
-    normal = bits.to(tl.float32, bitcast=True)
-    subnormal = (code & 7).to(tl.float32) * 0.001953125  # m * 2^-9
-    return tl.where(exponent == 0, tl.where((code >> 7) != 0, -subnormal, subnormal), normal)
+# Weight decoding for quantized experts. Each decoder turns codes into float32 with a few integer operations
+# and no float conversion of an integer: e4m3 and e2m1 codes are moved into the bits of an fp16 number (their
+# exponent bias is made up by a power of two folded into the group's scale), int4 codes are OR-ed into the
+# mantissa of 2^23. fp16 -> fp32 is exact for every code, subnormals included, and runs on every SM.
+FP8_FP16_SCALE = tl.constexpr(256.0)  # 2^(15 - 7): fp16's exponent bias over e4m3's
+FP4_FP16_SCALE = tl.constexpr(16384.0)  # 2^(15 - 1): fp16's exponent bias over e2m1's
+INT_MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23: OR-ing an integer below 2^23 into them adds it
+INT_MAGIC_VALUE = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _e2m1(code):
-    """float32 value of e2m1 codes (int32 0..15): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, from bits."""
-    exponent = (code >> 1) & 3
-    bits = ((code & 8) << 28) | ((exponent + 126) << 23) | ((code & 1) << 22)
-    normal = bits.to(tl.float32, bitcast=True)
-    subnormal = tl.where((code & 1) != 0, 0.5, 0.0)
-    return tl.where(exponent == 0, tl.where((code & 8) != 0, -subnormal, subnormal), normal)
+def _fp16_bits_to_f32(bits):
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _e8m0(exponent):
+def e4m3_unscaled(code):
+    """e4m3fn codes (int32 0..255) as float32 / FP8_FP16_SCALE: sign to bit 15, exponent and mantissa below."""
+    return _fp16_bits_to_f32(((code & 0x80) << 8) | ((code & 0x7F) << 7))
+
+
+@triton.jit
+def e2m1_unscaled(code):
+    """e2m1 codes (int32 0..15) as float32 / FP4_FP16_SCALE (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives)."""
+    return _fp16_bits_to_f32(((code & 8) << 12) | ((code & 7) << 9))
+
+
+@triton.jit
+def e8m0_value(exponent):
     """2^(e - 127) of e8m0 scale bytes (int32 1..254) from bits (0: 2^-127, as a subnormal)."""
     return tl.where(exponent == 0, 5.877471754111438e-39, (exponent << 23).to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def _per_group(
-    s_ptr, rows, row_ok, k0, GROUPS: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, WB: tl.constexpr, other
-):
-    """The [BR, BK] tile of a table [R, GROUPS] of one value per WB reduction elements (scales, zero points),
-    loaded once per group and broadcast: BR values when a group spans the tile, BR x BK / WB otherwise."""
+def int_plus_magic(code):
+    """Integer codes (int32 0..2^23) as float32 2^23 + code: one OR, no int-to-float conversion."""
+    return (code | INT_MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_values(s_ptr, rows, row_ok, k0, GROUPS: tl.constexpr, BK: tl.constexpr, WB: tl.constexpr, other):
+    """The values of a table [R, GROUPS] (one per WB reduction elements: scales, zero points) that the
+    [rows, k0 : k0 + BK] tile uses: [BR] when a group spans the tile, [BR, BK / WB] when the tile spans
+    whole groups, else (a group size that does not nest with the tile) one per element, [BR, BK]."""
     if WB % BK == 0:
-        value = tl.load(s_ptr + rows * GROUPS + k0 // WB, mask=row_ok, other=other)
-        return tl.broadcast_to(value[:, None], (BR, BK))
-    else:
+        return tl.load(s_ptr + rows * GROUPS + k0 // WB, mask=row_ok, other=other)
+    elif BK % WB == 0:
         NG: tl.constexpr = BK // WB
         g = k0 // WB + tl.arange(0, NG)
-        value = tl.load(
+        return tl.load(
             s_ptr + rows[:, None] * GROUPS + g[None, :],
             mask=row_ok[:, None] & (g < GROUPS)[None, :],
             other=other,
         )
+    else:
+        g = (k0 + tl.arange(0, BK)) // WB
+        return tl.load(
+            s_ptr + rows[:, None] * GROUPS + g[None, :],
+            mask=row_ok[:, None] & (g < GROUPS)[None, :],
+            other=other,
+        )
+
+
+@triton.jit
+def _broadcast_groups(value, BR: tl.constexpr, BK: tl.constexpr, WB: tl.constexpr):
+    """Group values from `_group_values` spread over the [BR, BK] tile."""
+    if WB % BK == 0:
+        return tl.broadcast_to(value[:, None], (BR, BK))
+    elif BK % WB == 0:
+        NG: tl.constexpr = BK // WB
         return tl.reshape(tl.broadcast_to(value[:, :, None], (BR, NG, WB)), (BR, BK))
+    else:
+        return value
 
 
 @triton.jit
@@ -307,47 +335,117 @@ def weight_tile(
     """One expert's weight tile [BR rows, BK of the reduction from k0], dequantized to OUT, from its table at
     w_ptr ([R, K] codes, or [R, K/2] bytes of two 4-bit codes, low nibble first) with its scales (and zero
     points). WFMT as spec.WEIGHT_FORMATS: 1 fp8_block (scale [ceil(R/WB), ceil(K/WB)]), 2 int4 (scale and zero
-    [R, K/WB]; zero 8 without zero points), 3 mxfp4 (e8m0 scale bytes [R, K/32])."""
+    [R, K/WB]; zero 8 without zero points), 3 mxfp4 (e8m0 scale bytes [R, K/32]).
+
+    Scales (and zero points) are read once per group and turned into one factor (and one offset) per group
+    before they are spread over the tile (where tile and group sizes nest, as powers of two do), so each
+    weight costs its decode, one subtraction (int4) and one multiplication."""
     ks = k0 + tl.arange(0, BK)
     k_ok = ks < K
     mask = row_ok[:, None] & k_ok[None, :]
-    # Scales (and zero points) are read once per group and broadcast when the tile and the groups nest (tile
-    # sizes and groups are powers of two); per element otherwise.
-    NEST: tl.constexpr = WB % BK == 0 or BK % WB == 0
     if WFMT == 1:
         code = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0).to(tl.int32)
         KS: tl.constexpr = (K + WB - 1) // WB
-        if NEST:
-            scale = _per_group(s_ptr, rows // WB, row_ok, k0, KS, BR, BK, WB, 0.0)
-        else:
-            scale = tl.load(s_ptr + (rows // WB)[:, None] * KS + (ks // WB)[None, :], mask=mask, other=0.0)
-        value = _e4m3(code) * scale
+        factor = _group_values(s_ptr, rows // WB, row_ok, k0, KS, BK, WB, 0.0) * FP8_FP16_SCALE
+        value = e4m3_unscaled(code) * _broadcast_groups(factor, BR, BK, WB)
     else:
         KH: tl.constexpr = K // 2
         kb = k0 // 2 + tl.arange(0, BK // 2)
         byte = tl.load(
             w_ptr + rows[:, None] * KH + kb[None, :], mask=row_ok[:, None] & (kb < KH)[None, :], other=0
         ).to(tl.int32)
-        code = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, BK))  # k = 2j: low nibble, 2j + 1: high
         KG: tl.constexpr = K // WB
-        group = rows[:, None] * KG + (ks // WB)[None, :]
         if WFMT == 2:
+            # (code - zero) * scale as ((2^23 + code) - (2^23 + zero)) * scale: exact, no conversions
+            code = tl.reshape(tl.join(int_plus_magic(byte & 15), int_plus_magic(byte >> 4)), (BR, BK))
             if HAS_ZERO:
-                if NEST:
-                    zero = _per_group(z_ptr, rows, row_ok, k0, KG, BR, BK, WB, 0).to(tl.int32)
-                else:
-                    zero = tl.load(z_ptr + group, mask=mask, other=0).to(tl.int32)
+                zero = _group_values(z_ptr, rows, row_ok, k0, KG, BK, WB, 0).to(tl.float32)
+                code = code - _broadcast_groups(zero + INT_MAGIC_VALUE, BR, BK, WB)
             else:
-                zero = tl.full((BR, BK), 8, tl.int32)
-            if NEST:
-                scale = _per_group(s_ptr, rows, row_ok, k0, KG, BR, BK, WB, 0.0)
-            else:
-                scale = tl.load(s_ptr + group, mask=mask, other=0.0)
-            value = (code - zero).to(tl.float32) * scale
+                code = code - (INT_MAGIC_VALUE + 8.0)  # symmetric: zero point 8
+            scale = _broadcast_groups(_group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 0.0), BR, BK, WB)
+            value = code * scale
         else:
-            if NEST:
-                exponent = _per_group(s_ptr, rows, row_ok, k0, KG, BR, BK, WB, 127).to(tl.int32)
-            else:
-                exponent = tl.load(s_ptr + group, mask=mask, other=127).to(tl.int32)
-            value = _e2m1(code) * _e8m0(exponent)
+            code = tl.reshape(tl.join(e2m1_unscaled(byte & 15), e2m1_unscaled(byte >> 4)), (BR, BK))
+            exponent = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
+            value = code * _broadcast_groups(e8m0_value(exponent) * FP4_FP16_SCALE, BR, BK, WB)
     return tl.where(mask, value, 0.0).to(OUT)
+
+
+@triton.jit
+def fp8_values(
+    w_ptr, rows, row_ok, k0, K: tl.constexpr, BK: tl.constexpr, FP8_CVT: tl.constexpr, OUT: tl.constexpr
+):
+    """An fp8 tile [rows, BK] before its scale, exact in OUT: the e4m3 values (over FP8_FP16_SCALE when decoded
+    from bits). FP8_CVT: the SM's e4m3 conversion (core.devices.has_fp8_conversion) instead of the bits."""
+    ks = k0 + tl.arange(0, BK)
+    code = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0)
+    if FP8_CVT:
+        value = code.to(tl.float8e4nv, bitcast=True).to(OUT)
+    else:
+        value = e4m3_unscaled(code.to(tl.int32)).to(OUT)
+    return value
+
+
+@triton.jit
+def nibble_values(
+    w_ptr,
+    z_ptr,
+    rows,
+    row_ok,
+    k0,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    OUT: tl.constexpr,
+):
+    """A 4-bit tile [rows, BK] inside one scale group, before its scale, exact in OUT: int4 code - zero
+    (-15..15: ((2^23 + code) - (2^23 + zero)) in float32, one OR and one subtraction), mxfp4 the e2m1 value
+    over FP4_FP16_SCALE."""
+    KH: tl.constexpr = K // 2
+    kb = k0 // 2 + tl.arange(0, BK // 2)
+    byte = tl.load(
+        w_ptr + rows[:, None] * KH + kb[None, :], mask=row_ok[:, None] & (kb < KH)[None, :], other=0
+    )
+    byte = byte.to(tl.int32)
+    if WFMT == 2:
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + rows * (K // WB) + k0 // WB, mask=row_ok, other=0).to(tl.float32)
+            offset = (zero + INT_MAGIC_VALUE)[:, None]
+        else:
+            offset = INT_MAGIC_VALUE + 8.0  # symmetric: zero point 8
+        low = (int_plus_magic(byte & 15) - offset).to(OUT)
+        high = (int_plus_magic(byte >> 4) - offset).to(OUT)
+    else:
+        low = e2m1_unscaled(byte & 15).to(OUT)
+        high = e2m1_unscaled(byte >> 4).to(OUT)
+    return tl.reshape(tl.join(low, high), (BR, BK))  # k = 2j: low nibble, 2j + 1: high
+
+
+@triton.jit
+def row_scales(
+    s_ptr,
+    rows,
+    row_ok,
+    k0,
+    K: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+):
+    """[rows] float32: the factor of each row of a tile inside one scale group (`fp8_values`, `nibble_values`):
+    its group's scale, times the power of two that the arithmetic decoders leave out."""
+    if WFMT == 1:
+        KS: tl.constexpr = (K + WB - 1) // WB
+        scale = tl.load(s_ptr + (rows // WB) * KS + k0 // WB, mask=row_ok, other=0.0)
+        if not FP8_CVT:
+            scale = scale * FP8_FP16_SCALE
+    elif WFMT == 2:
+        scale = tl.load(s_ptr + rows * (K // WB) + k0 // WB, mask=row_ok, other=0.0)
+    else:
+        exponent = tl.load(s_ptr + rows * (K // WB) + k0 // WB, mask=row_ok, other=127).to(tl.int32)
+        scale = e8m0_value(exponent) * FP4_FP16_SCALE
+    return scale

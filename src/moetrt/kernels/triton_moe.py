@@ -23,8 +23,15 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from moetrt.kernels.triton_common import (
+    fp8_values,
+    nibble_values,
+    reduce_h_tile_when_last,
+    route_rows,
+    row_scales,
+    weight_tile,
+)
 from moetrt.kernels.triton_common import glu as _glu
-from moetrt.kernels.triton_common import reduce_h_tile_when_last, route_rows, weight_tile
 from moetrt.kernels.triton_decode import KERNELS as DECODE_KERNELS
 
 
@@ -357,6 +364,60 @@ def _block_rows(
     return e, rows, row_ok, slot, token
 
 
+@triton.constexpr_function
+def scales_on_product(WFMT, WB, BK, PER_WEIGHT):
+    """Whether quantized tiles of BK reduction elements are multiplied as their codes' values, each tile's
+    product then scaled per output column (instead of every weight dequantized): they must lie in one scale
+    group (WB % BK == 0), 4-bit tiles hold at least 32 codes, and the config has not asked for per-weight
+    dequantization (`dequant.per_weight`, a tuning candidate: a per-tile product keeps Hopper's asynchronous
+    wgmma of large tiles from accumulating in place)."""
+    return WFMT != 0 and not PER_WEIGHT and WB % BK == 0 and (WFMT == 1 or BK >= 32)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _quantized_product(
+    a,
+    w_base,
+    z_base,
+    s_base,
+    rows,
+    row_ok,
+    k0,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    IEEE: tl.constexpr,
+    OUT: tl.constexpr,
+):
+    """a[:, k0 : k0 + BK] @ W[rows, k0 : k0 + BK].T, fp32 [BM, BR], for a quantized tile inside one scale group
+    (`scales_on_product`): the codes' values (int4: minus the zero point) multiplied, then scaled per row of W."""
+    if WFMT == 1:
+        w = fp8_values(w_base, rows, row_ok, k0, K, BK, FP8_CVT, OUT)
+    else:
+        w = nibble_values(w_base, z_base, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, OUT)
+    return _dot(a, tl.trans(w), IEEE) * row_scales(s_base, rows, row_ok, k0, K, WFMT, WB, FP8_CVT)[None, :]
+
+
 @triton.jit
 def _gate_up_tile(
     x_ptr,
@@ -384,12 +445,19 @@ def _gate_up_tile(
     WFMT: tl.constexpr,
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
 ):
     """glu(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 for BM token rows and the BN columns n
     of one expert (`w_base`: its [2 * n_cols, H] gate/up weight, or with WFMT its quantized codes, scales at
-    s_base and zero points at z_base: `triton_common.weight_tile`), shared by gate_up_kernel and experts_kernel."""
+    s_base and zero points at z_base), shared by gate_up_kernel and experts_kernel. Quantized tiles inside
+    one scale group are multiplied unscaled and their product scaled per column (`scales_on_product`,
+    `triton_common.fp8_values`, `nibble_values`, `row_scales`); others are dequantized per weight
+    (`weight_tile`)."""
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    out_ty = x_ptr.dtype.element_ty
+    SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
     for k0 in range(0, H, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < H
@@ -398,8 +466,7 @@ def _gate_up_tile(
             wmask = n_ok[:, None] & k_ok[None, :]
             wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
             wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-        else:
-            out_ty = x_ptr.dtype.element_ty
+        elif not SCALED:
             wg = weight_tile(w_base, s_base, z_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty)
             wu = weight_tile(
                 w_base, s_base, z_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty
@@ -407,12 +474,17 @@ def _gate_up_tile(
         xt = tl.load(
             x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
-        if IEEE:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision="ieee")
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision="ieee")
+        if SCALED:
+            acc_g += _quantized_product(
+                xt, w_base, z_base, s_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, IEEE, out_ty
+            )
+            acc_u += _quantized_product(
+                xt, w_base, z_base, s_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, IEEE,
+                out_ty,
+            )  # fmt: skip
         else:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+            acc_g = _dot_acc(xt, tl.trans(wg), acc_g, IEEE)
+            acc_u = _dot_acc(xt, tl.trans(wu), acc_u, IEEE)
     if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
         if not is_shared:
             bias_base = b_gu_ptr + e * (2 * I)
@@ -457,6 +529,8 @@ def gate_up_kernel(
     WFMT: tl.constexpr,
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """act[row, n] = glu(x[token] @ W_gate[e, n], x[token] @ W_up[e, n]) for one (row block, N tile).
@@ -493,12 +567,12 @@ def gate_up_kernel(
             w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
         act = _gate_up_tile(
             x_ptr, w_base, b_gu_ptr, e, is_shared, token, row_ok, n, n_ok, n_cols, H, I, ACTIVATION, ALPHA,
-            LIMIT, HAS_BIAS, IEEE, BM, BN, BK, w_base, w_base, 0, 0, 0,
+            LIMIT, HAS_BIAS, IEEE, BM, BN, BK, w_base, w_base, 0, 0, 0, 0, 0,
         )  # fmt: skip
     elif is_shared:  # the shared expert is always native
         act = _gate_up_tile(
             x_ptr, shared_w_gu_ptr, b_gu_ptr, e, is_shared, token, row_ok, n, n_ok, n_cols, H, I, ACTIVATION,
-            ALPHA, LIMIT, HAS_BIAS, IEEE, BM, BN, BK, shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0,
+            ALPHA, LIMIT, HAS_BIAS, IEEE, BM, BN, BK, shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0, 0, 0,
         )  # fmt: skip
     else:
         KC: tl.constexpr = H if WFMT == 1 else H // 2
@@ -508,7 +582,7 @@ def gate_up_kernel(
         zeros = w_gu_zero_ptr + e.to(tl.int64) * (2 * I * (H // WB))
         act = _gate_up_tile(
             x_ptr, codes, b_gu_ptr, e, is_shared, token, row_ok, n, n_ok, n_cols, H, I, ACTIVATION, ALPHA,
-            LIMIT, HAS_BIAS, IEEE, BM, BN, BK, scales, zeros, WFMT, WB, HAS_ZERO,
+            LIMIT, HAS_BIAS, IEEE, BM, BN, BK, scales, zeros, WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT,
         )  # fmt: skip
     tl.store(
         act_ptr + rows[:, None] * NMAX + n[None, :],
@@ -537,10 +611,14 @@ def _down_tile(
     WFMT: tl.constexpr,
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
 ):
     """act[rows, :n_cols] @ W[h].T for one expert's down weight ([H, n_cols] at w_base, or with WFMT its
-    quantized codes, scales and zero points: `triton_common.weight_tile`)."""
+    quantized codes, scales and zero points, as in `_gate_up_tile`)."""
     y = tl.zeros((BM, BH), dtype=tl.float32)
+    out_ty = act_ptr.dtype.element_ty
+    SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
     for k0 in range(0, n_cols, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < n_cols
@@ -551,15 +629,31 @@ def _down_tile(
             w = tl.load(
                 w_base + h[None, :] * H_STRIDE + ks[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0
             )
+            y = _dot_acc(a, w, y, IEEE)
+        elif SCALED:
+            y += _quantized_product(
+                a,
+                w_base,
+                z_base,
+                s_base,
+                h,
+                h_ok,
+                k0,
+                n_cols,
+                BH,
+                BK,
+                WFMT,
+                WB,
+                HAS_ZERO,
+                FP8_CVT,
+                IEEE,
+                out_ty,
+            )
         else:
-            out_ty = act_ptr.dtype.element_ty
             w = tl.trans(
                 weight_tile(w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty)
             )
-        if IEEE:
-            y = tl.dot(a, w, y, input_precision="ieee")
-        else:
-            y = tl.dot(a, w, y)
+            y = _dot_acc(a, w, y, IEEE)
     return y
 
 
@@ -599,6 +693,8 @@ def down_rows_kernel(
     WFMT: tl.constexpr,
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """yw[slot, h tile] = weight * (act[row] @ W_down[e].T) for one (row block, H tile).
@@ -624,7 +720,7 @@ def down_rows_kernel(
         if e == E:
             y = _down_tile(
                 act_ptr, shared_w_down_ptr, rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH, BK,
-                shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0,
+                shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0, 0, 0,
             )  # fmt: skip
             weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
         else:
@@ -639,7 +735,7 @@ def down_rows_kernel(
                 zeros = w_down_zero_ptr + e.to(tl.int64) * (H * (I // WB))
             y = _down_tile(
                 act_ptr, codes, rows, row_ok, h, h_ok, I, NMAX, I, IEEE, BM, BH, BK, scales, zeros, WFMT, WB,
-                HAS_ZERO,
+                HAS_ZERO, FP8_CVT, PER_WEIGHT,
             )  # fmt: skip
             if HAS_BIAS:
                 y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
@@ -748,6 +844,8 @@ def experts_kernel(
         BK,
         w_base,
         w_base,
+        0,
+        0,
         0,
         0,
         0,

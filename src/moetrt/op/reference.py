@@ -239,13 +239,9 @@ def _quantized_inputs(
     seed: int,
     skew: float,
 ) -> dict[str, torch.Tensor]:
-    import dataclasses
-
     from moetrt.op.quant import quantize
-    from moetrt.op.spec import NATIVE
 
-    native = dataclasses.replace(attrs, weight_format=NATIVE, weight_block=0, has_weight_zero_point=False)
-    inputs = random_inputs(native, num_tokens, dtype, device, seed, skew)
+    inputs = random_inputs(attrs.with_native_weights(), num_tokens, dtype, device, seed, skew)
     for which in ("gate_up", "down"):
         stored = quantize(
             attrs.weight_format,

@@ -152,6 +152,10 @@ class MoEAttributes:
     def is_quantized(self) -> bool:
         return self.weight_format != NATIVE
 
+    def with_native_weights(self) -> MoEAttributes:
+        """The same op with its routed experts in the activations' dtype (what a quantized op dequantizes to)."""
+        return dataclasses.replace(self, weight_format=NATIVE, weight_block=0, has_weight_zero_point=False)
+
     def present_inputs(self) -> tuple[str, ...]:
         """Names of the node's inputs, in order (absent optional inputs are left out, not empty)."""
         present = {

@@ -47,6 +47,49 @@ def gpu_random_inputs(
     return out
 
 
+#: Experts quantized at a time on the GPU (MXFP4's nearest-code search holds 8 floats per weight).
+QUANTIZE_CHUNK = 32
+
+
+def gpu_quantized_inputs(
+    native: dict[str, Any], attrs: MoEAttributes
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the op's inputs with the routed experts quantized to attrs' format, round to nearest on the GPU, the
+    same inputs with those experts dequantized to float32 for `gpu_reference` of `attrs.with_native_weights()`).
+    `native` holds the native-weight inputs (gpu_random_inputs of the native op); native attrs: unchanged."""
+    import torch
+
+    from moetrt.op import quant
+
+    if not attrs.is_quantized:
+        return native, native
+    inputs, oracle = dict(native), dict(native)
+    for which in ("gate_up", "down"):
+        weight = native[f"expert_{which}_weight"]
+        parts = [
+            quant.quantize(
+                attrs.weight_format,
+                attrs.weight_block,
+                weight[lo : lo + QUANTIZE_CHUNK],
+                attrs.has_weight_zero_point,
+            )
+            for lo in range(0, weight.shape[0], QUANTIZE_CHUNK)
+        ]
+        stored = quant.QuantizedWeight(
+            torch.cat([q.codes for q in parts]),
+            torch.cat([q.scale for q in parts]),
+            torch.cat([q.zero for q in parts]) if attrs.has_weight_zero_point else None,
+        )
+        inputs[f"expert_{which}_weight"] = stored.codes
+        inputs[f"expert_{which}_scale"] = stored.scale
+        if stored.zero is not None:
+            inputs[f"expert_{which}_zero"] = stored.zero
+        oracle[f"expert_{which}_weight"] = torch.cat(
+            [quant.dequantize(attrs.weight_format, attrs.weight_block, q, weight.shape[-1]) for q in parts]
+        )
+    return inputs, oracle
+
+
 def gpu_reference(inputs: dict[str, Any], attrs: MoEAttributes) -> GpuReference:
     """float32 output of the op on CUDA inputs with the oracle's routing and activation, one expert at a time
     (moe_reference upcasts every weight at once, which does not fit at real sizes)."""

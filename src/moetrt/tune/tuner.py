@@ -12,16 +12,21 @@ from moetrt.core.dtypes import precision
 from moetrt.core.errors import MoetrtError
 from moetrt.core.tolerances import relative_error, tolerance
 from moetrt.kernels.configs import (
+    QUANTIZED_STAGES,
     candidate_configs,
     default_config,
     entry_key,
     router_candidates,
+    select_config,
     write_table,
 )
 from moetrt.kernels.plan import BUCKETS
 from moetrt.op.spec import MoEAttributes
-from moetrt.tune.gpu_workload import gpu_random_inputs, gpu_reference
+from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs, gpu_reference
 from moetrt.tune.timing import time_graph
+
+#: The stages a native entry holds (a quantized one: QUANTIZED_STAGES).
+STAGES = ("router", "topk", "gate_up", "down", "fused", "pdl", "gemv")
 
 
 def tune(
@@ -37,7 +42,9 @@ def tune(
     """Time candidates per bucket with `time_config(cfg, num_tokens) -> µs`; write the best to the table.
 
     Rounds per token count: the GEMM tiles (and the fused decode kernel), then the router's block shapes
-    with the best tiles, then (SM90+) programmatic dependent launch on or off.
+    with the best tiles, then (SM90+) programmatic dependent launch on or off. Quantized experts: the
+    expert GEMM tiles only, around the config the table gives today (router, top-k and PDL are the native
+    entry's: those kernels do not read the experts), and only those tiles are written.
     `prepare(list of (cfg, num_tokens))`, if given, sees each round's candidates first (to compile them
     in parallel). A bucket is scored by the sum of its times over the `tokens` it serves (e.g. 1 and 8
     for the <= 16 bucket), so one fast token count cannot pick a config that is slow at another.
@@ -47,11 +54,14 @@ def tune(
         per_bucket.setdefault(next(b for b in BUCKETS if b is None or t <= b), []).append(t)
     best: dict[str, Any] = {}
     for bound, counts in per_bucket.items():
-        chosen = default_config(attrs, dtype, bound)
+        if attrs.is_quantized:
+            chosen, rounds = select_config(attrs, dtype, sm, bound), ("tiles",)
+        else:
+            chosen, rounds = default_config(attrs, dtype, bound), ("tiles", "router", "pdl")
         us = float("inf")
-        for round_name in ("tiles", "router", "pdl"):
+        for round_name in rounds:
             if round_name == "tiles":
-                cands = candidate_configs(attrs, dtype, bound)
+                cands = candidate_configs(attrs, dtype, bound, base=chosen)
             elif round_name == "router":
                 cands = router_candidates(chosen, dtype, bound)
             elif sm >= 90:
@@ -82,14 +92,9 @@ def tune(
                 f"(first {timings[0][0]:.1f} us); fused={chosen['fused']['enabled']} pdl={chosen['pdl']['enabled']} "
                 f"gemv={chosen['gemv']['enabled']}"
             )
+        stages = QUANTIZED_STAGES if attrs.is_quantized else STAGES
         best[entry_key(attrs, dtype, bound)] = {
-            "router": chosen["router"],
-            "topk": chosen["topk"],
-            "gate_up": chosen["gate_up"],
-            "down": chosen["down"],
-            "fused": chosen["fused"],
-            "pdl": chosen["pdl"],
-            "gemv": chosen["gemv"],
+            **{stage: chosen[stage] for stage in stages},
             "us": round(us, 2),
             "tokens": counts,
         }
@@ -167,7 +172,11 @@ def tune_gpu(
     sm = current_sm()
     dtype = precision(dtype).kernel_name  # config tables and bundles key by the kernel name
     torch_dtype = precision(dtype).torch
-    weights = gpu_random_inputs(attrs, 1, torch_dtype, seed=1)
+    # quantized experts: the native weights quantized on the GPU, the reference on their dequantized values
+    native_attrs = attrs.with_native_weights()
+    weights, oracle_weights = gpu_quantized_inputs(
+        gpu_random_inputs(native_attrs, 1, torch_dtype, seed=1), attrs
+    )
     cache: dict[str, aot.CompiledKernel] = {}
     broken: set[str] = set()
 
@@ -205,9 +214,9 @@ def tune_gpu(
             raise MoetrtError("a variant of this candidate does not compile", "")
         bundle = aot.compile_kernels(attrs, dtype, sm, buckets=(bound,), configs={bound: cfg}, cache=cache)
         if t not in references:
-            inputs = dict(weights)
-            inputs.update(gpu_random_inputs(attrs, t, torch_dtype, seed=100 + t, names=["hidden_states"]))
-            references[t] = (inputs, gpu_reference(inputs, attrs).output)
+            hidden = gpu_random_inputs(native_attrs, t, torch_dtype, seed=100 + t, names=["hidden_states"])
+            inputs, oracle = {**weights, **hidden}, {**oracle_weights, **hidden}
+            references[t] = (inputs, gpu_reference(oracle, native_attrs).output)
         inputs, ref = references[t]
         # a fast candidate must also be right: poisoned output, compared with the float32 reference
         out = {"output": torch.full((t, attrs.hidden_size), float("nan"), dtype=torch_dtype, device="cuda")}

@@ -1,0 +1,206 @@
+"""`triton_common`'s tile loaders under Triton's CPU interpreter: every code of every format, decoded exactly.
+
+A small kernel dequantizes a whole [R, K] table tile by tile with `weight_tile` (to float32), and the result
+must equal `op.quant.dequantize` exactly; where a tile lies in one scale group, so must the form the expert
+GEMMs then use: `fp8_values` / `nibble_values` (exact in float32, bf16 and fp16) times `row_scales`, fp8
+also through Triton's e4m3 conversion. The decoders are integer tricks (codes moved into fp16 bits, int4
+codes OR-ed into 2^23), so any slip in a shift or a mask shows as a wrong value, not as rounding. Tiles and
+groups nest in most cases and do not in others (group 12 or block 24 against tiles of 16 or 32), so every
+branch of the group-value loads runs. The interpreter runs in a child process, as in test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+import triton.language as tl
+
+from moetrt.kernels.triton_common import fp8_values, nibble_values, row_scales, weight_tile
+
+# (weight format, block, zero points, rows, K, tile rows, tile K): tiles smaller than, equal to and larger
+# than the group; K and rows not multiples of the tile where the format allows it
+CASES = [
+    ("fp8_block", 16, False, 40, 64, 16, 32),
+    ("fp8_block", 16, False, 24, 48, 32, 16),
+    ("fp8_block", 24, False, 30, 50, 16, 32),
+    ("int4", 16, False, 24, 64, 16, 32),
+    ("int4", 32, True, 20, 96, 16, 16),
+    ("int4", 12, True, 16, 48, 16, 32),
+    ("mxfp4", 32, False, 24, 128, 16, 64),
+    ("mxfp4", 32, False, 20, 64, 32, 16),
+    ("int4", 32, True, 16, 64, 16, 32),
+    ("mxfp4", 32, False, 16, 96, 32, 32),
+]
+
+
+def _case_id(case: tuple[object, ...]) -> str:
+    fmt, block, zero, rows, k, br, bk = case
+    return f"{fmt}-B{block}{'-zero' if zero else ''}-{rows}x{k}-tile{br}x{bk}"
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, object]]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_weight_tile_decodes_every_code_exactly(case: tuple[object, ...], results: dict) -> None:
+    result = results[_case_id(case)]
+    assert "error" not in result, result.get("error")
+    assert result["codes_seen"] == result["codes_possible"], "the table did not hold every code"
+    assert result["mismatches"] == 0, f"{result['mismatches']} values differ, first: {result['first']}"
+    fmt, block, _, _, _, _, bk = case
+    cvts = (0, 1) if fmt == "fp8_block" else (0,)
+    forms = [f"values_cvt{c}_{v}" for c in cvts for v in ("float32", "bfloat16", "float16")]
+    forms = forms if block % bk == 0 else []
+    assert [name for name in result if name.startswith("values_")] == forms
+    for name in forms:
+        assert result[name]["mismatches"] == 0, f"{name}: {result[name]}"
+
+
+def _tables(fmt: str, block: int, zero: bool, rows: int, k: int):  # type: ignore[no-untyped-def]
+    """Random codes covering every code of the format (NaN codes of e4m3 left out), scales, zero points."""
+    import torch
+
+    from moetrt.op.quant import QuantizedWeight
+    from moetrt.op.spec import scale_shape
+
+    gen = torch.Generator().manual_seed(rows * 1000 + k)
+    if fmt == "fp8_block":
+        valid = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+        codes = valid[torch.randint(0, len(valid), (rows, k), generator=gen)]
+        codes.view(-1)[: len(valid)] = valid
+        scale = torch.rand(scale_shape(fmt, block, rows, k), generator=gen) * 4 + 0.01
+        return QuantizedWeight(codes, scale), len(valid), codes.unique().numel()
+    nibbles = torch.randint(0, 16, (rows, k), generator=gen, dtype=torch.uint8)
+    nibbles.view(-1)[:16] = torch.arange(16, dtype=torch.uint8)
+    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    groups = (rows, k // block)
+    if fmt == "int4":
+        scale = torch.rand(groups, generator=gen) * 0.5 + 0.001
+        zero_points = torch.randint(0, 16, groups, generator=gen, dtype=torch.uint8) if zero else None
+        return QuantizedWeight(packed, scale, zero_points), 16, nibbles.unique().numel()
+    exponent = torch.randint(100, 150, groups, generator=gen, dtype=torch.uint8)
+    return QuantizedWeight(packed, exponent), 16, nibbles.unique().numel()
+
+
+@triton.jit
+def dequantize_kernel(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < R
+    k0 = tl.program_id(1) * BK
+    tile = weight_tile(w_ptr, s_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, tl.float32)
+    ks = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + rows[:, None] * K + ks[None, :], tile, mask=row_ok[:, None] & (ks < K)[None, :])
+
+
+@triton.jit
+def values_times_scales_kernel(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    VALUES: tl.constexpr,
+):
+    """The tile as the expert GEMMs use it when it lies in one scale group: values (in VALUES, then float32)
+    times the row's factor."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < R
+    k0 = tl.program_id(1) * BK
+    if WFMT == 1:
+        values = fp8_values(w_ptr, rows, row_ok, k0, K, BK, FP8_CVT, VALUES).to(tl.float32)
+    else:
+        values = nibble_values(w_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, VALUES).to(
+            tl.float32
+        )
+    tile = values * row_scales(s_ptr, rows, row_ok, k0, K, WFMT, WB, FP8_CVT)[:, None]
+    ks = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + rows[:, None] * K + ks[None, :], tile, mask=row_ok[:, None] & (ks < K)[None, :])
+
+
+def _compare(got, expected) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    differ = (got != expected).nonzero()
+    first = None
+    if len(differ):
+        r, c = differ[0].tolist()
+        first = {"at": [r, c], "got": got[r, c].item(), "expected": expected[r, c].item()}
+    return {"mismatches": len(differ), "first": first}
+
+
+def _child() -> None:
+    import torch
+    import triton
+
+    from moetrt.kernels.torch_ops import _interpreter_fixes
+    from moetrt.op.quant import dequantize
+    from moetrt.op.spec import WEIGHT_FORMATS
+
+    _interpreter_fixes()
+
+    out: dict[str, dict[str, object]] = {}
+    for case in CASES:
+        fmt, block, zero, rows, k, br, bk = case
+        try:
+            q, possible, seen = _tables(fmt, block, zero, rows, k)
+            expected = dequantize(fmt, block, q, k)
+            got = torch.full((rows, k), float("nan"))
+            grid = (triton.cdiv(rows, br), triton.cdiv(k, bk))
+            zeros = q.zero if q.zero is not None else q.codes
+            dequantize_kernel[grid](
+                q.codes, q.scale, zeros, got, rows, k, br, bk, WEIGHT_FORMATS.index(fmt), block, int(zero)
+            )
+            result = _compare(got, expected) | {"codes_possible": possible, "codes_seen": seen}
+            if block % bk == 0:  # the tile lies in one group: the scales-on-the-product form as well
+                for fp8_cvt in (0, 1) if fmt == "fp8_block" else (0,):
+                    for values in ("float32", "bfloat16", "float16"):
+                        got = torch.full((rows, k), float("nan"))
+                        values_times_scales_kernel[grid](
+                            q.codes, q.scale, zeros, got, rows, k, br, bk, WEIGHT_FORMATS.index(fmt), block,
+                            int(zero), fp8_cvt, getattr(tl, values),
+                        )  # fmt: skip
+                        result[f"values_cvt{fp8_cvt}_{values}"] = _compare(got, expected)
+            out[_case_id(case)] = result
+        except Exception as err:  # reported per case by the parent
+            out[_case_id(case)] = {"error": f"{type(err).__name__}: {err}"}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _child()
