@@ -323,7 +323,10 @@ def router_candidates(base: dict[str, Any], dtype: str, bound: int | None) -> li
             if cfg not in out:
                 out.append(cfg)
     rt = base["topk"]["RT"]
-    for new_rt, warps in ((max(1, rt // 2), 4), (rt * 2, 4), (rt, 8)):
+    topk_opts = [(max(1, rt // 2), 4), (rt * 2, 4), (rt, 8)]
+    if is_decode(bound):  # a few tokens: one or two warps pick by shuffles, without block-wide barriers
+        topk_opts += [(rt, 1), (rt, 2), (max(1, rt // 2), 1)]
+    for new_rt, warps in topk_opts:
         cfg = copy.deepcopy(base)
         cfg["topk"].update({"RT": new_rt, "num_warps": warps})
         if cfg not in out:
