@@ -520,3 +520,23 @@ def test_liger_peer_refuses_blocks_it_cannot_compute() -> None:
     assert "biases" in peers.liger_unsupported("gpt_oss")
     reason = peers.liger_unsupported("qwen3_moe")
     assert reason is None or "not installed" in reason
+
+
+def test_sass_stats_reads_registers_and_opcodes_of_real_cubins(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """bench/sass_stats.py on a small quantized op compiled for SM 9.0: every stage's cubin read back, the
+    expert GEMMs issue tensor-core instructions, nothing spills, and --json holds the same rows."""
+    sass_stats = importlib.import_module("sass_stats")
+    attrs = json.dumps({"num_experts": 8, "top_k": 2, "hidden_size": 128, "intermediate_size": 64})
+    out = tmp_path / "stats.json"
+    rc = sass_stats.main(["--attrs", attrs, "--weights", "fp8", "--buckets", "16", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    by_stage = {r["stage"]: r for r in rows}
+    assert {"router", "topk", "gate_up", "down_rows"} <= set(by_stage)
+    for row in rows:
+        assert row["registers"] > 0 and row["instructions"] > 0 and row["shared"] >= 0
+        assert row["instructions"] == sum(row["opcodes"].values())
+    for stage in ("gate_up", "down_rows"):
+        assert any(op.startswith(("HMMA", "HGMMA")) for op in by_stage[stage]["opcodes"]), stage
+        assert by_stage[stage]["stack"] == by_stage[stage]["local"] == 0
+    assert sass_stats.main(["--preset", "no_such_preset"]) == 2

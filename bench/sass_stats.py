@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Registers, spills, shared memory and the SASS instruction mix of the MoE kernels, on any machine (no GPU).
+
+Compiles the op's kernel bundle for an SM (`kernels.aot`) and reads each cubin with `cuobjdump` (Triton's wheel
+carries it): registers per thread, stack and local memory (spills), shared memory, and the count of each SASS
+opcode. Static counts say nothing of time, but they are what a decoder or a tile change costs per loop
+iteration, and they can be compared before a GPU is at hand (docs/kernels.md: the quantized decoders).
+
+    PYTHONPATH=src python3 bench/sass_stats.py --preset qwen3_next --weights fp8 --sm 90 [--buckets 1,inf]
+        [--stages gate_up,down_rows] [--top 12] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+RESOURCE = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
+
+
+def cuobjdump() -> Path:
+    """The cuobjdump of Triton's NVIDIA backend (the CUDA toolkit of the CPU machines has none)."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise SystemExit(f"no cuobjdump at {path}: install Triton's NVIDIA backend (pip install triton)")
+    return path
+
+
+def kernel_stats(cubin: bytes, tool: Path | None = None) -> dict[str, Any]:
+    """{"registers", "stack", "local", "static_shared", "instructions", "opcodes": {opcode: count}} of one cubin
+    (stack and local memory: spills; static shared memory only: a Triton kernel asks for the rest at launch)."""
+    tool = tool or cuobjdump()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run(
+            [str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [str(tool), "-sass", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+    resources = {name.lower(): int(value) for name, value in RESOURCE.findall(usage)}
+    opcodes = collections.Counter(SASS_OPCODE.findall(sass))
+    return {
+        "registers": resources.get("reg", 0),
+        "stack": resources.get("stack", 0),
+        "local": resources.get("local", 0),
+        "static_shared": resources.get("shared", 0),
+        "instructions": sum(opcodes.values()),
+        "opcodes": dict(opcodes.most_common()),
+    }
+
+
+def bundle_stats(bundle: Any, stages: set[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (bucket, stage) of a KernelBundle: the stage's kernel, its warps, the shared memory it asks
+    for at launch and `kernel_stats`."""
+    tool = cuobjdump()
+    rows, seen = [], {}
+    for bucket, entry in bundle.buckets.items():
+        for stage, key in entry["variants"].items():
+            if stages and stage not in stages:
+                continue
+            if key not in seen:
+                seen[key] = kernel_stats(bundle.kernels[key].cubin, tool)
+            kernel = bundle.kernels[key]
+            rows.append(
+                {
+                    "bucket": bucket,
+                    "stage": stage,
+                    "warps": kernel.num_warps,
+                    "shared": kernel.shared,
+                    "key": key,
+                    **seen[key],
+                }
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", help="a preset op (moetrt.op.presets)")
+    parser.add_argument("--attrs", help="MoE attributes as JSON, instead of --preset")
+    parser.add_argument("--weights", default="native", choices=["native", "fp8", "int4", "mxfp4"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--sm", type=int, default=90)
+    parser.add_argument("--buckets", default="1,16,inf", help="token buckets: 1, 16, 64, 512, inf")
+    parser.add_argument("--stages", default="", help="comma list of stages (default: all)")
+    parser.add_argument("--top", type=int, default=10, help="opcodes listed per kernel")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("-j", "--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from moetrt.cli import resolve_attrs, with_weights
+    from moetrt.core.errors import MoetrtError
+    from moetrt.kernels.aot import compile_kernels
+
+    try:
+        attrs = with_weights(resolve_attrs(args.preset, args.attrs), args.weights, None, False)
+        buckets = tuple(None if b == "inf" else int(b) for b in args.buckets.split(","))
+        bundle = compile_kernels(attrs, args.dtype, args.sm, buckets=buckets, workers=max(1, args.jobs))
+    except (MoetrtError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = bundle_stats(bundle, set(filter(None, args.stages.split(","))) or None)
+    print(
+        f"{'bucket':>6} {'stage':12} {'warps':>5} {'regs':>5} {'spill':>6} {'shared':>7} {'instr':>6}  top opcodes"
+    )
+    for r in rows:
+        top = ", ".join(f"{op} {n}" for op, n in list(r["opcodes"].items())[: args.top])
+        spill = r["stack"] + r["local"]
+        print(
+            f"{r['bucket']:>6} {r['stage']:12} {r['warps']:>5} {r['registers']:>5} {spill:>6} {r['shared']:>7} "
+            f"{r['instructions']:>6}  {top}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
