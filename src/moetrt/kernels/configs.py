@@ -38,7 +38,7 @@ def weights_key(attrs: MoEAttributes) -> str:
     else `+fp8_block128`, `+int4g128z` (z: zero points), `+mxfp4g32`."""
     if not attrs.is_quantized:
         return ""
-    block = f"{attrs.weight_block}" if attrs.weight_format == "fp8_block" else f"g{attrs.weight_block}"
+    block = f"{attrs.weight_block}" if attrs.weight_format == FP8_BLOCK else f"g{attrs.weight_block}"
     return f"+{attrs.weight_format}{block}{'z' if attrs.has_weight_zero_point else ''}"
 
 
@@ -234,27 +234,12 @@ def candidate_configs(
             (128, 128, 32, 8, 4),
         ]
         down_opts = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
-    base_down = base["down"]
-    pairs = [(g, d) for g in gate_up_opts for d in down_opts]
-    if attrs.is_quantized:
-        bm = base["gate_up"]["BM"]
-        pairs = [
-            (g, (base_down["BH"], base_down["BK"], base_down["num_warps"], base_down["num_stages"]))
-            for g in gate_up_opts
-        ]
-        pairs += [
-            (
-                (
-                    bm,
-                    base["gate_up"]["BN"],
-                    base["gate_up"]["BK"],
-                    base["gate_up"]["num_warps"],
-                    base["gate_up"]["num_stages"],
-                ),
-                d,
-            )
-            for d in down_opts
-        ]
+    if attrs.is_quantized:  # base's tiles as option tuples, each stage varied with the other kept
+        base_gate_up = tuple(base["gate_up"][k] for k in ("BM", "BN", "BK", "num_warps", "num_stages"))
+        base_down = tuple(base["down"][k] for k in ("BH", "BK", "num_warps", "num_stages"))
+        pairs = [(g, base_down) for g in gate_up_opts] + [(base_gate_up, d) for d in down_opts]
+    else:
+        pairs = [(g, d) for g in gate_up_opts for d in down_opts]
     for (bm, bn, bk, warps, stages), (bh, dbk, dwarps, dstages) in pairs:
         if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
             continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
