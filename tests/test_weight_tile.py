@@ -102,7 +102,7 @@ def _tables(fmt: str, block: int, zero: bool, rows: int, k: int):  # type: ignor
 
 
 @triton.jit
-def dequantize_kernel(
+def tile_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
@@ -114,43 +114,23 @@ def dequantize_kernel(
     WFMT: tl.constexpr,
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
-):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    row_ok = rows < R
-    k0 = tl.program_id(1) * BK
-    tile = weight_tile(w_ptr, s_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, tl.float32)
-    ks = k0 + tl.arange(0, BK)
-    tl.store(out_ptr + rows[:, None] * K + ks[None, :], tile, mask=row_ok[:, None] & (ks < K)[None, :])
-
-
-@triton.jit
-def values_times_scales_kernel(
-    w_ptr,
-    s_ptr,
-    z_ptr,
-    out_ptr,
-    R: tl.constexpr,
-    K: tl.constexpr,
-    BR: tl.constexpr,
-    BK: tl.constexpr,
-    WFMT: tl.constexpr,
-    WB: tl.constexpr,
-    HAS_ZERO: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
     FP8_CVT: tl.constexpr,
     VALUES: tl.constexpr,
 ):
-    """The tile as the expert GEMMs use it when it lies in one scale group: values (in VALUES, then float32)
-    times the row's factor."""
+    """The [R, K] table in float32, tile by tile, in one of the expert GEMMs' two forms: PER_WEIGHT
+    `weight_tile`, else (tiles inside one scale group) values (in VALUES, then float32) times row factors."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < R
     k0 = tl.program_id(1) * BK
-    if WFMT == 1:
-        values = fp8_values(w_ptr, rows, row_ok, k0, K, BK, FP8_CVT, VALUES).to(tl.float32)
+    if PER_WEIGHT:
+        tile = weight_tile(w_ptr, s_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, tl.float32)
     else:
-        values = nibble_values(w_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, VALUES).to(
-            tl.float32
-        )
-    tile = values * row_scales(s_ptr, rows, row_ok, k0, K, WFMT, WB, FP8_CVT)[:, None]
+        if WFMT == 1:
+            values = fp8_values(w_ptr, rows, row_ok, k0, K, BK, FP8_CVT, VALUES)
+        else:
+            values = nibble_values(w_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, VALUES)
+        tile = values.to(tl.float32) * row_scales(s_ptr, rows, row_ok, k0, K, WFMT, WB, FP8_CVT)[:, None]
     ks = k0 + tl.arange(0, BK)
     tl.store(out_ptr + rows[:, None] * K + ks[None, :], tile, mask=row_ok[:, None] & (ks < K)[None, :])
 
@@ -164,38 +144,41 @@ def _compare(got, expected) -> dict[str, object]:  # type: ignore[no-untyped-def
     return {"mismatches": len(differ), "first": first}
 
 
-def _child() -> None:
+def _tile(case: tuple, q, per_weight: int, fp8_cvt: int = 0, values: str = "float32"):  # type: ignore[no-untyped-def]
+    """The case's table in float32 through `tile_kernel` in one form."""
     import torch
-    import triton
 
+    from moetrt.op.spec import WEIGHT_FORMATS
+
+    fmt, block, zero, rows, k, br, bk = case
+    got = torch.full((rows, k), float("nan"))
+    zeros = q.zero if q.zero is not None else q.codes
+    tile_kernel[(triton.cdiv(rows, br), triton.cdiv(k, bk))](
+        q.codes, q.scale, zeros, got, rows, k, br, bk, WEIGHT_FORMATS.index(fmt), block, int(zero), per_weight,
+        fp8_cvt, getattr(tl, values),
+    )  # fmt: skip
+    return got
+
+
+def _child() -> None:
     from moetrt.kernels.torch_ops import _interpreter_fixes
     from moetrt.op.quant import dequantize
-    from moetrt.op.spec import WEIGHT_FORMATS
 
     _interpreter_fixes()
 
     out: dict[str, dict[str, object]] = {}
     for case in CASES:
-        fmt, block, zero, rows, k, br, bk = case
+        fmt, block, zero, rows, k, _, bk = case
         try:
             q, possible, seen = _tables(fmt, block, zero, rows, k)
             expected = dequantize(fmt, block, q, k)
-            got = torch.full((rows, k), float("nan"))
-            grid = (triton.cdiv(rows, br), triton.cdiv(k, bk))
-            zeros = q.zero if q.zero is not None else q.codes
-            dequantize_kernel[grid](
-                q.codes, q.scale, zeros, got, rows, k, br, bk, WEIGHT_FORMATS.index(fmt), block, int(zero)
-            )
-            result = _compare(got, expected) | {"codes_possible": possible, "codes_seen": seen}
+            result = _compare(_tile(case, q, 1), expected) | {"codes_possible": possible, "codes_seen": seen}
             if block % bk == 0:  # the tile lies in one group: the scales-on-the-product form as well
                 for fp8_cvt in (0, 1) if fmt == "fp8_block" else (0,):
                     for values in ("float32", "bfloat16", "float16"):
-                        got = torch.full((rows, k), float("nan"))
-                        values_times_scales_kernel[grid](
-                            q.codes, q.scale, zeros, got, rows, k, br, bk, WEIGHT_FORMATS.index(fmt), block,
-                            int(zero), fp8_cvt, getattr(tl, values),
-                        )  # fmt: skip
-                        result[f"values_cvt{fp8_cvt}_{values}"] = _compare(got, expected)
+                        result[f"values_cvt{fp8_cvt}_{values}"] = _compare(
+                            _tile(case, q, 0, fp8_cvt, values), expected
+                        )
             out[_case_id(case)] = result
         except Exception as err:  # reported per case by the parent
             out[_case_id(case)] = {"error": f"{type(err).__name__}: {err}"}

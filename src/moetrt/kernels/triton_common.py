@@ -9,6 +9,24 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """a @ b in fp32; IEEE: exact fp32 products (the float32 kernels), else the tensor cores' default."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, accumulated in place (as `dot`)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def glu(g, u, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
     # ACTIVATION: 0 silu_glu, 1 gelu_glu, 2 gelu_tanh_glu, 3 swiglu_clamped (same order as spec.ACTIVATIONS)
     if ACTIVATION == 0:
@@ -317,62 +335,6 @@ def _broadcast_groups(value, BR: tl.constexpr, BK: tl.constexpr, WB: tl.constexp
 
 
 @triton.jit
-def weight_tile(
-    w_ptr,
-    s_ptr,
-    z_ptr,
-    rows,
-    row_ok,
-    k0,
-    K: tl.constexpr,
-    BR: tl.constexpr,
-    BK: tl.constexpr,
-    WFMT: tl.constexpr,
-    WB: tl.constexpr,
-    HAS_ZERO: tl.constexpr,
-    OUT: tl.constexpr,
-):
-    """One expert's weight tile [BR rows, BK of the reduction from k0], dequantized to OUT, from its table at
-    w_ptr ([R, K] codes, or [R, K/2] bytes of two 4-bit codes, low nibble first) with its scales (and zero
-    points). WFMT as spec.WEIGHT_FORMATS: 1 fp8_block (scale [ceil(R/WB), ceil(K/WB)]), 2 int4 (scale and zero
-    [R, K/WB]; zero 8 without zero points), 3 mxfp4 (e8m0 scale bytes [R, K/32]).
-
-    Scales (and zero points) are read once per group and turned into one factor (and one offset) per group
-    before they are spread over the tile (where tile and group sizes nest, as powers of two do), so each
-    weight costs its decode, one subtraction (int4) and one multiplication."""
-    ks = k0 + tl.arange(0, BK)
-    k_ok = ks < K
-    mask = row_ok[:, None] & k_ok[None, :]
-    if WFMT == 1:
-        code = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0).to(tl.int32)
-        KS: tl.constexpr = (K + WB - 1) // WB
-        factor = _group_values(s_ptr, rows // WB, row_ok, k0, KS, BK, WB, 0.0) * FP8_FP16_SCALE
-        value = e4m3_unscaled(code) * _broadcast_groups(factor, BR, BK, WB)
-    else:
-        KH: tl.constexpr = K // 2
-        kb = k0 // 2 + tl.arange(0, BK // 2)
-        byte = tl.load(
-            w_ptr + rows[:, None] * KH + kb[None, :], mask=row_ok[:, None] & (kb < KH)[None, :], other=0
-        ).to(tl.int32)
-        KG: tl.constexpr = K // WB
-        if WFMT == 2:
-            # (code - zero) * scale as ((2^23 + code) - (2^23 + zero)) * scale: exact, no conversions
-            code = tl.reshape(tl.join(int_plus_magic(byte & 15), int_plus_magic(byte >> 4)), (BR, BK))
-            if HAS_ZERO:
-                zero = _group_values(z_ptr, rows, row_ok, k0, KG, BK, WB, 0).to(tl.float32)
-                code = code - _broadcast_groups(zero + INT_MAGIC_VALUE, BR, BK, WB)
-            else:
-                code = code - (INT_MAGIC_VALUE + 8.0)  # symmetric: zero point 8
-            scale = _broadcast_groups(_group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 0.0), BR, BK, WB)
-            value = code * scale
-        else:
-            code = tl.reshape(tl.join(e2m1_unscaled(byte & 15), e2m1_unscaled(byte >> 4)), (BR, BK))
-            exponent = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
-            value = code * _broadcast_groups(e8m0_value(exponent) * FP4_FP16_SCALE, BR, BK, WB)
-    return tl.where(mask, value, 0.0).to(OUT)
-
-
-@triton.jit
 def fp8_values(
     w_ptr, rows, row_ok, k0, K: tl.constexpr, BK: tl.constexpr, FP8_CVT: tl.constexpr, OUT: tl.constexpr
 ):
@@ -402,9 +364,9 @@ def nibble_values(
     HAS_ZERO: tl.constexpr,
     OUT: tl.constexpr,
 ):
-    """A 4-bit tile [rows, BK] inside one scale group, before its scale, exact in OUT: int4 code - zero
-    (-15..15: ((2^23 + code) - (2^23 + zero)) in float32, one OR and one subtraction), mxfp4 the e2m1 value
-    over FP4_FP16_SCALE."""
+    """A 4-bit tile [rows, BK] before its scale, exact in OUT: int4 code - zero (-15..15: ((2^23 + code) -
+    (2^23 + zero)) in float32, one OR and one subtraction; the tile inside one group when HAS_ZERO, else
+    zero 8), mxfp4 the e2m1 value over FP4_FP16_SCALE."""
     KH: tl.constexpr = K // 2
     kb = k0 // 2 + tl.arange(0, BK // 2)
     byte = tl.load(
@@ -423,6 +385,55 @@ def nibble_values(
         low = e2m1_unscaled(byte & 15).to(OUT)
         high = e2m1_unscaled(byte >> 4).to(OUT)
     return tl.reshape(tl.join(low, high), (BR, BK))  # k = 2j: low nibble, 2j + 1: high
+
+
+@triton.jit
+def weight_tile(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    rows,
+    row_ok,
+    k0,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    OUT: tl.constexpr,
+):
+    """One expert's weight tile [BR rows, BK of the reduction from k0], dequantized to OUT, from its table at
+    w_ptr ([R, K] codes, or [R, K/2] bytes of two 4-bit codes, low nibble first) with its scales (and zero
+    points). WFMT as spec.WEIGHT_FORMATS: 1 fp8_block (scale [ceil(R/WB), ceil(K/WB)]), 2 int4 (scale and zero
+    [R, K/WB]; zero 8 without zero points), 3 mxfp4 (e8m0 scale bytes [R, K/32]).
+
+    The codes are decoded as in the scaled form (`fp8_values` from bits, `nibble_values`); scales (and zero
+    points) are read once per group and turned into one factor (and one offset) per group before they are
+    spread over the tile (where tile and group sizes nest, as powers of two do)."""
+    ks = k0 + tl.arange(0, BK)
+    mask = row_ok[:, None] & (ks < K)[None, :]
+    if WFMT == 1:
+        KS: tl.constexpr = (K + WB - 1) // WB
+        factor = _group_values(s_ptr, rows // WB, row_ok, k0, KS, BK, WB, 0.0) * FP8_FP16_SCALE
+        value = fp8_values(w_ptr, rows, row_ok, k0, K, BK, 0, tl.float32) * _broadcast_groups(
+            factor, BR, BK, WB
+        )
+    else:
+        # the codes' values as in the scaled form (int4: code - 8), then the groups' zero points and scales
+        value = nibble_values(w_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, 0, tl.float32)
+        KG: tl.constexpr = K // WB
+        if WFMT == 2:
+            if HAS_ZERO:  # (code - 8) - (zero - 8): small integers, exact
+                zero = _group_values(z_ptr, rows, row_ok, k0, KG, BK, WB, 0).to(tl.float32)
+                value = value - _broadcast_groups(zero - 8.0, BR, BK, WB)
+            value = value * _broadcast_groups(
+                _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 0.0), BR, BK, WB
+            )
+        else:
+            exponent = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
+            value = value * _broadcast_groups(e8m0_value(exponent) * FP4_FP16_SCALE, BR, BK, WB)
+    return tl.where(mask, value, 0.0).to(OUT)
 
 
 @triton.jit

@@ -25,17 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from moetrt.kernels.triton_common import glu, reduce_h_tile_when_last, route_rows
-
-
-@triton.jit
-def _rows_dot(a, b, acc, IEEE: tl.constexpr):
-    """acc[TM, N] += a[TM, K] @ b[N, K].T on tensor cores (TM >= 16: a group's rows, padded)."""
-    if IEEE:
-        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, tl.trans(b), acc)
-    return acc
+from moetrt.kernels.triton_common import dot_acc, glu, reduce_h_tile_when_last, route_rows
 
 
 @triton.jit
@@ -226,8 +216,8 @@ def gemv_gate_up_kernel(
         xt = tl.load(
             x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
-        acc_g = _rows_dot(xt, wg, acc_g, IEEE)
-        acc_u = _rows_dot(xt, wu, acc_u, IEEE)
+        acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
+        acc_u = dot_acc(xt, tl.trans(wu), acc_u, IEEE)
     if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
         if not is_shared:
             bias_base = b_gu_ptr + e * (2 * I)
@@ -308,7 +298,7 @@ def gemv_down_kernel(
             w = tl.load(
                 w_base + h[:, None] * n_cols + ks[None, :], mask=h_ok[:, None] & k_ok[None, :], other=0.0
             )
-            y = _rows_dot(a, w, y, IEEE)
+            y = dot_acc(a, tl.trans(w), y, IEEE)
         if HAS_BIAS:  # noqa: SIM102
             if not is_shared:
                 y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]

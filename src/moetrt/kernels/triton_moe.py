@@ -24,6 +24,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moetrt.kernels.triton_common import (
+    dot,
+    dot_acc,
     fp8_values,
     nibble_values,
     reduce_h_tile_when_last,
@@ -158,10 +160,7 @@ def router_logits_kernel(
             router_w_ptr + ecols[:, None] * H + ks[None, :], mask=ecol_ok[:, None] & k_ok[None, :], other=0.0
         )
         xt = tl.load(x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, tl.trans(wt), acc)
+        acc = dot_acc(xt, tl.trans(wt), acc, IEEE)
         if HAS_SHARED_GATE:
             gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok & (pid_e == 0), other=0.0).to(tl.float32)
             gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
@@ -375,22 +374,6 @@ def scales_on_product(WFMT, WB, BK, PER_WEIGHT):
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _dot_acc(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _quantized_product(
     a,
     w_base,
@@ -415,7 +398,7 @@ def _quantized_product(
         w = fp8_values(w_base, rows, row_ok, k0, K, BK, FP8_CVT, OUT)
     else:
         w = nibble_values(w_base, z_base, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, OUT)
-    return _dot(a, tl.trans(w), IEEE) * row_scales(s_base, rows, row_ok, k0, K, WFMT, WB, FP8_CVT)[None, :]
+    return dot(a, tl.trans(w), IEEE) * row_scales(s_base, rows, row_ok, k0, K, WFMT, WB, FP8_CVT)[None, :]
 
 
 @triton.jit
@@ -483,8 +466,8 @@ def _gate_up_tile(
                 out_ty,
             )  # fmt: skip
         else:
-            acc_g = _dot_acc(xt, tl.trans(wg), acc_g, IEEE)
-            acc_u = _dot_acc(xt, tl.trans(wu), acc_u, IEEE)
+            acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
+            acc_u = dot_acc(xt, tl.trans(wu), acc_u, IEEE)
     if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
         if not is_shared:
             bias_base = b_gu_ptr + e * (2 * I)
@@ -629,7 +612,7 @@ def _down_tile(
             w = tl.load(
                 w_base + h[None, :] * H_STRIDE + ks[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0
             )
-            y = _dot_acc(a, w, y, IEEE)
+            y = dot_acc(a, w, y, IEEE)
         elif SCALED:
             y += _quantized_product(
                 a,
@@ -653,7 +636,7 @@ def _down_tile(
             w = tl.trans(
                 weight_tile(w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty)
             )
-            y = _dot_acc(a, w, y, IEEE)
+            y = dot_acc(a, w, y, IEEE)
     return y
 
 
@@ -858,10 +841,7 @@ def experts_kernel(
         wd = tl.load(
             wd_base + h[:, None] * n_cols + n[None, :], mask=h_ok[:, None] & n_ok[None, :], other=0.0
         )
-        if IEEE:
-            y = tl.dot(act, tl.trans(wd), input_precision="ieee")
-        else:
-            y = tl.dot(act, tl.trans(wd))
+        y = dot(act, tl.trans(wd), IEEE)
         if HAS_BIAS:  # the down bias once per slot: by the first N tile, not for the shared expert
             bias_ok = h_ok & (pid_n == 0) & (e != E)
             y += tl.load(b_down_ptr + e * H + h, mask=bias_ok, other=0.0).to(tl.float32)[None, :]
