@@ -8,7 +8,11 @@ replay with L2 flushed; its floor counts the bytes the format stores (`tune.floo
 
     PYTHONPATH=src python3 bench/quantized_bench.py --out OUT.jsonl [--shapes qwen3_next,qwen3_30b]
         [--tokens 1,8,64,4096] [--formats native,fp8_block,int4,mxfp4]
-Prints one JSON line per row (also appended to OUT) and a table last.
+Prints one JSON line per row (also appended to OUT) and a table last. `--once` runs each row once, unchecked
+and untimed, for a profiler (the device's copy and GEMM measurements are skipped too):
+
+    ncu --set full -k regex:gate_up_kernel -c 1 python3 bench/quantized_bench.py --once --out /dev/null \
+        --shapes qwen3_next --tokens 1 --formats fp8_block
 """
 
 from __future__ import annotations
@@ -43,10 +47,16 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(WEIGHT_FORMATS))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="also each kernel's µs (tune.profile_stages)")
+    parser.add_argument(
+        "--once", action="store_true", help="run each row once, for a profiler: no check, no timing"
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
     major, minor = torch.cuda.get_device_capability()
     sm = sm_from_capability(major, minor)
+    if args.once:
+        _run_once(args, sm)
+        return
     copy_gbps = timing.copy_bandwidth_gbps(device, 4 << 30, repeats=12)
     tflops = timing.gemm_tflops(device, torch.bfloat16, 8192, repeats=12)
     print(
@@ -109,6 +119,24 @@ def main() -> None:
             f"{r['floor_us']:>8.1f} {r['pct_of_floor']:>8.1f} {speedup:>7.2f}x"
         )
     print(f"failures: {sum(not r['ok'] for r in rows)}")
+
+
+def _run_once(args: argparse.Namespace, sm: int) -> None:
+    for shape in args.shapes.split(","):
+        base = PRESETS[shape]
+        weights = gpu_random_inputs(
+            base, 1, torch.bfloat16, seed=1, names=[n for n in base.present_inputs() if n != "hidden_states"]
+        )
+        for fmt in args.formats.split(","):
+            attrs = dataclasses.replace(base, weight_format=fmt, weight_block=DEFAULT_BLOCK.get(fmt, 0))
+            bundle = compile_kernels(attrs, "bfloat16", sm, workers=min(16, os.cpu_count() or 1))
+            inputs, _oracle = gpu_quantized_inputs(weights, attrs)
+            for t in map(int, args.tokens.split(",")):
+                hidden = gpu_random_inputs(base, t, torch.bfloat16, seed=100 + t, names=["hidden_states"])
+                inputs["hidden_states"] = hidden["hidden_states"]
+                moe_forward(inputs, attrs, bundle)
+                torch.cuda.synchronize()
+                print(json.dumps({"shape": shape, "format": fmt, "T": t, "ran": True}), flush=True)
 
 
 if __name__ == "__main__":

@@ -175,12 +175,13 @@ def test_shipped_sm90_table_is_consistent() -> None:
     for key, entry in entries.items():
         _shape, dtype, bucket = key.split("/")
         assert dtype in KERNEL_NAMES and bucket in buckets, key
-        base = configs.default_config(PRESETS["qwen3_30b"], dtype, None)
+        prefill, decode = (configs.default_config(PRESETS["qwen3_30b"], dtype, b) for b in (None, 16))
         for stage, values in entry.items():
             if stage in ("us", "tokens"):
                 continue
-            assert stage in base, f"{key}: unknown stage {stage}"
-            assert set(values) <= set(base[stage]) | {"SPLIT"}, f"{key}: unknown keys in {stage}"
+            assert stage in prefill, f"{key}: unknown stage {stage}"
+            known = set(prefill[stage]) | set(decode[stage])
+            assert set(values) <= known, f"{key}: unknown keys in {stage}"
 
 
 def test_presets_and_attrs_json() -> None:

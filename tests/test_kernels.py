@@ -68,7 +68,8 @@ VARIANTS: dict[str, MoEAttributes] = {
 # "scaled" quantized tiles inside one scale group (K 16 for fp8, 32 for 4-bit codes), so the scales multiply
 # each tile's product (`triton_moe.scales_on_product`), "+cvt" with fp8 converted by Triton's e4m3 type (the
 # SM90+ form), "perweight" quantized tiles dequantized per weight (`weight_tile`): gate_up tiles of K 64
-# across groups below 64 tokens, and by the config's `dequant.per_weight` switch.
+# across groups below 64 tokens, and by the config's `dequant.per_weight` switch, "splitk" gate_up split two to
+# four ways over H (`gate_up.SK`: partial sums, the tile's last program applies the activation).
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
@@ -122,6 +123,12 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("int4_zero_swiglu_biases", "bfloat16", 70, "perweight"),
     ("mxfp4_sigmoid_grouped", "bfloat16", 2, "perweight"),
     ("fp8_shared_gated", "bfloat16", 70, "perweight"),
+    ("shared_gated_logits", "float32", 1, "splitk"),
+    ("swiglu_clamped_biases", "bfloat16", 13, "splitk"),
+    ("sigmoid_grouped_bias_scaled", "float16", 40, "splitk"),
+    ("fp8_shared_gated", "bfloat16", 2, "splitk"),
+    ("int4_zero_swiglu_biases", "float32", 9, "splitk"),
+    ("mxfp4_sigmoid_grouped", "bfloat16", 1, "splitk"),
 ]
 SLOW_CASES: list[tuple[str, str, int, str]] = [
     (variant, dtype, t, "auto")
@@ -224,6 +231,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "scaled",
                 "scaled+cvt",
                 "perweight",
+                "splitk",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -237,6 +245,10 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     config["fused"]["enabled"] = int(bucket == "gemv+fused")
                 elif bucket == "sorted":
                     config["gemv"]["enabled"] = 0
+                elif bucket == "splitk":  # programs per gate_up tile over H, one tile of H each
+                    config["gemv"]["enabled"] = 0
+                    bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
+                    config["gate_up"].update({"SK": min(4, attrs.hidden_size // bk), "BK": bk})
                 elif bucket.startswith("scaled"):
                     bk = 16 if attrs.weight_format == "fp8_block" else 32
                     config["gate_up"]["BK"] = config["down"]["BK"] = bk

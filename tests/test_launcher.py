@@ -48,7 +48,7 @@ def test_launch_plan_and_workspace(attrs: MoEAttributes, num_tokens: int) -> Non
         assert hi <= next_lo, f"{name} overlaps the next region"
     assert regions[-1][1] <= layout["total"].nbytes and layout["total"].nbytes % 256 == 0
     for name, region in layout.items():
-        assert region.offset % (16 if name in ("tickets", "htickets", "ngroups", "acc") else 256) == 0, name
+        assert region.offset % (16 if name in plan.COUNTER_REGIONS else 256) == 0, name
     router = ops[0]
     zero_words = int(
         dict(zip([n for n, _ in plan.KERNEL_PARAMS["router"]], router.args, strict=True))["zero_words"][1]
@@ -56,7 +56,8 @@ def test_launch_plan_and_workspace(attrs: MoEAttributes, num_tokens: int) -> Non
     assert layout["counts"].offset == 0
     assert zero_words * 4 == layout["acc"].offset + layout["acc"].nbytes
     assert layout["tickets"].offset < layout["htickets"].offset <= layout["ngroups"].offset
-    assert layout["ngroups"].offset + layout["ngroups"].nbytes <= layout["acc"].offset + 1
+    assert layout["ngroups"].offset + layout["ngroups"].nbytes <= layout["gu_tickets"].offset
+    assert layout["gu_tickets"].offset + layout["gu_tickets"].nbytes <= layout["acc"].offset + 1
     for op in ops:
         assert len(op.args) == len(plan.KERNEL_PARAMS[variants[op.stage].kernel])
         assert all(g >= 1 for g in op.grid) and op.grid[0] < 2**31 and max(op.grid[1:]) < 65536
@@ -67,6 +68,33 @@ def test_launch_plan_and_workspace(attrs: MoEAttributes, num_tokens: int) -> Non
                 assert ref in attrs.present_inputs()
             if src == "out":
                 assert ref in attrs.present_outputs()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 16, 40])
+def test_split_gate_up_plan(num_tokens: int) -> None:
+    """gate_up.SK = 4 (decode): four programs per tile, a zeroed ticket per tile, fp32 partials per split."""
+    bound = plan.bucket_of(num_tokens)
+    cfg = tuning.default_config(FULL, "bfloat16", bound)
+    cfg["gemv"]["enabled"] = 0
+    cfg["gate_up"]["SK"] = 4
+    variants = plan.bucket_variants(FULL, "bfloat16", bound, cfg)
+    layout = plan.workspace_layout(FULL, "bfloat16", num_tokens, cfg, bound)
+    ops = {op.stage: op for op in plan.launch_sequence(FULL, "bfloat16", num_tokens, variants, cfg, bound)}
+    assert dict(variants["gate_up"].constexprs)["SK"] == 4
+    tiles = plan._max_blocks(FULL, num_tokens, cfg["gate_up"]["BM"]) * plan.cdiv(
+        plan._nmax(FULL), cfg["gate_up"]["BN"]
+    )
+    assert ops["gate_up"].grid == (tiles * 4, 1, 1)
+    assert layout["gu_tickets"].nbytes == 4 * tiles
+    assert (
+        layout["gu_tickets"].offset + layout["gu_tickets"].nbytes
+        <= layout["acc"].offset + layout["acc"].nbytes
+    )
+    rows = num_tokens * FULL.top_k + num_tokens
+    assert layout["gu_part"].nbytes == 4 * 4 * rows * 2 * plan._nmax(FULL)
+    # prefill buckets and the fused path never split
+    assert plan.gate_up_splits(cfg, None) == 1
+    assert plan.gate_up_splits({**cfg, "fused": {"enabled": 1, "BH": 64}}, bound) == 1
 
 
 def test_no_tokens_no_launches() -> None:

@@ -73,9 +73,9 @@ def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
     _assert_same_plans(planning_bundle(attrs, dtype), attrs)
 
 
-@pytest.mark.parametrize("path", ["gemv", "fused", "pdl"])
+@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split"])
 def test_native_plan_follows_the_config(path: str) -> None:
-    """The expert-group path, the fused decode path and PDL, as a tuned table selects them."""
+    """The expert-group path, the fused decode path, PDL and split gate_up, as a tuned table selects them."""
     attrs = FULL
     configs = {}
     for bound in plan.BUCKETS:
@@ -84,6 +84,9 @@ def test_native_plan_follows_the_config(path: str) -> None:
             cfg["gemv"]["enabled"] = 1
         elif path == "fused":
             cfg["fused"] = {"enabled": 1, "BH": 64}
+        elif path == "split":
+            cfg["gemv"]["enabled"] = 0
+            cfg["gate_up"]["SK"] = 4
         else:
             cfg["pdl"] = {"enabled": 1}
         configs[bound] = cfg
@@ -94,8 +97,13 @@ def test_native_plan_follows_the_config(path: str) -> None:
         "gemv": ["router", "topk_group", "gemv_gate_up", "gemv_down"],
         "fused": ["router", "topk", "experts", "finalize"],
         "pdl": ["router", "topk", "gate_up", "down_rows"],
+        "split": ["router", "topk", "gate_up", "down_rows"],
     }[path]
     assert stages == expected
+    if path == "split":  # decode buckets split (four programs per tile), prefill ones do not
+        sizes = {t: plan_from_native(NativeBundle(bundle.to_bytes()).plan(t))[1] for t in (3, 700)}
+        assert sizes[3]["gu_part"].nbytes > 0 and sizes[3]["gu_tickets"].nbytes > 0
+        assert sizes[700]["gu_part"].nbytes == 0
     if path == "pdl":
         assert all(op["pdl"] for op in NativeBundle(bundle.to_bytes()).plan(700)["launches"])
 
@@ -184,7 +192,7 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         (lambda d: d[:40], "truncated"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
-        (lambda d: _with_header({**_header(d)[0], "version": 2}, _header(d)[1]), "version 2 is not 3"),
+        (lambda d: _with_header({**_header(d)[0], "version": 3}, _header(d)[1]), "version 3 is not 4"),
         (
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',

@@ -134,6 +134,37 @@ def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -
         _assert_matches_reference(got, inputs, attrs, dtype, f"T={num_tokens}")
 
 
+@pytest.mark.parametrize("weights", ["native", "fp8_block", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pdl", [0, 1])
+def test_split_gate_up_matches_reference(weights: str, dtype: torch.dtype, pdl: int) -> None:
+    """Decode buckets with gate_up split over H (`gate_up.SK`, a tuning candidate): partial sums, a ticket per
+    tile, the last split applies the activation; under PDL too, against the oracle."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+    from moetrt.op.presets import like
+
+    quantized = {} if weights == "native" else {"weight_format": weights, "weight_block": 32}
+    attrs = like("qwen3_next", 64, 6, 256, 128, shared_intermediate_size=96, **quantized)
+    name = kernel_name_of(dtype)
+    configs = {}
+    for bound, sk in ((1, 4), (16, 2), (64, 4)):
+        cfg = tuning.default_config(attrs, name, bound)
+        cfg["gate_up"].update({"SK": sk, "BK": 32})
+        cfg["pdl"] = {"enabled": pdl}
+        configs[bound] = cfg
+    bundle = compile_kernels(attrs, name, current_sm(), buckets=(1, 16, 64), configs=configs, workers=8)
+    one = bundle.buckets["1"]
+    assert one["constexprs"][one["variants"]["gate_up"]]["SK"] == 4
+    for num_tokens in (1, 2, 16, 64):
+        inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
+        for _ in range(2):  # twice: the tickets are zeroed by each call's router kernel
+            out = _poisoned_outputs(attrs, num_tokens, dtype)
+            got = moe_forward(inputs, attrs, bundle, outputs=out)
+            _assert_matches_reference(got, inputs, attrs, dtype, f"{weights} SK T={num_tokens}")
+
+
 @pytest.mark.parametrize(
     ("weight_format", "block", "zero"),
     [

@@ -24,6 +24,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 # Buckets up to this bound take the expert-group (gemv) path unless a tuned entry turns it off. None: on
 # the H200 it streamed no faster than the sorted path (docs/kernels.md), so it is a tuning candidate only.
 GEMV_DEFAULT_MAX = 0
+# Splits of gate_up's reduction the tuner tries at decode (`gate_up.SK`; 1, the default, does not split)
+SPLIT_K_OPTIONS = (2, 4)
 
 
 def shape_key(attrs: MoEAttributes) -> str:
@@ -63,6 +65,7 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
             "BM": 16,
             "BN": 16 if fp32 else 32,
             "BK": 64 if fp32 else 128,
+            "SK": 1,
             "num_warps": 4,
             "num_stages": 3,
         }
@@ -234,18 +237,25 @@ def candidate_configs(
             (128, 128, 32, 8, 4),
         ]
         down_opts = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
+    base_gate_up = tuple(base["gate_up"][k] for k in ("BM", "BN", "BK", "num_warps", "num_stages"))
+    base_down = tuple(base["down"][k] for k in ("BH", "BK", "num_warps", "num_stages"))
     if attrs.is_quantized:  # base's tiles as option tuples, each stage varied with the other kept
-        base_gate_up = tuple(base["gate_up"][k] for k in ("BM", "BN", "BK", "num_warps", "num_stages"))
-        base_down = tuple(base["down"][k] for k in ("BH", "BK", "num_warps", "num_stages"))
         pairs = [(g, base_down) for g in gate_up_opts] + [(base_gate_up, d) for d in down_opts]
     else:
         pairs = [(g, d) for g in gate_up_opts for d in down_opts]
-    for (bm, bn, bk, warps, stages), (bh, dbk, dwarps, dstages) in pairs:
+    # decode: gate_up split over H (SK programs per tile, plan.gate_up_splits) with base's down tiles
+    triples = [(g, d, base["gate_up"].get("SK", 1)) for g, d in pairs]
+    if is_decode(bound):
+        triples += [(g, base_down, sk) for sk in SPLIT_K_OPTIONS for g in gate_up_opts]
+    for (bm, bn, bk, warps, stages), (bh, dbk, dwarps, dstages), sk in triples:
         if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
             continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
-        for per_weight in (0, 1) if attrs.is_quantized else (base["dequant"]["per_weight"],):
+        # scales per weight against scales on the product: a switch of the unsplit tiles
+        pw_opts = (0, 1) if attrs.is_quantized and sk == 1 else (base["dequant"]["per_weight"],)
+        for per_weight in pw_opts:
             cfg = copy.deepcopy(base)
             cfg["gate_up"].update({"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages})
+            cfg["gate_up"]["SK"] = sk
             cfg["down"].update({"BH": bh, "BK": dbk, "num_warps": dwarps, "num_stages": dstages})
             cfg["gemv"]["enabled"] = 0  # these tiles are the sorted path's
             cfg["dequant"]["per_weight"] = per_weight

@@ -99,6 +99,8 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("act_ptr", "x"),
         ("w_gu_scale_ptr", "s"),
         ("w_gu_zero_ptr", "z"),
+        ("gu_part_ptr", "f32"),
+        ("gu_tickets_ptr", "i32"),
         *_BLOCK_TABLE,
         ("T", "T"),
     ),
@@ -208,6 +210,8 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "zero_ptr": ("ws", "counts"),  # counts, tickets and htickets: one zeroed span
     "tickets_ptr": ("ws", "tickets"),
     "htickets_ptr": ("ws", "htickets"),
+    "gu_tickets_ptr": ("ws", "gu_tickets"),
+    "gu_part_ptr": ("ws", "gu_part"),
     "offsets_ptr": ("ws", "offsets"),
     "nblocks_ptr": ("ws", "nblocks"),
     "block_expert_ptr": ("ws", "block_expert"),
@@ -257,6 +261,14 @@ def is_fused(cfg: dict[str, Any], bound: int | None) -> bool:
 def is_gemv(cfg: dict[str, Any], bound: int | None) -> bool:
     """Whether the bucket runs the expert-group (gemv) path: small T, and the config enables it."""
     return bound is not None and bound <= GEMV_MAX_TOKENS and bool(cfg.get("gemv", {}).get("enabled", 0))
+
+
+def gate_up_splits(cfg: dict[str, Any], bound: int | None) -> int:
+    """Splits of the reduction (H) per gate_up tile: decode buckets of the sorted path, where one program
+    per tile leaves too few weight bytes in flight (config `gate_up.SK`, default 1); 1 elsewhere."""
+    if not is_decode(bound) or is_fused(cfg, bound) or is_gemv(cfg, bound):
+        return 1
+    return int(cfg["gate_up"].get("SK", 1))
 
 
 def gemv_rows(bound: int) -> int:
@@ -395,7 +407,8 @@ def _stage_variants(
         "OUT_LOGITS": int(attrs.output_router_logits),
         "SPLIT": rc["SPLIT"],
         "FUSE_ALIGN": int(decode),
-        "RT": tc["RT"],
+        # no more rows per program than the bucket has tokens: a one-token step routes [1, E] tiles
+        "RT": min(tc["RT"], next_pow2(bound)) if decode and bound is not None else tc["RT"],
         "E_PAD": next_pow2(e),
         "K_PAD": next_pow2(k),
         "G_PAD": next_pow2(attrs.n_group),
@@ -536,7 +549,10 @@ def _stage_variants(
         "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
         "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
         "gate_up": Variant(
-            "gate_up", tuple({**gate_up, **weights}.items()), gc["num_warps"], gc["num_stages"]
+            "gate_up",
+            tuple({**gate_up, "SK": gate_up_splits(cfg, bound), **weights}.items()),
+            gc["num_warps"],
+            gc["num_stages"],
         ),
     }
     variants["down_rows"] = Variant("down_rows", tuple(down.items()), dc["num_warps"], dc["num_stages"])
@@ -560,6 +576,11 @@ class StageRef:
 
     key: str
     constexprs: tuple[tuple[str, Any], ...]
+
+
+# Workspace regions of counters (and the fused path's accumulator) inside the span the router kernel zeroes,
+# 16-byte aligned; every other region starts on 256 bytes.
+COUNTER_REGIONS = ("tickets", "htickets", "ngroups", "gu_tickets", "acc")
 
 
 @dataclass(frozen=True)
@@ -588,11 +609,14 @@ def workspace_layout(
     groups = gemv_groups(attrs, t) if gemv else 0
     tm = gemv_rows(bound) if gemv and bound is not None else 0
     tile_h = cfg["gemv"]["BH"] if gemv else cfg["down"]["BH"]
+    splits = gate_up_splits(cfg, bound)
+    gate_up_tiles = max_blocks * cdiv(_nmax(attrs), cfg["gate_up"]["BN"]) if splits > 1 else 0
     sizes = [
         ("counts", 4 * (e + 2)),
         ("tickets", 16),  # counts ... acc: one span the router-logits kernel zeroes
         ("htickets", 4 * cdiv(h, tile_h)),
         ("ngroups", 16 if gemv else 0),
+        ("gu_tickets", 4 * gate_up_tiles),
         ("acc", 4 * t * h if fused else 0),  # fused decode: fp32 output accumulator, zeroed with the counters
         ("group_expert", 4 * groups),
         ("expert_slots", 4 * e * tm),
@@ -608,12 +632,14 @@ def workspace_layout(
         ("block_row0", 4 * max_blocks),
         ("sorted_slot", 4 * rows),
         ("act", 0 if fused else esize * rows * _nmax(attrs)),
+        # split gate_up: fp32 gate | up partial sums per split and row (rows of the shared expert included)
+        ("gu_part", 4 * splits * (t * k + t) * 2 * _nmax(attrs) if splits > 1 else 0),
         ("yw", 0 if fused else esize * rows * h),
     ]
     layout: dict[str, Region] = {}
     offset = 0
     for name, nbytes in sizes:
-        align = 16 if name in ("tickets", "htickets", "ngroups", "acc") else 256
+        align = 16 if name in COUNTER_REGIONS else 256
         offset = cdiv(offset, align) * align
         layout[name] = Region(offset, nbytes)
         offset += nbytes
@@ -745,7 +771,7 @@ def launch_sequence(
         Launch(
             "gate_up",
             variants["gate_up"].key,
-            (max_blocks * cdiv(_nmax(attrs), g["BN"]), 1, 1),
+            (max_blocks * cdiv(_nmax(attrs), g["BN"]) * g["SK"], 1, 1),
             args_for("gate_up"),
         )
     )

@@ -149,7 +149,6 @@ def route_rows(
     corr_bias_ptr,
     topk_ids_ptr,
     topk_w_ptr,
-    counts_ptr,
     E: tl.constexpr,
     K: tl.constexpr,
     SCORING_SIGMOID: tl.constexpr,
@@ -171,8 +170,8 @@ def route_rows(
 ):
     """Routing of this program's RT tokens, shared by both top-k kernels: logits (sum of the router's SPLIT
     slices + bias, written out on request), the shared-expert gate, `select_experts`, the slots' expert ids
-    and weights stored, and each slot's rank among its expert's slots (an atomic on the expert's counter).
-    Returns (ids, slots, slot_mask, rank), each [RT, K_PAD]."""
+    and weights stored. Returns (ids, slots, slot_mask), each [RT, K_PAD]; `slot_ranks` numbers the slots
+    of each expert."""
     rows = tl.program_id(0) * RT + tl.arange(0, RT)
     row_ok = rows < T
     cols = tl.arange(0, E_PAD)
@@ -217,8 +216,13 @@ def route_rows(
     ids = tl.minimum(tl.maximum(ids, 0), E - 1)  # NaN logits must not index out of bounds
     tl.store(topk_ids_ptr + slots, ids, mask=slot_mask)
     tl.store(topk_w_ptr + slots, wts, mask=slot_mask)
-    rank = tl.atomic_add(counts_ptr + ids, 1, mask=slot_mask, sem="relaxed", scope="gpu")
-    return ids, slots, slot_mask, rank
+    return ids, slots, slot_mask
+
+
+@triton.jit
+def slot_ranks(counts_ptr, ids, slot_mask):
+    """Each slot's rank among its expert's slots (any order), from an atomic on the expert's counter."""
+    return tl.atomic_add(counts_ptr + ids, 1, mask=slot_mask, sem="relaxed", scope="gpu")
 
 
 @triton.jit

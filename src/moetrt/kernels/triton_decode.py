@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from moetrt.kernels.triton_common import dot_acc, glu, reduce_h_tile_when_last, route_rows
+from moetrt.kernels.triton_common import dot_acc, glu, reduce_h_tile_when_last, route_rows, slot_ranks
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def topk_group_kernel(
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    ids, slots, slot_mask, rank = route_rows(
+    ids, slots, slot_mask = route_rows(
         T,
         logits_ws_ptr,
         router_b_ptr,
@@ -83,7 +83,6 @@ def topk_group_kernel(
         corr_bias_ptr,
         topk_ids_ptr,
         topk_w_ptr,
-        counts_ptr,
         E,
         K,
         SCORING_SIGMOID,
@@ -103,6 +102,7 @@ def topk_group_kernel(
         K_PAD,
         G_PAD,
     )
+    rank = slot_ranks(counts_ptr, ids, slot_mask)
     tl.store(expert_slots_ptr + ids * TM + rank, slots, mask=slot_mask)
     opens = slot_mask & (rank == 0)
     group = tl.atomic_add(ngroups_ptr + 0 * ids, 1, mask=opens, sem="relaxed", scope="gpu")

@@ -31,6 +31,7 @@ from moetrt.kernels.triton_common import (
     reduce_h_tile_when_last,
     route_rows,
     row_scales,
+    slot_ranks,
     weight_tile,
 )
 from moetrt.kernels.triton_common import glu as _glu
@@ -99,6 +100,128 @@ def _align(
         tl.store(sorted_slot_ptr + first_row + r, s, mask=smask)
         if HAS_SHARED:  # the shared expert's rows come last, one per token in token order
             tl.store(sorted_slot_ptr + num_slots + s, num_slots + s, mask=s < T)
+
+
+# Slots a one-program top-k sorts in registers (slot pairs compared: next_pow2(RT * K) squared): beyond it the
+# counters, a ticket and _align do the work.
+LOCAL_SORT_MAX_SLOTS = tl.constexpr(32)
+
+
+@triton.constexpr_function
+def _slots_pow2(RT, K):
+    return triton.next_power_of_2(RT * K)
+
+
+@triton.jit
+def _align_in_registers(
+    T,
+    topk_ids_ptr,
+    offsets_ptr,
+    nblocks_ptr,
+    block_expert_ptr,
+    block_row0_ptr,
+    sorted_slot_ptr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    S: tl.constexpr,
+):
+    """_align's outputs, as the expert kernels read them (_block_rows), when one program holds every slot
+    (S >= T*K) and no expert has more rows than a block (T <= BM).
+
+    A slot's sorted row is the number of slots of lower experts plus its rank: the slots of its own expert
+    that come before it. Both come from comparing slot pairs in registers, so this needs no counters, no
+    atomics and no ticket: what the decode step's routing waits on otherwise is memory round trips, not
+    arithmetic. The program's own expert ids are read back once (after a barrier; they are in L2), which
+    lays them out for the pairwise compares at no layout-conversion cost. The rows of an expert are in slot
+    order (deterministic); the block table is in expert order, the shared expert's block last, as _align
+    writes it.
+    """
+    tl.debug_barrier()  # this program's topk_ids stores are visible to all its threads
+    num_slots = T * K
+    s1 = tl.arange(0, S)
+    ok1 = s1 < num_slots
+    e1 = tl.load(topk_ids_ptr + s1, mask=ok1, other=0, volatile=True)
+    s_col = tl.arange(0, S)[None, :]
+    ok_col = s_col < num_slots
+    e_col = tl.load(topk_ids_ptr + s_col, mask=ok_col, other=0, volatile=True)
+    below = ok_col & (e_col < e1[:, None])  # [a, b]: slot b belongs to a lower expert than slot a
+    rank = tl.sum((ok_col & (e_col == e1[:, None]) & (s_col < s1[:, None])).to(tl.int32), axis=1)
+    row = tl.sum(below.to(tl.int32), axis=1) + rank
+    opens = ok1 & (rank == 0)  # the first slot of an expert opens its block
+    block = tl.sum((below & tl.reshape(opens, (1, S))).to(tl.int32), axis=1)
+    tl.store(sorted_slot_ptr + row, s1, mask=ok1)
+    tl.store(block_expert_ptr + block, e1, mask=opens)
+    tl.store(block_row0_ptr + block, row, mask=opens)
+    routed_blocks = tl.sum(opens.to(tl.int32), axis=0)
+    # the expert kernels read offsets[e + 1] only (a block's row end): each routed expert writes its own
+    # end, the slots of experts up to it; the last routed expert's end is offsets[E] = T*K when it is E - 1
+    ends = tl.sum((ok_col & (e_col <= e1[:, None])).to(tl.int32), axis=1)
+    tl.store(offsets_ptr + e1 + 1, ends, mask=opens)
+    if HAS_SHARED:  # the shared expert: one block of T rows after the routed ones, rows in token order
+        tl.store(offsets_ptr + E + 1, num_slots + T)
+        tl.store(block_expert_ptr + routed_blocks, E)
+        tl.store(block_row0_ptr + routed_blocks, num_slots)
+        tl.store(sorted_slot_ptr + num_slots + s1, num_slots + s1, mask=s1 < T)
+    tl.store(nblocks_ptr, routed_blocks + HAS_SHARED)
+
+
+@triton.jit
+def _rank_then_align_when_last(
+    ids,
+    slots,
+    slot_mask,
+    T,
+    block_iters,
+    slot_iters,
+    counts_ptr,
+    topk_ids_ptr,
+    rank_ptr,
+    tickets_ptr,
+    offsets_ptr,
+    nblocks_ptr,
+    block_expert_ptr,
+    block_row0_ptr,
+    sorted_slot_ptr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    FUSE_ALIGN: tl.constexpr,
+    BM: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    EP_PAD: tl.constexpr,
+    CS: tl.constexpr,
+):
+    """Slot ranks from the experts' counters; with FUSE_ALIGN the last program to finish (ticket counter)
+    sorts the slots by expert."""
+    rank = slot_ranks(counts_ptr, ids, slot_mask)
+    tl.store(rank_ptr + slots, rank, mask=slot_mask)
+    if FUSE_ALIGN:
+        # All of this CTA's stores happen before the release of the ticket (threadfence-reduction pattern).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(tickets_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(0) - 1:
+            tl.debug_barrier()
+            _align(
+                0,
+                1,
+                T,
+                block_iters,
+                slot_iters,
+                counts_ptr,
+                topk_ids_ptr,
+                rank_ptr,
+                offsets_ptr,
+                nblocks_ptr,
+                block_expert_ptr,
+                block_row0_ptr,
+                sorted_slot_ptr,
+                E,
+                K,
+                BM,
+                HAS_SHARED,
+                EP_PAD,
+                CS,
+            )
 
 
 @triton.jit
@@ -225,12 +348,13 @@ def topk_kernel(
     Grid (cdiv(T, RT),): small RT keeps the [RT, E] tiles in registers and spreads tokens over the GPU.
     Each slot takes its rank among its expert's rows with an atomic on the expert's counter. With
     FUSE_ALIGN (decode) the last program to finish (ticket counter) also sorts the slots by expert, so
-    decode pays no separate align launch.
+    decode pays no separate align launch; where one program holds every slot (T <= RT, as in a one-token
+    step) it sorts them in registers instead, without counters, ticket or reloads (_align_in_registers).
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
         gdc_launch_dependents()
-    _ids, slots, slot_mask, rank = route_rows(
+    ids, slots, slot_mask = route_rows(
         T,
         logits_ws_ptr,
         router_b_ptr,
@@ -240,7 +364,6 @@ def topk_kernel(
         corr_bias_ptr,
         topk_ids_ptr,
         topk_w_ptr,
-        counts_ptr,
         E,
         K,
         SCORING_SIGMOID,
@@ -260,22 +383,12 @@ def topk_kernel(
         K_PAD,
         G_PAD,
     )
-    tl.store(rank_ptr + slots, rank, mask=slot_mask)
-    if FUSE_ALIGN:
-        # All of this CTA's stores happen before the release of the ticket (threadfence-reduction pattern).
-        tl.debug_barrier()
-        ticket = tl.atomic_add(tickets_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == tl.num_programs(0) - 1:
-            tl.debug_barrier()
-            _align(
-                0,
-                1,
+    S: tl.constexpr = _slots_pow2(RT, K)  # the program's slots: s = t*K + j, t < RT
+    if FUSE_ALIGN and RT <= BM and S <= LOCAL_SORT_MAX_SLOTS:
+        if tl.num_programs(0) == 1:  # every slot in this program: sorted in registers
+            _align_in_registers(
                 T,
-                block_iters,
-                slot_iters,
-                counts_ptr,
                 topk_ids_ptr,
-                rank_ptr,
                 offsets_ptr,
                 nblocks_ptr,
                 block_expert_ptr,
@@ -283,11 +396,59 @@ def topk_kernel(
                 sorted_slot_ptr,
                 E,
                 K,
+                HAS_SHARED,
+                S,
+            )
+        else:
+            _rank_then_align_when_last(
+                ids,
+                slots,
+                slot_mask,
+                T,
+                block_iters,
+                slot_iters,
+                counts_ptr,
+                topk_ids_ptr,
+                rank_ptr,
+                tickets_ptr,
+                offsets_ptr,
+                nblocks_ptr,
+                block_expert_ptr,
+                block_row0_ptr,
+                sorted_slot_ptr,
+                E,
+                K,
+                FUSE_ALIGN,
                 BM,
                 HAS_SHARED,
                 EP_PAD,
                 CS,
             )
+    else:
+        _rank_then_align_when_last(
+            ids,
+            slots,
+            slot_mask,
+            T,
+            block_iters,
+            slot_iters,
+            counts_ptr,
+            topk_ids_ptr,
+            rank_ptr,
+            tickets_ptr,
+            offsets_ptr,
+            nblocks_ptr,
+            block_expert_ptr,
+            block_row0_ptr,
+            sorted_slot_ptr,
+            E,
+            K,
+            FUSE_ALIGN,
+            BM,
+            HAS_SHARED,
+            EP_PAD,
+            CS,
+        )
 
 
 @triton.jit
@@ -402,6 +563,98 @@ def _quantized_product(
 
 
 @triton.jit
+def _gate_up_sums(
+    x_ptr,
+    w_base,
+    token,
+    row_ok,
+    n,
+    n_ok,
+    n_cols,
+    k_start,
+    H: tl.constexpr,
+    KS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    s_base,
+    z_base,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
+):
+    """(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 over the KS reduction elements from k_start, for
+    BM token rows and the BN columns n of one expert (`w_base`: its [2 * n_cols, H] gate/up weight, or with
+    WFMT its quantized codes, scales at s_base and zero points at z_base). Quantized tiles inside one scale
+    group are multiplied unscaled and their product scaled per column (`scales_on_product`,
+    `triton_common.fp8_values`, `nibble_values`, `row_scales`); others are dequantized per weight
+    (`weight_tile`)."""
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    out_ty = x_ptr.dtype.element_ty
+    SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
+    for k0 in range(k_start, k_start + KS, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < H
+        # weights first: their address needs only the expert, the token rows need one more load
+        if WFMT == 0:
+            wmask = n_ok[:, None] & k_ok[None, :]
+            wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+            wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+        elif not SCALED:
+            wg = weight_tile(w_base, s_base, z_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty)
+            wu = weight_tile(
+                w_base, s_base, z_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty
+            )
+        xt = tl.load(
+            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        if SCALED:
+            acc_g += _quantized_product(
+                xt, w_base, z_base, s_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, IEEE, out_ty
+            )
+            acc_u += _quantized_product(
+                xt, w_base, z_base, s_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, IEEE,
+                out_ty,
+            )  # fmt: skip
+        else:
+            acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
+            acc_u = dot_acc(xt, tl.trans(wu), acc_u, IEEE)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gate_up_finish(
+    acc_g,
+    acc_u,
+    b_gu_ptr,
+    e,
+    is_shared,
+    n,
+    n_ok,
+    I: tl.constexpr,  # noqa: E741
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """The activation of whole gate / up sums: bias (routed experts), then the GLU."""
+    if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
+        if not is_shared:
+            bias_base = b_gu_ptr + e * (2 * I)
+            acc_g += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bias_base + I + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if is_shared:
+        act = _glu(acc_g, acc_u, 0, ALPHA, LIMIT)  # the shared expert is always SiLU-GLU (spec)
+    else:
+        act = _glu(acc_g, acc_u, ACTIVATION, ALPHA, LIMIT)
+    return act
+
+
+@triton.jit
 def _gate_up_tile(
     x_ptr,
     w_base,
@@ -431,53 +684,14 @@ def _gate_up_tile(
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
 ):
-    """glu(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 for BM token rows and the BN columns n
-    of one expert (`w_base`: its [2 * n_cols, H] gate/up weight, or with WFMT its quantized codes, scales at
-    s_base and zero points at z_base), shared by gate_up_kernel and experts_kernel. Quantized tiles inside
-    one scale group are multiplied unscaled and their product scaled per column (`scales_on_product`,
-    `triton_common.fp8_values`, `nibble_values`, `row_scales`); others are dequantized per weight
-    (`weight_tile`)."""
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    out_ty = x_ptr.dtype.element_ty
-    SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
-    for k0 in range(0, H, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < H
-        # weights first: their address needs only the expert, the token rows need one more load
-        if WFMT == 0:
-            wmask = n_ok[:, None] & k_ok[None, :]
-            wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-            wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-        elif not SCALED:
-            wg = weight_tile(w_base, s_base, z_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty)
-            wu = weight_tile(
-                w_base, s_base, z_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty
-            )
-        xt = tl.load(
-            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        if SCALED:
-            acc_g += _quantized_product(
-                xt, w_base, z_base, s_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, IEEE, out_ty
-            )
-            acc_u += _quantized_product(
-                xt, w_base, z_base, s_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, IEEE,
-                out_ty,
-            )  # fmt: skip
-        else:
-            acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
-            acc_u = dot_acc(xt, tl.trans(wu), acc_u, IEEE)
-    if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
-        if not is_shared:
-            bias_base = b_gu_ptr + e * (2 * I)
-            acc_g += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(bias_base + I + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if is_shared:
-        act = _glu(acc_g, acc_u, 0, ALPHA, LIMIT)  # the shared expert is always SiLU-GLU (spec)
-    else:
-        act = _glu(acc_g, acc_u, ACTIVATION, ALPHA, LIMIT)
-    return act
+    """glu(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 over the whole of H (experts_kernel)."""
+    acc_g, acc_u = _gate_up_sums(
+        x_ptr, w_base, token, row_ok, n, n_ok, n_cols, 0, H, H, IEEE, BM, BN, BK, s_base, z_base, WFMT, WB,
+        HAS_ZERO, FP8_CVT, PER_WEIGHT,
+    )  # fmt: skip
+    return _gate_up_finish(
+        acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
+    )
 
 
 @triton.jit
@@ -489,6 +703,8 @@ def gate_up_kernel(
     act_ptr,
     w_gu_scale_ptr,
     w_gu_zero_ptr,
+    gu_part_ptr,
+    gu_tickets_ptr,
     offsets_ptr,
     nblocks_ptr,
     block_expert_ptr,
@@ -509,6 +725,7 @@ def gate_up_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    SK: tl.constexpr,
     WFMT: tl.constexpr,
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
@@ -518,17 +735,23 @@ def gate_up_kernel(
 ):
     """act[row, n] = glu(x[token] @ W_gate[e, n], x[token] @ W_up[e, n]) for one (row block, N tile).
 
-    1-D grid of max blocks x cdiv(NMAX, BN) programs, N tile fastest: the programs of one row block run
-    together, so its gathered token rows are read from HBM once and then hit L2. Programs past the actual
-    block count exit at once. One program streams its expert's BN gate rows and BN up rows exactly once
-    for up to BM tokens.
+    1-D grid of max blocks x cdiv(NMAX, BN) x SK programs, split fastest, then N tile: the programs of one
+    row block run together, so its gathered token rows are read from HBM once and then hit L2. Programs
+    past the actual block count exit at once. One program streams its expert's BN gate rows and BN up rows
+    once for up to BM tokens, over H / SK of the reduction: with SK > 1 (decode, where one program per
+    tile leaves too few bytes in flight) each split writes its fp32 partial sums (gu_part[split, row,
+    gate | up]) and the last split of a tile to finish (ticket) adds them in split order, so the result
+    does not depend on which finished last, and applies the activation.
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
         gdc_launch_dependents()
     NT: tl.constexpr = (NMAX + BN - 1) // BN
-    b = tl.program_id(0) // NT
-    pid_n = tl.program_id(0) % NT
+    KS: tl.constexpr = ((H + SK - 1) // SK + BK - 1) // BK * BK  # reduction elements per split
+    tile = tl.program_id(0) // SK
+    pid_k = tl.program_id(0) % SK
+    b = tile // NT
+    pid_n = tile % NT
     num_blocks = tl.load(nblocks_ptr)
     e, rows, row_ok, _slot, token = _block_rows(
         b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
@@ -541,6 +764,7 @@ def gate_up_kernel(
     if pid_n * BN >= n_cols:
         return
     n_ok = n < n_cols
+    k_start = pid_k * KS
     if WFMT == 0:
         # One K loop for routed and shared rows: a second inlined loop would double the pipeline's shared
         # memory (measured: 288 KB for the BM = BN = 128, 3-stage prefill tiles, past the SM's limit).
@@ -548,14 +772,14 @@ def gate_up_kernel(
             w_base = shared_w_gu_ptr
         else:
             w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
-        act = _gate_up_tile(
-            x_ptr, w_base, b_gu_ptr, e, is_shared, token, row_ok, n, n_ok, n_cols, H, I, ACTIVATION, ALPHA,
-            LIMIT, HAS_BIAS, IEEE, BM, BN, BK, w_base, w_base, 0, 0, 0, 0, 0,
+        acc_g, acc_u = _gate_up_sums(
+            x_ptr, w_base, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, w_base, w_base,
+            0, 0, 0, 0, 0,
         )  # fmt: skip
     elif is_shared:  # the shared expert is always native
-        act = _gate_up_tile(
-            x_ptr, shared_w_gu_ptr, b_gu_ptr, e, is_shared, token, row_ok, n, n_ok, n_cols, H, I, ACTIVATION,
-            ALPHA, LIMIT, HAS_BIAS, IEEE, BM, BN, BK, shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0, 0, 0,
+        acc_g, acc_u = _gate_up_sums(
+            x_ptr, shared_w_gu_ptr, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK,
+            shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0, 0, 0,
         )  # fmt: skip
     else:
         KC: tl.constexpr = H if WFMT == 1 else H // 2
@@ -563,15 +787,30 @@ def gate_up_kernel(
         codes = w_gu_ptr + e.to(tl.int64) * (2 * I * KC)
         scales = w_gu_scale_ptr + e.to(tl.int64) * SC
         zeros = w_gu_zero_ptr + e.to(tl.int64) * (2 * I * (H // WB))
-        act = _gate_up_tile(
-            x_ptr, codes, b_gu_ptr, e, is_shared, token, row_ok, n, n_ok, n_cols, H, I, ACTIVATION, ALPHA,
-            LIMIT, HAS_BIAS, IEEE, BM, BN, BK, scales, zeros, WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT,
+        acc_g, acc_u = _gate_up_sums(
+            x_ptr, codes, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, scales, zeros,
+            WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT,
         )  # fmt: skip
-    tl.store(
-        act_ptr + rows[:, None] * NMAX + n[None, :],
-        act.to(act_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & n_ok[None, :],
+    out_mask = row_ok[:, None] & n_ok[None, :]
+    if SK > 1:
+        R = T * K + T  # rows of the partial-sum slices (the shared expert's rows included)
+        part = gu_part_ptr + rows[:, None] * (2 * NMAX) + n[None, :]
+        tl.store(part + pid_k * R * (2 * NMAX), acc_g, mask=out_mask)
+        tl.store(part + pid_k * R * (2 * NMAX) + NMAX, acc_u, mask=out_mask)
+        tl.debug_barrier()  # this CTA's partial stores happen before the release of the ticket
+        ticket = tl.atomic_add(gu_tickets_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket != SK - 1:
+            return
+        tl.debug_barrier()
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for j in tl.static_range(SK):
+            acc_g += tl.load(part + j * R * (2 * NMAX), mask=out_mask, other=0.0, volatile=True)
+            acc_u += tl.load(part + j * R * (2 * NMAX) + NMAX, mask=out_mask, other=0.0, volatile=True)
+    act = _gate_up_finish(
+        acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
     )
+    tl.store(act_ptr + rows[:, None] * NMAX + n[None, :], act.to(act_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit

@@ -43,11 +43,16 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
     int64_t tm = gemv ? group->constexpr_int("TM") : 0;
     int64_t tile_h = gemv ? bucket.config_int("gemv", "BH") : bucket.config_int("down", "BH");
     int64_t split = bucket.config_int("router", "SPLIT");
+    // split gate_up (plan.py gate_up_splits): its SK constexpr; partial sums and a ticket per tile
+    const Stage* gate_up = bucket.stage("gate_up");
+    int64_t splits = gate_up ? gate_up->constexpr_int_or("SK", 1) : 1;
+    int64_t gate_up_tiles = splits > 1 ? blocks * cdiv(s.nmax(), gate_up->constexpr_int("BN")) : 0;
     const std::vector<std::pair<const char*, int64_t>> sizes = {
         {"counts", 4 * (e + 2)},
         {"tickets", 16},
         {"htickets", 4 * cdiv(h, tile_h)},
         {"ngroups", gemv ? 16 : 0},
+        {"gu_tickets", 4 * gate_up_tiles},
         {"acc", fused ? 4 * t * h : 0},
         {"group_expert", 4 * groups},
         {"expert_slots", 4 * e * tm},
@@ -63,13 +68,15 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
         {"block_row0", 4 * blocks},
         {"sorted_slot", 4 * rows},
         {"act", fused ? 0 : esize * rows * s.nmax()},
+        {"gu_part", splits > 1 ? 4 * splits * (t * k + t) * 2 * s.nmax() : 0},
         {"yw", fused ? 0 : esize * rows * h},
     };
     Layout layout;
     int64_t offset = 0;
     for (const auto& [name, nbytes] : sizes) {
         std::string n(name);
-        int64_t align = (n == "tickets" || n == "htickets" || n == "ngroups" || n == "acc") ? 16 : 256;
+        int64_t align =
+            (n == "tickets" || n == "htickets" || n == "ngroups" || n == "gu_tickets" || n == "acc") ? 16 : 256;
         offset = cdiv(offset, align) * align;
         layout.regions.emplace_back(n, Region{offset, nbytes});
         offset += nbytes;
@@ -192,7 +199,7 @@ Plan plan_for(const Bundle& b, int64_t t) {
             p.add("experts", {blocks * cdiv(s.nmax(), p.stage_int("experts", "BN")), 1, 1});
             p.add("finalize", {cdiv(t * h, p.stage_int("finalize", "BLOCK")), 1, 1});
         } else {
-            p.add("gate_up", {blocks * cdiv(s.nmax(), p.stage_int("gate_up", "BN")), 1, 1});
+            p.add("gate_up", {blocks * cdiv(s.nmax(), p.stage_int("gate_up", "BN")) * p.stage_int("gate_up", "SK"), 1, 1});
             p.add("down_rows", {blocks * cdiv(h, p.stage_int("down_rows", "BH")), 1, 1});
             if (!decode)
                 p.add("reduce", {cdiv(t, p.stage_int("reduce", "BT")), cdiv(h, p.stage_int("reduce", "BH")), 1});

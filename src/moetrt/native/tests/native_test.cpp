@@ -61,10 +61,11 @@ int selftest(const std::string& path) {
     magic[0] = 'X';
     expect_error([&] { Bundle::parse(magic.data(), magic.size()); }, "no moetrt header", "wrong magic");
     std::string version = data;
-    size_t at = version.find("\"version\": 3");
+    size_t at = version.find("\"version\": " + std::to_string(kBundleVersion));
     expect(at != std::string::npos, "header has its version");
     version[at + 11] = '9';
-    expect_error([&] { Bundle::parse(version.data(), version.size()); }, "version 9 is not 3", "other version");
+    expect_error([&] { Bundle::parse(version.data(), version.size()); },
+                 "version 9 is not " + std::to_string(kBundleVersion), "other version");
     expect_error([&] { check_sm(b, b.sm + 1); }, "the GPU is sm_" + std::to_string(b.sm + 1), "SM mismatch");
     check_sm(b, b.sm);
     expect_error([&] { plan_for(b, -1); }, "negative token count", "negative T");
