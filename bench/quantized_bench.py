@@ -4,10 +4,11 @@
 For each shape, random bf16 weights are drawn once; each format quantizes the routed experts (round to nearest,
 `op.quant.quantize`, on the GPU) and runs them through the launcher (dequantized in the GEMM loops). A row is
 checked against the float32 oracle on the same dequantized weights (bf16 tolerance) and timed by CUDA-graph
-replay with L2 flushed; its floor counts the bytes the format stores (`tune.floors`).
+replay with L2 flushed; its floor counts the bytes the format stores (`tune.floors`). "fp8_block+a8": fp8
+weights and fp8 activations (the oracle quantizes the experts' inputs alike).
 
     PYTHONPATH=src python3 bench/quantized_bench.py --out OUT.jsonl [--shapes qwen3_next,qwen3_30b]
-        [--tokens 1,8,64,4096] [--formats native,fp8_block,int4,mxfp4]
+        [--tokens 1,8,64,4096] [--formats native,fp8_block,int4,mxfp4,fp8_block+a8]
 Prints one JSON line per row (also appended to OUT) and a table last. `--once` runs each row once, unchecked
 and untimed, for a profiler (the device's copy and GEMM measurements are skipped too):
 
@@ -31,7 +32,7 @@ from moetrt.kernels.aot import compile_kernels
 from moetrt.kernels.plan import bucket_name, bucket_of
 from moetrt.kernels.torch_ops import moe_forward
 from moetrt.op.presets import PRESETS
-from moetrt.op.spec import DEFAULT_BLOCK, NATIVE, WEIGHT_FORMATS
+from moetrt.op.spec import DEFAULT_BLOCK, FP8_BLOCK, NATIVE, WEIGHT_FORMATS, MoEAttributes
 from moetrt.tune import floors, timing
 from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs, gpu_reference
 from moetrt.tune.tuner import profile_stages
@@ -69,14 +70,14 @@ def main() -> None:
             base, 1, torch.bfloat16, seed=1, names=[n for n in base.present_inputs() if n != "hidden_states"]
         )
         for fmt in args.formats.split(","):
-            attrs = dataclasses.replace(base, weight_format=fmt, weight_block=DEFAULT_BLOCK.get(fmt, 0))
+            attrs = _with_format(base, fmt)
             bundle = compile_kernels(attrs, "bfloat16", sm, workers=min(16, os.cpu_count() or 1))
             inputs, oracle = gpu_quantized_inputs(weights, attrs)
             for t in map(int, args.tokens.split(",")):
                 hidden = gpu_random_inputs(base, t, torch.bfloat16, seed=100 + t, names=["hidden_states"])
                 inputs["hidden_states"] = oracle["hidden_states"] = hidden["hidden_states"]
                 got = moe_forward(inputs, attrs, bundle)["output"].float()
-                expected = gpu_reference(oracle, attrs.with_native_weights())
+                expected = gpu_reference(oracle, attrs.with_native_weights(), attrs.fp8_activation_block)
                 rel = relative_error(got, expected.output)
                 times = timing.time_graph(
                     lambda i=inputs, a=attrs, b=bundle: moe_forward(i, a, b), args.iters
@@ -121,6 +122,17 @@ def main() -> None:
     print(f"failures: {sum(not r['ok'] for r in rows)}")
 
 
+def _with_format(base: MoEAttributes, entry: str) -> MoEAttributes:
+    """A --formats entry: a weight format, "+a8" for fp8 activations (fp8_block+a8)."""
+    fmt, _, acts = entry.partition("+")
+    return dataclasses.replace(
+        base,
+        weight_format=fmt,
+        weight_block=DEFAULT_BLOCK.get(fmt, 0),
+        activation_format=FP8_BLOCK if acts == "a8" else NATIVE,
+    )
+
+
 def _run_once(args: argparse.Namespace, sm: int) -> None:
     for shape in args.shapes.split(","):
         base = PRESETS[shape]
@@ -128,7 +140,7 @@ def _run_once(args: argparse.Namespace, sm: int) -> None:
             base, 1, torch.bfloat16, seed=1, names=[n for n in base.present_inputs() if n != "hidden_states"]
         )
         for fmt in args.formats.split(","):
-            attrs = dataclasses.replace(base, weight_format=fmt, weight_block=DEFAULT_BLOCK.get(fmt, 0))
+            attrs = _with_format(base, fmt)
             bundle = compile_kernels(attrs, "bfloat16", sm, workers=min(16, os.cpu_count() or 1))
             inputs, _oracle = gpu_quantized_inputs(weights, attrs)
             for t in map(int, args.tokens.split(",")):

@@ -294,6 +294,37 @@ def test_quantized_entries_have_their_own_expert_tiles(tmp_path, monkeypatch) ->
         configs._load_table.cache_clear()
 
 
+@pytest.mark.parametrize("sm", [89, 90, 100, 120])
+def test_fp8_activations_compile_for_fp8_tensor_cores(sm: int) -> None:
+    """fp8 activations: e4m3 x e4m3 products on the tensor cores of SM 8.9 and later, tiles one weight block
+    wide whatever the config says, in every bucket (decode and prefill), fp16 and bf16."""
+    import dataclasses
+
+    attrs = dataclasses.replace(
+        SMALL, intermediate_size=64, weight_format="fp8_block", weight_block=32, activation_format="fp8_block"
+    )
+    for dtype in ("bfloat16", "float16"):
+        bundle = compile_kernels(attrs, dtype, sm, buckets=(1, 16, None))
+        for bucket in bundle.buckets.values():
+            for stage in ("gate_up", "down_rows"):
+                constexprs = bucket["constexprs"][bucket["variants"][stage]]
+                assert constexprs["ACT_FP8"] == 1 and constexprs["BK"] == 32 and constexprs["PER_WEIGHT"] == 0
+                assert bundle.kernels[bucket["variants"][stage]].cubin.startswith(ELF_MAGIC)
+
+
+@pytest.mark.parametrize("sm", [80, 86, 87])
+def test_fp8_activations_are_refused_without_fp8_tensor_cores(sm: int) -> None:
+    import dataclasses
+
+    attrs = dataclasses.replace(
+        SMALL, intermediate_size=64, weight_format="fp8_block", weight_block=32, activation_format="fp8_block"
+    )
+    with pytest.raises(MoetrtError, match=f"fp8 activations run on fp8 tensor cores, which sm_{sm} lacks"):
+        compile_kernels(attrs, "bfloat16", sm, buckets=(16,))
+    with pytest.raises(MoetrtError, match="fp8 activations are for fp16 and bf16 ops"):
+        compile_kernels(attrs, "float32", 90, buckets=(16,))
+
+
 def test_hardware_fp8_conversion_needs_sm90() -> None:
     cfg = configs.default_config(SMALL_FP8, "bfloat16", 16)
     cfg["dequant"]["fp8_cvt"] = 1

@@ -67,6 +67,21 @@ def rtx_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ["--engine-backend", "tensorrt-rtx", "--target", "rtx40", "--plugin-library", "x.so"],
             ["--plugin-library is for --engine-backend tensorrt"],
         ),
+        # a format the target SM cannot run: fp8 x fp8 products need the fp8 tensor cores of SM 8.9+
+        (
+            ["--weights", "fp8", "--activations", "fp8", "--target", "orin"],
+            ["--activations fp8 runs on fp8 tensor cores", "target orin (SM 87)", "leave out --activations"],
+        ),
+        (
+            ["--weights", "fp8", "--activations", "fp8", "--target", "a100"],
+            ["fp8 tensor cores", "target a100 (SM 80)"],
+        ),
+        (["--weights", "int4", "--activations", "fp8"], ["it needs --weights fp8"]),
+        (
+            ["--weights", "fp8", "--activations", "fp8", "--precision", "fp32"],
+            ["is for fp16 and bf16 engines"],
+        ),
+        (["--activations", "fp8"], ["it needs --weights fp8"]),
     ],
 )
 def test_build_refuses_with_one_line(

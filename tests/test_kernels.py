@@ -53,6 +53,10 @@ VARIANTS: dict[str, MoEAttributes] = {
         "gpt_oss_20b", 8, 2, 64, 32, swiglu_limit=1.5, weight_format="int4", weight_block=32,
         has_weight_zero_point=True,
     ),
+    "fp8_activations": MoEAttributes(
+        12, 3, 64, 64, norm_topk_prob=True, shared_intermediate_size=32, has_shared_gate=True,
+        weight_format="fp8_block", weight_block=32, activation_format="fp8_block", has_expert_bias=True,
+    ),
     "mxfp4_sigmoid_grouped": like(
         "deepseek_v3", 16, 4, 64, 32, n_group=4, topk_group=2, shared_intermediate_size=0,
         weight_format="mxfp4", weight_block=32,
@@ -123,6 +127,10 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("int4_zero_swiglu_biases", "bfloat16", 70, "perweight"),
     ("mxfp4_sigmoid_grouped", "bfloat16", 2, "perweight"),
     ("fp8_shared_gated", "bfloat16", 70, "perweight"),
+    ("fp8_activations", "bfloat16", 1, "auto"),
+    ("fp8_activations", "bfloat16", 13, "auto"),
+    ("fp8_activations", "float16", 70, "auto"),
+    ("fp8_activations", "bfloat16", 2, "splitk"),
     ("shared_gated_logits", "float32", 1, "splitk"),
     ("swiglu_clamped_biases", "bfloat16", 13, "splitk"),
     ("sigmoid_grouped_bias_scaled", "float16", 40, "splitk"),

@@ -40,6 +40,39 @@ def test_fuse_quantizes_and_verify_checks_the_quantized_graph(
     assert code == 1 and "compared against the model's native weights" in stdout
 
 
+def test_fp8_activations_fuse_and_verify(exported: Path, tmp_path: Path) -> None:
+    """`--activations fp8`: the fused nodes say so, onnxruntime runs their quantizing bodies, and the reference
+    quantizes its experts' inputs alike: block by block on the same inputs, and over the whole fp32 model."""
+    out = tmp_path / "a8.onnx"
+    code, stdout, err = invoke(
+        "fuse", str(exported), "-o", str(out), "--weights", "fp8", "--activations", "fp8"
+    )
+    assert code == 0, err
+    nodes = check_fused_model(load_onnx(out, load_external_data=False))
+    assert {(a.weight_format, a.activation_format) for a in nodes} == {("fp8_block", "fp8_block")}
+    code, stdout, err = invoke("verify", str(out), "--blocks")
+    assert code == 0 and "PASS: 6/6" in stdout, stdout + err
+    code, stdout, err = invoke("verify", str(out))
+    assert code == 0 and "fp8 activations: the reference quantizes" in stdout, stdout + err
+    # against the weight-only op (native experts, activations unquantized) the rows leave the fp32 bound
+    code, stdout, _ = invoke("verify", str(out), "--native-reference")
+    assert code == 1
+
+
+def test_build_with_fp8_activations_checks_blocks(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = invoke(
+        "build", "demo:qwen3_moe", "-o", str(out), "--engine-backend", "tensorrt-rtx", "--weights", "fp8",
+        "--activations", "fp8",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "block parity PASS" in stdout and "fp8 activations: checking each fused block" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"]["built"] and manifest["parity"]["passed"]
+    assert manifest["quantization"]["activations"] == "fp8_block"
+    assert 1e-3 < manifest["quantization"]["error_vs_native"]["logits"] < 0.5
+
+
 def test_build_with_quantized_experts(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, stdout, err = invoke(

@@ -272,7 +272,9 @@ def _fill_output_types(model: onnx.ModelProto) -> onnx.ModelProto:
 def _quantization(options: BuildOptions) -> Any:
     from moetrt.passes.quantize_experts import ExpertQuantization
 
-    return ExpertQuantization.from_option(options.weights, options.weight_block, options.int4_zero_point)
+    return ExpertQuantization.from_option(
+        options.weights, options.weight_block, options.int4_zero_point, options.activations
+    )
 
 
 def _quantize_experts(fused_path: Path, quantization: Any, say: Progress, timings: dict[str, float]) -> Any:
@@ -530,12 +532,20 @@ def _parity(fused_path: Path, precision: str, say: Progress) -> dict[str, Any]:
     checked (e.g. it names no source model) is recorded as not checked, with the reason: never as a pass.
     """
     weight_bytes = sum(p.stat().st_size for p in [fused_path, *external_data_files(fused_path)])
-    if weight_bytes > PARITY_MAX_BYTES:
-        say(
-            f"{weight_bytes / 1e9:.1f} GB of weights are over the whole-model parity check's "
-            f"{PARITY_MAX_BYTES / 1e9:.0f} GB bound (an onnxruntime session and a float32 PyTorch copy): "
-            "checking each fused block against its PyTorch module instead, one block in memory at a time"
-        )
+    fp8_activations = _has_fp8_activations(fused_path)
+    if weight_bytes > PARITY_MAX_BYTES or fp8_activations:
+        if fp8_activations:
+            say(
+                "fp8 activations: checking each fused block against its PyTorch module on the same inputs, "
+                "both quantizing the experts' inputs alike (a whole-model comparison would carry the "
+                f"{precision} rounding of the layers before each block across fp8 rounding boundaries)"
+            )
+        else:
+            say(
+                f"{weight_bytes / 1e9:.1f} GB of weights are over the whole-model parity check's "
+                f"{PARITY_MAX_BYTES / 1e9:.0f} GB bound (an onnxruntime session and a float32 PyTorch copy): "
+                "checking each fused block against its PyTorch module instead, one block in memory at a time"
+            )
         from moetrt.verify.blocks import verify_blocks
 
         try:
@@ -550,6 +560,15 @@ def _parity(fused_path: Path, precision: str, say: Progress) -> dict[str, Any]:
         if isinstance(report, dict):
             return report
     return _parity_summary(report, scope, backend, precision, say)
+
+
+def _has_fp8_activations(fused_path: Path) -> bool:
+    from moetrt.core.onnx_io import load_onnx
+    from moetrt.op.fused_node import check_fused_model
+
+    return any(
+        a.has_fp8_activations for a in check_fused_model(load_onnx(fused_path, load_external_data=False))
+    )
 
 
 def _whole_model_parity(fused_path: Path, precision: str, say: Progress) -> tuple[Any, str, str]:

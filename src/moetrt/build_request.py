@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from moetrt.core.devices import FP8_TENSOR_CORE_MIN_SM, has_fp8_tensor_cores
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import check_input_file
 from moetrt.core.publish import OutputDir
-from moetrt.op.spec import WEIGHTS_OPTIONS
+from moetrt.op.spec import ACTIVATIONS_OPTIONS, FP8_BLOCK, NATIVE, WEIGHTS_OPTIONS
 from moetrt.runtime.manifest import owned_entries
 from moetrt.trt.profiles import DEFAULT_MAX_CONTEXT
 from moetrt.trt.targets import ENGINE_BACKENDS, DimRange, Target, resolve_target
@@ -46,6 +47,8 @@ class BuildOptions:
     weights: str = "native"
     weight_block: int | None = None
     int4_zero_point: bool = False
+    #: the routed experts' inputs: native, or fp8 (quantized per token and block; fp8 weights, SM 8.9+)
+    activations: str = "native"
 
     def context_limit(self) -> int:
         if self.max_context is not None:
@@ -64,10 +67,22 @@ class BuildRequest:
     options: BuildOptions
 
 
-def check_weights_options(weights: str, weight_block: int | None, int4_zero_point: bool) -> None:
-    """`--weights`, `--weight-block` and `--int4-zero-point` together (fuse and build take them alike)."""
+def check_weights_options(
+    weights: str, weight_block: int | None, int4_zero_point: bool, activations: str = "native"
+) -> None:
+    """`--weights`, `--weight-block`, `--int4-zero-point` and `--activations` together (fuse, build, aot and
+    tune take them alike)."""
     if weights not in WEIGHTS_OPTIONS:
         raise MoetrtError(f"unknown --weights {weights!r}", f"use one of {', '.join(WEIGHTS_OPTIONS)}")
+    if activations not in ACTIVATIONS_OPTIONS:
+        raise MoetrtError(
+            f"unknown --activations {activations!r}", f"use one of {', '.join(ACTIVATIONS_OPTIONS)}"
+        )
+    if ACTIVATIONS_OPTIONS[activations] != NATIVE and WEIGHTS_OPTIONS[weights] != FP8_BLOCK:
+        raise MoetrtError(
+            f"--activations {activations} multiplies fp8 codes on fp8 tensor cores: it needs --weights fp8",
+            "add --weights fp8, or leave out --activations",
+        )
     if int4_zero_point and weights != "int4":
         raise MoetrtError("--int4-zero-point applies to --weights int4", "add --weights int4 or drop it")
     if weight_block is not None and weights == "native":
@@ -87,7 +102,7 @@ def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -
             f"--max-context {options.max_context} is below the longest prefill (--tokens max {options.tokens.max})",
             f"pass --max-context {options.tokens.max} or more, or a smaller --tokens",
         )
-    check_weights_options(options.weights, options.weight_block, options.int4_zero_point)
+    check_weights_options(options.weights, options.weight_block, options.int4_zero_point, options.activations)
     if options.last_logits and not options.cache:
         raise MoetrtError(
             "--last-logits applies to cached decoders", "leave out --no-cache, or leave out --last-logits"
@@ -98,6 +113,12 @@ def check_build_request(model: str, outdir: str | Path, options: BuildOptions) -
     target.check_backend(options.engine_backend)
     if options.engine_backend == "tensorrt":
         _check_kernel_sm(target)
+        _check_activations_sm(options.activations, target)
+        if ACTIVATIONS_OPTIONS[options.activations] != NATIVE and precision == "fp32":
+            raise MoetrtError(
+                f"--activations {options.activations} is for fp16 and bf16 engines (the MoE kernels refuse it in fp32)",
+                "pass --precision fp16 or bf16, or leave out --activations",
+            )
     if options.plugin_library is not None:
         if options.engine_backend != "tensorrt":
             raise MoetrtError(
@@ -119,6 +140,17 @@ def _default_precision(model: str) -> str:
 
         return model_precision(load_onnx(model, load_external_data=False)) or DEFAULT_PRECISION
     return DEFAULT_PRECISION
+
+
+def _check_activations_sm(activations: str, target: Target) -> None:
+    """fp8 activations: the plugin's kernels multiply e4m3 operands, which the target's tensor cores must do."""
+    if ACTIVATIONS_OPTIONS[activations] != NATIVE and not has_fp8_tensor_cores(target.sm):
+        raise MoetrtError(
+            f"--activations {activations} runs on fp8 tensor cores, which target {target.name} (SM {target.sm}) "
+            f"lacks (SM {FP8_TENSOR_CORE_MIN_SM} and later have them)",
+            "leave out --activations for this target (fp8 weights, activations in the model's dtype), or use "
+            "--engine-backend tensorrt-rtx (it runs the function body)",
+        )
 
 
 def _check_kernel_sm(target: Target) -> None:

@@ -16,6 +16,7 @@ import click
 
 from moetrt import __version__
 from moetrt.core.errors import MoetrtError
+from moetrt.op.spec import ACTIVATIONS_OPTIONS
 
 if TYPE_CHECKING:
     from moetrt.op.spec import MoEAttributes
@@ -66,6 +67,16 @@ def _weights_options(what_follows: str) -> Callable[[Any], Any]:
     `build_request.check_weights_options`); `what_follows` says what the command does with quantized experts."""
 
     def add(command: Any) -> Any:
+        command = click.option(
+            "--activations",
+            type=click.Choice(list(ACTIVATIONS_OPTIONS)),
+            default="native",
+            show_default=True,
+            help="With --weights fp8: fp8 quantizes the routed experts' inputs too (e4m3, one scale per token "
+            "and 128-wide block, amax / 448), so both expert GEMMs multiply fp8 x fp8 on the tensor cores of SM "
+            "8.9 and later; the op's result then includes that rounding (parity compares with a reference that "
+            "rounds alike).",
+        )(command)
         command = click.option(
             "--int4-zero-point", is_flag=True, help="int4 with zero points (asymmetric groups)."
         )(command)
@@ -251,7 +262,10 @@ def verify_cmd(
     the reference routed like the artifact. For fp16/bf16 it says whether PyTorch itself in that dtype
     misses the float32 reference as much. --per-layer names the first layer whose output leaves tolerance.
     An artifact with quantized experts (`moetrt fuse --weights`) is compared against the reference running the
-    same dequantized experts; --native-reference measures the quantization's error instead.
+    same dequantized experts; --native-reference measures the quantization's error instead. With fp8
+    activations (`--activations fp8`) the reference quantizes its experts' inputs alike; --blocks then judges
+    each block on the same inputs (the whole-model rows also carry the rounding of earlier layers across fp8
+    rounding boundaries, as `moetrt build` says when it checks blocks for them).
 
     \b
     Examples:
@@ -329,6 +343,7 @@ def fuse_command(
     weights: str,
     weight_block: int | None,
     int4_zero_point: bool,
+    activations: str,
 ) -> None:
     """Fuse each MoE block of IN.onnx into one moetrt::MoE node (with its standard-op function body).
 
@@ -352,11 +367,11 @@ def fuse_command(
         raise MoetrtError("--weights quantizes fused experts; --decompose removes them", "pass one of them")
     from moetrt.build_request import check_weights_options
 
-    check_weights_options(weights, weight_block, int4_zero_point)
+    check_weights_options(weights, weight_block, int4_zero_point, activations)
     from moetrt.passes import fuse_file
     from moetrt.passes.quantize_experts import ExpertQuantization
 
-    quantize = ExpertQuantization.from_option(weights, weight_block, int4_zero_point)
+    quantize = ExpertQuantization.from_option(weights, weight_block, int4_zero_point, activations)
     result = fuse_file(
         in_path, out_path, explain=explain, decompose=decompose, progress=_progress, quantize=quantize
     )
@@ -415,11 +430,14 @@ def aot_cmd(
     weights: str,
     weight_block: int | None,
     int4_zero_point: bool,
+    activations: str,
 ) -> None:
     """Compile the MoE kernels ahead of time for one SM (no GPU needed) into a kernel bundle."""
     from moetrt.core.files import check_output_file, write_bytes_atomic
 
-    attrs = with_weights(resolve_attrs(preset, attrs_json), weights, weight_block, int4_zero_point)
+    attrs = with_weights(
+        resolve_attrs(preset, attrs_json), weights, weight_block, int4_zero_point, activations
+    )
     check_output_file(output)
     from moetrt.kernels.aot import compile_kernels
 
@@ -464,6 +482,7 @@ def tune_cmd(
     weights: str,
     weight_block: int | None,
     int4_zero_point: bool,
+    activations: str,
 ) -> None:
     """Tune the kernel-config table for the GPU of this machine (times every candidate on it)."""
     from moetrt.tune.tuner import tune_gpu
@@ -476,7 +495,9 @@ def tune_cmd(
         ) from err
     if any(t < 1 for t in counts):
         raise MoetrtError("--tokens must be positive", "e.g. --tokens 1,64,4096")
-    attrs = with_weights(resolve_attrs(preset, attrs_json), weights, weight_block, int4_zero_point)
+    attrs = with_weights(
+        resolve_attrs(preset, attrs_json), weights, weight_block, int4_zero_point, activations
+    )
     best = tune_gpu(attrs, dtype, counts, output, workers=max(1, jobs), log=click.echo)
     for key, entry in best.items():
         click.echo(f"{key}: {entry['us']} us at T={entry['tokens']}")
@@ -563,6 +584,7 @@ def build_cmd(
     weights: str,
     weight_block: int | None,
     int4_zero_point: bool,
+    activations: str,
 ) -> None:
     """Export MODEL (or take an .onnx), fuse MoE blocks, build an engine; write OUTDIR/{model.onnx,
     model.plan, manifest.json}.
@@ -589,6 +611,7 @@ def build_cmd(
         weights=weights,
         weight_block=weight_block,
         int4_zero_point=int4_zero_point,
+        activations=activations,
         plugin_library=Path(plugin_library) if plugin_library else None,
     )
     request = check_build_request(model, outdir, options)  # bad arguments answered before the heavy imports
@@ -842,16 +865,21 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
 
 
 def with_weights(
-    attrs: MoEAttributes, weights: str, weight_block: int | None, int4_zero_point: bool
+    attrs: MoEAttributes,
+    weights: str,
+    weight_block: int | None,
+    int4_zero_point: bool,
+    activations: str = "native",
 ) -> MoEAttributes:
-    """`attrs` with its routed experts in the `--weights` format (block chosen as `moetrt fuse` does)."""
+    """`attrs` with its routed experts in the `--weights` format (block chosen as `moetrt fuse` does) and their
+    inputs in the `--activations` one."""
     import dataclasses
 
     from moetrt.build_request import check_weights_options
     from moetrt.passes.quantize_experts import ExpertQuantization, choose_block
 
-    check_weights_options(weights, weight_block, int4_zero_point)
-    quantize = ExpertQuantization.from_option(weights, weight_block, int4_zero_point)
+    check_weights_options(weights, weight_block, int4_zero_point, activations)
+    quantize = ExpertQuantization.from_option(weights, weight_block, int4_zero_point, activations)
     if quantize is None:
         return attrs
     if attrs.is_quantized:
@@ -864,6 +892,7 @@ def with_weights(
         weight_format=quantize.weight_format,
         weight_block=choose_block(quantize.weight_format, attrs, quantize.block),
         has_weight_zero_point=quantize.zero_point,
+        activation_format=quantize.activation_format,
     )
 
 

@@ -134,6 +134,30 @@ def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -
         _assert_matches_reference(got, inputs, attrs, dtype, f"T={num_tokens}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_activations_match_reference(dtype: torch.dtype) -> None:
+    """fp8 activations: x and the activation quantized per token and 128-block, e4m3 x e4m3 on the tensor
+    cores, against the oracle that quantizes alike (op.reference), decode and prefill, split gate_up too."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+    from moetrt.op.presets import like
+
+    attrs = like(
+        "qwen3_next", 32, 4, 256, 256, shared_intermediate_size=64, weight_format="fp8_block",
+        weight_block=128, activation_format="fp8_block",
+    )  # fmt: skip
+    name = kernel_name_of(dtype)
+    split = tuning.default_config(attrs, name, 16)
+    split["gate_up"]["SK"] = 2
+    for configs in (None, {16: split}):
+        bundle = compile_kernels(attrs, name, current_sm(), configs=configs, workers=8)
+        for num_tokens in (1, 9, 64, 300):
+            inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
+            got = moe_forward(inputs, attrs, bundle, outputs=_poisoned_outputs(attrs, num_tokens, dtype))
+            _assert_matches_reference(got, inputs, attrs, dtype, f"fp8 activations T={num_tokens}")
+
+
 @pytest.mark.parametrize("weights", ["native", "fp8_block", "int4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("pdl", [0, 1])

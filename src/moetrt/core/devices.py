@@ -19,3 +19,12 @@ def has_fp8_conversion(sm: int) -> bool:
     bits: `cvt.rn.f16x2.e4m3x2` exists from SM 8.9, but Triton 3.6 converts on to bf16 with `cvt.bf16.f16`,
     which needs SM 9.0; so Hopper and Blackwell (SM 9.0 and later)."""
     return sm >= 90
+
+
+#: The first SM with fp8 (e4m3) tensor cores (Ada); fp8 activations run there and later.
+FP8_TENSOR_CORE_MIN_SM = 89
+
+
+def has_fp8_tensor_cores(sm: int) -> bool:
+    """Whether the SM multiplies e4m3 operands on its tensor cores (fp8 activations: SM 8.9, 9.0, 10.0, 12.0)."""
+    return sm >= FP8_TENSOR_CORE_MIN_SM

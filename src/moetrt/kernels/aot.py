@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moetrt.core import dtypes
-from moetrt.core.devices import has_fp8_conversion
+from moetrt.core.devices import FP8_TENSOR_CORE_MIN_SM, has_fp8_conversion, has_fp8_tensor_cores
 from moetrt.core.dtypes import kernel_name_of
 from moetrt.core.errors import MoetrtError
 from moetrt.kernels import plan
@@ -267,7 +267,17 @@ def compile_kernels(
 
     if sm not in SUPPORTED_SMS:
         raise MoetrtError(f"SM {sm} is not supported", f"pick one of {', '.join(map(str, SUPPORTED_SMS))}")
+    if attrs.has_fp8_activations and not has_fp8_tensor_cores(sm):
+        raise MoetrtError(
+            f"fp8 activations run on fp8 tensor cores, which sm_{sm} lacks (SM {FP8_TENSOR_CORE_MIN_SM} and later)",
+            "build this target with --activations native (fp8 weights, activations in the op's dtype)",
+        )
     dtype = kernel_name_of(dtype)  # any spelling of fp32 / fp16 / bf16; bundles store the kernel name
+    if attrs.has_fp8_activations and dtype == "float32":
+        raise MoetrtError(
+            "fp8 activations are for fp16 and bf16 ops (in fp32, the order of a sum alone can move an fp8 code)",
+            "build at fp16 or bf16, or leave out --activations",
+        )
     if not buckets or any(b not in plan.BUCKETS for b in buckets):
         raise MoetrtError(
             f"token buckets {buckets} are not a non-empty subset of {plan.BUCKETS}",

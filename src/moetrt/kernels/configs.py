@@ -41,7 +41,8 @@ def weights_key(attrs: MoEAttributes) -> str:
     if not attrs.is_quantized:
         return ""
     block = f"{attrs.weight_block}" if attrs.weight_format == FP8_BLOCK else f"g{attrs.weight_block}"
-    return f"+{attrs.weight_format}{block}{'z' if attrs.has_weight_zero_point else ''}"
+    zero = "z" if attrs.has_weight_zero_point else ""
+    return f"+{attrs.weight_format}{block}{zero}{'a8' if attrs.has_fp8_activations else ''}"
 
 
 def entry_key(attrs: MoEAttributes, dtype: str, bound: int | None) -> str:
@@ -250,8 +251,11 @@ def candidate_configs(
     for (bm, bn, bk, warps, stages), (bh, dbk, dwarps, dstages), sk in triples:
         if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
             continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
+        if attrs.has_fp8_activations:  # tiles one weight block wide (plan.expert_tile_k): the same candidates
+            bk = dbk = attrs.weight_block
         # scales per weight against scales on the product: a switch of the unsplit tiles
-        pw_opts = (0, 1) if attrs.is_quantized and sk == 1 else (base["dequant"]["per_weight"],)
+        per_weight_apart = attrs.is_quantized and sk == 1 and not attrs.has_fp8_activations
+        pw_opts = (0, 1) if per_weight_apart else (base["dequant"]["per_weight"],)
         for per_weight in pw_opts:
             cfg = copy.deepcopy(base)
             cfg["gate_up"].update({"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages})

@@ -263,6 +263,12 @@ def is_gemv(cfg: dict[str, Any], bound: int | None) -> bool:
     return bound is not None and bound <= GEMV_MAX_TOKENS and bool(cfg.get("gemv", {}).get("enabled", 0))
 
 
+def expert_tile_k(attrs: MoEAttributes, bk: int) -> int:
+    """The expert GEMMs' reduction tile: the config's, or with fp8 activations exactly one weight block (one
+    activation scale per row of a tile: triton_moe._quantized_product)."""
+    return attrs.weight_block if attrs.has_fp8_activations else bk
+
+
 def gate_up_splits(cfg: dict[str, Any], bound: int | None) -> int:
     """Splits of the reduction (H) per gate_up tile: decode buckets of the sorted path, where one program
     per tile leaves too few weight bytes in flight (config `gate_up.SK`, default 1); 1 elsewhere."""
@@ -431,7 +437,7 @@ def _stage_variants(
         "IEEE": ieee,
         "BM": gc["BM"],
         "BN": gc["BN"],
-        "BK": gc["BK"],
+        "BK": expert_tile_k(attrs, gc["BK"]),
     }
     # the routed experts' weight format (spec.WEIGHT_FORMATS index), its block and zero points
     weights = {
@@ -439,7 +445,8 @@ def _stage_variants(
         "WB": attrs.weight_block or 1,
         "HAS_ZERO": int(attrs.has_weight_zero_point),
         "FP8_CVT": int(uses_fp8_conversion(cfg)),
-        "PER_WEIGHT": int(cfg.get("dequant", {}).get("per_weight", 0)),
+        "PER_WEIGHT": int(cfg.get("dequant", {}).get("per_weight", 0) and not attrs.has_fp8_activations),
+        "ACT_FP8": int(attrs.has_fp8_activations),
     }
     if is_gemv(cfg, bound):
         assert bound is not None
@@ -541,7 +548,7 @@ def _stage_variants(
         "IEEE": ieee,
         "BM": gc["BM"],
         "BH": dc["BH"],
-        "BK": dc["BK"],
+        "BK": expert_tile_k(attrs, dc["BK"]),
         "BT": cfg["reduce"]["BT"],
         **weights,
     }

@@ -86,9 +86,10 @@ def _outputs(attrs: MoEAttributes, hidden: torch.Tensor) -> dict[str, torch.Tens
 def _interpreter_fixes() -> None:
     """Gaps of Triton 3.6's CPU interpreter, patched in the interpreter only (compiled kernels unaffected):
     scalars are 1-element arrays and loop bounds call int() on them, which numpy >= 2.4 refuses; bf16 is
-    held as raw 16-bit integers, so tl.dot multiplies the bit patterns, int/bool -> bf16 casts copy integer
-    bits, and fp32 -> bf16 truncates where the GPU rounds to nearest even. The fixes compute what the GPU
-    computes: bf16 products exact in fp32 with fp32 accumulation, casts rounded to nearest even."""
+    held as raw 16-bit integers (e4m3 as 8-bit ones), so tl.dot multiplies the bit patterns, int/bool -> bf16 casts copy integer
+    bits, fp32 -> bf16 truncates where the GPU rounds to nearest even, and fp32 -> e4m3 loses the carry of its
+    rounding into the exponent. The fixes compute what the GPU computes: bf16 products exact in fp32 with fp32
+    accumulation, casts rounded to nearest even."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -110,6 +111,11 @@ def _interpreter_fixes() -> None:
             if x.dtype == tl.bfloat16:
                 bits = x.data.view(np.uint16).astype(np.uint32) << 16
                 return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+            if x.dtype == tl.float8e4nv:  # e4m3 codes: their values, exact in fp32
+                import torch
+
+                values = torch.from_numpy(x.data.view(np.uint8)).view(torch.float8_e4m3fn).float().numpy()
+                return interpreter.TensorHandle(values, tl.float32)
             return x
 
         return original_dot(self, upcast(a), upcast(b), d, input_precision, max_num_imprecise_acc)
@@ -132,6 +138,18 @@ def _interpreter_fixes() -> None:
             return interpreter.TensorHandle(f32.astype(interpreter._get_np_dtype(dst_type)), dst_type.scalar)
         return original_cast(self, src, dst_type)
 
+    original_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self: Any, src: Any, dst_type: Any, rounding_mode: Any) -> Any:
+        if dst_type.scalar == tl.float8e4nv and not src.dtype.scalar.is_fp8():
+            import torch  # e4m3 rounded to nearest even, as the GPU's cvt.rn.satfinite (values within +-448)
+
+            values = torch.from_numpy(to_f32(src)).clamp(-448.0, 448.0)  # satfinite
+            codes = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            return interpreter.TensorHandle(codes, tl.float8e4nv)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
     interpreter.InterpreterBuilder.cast_impl = cast_impl
     interpreter._patch_lang_tensor = patch_lang_tensor
     interpreter.InterpreterBuilder.create_dot = create_dot

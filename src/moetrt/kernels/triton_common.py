@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moetrt.op import quant
+
 NEG_INF = tl.constexpr(float("-inf"))
 
 
@@ -271,6 +273,7 @@ FP8_FP16_SCALE = tl.constexpr(256.0)  # 2^(15 - 7): fp16's exponent bias over e4
 FP4_FP16_SCALE = tl.constexpr(16384.0)  # 2^(15 - 1): fp16's exponent bias over e2m1's
 INT_MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23: OR-ing an integer below 2^23 into them adds it
 INT_MAGIC_VALUE = tl.constexpr(8388608.0)
+FP8_E4M3_MAX = tl.constexpr(quant.FP8_E4M3_MAX)  # fp8 activations' scale is amax / this
 
 
 @triton.jit
@@ -438,6 +441,14 @@ def weight_tile(
             exponent = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
             value = value * _broadcast_groups(e8m0_value(exponent) * FP4_FP16_SCALE, BR, BK, WB)
     return tl.where(mask, value, 0.0).to(OUT)
+
+
+@triton.jit
+def fp8_codes(w_ptr, rows, row_ok, k0, K: tl.constexpr, BK: tl.constexpr):
+    """An fp8 tile [rows, BK] as Triton's e4m3 type, for the fp8 tensor cores (no conversion)."""
+    ks = k0 + tl.arange(0, BK)
+    code = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0)
+    return code.to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit

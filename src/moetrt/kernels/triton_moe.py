@@ -24,8 +24,10 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moetrt.kernels.triton_common import (
+    FP8_E4M3_MAX,
     dot,
     dot_acc,
+    fp8_codes,
     fp8_values,
     nibble_values,
     reduce_h_tile_when_last,
@@ -550,11 +552,25 @@ def _quantized_product(
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     FP8_CVT: tl.constexpr,
+    ACT_FP8: tl.constexpr,
     IEEE: tl.constexpr,
     OUT: tl.constexpr,
 ):
     """a[:, k0 : k0 + BK] @ W[rows, k0 : k0 + BK].T, fp32 [BM, BR], for a quantized tile inside one scale group
-    (`scales_on_product`): the codes' values (int4: minus the zero point) multiplied, then scaled per row of W."""
+    (`scales_on_product`): the codes' values (int4: minus the zero point) multiplied, then scaled per row of W.
+    ACT_FP8 (fp8 weights, BK = WB): `a` quantized to e4m3 per row of the tile (scale = amax / 448, as
+    op.quant.fp8_activations) and multiplied with the codes on the fp8 tensor cores, then scaled per row of
+    `a` and per row of W."""
+    if ACT_FP8:
+        af = a.to(tl.float32)
+        amax = tl.max(tl.abs(af), axis=1)
+        # IEEE divisions, as op.quant.fp8_activations divides: an approximate one could move a code
+        a_scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_E4M3_MAX), 1.0)
+        aq = tl.math.div_rn(af, a_scale[:, None]).to(tl.float8e4nv)
+        w = fp8_codes(w_base, rows, row_ok, k0, K, BK)
+        product = tl.dot(aq, tl.trans(w), out_dtype=tl.float32)
+        w_scale = row_scales(s_base, rows, row_ok, k0, K, WFMT, WB, 1)
+        return product * a_scale[:, None] * w_scale[None, :]
     if WFMT == 1:
         w = fp8_values(w_base, rows, row_ok, k0, K, BK, FP8_CVT, OUT)
     else:
@@ -585,6 +601,7 @@ def _gate_up_sums(
     HAS_ZERO: tl.constexpr,
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
+    ACT_FP8: tl.constexpr,
 ):
     """(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 over the KS reduction elements from k_start, for
     BM token rows and the BN columns n of one expert (`w_base`: its [2 * n_cols, H] gate/up weight, or with
@@ -614,11 +631,12 @@ def _gate_up_sums(
         )
         if SCALED:
             acc_g += _quantized_product(
-                xt, w_base, z_base, s_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, IEEE, out_ty
-            )
-            acc_u += _quantized_product(
-                xt, w_base, z_base, s_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, IEEE,
+                xt, w_base, z_base, s_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8, IEEE,
                 out_ty,
+            )  # fmt: skip
+            acc_u += _quantized_product(
+                xt, w_base, z_base, s_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8,
+                IEEE, out_ty,
             )  # fmt: skip
         else:
             acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
@@ -683,11 +701,12 @@ def _gate_up_tile(
     HAS_ZERO: tl.constexpr,
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
+    ACT_FP8: tl.constexpr,
 ):
     """glu(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 over the whole of H (experts_kernel)."""
     acc_g, acc_u = _gate_up_sums(
         x_ptr, w_base, token, row_ok, n, n_ok, n_cols, 0, H, H, IEEE, BM, BN, BK, s_base, z_base, WFMT, WB,
-        HAS_ZERO, FP8_CVT, PER_WEIGHT,
+        HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
     )  # fmt: skip
     return _gate_up_finish(
         acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
@@ -731,6 +750,7 @@ def gate_up_kernel(
     HAS_ZERO: tl.constexpr,
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
+    ACT_FP8: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """act[row, n] = glu(x[token] @ W_gate[e, n], x[token] @ W_up[e, n]) for one (row block, N tile).
@@ -774,12 +794,12 @@ def gate_up_kernel(
             w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
         acc_g, acc_u = _gate_up_sums(
             x_ptr, w_base, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, w_base, w_base,
-            0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0,
         )  # fmt: skip
     elif is_shared:  # the shared expert is always native
         acc_g, acc_u = _gate_up_sums(
             x_ptr, shared_w_gu_ptr, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK,
-            shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0, 0, 0,
+            shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
     else:
         KC: tl.constexpr = H if WFMT == 1 else H // 2
@@ -789,7 +809,7 @@ def gate_up_kernel(
         zeros = w_gu_zero_ptr + e.to(tl.int64) * (2 * I * (H // WB))
         acc_g, acc_u = _gate_up_sums(
             x_ptr, codes, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, scales, zeros,
-            WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT,
+            WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
         )  # fmt: skip
     out_mask = row_ok[:, None] & n_ok[None, :]
     if SK > 1:
@@ -835,6 +855,7 @@ def _down_tile(
     HAS_ZERO: tl.constexpr,
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
+    ACT_FP8: tl.constexpr,
 ):
     """act[rows, :n_cols] @ W[h].T for one expert's down weight ([H, n_cols] at w_base, or with WFMT its
     quantized codes, scales and zero points, as in `_gate_up_tile`)."""
@@ -868,6 +889,7 @@ def _down_tile(
                 WB,
                 HAS_ZERO,
                 FP8_CVT,
+                ACT_FP8,
                 IEEE,
                 out_ty,
             )
@@ -917,6 +939,7 @@ def down_rows_kernel(
     HAS_ZERO: tl.constexpr,
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
+    ACT_FP8: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """yw[slot, h tile] = weight * (act[row] @ W_down[e].T) for one (row block, H tile).
@@ -942,7 +965,7 @@ def down_rows_kernel(
         if e == E:
             y = _down_tile(
                 act_ptr, shared_w_down_ptr, rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH, BK,
-                shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0, 0, 0,
+                shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0, 0, 0, 0,
             )  # fmt: skip
             weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
         else:
@@ -957,7 +980,7 @@ def down_rows_kernel(
                 zeros = w_down_zero_ptr + e.to(tl.int64) * (H * (I // WB))
             y = _down_tile(
                 act_ptr, codes, rows, row_ok, h, h_ok, I, NMAX, I, IEEE, BM, BH, BK, scales, zeros, WFMT, WB,
-                HAS_ZERO, FP8_CVT, PER_WEIGHT,
+                HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
             )  # fmt: skip
             if HAS_BIAS:
                 y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
@@ -1066,6 +1089,7 @@ def experts_kernel(
         BK,
         w_base,
         w_base,
+        0,
         0,
         0,
         0,

@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moetrt.op import spec
+from moetrt.op.quant import FP8_E4M3_MAX
 from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
 
 MIN_OPSET = 15  # CastLike
@@ -157,6 +158,33 @@ def _dequantized_rows(b: _BodyBuilder, attrs: MoEAttributes, which: str, ids: st
     return b.one("Mul", values, per_code(b.one("Pow", b.f32(2.0), exponent)), hint=f"{which}_dequantized")
 
 
+def _fp8_activations(b: _BodyBuilder, a: str, k: int, block: int) -> str:
+    """`op.quant.fp8_activations` of float32 rows a [R, K]: per row and block of K, scale = amax / 448 and the
+    values rounded to the nearest e4m3 number (ties to even), in float32 arithmetic: 2^(e - 3) apart in
+    [2^e, 2^(e+1)), 2^-9 below 2^-6. A slightly wrong floor(log2) at a power of two picks a grid on which
+    the value rounds the same, so this equals the cast to e4m3 for every value (op/function_body_test.py)."""
+    cols = -(-k // block)
+    if cols * block != k:
+        a = b.one("Pad", a, b.const([0, 0, 0, cols * block - k]))
+    tiles = b.one("Reshape", a, b.const([-1, cols, block]))
+    amax = b.op("TopK", b.one("Abs", tiles), b.const([1]), axis=-1, outputs=2)[0]  # [R, C, 1]
+    scale = b.one(
+        "Where",
+        b.one("Greater", amax, b.f32(0.0)),
+        b.one("Div", amax, b.f32(FP8_E4M3_MAX)),
+        b.f32(1.0),
+    )
+    v = b.one("Div", tiles, scale)
+    log2 = b.one("Div", b.one("Log", b.one("Abs", v)), b.f32(math.log(2.0)))
+    exponent = b.one("Max", b.one("Floor", log2), b.f32(-6.0))  # Log(0) = -inf: the subnormal grid
+    step = b.one("Pow", b.f32(2.0), b.one("Sub", exponent, b.f32(3.0)))
+    q = b.one("Mul", b.one("Round", b.one("Div", v, step)), step)
+    values = b.one("Reshape", b.one("Mul", q, scale), b.const([-1, cols * block]))
+    if cols * block != k:
+        values = b.one("Slice", values, b.const([0]), b.const([k]), b.const([1]))
+    return values
+
+
 def _route(b: _BodyBuilder, logits: str, attrs: MoEAttributes, correction: str | None) -> tuple[str, str]:
     """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64), as `reference.route`."""
     k = b.const([attrs.top_k])
@@ -235,7 +263,10 @@ def make_moe_function(
     flat = b.const([-1])
     ids_flat = b.one("Reshape", ids, flat)
     hidden_dim = attrs.hidden_size
-    tokens = b.one("Unsqueeze", hidden, b.const([1]))  # [T, 1, H]
+    routed_hidden = hidden
+    if attrs.has_fp8_activations:  # the routed experts' input as their fp8 GEMM sees it
+        routed_hidden = _fp8_activations(b, hidden, hidden_dim, attrs.fp8_activation_block)
+    tokens = b.one("Unsqueeze", routed_hidden, b.const([1]))  # [T, 1, H]
     tokens = b.one("Expand", tokens, b.const([1, attrs.top_k, 1]))
     tokens = b.one("Reshape", tokens, b.const([-1, hidden_dim, 1]))  # [S, H, 1]
     w_gate_up = expert_rows("gate_up")  # [S, 2I, H]
@@ -243,6 +274,9 @@ def make_moe_function(
     if attrs.has_expert_bias:
         gate_up = b.one("Add", gate_up, gathered("expert_gate_up_bias"))
     act = _glu(b, gate_up, attrs)  # [S, I]
+    if attrs.has_fp8_activations:  # held in the op's dtype, then quantized for the down GEMM
+        held = b.one("Cast", b.one("CastLike", act, "hidden_states"), to=TensorProto.FLOAT)
+        act = _fp8_activations(b, held, attrs.intermediate_size, attrs.fp8_activation_block)
     w_down = expert_rows("down")  # [S, H, I]
     down = b.one("Squeeze", b.one("MatMul", w_down, b.one("Unsqueeze", act, flat)), flat)  # [S, H]
     if attrs.has_expert_bias:

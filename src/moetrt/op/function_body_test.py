@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -207,3 +209,66 @@ def test_quantized_body_dequantizes_like_the_reference(
     bound = 1e-5 if dtype == torch.float32 else 5e-3
     assert rel_err(got[0], ref["output"]) <= bound
     assert rel_err(got[1], ref["router_logits"]) <= bound
+
+
+def test_body_fp8_rounding_equals_the_cast() -> None:
+    """`_fp8_activations` in float32 arithmetic = `op.quant.fp8_activations` (torch's cast to e4m3) for every
+    e4m3 value, the ties between neighbours, values next to powers of two, subnormals, zeros, and a short
+    last block."""
+    from moetrt.op.function_body import _BodyBuilder, _fp8_activations
+    from moetrt.op.quant import fp8_activations, fp8_e4m3_table
+
+    table = fp8_e4m3_table()
+    finite = np.unique(table[np.isfinite(table)])
+    ties = (finite[:-1] + finite[1:]) / 2
+    near = np.concatenate([np.nextafter(finite, np.inf), np.nextafter(finite, -np.inf)])
+    values = np.concatenate([finite, ties, near, [0.0, -0.0, 448.0, -448.0]]).astype(np.float32)
+    rng = np.random.default_rng(3)
+    rows = []
+    for start in range(0, values.size, 127):  # 127 values and the row's own 448 set each block's scale to 1
+        chunk = values[start : start + 127]
+        rows.append(
+            np.concatenate([chunk, np.zeros(127 - chunk.size, np.float32), [448.0]]).astype(np.float32)
+        )
+    exact = np.stack(rows)  # [R, 128]: one block per row, scale 1: the rounding itself
+    scaled = rng.standard_normal((5, 300)).astype(np.float32) * np.float32(3.0)  # scales, a block of 44
+    scaled[1, 128:256] = 0.0  # an all-zero block
+    for x, block in ((exact, 128), (scaled, 128)):
+        b = _BodyBuilder()
+        out = _fp8_activations(b, "x", x.shape[1], block)
+        b.nodes.append(helper.make_node("Identity", [out], ["y"]))
+        graph = helper.make_graph(
+            b.nodes,
+            "fp8",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
+        want = fp8_activations(torch.from_numpy(x), block).numpy()
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_activation_body_matches_the_reference(dtype: torch.dtype) -> None:
+    """fp8 activations: the body quantizes x and the activation (held in the op's dtype) per token and block
+    as the reference does; both differ from the weight-only op by more than the quantization noise floor."""
+    base = {**_BASE, "hidden_size": 256, "intermediate_size": 160}
+    attrs = MoEAttributes(
+        **base,
+        weight_format="fp8_block",
+        weight_block=128,
+        activation_format="fp8_block",
+        shared_intermediate_size=8,
+        has_expert_bias=True,
+    )
+    inputs = random_inputs(attrs, 9, dtype=dtype, seed=5)
+    if dtype == torch.bfloat16:  # onnxruntime's CPU MatMul has no bf16: run the body on float32 inputs
+        inputs = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in inputs.items()}
+    got = run_single_node(attrs, inputs)
+    ref = moe_reference(inputs, attrs, compute_dtype=torch.float64)
+    assert rel_err(got[0], ref["output"]) <= 1e-5
+    weight_only = moe_reference(inputs, dataclasses.replace(attrs, activation_format="native"), torch.float64)
+    assert rel_err(weight_only["output"].numpy(), ref["output"]) > 1e-3

@@ -10,6 +10,11 @@ reduction, contiguous) as uint8 codes, with scales (and zero points) beside it. 
     mxfp4      codes [E, N, K/2]    two e2m1 codes a byte    scale uint8 (e8m0) [E, N, K/32]
                w[n, k] = e2m1(code) * 2^(scale[n, k // 32] - 127)
 
+fp8 activations (``activation_format`` fp8_block): the routed experts' inputs x [..., K] are quantized per row
+and block of B along K, scale = amax / 448 (1 for an all-zero block), q = e4m3(x / scale) rounded to nearest
+even, both divisions correctly rounded; the GEMMs multiply codes and apply the activation scale with the
+weight's (`fp8_activations` gives q * scale, what the reference and the function body compute with).
+
 Two codes share a byte low nibble first: byte j holds k = 2j (bits 0-3) and k = 2j + 1 (bits 4-7).
 Quantizing (`quantize`) rounds to nearest with one scale per block or group (amax / the format's largest
 code; MXFP4's shared exponent as the OCP MX specification derives it); `dequantize` is the exact inverse
@@ -120,3 +125,18 @@ def quantize(
         scale = (exponent + E8M0_BIAS).to(torch.uint8)
         return QuantizedWeight(_pack_nibbles(codes).contiguous(), scale.contiguous())
     raise ValueError(f"cannot quantize to {weight_format!r}")
+
+
+def fp8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 values of x [..., K] quantized to e4m3 per row and `block`-wide block of K (the last one may be
+    shorter), scale = amax / 448: what the fp8 tensor-core GEMMs see of their activations."""
+    # Both divisions correctly rounded to float32 (through float64), as the kernels' div_rn: CUDA's float32
+    # division is not, and values of bf16 inputs often land exactly on a tie between two e4m3 numbers.
+    v = x.double()
+    k = v.shape[-1]
+    cols = -(-k // block)
+    padded = torch.nn.functional.pad(v, (0, cols * block - k)).unflatten(-1, (cols, block))
+    amax = padded.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, (amax / FP8_E4M3_MAX).float().double(), torch.ones_like(amax))
+    q = (padded / scale).float().to(torch.float8_e4m3fn).double()
+    return (q * scale).float().flatten(-2)[..., :k]

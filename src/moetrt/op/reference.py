@@ -133,16 +133,17 @@ def moe_reference(
     weights, ids = route(logits, attrs, x.get("score_correction_bias"), ids)
 
     out = torch.zeros_like(hidden)
+    io_dtype = inputs["hidden_states"].dtype
     for expert in torch.unique(ids).tolist():
         token_idx, slot = torch.where(ids == expert)
-        h = hidden[token_idx]
+        h = expert_activations(hidden[token_idx], attrs, io_dtype)
         gate_up = F.linear(
             h,
             expert_weight(x, attrs, "gate_up", expert).to(compute_dtype),
             _maybe(x, "expert_gate_up_bias", expert),
         )
         y = F.linear(
-            glu_activation(gate_up, attrs),
+            expert_activations(glu_activation(gate_up, attrs), attrs, io_dtype),
             expert_weight(x, attrs, "down", expert).to(compute_dtype),
             _maybe(x, "expert_down_bias", expert),
         )
@@ -157,6 +158,16 @@ def moe_reference(
     if attrs.output_router_logits:
         result["router_logits"] = logits.to(dtype)
     return result
+
+
+def expert_activations(a: torch.Tensor, attrs: MoEAttributes, io_dtype: torch.dtype) -> torch.Tensor:
+    """What a routed expert's GEMM takes as input: `a` itself, or with fp8 activations `a` held in the op's
+    dtype and quantized per token and weight block (`op.quant.fp8_activations`)."""
+    if not attrs.has_fp8_activations:
+        return a
+    from moetrt.op.quant import fp8_activations
+
+    return fp8_activations(a.to(io_dtype), attrs.fp8_activation_block).to(a.dtype)
 
 
 def expert_weight(x: dict[str, torch.Tensor], attrs: MoEAttributes, which: str, expert: int) -> torch.Tensor:

@@ -18,7 +18,10 @@ Weight layouts (canonical = ``nn.Linear`` layout, reduction dim contiguous):
     shared_gate_weight       [1, H]        output scaled by sigmoid(x @ w.T)
 Quantized experts (``weight_format`` fp8_block | int4 | mxfp4, layouts in ``op/quant.py``): the two expert
 weights hold uint8 codes ([E, N, K], or [E, N, K/2] for 4-bit codes), with ``expert_gate_up_scale`` /
-``expert_down_scale`` (and int4's ``expert_*_zero``) as further inputs.
+``expert_down_scale`` (and int4's ``expert_*_zero``) as further inputs. With ``activation_format`` fp8_block
+(fp8_block weights only) the routed experts' inputs, x and the activation (held in the op's dtype), are
+quantized to e4m3 per token and weight_block-wide block of the reduction, scale = amax / 448
+(``op/quant.fp8_activations``), so both GEMMs can run on fp8 tensor cores (SM 8.9+).
 Inputs:  hidden_states [T, H] (fp32 | fp16 | bf16; every native weight has the same dtype).
 Outputs: output [T, H] (dtype of hidden_states); router_logits [T, E] when ``output_router_logits``.
 """
@@ -48,6 +51,11 @@ MXFP4_GROUP = 32
 INT4_SYMMETRIC_ZERO = 8
 #: `--weights` choices and the formats they store.
 WEIGHTS_OPTIONS = {"native": NATIVE, "fp8": FP8_BLOCK, "int4": INT4, "mxfp4": MXFP4}
+# What the routed experts' GEMMs take as activations: the op's dtype, or e4m3 with one scale per token and
+# weight block of the reduction (fp8_block weights only; `op/quant.fp8_activations`).
+ACTIVATION_FORMATS = (NATIVE, FP8_BLOCK)
+#: `--activations` choices and the formats they name.
+ACTIVATIONS_OPTIONS = {"native": NATIVE, "fp8": FP8_BLOCK}
 ACTIVATIONS = ("silu_glu", "gelu_glu", "gelu_tanh_glu", "swiglu_clamped")
 
 INPUT_ORDER = (
@@ -101,6 +109,7 @@ class MoEAttributes:
     weight_format: str = NATIVE  # the routed experts' storage; router and shared expert stay native
     weight_block: int = 0  # fp8_block: square block side; int4 / mxfp4: group along the reduction
     has_weight_zero_point: bool = False  # int4 with zero points (asymmetric)
+    activation_format: str = NATIVE  # fp8_block: the routed experts' inputs quantized to e4m3 per block
 
     def __post_init__(self) -> None:
         problems = []
@@ -141,6 +150,10 @@ class MoEAttributes:
                     break
         if self.has_weight_zero_point and self.weight_format != INT4:
             problems.append("has_weight_zero_point is for int4 weights only")
+        if self.activation_format not in ACTIVATION_FORMATS:
+            problems.append(f"activation_format {self.activation_format!r} not in {ACTIVATION_FORMATS}")
+        elif self.activation_format == FP8_BLOCK and self.weight_format != FP8_BLOCK:
+            problems.append("fp8_block activations need fp8_block weights")
         if problems:
             raise ValueError("invalid MoE attributes: " + "; ".join(problems))
 
@@ -152,9 +165,21 @@ class MoEAttributes:
     def is_quantized(self) -> bool:
         return self.weight_format != NATIVE
 
+    @property
+    def has_fp8_activations(self) -> bool:
+        return self.activation_format == FP8_BLOCK
+
+    @property
+    def fp8_activation_block(self) -> int:
+        """The block of the reduction each fp8 activation scale covers; 0 for activations in the op's dtype."""
+        return self.weight_block if self.has_fp8_activations else 0
+
     def with_native_weights(self) -> MoEAttributes:
-        """The same op with its routed experts in the activations' dtype (what a quantized op dequantizes to)."""
-        return dataclasses.replace(self, weight_format=NATIVE, weight_block=0, has_weight_zero_point=False)
+        """The same op with its routed experts in the activations' dtype (what a quantized op dequantizes to;
+        fp8 activations are dropped with the weights, so this is the weight-only comparison)."""
+        return dataclasses.replace(
+            self, weight_format=NATIVE, weight_block=0, has_weight_zero_point=False, activation_format=NATIVE
+        )
 
     def present_inputs(self) -> tuple[str, ...]:
         """Names of the node's inputs, in order (absent optional inputs are left out, not empty)."""

@@ -167,7 +167,9 @@ def quantize_file(
 
 def _quantize(model: ir.Model, quantize: ExpertQuantization) -> PassStat:
     """Run the quantize pass on `model` in place and record the format in its metadata."""
-    quantizer = QuantizeExpertsPass(quantize.weight_format, quantize.block, quantize.zero_point)
+    quantizer = QuantizeExpertsPass(
+        quantize.weight_format, quantize.block, quantize.zero_point, quantize.activation_format
+    )
     start = time.perf_counter()
     result = quantizer(model)
     model.metadata_props[META_EXPERT_WEIGHTS] = quantize.weight_format

@@ -21,8 +21,11 @@ from onnx_ir.passes import common as common_passes
 from moetrt.core.errors import MoetrtError
 from moetrt.op.function_body import make_moe_function, overload_name
 from moetrt.op.spec import (
+    ACTIVATION_FORMATS,
+    ACTIVATIONS_OPTIONS,
     DEFAULT_BLOCK,
     DOMAIN,
+    FP8_BLOCK,
     INT4,
     MXFP4,
     NATIVE,
@@ -45,23 +48,28 @@ BLOCK_CANDIDATES = (128, 64, 32, 16)
 
 @dataclass(frozen=True)
 class ExpertQuantization:
-    """What `--weights` asks for: a format, its block (None: chosen per model) and int4 zero points."""
+    """What `--weights` asks for: a format, its block (None: chosen per model) and int4 zero points; and what
+    `--activations` asks of the routed experts' inputs (fp8: quantized per token and block, fp8 weights only)."""
 
     weight_format: str
     block: int | None = None
     zero_point: bool = False
+    activation_format: str = NATIVE
 
     @classmethod
-    def from_option(cls, weights: str, block: int | None, zero_point: bool) -> ExpertQuantization | None:
-        """`--weights` as given (native: None)."""
+    def from_option(
+        cls, weights: str, block: int | None, zero_point: bool, activations: str = "native"
+    ) -> ExpertQuantization | None:
+        """`--weights` and `--activations` as given (native weights: None)."""
         fmt = WEIGHTS_OPTIONS[weights]
-        return None if fmt == NATIVE else cls(fmt, block, zero_point)
+        return None if fmt == NATIVE else cls(fmt, block, zero_point, ACTIVATIONS_OPTIONS[activations])
 
     def describe(self) -> dict[str, object]:
         return {
             "format": self.weight_format,
             "block": self.block,
             "zero_point": self.zero_point,
+            "activations": self.activation_format,
             "method": METHOD,
         }
 
@@ -90,7 +98,13 @@ def choose_block(weight_format: str, attrs: MoEAttributes, block: int | None) ->
 class QuantizeExpertsPass(CountedPass):
     name = "quantize"
 
-    def __init__(self, weight_format: str, block: int | None = None, zero_point: bool = False) -> None:
+    def __init__(
+        self,
+        weight_format: str,
+        block: int | None = None,
+        zero_point: bool = False,
+        activation_format: str = NATIVE,
+    ) -> None:
         super().__init__()
         if weight_format not in WEIGHT_FORMATS or weight_format == NATIVE:
             raise MoetrtError(
@@ -99,7 +113,15 @@ class QuantizeExpertsPass(CountedPass):
             )
         if zero_point and weight_format != INT4:
             raise MoetrtError("zero points are for int4 weights only", "leave out the zero-point option")
+        if activation_format not in ACTIVATION_FORMATS or (
+            activation_format != NATIVE and weight_format != FP8_BLOCK
+        ):
+            raise MoetrtError(
+                f"activation format {activation_format!r} does not go with {weight_format} weights",
+                "fp8 activations need fp8 weights",
+            )
         self.weight_format, self.block, self.zero_point = weight_format, block, zero_point
+        self.activation_format = activation_format
 
     def call(self, model: ir.Model) -> CountedPassResult:
         opset = model.opset_imports.get("", 18)
@@ -115,6 +137,7 @@ class QuantizeExpertsPass(CountedPass):
                 weight_format=self.weight_format,
                 weight_block=choose_block(self.weight_format, attrs, self.block),
                 has_weight_zero_point=self.zero_point,
+                activation_format=self.activation_format,
             )
             self._quantize_node(model, node, attrs, new, opset)
             count += 1

@@ -90,13 +90,29 @@ def gpu_quantized_inputs(
     return inputs, oracle
 
 
-def gpu_reference(inputs: dict[str, Any], attrs: MoEAttributes) -> GpuReference:
+def gpu_reference(
+    inputs: dict[str, Any], attrs: MoEAttributes, fp8_activation_block: int = 0
+) -> GpuReference:
     """float32 output of the op on CUDA inputs with the oracle's routing and activation, one expert at a time
-    (moe_reference upcasts every weight at once, which does not fit at real sizes)."""
+    (moe_reference upcasts every weight at once, which does not fit at real sizes). `fp8_activation_block`: the
+    routed experts' inputs quantized as fp8 activations are (a quantized op's `fp8_activation_block`, with
+    `attrs` its `with_native_weights()` and the inputs its dequantized copy)."""
+    import dataclasses
+
     import torch
     import torch.nn.functional as F
 
-    from moetrt.op.reference import glu_activation, route, shared_expert
+    from moetrt.op.reference import expert_activations, glu_activation, route, shared_expert
+    from moetrt.op.spec import FP8_BLOCK
+
+    quantized_acts = (
+        dataclasses.replace(
+            attrs, weight_format=FP8_BLOCK, weight_block=fp8_activation_block, activation_format=FP8_BLOCK
+        )
+        if fp8_activation_block
+        else attrs
+    )
+    io_dtype = inputs["hidden_states"].dtype
 
     x = inputs["hidden_states"].float()
     bias = inputs.get("router_bias")
@@ -109,8 +125,10 @@ def gpu_reference(inputs: dict[str, Any], attrs: MoEAttributes) -> GpuReference:
         token_idx, slot = torch.where(ids == e)
         gu_b = inputs["expert_gate_up_bias"][e].float() if attrs.has_expert_bias else None
         d_b = inputs["expert_down_bias"][e].float() if attrs.has_expert_bias else None
-        gate_up = F.linear(x[token_idx], inputs["expert_gate_up_weight"][e].float(), gu_b)
-        y = F.linear(glu_activation(gate_up, attrs), inputs["expert_down_weight"][e].float(), d_b)
+        h = expert_activations(x[token_idx], quantized_acts, io_dtype)
+        gate_up = F.linear(h, inputs["expert_gate_up_weight"][e].float(), gu_b)
+        act = expert_activations(glu_activation(gate_up, attrs), quantized_acts, io_dtype)
+        y = F.linear(act, inputs["expert_down_weight"][e].float(), d_b)
         out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
     if attrs.has_shared_expert:
         gate_w = inputs["shared_gate_weight"].float() if attrs.has_shared_gate else None

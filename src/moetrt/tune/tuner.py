@@ -216,7 +216,7 @@ def tune_gpu(
         if t not in references:
             hidden = gpu_random_inputs(native_attrs, t, torch_dtype, seed=100 + t, names=["hidden_states"])
             inputs, oracle = {**weights, **hidden}, {**oracle_weights, **hidden}
-            references[t] = (inputs, gpu_reference(oracle, native_attrs).output)
+            references[t] = (inputs, gpu_reference(oracle, native_attrs, attrs.fp8_activation_block).output)
         inputs, ref = references[t]
         # a fast candidate must also be right: poisoned output, compared with the float32 reference
         out = {"output": torch.full((t, attrs.hidden_size), float("nan"), dtype=torch_dtype, device="cuda")}

@@ -54,6 +54,7 @@ def dequantized_experts(
 
     nodes = quantized_nodes(onnx_path) if nodes is None else [(n, a) for n, a in nodes if a.is_quantized]
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    wrapped: list[nn.Module] = []
     try:
         if nodes:
             graph = graph if graph is not None else ir.load(str(onnx_path)).graph
@@ -72,11 +73,65 @@ def dequantized_experts(
                     saved.append((param, param.data.clone()))
                     with torch.no_grad():
                         param.data.copy_(_in_layout_of(param.data, canonical, attrs, which, node.name))
+                if attrs.has_fp8_activations:
+                    wrapped.append(experts)
+                    experts.forward = _with_fp8_expert_inputs(experts, attrs, node.name)
         yield len(nodes)
     finally:
         with torch.no_grad():
             for param, original in reversed(saved):
                 param.data.copy_(original)
+        for experts in wrapped:
+            del experts.forward  # the class's own forward again
+
+
+def _with_fp8_expert_inputs(experts: nn.Module, attrs: MoEAttributes, node: str) -> Any:
+    """`experts.forward` whose expert GEMMs take their inputs as the op's fp8 activations do: each
+    `F.linear` on a slice of the module's gate_up or down weight gets its input quantized per token and block
+    (`op.quant.fp8_activations`, in the module's own dtype, as the op's oracle holds them in its own). A
+    module that multiplies its experts some other way cannot mirror them: that is refused rather than
+    compared against the weight-only op."""
+    from moetrt.op.quant import fp8_activations
+
+    params = [_parameter(experts, which, node) for which in ("gate_up", "down")]
+    original = type(experts).forward
+    linear = torch.nn.functional.linear
+
+    def quantizing_linear(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # a slice of the experts' weights (their storage now: the module may have been cast since)
+        if weight.untyped_storage().data_ptr() in {p.untyped_storage().data_ptr() for p in params}:
+            calls[0] += 1
+            x = fp8_activations(x, attrs.fp8_activation_block).to(x.dtype)
+        return linear(x, weight, bias)
+
+    calls = [0]
+
+    config = getattr(experts, "config", None)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        calls[0] = 0
+        # transformers' experts dispatch on the config: its eager loop is the one that calls F.linear per expert
+        implementation = getattr(config, "_experts_implementation", None)
+        if implementation is not None:
+            config._experts_implementation = "eager"
+        torch.nn.functional.linear = quantizing_linear
+        try:
+            out = original(experts, *args, **kwargs)
+        finally:
+            torch.nn.functional.linear = linear
+            if implementation is not None:
+                config._experts_implementation = implementation
+        if calls[0] == 0 and bool(out.abs().sum() > 0):
+            raise MoetrtError(
+                f"{type(experts).__name__} does not multiply its experts with F.linear, so the reference cannot "
+                f"quantize their inputs as node {node}'s fp8 activations do",
+                "verify with --native-reference (the quantization's whole error), or fuse without --activations",
+            )
+        return out
+
+    return forward
 
 
 def _experts_of(root: nn.Module, node: Any) -> nn.Module:

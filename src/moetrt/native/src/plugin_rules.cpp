@@ -114,7 +114,7 @@ const std::vector<std::string>& creator_field_names() {
             "norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor", "activation", "swiglu_alpha",
             "swiglu_limit", "has_router_bias", "has_score_correction_bias", "has_expert_bias",
             "shared_intermediate_size", "has_shared_gate", "output_router_logits", "weight_format", "weight_block",
-            "has_weight_zero_point", "io_dtype", "float_attrs_f64", "fields_version"};
+            "has_weight_zero_point", "activation_format", "io_dtype", "float_attrs_f64", "fields_version"};
         for (int sm : {80, 86, 87, 89, 90, 100, 120}) out.push_back(std::string(kKernelsPrefix) + std::to_string(sm));
         return out;
     }();
