@@ -368,3 +368,34 @@ def test_weights_option_of_aot_and_tune() -> None:
         with_weights(SMALL, "fp8", None, True)
     with pytest.raises(MoetrtError, match="does not fit"):
         with_weights(SMALL, "int4", 7, False)
+
+
+def test_gpu_oracle_quantizes_fp8_activations_as_the_reference() -> None:
+    """The tuner's and the benchmark's oracle (`gpu_reference`, here on CPU tensors) with fp8 activations
+    agrees with `moe_reference` on the quantized op, and differs from the weight-only op by the quantization."""
+    import dataclasses
+
+    import torch
+
+    from moetrt.core.tolerances import relative_error, tolerance
+    from moetrt.op.presets import like
+    from moetrt.op.reference import moe_reference, random_inputs
+    from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_reference
+
+    base = like("qwen3_30b", 16, 4, 256, 256)
+    attrs = dataclasses.replace(
+        base, weight_format="fp8_block", weight_block=128, activation_format="fp8_block"
+    )
+    weights = {
+        k: v for k, v in random_inputs(base, 1, dtype=torch.bfloat16, seed=1).items() if k != "hidden_states"
+    }
+    inputs, oracle = gpu_quantized_inputs(weights, attrs)
+    inputs["hidden_states"] = oracle["hidden_states"] = random_inputs(base, 5, dtype=torch.bfloat16, seed=3)[
+        "hidden_states"
+    ]
+    want = moe_reference(inputs, attrs, compute_dtype=torch.float64)["output"].float()
+    native = attrs.with_native_weights()
+    assert relative_error(
+        gpu_reference(oracle, native, attrs.fp8_activation_block).output, want
+    ) <= tolerance("bf16")
+    assert relative_error(gpu_reference(oracle, native).output, want) > tolerance("bf16")

@@ -136,14 +136,14 @@ def moe_reference(
     io_dtype = inputs["hidden_states"].dtype
     for expert in torch.unique(ids).tolist():
         token_idx, slot = torch.where(ids == expert)
-        h = expert_activations(hidden[token_idx], attrs, io_dtype)
+        h = expert_activations(hidden[token_idx], attrs.fp8_activation_block, io_dtype)
         gate_up = F.linear(
             h,
             expert_weight(x, attrs, "gate_up", expert).to(compute_dtype),
             _maybe(x, "expert_gate_up_bias", expert),
         )
         y = F.linear(
-            expert_activations(glu_activation(gate_up, attrs), attrs, io_dtype),
+            expert_activations(glu_activation(gate_up, attrs), attrs.fp8_activation_block, io_dtype),
             expert_weight(x, attrs, "down", expert).to(compute_dtype),
             _maybe(x, "expert_down_bias", expert),
         )
@@ -160,14 +160,15 @@ def moe_reference(
     return result
 
 
-def expert_activations(a: torch.Tensor, attrs: MoEAttributes, io_dtype: torch.dtype) -> torch.Tensor:
-    """What a routed expert's GEMM takes as input: `a` itself, or with fp8 activations `a` held in the op's
-    dtype and quantized per token and weight block (`op.quant.fp8_activations`)."""
-    if not attrs.has_fp8_activations:
+def expert_activations(a: torch.Tensor, fp8_block: int, io_dtype: torch.dtype) -> torch.Tensor:
+    """What a routed expert's GEMM takes as input: `a` itself (fp8_block 0), or with fp8 activations `a` held in
+    the op's dtype and quantized per token and block (`MoEAttributes.fp8_activation_block`,
+    `op.quant.fp8_activations`)."""
+    if not fp8_block:
         return a
     from moetrt.op.quant import fp8_activations
 
-    return fp8_activations(a.to(io_dtype), attrs.fp8_activation_block).to(a.dtype)
+    return fp8_activations(a.to(io_dtype), fp8_block).to(a.dtype)
 
 
 def expert_weight(x: dict[str, torch.Tensor], attrs: MoEAttributes, which: str, expert: int) -> torch.Tensor:

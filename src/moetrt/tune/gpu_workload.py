@@ -97,21 +97,11 @@ def gpu_reference(
     (moe_reference upcasts every weight at once, which does not fit at real sizes). `fp8_activation_block`: the
     routed experts' inputs quantized as fp8 activations are (a quantized op's `fp8_activation_block`, with
     `attrs` its `with_native_weights()` and the inputs its dequantized copy)."""
-    import dataclasses
-
     import torch
     import torch.nn.functional as F
 
     from moetrt.op.reference import expert_activations, glu_activation, route, shared_expert
-    from moetrt.op.spec import FP8_BLOCK
 
-    quantized_acts = (
-        dataclasses.replace(
-            attrs, weight_format=FP8_BLOCK, weight_block=fp8_activation_block, activation_format=FP8_BLOCK
-        )
-        if fp8_activation_block
-        else attrs
-    )
     io_dtype = inputs["hidden_states"].dtype
 
     x = inputs["hidden_states"].float()
@@ -125,9 +115,9 @@ def gpu_reference(
         token_idx, slot = torch.where(ids == e)
         gu_b = inputs["expert_gate_up_bias"][e].float() if attrs.has_expert_bias else None
         d_b = inputs["expert_down_bias"][e].float() if attrs.has_expert_bias else None
-        h = expert_activations(x[token_idx], quantized_acts, io_dtype)
+        h = expert_activations(x[token_idx], fp8_activation_block, io_dtype)
         gate_up = F.linear(h, inputs["expert_gate_up_weight"][e].float(), gu_b)
-        act = expert_activations(glu_activation(gate_up, attrs), quantized_acts, io_dtype)
+        act = expert_activations(glu_activation(gate_up, attrs), fp8_activation_block, io_dtype)
         y = F.linear(act, inputs["expert_down_weight"][e].float(), d_b)
         out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
     if attrs.has_shared_expert:
