@@ -9,13 +9,11 @@ runs the full launch sequence (router logits, top-k, align, gate_up, down, reduc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from moetrt_testing.interpreter import run_in_interpreter
 
 from moetrt.core.dtypes import KERNEL_NAMES
 from moetrt.core.tolerances import tolerance
@@ -153,18 +151,7 @@ def _case_id(case: tuple[str, str, int, str]) -> str:
 
 
 def _run_in_interpreter(cases: list[tuple[str, str, int, str]]) -> dict[str, dict[str, Any]]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), json.dumps(cases)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__, json.dumps(cases), timeout=1200)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,11 @@ branch of the group-value loads runs. The interpreter runs in a child process, a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import triton
 import triton.language as tl
+from moetrt_testing.interpreter import run_in_interpreter
 
 from moetrt.kernels.triton_common import fp8_values, nibble_values, row_scales, weight_tile
 
@@ -46,18 +43,7 @@ def _case_id(case: tuple[object, ...]) -> str:
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict[str, object]]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)

@@ -17,7 +17,7 @@ from typing import Any
 from moetrt.core.devices import has_fp8_conversion
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import write_text_atomic
-from moetrt.kernels.plan import DECODE_BUCKETS, GEMV_MAX_TOKENS, bucket_name, is_decode
+from moetrt.kernels.plan import DECODE_BUCKETS, GEMV_MAX_TOKENS, bucket_name, expert_tile_k, is_decode
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -251,8 +251,8 @@ def candidate_configs(
     for (bm, bn, bk, warps, stages), (bh, dbk, dwarps, dstages), sk in triples:
         if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
             continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
-        if attrs.has_fp8_activations:  # tiles one weight block wide (plan.expert_tile_k): the same candidates
-            bk = dbk = attrs.weight_block
+        # the plan's reduction tiles (one weight block wide with fp8 activations): repeats are left out below
+        bk, dbk = expert_tile_k(attrs, bk), expert_tile_k(attrs, dbk)
         # scales per weight against scales on the product: a switch of the unsplit tiles
         per_weight_apart = attrs.is_quantized and sk == 1 and not attrs.has_fp8_activations
         pw_opts = (0, 1) if per_weight_apart else (base["dequant"]["per_weight"],)

@@ -445,7 +445,8 @@ def weight_tile(
 
 @triton.jit
 def fp8_codes(w_ptr, rows, row_ok, k0, K: tl.constexpr, BK: tl.constexpr):
-    """An fp8 tile [rows, BK] as Triton's e4m3 type, for the fp8 tensor cores (no conversion)."""
+    """An fp8 tile [rows, BK] as Triton's e4m3 type, for the fp8 tensor cores (no conversion). `fp8_values`
+    loads its own bytes: below SM 8.9 Triton refuses the e4m3 type even as a bitcast target."""
     ks = k0 + tl.arange(0, BK)
     code = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0)
     return code.to(tl.float8e4nv, bitcast=True)

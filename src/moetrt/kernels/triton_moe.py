@@ -386,7 +386,7 @@ def topk_kernel(
         G_PAD,
     )
     S: tl.constexpr = _slots_pow2(RT, K)  # the program's slots: s = t*K + j, t < RT
-    if FUSE_ALIGN and RT <= BM and S <= LOCAL_SORT_MAX_SLOTS:
+    if FUSE_ALIGN and RT <= BM and S <= LOCAL_SORT_MAX_SLOTS:  # noqa: SIM102 (constexpr, then runtime)
         if tl.num_programs(0) == 1:  # every slot in this program: sorted in registers
             _align_in_registers(
                 T,
@@ -401,56 +401,31 @@ def topk_kernel(
                 HAS_SHARED,
                 S,
             )
-        else:
-            _rank_then_align_when_last(
-                ids,
-                slots,
-                slot_mask,
-                T,
-                block_iters,
-                slot_iters,
-                counts_ptr,
-                topk_ids_ptr,
-                rank_ptr,
-                tickets_ptr,
-                offsets_ptr,
-                nblocks_ptr,
-                block_expert_ptr,
-                block_row0_ptr,
-                sorted_slot_ptr,
-                E,
-                K,
-                FUSE_ALIGN,
-                BM,
-                HAS_SHARED,
-                EP_PAD,
-                CS,
-            )
-    else:
-        _rank_then_align_when_last(
-            ids,
-            slots,
-            slot_mask,
-            T,
-            block_iters,
-            slot_iters,
-            counts_ptr,
-            topk_ids_ptr,
-            rank_ptr,
-            tickets_ptr,
-            offsets_ptr,
-            nblocks_ptr,
-            block_expert_ptr,
-            block_row0_ptr,
-            sorted_slot_ptr,
-            E,
-            K,
-            FUSE_ALIGN,
-            BM,
-            HAS_SHARED,
-            EP_PAD,
-            CS,
-        )
+            return
+    _rank_then_align_when_last(
+        ids,
+        slots,
+        slot_mask,
+        T,
+        block_iters,
+        slot_iters,
+        counts_ptr,
+        topk_ids_ptr,
+        rank_ptr,
+        tickets_ptr,
+        offsets_ptr,
+        nblocks_ptr,
+        block_expert_ptr,
+        block_row0_ptr,
+        sorted_slot_ptr,
+        E,
+        K,
+        FUSE_ALIGN,
+        BM,
+        HAS_SHARED,
+        EP_PAD,
+        CS,
+    )
 
 
 @triton.jit
