@@ -71,7 +71,10 @@ VARIANTS: dict[str, MoEAttributes] = {
 # each tile's product (`triton_moe.scales_on_product`), "+cvt" with fp8 converted by Triton's e4m3 type (the
 # SM90+ form), "perweight" quantized tiles dequantized per weight (`weight_tile`): gate_up tiles of K 64
 # across groups below 64 tokens, and by the config's `dequant.per_weight` switch, "splitk" gate_up split two to
-# four ways over H (`gate_up.SK`: partial sums, the tile's last program applies the activation).
+# four ways over H (`gate_up.SK`: partial sums, the tile's last program applies the activation), "routed" the
+# routed path (routing, gate_up and down in one launch after the router; H-tile units wait for the token's
+# gate_up units) with the gemv and fused switches also on, which it overrides, "routed+fused" its form with the
+# down products added by the gate_up units (fp32 atomics, the last unit casts).
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
@@ -135,6 +138,21 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("fp8_shared_gated", "bfloat16", 2, "splitk"),
     ("int4_zero_swiglu_biases", "float32", 9, "splitk"),
     ("mxfp4_sigmoid_grouped", "bfloat16", 1, "splitk"),
+    ("softmax_renorm", "float32", 1, "routed"),
+    ("shared_gated_logits", "bfloat16", 13, "routed"),
+    ("sigmoid_grouped_bias_scaled", "float32", 9, "routed"),
+    ("swiglu_clamped_biases", "float16", 2, "routed"),
+    ("topk_before_softmax", "bfloat16", 16, "routed"),
+    ("fp8_shared_gated", "bfloat16", 1, "routed"),
+    ("int4_zero_swiglu_biases", "float32", 2, "routed"),
+    ("mxfp4_sigmoid_grouped", "bfloat16", 4, "routed"),
+    ("fp8_activations", "bfloat16", 3, "routed"),
+    ("shared_gated_logits", "float32", 1, "routed+fused"),
+    ("shared_ungated", "float16", 5, "routed+fused"),
+    ("swiglu_clamped_biases", "bfloat16", 9, "routed+fused"),
+    ("fp8_shared_gated", "float32", 7, "routed+fused"),
+    ("int4_zero_swiglu_biases", "bfloat16", 1, "routed+fused"),
+    ("mxfp4_sigmoid_grouped", "float16", 3, "routed+fused"),  # BN 16: H-tile units (plan.routed_fused)
 ]
 SLOW_CASES: list[tuple[str, str, int, str]] = [
     (variant, dtype, t, "auto")
@@ -177,8 +195,9 @@ def _check(result: dict[str, Any], dtype: str, num_tokens: int) -> None:
 
 @pytest.mark.parametrize("case", FAST_CASES, ids=_case_id)
 def test_kernels_match_reference(case: tuple[str, str, int, str], fast_results: dict[str, Any]) -> None:
-    # the expert-group path runs where asked, and only there
+    # the expert-group and routed paths run where asked, and only there
     assert fast_results[_case_id(case)]["gemv"] == case[3].startswith("gemv")
+    assert fast_results[_case_id(case)]["routed"] == case[3].startswith("routed")
     _check(fast_results[_case_id(case)], case[1], case[2])
 
 
@@ -227,6 +246,8 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "scaled+cvt",
                 "perweight",
                 "splitk",
+                "routed",
+                "routed+fused",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -238,6 +259,13 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     config["gemv"].update({"enabled": 1, "BN": 16, "BK": 16, "BH": 16, "BKD": 16})
                     # a table entry may keep the fused kernel's switch on: the group path wins
                     config["fused"]["enabled"] = int(bucket == "gemv+fused")
+                elif bucket.startswith("routed"):
+                    bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
+                    config["routed"].update(
+                        {"enabled": 1, "fused": int(bucket == "routed+fused"), "BN": 16, "BK": bk, "BH": 16,
+                         "BKD": bk}
+                    )  # fmt: skip
+                    config["gemv"]["enabled"] = config["fused"]["enabled"] = 1
                 elif bucket == "sorted":
                     config["gemv"]["enabled"] = 0
                 elif bucket == "splitk":  # programs per gate_up tile over H, one tile of H each
@@ -264,6 +292,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
 
             bound = None if bucket == "prefill" else plan.bucket_of(max(t, 1))
             ran_gemv = t > 0 and plan.is_gemv(config or _default(attrs, dtype, bound), bound)
+            ran_routed = t > 0 and plan.is_routed(config or _default(attrs, dtype, bound), bound)
             rel, nan = {}, {}
             for name in attrs.present_outputs():
                 g, r = got[name].double(), ref[name].double()
@@ -274,6 +303,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "nan": nan,
                 "shapes": {n: list(v.shape) for n, v in got.items()},
                 "gemv": ran_gemv,
+                "routed": ran_routed,
             }
         except Exception as err:  # reported per case by the parent
             out[key] = {"error": repr(err)}

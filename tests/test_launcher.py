@@ -143,6 +143,54 @@ def test_fused_decode_plan() -> None:
     assert "experts" not in prefill and "reduce" in prefill
 
 
+@pytest.mark.parametrize("fused", [0, 1])
+def test_routed_decode_plan(fused: int) -> None:
+    """With `routed` in the config, T <= 16 runs router · routed_experts: one routing program, one per gate_up
+    N tile of each token's slots and shared expert, plus (unfused) one per H tile; the unit counters (and the fused
+    form's accumulator) lie in the span the router kernel zeroes; larger buckets ignore the switch."""
+    attrs, dtype, t = FULL, "bfloat16", 5
+    cfg = tuning.default_config(attrs, dtype, 16)
+    cfg["routed"].update({"enabled": 1, "fused": fused, "BN": 32, "BH": 16})
+    variants = plan.bucket_variants(attrs, dtype, 16, cfg)
+    layout = plan.workspace_layout(attrs, dtype, t, cfg, 16)
+    ops = plan.launch_sequence(attrs, dtype, t, variants, cfg, 16)
+    assert [op.stage for op in ops] == ["router", "routed_experts"]
+    n_tiles = -(-attrs.shared_intermediate_size // 32) + attrs.top_k * -(-attrs.intermediate_size // 32)
+    h_tiles = 0 if fused else -(-attrs.hidden_size // 16)
+    assert ops[1].grid == (1 + t * (n_tiles + h_tiles), 1, 1)  # the routing unit first
+    assert layout["units"].nbytes == 4 * (3 + t) and layout["yw"].nbytes == 0
+    assert layout["acc"].nbytes == (4 * t * attrs.hidden_size if fused else 0)
+    zero_words = int(ops[0].args[[n for n, _ in plan.KERNEL_PARAMS["router"]].index("zero_words")][1])
+    assert layout["units"].offset + layout["units"].nbytes <= zero_words * 4
+    assert zero_words * 4 == layout["acc"].offset + layout["acc"].nbytes
+    assert dict(variants["routed_experts"].constexprs)["FUSED"] == fused
+    assert "routed_experts" not in plan.bucket_variants(attrs, dtype, 64, {**cfg})
+
+
+def test_routed_fused_form_is_off_with_fp8_activations() -> None:
+    """fp8 activations are quantized per weight block, wider than the fused form's N tile: H-tile units."""
+    attrs = MoEAttributes(
+        8, 2, 256, 256, weight_format="fp8_block", weight_block=128, activation_format="fp8_block"
+    )
+    cfg = tuning.default_config(attrs, "bfloat16", 1)
+    cfg["routed"].update({"enabled": 1, "fused": 1})
+    assert not plan.routed_fused(attrs, cfg)
+    assert dict(plan.bucket_variants(attrs, "bfloat16", 1, cfg)["routed_experts"].constexprs)["FUSED"] == 0
+    assert all(not c["routed"]["fused"] for c in tuning.routed_candidates(attrs, cfg, "bfloat16"))
+
+
+def test_routed_fused_form_needs_wide_4bit_slices() -> None:
+    """4-bit down slices narrower than 32 codes are not run in the fused form (wrong on the H200)."""
+    attrs = MoEAttributes(8, 2, 256, 256, weight_format="int4", weight_block=128)
+    cfg = tuning.default_config(attrs, "bfloat16", 1)
+    cfg["routed"].update({"enabled": 1, "fused": 1, "BN": 16})
+    assert not plan.routed_fused(attrs, cfg)
+    cfg["routed"]["BN"] = 32
+    assert plan.routed_fused(attrs, cfg)
+    fused = [c["routed"] for c in tuning.routed_candidates(attrs, cfg, "bfloat16") if c["routed"]["fused"]]
+    assert fused and all(c["BN"] >= plan.ROUTED_FUSED_MIN_4BIT_TILE for c in fused)
+
+
 def test_pdl_flag_reaches_every_launch() -> None:
     cfg = tuning.default_config(FULL, "float16", None)
     assert not any(

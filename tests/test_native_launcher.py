@@ -73,9 +73,10 @@ def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
     _assert_same_plans(planning_bundle(attrs, dtype), attrs)
 
 
-@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split"])
+@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split", "routed"])
 def test_native_plan_follows_the_config(path: str) -> None:
-    """The expert-group path, the fused decode path, PDL and split gate_up, as a tuned table selects them."""
+    """The expert-group path, the fused decode path, PDL, split gate_up and the routed path, as a tuned table
+    selects them."""
     attrs = FULL
     configs = {}
     for bound in plan.BUCKETS:
@@ -87,6 +88,10 @@ def test_native_plan_follows_the_config(path: str) -> None:
         elif path == "split":
             cfg["gemv"]["enabled"] = 0
             cfg["gate_up"]["SK"] = 4
+        elif path == "routed":  # with the other switches on: the routed path takes precedence
+            cfg["routed"]["enabled"] = 1
+            cfg["gemv"]["enabled"] = 1
+            cfg["fused"] = {"enabled": 1, "BH": 64}
         else:
             cfg["pdl"] = {"enabled": 1}
         configs[bound] = cfg
@@ -98,12 +103,21 @@ def test_native_plan_follows_the_config(path: str) -> None:
         "fused": ["router", "topk", "experts", "finalize"],
         "pdl": ["router", "topk", "gate_up", "down_rows"],
         "split": ["router", "topk", "gate_up", "down_rows"],
+        "routed": ["router", "routed_experts"],
     }[path]
     assert stages == expected
     if path == "split":  # decode buckets split (four programs per tile), prefill ones do not
         sizes = {t: plan_from_native(NativeBundle(bundle.to_bytes()).plan(t))[1] for t in (3, 700)}
         assert sizes[3]["gu_part"].nbytes > 0 and sizes[3]["gu_tickets"].nbytes > 0
         assert sizes[700]["gu_part"].nbytes == 0
+    if path == "routed":  # up to 16 tokens; prefill buckets run the sorted path; counters in the zeroed span
+        native = NativeBundle(bundle.to_bytes())
+        assert [op["stage"] for op in native.plan(64)["launches"]][:2] == ["router", "topk"]
+        launches, layout = plan_from_native(native.plan(3))
+        assert launches[1].grid[0] == plan.routed_units(attrs, configs[16], 3)
+        assert layout["units"].nbytes == 4 * (3 + 3) and layout["yw"].nbytes == 0
+        zero_words = dict(launches[0].args)["int"]
+        assert layout["units"].offset + layout["units"].nbytes <= int(zero_words) * 4
     if path == "pdl":
         assert all(op["pdl"] for op in NativeBundle(bundle.to_bytes()).plan(700)["launches"])
 
@@ -192,7 +206,7 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         (lambda d: d[:40], "truncated"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
-        (lambda d: _with_header({**_header(d)[0], "version": 3}, _header(d)[1]), "version 3 is not 4"),
+        (lambda d: _with_header({**_header(d)[0], "version": 4}, _header(d)[1]), "version 4 is not 5"),
         (
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',

@@ -189,6 +189,39 @@ def test_split_gate_up_matches_reference(weights: str, dtype: torch.dtype, pdl: 
             _assert_matches_reference(got, inputs, attrs, dtype, f"{weights} SK T={num_tokens}")
 
 
+@pytest.mark.parametrize("weights", ["native", "fp8_block", "int4", "mxfp4"])
+@pytest.mark.parametrize("fused", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_routed_path_matches_reference(weights: str, fused: int, dtype: torch.dtype) -> None:
+    """The routed decode path (routing, gate_up and down in one launch after the router; H-tile units that wait
+    for their token's gate_up units, or the fused form's atomics) through the launcher, with PDL on SM90+ and
+    back-to-back calls (the unit counters are zeroed by each call's router kernel), against the oracle."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels import plan
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+    from moetrt.op.presets import like
+
+    quantized = {} if weights == "native" else {"weight_format": weights, "weight_block": 32}
+    attrs = like("qwen3_next", 64, 6, 256, 128, shared_intermediate_size=96, **quantized)
+    name = kernel_name_of(dtype)
+    configs = {}
+    for bound in (1, 16):
+        cfg = tuning.default_config(attrs, name, bound)
+        cfg["routed"].update({"enabled": 1, "fused": fused, "BN": 32, "BK": 32, "BH": 32, "BKD": 32})
+        cfg["pdl"] = {"enabled": int(torch.cuda.get_device_capability()[0] >= 9)}
+        configs[bound] = cfg
+    assert plan.routed_fused(attrs, configs[1]) == bool(fused)
+    bundle = compile_kernels(attrs, name, current_sm(), buckets=(1, 16), configs=configs, workers=8)
+    assert "routed_experts" in bundle.buckets["1"]["variants"]
+    for num_tokens in (1, 2, 9, 16):
+        inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
+        for _ in range(2):
+            out = _poisoned_outputs(attrs, num_tokens, dtype)
+            got = moe_forward(inputs, attrs, bundle, outputs=out)
+            _assert_matches_reference(got, inputs, attrs, dtype, f"{weights} routed T={num_tokens}")
+
+
 @pytest.mark.parametrize(
     ("weight_format", "block", "zero"),
     [

@@ -17,7 +17,15 @@ from typing import Any
 from moetrt.core.devices import has_fp8_conversion
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import write_text_atomic
-from moetrt.kernels.plan import DECODE_BUCKETS, GEMV_MAX_TOKENS, bucket_name, expert_tile_k, is_decode
+from moetrt.kernels.plan import (
+    DECODE_BUCKETS,
+    GEMV_MAX_TOKENS,
+    ROUTED_FUSED_MIN_4BIT_TILE,
+    ROUTED_MAX_TOKENS,
+    bucket_name,
+    expert_tile_k,
+    is_decode,
+)
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -120,9 +128,19 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         "down_warps": 4,
         "down_stages": 3,
     }
-    if (
-        attrs.is_quantized
-    ):  # quantized experts run the sorted path only (the other kernels take native weights)
+    # the routed path of small T (triton_moe.routed_experts_kernel): one launch after the router, (token,
+    # N tile) gate_up units and (token, H tile) down units; a tuning candidate, off by default
+    routed = {
+        "enabled": 0,
+        "fused": 0,  # down products added with fp32 atomics by the gate_up units (plan.routed_fused)
+        "BN": 16 if fp32 else 32,
+        "BK": 64 if fp32 else 128,
+        "BH": 16,
+        "BKD": 64 if fp32 else 128,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
+    if attrs.is_quantized:  # quantized experts: no gemv or fused path (those kernels take native weights)
         gemv["enabled"] = 0
         # tiles inside one scale group along the reduction: the scales then multiply each tile's product
         # instead of every weight (triton_moe._gate_up_tile)
@@ -130,6 +148,8 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         if group_tile >= (16 if attrs.weight_format == FP8_BLOCK else 32):  # triton_moe.scales_on_product
             gate_up["BK"] = min(gate_up["BK"], group_tile)
             down["BK"] = min(down["BK"], group_tile)
+            routed["BK"] = min(routed["BK"], group_tile)
+            routed["BKD"] = min(routed["BKD"], group_tile)
     # fp8 weights: decoded from their bits here (every SM); select_config turns on the SM's conversion.
     # per_weight: quantized tiles dequantized weight by weight even where the scales could multiply each
     # tile's product instead (triton_moe.scales_on_product), a tuning candidate
@@ -143,6 +163,7 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         "fused": fused,
         "pdl": pdl,
         "gemv": gemv,
+        "routed": routed,
         "dequant": dequant,
     }
 
@@ -163,7 +184,7 @@ def _load_table(sm: int) -> dict[str, Any]:
 
 #: The stages whose kernels read the routed experts' weights: a quantized op's own entry tunes these; the
 #: others (router, top-k, PDL) run the same kernels as the native op and take the native entry's tiles.
-QUANTIZED_STAGES = ("gate_up", "down", "dequant")
+QUANTIZED_STAGES = ("gate_up", "down", "routed", "dequant")
 
 
 def _tuned_entry(table: dict[str, Any], key_prefix: str, dtype: str, bound: int | None) -> dict[str, Any]:
@@ -198,7 +219,7 @@ def select_config(attrs: MoEAttributes, dtype: str, sm: int, bound: int | None) 
         for stage, values in tuned.items():
             if stage in cfg:
                 cfg[stage].update(values)
-    if attrs.is_quantized:  # the sorted path only: the fused and gemv kernels take native weights
+    if attrs.is_quantized:  # the fused and gemv kernels take native weights
         cfg["gemv"]["enabled"] = 0
         cfg["fused"]["enabled"] = 0
     cfg["dequant"]["fp8_cvt"] = int(attrs.weight_format == FP8_BLOCK and has_fp8_conversion(sm))
@@ -265,6 +286,8 @@ def candidate_configs(
             cfg["dequant"]["per_weight"] = per_weight
             if cfg not in out:
                 out.append(cfg)
+    if bound is not None and bound <= ROUTED_MAX_TOKENS:
+        out.extend(c for c in routed_candidates(attrs, base, dtype) if c not in out)
     if attrs.is_quantized:
         return out
     if bound is not None and bound <= GEMV_MAX_TOKENS:
@@ -280,6 +303,62 @@ def candidate_configs(
                 cfg["gemv"]["enabled"] = 0
                 if cfg not in out:
                     out.append(cfg)
+    return out
+
+
+def routed_candidates(attrs: MoEAttributes, base: dict[str, Any], dtype: str) -> list[dict[str, Any]]:
+    """The routed path's tiles (BN, BK of gate_up; BH, BKD of down; warps, stages), with H-tile units and
+    fused (the down products added with atomics by the gate_up units, `plan.routed_fused`); quantized
+    reduction tiles no wider than the largest power of two dividing the weight block, as in `default_config`."""
+    fp32 = dtype == "float32"
+    opts = [
+        (32, 128, 16, 128, 4, 3),
+        (16, 128, 16, 128, 4, 3),
+        (32, 128, 32, 128, 4, 3),
+        (32, 256, 16, 256, 4, 3),
+        (64, 128, 16, 256, 8, 3),
+        (16, 256, 16, 256, 4, 4),
+        (32, 128, 16, 256, 4, 4),
+        (32, 64, 16, 128, 4, 4),
+    ]
+    fused_opts = [
+        (32, 128, 64, 4, 3),
+        (16, 128, 64, 4, 3),
+        (32, 128, 128, 4, 3),
+        (64, 128, 64, 8, 3),
+        (32, 256, 64, 4, 3),
+    ]
+    group_tile = attrs.weight_block & -attrs.weight_block if attrs.is_quantized else 0
+    out = []
+    for bn, bk, bh, bkd, warps, stages in opts:
+        if fp32:
+            bn, bk, bkd = min(bn, 32), min(bk, 64), min(bkd, 64)
+        if group_tile:
+            bk, bkd = min(bk, group_tile), min(bkd, group_tile)
+        cfg = copy.deepcopy(base)
+        cfg["routed"] = {
+            "enabled": 1, "fused": 0, "BN": bn, "BK": bk, "BH": bh, "BKD": bkd, "num_warps": warps,
+            "num_stages": stages,
+        }  # fmt: skip
+        if cfg not in out:
+            out.append(cfg)
+    if attrs.has_fp8_activations:  # plan.routed_fused: no fused form
+        return out
+    for bn, bk, bh, warps, stages in fused_opts:
+        if fp32:
+            bn, bk, bh = min(bn, 32), min(bk, 64), min(bh, 32)
+        if group_tile:
+            bk = min(bk, group_tile)
+            bn = min(bn, group_tile)  # the down slice: one scale group per N tile
+            if attrs.weight_format != FP8_BLOCK:
+                bn = max(bn, ROUTED_FUSED_MIN_4BIT_TILE)
+        cfg = copy.deepcopy(base)
+        cfg["routed"] = {
+            "enabled": 1, "fused": 1, "BN": bn, "BK": bk, "BH": bh, "BKD": base["routed"]["BKD"],
+            "num_warps": warps, "num_stages": stages,
+        }  # fmt: skip
+        if cfg not in out:
+            out.append(cfg)
     return out
 
 

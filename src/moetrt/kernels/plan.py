@@ -3,7 +3,9 @@
 Shared by the AOT compiler (which variants exist), the CUDA-driver launcher (grids and arguments at run time)
 and the Triton JIT path used in CPU tests, so all three run exactly the same sequence.
 
-Three paths, chosen by token bucket (the router-logits kernel also zeroes the counters: no memset):
+Four paths, chosen by token bucket (the router-logits kernel also zeroes the counters: no memset):
+  routed  (T <= 16, when the config says `routed`): router logits · routed_experts (routing, gate_up, down
+          and the sum over k in one launch: no sort, no block table)                    — 2 kernels
   gemv    (T <= 16, when the config says `gemv`): router logits · topk_group · gemv_gate_up ·
           gemv_down(+reduce) — no sort, no block table (kernels/triton_decode.py)     — 4 kernels
   decode  (T <= 64): router logits · top-k(+align) · gate_up · down_rows(+reduce)       — 4 kernels
@@ -29,6 +31,7 @@ TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Upper token bound of each bucket; the last bucket has no bound. Decode buckets fuse align into top-k.
 DECODE_BUCKETS = (1, 16, 64)
 GEMV_MAX_TOKENS = 16  # the expert-group (gemv) path serves buckets up to this bound
+ROUTED_MAX_TOKENS = 16  # the routed path serves buckets up to this bound
 PREFILL_BUCKETS = (512, None)
 BUCKETS: tuple[int | None, ...] = DECODE_BUCKETS + PREFILL_BUCKETS
 ALIGN_MAX_PROGRAMS = 128
@@ -135,6 +138,32 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("T", "T"),
     ),
     "finalize": (("acc_ptr", "f32"), ("out_ptr", "x"), ("T", "T")),
+    "routed_experts": (
+        ("x_ptr", "x"),
+        ("logits_ws_ptr", "f32"),
+        ("router_b_ptr", "x"),
+        ("logits_out_ptr", "x"),
+        ("gate_part_ptr", "f32"),
+        ("gate_ws_ptr", "f32"),
+        ("corr_bias_ptr", "x"),
+        ("w_gu_ptr", "w"),
+        ("b_gu_ptr", "x"),
+        ("shared_w_gu_ptr", "x"),
+        ("w_gu_scale_ptr", "s"),
+        ("w_gu_zero_ptr", "z"),
+        ("w_down_ptr", "w"),
+        ("b_down_ptr", "x"),
+        ("shared_w_down_ptr", "x"),
+        ("w_down_scale_ptr", "s"),
+        ("w_down_zero_ptr", "z"),
+        ("topk_ids_ptr", "i32"),
+        ("topk_w_ptr", "f32"),
+        ("act_ptr", "x"),
+        ("out_ptr", "x"),
+        ("units_ptr", "i32"),
+        ("acc_ptr", "f32"),
+        ("T", "T"),
+    ),
     "topk_group": (
         ("logits_ws_ptr", "f32"),
         ("router_b_ptr", "x"),
@@ -212,6 +241,7 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "htickets_ptr": ("ws", "htickets"),
     "gu_tickets_ptr": ("ws", "gu_tickets"),
     "gu_part_ptr": ("ws", "gu_part"),
+    "units_ptr": ("ws", "units"),
     "offsets_ptr": ("ws", "offsets"),
     "nblocks_ptr": ("ws", "nblocks"),
     "block_expert_ptr": ("ws", "block_expert"),
@@ -252,15 +282,66 @@ def is_decode(bound: int | None) -> bool:
     return bound is not None and bound <= DECODE_BUCKETS[-1]
 
 
+def is_routed(cfg: dict[str, Any], bound: int | None) -> bool:
+    """Whether the bucket runs the routed path (routing, expert GEMMs and the sum over k in one launch after
+    the router): small T, and the config enables it. It takes precedence over the other decode paths."""
+    return bound is not None and bound <= ROUTED_MAX_TOKENS and bool(cfg.get("routed", {}).get("enabled", 0))
+
+
 def is_fused(cfg: dict[str, Any], bound: int | None) -> bool:
-    """Whether the decode bucket runs the fused experts kernel (gate_up + down in one launch); the
-    expert-group path, where enabled, takes precedence."""
-    return is_decode(bound) and bool(cfg.get("fused", {}).get("enabled", 0)) and not is_gemv(cfg, bound)
+    """Whether the decode bucket runs the fused experts kernel (gate_up + down in one launch); the routed
+    and expert-group paths, where enabled, take precedence."""
+    return (
+        is_decode(bound)
+        and bool(cfg.get("fused", {}).get("enabled", 0))
+        and not is_gemv(cfg, bound)
+        and not is_routed(cfg, bound)
+    )
 
 
 def is_gemv(cfg: dict[str, Any], bound: int | None) -> bool:
-    """Whether the bucket runs the expert-group (gemv) path: small T, and the config enables it."""
-    return bound is not None and bound <= GEMV_MAX_TOKENS and bool(cfg.get("gemv", {}).get("enabled", 0))
+    """Whether the bucket runs the expert-group (gemv) path: small T, and the config enables it (the routed
+    path, where enabled, takes precedence)."""
+    return (
+        bound is not None
+        and bound <= GEMV_MAX_TOKENS
+        and bool(cfg.get("gemv", {}).get("enabled", 0))
+        and not is_routed(cfg, bound)
+    )
+
+
+def decode_path(cfg: dict[str, Any], bound: int | None) -> str:
+    """The path a bucket runs under `cfg`: routed, gemv, fused, sorted (decode buckets) or prefill."""
+    if is_routed(cfg, bound):
+        return "routed"
+    if is_gemv(cfg, bound):
+        return "gemv"
+    if is_fused(cfg, bound):
+        return "fused"
+    return "sorted" if is_decode(bound) else "prefill"
+
+
+def routed_units(attrs: MoEAttributes, cfg: dict[str, Any], num_tokens: int) -> int:
+    """Programs of the routed_experts kernel: the routing unit, then per token its gate_up N tiles (routed
+    slots and the shared expert) and, unless fused, its output's H tiles."""
+    rc = cfg["routed"]
+    shared_tiles = cdiv(attrs.shared_intermediate_size, rc["BN"]) if attrs.has_shared_expert else 0
+    gate_up = shared_tiles + attrs.top_k * cdiv(attrs.intermediate_size, rc["BN"])
+    h_tiles = 0 if routed_fused(attrs, cfg) else cdiv(attrs.hidden_size, rc["BH"])
+    return 1 + num_tokens * (gate_up + h_tiles)
+
+
+#: Narrowest 4-bit down slice of the routed path's fused form: 16-code slices (dequantized per weight) came
+#: out wrong on the H200 (rel err 0.5-1.4; right under the CPU interpreter), so they are not run.
+ROUTED_FUSED_MIN_4BIT_TILE = 32
+
+
+def routed_fused(attrs: MoEAttributes, cfg: dict[str, Any]) -> bool:
+    """Whether the routed path adds each unit's down products into an fp32 accumulator with atomics
+    (config `routed.fused`). Not with fp8 activations (quantized per weight block, wider than an N tile),
+    nor with 4-bit N tiles narrower than ROUTED_FUSED_MIN_4BIT_TILE codes: H-tile units then."""
+    narrow_4bit = attrs.weight_format in (INT4, MXFP4) and cfg["routed"]["BN"] < ROUTED_FUSED_MIN_4BIT_TILE
+    return bool(cfg["routed"].get("fused", 0)) and not attrs.has_fp8_activations and not narrow_4bit
 
 
 def expert_tile_k(attrs: MoEAttributes, bk: int) -> int:
@@ -272,7 +353,7 @@ def expert_tile_k(attrs: MoEAttributes, bk: int) -> int:
 def gate_up_splits(cfg: dict[str, Any], bound: int | None) -> int:
     """Splits of the reduction (H) per gate_up tile: decode buckets of the sorted path, where one program
     per tile leaves too few weight bytes in flight (config `gate_up.SK`, default 1); 1 elsewhere."""
-    if not is_decode(bound) or is_fused(cfg, bound) or is_gemv(cfg, bound):
+    if not is_decode(bound) or is_fused(cfg, bound) or is_gemv(cfg, bound) or is_routed(cfg, bound):
         return 1
     return int(cfg["gate_up"].get("SK", 1))
 
@@ -448,6 +529,58 @@ def _stage_variants(
         "PER_WEIGHT": int(cfg.get("dequant", {}).get("per_weight", 0) and not attrs.has_fp8_activations),
         "ACT_FP8": int(attrs.has_fp8_activations),
     }
+    if is_routed(cfg, bound):
+        rd = cfg["routed"]
+        routing = (
+            "SCORING_SIGMOID",
+            "TOPK_BEFORE",
+            "NORM_TOPK",
+            "N_GROUP",
+            "TOPK_GROUP",
+            "SCALE",
+            "HAS_CORR_BIAS",
+            "HAS_ROUTER_BIAS",
+            "HAS_SHARED",
+            "HAS_SHARED_GATE",
+            "OUT_LOGITS",
+            "SPLIT",
+            "RT",
+            "E_PAD",
+            "K_PAD",
+            "G_PAD",
+        )
+        routed = {
+            **{
+                name: gate_up[name]
+                for name in (
+                    "E",
+                    "K",
+                    "H",
+                    "I",
+                    "IS",
+                    "NMAX",
+                    "ACTIVATION",
+                    "ALPHA",
+                    "LIMIT",
+                    "HAS_BIAS",
+                    "IEEE",
+                )
+            },
+            **{name: topk[name] for name in routing},
+            "BM": 16,  # one token row per unit, padded to the mma minimum
+            "BN": rd["BN"],
+            "BK": expert_tile_k(attrs, rd["BK"]),
+            "BH": rd["BH"],
+            "BKD": expert_tile_k(attrs, rd["BKD"]),
+            "FUSED": int(routed_fused(attrs, cfg)),
+            **weights,
+        }
+        return {
+            "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
+            "routed_experts": Variant(
+                "routed_experts", tuple(routed.items()), rd["num_warps"], rd["num_stages"]
+            ),
+        }
     if is_gemv(cfg, bound):
         assert bound is not None
         gv = cfg["gemv"]
@@ -587,7 +720,7 @@ class StageRef:
 
 # Workspace regions of counters (and the fused path's accumulator) inside the span the router kernel zeroes,
 # 16-byte aligned; every other region starts on 256 bytes.
-COUNTER_REGIONS = ("tickets", "htickets", "ngroups", "gu_tickets", "acc")
+COUNTER_REGIONS = ("tickets", "htickets", "ngroups", "gu_tickets", "units", "acc")
 
 
 @dataclass(frozen=True)
@@ -618,13 +751,20 @@ def workspace_layout(
     tile_h = cfg["gemv"]["BH"] if gemv else cfg["down"]["BH"]
     splits = gate_up_splits(cfg, bound)
     gate_up_tiles = max_blocks * cdiv(_nmax(attrs), cfg["gate_up"]["BN"]) if splits > 1 else 0
+    routed = is_routed(cfg, bound)
+    routed_acc = routed and routed_fused(attrs, cfg)
     sizes = [
         ("counts", 4 * (e + 2)),
         ("tickets", 16),  # counts ... acc: one span the router-logits kernel zeroes
         ("htickets", 4 * cdiv(h, tile_h)),
         ("ngroups", 16 if gemv else 0),
         ("gu_tickets", 4 * gate_up_tiles),
-        ("acc", 4 * t * h if fused else 0),  # fused decode: fp32 output accumulator, zeroed with the counters
+        # routed path: unit counter, routing flag, fused ticket, then gate_up tiles done per token
+        ("units", 4 * (3 + t) if routed else 0),
+        (
+            "acc",
+            4 * t * h if fused or routed_acc else 0,
+        ),  # fused decode: fp32 output accumulator, zeroed with the counters
         ("group_expert", 4 * groups),
         ("expert_slots", 4 * e * tm),
         ("logits", 4 * cfg["router"]["SPLIT"] * t * e),
@@ -641,7 +781,7 @@ def workspace_layout(
         ("act", 0 if fused else esize * rows * _nmax(attrs)),
         # split gate_up: fp32 gate | up partial sums per split and row (rows of the shared expert included)
         ("gu_part", 4 * splits * (t * k + t) * 2 * _nmax(attrs) if splits > 1 else 0),
-        ("yw", 0 if fused else esize * rows * h),
+        ("yw", 0 if fused or routed else esize * rows * h),
     ]
     layout: dict[str, Region] = {}
     offset = 0
@@ -713,6 +853,16 @@ def launch_sequence(
             args_for("router", zero_words=zero_end // 4),
         )
     )
+    if is_routed(cfg, bound):
+        ops.append(
+            Launch(
+                "routed_experts",
+                variants["routed_experts"].key,
+                (routed_units(attrs, cfg, t), 1, 1),
+                args_for("routed_experts"),
+            )
+        )
+        return _with_pdl(ops, const)
     if is_gemv(cfg, bound):
         groups = gemv_groups(attrs, t) + int(attrs.has_shared_expert)
         rt = const["topk_group"]["RT"]

@@ -141,8 +141,34 @@ def select_experts(
 
 
 @triton.jit
+def summed_logits(
+    logits_ws_ptr,
+    router_b_ptr,
+    rows,
+    row_ok,
+    T,
+    E: tl.constexpr,
+    HAS_ROUTER_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    RT: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
+    """fp32 router logits [RT, E_PAD] of `rows`: the router kernel's SPLIT slices summed in slice order, plus
+    the router bias (padding columns 0)."""
+    cols = tl.arange(0, E_PAD)
+    lmask = row_ok[:, None] & (cols[None, :] < E)
+    lg = tl.zeros((RT, E_PAD), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT):
+        lg += tl.load(logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :], mask=lmask, other=0.0)
+    if HAS_ROUTER_BIAS:
+        lg += tl.load(router_b_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+    return lg
+
+
+@triton.jit
 def route_rows(
     T,
+    row0,
     logits_ws_ptr,
     router_b_ptr,
     logits_out_ptr,
@@ -170,19 +196,16 @@ def route_rows(
     K_PAD: tl.constexpr,
     G_PAD: tl.constexpr,
 ):
-    """Routing of this program's RT tokens, shared by both top-k kernels: logits (sum of the router's SPLIT
+    """Routing of the RT tokens from row0 (the top-k kernels: this program's), shared by the top-k kernels
+    and the routed path: logits (sum of the router's SPLIT
     slices + bias, written out on request), the shared-expert gate, `select_experts`, the slots' expert ids
     and weights stored. Returns (ids, slots, slot_mask), each [RT, K_PAD]; `slot_ranks` numbers the slots
     of each expert."""
-    rows = tl.program_id(0) * RT + tl.arange(0, RT)
+    rows = row0 + tl.arange(0, RT)
     row_ok = rows < T
     cols = tl.arange(0, E_PAD)
     lmask = row_ok[:, None] & (cols[None, :] < E)
-    lg = tl.zeros((RT, E_PAD), dtype=tl.float32)
-    for sl in tl.static_range(SPLIT):
-        lg += tl.load(logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :], mask=lmask, other=0.0)
-    if HAS_ROUTER_BIAS:
-        lg += tl.load(router_b_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+    lg = summed_logits(logits_ws_ptr, router_b_ptr, rows, row_ok, T, E, HAS_ROUTER_BIAS, SPLIT, RT, E_PAD)
     if OUT_LOGITS:
         out_ptrs = logits_out_ptr + rows[:, None] * E + cols[None, :]
         tl.store(out_ptrs, lg.to(logits_out_ptr.dtype.element_ty), mask=lmask)

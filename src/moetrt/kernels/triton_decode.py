@@ -75,6 +75,7 @@ def topk_group_kernel(
         gdc_launch_dependents()
     ids, slots, slot_mask = route_rows(
         T,
+        tl.program_id(0) * RT,
         logits_ws_ptr,
         router_b_ptr,
         logits_out_ptr,

@@ -358,6 +358,7 @@ def topk_kernel(
         gdc_launch_dependents()
     ids, slots, slot_mask = route_rows(
         T,
+        tl.program_id(0) * RT,
         logits_ws_ptr,
         router_b_ptr,
         logits_out_ptr,
@@ -1131,6 +1132,430 @@ def reduce_kernel(
     tl.store(out_ptr + t[:, None] * H + h[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _pick(values, kcols, j):
+    """Column j of a [1, K_PAD] routing row, as a scalar."""
+    return tl.sum(tl.where(kcols[None, :] == j, values, 0))
+
+
+@triton.jit
+def routed_experts_kernel(
+    x_ptr,
+    logits_ws_ptr,
+    router_b_ptr,
+    logits_out_ptr,
+    gate_part_ptr,
+    gate_ws_ptr,
+    corr_bias_ptr,
+    w_gu_ptr,
+    b_gu_ptr,
+    shared_w_gu_ptr,
+    w_gu_scale_ptr,
+    w_gu_zero_ptr,
+    w_down_ptr,
+    b_down_ptr,
+    shared_w_down_ptr,
+    w_down_scale_ptr,
+    w_down_zero_ptr,
+    topk_ids_ptr,
+    topk_w_ptr,
+    act_ptr,
+    out_ptr,
+    units_ptr,
+    acc_ptr,
+    T,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741
+    IS: tl.constexpr,
+    NMAX: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    SCORING_SIGMOID: tl.constexpr,
+    TOPK_BEFORE: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    SCALE: tl.constexpr,
+    HAS_CORR_BIAS: tl.constexpr,
+    HAS_ROUTER_BIAS: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    HAS_SHARED_GATE: tl.constexpr,
+    OUT_LOGITS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    RT: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BH: tl.constexpr,
+    BKD: tl.constexpr,
+    FUSED: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
+    ACT_FP8: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Small T, after the router kernel: routing, gate_up, down, routing weights and the sum over k in one
+    launch, with no sort and no block table.
+
+    Each program takes a unit number from a counter (units[0], zeroed by the router kernel), so units are
+    handed out in the order programs start; a program waits only for units handed out before its own, to
+    programs that are running, so no wait can deadlock whatever the grid size or residency (and the CPU
+    interpreter, which runs programs in order, never waits). Units, in order:
+      0: the routing of all T tokens, RT rows at a time (`route_rows`, as the top-k kernel routes: logits
+         out, expert ids and weights into topk_ids / topk_w), then the flag units[1] (release);
+      the shared expert's gate_up N tiles of every token: they need no routing, so they stream while unit 0
+         routes;
+      the routed slots' gate_up N tiles (token, slot, tile): wait for the flag (acquire), read the slot's
+         expert, stream its BN gate and up rows over all of H once, apply the activation;
+      unless FUSED, the output's H tiles (token, tile): wait until the token's gate_up tiles are done
+         (units[3 + t]), stream the H rows of the token's K routed experts' down weights in one pipelined
+         loop, and the shared expert's, weight each product by its slot's routing weight (the shared gate)
+         and store the sum in fp32 slot order: deterministic, no float atomics.
+    A gate_up tile stores its activation tile (act[row], rows as the other paths number them) and counts
+    itself done (units[3 + t], release). FUSED instead multiplies it by the matching column slice of its
+    expert's down weight for every h and adds the weighted product into acc[T, H] (fp32 atomics, zeroed by
+    the router kernel), as experts_kernel does; the last gate_up tile to finish (ticket units[2]) casts acc
+    into the output (the last bits vary from run to run).
+    """
+    if PDL:  # programmatic dependent launch: wait for the router kernel, let the next one start launching
+        gdc_wait()
+        gdc_launch_dependents()
+    NTI: tl.constexpr = (I + BN - 1) // BN
+    NTS: tl.constexpr = (IS + BN - 1) // BN if HAS_SHARED else 0
+    GU: tl.constexpr = NTS + K * NTI  # gate_up tiles per token
+    NTH: tl.constexpr = (H + BH - 1) // BH
+    out_ty = x_ptr.dtype.element_ty
+    unit = tl.atomic_add(units_ptr, 1, sem="relaxed", scope="gpu")
+    rows = tl.arange(0, BM)
+    row_ok = rows < 1  # one token row per unit, padded to the tensor cores' BM
+    kcols = tl.arange(0, K_PAD)
+    if unit == 0:
+        for t0 in range(0, T, RT):
+            route_rows(
+                T, t0, logits_ws_ptr, router_b_ptr, logits_out_ptr, gate_part_ptr, gate_ws_ptr, corr_bias_ptr,
+                topk_ids_ptr, topk_w_ptr, E, K, SCORING_SIGMOID, TOPK_BEFORE, NORM_TOPK, N_GROUP, TOPK_GROUP,
+                SCALE, HAS_CORR_BIAS, HAS_ROUTER_BIAS, HAS_SHARED, HAS_SHARED_GATE, OUT_LOGITS, SPLIT, RT, E_PAD,
+                K_PAD, G_PAD,
+            )  # fmt: skip
+        tl.debug_barrier()  # every thread's stores before the release
+        tl.atomic_add(units_ptr + 1, 1, sem="release", scope="gpu")
+    elif unit < 1 + T * GU:
+        is_shared = unit < 1 + T * NTS
+        if is_shared:
+            t = (unit - 1) // NTS
+            pid_n = (unit - 1) % NTS
+            e = E
+            row = T * K + t
+            n_cols = IS
+            weight = _shared_gate(gate_part_ptr, t, T, HAS_SHARED_GATE, SPLIT)
+        else:
+            v = unit - 1 - T * NTS
+            t = v // (K * NTI)
+            j = (v % (K * NTI)) // NTI
+            pid_n = v % NTI
+            row = t * K + j
+            n_cols = I
+            _wait_until(units_ptr + 1, 1)
+            e = tl.load(topk_ids_ptr + row, volatile=True)
+            weight = tl.load(topk_w_ptr + row, volatile=True)
+        token = t + rows * 0
+        n = pid_n * BN + tl.arange(0, BN)
+        n_ok = n < n_cols
+        if WFMT == 0:
+            # one K loop for routed and shared rows, the base chosen before it (as gate_up_kernel does): a
+            # runtime branch inside a loop keeps its loads out of the software pipeline
+            if is_shared:
+                w_base = shared_w_gu_ptr
+            else:
+                w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
+            acc_g, acc_u = _gate_up_sums(
+                x_ptr, w_base, token, row_ok, n, n_ok, n_cols, 0, H, H, IEEE, BM, BN, BK, w_base, w_base, 0, 0, 0,
+                0, 0, 0,
+            )  # fmt: skip
+        elif is_shared:  # the shared expert is always native
+            acc_g, acc_u = _gate_up_sums(
+                x_ptr, shared_w_gu_ptr, token, row_ok, n, n_ok, IS, 0, H, H, IEEE, BM, BN, BK, shared_w_gu_ptr,
+                shared_w_gu_ptr, 0, 0, 0, 0, 0, 0,
+            )  # fmt: skip
+        else:
+            KC: tl.constexpr = H if WFMT == 1 else H // 2
+            SC: tl.constexpr = (
+                ((2 * I + WB - 1) // WB) * ((H + WB - 1) // WB) if WFMT == 1 else 2 * I * (H // WB)
+            )
+            codes = w_gu_ptr + e.to(tl.int64) * (2 * I * KC)
+            scales = w_gu_scale_ptr + e.to(tl.int64) * SC
+            zeros = w_gu_zero_ptr + e.to(tl.int64) * (2 * I * (H // WB))
+            acc_g, acc_u = _gate_up_sums(
+                x_ptr, codes, token, row_ok, n, n_ok, I, 0, H, H, IEEE, BM, BN, BK, scales, zeros, WFMT, WB,
+                HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
+            )  # fmt: skip
+        act = _gate_up_finish(
+            acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
+        )
+        if FUSED:
+            # the activation rounded to the input dtype, as the other paths store it
+            a = tl.where(n_ok[None, :], act, 0.0).to(out_ty)
+            # the down weight's base chosen before the h loop (no runtime branch inside it: pipelined loads)
+            if WFMT == 0:
+                if is_shared:
+                    wd_base = shared_w_down_ptr
+                else:
+                    wd_base = w_down_ptr + e.to(tl.int64) * (H * I)
+                _add_down_products(
+                    a, wd_base, wd_base, wd_base, n_cols, e, weight, acc_ptr, b_down_ptr, token, row_ok, n, n_ok,
+                    pid_n, E, H, IEEE, BH, BN, HAS_BIAS, 0, 1, 0, 0, 0, out_ty,
+                )  # fmt: skip
+            elif is_shared:
+                _add_down_products(
+                    a, shared_w_down_ptr, shared_w_down_ptr, shared_w_down_ptr, IS, e, weight, acc_ptr, b_down_ptr,
+                    token, row_ok, n, n_ok, pid_n, E, H, IEEE, BH, BN, 0, 0, 1, 0, 0, 0, out_ty,
+                )  # fmt: skip
+            else:
+                KCD: tl.constexpr = I if WFMT == 1 else I // 2
+                SCD: tl.constexpr = (
+                    ((H + WB - 1) // WB) * ((I + WB - 1) // WB) if WFMT == 1 else H * (I // WB)
+                )
+                _add_down_products(
+                    a, w_down_ptr + e.to(tl.int64) * (H * KCD), w_down_scale_ptr + e.to(tl.int64) * SCD,
+                    w_down_zero_ptr + e.to(tl.int64) * (H * (I // WB)), I, e, weight, acc_ptr, b_down_ptr, token,
+                    row_ok, n, n_ok, pid_n, E, H, IEEE, BH, BN, HAS_BIAS, WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT,
+                    out_ty,
+                )  # fmt: skip
+            tl.debug_barrier()  # every thread's atomics before the ticket
+            if tl.atomic_add(units_ptr + 2, 1, sem="acq_rel", scope="gpu") == T * GU - 1:
+                tl.debug_barrier()
+                for i0 in range(0, T * H, BH * BM):
+                    i = i0 + tl.arange(0, BH * BM)
+                    total = tl.load(acc_ptr + i, mask=i < T * H, other=0.0, volatile=True)
+                    tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=i < T * H)
+        else:
+            tl.store(
+                act_ptr + (row + rows * 0)[:, None] * NMAX + n[None, :],
+                act.to(act_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & n_ok[None, :],
+            )
+            tl.debug_barrier()  # every thread's stores before the release
+            tl.atomic_add(units_ptr + 3 + t, 1, sem="release", scope="gpu")
+    elif not FUSED and unit < 1 + T * GU + T * NTH:
+        t = (unit - 1 - T * GU) // NTH
+        pid_h = (unit - 1 - T * GU) % NTH
+        h = pid_h * BH + tl.arange(0, BH)
+        h_ok = h < H
+        _wait_until(units_ptr + 3 + t, GU)
+        slot_ok = kcols[None, :] < K
+        ids = tl.load(topk_ids_ptr + t * K + kcols[None, :], mask=slot_ok, other=0, volatile=True)
+        wts = tl.load(topk_w_ptr + t * K + kcols[None, :], mask=slot_ok, other=0.0, volatile=True)
+        y = _routed_down_sums(
+            act_ptr, w_down_ptr, w_down_scale_ptr, w_down_zero_ptr, b_down_ptr, ids, wts, t, rows, row_ok, h,
+            h_ok, kcols, K, H, I, NMAX, HAS_BIAS, IEEE, BM, BH, BKD, WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT,
+            ACT_FP8,
+        )  # fmt: skip
+        if HAS_SHARED:
+            gate = _shared_gate(gate_part_ptr, t, T, HAS_SHARED_GATE, SPLIT)
+            shared_rows = T * K + t + rows * 0
+            ys = tl.zeros((BM, BH), dtype=tl.float32)
+            for k0 in range(0, IS, BKD):
+                ks = k0 + tl.arange(0, BKD)
+                k_ok = ks < IS
+                a = tl.load(
+                    act_ptr + shared_rows[:, None] * NMAX + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                w = tl.load(
+                    shared_w_down_ptr + h[None, :] * IS + ks[:, None],
+                    mask=k_ok[:, None] & h_ok[None, :],
+                    other=0.0,
+                )
+                ys = dot_acc(a, w, ys, IEEE)
+            y += gate * ys
+        tl.store(
+            out_ptr + (t + rows * 0)[:, None] * H + h[None, :],
+            y.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & h_ok[None, :],
+        )
+
+
+@triton.jit
+def _wait_until(counter_ptr, target):
+    """Spin until a counter of this launch reaches `target` (acquire: what its writers released is visible),
+    then bring every thread of the program past it."""
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _shared_gate(gate_part_ptr, t, T, HAS_SHARED_GATE: tl.constexpr, SPLIT: tl.constexpr):
+    """Token t's shared-expert gate: sigmoid of the router kernel's SPLIT partial dot products, or 1."""
+    if HAS_SHARED_GATE:
+        g_acc = 0.0
+        for sl in tl.static_range(SPLIT):
+            g_acc += tl.load(gate_part_ptr + sl * T + t)
+        gate = tl.sigmoid(g_acc)
+    else:
+        gate = tl.full((), 1.0, tl.float32)
+    return gate
+
+
+@triton.jit
+def _add_down_products(
+    a,
+    codes,
+    scales,
+    zeros,
+    n_cols,
+    e,
+    weight,
+    acc_ptr,
+    b_down_ptr,
+    token,
+    row_ok,
+    n,
+    n_ok,
+    pid_n,
+    E: tl.constexpr,
+    H: tl.constexpr,
+    IEEE: tl.constexpr,
+    BH: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
+    OUT: tl.constexpr,
+):
+    """acc[token, h] += weight * (a @ W_down[h, n].T (+ the routed expert's down bias, by its first N tile))
+    for every h: one N tile of an expert's activation times the matching column slice of its down weight
+    ([H, n_cols] at `codes`: native, or quantized codes with their scales and zero points), fp32 atomics."""
+    for h0 in range(0, H, BH):
+        h = h0 + tl.arange(0, BH)
+        h_ok = h < H
+        if WFMT == 0:
+            wd = tl.load(
+                codes + h[:, None] * n_cols + n[None, :], mask=h_ok[:, None] & n_ok[None, :], other=0.0
+            )
+            y = dot(a, tl.trans(wd), IEEE)
+        elif scales_on_product(WFMT, WB, BN, PER_WEIGHT):
+            y = _quantized_product(
+                a, codes, zeros, scales, h, h_ok, pid_n * BN, n_cols, BH, BN, WFMT, WB, HAS_ZERO, FP8_CVT, 0, IEEE,
+                OUT,
+            )  # fmt: skip
+        else:
+            w = weight_tile(
+                codes, scales, zeros, h, h_ok, pid_n * BN, n_cols, BH, BN, WFMT, WB, HAS_ZERO, OUT
+            )
+            y = dot(a, tl.trans(w), IEEE)
+        if HAS_BIAS:  # routed experts only (e < E), once per slot: by its first N tile
+            bias_ok = h_ok & (pid_n == 0) & (e < E)
+            y += tl.load(b_down_ptr + e * H + h, mask=bias_ok, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(
+            acc_ptr + token[:, None] * H + h[None, :],
+            y * weight,
+            mask=row_ok[:, None] & h_ok[None, :],
+            sem="relaxed",
+            scope="gpu",
+        )
+
+
+@triton.jit
+def _routed_down_sums(
+    act_ptr,
+    w_down_ptr,
+    w_down_scale_ptr,
+    w_down_zero_ptr,
+    b_down_ptr,
+    ids,
+    wts,
+    t,
+    rows,
+    row_ok,
+    h,
+    h_ok,
+    kcols,
+    K: tl.constexpr,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741
+    NMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+    WFMT: tl.constexpr,
+    WB: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    FP8_CVT: tl.constexpr,
+    PER_WEIGHT: tl.constexpr,
+    ACT_FP8: tl.constexpr,
+):
+    """sum_j wts[j] * (act[t * K + j] @ W_down[ids[j]][h].T + bias) in fp32 over token t's K routed slots: one
+    loop over (slot, reduction tile), so the weight loads of consecutive slots stay in one software pipeline.
+    Activations are read through L2 (`.cg`): other programs of this launch wrote them."""
+    KI: tl.constexpr = (I + BK - 1) // BK
+    out_ty = act_ptr.dtype.element_ty
+    SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
+    y = tl.zeros((BM, BH), dtype=tl.float32)
+    for it in range(0, K * KI):
+        j = it // KI
+        k0 = (it % KI) * BK
+        e = _pick(ids, kcols, j)
+        weight = _pick(wts, kcols, j)
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < I
+        slot_rows = t * K + j + rows * 0
+        a = tl.load(
+            act_ptr + slot_rows[:, None] * NMAX + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        if WFMT == 0:
+            w = tl.load(
+                w_down_ptr + e.to(tl.int64) * (H * I) + h[None, :] * I + ks[:, None],
+                mask=k_ok[:, None] & h_ok[None, :],
+                other=0.0,
+            )
+            y += dot(a, w, IEEE) * weight
+        else:
+            KC: tl.constexpr = I if WFMT == 1 else I // 2
+            SC: tl.constexpr = ((H + WB - 1) // WB) * ((I + WB - 1) // WB) if WFMT == 1 else H * (I // WB)
+            codes = w_down_ptr + e.to(tl.int64) * (H * KC)
+            scales = w_down_scale_ptr + e.to(tl.int64) * SC
+            zeros = w_down_zero_ptr + e.to(tl.int64) * (H * (I // WB))
+            if SCALED:
+                y += weight * _quantized_product(
+                    a, codes, zeros, scales, h, h_ok, k0, I, BH, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8, IEEE,
+                    out_ty,
+                )  # fmt: skip
+            else:
+                w = tl.trans(
+                    weight_tile(codes, scales, zeros, h, h_ok, k0, I, BH, BK, WFMT, WB, HAS_ZERO, out_ty)
+                )
+                y += dot(a, w, IEEE) * weight
+    if HAS_BIAS:
+        for j in tl.static_range(K):
+            e = _pick(ids, kcols, j)
+            bias = tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)
+            y += _pick(wts, kcols, j) * bias[None, :]
+    return y
+
+
 KERNELS = {
     "router": router_logits_kernel,
     "topk": topk_kernel,
@@ -1140,5 +1565,6 @@ KERNELS = {
     "reduce": reduce_kernel,
     "experts": experts_kernel,
     "finalize": finalize_kernel,
+    "routed_experts": routed_experts_kernel,
     **DECODE_KERNELS,
 }

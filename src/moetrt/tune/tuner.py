@@ -11,6 +11,7 @@ from moetrt.core.devices import current_sm
 from moetrt.core.dtypes import precision
 from moetrt.core.errors import MoetrtError
 from moetrt.core.tolerances import relative_error, tolerance
+from moetrt.kernels import plan
 from moetrt.kernels.configs import (
     QUANTIZED_STAGES,
     candidate_configs,
@@ -26,7 +27,7 @@ from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs, gp
 from moetrt.tune.timing import time_graph
 
 #: The stages a native entry holds (a quantized one: QUANTIZED_STAGES).
-STAGES = ("router", "topk", "gate_up", "down", "fused", "pdl", "gemv")
+STAGES = ("router", "topk", "gate_up", "down", "fused", "pdl", "gemv", "routed")
 
 
 def tune(
@@ -83,14 +84,14 @@ def tune(
             us, _, chosen = min(timings, key=lambda x: x[:2])
             by_path: dict[str, float] = {}
             for t_us, _, cfg in timings:
-                path = "gemv" if cfg.get("gemv", {}).get("enabled") else "sorted"
+                path = plan.decode_path(cfg, bound)
                 by_path[path] = min(by_path.get(path, float("inf")), t_us)
             if len(by_path) > 1:
                 log("  best per path: " + ", ".join(f"{p} {t:.1f} us" for p, t in sorted(by_path.items())))
             log(
                 f"{entry_key(attrs, dtype, bound)} T={counts} [{round_name}]: best {us:.1f} us of {len(timings)} "
                 f"(first {timings[0][0]:.1f} us); fused={chosen['fused']['enabled']} pdl={chosen['pdl']['enabled']} "
-                f"gemv={chosen['gemv']['enabled']}"
+                f"gemv={chosen['gemv']['enabled']} routed={chosen['routed']['enabled']}"
             )
         stages = QUANTIZED_STAGES if attrs.is_quantized else STAGES
         best[entry_key(attrs, dtype, bound)] = {

@@ -39,6 +39,9 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
     const Stage* group = bucket.stage("topk_group");
     bool gemv = group != nullptr;
     bool fused = bucket.stage("experts") != nullptr;
+    const Stage* routed_stage = bucket.stage("routed_experts");
+    bool routed = routed_stage != nullptr;
+    bool routed_acc = routed && routed_stage->constexpr_int_or("FUSED", 0) != 0;  // plan.py routed_fused
     int64_t groups = gemv ? std::min(e, t * k) : 0;
     int64_t tm = gemv ? group->constexpr_int("TM") : 0;
     int64_t tile_h = gemv ? bucket.config_int("gemv", "BH") : bucket.config_int("down", "BH");
@@ -53,7 +56,8 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
         {"htickets", 4 * cdiv(h, tile_h)},
         {"ngroups", gemv ? 16 : 0},
         {"gu_tickets", 4 * gate_up_tiles},
-        {"acc", fused ? 4 * t * h : 0},
+        {"units", routed ? 4 * (3 + t) : 0},
+        {"acc", fused || routed_acc ? 4 * t * h : 0},
         {"group_expert", 4 * groups},
         {"expert_slots", 4 * e * tm},
         {"logits", 4 * split * t * e},
@@ -69,14 +73,16 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
         {"sorted_slot", 4 * rows},
         {"act", fused ? 0 : esize * rows * s.nmax()},
         {"gu_part", splits > 1 ? 4 * splits * (t * k + t) * 2 * s.nmax() : 0},
-        {"yw", fused ? 0 : esize * rows * h},
+        {"yw", fused || routed ? 0 : esize * rows * h},
     };
     Layout layout;
     int64_t offset = 0;
     for (const auto& [name, nbytes] : sizes) {
         std::string n(name);
         int64_t align =
-            (n == "tickets" || n == "htickets" || n == "ngroups" || n == "gu_tickets" || n == "acc") ? 16 : 256;
+            (n == "tickets" || n == "htickets" || n == "ngroups" || n == "gu_tickets" || n == "units" || n == "acc")
+                ? 16
+                : 256;
         offset = cdiv(offset, align) * align;
         layout.regions.emplace_back(n, Region{offset, nbytes});
         offset += nbytes;
@@ -177,7 +183,13 @@ Plan plan_for(const Bundle& b, int64_t t) {
           {{"zero_words", (acc.offset + acc.nbytes) / 4}});
     int64_t bm = bucket.config_int("gate_up", "BM");
     int64_t blocks = max_blocks(s, t, bm);
-    if (bucket.stage("topk_group")) {
+    if (bucket.stage("routed_experts")) {  // plan.py routed_units: routing, gate_up N tiles, H tiles per token
+        int64_t bn = p.stage_int("routed_experts", "BN");
+        int64_t shared_tiles = s.has_shared_expert() ? cdiv(s.shared_intermediate_size, bn) : 0;
+        int64_t h_tiles = p.stage_int("routed_experts", "FUSED") ? 0 : cdiv(h, p.stage_int("routed_experts", "BH"));
+        int64_t per_token = shared_tiles + k * cdiv(s.intermediate_size, bn) + h_tiles;
+        p.add("routed_experts", {1 + t * per_token, 1, 1});  // the routing unit first
+    } else if (bucket.stage("topk_group")) {
         int64_t gmax = std::min(e, t * k);
         int64_t groups = gmax + (s.has_shared_expert() ? 1 : 0);
         p.add("topk_group", {cdiv(t, p.stage_int("topk_group", "RT")), 1, 1});
