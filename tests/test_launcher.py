@@ -167,6 +167,20 @@ def test_routed_decode_plan(fused: int) -> None:
     assert "routed_experts" not in plan.bucket_variants(attrs, dtype, 64, {**cfg})
 
 
+def test_decode_path_names_the_path_a_bucket_runs() -> None:
+    """routed over gemv over fused over sorted at decode; prefill buckets ignore the switches."""
+    cfg = tuning.default_config(FULL, "bfloat16", 16)
+    assert plan.decode_path(cfg, 16) == "sorted"
+    cfg["fused"] = {"enabled": 1, "BH": 64}
+    assert plan.decode_path(cfg, 16) == "fused"
+    cfg["gemv"]["enabled"] = 1
+    assert plan.decode_path(cfg, 16) == "gemv"
+    cfg["routed"]["enabled"] = 1
+    assert plan.decode_path(cfg, 16) == "routed" and plan.decode_path(cfg, 1) == "routed"
+    assert plan.decode_path(cfg, 64) == "fused"  # above the routed and gemv bound
+    assert plan.decode_path(cfg, None) == "prefill"
+
+
 def test_routed_fused_form_is_off_with_fp8_activations() -> None:
     """fp8 activations are quantized per weight block, wider than the fused form's N tile: H-tile units."""
     attrs = MoEAttributes(

@@ -15,6 +15,8 @@ Workspace regions the kernels share (laid out by kernels/plan.py):
     sorted_slot[R] i32                   slot of each sorted row; R = T*K (+ T with a shared expert)
     act[R, NMAX]                         gate/up activation per sorted row (input dtype)
     yw[R, H]                             routing-weighted down projection per slot
+    units[3 + T] i32                     routed path: unit counter, routing flag, fused ticket, gate_up
+                                         tiles done per token (zeroed with the counters)
 """
 
 from __future__ import annotations
