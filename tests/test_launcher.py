@@ -205,6 +205,22 @@ def test_routed_fused_form_needs_wide_4bit_slices() -> None:
     assert fused and all(c["BN"] >= plan.ROUTED_FUSED_MIN_4BIT_TILE for c in fused)
 
 
+def test_quantized_tiles_narrow_to_one_scale_group_alike() -> None:
+    """The default tiles and the routed candidates narrow quantized reduction tiles by one rule
+    (configs.scale_group_tile): to the group where its scales can multiply a tile's product, else not at all."""
+    assert tuning.scale_group_tile(PLAIN) == 0
+    wide = MoEAttributes(8, 2, 256, 256, weight_format="int4", weight_block=64)
+    odd = MoEAttributes(8, 2, 192, 192, weight_format="int4", weight_block=48)  # 16 | 48: below 4-bit's 32
+    assert tuning.scale_group_tile(wide) == 64 and tuning.scale_group_tile(odd) == 0
+    for attrs, tile, candidate_tiles in ((wide, 64, {64}), (odd, 128, {64, 128, 256})):
+        cfg = tuning.default_config(attrs, "bfloat16", 1)
+        assert cfg["gate_up"]["BK"] == cfg["routed"]["BK"] == cfg["routed"]["BKD"] == tile
+        unfused = [
+            c["routed"] for c in tuning.routed_candidates(attrs, cfg, "bfloat16") if not c["routed"]["fused"]
+        ]
+        assert {c["BK"] for c in unfused} | {c["BKD"] for c in unfused} == candidate_tiles
+
+
 def test_pdl_flag_reaches_every_launch() -> None:
     cfg = tuning.default_config(FULL, "float16", None)
     assert not any(

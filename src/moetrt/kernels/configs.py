@@ -57,6 +57,17 @@ def entry_key(attrs: MoEAttributes, dtype: str, bound: int | None) -> str:
     return f"{shape_key(attrs)}{weights_key(attrs)}/{dtype}/{bucket_name(bound)}"
 
 
+def scale_group_tile(attrs: MoEAttributes) -> int:
+    """The reduction tile quantized experts' tiles are narrowed to, so that a tile lies inside one scale group
+    and the scales multiply its product instead of every weight (triton_moe.scales_on_product): the largest
+    power of two dividing the weight block, where that is at least 16 codes (fp8) or 32 (4-bit); 0 (no
+    narrowing) for native experts and smaller groups."""
+    if not attrs.is_quantized:
+        return 0
+    tile = attrs.weight_block & -attrs.weight_block
+    return tile if tile >= (16 if attrs.weight_format == FP8_BLOCK else 32) else 0
+
+
 def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[str, Any]:
     """Block sizes that are correct for any shape and reasonable on SM80-SM120."""
     fp32 = dtype == "float32"
@@ -142,10 +153,8 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
     }
     if attrs.is_quantized:  # quantized experts: no gemv or fused path (those kernels take native weights)
         gemv["enabled"] = 0
-        # tiles inside one scale group along the reduction: the scales then multiply each tile's product
-        # instead of every weight (triton_moe._gate_up_tile)
-        group_tile = attrs.weight_block & -attrs.weight_block  # the largest power of two dividing it
-        if group_tile >= (16 if attrs.weight_format == FP8_BLOCK else 32):  # triton_moe.scales_on_product
+        group_tile = scale_group_tile(attrs)
+        if group_tile:
             gate_up["BK"] = min(gate_up["BK"], group_tile)
             down["BK"] = min(down["BK"], group_tile)
             routed["BK"] = min(routed["BK"], group_tile)
@@ -328,7 +337,7 @@ def routed_candidates(attrs: MoEAttributes, base: dict[str, Any], dtype: str) ->
         (64, 128, 64, 8, 3),
         (32, 256, 64, 4, 3),
     ]
-    group_tile = attrs.weight_block & -attrs.weight_block if attrs.is_quantized else 0
+    group_tile = scale_group_tile(attrs)
     out = []
     for bn, bk, bh, bkd, warps, stages in opts:
         if fp32:

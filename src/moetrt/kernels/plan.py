@@ -422,6 +422,25 @@ class Variant:
         return f"{self.kernel}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+# Constexprs the single-launch expert kernels (fused experts, routed) take from the gate_up stage's, and those
+# every routing kernel (top-k, topk_group, routed) takes from the top-k stage's, in signature order.
+_EXPERT_CONSTEXPRS = ("E", "K", "H", "I", "IS", "NMAX", "ACTIVATION", "ALPHA", "LIMIT", "HAS_BIAS", "IEEE")
+_ROUTING_CONSTEXPRS = (
+    "SCORING_SIGMOID",
+    "TOPK_BEFORE",
+    "NORM_TOPK",
+    "N_GROUP",
+    "TOPK_GROUP",
+    "SCALE",
+    "HAS_CORR_BIAS",
+    "HAS_ROUTER_BIAS",
+    "HAS_SHARED",
+    "HAS_SHARED_GATE",
+    "OUT_LOGITS",
+    "SPLIT",
+)
+
+
 def _nmax(attrs: MoEAttributes) -> int:
     return max(attrs.intermediate_size, attrs.shared_intermediate_size)
 
@@ -531,42 +550,9 @@ def _stage_variants(
     }
     if is_routed(cfg, bound):
         rd = cfg["routed"]
-        routing = (
-            "SCORING_SIGMOID",
-            "TOPK_BEFORE",
-            "NORM_TOPK",
-            "N_GROUP",
-            "TOPK_GROUP",
-            "SCALE",
-            "HAS_CORR_BIAS",
-            "HAS_ROUTER_BIAS",
-            "HAS_SHARED",
-            "HAS_SHARED_GATE",
-            "OUT_LOGITS",
-            "SPLIT",
-            "RT",
-            "E_PAD",
-            "K_PAD",
-            "G_PAD",
-        )
         routed = {
-            **{
-                name: gate_up[name]
-                for name in (
-                    "E",
-                    "K",
-                    "H",
-                    "I",
-                    "IS",
-                    "NMAX",
-                    "ACTIVATION",
-                    "ALPHA",
-                    "LIMIT",
-                    "HAS_BIAS",
-                    "IEEE",
-                )
-            },
-            **{name: topk[name] for name in routing},
+            **{name: gate_up[name] for name in _EXPERT_CONSTEXPRS},
+            **{name: topk[name] for name in (*_ROUTING_CONSTEXPRS, "RT", "E_PAD", "K_PAD", "G_PAD")},
             "BM": 16,  # one token row per unit, padded to the mma minimum
             "BN": rd["BN"],
             "BK": expert_tile_k(attrs, rd["BK"]),
@@ -585,25 +571,7 @@ def _stage_variants(
         assert bound is not None
         gv = cfg["gemv"]
         tm = gemv_rows(bound)
-        topk_group = {
-            name: topk[name]
-            for name in (
-                "E",
-                "K",
-                "SCORING_SIGMOID",
-                "TOPK_BEFORE",
-                "NORM_TOPK",
-                "N_GROUP",
-                "TOPK_GROUP",
-                "SCALE",
-                "HAS_CORR_BIAS",
-                "HAS_ROUTER_BIAS",
-                "HAS_SHARED",
-                "HAS_SHARED_GATE",
-                "OUT_LOGITS",
-                "SPLIT",
-            )
-        }
+        topk_group = {name: topk[name] for name in ("E", "K", *_ROUTING_CONSTEXPRS)}
         topk_group.update(
             {
                 "RT": topk["RT"],
@@ -646,25 +614,7 @@ def _stage_variants(
         }
     if is_fused(cfg, bound):
         experts = {
-            **{
-                name: gate_up[name]
-                for name in (
-                    "E",
-                    "K",
-                    "H",
-                    "I",
-                    "IS",
-                    "NMAX",
-                    "ACTIVATION",
-                    "ALPHA",
-                    "LIMIT",
-                    "HAS_BIAS",
-                    "IEEE",
-                    "BM",
-                    "BN",
-                    "BK",
-                )
-            },
+            **{name: gate_up[name] for name in (*_EXPERT_CONSTEXPRS, "BM", "BN", "BK")},
             "BH": cfg["fused"]["BH"],
         }
         return {

@@ -141,31 +141,6 @@ def select_experts(
 
 
 @triton.jit
-def summed_logits(
-    logits_ws_ptr,
-    router_b_ptr,
-    rows,
-    row_ok,
-    T,
-    E: tl.constexpr,
-    HAS_ROUTER_BIAS: tl.constexpr,
-    SPLIT: tl.constexpr,
-    RT: tl.constexpr,
-    E_PAD: tl.constexpr,
-):
-    """fp32 router logits [RT, E_PAD] of `rows`: the router kernel's SPLIT slices summed in slice order, plus
-    the router bias (padding columns 0)."""
-    cols = tl.arange(0, E_PAD)
-    lmask = row_ok[:, None] & (cols[None, :] < E)
-    lg = tl.zeros((RT, E_PAD), dtype=tl.float32)
-    for sl in tl.static_range(SPLIT):
-        lg += tl.load(logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :], mask=lmask, other=0.0)
-    if HAS_ROUTER_BIAS:
-        lg += tl.load(router_b_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
-    return lg
-
-
-@triton.jit
 def route_rows(
     T,
     row0,
@@ -196,16 +171,19 @@ def route_rows(
     K_PAD: tl.constexpr,
     G_PAD: tl.constexpr,
 ):
-    """Routing of the RT tokens from row0 (the top-k kernels: this program's), shared by the top-k kernels
-    and the routed path: logits (sum of the router's SPLIT
-    slices + bias, written out on request), the shared-expert gate, `select_experts`, the slots' expert ids
-    and weights stored. Returns (ids, slots, slot_mask), each [RT, K_PAD]; `slot_ranks` numbers the slots
+    """Routing of the RT tokens from row0 (the top-k kernels: this program's), shared by the top-k kernels and
+    the routed path: logits (sum of the router's SPLIT slices + bias, written out on request), the
+    shared-expert gate, `select_experts`, the slots' expert ids and weights stored. Returns (ids, slots, slot_mask), each [RT, K_PAD]; `slot_ranks` numbers the slots
     of each expert."""
     rows = row0 + tl.arange(0, RT)
     row_ok = rows < T
     cols = tl.arange(0, E_PAD)
     lmask = row_ok[:, None] & (cols[None, :] < E)
-    lg = summed_logits(logits_ws_ptr, router_b_ptr, rows, row_ok, T, E, HAS_ROUTER_BIAS, SPLIT, RT, E_PAD)
+    lg = tl.zeros((RT, E_PAD), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT):
+        lg += tl.load(logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :], mask=lmask, other=0.0)
+    if HAS_ROUTER_BIAS:
+        lg += tl.load(router_b_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
     if OUT_LOGITS:
         out_ptrs = logits_out_ptr + rows[:, None] * E + cols[None, :]
         tl.store(out_ptrs, lg.to(logits_out_ptr.dtype.element_ty), mask=lmask)
@@ -464,6 +442,19 @@ def weight_tile(
             exponent = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
             value = value * _broadcast_groups(e8m0_value(exponent) * FP4_FP16_SCALE, BR, BK, WB)
     return tl.where(mask, value, 0.0).to(OUT)
+
+
+@triton.jit
+def expert_tables(
+    w_ptr, s_ptr, z_ptr, e, R: tl.constexpr, C: tl.constexpr, WFMT: tl.constexpr, WB: tl.constexpr
+):
+    """Expert e's quantized weight [R rows, C reduction] in the op's stacked inputs: its codes (fp8 codes, or two
+    4-bit codes per byte), its scales (fp8: [ceil(R / WB), ceil(C / WB)] blocks, 4-bit: [R, C / WB] groups)
+    and its zero points ([R, C / WB]), as spec.scale_shape lays them out."""
+    CC: tl.constexpr = C if WFMT == 1 else C // 2
+    SC: tl.constexpr = ((R + WB - 1) // WB) * ((C + WB - 1) // WB) if WFMT == 1 else R * (C // WB)
+    e64 = e.to(tl.int64)
+    return w_ptr + e64 * (R * CC), s_ptr + e64 * SC, z_ptr + e64 * (R * (C // WB))
 
 
 @triton.jit

@@ -29,6 +29,7 @@ from moetrt.kernels.triton_common import (
     FP8_E4M3_MAX,
     dot,
     dot_acc,
+    expert_tables,
     fp8_codes,
     fp8_values,
     nibble_values,
@@ -780,11 +781,7 @@ def gate_up_kernel(
             shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
     else:
-        KC: tl.constexpr = H if WFMT == 1 else H // 2
-        SC: tl.constexpr = ((2 * I + WB - 1) // WB) * ((H + WB - 1) // WB) if WFMT == 1 else 2 * I * (H // WB)
-        codes = w_gu_ptr + e.to(tl.int64) * (2 * I * KC)
-        scales = w_gu_scale_ptr + e.to(tl.int64) * SC
-        zeros = w_gu_zero_ptr + e.to(tl.int64) * (2 * I * (H // WB))
+        codes, scales, zeros = expert_tables(w_gu_ptr, w_gu_scale_ptr, w_gu_zero_ptr, e, 2 * I, H, WFMT, WB)
         acc_g, acc_u = _gate_up_sums(
             x_ptr, codes, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, scales, zeros,
             WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
@@ -951,11 +948,9 @@ def down_rows_kernel(
                 codes = w_down_ptr + e.to(tl.int64) * (H * I)
                 scales, zeros = w_down_ptr, w_down_ptr
             else:
-                KC: tl.constexpr = I if WFMT == 1 else I // 2
-                SC: tl.constexpr = ((H + WB - 1) // WB) * ((I + WB - 1) // WB) if WFMT == 1 else H * (I // WB)
-                codes = w_down_ptr + e.to(tl.int64) * (H * KC)
-                scales = w_down_scale_ptr + e.to(tl.int64) * SC
-                zeros = w_down_zero_ptr + e.to(tl.int64) * (H * (I // WB))
+                codes, scales, zeros = expert_tables(
+                    w_down_ptr, w_down_scale_ptr, w_down_zero_ptr, e, H, I, WFMT, WB
+                )
             y = _down_tile(
                 act_ptr, codes, rows, row_ok, h, h_ok, I, NMAX, I, IEEE, BM, BH, BK, scales, zeros, WFMT, WB,
                 HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
@@ -1291,13 +1286,9 @@ def routed_experts_kernel(
                 shared_w_gu_ptr, 0, 0, 0, 0, 0, 0,
             )  # fmt: skip
         else:
-            KC: tl.constexpr = H if WFMT == 1 else H // 2
-            SC: tl.constexpr = (
-                ((2 * I + WB - 1) // WB) * ((H + WB - 1) // WB) if WFMT == 1 else 2 * I * (H // WB)
+            codes, scales, zeros = expert_tables(
+                w_gu_ptr, w_gu_scale_ptr, w_gu_zero_ptr, e, 2 * I, H, WFMT, WB
             )
-            codes = w_gu_ptr + e.to(tl.int64) * (2 * I * KC)
-            scales = w_gu_scale_ptr + e.to(tl.int64) * SC
-            zeros = w_gu_zero_ptr + e.to(tl.int64) * (2 * I * (H // WB))
             acc_g, acc_u = _gate_up_sums(
                 x_ptr, codes, token, row_ok, n, n_ok, I, 0, H, H, IEEE, BM, BN, BK, scales, zeros, WFMT, WB,
                 HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
@@ -1324,15 +1315,12 @@ def routed_experts_kernel(
                     token, row_ok, n, n_ok, pid_n, E, H, IEEE, BH, BN, 0, 0, 1, 0, 0, 0, out_ty,
                 )  # fmt: skip
             else:
-                KCD: tl.constexpr = I if WFMT == 1 else I // 2
-                SCD: tl.constexpr = (
-                    ((H + WB - 1) // WB) * ((I + WB - 1) // WB) if WFMT == 1 else H * (I // WB)
+                codes, scales, zeros = expert_tables(
+                    w_down_ptr, w_down_scale_ptr, w_down_zero_ptr, e, H, I, WFMT, WB
                 )
                 _add_down_products(
-                    a, w_down_ptr + e.to(tl.int64) * (H * KCD), w_down_scale_ptr + e.to(tl.int64) * SCD,
-                    w_down_zero_ptr + e.to(tl.int64) * (H * (I // WB)), I, e, weight, acc_ptr, b_down_ptr, token,
-                    row_ok, n, n_ok, pid_n, E, H, IEEE, BH, BN, HAS_BIAS, WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT,
-                    out_ty,
+                    a, codes, scales, zeros, I, e, weight, acc_ptr, b_down_ptr, token, row_ok, n, n_ok, pid_n, E, H,
+                    IEEE, BH, BN, HAS_BIAS, WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT, out_ty,
                 )  # fmt: skip
             tl.debug_barrier()  # every thread's atomics before the ticket
             if tl.atomic_add(units_ptr + 2, 1, sem="acq_rel", scope="gpu") == T * GU - 1:
@@ -1535,11 +1523,9 @@ def _routed_down_sums(
             )
             y += dot(a, w, IEEE) * weight
         else:
-            KC: tl.constexpr = I if WFMT == 1 else I // 2
-            SC: tl.constexpr = ((H + WB - 1) // WB) * ((I + WB - 1) // WB) if WFMT == 1 else H * (I // WB)
-            codes = w_down_ptr + e.to(tl.int64) * (H * KC)
-            scales = w_down_scale_ptr + e.to(tl.int64) * SC
-            zeros = w_down_zero_ptr + e.to(tl.int64) * (H * (I // WB))
+            codes, scales, zeros = expert_tables(
+                w_down_ptr, w_down_scale_ptr, w_down_zero_ptr, e, H, I, WFMT, WB
+            )
             if SCALED:
                 y += weight * _quantized_product(
                     a, codes, zeros, scales, h, h_ok, k0, I, BH, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8, IEEE,
