@@ -19,12 +19,12 @@ and untimed, for a profiler (the device's copy and GEMM measurements are skipped
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
+from workloads import with_weight_format
 
 from moetrt.core.devices import sm_from_capability
 from moetrt.core.tolerances import relative_error, tolerance
@@ -32,7 +32,7 @@ from moetrt.kernels.aot import compile_kernels
 from moetrt.kernels.plan import bucket_name, bucket_of
 from moetrt.kernels.torch_ops import moe_forward
 from moetrt.op.presets import PRESETS
-from moetrt.op.spec import DEFAULT_BLOCK, FP8_BLOCK, NATIVE, WEIGHT_FORMATS, MoEAttributes
+from moetrt.op.spec import NATIVE, WEIGHT_FORMATS
 from moetrt.tune import floors, timing
 from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs, gpu_reference
 from moetrt.tune.tuner import profile_stages
@@ -64,51 +64,34 @@ def main() -> None:
         f"device {torch.cuda.get_device_name()} sm_{sm}; copy {copy_gbps:.0f} GB/s, bf16 {tflops:.0f} TFLOP/s"
     )
     rows = []
-    for shape in args.shapes.split(","):
-        base = PRESETS[shape]
-        weights = gpu_random_inputs(
-            base, 1, torch.bfloat16, seed=1, names=[n for n in base.present_inputs() if n != "hidden_states"]
-        )
-        for fmt in args.formats.split(","):
-            attrs = _with_format(base, fmt)
-            bundle = compile_kernels(attrs, "bfloat16", sm, workers=min(16, os.cpu_count() or 1))
-            inputs, oracle = gpu_quantized_inputs(weights, attrs)
-            for t in map(int, args.tokens.split(",")):
-                hidden = gpu_random_inputs(base, t, torch.bfloat16, seed=100 + t, names=["hidden_states"])
-                inputs["hidden_states"] = oracle["hidden_states"] = hidden["hidden_states"]
-                got = moe_forward(inputs, attrs, bundle)["output"].float()
-                expected = gpu_reference(oracle, attrs.with_native_weights(), attrs.fp8_activation_block)
-                rel = relative_error(got, expected.output)
-                times = timing.time_graph(
-                    lambda i=inputs, a=attrs, b=bundle: moe_forward(i, a, b), args.iters
-                )
-                nbytes = floors.moe_bytes(attrs, t, expected.distinct_experts, 2)
-                floor = floors.floor_us(nbytes, floors.moe_flops(attrs, t), copy_gbps, tflops)
-                row = {
-                    "shape": shape,
-                    "format": fmt,
-                    "T": t,
-                    "rel_err": rel,
-                    "ok": rel <= tolerance("bf16") and not bool(torch.isnan(got).any()),
-                    "us_median": round(times.median_us, 2),
-                    "floor_us": round(floor, 2),
-                    "pct_of_floor": round(100 * floor / times.median_us, 1),
-                    "distinct_experts": expected.distinct_experts,
-                    "config": {
-                        stage: bundle.buckets[bucket_name(bucket_of(t))]["config"][stage]
-                        for stage in ("gate_up", "down")
-                    },
-                }
-                if args.profile:
-                    row["stages_us"] = {
-                        k: round(v, 2) for k, v in profile_stages(bundle, attrs, inputs).items()
-                    }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-            del inputs, oracle
-            torch.cuda.empty_cache()
+    for shape, fmt, attrs, bundle, t, inputs, oracle in _workloads(args, sm):
+        got = moe_forward(inputs, attrs, bundle)["output"].float()
+        expected = gpu_reference(oracle, attrs.with_native_weights(), attrs.fp8_activation_block)
+        rel = relative_error(got, expected.output)
+        times = timing.time_graph(lambda i=inputs, a=attrs, b=bundle: moe_forward(i, a, b), args.iters)
+        nbytes = floors.moe_bytes(attrs, t, expected.distinct_experts, 2)
+        floor = floors.floor_us(nbytes, floors.moe_flops(attrs, t), copy_gbps, tflops)
+        row = {
+            "shape": shape,
+            "format": fmt,
+            "T": t,
+            "rel_err": rel,
+            "ok": rel <= tolerance("bf16") and not bool(torch.isnan(got).any()),
+            "us_median": round(times.median_us, 2),
+            "floor_us": round(floor, 2),
+            "pct_of_floor": round(100 * floor / times.median_us, 1),
+            "distinct_experts": expected.distinct_experts,
+            "config": {
+                stage: bundle.buckets[bucket_name(bucket_of(t))]["config"][stage]
+                for stage in ("gate_up", "down")
+            },
+        }
+        if args.profile:
+            row["stages_us"] = {k: round(v, 2) for k, v in profile_stages(bundle, attrs, inputs).items()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
     native = {(r["shape"], r["T"]): r["us_median"] for r in rows if r["format"] == NATIVE}
     print(
         f"{'shape':12} {'format':10} {'T':>5} {'rel err':>9} {'us':>9} {'floor':>8} {'% floor':>8} {'vs bf16':>8}"
@@ -122,33 +105,31 @@ def main() -> None:
     print(f"failures: {sum(not r['ok'] for r in rows)}")
 
 
-def _with_format(base: MoEAttributes, entry: str) -> MoEAttributes:
-    """A --formats entry: a weight format, "+a8" for fp8 activations (fp8_block+a8)."""
-    fmt, _, acts = entry.partition("+")
-    return dataclasses.replace(
-        base,
-        weight_format=fmt,
-        weight_block=DEFAULT_BLOCK.get(fmt, 0),
-        activation_format=FP8_BLOCK if acts == "a8" else NATIVE,
-    )
-
-
-def _run_once(args: argparse.Namespace, sm: int) -> None:
+def _workloads(args: argparse.Namespace, sm: int):  # type: ignore[no-untyped-def]
+    """(shape, format, attrs, bundle, T, inputs, oracle inputs) of every row: bf16 weights drawn once per
+    shape, quantized per format (the oracle's inputs: the same weights dequantized), hidden states per T."""
     for shape in args.shapes.split(","):
         base = PRESETS[shape]
         weights = gpu_random_inputs(
             base, 1, torch.bfloat16, seed=1, names=[n for n in base.present_inputs() if n != "hidden_states"]
         )
         for fmt in args.formats.split(","):
-            attrs = _with_format(base, fmt)
+            attrs = with_weight_format(base, fmt)
             bundle = compile_kernels(attrs, "bfloat16", sm, workers=min(16, os.cpu_count() or 1))
-            inputs, _oracle = gpu_quantized_inputs(weights, attrs)
+            inputs, oracle = gpu_quantized_inputs(weights, attrs)
             for t in map(int, args.tokens.split(",")):
                 hidden = gpu_random_inputs(base, t, torch.bfloat16, seed=100 + t, names=["hidden_states"])
-                inputs["hidden_states"] = hidden["hidden_states"]
-                moe_forward(inputs, attrs, bundle)
-                torch.cuda.synchronize()
-                print(json.dumps({"shape": shape, "format": fmt, "T": t, "ran": True}), flush=True)
+                inputs["hidden_states"] = oracle["hidden_states"] = hidden["hidden_states"]
+                yield shape, fmt, attrs, bundle, t, inputs, oracle
+            del inputs, oracle
+            torch.cuda.empty_cache()
+
+
+def _run_once(args: argparse.Namespace, sm: int) -> None:
+    for shape, fmt, attrs, bundle, t, inputs, _oracle in _workloads(args, sm):
+        moe_forward(inputs, attrs, bundle)
+        torch.cuda.synchronize()
+        print(json.dumps({"shape": shape, "format": fmt, "T": t, "ran": True}), flush=True)
 
 
 if __name__ == "__main__":

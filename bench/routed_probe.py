@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from workloads import with_weight_format
 
 from moetrt.core.devices import current_sm
 from moetrt.core.tolerances import relative_error
 from moetrt.kernels import aot, configs, plan
 from moetrt.kernels.torch_ops import moe_forward
 from moetrt.op.presets import PRESETS
-from moetrt.op.spec import DEFAULT_BLOCK, NATIVE
 from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs, gpu_reference
 from moetrt.tune.timing import time_graph
 
@@ -62,27 +59,22 @@ def main() -> None:
     once = bool(os.environ.get("ONCE"))
     for shape in args.shapes.split(","):
         for fmt in args.formats.split(","):
-            attrs = PRESETS[shape]
-            if fmt != NATIVE:
-                attrs = dataclasses.replace(attrs, weight_format=fmt, weight_block=DEFAULT_BLOCK[fmt])
+            attrs = with_weight_format(PRESETS[shape], fmt)
             native = attrs.with_native_weights()
             weights, oracle_weights = gpu_quantized_inputs(
                 gpu_random_inputs(native, 1, torch.bfloat16, seed=1), attrs
             )
             jobs = [(t, plan.bucket_of(t)) for t in map(int, args.tokens.split(","))]
-            todo = {
-                v.key: v
+            variants = [
+                v
                 for _, bound in jobs
                 for _, cfg in candidates(attrs, bound, sm)
                 for v in plan.bucket_variants(attrs, "bfloat16", bound, cfg).values()
-            }
-            start, cache = time.time(), {}
-            with ProcessPoolExecutor(16, mp_context=multiprocessing.get_context("fork")) as pool:
-                futures = {
-                    key: pool.submit(aot.compile_variant, v, "bfloat16", sm) for key, v in todo.items()
-                }
-                for key, fut in futures.items():
-                    cache[key] = fut.result()
+            ]
+            start = time.time()
+            cache, failed = aot.compile_variants(variants, "bfloat16", sm, workers=16)
+            if failed:
+                raise next(iter(failed.values()))
             print(
                 f"# {shape} {fmt}: compiled {len(cache)} variants in {time.time() - start:.0f} s", flush=True
             )

@@ -24,7 +24,7 @@ from moetrt.op.reference import (
     router_logits,
     shared_expert,
 )
-from moetrt.op.spec import MoEAttributes
+from moetrt.op.spec import DEFAULT_BLOCK, FP8_BLOCK, NATIVE, MoEAttributes
 
 TOKEN_INPUTS = ("hidden_states", "router_weight", "router_bias", "score_correction_bias")
 
@@ -222,3 +222,15 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float | None:
     """The library's metric (core.tolerances); None when the output holds NaN/Inf (never a pass)."""
     err = tolerances.relative_error(out.detach().reshape(ref.shape), ref)
     return None if math.isinf(err) else err
+
+
+def with_weight_format(base: MoEAttributes, entry: str) -> MoEAttributes:
+    """`base` with its routed experts in a --formats entry's format ("native", "fp8_block", "int4", "mxfp4", at
+    their default block), "+a8" adding fp8 activations ("fp8_block+a8")."""
+    fmt, _, acts = entry.partition("+")
+    return dataclasses.replace(
+        base,
+        weight_format=fmt,
+        weight_block=DEFAULT_BLOCK.get(fmt, 0),
+        activation_format=FP8_BLOCK if acts == "a8" else NATIVE,
+    )

@@ -11,7 +11,13 @@ from moetrt.cli import resolve_attrs
 from moetrt.core.dtypes import KERNEL_NAMES
 from moetrt.core.errors import MoetrtError
 from moetrt.kernels import configs, plan
-from moetrt.kernels.aot import SUPPORTED_SMS, KernelBundle, compile_kernels, ptx_entry_params
+from moetrt.kernels.aot import (
+    SUPPORTED_SMS,
+    KernelBundle,
+    compile_kernels,
+    compile_variants,
+    ptx_entry_params,
+)
 from moetrt.op.presets import PRESETS
 from moetrt.op.spec import MoEAttributes
 from moetrt.tune import tuner
@@ -131,6 +137,22 @@ def test_bad_targets_are_refused() -> None:
         compile_kernels(SMALL, "int8", 90)
     with pytest.raises(MoetrtError, match="token buckets"):
         compile_kernels(SMALL, "bfloat16", 90, buckets=(3,))
+
+
+def test_compile_variants_reports_each_failure_and_compiles_the_rest() -> None:
+    """The compile step of bundles, the tuner and the benchmarks: each key once, in forked processes or not, a
+    variant that does not compile reported by key beside the ones that did."""
+    good = plan.bucket_variants(SMALL, "bfloat16", 16, configs.default_config(SMALL, "bfloat16", 16))[
+        "router"
+    ]
+    broken = plan.Variant("router", (), 4, 3)  # no constexpr values
+    for workers in (1, 2):
+        compiled, failed = compile_variants([good, broken, good], "bfloat16", 90, workers)
+        assert list(compiled) == [good.key] and compiled[good.key].cubin.startswith(ELF_MAGIC)
+        assert list(failed) == [broken.key]
+        assert isinstance(failed[broken.key], MoetrtError) and "neither a type nor a value" in str(
+            failed[broken.key]
+        )
 
 
 def test_ptx_entry_parser() -> None:

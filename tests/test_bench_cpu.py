@@ -110,6 +110,25 @@ def test_floor_is_the_larger_bound() -> None:
     assert floors.pct_of_floor(50.0, 200.0) == pytest.approx(25.0)
 
 
+def test_format_entries_of_the_quantized_benchmarks() -> None:
+    """quantized_bench and routed_probe name formats alike: a weight format at its default block, +a8 for fp8
+    activations; both scripts load with the helper (--help)."""
+    from moetrt.op.presets import PRESETS
+
+    base = PRESETS["qwen3_next"]
+    assert workloads.with_weight_format(base, "native") == base
+    int4 = workloads.with_weight_format(base, "int4")
+    assert (int4.weight_format, int4.weight_block, int4.has_fp8_activations) == ("int4", 128, False)
+    a8 = workloads.with_weight_format(base, "fp8_block+a8")
+    assert (a8.weight_format, a8.weight_block, a8.has_fp8_activations) == ("fp8_block", 128, True)
+    for script in ("quantized_bench.py", "routed_probe.py"):
+        done = subprocess.run(
+            [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        )  # fmt: skip
+        assert done.returncode == 0 and "usage" in done.stdout, done.stderr
+
+
 def test_distinct_experts_counted_from_routing() -> None:
     # Router = 10 x identity: each token picks the expert of its one-hot direction.
     attrs = MoEAttributes(4, 1, 4, 2)

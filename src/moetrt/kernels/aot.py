@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,8 +242,35 @@ def ptx_entry_params(ptx: str) -> list[str]:
     return re.findall(r"\.param\s+\.(\w+)", decl)
 
 
-def _compile_job(job: tuple[plan.Variant, str, int]) -> CompiledKernel:
-    return compile_variant(*job)
+def compile_variants(
+    variants: Iterable[plan.Variant], dtype: str, sm: int, workers: int = 1
+) -> tuple[dict[str, CompiledKernel], dict[str, Exception]]:
+    """Compile each variant once (by key): (compiled kernels, the exception of each variant that did not
+    compile), by key. workers > 1 compiles in that many forked processes (Triton's compiler is
+    single-threaded)."""
+    todo = {v.key: v for v in variants}
+    compiled: dict[str, CompiledKernel] = {}
+    failed: dict[str, Exception] = {}
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(
+            min(workers, len(todo)), mp_context=multiprocessing.get_context("fork")
+        ) as pool:
+            futures = {key: pool.submit(compile_variant, v, dtype, sm) for key, v in todo.items()}
+            for key, fut in futures.items():
+                try:
+                    compiled[key] = fut.result()
+                except Exception as err:
+                    failed[key] = err
+    else:
+        for key, v in todo.items():
+            try:
+                compiled[key] = compile_variant(v, dtype, sm)
+            except Exception as err:
+                failed[key] = err
+    return compiled, failed
 
 
 def compile_kernels(
@@ -309,18 +336,12 @@ def compile_kernels(
         per_bucket[bound] = (cfg, variants)
         todo.update({v.key: v for v in variants.values()})
     cache = {} if cache is None else cache
-    jobs = [(variant, dtype, sm) for variant in todo.values() if variant.key not in cache]
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(
-            min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")
-        ) as pool:
-            compiled = list(pool.map(_compile_job, jobs))
-    else:
-        compiled = [_compile_job(job) for job in jobs]
-    cache.update({kernel.key: kernel for kernel in compiled})
+    compiled, failed = compile_variants(
+        (variant for variant in todo.values() if variant.key not in cache), dtype, sm, workers
+    )
+    if failed:
+        raise next(iter(failed.values()))
+    cache.update(compiled)
     bundle.kernels = {key: cache[key] for key in todo}
     for bound, (cfg, variants) in per_bucket.items():
         bundle.buckets[plan.bucket_name(bound)] = {

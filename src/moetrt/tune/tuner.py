@@ -190,21 +190,11 @@ def tune_gpu(
             for v in plan.bucket_variants(attrs, dtype, bucket(t), cfg).values():
                 if v.key not in cache and v.key not in broken:
                     todo[v.key] = v
-        if not todo:
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(
-            min(workers, len(todo)), mp_context=multiprocessing.get_context("fork")
-        ) as pool:
-            futures = {key: pool.submit(aot.compile_variant, v, dtype, sm) for key, v in todo.items()}
-            for key, fut in futures.items():
-                try:
-                    cache[key] = fut.result()
-                except Exception as err:
-                    broken.add(key)
-                    log(f"  variant {key} does not compile: {err!r}")
+        compiled, failed = aot.compile_variants(todo.values(), dtype, sm, workers)
+        cache.update(compiled)
+        for key, err in failed.items():
+            broken.add(key)
+            log(f"  variant {key} does not compile: {err!r}")
 
     references: dict[int, tuple[dict[str, Any], Any]] = {}
 
