@@ -129,6 +129,20 @@ def test_format_entries_of_the_quantized_benchmarks() -> None:
         assert done.returncode == 0 and "usage" in done.stdout, done.stderr
 
 
+def test_gemv_probe_kernels_match_their_reference_in_the_interpreter() -> None:
+    """bench/gemv_probe.py's CUDA-core GEMV kernels (every weight format, both down forms) against its float32
+    reference under the CPU interpreter; the script exits non-zero when a variant fails."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gemv_probe.py"), "--shapes", "tiny", "--quick"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert {r["format"] for r in rows} == {"native", "fp8_block", "int4", "mxfp4"}
+    assert len(rows) == 8 and all(0 < r["rel_err"] <= 1e-2 and r["ok"] for r in rows)
+
+
 def test_distinct_experts_counted_from_routing() -> None:
     # Router = 10 x identity: each token picks the expert of its one-hot direction.
     attrs = MoEAttributes(4, 1, 4, 2)

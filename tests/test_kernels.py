@@ -74,7 +74,8 @@ VARIANTS: dict[str, MoEAttributes] = {
 # four ways over H (`gate_up.SK`: partial sums, the tile's last program applies the activation), "routed" the
 # routed path (routing, gate_up and down in one launch after the router; H-tile units wait for the token's
 # gate_up units) with the gemv and fused switches also on, which it overrides, "routed+fused" its form with the
-# down products added by the gate_up units (fp32 atomics, the last unit casts).
+# down products added by the gate_up units (fp32 atomics, the last unit casts), "wide" the sorted decode path
+# with 64-row expert blocks (configs.WIDE_DECODE_GATE_UP: few experts, many tokens each).
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
@@ -138,6 +139,9 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("fp8_shared_gated", "bfloat16", 2, "splitk"),
     ("int4_zero_swiglu_biases", "float32", 9, "splitk"),
     ("mxfp4_sigmoid_grouped", "bfloat16", 1, "splitk"),
+    ("softmax_renorm", "float32", 37, "wide"),
+    ("shared_gated_logits", "bfloat16", 5, "wide"),
+    ("int4_zero_swiglu_biases", "float16", 13, "wide"),
     ("softmax_renorm", "float32", 1, "routed"),
     ("shared_gated_logits", "bfloat16", 13, "routed"),
     ("sigmoid_grouped_bias_scaled", "float32", 9, "routed"),
@@ -248,6 +252,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "splitk",
                 "routed",
                 "routed+fused",
+                "wide",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -266,6 +271,10 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                          "BKD": bk}
                     )  # fmt: skip
                     config["gemv"]["enabled"] = config["fused"]["enabled"] = 1
+                elif bucket == "wide":  # 64-row blocks on the sorted decode path
+                    config["gemv"]["enabled"] = 0
+                    bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
+                    config["gate_up"].update({"BM": 64, "BN": 32, "BK": bk})
                 elif bucket == "sorted":
                     config["gemv"]["enabled"] = 0
                 elif bucket == "splitk":  # programs per gate_up tile over H, one tile of H each

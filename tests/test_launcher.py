@@ -221,6 +221,23 @@ def test_quantized_tiles_narrow_to_one_scale_group_alike() -> None:
         assert {c["BK"] for c in unfused} | {c["BKD"] for c in unfused} == candidate_tiles
 
 
+def test_wide_decode_blocks_only_for_few_experts() -> None:
+    """Decode candidates with 32- and 64-row expert blocks where an expert averages a full 16-row block at the
+    bucket's largest T (Mixtral's T <= 64 bucket), and nowhere else (they would only cost tuning time)."""
+    from moetrt.op.presets import PRESETS
+
+    mixtral, qwen = PRESETS["mixtral"], PRESETS["qwen3_next"]
+    assert tuning.wide_decode_blocks(mixtral, 64)
+    assert not tuning.wide_decode_blocks(mixtral, 16) and not tuning.wide_decode_blocks(mixtral, 512)
+    assert not any(tuning.wide_decode_blocks(qwen, bound) for bound in plan.BUCKETS)
+
+    def block_rows(attrs: MoEAttributes, bound: int) -> set[int]:
+        return {c["gate_up"]["BM"] for c in tuning.candidate_configs(attrs, "bfloat16", bound)}
+
+    assert block_rows(mixtral, 64) == {16, 32, 64}
+    assert block_rows(mixtral, 16) == block_rows(qwen, 64) == {16}
+
+
 def test_pdl_flag_reaches_every_launch() -> None:
     cfg = tuning.default_config(FULL, "float16", None)
     assert not any(

@@ -73,10 +73,10 @@ def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
     _assert_same_plans(planning_bundle(attrs, dtype), attrs)
 
 
-@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split", "routed"])
+@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split", "routed", "wide"])
 def test_native_plan_follows_the_config(path: str) -> None:
-    """The expert-group path, the fused decode path, PDL, split gate_up and the routed path, as a tuned table
-    selects them."""
+    """The expert-group path, the fused decode path, PDL, split gate_up, the routed path and 64-row decode
+    blocks, as a tuned table selects them."""
     attrs = FULL
     configs = {}
     for bound in plan.BUCKETS:
@@ -88,6 +88,9 @@ def test_native_plan_follows_the_config(path: str) -> None:
         elif path == "split":
             cfg["gemv"]["enabled"] = 0
             cfg["gate_up"]["SK"] = 4
+        elif path == "wide":  # 64-row expert blocks at decode (configs.WIDE_DECODE_GATE_UP)
+            cfg["gemv"]["enabled"] = 0
+            cfg["gate_up"]["BM"] = 64
         elif path == "routed":  # with the other switches on: the routed path takes precedence
             cfg["routed"]["enabled"] = 1
             cfg["gemv"]["enabled"] = 1
@@ -104,6 +107,7 @@ def test_native_plan_follows_the_config(path: str) -> None:
         "pdl": ["router", "topk", "gate_up", "down_rows"],
         "split": ["router", "topk", "gate_up", "down_rows"],
         "routed": ["router", "routed_experts"],
+        "wide": ["router", "topk", "gate_up", "down_rows"],
     }[path]
     assert stages == expected
     if path == "split":  # decode buckets split (four programs per tile), prefill ones do not

@@ -34,6 +34,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 GEMV_DEFAULT_MAX = 0
 # Splits of gate_up's reduction the tuner tries at decode (`gate_up.SK`; 1, the default, does not split)
 SPLIT_K_OPTIONS = (2, 4)
+# Decode tiles of more than 16 rows per expert block (gate_up BM, BN, BK, warps, stages), tried where an expert
+# averages a full 16-row block at the bucket's largest T (`wide_decode_blocks`)
+WIDE_DECODE_GATE_UP = ((32, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3))
 
 
 def shape_key(attrs: MoEAttributes) -> str:
@@ -66,6 +69,14 @@ def scale_group_tile(attrs: MoEAttributes) -> int:
         return 0
     tile = attrs.weight_block & -attrs.weight_block
     return tile if tile >= (16 if attrs.weight_format == FP8_BLOCK else 32) else 0
+
+
+def wide_decode_blocks(attrs: MoEAttributes, bound: int | None) -> bool:
+    """Whether the tuner tries decode blocks wider than 16 rows: few experts, so that at the bucket's largest
+    T an expert averages a full 16-row block (Mixtral at T = 64: 16 slots per expert on average, about half
+    of the experts past 16 rows). A 16-row block table then gives such an expert two blocks or more, and each block streams
+    the expert's whole weights again."""
+    return is_decode(bound) and bound is not None and bound * attrs.top_k >= 16 * attrs.num_experts
 
 
 def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[str, Any]:
@@ -258,6 +269,8 @@ def candidate_configs(
         if attrs.is_quantized:  # decoding costs instructions: more warps per tile; mxfp4's 32-wide groups
             gate_up_opts += [(16, 64, 128, 8, 3), (16, 32, 64, 4, 4), (16, 32, 32, 4, 4), (16, 64, 32, 4, 4)]
             down_opts += [(32, 64, 4, 4), (64, 64, 8, 3), (64, 32, 4, 4)]
+        if wide_decode_blocks(attrs, bound):
+            gate_up_opts += list(WIDE_DECODE_GATE_UP)
     else:
         gate_up_opts = [
             (64, 64, 64, 4, 3),
