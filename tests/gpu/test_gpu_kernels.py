@@ -222,6 +222,31 @@ def test_routed_path_matches_reference(weights: str, fused: int, dtype: torch.dt
             _assert_matches_reference(got, inputs, attrs, dtype, f"{weights} routed T={num_tokens}")
 
 
+@pytest.mark.parametrize("block_rows", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_wide_decode_blocks_match_reference(block_rows: int, dtype: torch.dtype) -> None:
+    """Decode buckets with 32- or 64-row expert blocks (configs.WIDE_DECODE_GATE_UP: few experts, many tokens
+    each) through the launcher: random routing, and skewed routing that puts more rows on one expert than a
+    block holds, with PDL on SM90+, against the oracle."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+
+    attrs = like("mixtral", 8, 2, 256, 512)
+    name = kernel_name_of(dtype)
+    configs = {}
+    for bound in (16, 64):
+        cfg = tuning.default_config(attrs, name, bound)
+        cfg["gate_up"].update({"BM": block_rows, "BN": 64, "BK": 64 if dtype == torch.float32 else 128})
+        cfg["pdl"] = {"enabled": int(torch.cuda.get_device_capability()[0] >= 9)}
+        configs[bound] = cfg
+    bundle = compile_kernels(attrs, name, current_sm(), buckets=(16, 64), configs=configs, workers=8)
+    for num_tokens, skew in ((9, 0.0), (40, 0.0), (64, 0.0), (64, 8.0), (33, 8.0)):
+        inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens, skew=skew)
+        got = moe_forward(inputs, attrs, bundle, outputs=_poisoned_outputs(attrs, num_tokens, dtype))
+        _assert_matches_reference(got, inputs, attrs, dtype, f"BM {block_rows} T={num_tokens} skew={skew}")
+
+
 @pytest.mark.parametrize(
     ("weight_format", "block", "zero"),
     [
