@@ -75,7 +75,8 @@ VARIANTS: dict[str, MoEAttributes] = {
 # routed path (routing, gate_up and down in one launch after the router; H-tile units wait for the token's
 # gate_up units) with the gemv and fused switches also on, which it overrides, "routed+fused" its form with the
 # down products added by the gate_up units (fp32 atomics, the last unit casts), "wide" the sorted decode path
-# with 64-row expert blocks (configs.WIDE_DECODE_GATE_UP: few experts, many tokens each).
+# with 64-row expert blocks (configs.WIDE_DECODE_GATE_UP: few experts, many tokens each), "+splitk" with
+# gate_up split two ways over H as well (the tuner pairs them).
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
@@ -142,6 +143,8 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("softmax_renorm", "float32", 37, "wide"),
     ("shared_gated_logits", "bfloat16", 5, "wide"),
     ("int4_zero_swiglu_biases", "float16", 13, "wide"),
+    ("int4_zero_swiglu_biases", "bfloat16", 20, "wide+splitk"),
+    ("shared_gated_logits", "float16", 9, "wide+splitk"),
     ("softmax_renorm", "float32", 1, "routed"),
     ("shared_gated_logits", "bfloat16", 13, "routed"),
     ("sigmoid_grouped_bias_scaled", "float32", 9, "routed"),
@@ -253,6 +256,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "routed",
                 "routed+fused",
                 "wide",
+                "wide+splitk",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -271,10 +275,11 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                          "BKD": bk}
                     )  # fmt: skip
                     config["gemv"]["enabled"] = config["fused"]["enabled"] = 1
-                elif bucket == "wide":  # 64-row blocks on the sorted decode path
+                elif bucket.startswith("wide"):  # 64-row blocks on the sorted decode path (+ split gate_up)
                     config["gemv"]["enabled"] = 0
                     bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
                     config["gate_up"].update({"BM": 64, "BN": 32, "BK": bk})
+                    config["gate_up"]["SK"] = 2 if bucket == "wide+splitk" else 1
                 elif bucket == "sorted":
                     config["gemv"]["enabled"] = 0
                 elif bucket == "splitk":  # programs per gate_up tile over H, one tile of H each
