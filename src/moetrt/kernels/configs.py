@@ -74,8 +74,8 @@ def scale_group_tile(attrs: MoEAttributes) -> int:
 def wide_decode_blocks(attrs: MoEAttributes, bound: int | None) -> bool:
     """Whether the tuner tries decode blocks wider than 16 rows: few experts, so that at the bucket's largest
     T an expert averages a full 16-row block (Mixtral at T = 64: 16 slots per expert on average, about half
-    of the experts past 16 rows). A 16-row block table then gives such an expert two blocks or more, and each block streams
-    the expert's whole weights again."""
+    of the experts past 16 rows). A 16-row block table then gives such an expert two blocks or more, and
+    each block streams the expert's whole weights again."""
     return is_decode(bound) and bound is not None and bound * attrs.top_k >= 16 * attrs.num_experts
 
 
