@@ -29,6 +29,7 @@ from moetrt.kernels.triton_common import (
     INT_MAGIC_VALUE,
     e2m1_unscaled,
     e8m0_value,
+    expert_tables,
     int_plus_magic,
 )
 
@@ -47,8 +48,8 @@ def _nibble(word, i: tl.constexpr, off, WFMT: tl.constexpr):
 
 @triton.jit
 def _row_products(
-    w_ptr, s_ptr, z_ptr, v_ptr, rows, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    WFMT: tl.constexpr, WB: tl.constexpr, HAS_ZERO: tl.constexpr,
+    w_ptr, s_ptr, z_ptr, v_ptr, rows, C: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, WFMT: tl.constexpr,
+    WB: tl.constexpr, HAS_ZERO: tl.constexpr,
 ):  # fmt: skip
     """[BR] float32: sum_k W[rows, k] * v[k] of one expert's table ([R, C], native or quantized codes)."""
     if WFMT == 0:
@@ -113,6 +114,32 @@ def _row_products(
 
 
 @triton.jit
+def _expert_products(
+    w_ptr, s_ptr, z_ptr, v_ptr, e, rows, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    WFMT: tl.constexpr, WB: tl.constexpr, HAS_ZERO: tl.constexpr,
+):  # fmt: skip
+    """`_row_products` of expert e in the op's stacked tables ([E, R, C]): native weights, or quantized codes
+    whose scales and zero points `triton_common.expert_tables` locates."""
+    if WFMT == 0:
+        w, s, z = w_ptr + e * (R * C), s_ptr, z_ptr
+    else:
+        w, s, z = expert_tables(w_ptr, s_ptr, z_ptr, e, R, C, WFMT, WB)
+    return _row_products(w, s, z, v_ptr, rows, C, BR, BK, WFMT, WB, HAS_ZERO)
+
+
+@triton.jit
+def _weighted_slot(
+    act_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, z_ptr, j, h, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
+    BH: tl.constexpr, BK: tl.constexpr, WFMT: tl.constexpr, WB: tl.constexpr, HAS_ZERO: tl.constexpr,
+):  # fmt: skip
+    """Slot j's down product over the H rows h, times its routing weight."""
+    e = tl.load(ids_ptr + j).to(tl.int64)
+    return tl.load(wts_ptr + j) * _expert_products(
+        w_ptr, s_ptr, z_ptr, act_ptr + j * I, e, h, H, I, BH, BK, WFMT, WB, HAS_ZERO
+    )
+
+
+@triton.jit
 def gate_up_kernel(
     x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, act_ptr, H: tl.constexpr, I: tl.constexpr, K: tl.constexpr,  # noqa: E741
     BN: tl.constexpr, BK: tl.constexpr, WFMT: tl.constexpr, WB: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -128,14 +155,9 @@ def gate_up_kernel(
     rows = tl.where(r < BN, n0 + r, I + n0 + r - BN)
     if slot < K:
         e = tl.load(ids_ptr + slot).to(tl.int64)
-        CC: tl.constexpr = H if WFMT <= 1 else H // 2
-        SC: tl.constexpr = ((2 * I + WB - 1) // WB) * ((H + WB - 1) // WB) if WFMT == 1 else 2 * I * (H // WB)
-        y = _row_products(
-            w_ptr + e * (2 * I * CC), s_ptr + e * SC, z_ptr + e * (2 * I * (H // WB)), x_ptr, rows, 2 * I, H,
-            2 * BN, BK, WFMT, WB, HAS_ZERO,
-        )  # fmt: skip
+        y = _expert_products(w_ptr, s_ptr, z_ptr, x_ptr, e, rows, 2 * I, H, 2 * BN, BK, WFMT, WB, HAS_ZERO)
     else:
-        y = _row_products(ws_ptr, ws_ptr, ws_ptr, x_ptr, rows, 2 * I, H, 2 * BN, BK, 0, 1, 0)
+        y = _row_products(ws_ptr, ws_ptr, ws_ptr, x_ptr, rows, H, 2 * BN, BK, 0, 1, 0)
     y2 = tl.reshape(y, (2, BN))
     which = tl.arange(0, 2)[:, None]
     g = tl.sum(tl.where(which == 0, y2, 0.0), axis=0)
@@ -153,27 +175,19 @@ def down_kernel(
     """Program (H tile): out[h] = sum_j w_j W_down[e_j][h] act_j (+ the shared expert's), slot order.
     UNROLL: the slots unrolled, so every slot's loads can be in flight together."""
     h = tl.program_id(0) * BH + tl.arange(0, BH)
-    CC: tl.constexpr = I if WFMT <= 1 else I // 2
-    SC: tl.constexpr = ((H + WB - 1) // WB) * ((I + WB - 1) // WB) if WFMT == 1 else H * (I // WB)
     y = tl.zeros((BH,), dtype=tl.float32)
     if UNROLL:
         for j in tl.static_range(K):
-            e = tl.load(ids_ptr + j).to(tl.int64)
-            wt = tl.load(wts_ptr + j)
-            y += wt * _row_products(
-                w_ptr + e * (H * CC), s_ptr + e * SC, z_ptr + e * (H * (I // WB)), act_ptr + j * I, h, H, I, BH,
-                BK, WFMT, WB, HAS_ZERO,
-            )  # fmt: skip
+            y += _weighted_slot(
+                act_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, z_ptr, j, h, H, I, BH, BK, WFMT, WB, HAS_ZERO
+            )
     else:
         for j in range(K):
-            e = tl.load(ids_ptr + j).to(tl.int64)
-            wt = tl.load(wts_ptr + j)
-            y += wt * _row_products(
-                w_ptr + e * (H * CC), s_ptr + e * SC, z_ptr + e * (H * (I // WB)), act_ptr + j * I, h, H, I, BH,
-                BK, WFMT, WB, HAS_ZERO,
-            )  # fmt: skip
+            y += _weighted_slot(
+                act_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, z_ptr, j, h, H, I, BH, BK, WFMT, WB, HAS_ZERO
+            )
     if HAS_SHARED:
-        y += _row_products(ws_ptr, ws_ptr, ws_ptr, act_ptr + K * I, h, H, I, BH, BK, 0, 1, 0)
+        y += _row_products(ws_ptr, ws_ptr, ws_ptr, act_ptr + K * I, h, I, BH, BK, 0, 1, 0)
     tl.store(out_ptr + h, y.to(out_ptr.dtype.element_ty))
 
 
