@@ -262,6 +262,8 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 from moetrt.kernels.plan import bucket_of
 
                 config = default_config(attrs, dtype, bucket_of(t))
+                # the narrowest reduction tile the cases use: 4-bit tiles hold at least 32 codes
+                bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
                 if bucket == "split":
                     config["router"].update({"SPLIT": 3, "BK": 16})
                 elif bucket.startswith("gemv"):
@@ -269,7 +271,6 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     # a table entry may keep the fused kernel's switch on: the group path wins
                     config["fused"]["enabled"] = int(bucket == "gemv+fused")
                 elif bucket.startswith("routed"):
-                    bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
                     config["routed"].update(
                         {"enabled": 1, "fused": int(bucket == "routed+fused"), "BN": 16, "BK": bk, "BH": 16,
                          "BKD": bk}
@@ -277,17 +278,14 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     config["gemv"]["enabled"] = config["fused"]["enabled"] = 1
                 elif bucket.startswith("wide"):  # 64-row blocks on the sorted decode path (+ split gate_up)
                     config["gemv"]["enabled"] = 0
-                    bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
                     config["gate_up"].update({"BM": 64, "BN": 32, "BK": bk})
                     config["gate_up"]["SK"] = 2 if bucket == "wide+splitk" else 1
                 elif bucket == "sorted":
                     config["gemv"]["enabled"] = 0
                 elif bucket == "splitk":  # programs per gate_up tile over H, one tile of H each
                     config["gemv"]["enabled"] = 0
-                    bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
                     config["gate_up"].update({"SK": min(4, attrs.hidden_size // bk), "BK": bk})
-                elif bucket.startswith("scaled"):
-                    bk = 16 if attrs.weight_format == "fp8_block" else 32
+                elif bucket.startswith("scaled"):  # quantized cases only: bk is one scale group's width
                     config["gate_up"]["BK"] = config["down"]["BK"] = bk
                     config["dequant"]["fp8_cvt"] = int(bucket == "scaled+cvt")
                 elif bucket == "perweight":  # tiles across groups, and tiles inside one by the switch
