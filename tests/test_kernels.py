@@ -55,6 +55,12 @@ VARIANTS: dict[str, MoEAttributes] = {
         12, 3, 64, 64, norm_topk_prob=True, shared_intermediate_size=32, has_shared_gate=True,
         weight_format="fp8_block", weight_block=32, activation_format="fp8_block", has_expert_bias=True,
     ),
+    # reduction and N not multiples of the block (96 = 64 + a short block): gate_up's up rows start inside a
+    # weight block (scales per row), the last activation block is short
+    "fp8_activations_ragged": MoEAttributes(
+        8, 2, 64, 96, shared_intermediate_size=32, weight_format="fp8_block", weight_block=64,
+        activation_format="fp8_block",
+    ),
     "mxfp4_sigmoid_grouped": like(
         "deepseek_v3", 16, 4, 64, 32, n_group=4, topk_group=2, shared_intermediate_size=0,
         weight_format="mxfp4", weight_block=32,
@@ -134,6 +140,8 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("fp8_activations", "bfloat16", 13, "auto"),
     ("fp8_activations", "float16", 70, "auto"),
     ("fp8_activations", "bfloat16", 2, "splitk"),
+    ("fp8_activations_ragged", "bfloat16", 5, "auto"),
+    ("fp8_activations_ragged", "float16", 70, "auto"),
     ("shared_gated_logits", "float32", 1, "splitk"),
     ("swiglu_clamped_biases", "bfloat16", 13, "splitk"),
     ("sigmoid_grouped_bias_scaled", "float16", 40, "splitk"),

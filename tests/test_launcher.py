@@ -193,6 +193,36 @@ def test_routed_fused_form_is_off_with_fp8_activations() -> None:
     assert all(not c["routed"]["fused"] for c in tuning.routed_candidates(attrs, cfg, "bfloat16"))
 
 
+def test_fp8_activations_are_quantized_once_on_the_sorted_path() -> None:
+    """fp8 activations on the sorted path: the router kernel quantizes x (ACT_FP8, one weight block per scale)
+    and gate_up's N tile is one weight block, whatever the config says, so it quantizes whole blocks of its
+    activation; on the routed path the router does not (the routed kernel quantizes in registers)."""
+    attrs = MoEAttributes(
+        8, 2, 256, 256, weight_format="fp8_block", weight_block=128, activation_format="fp8_block"
+    )
+    for bound in (1, 64, None):
+        cfg = tuning.default_config(attrs, "bfloat16", bound)
+        cfg["gate_up"]["BN"] = 32
+        variants = plan.bucket_variants(attrs, "bfloat16", bound, cfg)
+        router = dict(variants["router"].constexprs)
+        gate_up = dict(variants["gate_up"].constexprs)
+        # 2 weight blocks of H over the router's SPLIT slices: one column of quantizing programs, or two
+        assert (router["ACT_FP8"], router["WB"]) == (1, 128)
+        assert router["QCOLS"] == plan.cdiv(2, cfg["router"]["SPLIT"]) >= 1
+        assert (gate_up["ACT_FP8"], gate_up["BN"], gate_up["BK"]) == (1, 128, 128)
+        assert dict(variants["down_rows"].constexprs)["ACT_FP8"] == 1
+    cfg = tuning.default_config(attrs, "bfloat16", 1)
+    cfg["routed"]["enabled"] = 1
+    assert dict(plan.bucket_variants(attrs, "bfloat16", 1, cfg)["router"].constexprs)["ACT_FP8"] == 0
+    native = MoEAttributes(8, 2, 256, 256)
+    router = dict(
+        plan.bucket_variants(native, "bfloat16", None, tuning.default_config(native, "bfloat16", None))[
+            "router"
+        ].constexprs
+    )
+    assert router["ACT_FP8"] == 0 and router["QCOLS"] == 0
+
+
 def test_routed_fused_form_needs_wide_4bit_slices() -> None:
     """4-bit down slices narrower than 32 codes are not run in the fused form (wrong on the H200)."""
     attrs = MoEAttributes(8, 2, 256, 256, weight_format="int4", weight_block=128)

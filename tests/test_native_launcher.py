@@ -126,6 +126,28 @@ def test_native_plan_follows_the_config(path: str) -> None:
         assert all(op["pdl"] for op in NativeBundle(bundle.to_bytes()).plan(700)["launches"])
 
 
+def test_native_plan_of_fp8_activations() -> None:
+    """fp8 activations: both planners lay out the e4m3 copies of x and of the routed activations (the router
+    and gate_up kernels write them) on the sorted path, and none on the routed path (it quantizes in
+    registers)."""
+    attrs = MoEAttributes(
+        8, 2, 256, 128, weight_format=FP8_BLOCK, weight_block=128, activation_format=FP8_BLOCK,
+        shared_intermediate_size=64,
+    )  # fmt: skip
+    routed = tuning.default_config(attrs, "bfloat16", 16)
+    routed["routed"]["enabled"] = 1
+    bundle = planning_bundle(attrs, "bfloat16", configs={16: routed})
+    _assert_same_plans(bundle, attrs)
+    native = NativeBundle(bundle.to_bytes())
+    for t in (1, 700):  # T = 1 bucket and prefill: sorted path
+        _, layout = plan_from_native(native.plan(t))
+        rows = t * 2 + t
+        assert layout["xq"].nbytes == t * 256 and layout["xs"].nbytes == 4 * t * 2
+        assert layout["actq"].nbytes == rows * 128 and layout["acts"].nbytes == 4 * rows
+    _, layout = plan_from_native(native.plan(5))  # the T <= 16 bucket takes the routed path
+    assert all(layout[name].nbytes == 0 for name in ("xq", "xs", "actq", "acts"))
+
+
 def test_native_plan_of_the_shipped_sm90_table() -> None:
     """Qwen3-Next's tuned H200 configs (their T = 1 bucket and tile choices) plan alike in both planners."""
     attrs = ATTRS["qwen3_next"]
@@ -210,7 +232,7 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         (lambda d: d[:40], "truncated"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
-        (lambda d: _with_header({**_header(d)[0], "version": 4}, _header(d)[1]), "version 4 is not 5"),
+        (lambda d: _with_header({**_header(d)[0], "version": 5}, _header(d)[1]), "version 5 is not 6"),
         (
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',

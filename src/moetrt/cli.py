@@ -75,7 +75,8 @@ def _weights_options(what_follows: str) -> Callable[[Any], Any]:
             help="With --weights fp8: fp8 quantizes the routed experts' inputs too (e4m3, one scale per token "
             "and 128-wide block, amax / 448), so both expert GEMMs multiply fp8 x fp8 on the tensor cores of SM "
             "8.9 and later; the op's result then includes that rounding (parity compares with a reference that "
-            "rounds alike).",
+            "rounds alike). Measured on an H200: 1.1-1.7x bf16 at every token count, where weight-only fp8 is "
+            "0.5-1.4x (slower at prefill).",
         )(command)
         command = click.option(
             "--int4-zero-point", is_flag=True, help="int4 with zero points (asymmetric groups)."

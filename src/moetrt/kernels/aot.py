@@ -26,8 +26,9 @@ SUPPORTED_SMS = (80, 86, 87, 89, 90, 100, 120)
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 BUNDLE_MAGIC = b"MOETRTKB"
 # 3: parameter sources and the op's I/O in the header; 4: split gate_up (gu_part, gu_tickets); 5: the routed
-# path (routed_experts, the units counters)
-BUNDLE_VERSION = 5
+# path (routed_experts, the units counters); 6: fp8 activations quantized once (xq, xs, actq, acts; the router
+# kernel's quantizing columns)
+BUNDLE_VERSION = 6
 
 
 @dataclass(frozen=True)

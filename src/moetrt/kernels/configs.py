@@ -24,6 +24,7 @@ from moetrt.kernels.plan import (
     ROUTED_MAX_TOKENS,
     bucket_name,
     expert_tile_k,
+    gate_up_tile_n,
     is_decode,
 )
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
@@ -251,7 +252,8 @@ def candidate_configs(
 ) -> list[dict[str, Any]]:
     """A small search space around `base` (default: the default config): the GEMM stages' tiles (router
     kept). Quantized experts: gate_up tiles with base's down tiles, then down tiles with base's gate_up
-    (the two kernels are timed together, and are independent), on the sorted path only."""
+    (the two kernels are timed together, and are independent), on the sorted path only; with fp8
+    activations at prefill every pair of them."""
     base = copy.deepcopy(base or default_config(attrs, dtype, bound))
     out = [base]
     fp32 = dtype == "float32"
@@ -283,7 +285,9 @@ def candidate_configs(
         down_opts = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
     base_gate_up = tuple(base["gate_up"][k] for k in ("BM", "BN", "BK", "num_warps", "num_stages"))
     base_down = tuple(base["down"][k] for k in ("BH", "BK", "num_warps", "num_stages"))
-    if attrs.is_quantized:  # base's tiles as option tuples, each stage varied with the other kept
+    # quantized: base's tiles as option tuples, each stage varied with the other kept; fp8 activations at
+    # prefill pair every option (tiles one weight block wide leave few distinct ones)
+    if attrs.is_quantized and not (attrs.has_fp8_activations and not is_decode(bound)):
         pairs = [(g, base_down) for g in gate_up_opts] + [(base_gate_up, d) for d in down_opts]
     else:
         pairs = [(g, d) for g in gate_up_opts for d in down_opts]
@@ -294,8 +298,8 @@ def candidate_configs(
     for (bm, bn, bk, warps, stages), (bh, dbk, dwarps, dstages), sk in triples:
         if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
             continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
-        # the plan's reduction tiles (one weight block wide with fp8 activations): repeats are left out below
-        bk, dbk = expert_tile_k(attrs, bk), expert_tile_k(attrs, dbk)
+        # the plan's tiles (one weight block wide with fp8 activations): repeats are left out below
+        bn, bk, dbk = gate_up_tile_n(attrs, bn), expert_tile_k(attrs, bk), expert_tile_k(attrs, dbk)
         # scales per weight against scales on the product: a switch of the unsplit tiles
         per_weight_apart = attrs.is_quantized and sk == 1 and not attrs.has_fp8_activations
         pw_opts = (0, 1) if per_weight_apart else (base["dequant"]["per_weight"],)

@@ -55,6 +55,7 @@ _GROUP_TABLE: tuple[tuple[str, str], ...] = (
 #   x: pointer to the op's dtype · f32 / i32: pointer to that type · T: the token count (i32 scalar)
 #   w / s / z: expert weight codes, their scales, their zero points: the op's dtype when the experts are native,
 #   else uint8 codes, float32 scales (uint8 e8m0 for mxfp4) and uint8 zero points (`param_types`)
+#   q: e4m3 codes (fp8 activations, quantized once per call) as uint8
 #   int: a host-computed i32 (loop trip counts, program counts), given per launch in Launch.args
 KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "router": (
@@ -64,6 +65,8 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("logits_ws_ptr", "f32"),
         ("gate_part_ptr", "f32"),
         ("zero_ptr", "i32"),
+        ("xq_ptr", "q"),
+        ("xs_ptr", "f32"),
         ("T", "T"),
         ("zero_words", "int"),
     ),
@@ -104,6 +107,10 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("w_gu_zero_ptr", "z"),
         ("gu_part_ptr", "f32"),
         ("gu_tickets_ptr", "i32"),
+        ("xq_ptr", "q"),
+        ("xs_ptr", "f32"),
+        ("actq_ptr", "q"),
+        ("acts_ptr", "f32"),
         *_BLOCK_TABLE,
         ("T", "T"),
     ),
@@ -119,6 +126,8 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("htickets_ptr", "i32"),
         ("w_down_scale_ptr", "s"),
         ("w_down_zero_ptr", "z"),
+        ("actq_ptr", "q"),
+        ("acts_ptr", "f32"),
         *_BLOCK_TABLE,
         ("T", "T"),
     ),
@@ -248,6 +257,10 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "block_row0_ptr": ("ws", "block_row0"),
     "sorted_slot_ptr": ("ws", "sorted_slot"),
     "act_ptr": ("ws", "act"),
+    "xq_ptr": ("ws", "xq"),
+    "xs_ptr": ("ws", "xs"),
+    "actq_ptr": ("ws", "actq"),
+    "acts_ptr": ("ws", "acts"),
     "yw_ptr": ("ws", "yw"),
     "acc_ptr": ("ws", "acc"),
     "ngroups_ptr": ("ws", "ngroups"),
@@ -350,6 +363,31 @@ def expert_tile_k(attrs: MoEAttributes, bk: int) -> int:
     return attrs.weight_block if attrs.has_fp8_activations else bk
 
 
+def gate_up_tile_n(attrs: MoEAttributes, bn: int) -> int:
+    """gate_up's N tile: the config's, or with fp8 activations exactly one weight block, so that each program
+    quantizes whole blocks of its activation rows for the down GEMM (triton_moe.gate_up_kernel)."""
+    return attrs.weight_block if attrs.has_fp8_activations else bn
+
+
+def quantizes_x_once(attrs: MoEAttributes, cfg: dict[str, Any], bound: int | None) -> bool:
+    """Whether the router kernel quantizes x to e4m3 for the expert GEMMs, and gate_up their activation (fp8
+    activations on the sorted path; the routed path quantizes its tiles in registers)."""
+    return attrs.has_fp8_activations and not is_routed(cfg, bound)
+
+
+QUANTIZE_MAX_COLUMNS = 8
+
+
+def quantize_columns(attrs: MoEAttributes, cfg: dict[str, Any], bound: int | None) -> int:
+    """Columns of router programs (grid axis 1, after the expert blocks) that quantize x when
+    `quantizes_x_once`: with the SPLIT slices, about one weight block of a token block each, at most
+    QUANTIZE_MAX_COLUMNS (two blocks each at prefill for H = 2048); none otherwise."""
+    if not quantizes_x_once(attrs, cfg, bound):
+        return 0
+    blocks = cdiv(attrs.hidden_size, attrs.weight_block)
+    return min(QUANTIZE_MAX_COLUMNS, cdiv(blocks, cfg["router"]["SPLIT"]))
+
+
 def gate_up_splits(cfg: dict[str, Any], bound: int | None) -> int:
     """Splits of the reduction (H) per gate_up tile: decode buckets of the sorted path, where one program
     per tile leaves too few weight bytes in flight (config `gate_up.SK`, default 1); 1 elsewhere."""
@@ -377,6 +415,7 @@ def param_types(kernel: str, dtype: str, weight_format: str = NATIVE) -> list[st
         "x": x,
         "f32": "*fp32",
         "i32": "*i32",
+        "q": "*u8",
         "T": "i32",
         "int": "i32",
         "w": "*u8" if quantized else x,
@@ -494,6 +533,9 @@ def _stage_variants(
         "BT": rc["BT"],
         "BE": rc["BE"],
         "BK": rc["BK"],
+        "ACT_FP8": int(quantizes_x_once(attrs, cfg, bound)),
+        "WB": attrs.weight_block if quantizes_x_once(attrs, cfg, bound) else 1,
+        "QCOLS": quantize_columns(attrs, cfg, bound),
     }
     tc = cfg["topk"]
     align = _align_constexprs(attrs, cfg)
@@ -536,7 +578,7 @@ def _stage_variants(
         "HAS_BIAS": int(attrs.has_expert_bias),
         "IEEE": ieee,
         "BM": gc["BM"],
-        "BN": gc["BN"],
+        "BN": gate_up_tile_n(attrs, gc["BN"]),
         "BK": expert_tile_k(attrs, gc["BK"]),
     }
     # the routed experts' weight format (spec.WEIGHT_FORMATS index), its block and zero points
@@ -700,9 +742,12 @@ def workspace_layout(
     tm = gemv_rows(bound) if gemv and bound is not None else 0
     tile_h = cfg["gemv"]["BH"] if gemv else cfg["down"]["BH"]
     splits = gate_up_splits(cfg, bound)
-    gate_up_tiles = max_blocks * cdiv(_nmax(attrs), cfg["gate_up"]["BN"]) if splits > 1 else 0
+    gate_up_tiles = (
+        max_blocks * cdiv(_nmax(attrs), gate_up_tile_n(attrs, cfg["gate_up"]["BN"])) if splits > 1 else 0
+    )
     routed = is_routed(cfg, bound)
     routed_acc = routed and routed_fused(attrs, cfg)
+    xq, block = quantizes_x_once(attrs, cfg, bound), attrs.weight_block
     sizes = [
         ("counts", 4 * (e + 2)),
         ("tickets", 16),  # counts ... acc: one span the router-logits kernel zeroes
@@ -729,6 +774,11 @@ def workspace_layout(
         ("block_row0", 4 * max_blocks),
         ("sorted_slot", 4 * rows),
         ("act", 0 if fused else esize * rows * _nmax(attrs)),
+        # fp8 activations: x and the routed rows' activation as e4m3 codes and block scales (quantizes_x_once)
+        ("xq", t * h if xq else 0),
+        ("xs", 4 * t * cdiv(h, block) if xq else 0),
+        ("actq", rows * attrs.intermediate_size if xq else 0),
+        ("acts", 4 * rows * cdiv(attrs.intermediate_size, block) if xq else 0),
         # split gate_up: fp32 gate | up partial sums per split and row (rows of the shared expert included)
         ("gu_part", 4 * splits * (t * k + t) * 2 * _nmax(attrs) if splits > 1 else 0),
         ("yw", 0 if fused or routed else esize * rows * h),
@@ -799,7 +849,7 @@ def launch_sequence(
         Launch(
             "router",
             variants["router"].key,
-            (cdiv(t, r["BT"]), cdiv(e, r["BE"]), r["SPLIT"]),
+            (cdiv(t, r["BT"]), cdiv(e, r["BE"]) + r["QCOLS"], r["SPLIT"]),
             args_for("router", zero_words=zero_end // 4),
         )
     )

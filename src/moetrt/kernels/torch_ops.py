@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from moetrt.kernels.aot import KernelBundle
     from moetrt.kernels.launcher import MoELauncher
 
-_KIND_DTYPE = {"f32": torch.float32, "i32": torch.int32}
+_KIND_DTYPE = {"f32": torch.float32, "i32": torch.int32, "q": torch.uint8}
 
 
 def check_inputs(

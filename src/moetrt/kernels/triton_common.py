@@ -459,11 +459,16 @@ def expert_tables(
 
 @triton.jit
 def fp8_codes(w_ptr, rows, row_ok, k0, K: tl.constexpr, BK: tl.constexpr):
-    """An fp8 tile [rows, BK] as Triton's e4m3 type, for the fp8 tensor cores (no conversion). `fp8_values`
-    loads its own bytes: below SM 8.9 Triton refuses the e4m3 type even as a bitcast target."""
+    """An fp8 tile [rows, BK] as Triton's e4m3 type, for the fp8 tensor cores (no conversion), loaded through an
+    e4m3 pointer: no bitcast stands between the load and the tensor cores, so the tile can go from the load
+    pipeline's shared memory straight into the MMA. `fp8_values` loads its own bytes: below SM 8.9 Triton
+    refuses the e4m3 type even as a pointer or bitcast target."""
     ks = k0 + tl.arange(0, BK)
-    code = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0)
-    return code.to(tl.float8e4nv, bitcast=True)
+    return tl.load(
+        w_ptr.to(tl.pointer_type(tl.float8e4nv)) + rows[:, None] * K + ks[None, :],
+        mask=row_ok[:, None] & (ks < K)[None, :],
+        other=0.0,
+    )
 
 
 @triton.jit

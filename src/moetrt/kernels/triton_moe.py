@@ -14,6 +14,8 @@ Workspace regions the kernels share (laid out by kernels/plan.py):
     block_expert / block_row0 [MB] i32   one entry per BM-row block of one expert
     sorted_slot[R] i32                   slot of each sorted row; R = T*K (+ T with a shared expert)
     act[R, NMAX]                         gate/up activation per sorted row (input dtype)
+    xq[T, H] / xs[T, H/WB]               fp8 activations: x as e4m3 codes, one f32 scale per row and block
+    actq[R, I] / acts[R, I/WB]           fp8 activations: the routed rows' activation, likewise
     yw[R, H]                             routing-weighted down projection per slot
     units[3 + T] i32                     routed path: unit counter, routing flag, fused ticket, gate_up
                                          tiles done per token (zeroed with the counters)
@@ -237,6 +239,8 @@ def router_logits_kernel(
     logits_ws_ptr,
     gate_part_ptr,
     zero_ptr,
+    xq_ptr,
+    xs_ptr,
     T,
     zero_words,
     E: tl.constexpr,
@@ -247,6 +251,9 @@ def router_logits_kernel(
     BT: tl.constexpr,
     BE: tl.constexpr,
     BK: tl.constexpr,
+    ACT_FP8: tl.constexpr,
+    WB: tl.constexpr,
+    QCOLS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Partial router logits (fp32) of a (token block, expert block, slice of H), and of the shared gate.
@@ -256,6 +263,11 @@ def router_logits_kernel(
     writes logits_ws[s, T, E]; the top-k kernel sums the SPLIT slices in a fixed order (deterministic).
     The programs also zero the counters (and the fused decode path's accumulator) the later stages
     count with (`zero_words` i32 at zero_ptr), so the op needs no memset of its own.
+    ACT_FP8 (fp8 activations): QCOLS more columns of programs (pid 1 from cdiv(E, BE)) quantize their token
+    rows of x per WB-wide block into e4m3 codes xq [T, H] and scales xs [T, cdiv(H, WB)], once per call, for
+    the expert GEMMs (`gate_up_kernel`), beside the logits programs rather than after them (measured on the
+    H200: the first expert block's programs quantizing after their logits added ~40 µs at T = 4096, and
+    dealt out over every program of a token block still 21 µs at Qwen3-30B T = 4096 and 3 µs at T = 1).
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
@@ -277,6 +289,18 @@ def router_logits_kernel(
     HS: tl.constexpr = ((H + SPLIT - 1) // SPLIT + BK - 1) // BK * BK
     rows = pid_t * BT + tl.arange(0, BT)
     row_ok = rows < T
+    NE: tl.constexpr = (E + BE - 1) // BE
+    if ACT_FP8:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
+        if pid_e >= NE:
+            NB: tl.constexpr = (H + WB - 1) // WB
+            for blk in range(pid_s * QCOLS + pid_e - NE, NB, SPLIT * QCOLS):
+                ks = blk * WB + tl.arange(0, WB)
+                k_ok = ks < H
+                xt = tl.load(
+                    x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+                )
+                _store_fp8_rows(xq_ptr, xs_ptr, xt.to(tl.float32), rows, row_ok, ks, k_ok, blk, H, NB)
+            return
     ecols = pid_e * BE + tl.arange(0, BE)
     ecol_ok = ecols < E
     acc = tl.zeros((BT, BE), dtype=tl.float32)
@@ -515,6 +539,84 @@ def scales_on_product(WFMT, WB, BK, PER_WEIGHT):
     return WFMT != 0 and not PER_WEIGHT and WB % BK == 0 and (WFMT == 1 or BK >= 32)
 
 
+@triton.constexpr_function
+def one_block(BN, WB, OFFSET):
+    """Whether every BN-row tile of an fp8 weight lies in one WB-row weight block: tiles start on multiples
+    of BN, and on OFFSET plus those (gate_up's up rows), so BN must divide WB and WB must divide OFFSET."""
+    return int(WB % BN == 0 and OFFSET % WB == 0)
+
+
+@triton.constexpr_function
+def shared_tile_k(BK, ACT_FP8):
+    """The shared expert's reduction tile in kernels that also multiply fp8 activations: their tile is one
+    weight block (128) wide, and a 128-wide tile of the op's dtype for the shared expert's loop would set the
+    kernel's shared memory (measured: 240 KB at 3 stages for gate_up's BM 64, BN 128, past the SM's 227 KB,
+    so the compiler's stages dropped for both loops); 64 keeps the two loops alike."""
+    return min(BK, 64) if ACT_FP8 else BK
+
+
+@triton.jit
+def _fp8_quantize_rows(a):
+    """e4m3 codes of the fp32 tile a [R, B] quantized per row, scale = amax / 448 (op.quant.fp8_activations),
+    and the [R] scales. IEEE divisions, as op.quant.fp8_activations divides: an approximate one could move a
+    code (inputs in bf16 often land exactly on a tie between two e4m3 numbers)."""
+    amax = tl.max(tl.abs(a), axis=1)
+    a_scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_E4M3_MAX), 1.0)
+    return tl.math.div_rn(a, a_scale[:, None]).to(tl.float8e4nv), a_scale
+
+
+@triton.jit
+def _store_fp8_rows(
+    q_ptr, qs_ptr, a, rows, row_ok, cols, col_ok, blk, STRIDE: tl.constexpr, NB: tl.constexpr
+):
+    """Quantize the fp32 tile a [rows, cols] (one block wide) per row and store its codes at
+    q_ptr[rows, cols] (row stride STRIDE) and its scales at qs_ptr[rows, blk] (row stride NB)."""
+    q, scale = _fp8_quantize_rows(tl.where(col_ok[None, :], a, 0.0))
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(q_ptr + rows[:, None] * STRIDE + cols[None, :], q.to(tl.uint8, bitcast=True), mask=mask)
+    tl.store(qs_ptr + rows * NB + blk, scale, mask=row_ok)
+
+
+@triton.jit
+def _fp8_rows(q_ptr, qs_ptr, rows, row_ok, k0, K: tl.constexpr, BK: tl.constexpr):
+    """A tile [rows, BK] of activations quantized once per call (`_store_fp8_rows`: e4m3 codes [R, K], one
+    fp32 scale per row and BK-wide block): the codes as Triton's e4m3 type (`fp8_codes`) and each row's
+    scale."""
+    NB: tl.constexpr = (K + BK - 1) // BK
+    scale = tl.load(qs_ptr + rows * NB + k0 // BK, mask=row_ok, other=1.0)
+    return fp8_codes(q_ptr, rows, row_ok, k0, K, BK), scale
+
+
+@triton.jit
+def _fp8_product(
+    aq,
+    a_scale,
+    w_base,
+    s_base,
+    rows,
+    row_ok,
+    k0,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    WB: tl.constexpr,
+    row0,
+    ONE_BLOCK: tl.constexpr,
+):
+    """aq @ W[rows, k0 : k0 + BK].T on the fp8 tensor cores (e4m3 activations aq [BM, BK] with their row
+    scales, fp8 weight codes of one weight block), scaled per row of aq and per row of W: fp32 [BM, rows].
+    ONE_BLOCK: the rows (from row0) lie in one weight block, so W's scale is one number and the product
+    takes one factor per row (a multiply-add into the accumulator rather than two multiplies and an add,
+    on the path between two tensor-core products)."""
+    w = fp8_codes(w_base, rows, row_ok, k0, K, BK)
+    product = tl.dot(aq, tl.trans(w), out_dtype=tl.float32)
+    if ONE_BLOCK:
+        KS: tl.constexpr = (K + WB - 1) // WB
+        w_scale = tl.load(s_base + (row0 // WB) * KS + k0 // WB)
+        return product * (a_scale * w_scale)[:, None]
+    w_scale = row_scales(s_base, rows, row_ok, k0, K, 1, WB, 1)
+    return product * a_scale[:, None] * w_scale[None, :]
+
+
 @triton.jit
 def _quantized_product(
     a,
@@ -541,15 +643,8 @@ def _quantized_product(
     op.quant.fp8_activations) and multiplied with the codes on the fp8 tensor cores, then scaled per row of
     `a` and per row of W."""
     if ACT_FP8:
-        af = a.to(tl.float32)
-        amax = tl.max(tl.abs(af), axis=1)
-        # IEEE divisions, as op.quant.fp8_activations divides: an approximate one could move a code
-        a_scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_E4M3_MAX), 1.0)
-        aq = tl.math.div_rn(af, a_scale[:, None]).to(tl.float8e4nv)
-        w = fp8_codes(w_base, rows, row_ok, k0, K, BK)
-        product = tl.dot(aq, tl.trans(w), out_dtype=tl.float32)
-        w_scale = row_scales(s_base, rows, row_ok, k0, K, WFMT, WB, 1)
-        return product * a_scale[:, None] * w_scale[None, :]
+        aq, a_scale = _fp8_quantize_rows(a.to(tl.float32))
+        return _fp8_product(aq, a_scale, w_base, s_base, rows, row_ok, k0, K, BK, WB, 0, 0)
     if WFMT == 1:
         w = fp8_values(w_base, rows, row_ok, k0, K, BK, FP8_CVT, OUT)
     else:
@@ -581,45 +676,58 @@ def _gate_up_sums(
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
     ACT_FP8: tl.constexpr,
+    xq_ptr,
+    xs_ptr,
+    XQ: tl.constexpr,
+    n0,
 ):
     """(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 over the KS reduction elements from k_start, for
     BM token rows and the BN columns n of one expert (`w_base`: its [2 * n_cols, H] gate/up weight, or with
     WFMT its quantized codes, scales at s_base and zero points at z_base). Quantized tiles inside one scale
     group are multiplied unscaled and their product scaled per column (`scales_on_product`,
     `triton_common.fp8_values`, `nibble_values`, `row_scales`); others are dequantized per weight
-    (`weight_tile`)."""
+    (`weight_tile`). XQ (fp8 activations, BK = WB): x comes as e4m3 codes at xq_ptr with block scales at
+    xs_ptr, quantized once per call by the router kernel, and meets the fp8 codes on the tensor cores; XQ 2:
+    the gate columns from n0 and the up columns from n0 + n_cols each lie in one weight block."""
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     out_ty = x_ptr.dtype.element_ty
     SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
     for k0 in range(k_start, k_start + KS, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < H
-        # weights first: their address needs only the expert, the token rows need one more load
-        if WFMT == 0:
-            wmask = n_ok[:, None] & k_ok[None, :]
-            wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-            wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
-        elif not SCALED:
-            wg = weight_tile(w_base, s_base, z_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty)
-            wu = weight_tile(
-                w_base, s_base, z_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty
+        if XQ:
+            xq, x_scale = _fp8_rows(xq_ptr, xs_ptr, token, row_ok, k0, H, BK)
+            acc_g += _fp8_product(xq, x_scale, w_base, s_base, n, n_ok, k0, H, BK, WB, n0, XQ == 2)
+            acc_u += _fp8_product(
+                xq, x_scale, w_base, s_base, n + n_cols, n_ok, k0, H, BK, WB, n0 + n_cols, XQ == 2
             )
-        xt = tl.load(
-            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        if SCALED:
-            acc_g += _quantized_product(
-                xt, w_base, z_base, s_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8, IEEE,
-                out_ty,
-            )  # fmt: skip
-            acc_u += _quantized_product(
-                xt, w_base, z_base, s_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8,
-                IEEE, out_ty,
-            )  # fmt: skip
         else:
-            acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
-            acc_u = dot_acc(xt, tl.trans(wu), acc_u, IEEE)
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < H
+            # weights first: their address needs only the expert, the token rows need one more load
+            if WFMT == 0:
+                wmask = n_ok[:, None] & k_ok[None, :]
+                wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+                wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
+            elif not SCALED:
+                wg = weight_tile(w_base, s_base, z_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty)
+                wu = weight_tile(
+                    w_base, s_base, z_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty
+                )
+            xt = tl.load(
+                x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            if SCALED:
+                acc_g += _quantized_product(
+                    xt, w_base, z_base, s_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8, IEEE,
+                    out_ty,
+                )  # fmt: skip
+                acc_u += _quantized_product(
+                    xt, w_base, z_base, s_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8,
+                    IEEE, out_ty,
+                )  # fmt: skip
+            else:
+                acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
+                acc_u = dot_acc(xt, tl.trans(wu), acc_u, IEEE)
     return acc_g, acc_u
 
 
@@ -685,7 +793,7 @@ def _gate_up_tile(
     """glu(x[token] @ W_gate[n].T, x[token] @ W_up[n].T) in fp32 over the whole of H (experts_kernel)."""
     acc_g, acc_u = _gate_up_sums(
         x_ptr, w_base, token, row_ok, n, n_ok, n_cols, 0, H, H, IEEE, BM, BN, BK, s_base, z_base, WFMT, WB,
-        HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
+        HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8, x_ptr, x_ptr, 0, 0,
     )  # fmt: skip
     return _gate_up_finish(
         acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
@@ -703,6 +811,10 @@ def gate_up_kernel(
     w_gu_zero_ptr,
     gu_part_ptr,
     gu_tickets_ptr,
+    xq_ptr,
+    xs_ptr,
+    actq_ptr,
+    acts_ptr,
     offsets_ptr,
     nblocks_ptr,
     block_expert_ptr,
@@ -741,6 +853,11 @@ def gate_up_kernel(
     tile leaves too few bytes in flight) each split writes its fp32 partial sums (gu_part[split, row,
     gate | up]) and the last split of a tile to finish (ticket) adds them in split order, so the result
     does not depend on which finished last, and applies the activation.
+
+    ACT_FP8 (fp8 activations; BK and BN one weight block): the routed rows read x as the e4m3 codes and
+    block scales the router kernel wrote (xq, xs) and store their activation, rounded to the op's dtype,
+    as e4m3 codes and one scale per row and block (actq [R, I], acts), the down GEMM's operand; the shared
+    expert's rows store theirs in the op's dtype (act).
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
@@ -773,18 +890,19 @@ def gate_up_kernel(
             w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
         acc_g, acc_u = _gate_up_sums(
             x_ptr, w_base, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, w_base, w_base,
-            0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, x_ptr, x_ptr, 0, 0,
         )  # fmt: skip
     elif is_shared:  # the shared expert is always native
         acc_g, acc_u = _gate_up_sums(
-            x_ptr, shared_w_gu_ptr, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK,
-            shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0, 0, 0, 0,
+            x_ptr, shared_w_gu_ptr, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN,
+            shared_tile_k(BK, ACT_FP8), shared_w_gu_ptr, shared_w_gu_ptr, 0, 0, 0, 0, 0, 0, x_ptr, x_ptr, 0, 0,
         )  # fmt: skip
     else:
         codes, scales, zeros = expert_tables(w_gu_ptr, w_gu_scale_ptr, w_gu_zero_ptr, e, 2 * I, H, WFMT, WB)
         acc_g, acc_u = _gate_up_sums(
             x_ptr, codes, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, scales, zeros,
-            WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
+            WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT, 0, xq_ptr, xs_ptr, ACT_FP8 * (1 + one_block(BN, WB, I)),
+            pid_n * BN,
         )  # fmt: skip
     out_mask = row_ok[:, None] & n_ok[None, :]
     if SK > 1:
@@ -804,8 +922,15 @@ def gate_up_kernel(
             acc_u += tl.load(part + j * R * (2 * NMAX) + NMAX, mask=out_mask, other=0.0, volatile=True)
     act = _gate_up_finish(
         acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
-    )
-    tl.store(act_ptr + rows[:, None] * NMAX + n[None, :], act.to(act_ptr.dtype.element_ty), mask=out_mask)
+    ).to(act_ptr.dtype.element_ty)
+    if ACT_FP8:
+        if is_shared:
+            tl.store(act_ptr + rows[:, None] * NMAX + n[None, :], act, mask=out_mask)
+        else:
+            NBI: tl.constexpr = (I + BN - 1) // BN
+            _store_fp8_rows(actq_ptr, acts_ptr, act.to(tl.float32), rows, row_ok, n, n_ok, pid_n, I, NBI)
+    else:
+        tl.store(act_ptr + rows[:, None] * NMAX + n[None, :], act, mask=out_mask)
 
 
 @triton.jit
@@ -831,48 +956,45 @@ def _down_tile(
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
     ACT_FP8: tl.constexpr,
+    acts_ptr,
+    h0,
 ):
     """act[rows, :n_cols] @ W[h].T for one expert's down weight ([H, n_cols] at w_base, or with WFMT its
-    quantized codes, scales and zero points, as in `_gate_up_tile`)."""
+    quantized codes, scales and zero points, as in `_gate_up_tile`). ACT_FP8 (BK = WB): act_ptr holds the
+    activation as e4m3 codes [R, n_cols] with block scales at acts_ptr (gate_up_kernel wrote them), multiplied
+    with the fp8 codes on the tensor cores; ACT_FP8 2: the rows h from h0 lie in one weight block."""
     y = tl.zeros((BM, BH), dtype=tl.float32)
     out_ty = act_ptr.dtype.element_ty
     SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
     for k0 in range(0, n_cols, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < n_cols
-        a = tl.load(
-            act_ptr + rows[:, None] * NMAX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        if WFMT == 0:
-            w = tl.load(
-                w_base + h[None, :] * H_STRIDE + ks[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0
-            )
-            y = dot_acc(a, w, y, IEEE)
-        elif SCALED:
-            y += _quantized_product(
-                a,
-                w_base,
-                z_base,
-                s_base,
-                h,
-                h_ok,
-                k0,
-                n_cols,
-                BH,
-                BK,
-                WFMT,
-                WB,
-                HAS_ZERO,
-                FP8_CVT,
-                ACT_FP8,
-                IEEE,
-                out_ty,
-            )
+        if ACT_FP8:
+            aq, a_scale = _fp8_rows(act_ptr, acts_ptr, rows, row_ok, k0, n_cols, BK)
+            y += _fp8_product(aq, a_scale, w_base, s_base, h, h_ok, k0, n_cols, BK, WB, h0, ACT_FP8 == 2)
         else:
-            w = tl.trans(
-                weight_tile(w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty)
+            a = tl.load(
+                act_ptr + rows[:, None] * NMAX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
-            y = dot_acc(a, w, y, IEEE)
+            if WFMT == 0:
+                w = tl.load(
+                    w_base + h[None, :] * H_STRIDE + ks[:, None],
+                    mask=k_ok[:, None] & h_ok[None, :],
+                    other=0.0,
+                )
+                y = dot_acc(a, w, y, IEEE)
+            elif SCALED:
+                y += _quantized_product(
+                    a, w_base, z_base, s_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, FP8_CVT, 0, IEEE,
+                    out_ty,
+                )  # fmt: skip
+            else:
+                w = tl.trans(
+                    weight_tile(
+                        w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty
+                    )
+                )
+                y = dot_acc(a, w, y, IEEE)
     return y
 
 
@@ -889,6 +1011,8 @@ def down_rows_kernel(
     htickets_ptr,
     w_down_scale_ptr,
     w_down_zero_ptr,
+    actq_ptr,
+    acts_ptr,
     offsets_ptr,
     nblocks_ptr,
     block_expert_ptr,
@@ -939,8 +1063,8 @@ def down_rows_kernel(
     if b < num_blocks:
         if e == E:
             y = _down_tile(
-                act_ptr, shared_w_down_ptr, rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH, BK,
-                shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0, 0, 0, 0,
+                act_ptr, shared_w_down_ptr, rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH,
+                shared_tile_k(BK, ACT_FP8), shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0, 0, 0, 0, acts_ptr, 0,
             )  # fmt: skip
             weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
         else:
@@ -951,9 +1075,13 @@ def down_rows_kernel(
                 codes, scales, zeros = expert_tables(
                     w_down_ptr, w_down_scale_ptr, w_down_zero_ptr, e, H, I, WFMT, WB
                 )
+            if ACT_FP8:  # the routed rows' activation as e4m3 codes (gate_up_kernel)
+                a_base = actq_ptr
+            else:
+                a_base = act_ptr
             y = _down_tile(
-                act_ptr, codes, rows, row_ok, h, h_ok, I, NMAX, I, IEEE, BM, BH, BK, scales, zeros, WFMT, WB,
-                HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
+                a_base, codes, rows, row_ok, h, h_ok, I, NMAX, I, IEEE, BM, BH, BK, scales, zeros, WFMT, WB,
+                HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8 * (1 + one_block(BH, WB, 0)), acts_ptr, pid_h * BH,
             )  # fmt: skip
             if HAS_BIAS:
                 y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
@@ -1278,12 +1406,12 @@ def routed_experts_kernel(
                 w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
             acc_g, acc_u = _gate_up_sums(
                 x_ptr, w_base, token, row_ok, n, n_ok, n_cols, 0, H, H, IEEE, BM, BN, BK, w_base, w_base, 0, 0, 0,
-                0, 0, 0,
+                0, 0, 0, x_ptr, x_ptr, 0, 0,
             )  # fmt: skip
         elif is_shared:  # the shared expert is always native
             acc_g, acc_u = _gate_up_sums(
                 x_ptr, shared_w_gu_ptr, token, row_ok, n, n_ok, IS, 0, H, H, IEEE, BM, BN, BK, shared_w_gu_ptr,
-                shared_w_gu_ptr, 0, 0, 0, 0, 0, 0,
+                shared_w_gu_ptr, 0, 0, 0, 0, 0, 0, x_ptr, x_ptr, 0, 0,
             )  # fmt: skip
         else:
             codes, scales, zeros = expert_tables(
@@ -1291,7 +1419,7 @@ def routed_experts_kernel(
             )
             acc_g, acc_u = _gate_up_sums(
                 x_ptr, codes, token, row_ok, n, n_ok, I, 0, H, H, IEEE, BM, BN, BK, scales, zeros, WFMT, WB,
-                HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8,
+                HAS_ZERO, FP8_CVT, PER_WEIGHT, ACT_FP8, x_ptr, x_ptr, 0, 0,
             )  # fmt: skip
         act = _gate_up_finish(
             acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS

@@ -50,6 +50,11 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
     const Stage* gate_up = bucket.stage("gate_up");
     int64_t splits = gate_up ? gate_up->constexpr_int_or("SK", 1) : 1;
     int64_t gate_up_tiles = splits > 1 ? blocks * cdiv(s.nmax(), gate_up->constexpr_int("BN")) : 0;
+    // fp8 activations (plan.py quantizes_x_once): the router quantizes x, gate_up the routed activations
+    const Stage* router = bucket.stage("router");
+    bool xq = router != nullptr && router->constexpr_int_or("ACT_FP8", 0) != 0;
+    int64_t block = xq ? router->constexpr_int("WB") : 1;
+    int64_t inter = s.intermediate_size;
     const std::vector<std::pair<const char*, int64_t>> sizes = {
         {"counts", 4 * (e + 2)},
         {"tickets", 16},
@@ -72,6 +77,10 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
         {"block_row0", 4 * blocks},
         {"sorted_slot", 4 * rows},
         {"act", fused ? 0 : esize * rows * s.nmax()},
+        {"xq", xq ? t * h : 0},
+        {"xs", xq ? 4 * t * cdiv(h, block) : 0},
+        {"actq", xq ? rows * inter : 0},
+        {"acts", xq ? 4 * rows * cdiv(inter, block) : 0},
         {"gu_part", splits > 1 ? 4 * splits * (t * k + t) * 2 * s.nmax() : 0},
         {"yw", fused || routed ? 0 : esize * rows * h},
     };
@@ -179,7 +188,12 @@ Plan plan_for(const Bundle& b, int64_t t) {
     Layout layout = workspace_layout(b, bucket, t);
     Planner p(b, bucket, t, layout);
     const Region& acc = layout["acc"];
-    p.add("router", {cdiv(t, p.stage_int("router", "BT")), cdiv(e, p.stage_int("router", "BE")), p.stage_int("router", "SPLIT")},
+    // plus the columns of programs that quantize x for fp8 activations (plan.py quantize_columns)
+    const Stage* router_stage = bucket.stage("router");
+    int64_t quantize_columns = router_stage ? router_stage->constexpr_int_or("QCOLS", 0) : 0;
+    p.add("router",
+          {cdiv(t, p.stage_int("router", "BT")), cdiv(e, p.stage_int("router", "BE")) + quantize_columns,
+           p.stage_int("router", "SPLIT")},
           {{"zero_words", (acc.offset + acc.nbytes) / 4}});
     int64_t bm = bucket.config_int("gate_up", "BM");
     int64_t blocks = max_blocks(s, t, bm);
