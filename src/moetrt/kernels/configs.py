@@ -23,8 +23,7 @@ from moetrt.kernels.plan import (
     ROUTED_FUSED_MIN_4BIT_TILE,
     ROUTED_MAX_TOKENS,
     bucket_name,
-    expert_tile_k,
-    gate_up_tile_n,
+    expert_tile,
     is_decode,
 )
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
@@ -299,7 +298,7 @@ def candidate_configs(
         if fp32 and (bk > 64 or dbk > 64 or bn > 64 or bh > 64 or bm > 64):
             continue  # fp32 tiles take twice the bytes: keep shared memory in bounds
         # the plan's tiles (one weight block wide with fp8 activations): repeats are left out below
-        bn, bk, dbk = gate_up_tile_n(attrs, bn), expert_tile_k(attrs, bk), expert_tile_k(attrs, dbk)
+        bn, bk, dbk = expert_tile(attrs, bn), expert_tile(attrs, bk), expert_tile(attrs, dbk)
         # scales per weight against scales on the product: a switch of the unsplit tiles
         per_weight_apart = attrs.is_quantized and sk == 1 and not attrs.has_fp8_activations
         pw_opts = (0, 1) if per_weight_apart else (base["dequant"]["per_weight"],)

@@ -357,16 +357,12 @@ def routed_fused(attrs: MoEAttributes, cfg: dict[str, Any]) -> bool:
     return bool(cfg["routed"].get("fused", 0)) and not attrs.has_fp8_activations and not narrow_4bit
 
 
-def expert_tile_k(attrs: MoEAttributes, bk: int) -> int:
-    """The expert GEMMs' reduction tile: the config's, or with fp8 activations exactly one weight block (one
-    activation scale per row of a tile: triton_moe._quantized_product)."""
-    return attrs.weight_block if attrs.has_fp8_activations else bk
-
-
-def gate_up_tile_n(attrs: MoEAttributes, bn: int) -> int:
-    """gate_up's N tile: the config's, or with fp8 activations exactly one weight block, so that each program
-    quantizes whole blocks of its activation rows for the down GEMM (triton_moe.gate_up_kernel)."""
-    return attrs.weight_block if attrs.has_fp8_activations else bn
+def expert_tile(attrs: MoEAttributes, tile: int) -> int:
+    """An expert GEMM tile along a weight-block axis (either GEMM's reduction tile, gate_up's N tile): the
+    config's, or with fp8 activations exactly one weight block, so that one activation scale covers a row of
+    a reduction tile (triton_moe._fp8_product) and each gate_up program quantizes whole blocks of its
+    activation rows for the down GEMM (triton_moe.gate_up_kernel)."""
+    return attrs.weight_block if attrs.has_fp8_activations else tile
 
 
 def quantizes_x_once(attrs: MoEAttributes, cfg: dict[str, Any], bound: int | None) -> bool:
@@ -524,6 +520,7 @@ def _stage_variants(
     ieee = int(dtype == "float32")
     decode = is_decode(bound)
     rc, gc, dc = cfg["router"], cfg["gate_up"], cfg["down"]
+    xq = quantizes_x_once(attrs, cfg, bound)
     router = {
         "E": e,
         "H": h,
@@ -533,8 +530,8 @@ def _stage_variants(
         "BT": rc["BT"],
         "BE": rc["BE"],
         "BK": rc["BK"],
-        "ACT_FP8": int(quantizes_x_once(attrs, cfg, bound)),
-        "WB": attrs.weight_block if quantizes_x_once(attrs, cfg, bound) else 1,
+        "ACT_FP8": int(xq),
+        "WB": attrs.weight_block if xq else 1,
         "QCOLS": quantize_columns(attrs, cfg, bound),
     }
     tc = cfg["topk"]
@@ -578,8 +575,8 @@ def _stage_variants(
         "HAS_BIAS": int(attrs.has_expert_bias),
         "IEEE": ieee,
         "BM": gc["BM"],
-        "BN": gate_up_tile_n(attrs, gc["BN"]),
-        "BK": expert_tile_k(attrs, gc["BK"]),
+        "BN": expert_tile(attrs, gc["BN"]),
+        "BK": expert_tile(attrs, gc["BK"]),
     }
     # the routed experts' weight format (spec.WEIGHT_FORMATS index), its block and zero points
     weights = {
@@ -597,9 +594,9 @@ def _stage_variants(
             **{name: topk[name] for name in (*_ROUTING_CONSTEXPRS, "RT", "E_PAD", "K_PAD", "G_PAD")},
             "BM": 16,  # one token row per unit, padded to the mma minimum
             "BN": rd["BN"],
-            "BK": expert_tile_k(attrs, rd["BK"]),
+            "BK": expert_tile(attrs, rd["BK"]),
             "BH": rd["BH"],
-            "BKD": expert_tile_k(attrs, rd["BKD"]),
+            "BKD": expert_tile(attrs, rd["BKD"]),
             "FUSED": int(routed_fused(attrs, cfg)),
             **weights,
         }
@@ -673,7 +670,7 @@ def _stage_variants(
         "IEEE": ieee,
         "BM": gc["BM"],
         "BH": dc["BH"],
-        "BK": expert_tile_k(attrs, dc["BK"]),
+        "BK": expert_tile(attrs, dc["BK"]),
         "BT": cfg["reduce"]["BT"],
         **weights,
     }
@@ -743,7 +740,7 @@ def workspace_layout(
     tile_h = cfg["gemv"]["BH"] if gemv else cfg["down"]["BH"]
     splits = gate_up_splits(cfg, bound)
     gate_up_tiles = (
-        max_blocks * cdiv(_nmax(attrs), gate_up_tile_n(attrs, cfg["gate_up"]["BN"])) if splits > 1 else 0
+        max_blocks * cdiv(_nmax(attrs), expert_tile(attrs, cfg["gate_up"]["BN"])) if splits > 1 else 0
     )
     routed = is_routed(cfg, bound)
     routed_acc = routed and routed_fused(attrs, cfg)

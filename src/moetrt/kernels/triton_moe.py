@@ -967,12 +967,12 @@ def _down_tile(
     out_ty = act_ptr.dtype.element_ty
     SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
     for k0 in range(0, n_cols, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < n_cols
         if ACT_FP8:
             aq, a_scale = _fp8_rows(act_ptr, acts_ptr, rows, row_ok, k0, n_cols, BK)
             y += _fp8_product(aq, a_scale, w_base, s_base, h, h_ok, k0, n_cols, BK, WB, h0, ACT_FP8 == 2)
         else:
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < n_cols
             a = tl.load(
                 act_ptr + rows[:, None] * NMAX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
