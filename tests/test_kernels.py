@@ -51,6 +51,8 @@ VARIANTS: dict[str, MoEAttributes] = {
         "gpt_oss_20b", 8, 2, 64, 32, swiglu_limit=1.5, weight_format="int4", weight_block=32,
         has_weight_zero_point=True,
     ),
+    # symmetric int4 (zero point 8): the decoder's other offset
+    "int4_symmetric": like("qwen3_next", 8, 2, 64, 32, weight_format="int4", weight_block=32),
     "fp8_activations": MoEAttributes(
         12, 3, 64, 64, norm_topk_prob=True, shared_intermediate_size=32, has_shared_gate=True,
         weight_format="fp8_block", weight_block=32, activation_format="fp8_block", has_expert_bias=True,
@@ -128,6 +130,8 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("fp8_shared_gated", "float32", 70, "scaled+cvt"),
     ("fp8_shared_gated", "float16", 70, "scaled"),
     ("int4_zero_swiglu_biases", "bfloat16", 9, "scaled"),
+    ("int4_symmetric", "float16", 9, "scaled"),
+    ("int4_symmetric", "bfloat16", 70, "auto"),
     ("int4_zero_swiglu_biases", "float32", 70, "scaled"),
     ("mxfp4_sigmoid_grouped", "float16", 3, "scaled"),
     ("mxfp4_sigmoid_grouped", "bfloat16", 70, "scaled"),
