@@ -131,6 +131,9 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("fp8_shared_gated", "float16", 70, "scaled"),
     ("int4_zero_swiglu_biases", "bfloat16", 9, "scaled"),
     ("int4_symmetric", "float16", 9, "scaled"),
+    ("int4_zero_swiglu_biases", "bfloat16", 70, "perweight+prefill"),
+    ("mxfp4_sigmoid_grouped", "float16", 40, "perweight+prefill"),
+    ("fp8_shared_gated", "bfloat16", 9, "perweight+prefill"),
     ("int4_symmetric", "bfloat16", 70, "auto"),
     ("int4_zero_swiglu_biases", "float32", 70, "scaled"),
     ("mxfp4_sigmoid_grouped", "float16", 3, "scaled"),
@@ -269,6 +272,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "routed+fused",
                 "wide",
                 "wide+splitk",
+                "perweight+prefill",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -303,18 +307,22 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 elif bucket == "perweight":  # tiles across groups, and tiles inside one by the switch
                     config["gate_up"]["BK"] = 64 if t < 64 else 16
                     config["dequant"]["per_weight"] = 1
+                elif bucket == "perweight+prefill":  # prefill blocks: the weight tile first (weights_first)
+                    config = default_config(attrs, dtype, None)
+                    config["gate_up"].update({"BM": 64, "BN": 64, "BK": 64})
+                    config["down"].update({"BH": 64, "BK": 32})
+                    config["dequant"]["per_weight"] = 1
                 else:
                     config["gemv"]["enabled"] = 0
                     config["fused"] = {"enabled": 1, "BH": 16}
                     config["gate_up"].update({"BN": 16, "BK": 32})
-            got = moe_forward_triton(
-                inputs, attrs, config=config, bucket=None if bucket == "prefill" else "auto"
-            )
+            prefill = bucket in ("prefill", "perweight+prefill")
+            got = moe_forward_triton(inputs, attrs, config=config, bucket=None if prefill else "auto")
             ref = moe_reference(inputs, attrs, compute_dtype=torch.float64)
             from moetrt.kernels import plan
             from moetrt.kernels.configs import default_config as _default
 
-            bound = None if bucket == "prefill" else plan.bucket_of(max(t, 1))
+            bound = None if prefill else plan.bucket_of(max(t, 1))
             ran_gemv = t > 0 and plan.is_gemv(config or _default(attrs, dtype, bound), bound)
             ran_routed = t > 0 and plan.is_routed(config or _default(attrs, dtype, bound), bound)
             rel, nan = {}, {}

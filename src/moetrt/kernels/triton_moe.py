@@ -555,6 +555,17 @@ def shared_tile_k(BK, ACT_FP8):
     return min(BK, 64) if ACT_FP8 else BK
 
 
+@triton.constexpr_function
+def weights_first(WFMT, SCALED, XQ, IEEE, BM, BN):
+    """Whether a quantized GEMM loop computes W @ x.T (the weight tile as the first operand, the product
+    transposed once after the loop) instead of x @ W.T: tiles dequantized per weight, of prefill blocks
+    (BM and the weight tile's BN rows at least 64) on the 16-bit tensor cores. Hopper's wgmma takes its first
+    operand from registers, so the tile dequantized in registers feeds it with no shared-memory store and the
+    products stay asynchronous (sm_90 TTGIR: as the second operand, each tile was stored to shared memory and
+    every product waited for, pendings = 0; first, the waits allow 7 in flight)."""
+    return WFMT != 0 and not SCALED and not XQ and not IEEE and BM >= 64 and BN >= 64
+
+
 @triton.jit
 def _fp8_quantize_rows(a):
     """e4m3 codes of the fp32 tile a [R, B] quantized per row, scale = amax / 448 (op.quant.fp8_activations),
@@ -689,10 +700,15 @@ def _gate_up_sums(
     (`weight_tile`). XQ (fp8 activations, BK = WB): x comes as e4m3 codes at xq_ptr with block scales at
     xs_ptr, quantized once per call by the router kernel, and meets the fp8 codes on the tensor cores; XQ 2:
     the gate columns from n0 and the up columns from n0 + n_cols each lie in one weight block."""
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     out_ty = x_ptr.dtype.element_ty
     SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
+    W_FIRST: tl.constexpr = weights_first(WFMT, SCALED, XQ, IEEE, BM, BN)
+    if W_FIRST:  # transposed sums, [BN, BM]
+        acc_g = tl.zeros((BN, BM), dtype=tl.float32)
+        acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_start, k_start + KS, BK):
         if XQ:
             xq, x_scale = _fp8_rows(xq_ptr, xs_ptr, token, row_ok, k0, H, BK)
@@ -725,9 +741,14 @@ def _gate_up_sums(
                     xt, w_base, z_base, s_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, FP8_CVT, ACT_FP8,
                     IEEE, out_ty,
                 )  # fmt: skip
+            elif W_FIRST:
+                acc_g = dot_acc(wg, tl.trans(xt), acc_g, IEEE)
+                acc_u = dot_acc(wu, tl.trans(xt), acc_u, IEEE)
             else:
                 acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
                 acc_u = dot_acc(xt, tl.trans(wu), acc_u, IEEE)
+    if W_FIRST:
+        acc_g, acc_u = tl.trans(acc_g), tl.trans(acc_u)
     return acc_g, acc_u
 
 
@@ -963,9 +984,13 @@ def _down_tile(
     quantized codes, scales and zero points, as in `_gate_up_tile`). ACT_FP8 (BK = WB): act_ptr holds the
     activation as e4m3 codes [R, n_cols] with block scales at acts_ptr (gate_up_kernel wrote them), multiplied
     with the fp8 codes on the tensor cores; ACT_FP8 2: the rows h from h0 lie in one weight block."""
-    y = tl.zeros((BM, BH), dtype=tl.float32)
     out_ty = act_ptr.dtype.element_ty
     SCALED: tl.constexpr = scales_on_product(WFMT, WB, BK, PER_WEIGHT)
+    W_FIRST: tl.constexpr = weights_first(WFMT, SCALED, ACT_FP8, IEEE, BM, BH)
+    if W_FIRST:  # transposed sums, [BH, BM]
+        y = tl.zeros((BH, BM), dtype=tl.float32)
+    else:
+        y = tl.zeros((BM, BH), dtype=tl.float32)
     for k0 in range(0, n_cols, BK):
         if ACT_FP8:
             aq, a_scale = _fp8_rows(act_ptr, acts_ptr, rows, row_ok, k0, n_cols, BK)
@@ -989,12 +1014,15 @@ def _down_tile(
                     out_ty,
                 )  # fmt: skip
             else:
-                w = tl.trans(
-                    weight_tile(
-                        w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty
-                    )
+                w = weight_tile(
+                    w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty
                 )
-                y = dot_acc(a, w, y, IEEE)
+                if W_FIRST:
+                    y = dot_acc(w, tl.trans(a), y, IEEE)
+                else:
+                    y = dot_acc(a, tl.trans(w), y, IEEE)
+    if W_FIRST:
+        y = tl.trans(y)
     return y
 
 
