@@ -311,7 +311,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     config = default_config(attrs, dtype, None)
                     config["gate_up"].update({"BM": 64, "BN": 64, "BK": 64})
                     config["down"].update({"BH": 64, "BK": 32})
-                    config["dequant"]["per_weight"] = 1
+                    config["dequant"].update({"per_weight": 1, "fp8_cvt": 1})  # fp8: the SM's conversion
                 else:
                     config["gemv"]["enabled"] = 0
                     config["fused"] = {"enabled": 1, "BH": 16}

@@ -59,6 +59,10 @@ def test_weight_tile_decodes_every_code_exactly(case: tuple[object, ...], result
     assert [name for name in result if name.startswith("values_")] == forms
     for name in forms:
         assert result[name]["mismatches"] == 0, f"{name}: {result[name]}"
+    if fmt == "fp8_block":
+        assert result["per_weight_cvt1"]["mismatches"] == 0, (
+            f"per weight, e4m3 conversion: {result['per_weight_cvt1']}"
+        )
 
 
 def _tables(fmt: str, block: int, zero: bool, rows: int, k: int):  # type: ignore[no-untyped-def]
@@ -110,7 +114,9 @@ def tile_kernel(
     row_ok = rows < R
     k0 = tl.program_id(1) * BK
     if PER_WEIGHT:
-        tile = weight_tile(w_ptr, s_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, tl.float32)
+        tile = weight_tile(
+            w_ptr, s_ptr, z_ptr, rows, row_ok, k0, K, BR, BK, WFMT, WB, HAS_ZERO, tl.float32, FP8_CVT
+        )
     else:
         if WFMT == 1:
             values = fp8_values(w_ptr, rows, row_ok, k0, K, BK, FP8_CVT, VALUES)
@@ -159,6 +165,8 @@ def _child() -> None:
             q, possible, seen = _tables(fmt, block, zero, rows, k)
             expected = dequantize(fmt, block, q, k)
             result = _compare(_tile(case, q, 1), expected) | {"codes_possible": possible, "codes_seen": seen}
+            if fmt == "fp8_block":  # per weight through the SM's e4m3 conversion as well
+                result["per_weight_cvt1"] = _compare(_tile(case, q, 1, 1), expected)
             if block % bk == 0:  # the tile lies in one group: the scales-on-the-product form as well
                 for fp8_cvt in (0, 1) if fmt == "fp8_block" else (0,):
                     for values in ("float32", "bfloat16", "float16"):

@@ -552,14 +552,15 @@ def weight_tile(
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     OUT: tl.constexpr,
+    FP8_CVT: tl.constexpr = 0,
 ):
     """One expert's weight tile [BR rows, BK of the reduction from k0], dequantized to OUT, from its table at
     w_ptr ([R, K] codes, or [R, K/2] bytes of two 4-bit codes, low nibble first) with its scales (and zero
     points). WFMT as spec.WEIGHT_FORMATS: 1 fp8_block (scale [ceil(R/WB), ceil(K/WB)]), 2 int4 (scale and zero
     [R, K/WB]; zero 8 without zero points), 3 mxfp4 (e8m0 scale bytes [R, K/32]).
 
-    The codes are decoded as in the scaled form (`fp8_values` from bits, `nibble_values`); scales (and zero
-    points) are read once per group and turned into one factor (and one offset) per group before they are
+    The codes are decoded as in the scaled form (`fp8_values`: from bits, or by the SM's e4m3 conversion with
+    FP8_CVT, about a third of the instructions; `nibble_values`); scales (and zero points) are read once per group and turned into one factor (and one offset) per group before they are
     spread over the tile (where tile and group sizes nest, as powers of two do)."""
     ks = k0 + tl.arange(0, BK)
     mask = row_ok[:, None] & (ks < K)[None, :]
@@ -567,8 +568,10 @@ def weight_tile(
         return tl.where(mask, mxfp4_tile_bf16(w_ptr, s_ptr, rows, row_ok, k0, K, BR, BK, WB), 0.0)
     if WFMT == 1:
         KS: tl.constexpr = (K + WB - 1) // WB
-        factor = _group_values(s_ptr, rows // WB, row_ok, k0, KS, BK, WB, 0.0) * FP8_FP16_SCALE
-        value = fp8_values(w_ptr, rows, row_ok, k0, K, BK, 0, tl.float32) * _broadcast_groups(
+        factor = _group_values(s_ptr, rows // WB, row_ok, k0, KS, BK, WB, 0.0)
+        if not FP8_CVT:  # the bit decoder's values are over FP8_FP16_SCALE
+            factor = factor * FP8_FP16_SCALE
+        value = fp8_values(w_ptr, rows, row_ok, k0, K, BK, FP8_CVT, tl.float32) * _broadcast_groups(
             factor, BR, BK, WB
         )
     else:

@@ -725,9 +725,24 @@ def _gate_up_sums(
                 wg = tl.load(w_base + n[:, None] * H + ks[None, :], mask=wmask, other=0.0)
                 wu = tl.load(w_base + (n + n_cols)[:, None] * H + ks[None, :], mask=wmask, other=0.0)
             elif not SCALED:
-                wg = weight_tile(w_base, s_base, z_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty)
+                wg = weight_tile(
+                    w_base, s_base, z_base, n, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty, FP8_CVT
+                )
                 wu = weight_tile(
-                    w_base, s_base, z_base, n + n_cols, n_ok, k0, H, BN, BK, WFMT, WB, HAS_ZERO, out_ty
+                    w_base,
+                    s_base,
+                    z_base,
+                    n + n_cols,
+                    n_ok,
+                    k0,
+                    H,
+                    BN,
+                    BK,
+                    WFMT,
+                    WB,
+                    HAS_ZERO,
+                    out_ty,
+                    FP8_CVT,
                 )
             xt = tl.load(
                 x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
@@ -1015,7 +1030,7 @@ def _down_tile(
                 )  # fmt: skip
             else:
                 w = weight_tile(
-                    w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty
+                    w_base, s_base, z_base, h, h_ok, k0, n_cols, BH, BK, WFMT, WB, HAS_ZERO, out_ty, FP8_CVT
                 )
                 if W_FIRST:
                     y = dot_acc(w, tl.trans(a), y, IEEE)
