@@ -325,45 +325,55 @@ def is_half(dtype):
 # 2^7 / 2^10 adds it, and the two halves of a 32-bit register hold two such numbers
 NIBBLE_MAGIC_BF16 = tl.constexpr(128.0)
 NIBBLE_MAGIC_FP16 = tl.constexpr(1024.0)
-# Four bytes b0..b3 ($4) to two pairs of 16-bit lanes (b0 | b1 << 16, b2 | b3 << 16), then each lane's low
-# nibble ($0, $1) and high nibble ($2, $3) OR-ed into the magic number's bits: 2 PRMT, 2 SHF and 4 LOP3 for
-# eight codes (the Triton form: about 5 instructions a code, measured in the sm_90 SASS of gate_up).
-_NIBBLES_PTX = """{
-.reg .b32 t0, t1, z;
+# The start of the 4-bit decoders: the four bytes b0..b3 of $4 to two pairs of 16-bit lanes, t0 = b0 | b1 << 16
+# and t1 = b2 | b3 << 16
+_LANES_HEAD = """{{
+.reg .b32 {registers};
 mov.b32 z, 0;
 prmt.b32 t0, $4, z, 0x5140;
 prmt.b32 t1, $4, z, 0x7362;
-lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xea;
+"""
+# int4: after the lanes, each lane's low nibble ($0, $1) and high nibble ($2, $3) OR-ed into the magic number's
+# bits: 2 PRMT, 2 SHF and 4 LOP3 for
+# eight codes (the Triton form: about 5 instructions a code, measured in the sm_90 SASS of gate_up).
+_NIBBLES_PTX = (
+    _LANES_HEAD.format(registers="t0, t1, z")
+    + """lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xea;
 lop3.b32 $1, t1, 0x000F000F, MAGIC, 0xea;
 shr.u32 t0, t0, 4;
 shr.u32 t1, t1, 4;
 lop3.b32 $2, t0, 0x000F000F, MAGIC, 0xea;
 lop3.b32 $3, t1, 0x000F000F, MAGIC, 0xea;
 }"""
+)
 NIBBLES_PTX_BF16 = tl.constexpr(_NIBBLES_PTX.replace("MAGIC", "0x43004300"))
 NIBBLES_PTX_FP16 = tl.constexpr(_NIBBLES_PTX.replace("MAGIC", "0x64006400"))
 
 
 @triton.jit
 def int4_values(byte, zero, OUT: tl.constexpr):
-    """(low nibble - zero, high nibble - zero) of uint8 codes, exact in OUT (bf16 or fp16; zero: 8.0, or the
-    rows' zero points [BR, 1] in fp32). Compiled: the PTX decoder above gives magic + code in OUT and one
-    packed subtraction of magic + zero follows; the interpreter (which holds bf16 as raw bits and does no
-    bf16 arithmetic) computes in fp32."""
-    if INTERPRETED:
+    """(low nibble - zero, high nibble - zero) of uint8 codes, exact in OUT (zero: [1, 1] or the rows' zero
+    points [BR, 1], in fp32). Compiled bf16 / fp16: the PTX decoder above gives magic + code in OUT and one
+    packed subtraction of magic + zero follows. float32, and the interpreter (which holds bf16 as raw bits and
+    does no bf16 arithmetic): ((2^23 + code) - (2^23 + zero)) in float32, one OR and one subtraction."""
+    if INTERPRETED or not is_half(OUT):
         code = byte.to(tl.int32)
-        return ((code & 15).to(tl.float32) - zero).to(OUT), ((code >> 4).to(tl.float32) - zero).to(OUT)
-    if is_bf16(OUT):
+        offset = zero + INT_MAGIC_VALUE
+        low = (int_plus_magic(code & 15) - offset).to(OUT)
+        high = (int_plus_magic(code >> 4) - offset).to(OUT)
+    elif is_bf16(OUT):
         low, high = tl.inline_asm_elementwise(
             NIBBLES_PTX_BF16, "=r,=r,=r,=r,r", [byte], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
         )
         offset = (zero + NIBBLE_MAGIC_BF16).to(OUT)
+        low, high = low - offset, high - offset
     else:
         low, high = tl.inline_asm_elementwise(
             NIBBLES_PTX_FP16, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
         )
         offset = (zero + NIBBLE_MAGIC_FP16).to(OUT)
-    return low - offset, high - offset
+        low, high = low - offset, high - offset
+    return low, high
 
 
 # e2m1 codes to the sign, exponent and mantissa bits of a 16-bit float, the lanes laid out as the int4 decoder
@@ -372,69 +382,61 @@ def int4_values(byte, zero, OUT: tl.constexpr):
 # nibbles masked in place and multiplied by 0x104 (1.5 instructions a code). The value is the code's times
 # 2^-126, its e = 0 codes subnormal, so callers multiply by a power of two (exact: bf16 arithmetic keeps
 # subnormals). fp16: sign to bit 15, the other bits to 9..11, the value over FP4_FP16_SCALE (`e2m1_unscaled`).
-E2M1_PTX_BF16 = tl.constexpr("""{
-.reg .b32 t0, t1, a, z;
-mov.b32 z, 0;
-prmt.b32 t0, $4, z, 0x5140;
-prmt.b32 t1, $4, z, 0x7362;
-and.b32 a, t0, 0x000F000F;
-mul.lo.u32 a, a, 0x1040;
-and.b32 $0, a, 0x81C081C0;
-and.b32 a, t1, 0x000F000F;
-mul.lo.u32 a, a, 0x1040;
-and.b32 $1, a, 0x81C081C0;
-and.b32 a, t0, 0x00F000F0;
-mul.lo.u32 a, a, 0x104;
-and.b32 $2, a, 0x81C081C0;
-and.b32 a, t1, 0x00F000F0;
-mul.lo.u32 a, a, 0x104;
-and.b32 $3, a, 0x81C081C0;
-}""")
-E2M1_PTX_FP16 = tl.constexpr("""{
-.reg .b32 t0, t1, h0, h1, a, b, z;
-mov.b32 z, 0;
-prmt.b32 t0, $4, z, 0x5140;
-prmt.b32 t1, $4, z, 0x7362;
-shr.u32 h0, t0, 4;
-shr.u32 h1, t1, 4;
-and.b32 a, t0, 0x00070007;
+# bf16, one output register: (masked nibbles) * multiplier, then the sign / exponent / mantissa mask
+_E2M1_LANE_BF16 = """and.b32 a, {src}, {nibbles};
+mul.lo.u32 a, a, {multiplier};
+and.b32 {dst}, a, 0x81C081C0;
+"""
+# fp16, one output register (from lanes with the nibble in bits 0..3): magnitude bits to 9..11, sign to 15
+_E2M1_LANE_FP16 = """and.b32 a, {src}, 0x00070007;
 shl.b32 a, a, 9;
-shl.b32 b, t0, 12;
-lop3.b32 $0, b, 0x80008000, a, 0xea;
-and.b32 a, t1, 0x00070007;
-shl.b32 a, a, 9;
-shl.b32 b, t1, 12;
-lop3.b32 $1, b, 0x80008000, a, 0xea;
-and.b32 a, h0, 0x00070007;
-shl.b32 a, a, 9;
-shl.b32 b, h0, 12;
-lop3.b32 $2, b, 0x80008000, a, 0xea;
-and.b32 a, h1, 0x00070007;
-shl.b32 a, a, 9;
-shl.b32 b, h1, 12;
-lop3.b32 $3, b, 0x80008000, a, 0xea;
-}""")
+shl.b32 b, {src}, 12;
+lop3.b32 {dst}, b, 0x80008000, a, 0xea;
+"""
+E2M1_PTX_BF16 = tl.constexpr(
+    _LANES_HEAD.format(registers="t0, t1, a, z")
+    + "".join(
+        _E2M1_LANE_BF16.format(src=src, nibbles=nibbles, multiplier=multiplier, dst=dst)
+        for src, nibbles, multiplier, dst in (
+            ("t0", "0x000F000F", "0x1040", "$0"),
+            ("t1", "0x000F000F", "0x1040", "$1"),
+            ("t0", "0x00F000F0", "0x104", "$2"),
+            ("t1", "0x00F000F0", "0x104", "$3"),
+        )
+    )
+    + "}"
+)
+E2M1_PTX_FP16 = tl.constexpr(
+    _LANES_HEAD.format(registers="t0, t1, h0, h1, a, b, z")
+    + "shr.u32 h0, t0, 4;\nshr.u32 h1, t1, 4;\n"
+    + "".join(
+        _E2M1_LANE_FP16.format(src=src, dst=dst)
+        for src, dst in (("t0", "$0"), ("t1", "$1"), ("h0", "$2"), ("h1", "$3"))
+    )
+    + "}"
+)
 E2M1_BF16_SCALE = tl.constexpr(2.0**126)  # the bf16 decoder's bits times this: the e2m1 value
 
 
 @triton.jit
 def e2m1_values(byte, OUT: tl.constexpr, TO_VALUE: tl.constexpr = False):
-    """(low nibble, high nibble) of uint8 e2m1 codes as their values over FP4_FP16_SCALE (TO_VALUE, bf16 only:
-    the values themselves), exact in OUT (bf16 or fp16), by the PTX decoders above (bf16: one packed multiply
-    by a power of two follows); the interpreter computes in fp32 (`e2m1_unscaled`)."""
-    if INTERPRETED:
+    """(low nibble, high nibble) of uint8 e2m1 codes as their values over FP4_FP16_SCALE (TO_VALUE, compiled
+    bf16 only: the values themselves), exact in OUT. Compiled bf16 / fp16: the PTX decoders above (bf16: one
+    packed multiply by a power of two follows); float32 and the interpreter: the bit form (`e2m1_unscaled`)."""
+    if INTERPRETED or not is_half(OUT):
         code = byte.to(tl.int32)
-        return e2m1_unscaled(code & 15).to(OUT), e2m1_unscaled(code >> 4).to(OUT)
-    if is_bf16(OUT):
+        low, high = e2m1_unscaled(code & 15).to(OUT), e2m1_unscaled(code >> 4).to(OUT)
+    elif is_bf16(OUT):
         low, high = tl.inline_asm_elementwise(
             E2M1_PTX_BF16, "=r,=r,=r,=r,r", [byte], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
         )
         FACTOR: tl.constexpr = E2M1_BF16_SCALE if TO_VALUE else E2M1_BF16_SCALE / FP4_FP16_SCALE
-        return low * FACTOR, high * FACTOR
+        low, high = low * FACTOR, high * FACTOR
     else:
-        return tl.inline_asm_elementwise(
+        low, high = tl.inline_asm_elementwise(
             E2M1_PTX_FP16, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
         )
+    return low, high
 
 
 @triton.jit
@@ -489,6 +491,17 @@ def fp8_values(
 
 
 @triton.jit
+def nibble_bytes(w_ptr, rows, row_ok, k0, K: tl.constexpr, BK: tl.constexpr):
+    """The uint8 bytes [rows, BK / 2] of a 4-bit tile [rows, BK from k0] in a table of [R, K / 2] bytes (two codes
+    a byte, low nibble first)."""
+    KH: tl.constexpr = K // 2
+    kb = k0 // 2 + tl.arange(0, BK // 2)
+    return tl.load(
+        w_ptr + rows[:, None] * KH + kb[None, :], mask=row_ok[:, None] & (kb < KH)[None, :], other=0
+    )
+
+
+@triton.jit
 def nibble_values(
     w_ptr,
     z_ptr,
@@ -504,36 +517,17 @@ def nibble_values(
     OUT: tl.constexpr,
 ):
     """A 4-bit tile [rows, BK] before its scale, exact in OUT: int4 code - zero (-15..15; the tile inside one
-    group when HAS_ZERO, else zero 8), mxfp4 the e2m1 value over FP4_FP16_SCALE. bf16 / fp16: the PTX decoders
-    (`int4_values`, `e2m1_values`); float32: ((2^23 + code) - (2^23 + zero)), one OR and one subtraction, and
-    `e2m1_unscaled`."""
-    KH: tl.constexpr = K // 2
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    byte = tl.load(
-        w_ptr + rows[:, None] * KH + kb[None, :], mask=row_ok[:, None] & (kb < KH)[None, :], other=0
-    )
-    if WFMT == 2 and is_half(OUT):  # the PTX decoder (`int4_values`), exact 16-bit values
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + rows * (K // WB) + k0 // WB, mask=row_ok, other=0).to(tl.float32)[:, None]
-            low, high = int4_values(byte, zero, OUT)
-        else:
-            low, high = int4_values(byte, tl.full((1, 1), 8.0, tl.float32), OUT)
-        return tl.reshape(tl.join(low, high), (BR, BK))
-    if WFMT == 3 and is_half(OUT):
-        low, high = e2m1_values(byte, OUT)
-        return tl.reshape(tl.join(low, high), (BR, BK))
-    byte = byte.to(tl.int32)
+    group when HAS_ZERO, else zero 8), mxfp4 the e2m1 value over FP4_FP16_SCALE (`int4_values`,
+    `e2m1_values`: PTX in compiled bf16 / fp16 kernels, bit arithmetic otherwise)."""
+    byte = nibble_bytes(w_ptr, rows, row_ok, k0, K, BK)
     if WFMT == 2:
         if HAS_ZERO:
-            zero = tl.load(z_ptr + rows * (K // WB) + k0 // WB, mask=row_ok, other=0).to(tl.float32)
-            offset = (zero + INT_MAGIC_VALUE)[:, None]
+            zero = tl.load(z_ptr + rows * (K // WB) + k0 // WB, mask=row_ok, other=0).to(tl.float32)[:, None]
         else:
-            offset = INT_MAGIC_VALUE + 8.0  # symmetric: zero point 8
-        low = (int_plus_magic(byte & 15) - offset).to(OUT)
-        high = (int_plus_magic(byte >> 4) - offset).to(OUT)
+            zero = tl.full((1, 1), 8.0, tl.float32)  # symmetric: zero point 8
+        low, high = int4_values(byte, zero, OUT)
     else:
-        low = e2m1_unscaled(byte & 15).to(OUT)
-        high = e2m1_unscaled(byte >> 4).to(OUT)
+        low, high = e2m1_values(byte, OUT)
     return tl.reshape(tl.join(low, high), (BR, BK))  # k = 2j: low nibble, 2j + 1: high
 
 
@@ -560,8 +554,9 @@ def weight_tile(
     [R, K/WB]; zero 8 without zero points), 3 mxfp4 (e8m0 scale bytes [R, K/32]).
 
     The codes are decoded as in the scaled form (`fp8_values`: from bits, or by the SM's e4m3 conversion with
-    FP8_CVT, about a third of the instructions; `nibble_values`); scales (and zero points) are read once per group and turned into one factor (and one offset) per group before they are
-    spread over the tile (where tile and group sizes nest, as powers of two do)."""
+    FP8_CVT, about a third of the instructions; `nibble_values`); scales (and zero points) are read once per
+    group and turned into one factor (and one offset) per group before they are spread over the tile (where
+    tile and group sizes nest, as powers of two do)."""
     ks = k0 + tl.arange(0, BK)
     mask = row_ok[:, None] & (ks < K)[None, :]
     if WFMT == 3 and is_bf16(OUT) and not INTERPRETED:  # the interpreter does no bf16 arithmetic
@@ -599,12 +594,7 @@ def mxfp4_tile_bf16(
     values, `e2m1_values`), then times each group's e8m0 scale as a bf16 power of two (2^-127 .. 2^127, all
     representable). Both products are exact, so the tile equals the float32 form's (a weight below bf16's
     smallest subnormal, 2^-133, aside), and a tile may span scale groups at two packed multiplies a pair."""
-    KH: tl.constexpr = K // 2
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    byte = tl.load(
-        w_ptr + rows[:, None] * KH + kb[None, :], mask=row_ok[:, None] & (kb < KH)[None, :], other=0
-    )
-    low, high = e2m1_values(byte, tl.bfloat16, True)
+    low, high = e2m1_values(nibble_bytes(w_ptr, rows, row_ok, k0, K, BK), tl.bfloat16, True)
     value = tl.reshape(tl.join(low, high), (BR, BK))
     KG: tl.constexpr = K // WB
     exponent = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
