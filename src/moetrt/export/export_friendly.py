@@ -160,8 +160,10 @@ def zero_expert_gather_forward(
     """LongCat-Flash's experts, whose router may pick zero-compute (identity) experts, in the gather form: every
     (token, slot) computes its expert (ids of identity experts clamped to a real one) and a slot that picked an
     identity expert takes the token itself instead. The original loops over the experts hit, which
-    torch.export cannot trace (the loop count depends on the data)."""
-    num_real = self.num_routed_experts
+    torch.export cannot trace (the loop count depends on the data). transformers 5.25 moved the identity experts
+    into the MoE block (their slots reach the experts as real ids with weight 0) and renamed the count
+    `num_experts`; then every slot is real here."""
+    num_real = getattr(self, "num_routed_experts", None) or self.num_experts
     is_real = top_k_index < num_real
     ids = torch.where(is_real, top_k_index, torch.zeros_like(top_k_index))
     tokens = hidden_states[:, None, :].expand(-1, top_k_index.shape[1], -1)  # [T, k, H]
