@@ -84,7 +84,8 @@ VARIANTS: dict[str, MoEAttributes] = {
 # gate_up units) with the gemv and fused switches also on, which it overrides, "routed+fused" its form with the
 # down products added by the gate_up units (fp32 atomics, the last unit casts), "wide" the sorted decode path
 # with 64-row expert blocks (configs.WIDE_DECODE_GATE_UP: few experts, many tokens each), "+splitk" with
-# gate_up split two ways over H as well (the tuner pairs them).
+# gate_up split two ways over H as well (the tuner pairs them), "grouped" the sorted paths with the row
+# blocks taking each weight tile in groups (`gate_up.GM` 3, `down.GM` 2: grids of whole groups of 6 blocks).
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
@@ -155,6 +156,10 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("fp8_shared_gated", "bfloat16", 2, "splitk"),
     ("int4_zero_swiglu_biases", "float32", 9, "splitk"),
     ("mxfp4_sigmoid_grouped", "bfloat16", 1, "splitk"),
+    ("softmax_renorm", "float32", 70, "grouped"),
+    ("shared_gated_logits", "bfloat16", 13, "grouped"),
+    ("int4_zero_swiglu_biases", "float16", 40, "grouped"),
+    ("fp8_activations", "bfloat16", 70, "grouped"),
     ("softmax_renorm", "float32", 37, "wide"),
     ("shared_gated_logits", "bfloat16", 5, "wide"),
     ("int4_zero_swiglu_biases", "float16", 13, "wide"),
@@ -273,6 +278,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "wide",
                 "wide+splitk",
                 "perweight+prefill",
+                "grouped",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -307,6 +313,10 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 elif bucket == "perweight":  # tiles across groups, and tiles inside one by the switch
                     config["gate_up"]["BK"] = 64 if t < 64 else 16
                     config["dequant"]["per_weight"] = 1
+                elif bucket == "grouped":  # row blocks in groups per weight tile (triton_moe.grouped_tile)
+                    config["gemv"]["enabled"] = config["fused"]["enabled"] = config["routed"]["enabled"] = 0
+                    config["gate_up"].update({"BM": 16, "BN": 16, "GM": 3})
+                    config["down"].update({"BH": 16, "GM": 2})  # grids of whole groups of 6 blocks
                 elif bucket == "perweight+prefill":  # prefill blocks: the weight tile first (weights_first)
                     config = default_config(attrs, dtype, None)
                     config["gate_up"].update({"BM": 64, "BN": 64, "BK": 64})

@@ -297,3 +297,18 @@ def test_workspace_grows_with_tokens_within_a_bucket(path: str) -> None:
             for t in range(lo, hi + 1, 7)
         ]
         assert sizes == sorted(sizes), bound
+
+
+def test_grouped_blocks_only_where_weight_tiles_are_many() -> None:
+    """Prefill candidates with row blocks grouped per weight tile (gate_up.GM) for Mixtral's 112 column tiles,
+    none at decode nor for shapes whose few tiles the L2 serves already (they would only cost tuning time)."""
+    from moetrt.op.presets import PRESETS
+
+    def groups(name: str, bound: int | None) -> set[int]:
+        cands = tuning.candidate_configs(PRESETS[name], "bfloat16", bound)
+        return {c["gate_up"].get("GM", 1) for c in cands}
+
+    assert groups("mixtral", 512) == groups("mixtral", None) == {1, *tuning.GROUP_OPTIONS}
+    assert groups("mixtral", 64) == {1}
+    for name in ("qwen3_next", "qwen3_30b", "deepseek_v3", "gpt_oss_20b"):
+        assert groups(name, None) == {1}, name

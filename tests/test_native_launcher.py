@@ -16,6 +16,7 @@ from moetrt.kernels import plan
 from moetrt.kernels.aot import BUNDLE_MAGIC, KernelBundle
 from moetrt.kernels.launcher import plan_from_native
 from moetrt.kernels.native import NativeBundle, NativeLauncher
+from moetrt.op.presets import PRESETS
 from moetrt.op.spec import FP8_BLOCK, INT4, MXFP4, MoEAttributes
 
 ATTRS = {
@@ -73,10 +74,10 @@ def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
     _assert_same_plans(planning_bundle(attrs, dtype), attrs)
 
 
-@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split", "routed", "wide"])
+@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped"])
 def test_native_plan_follows_the_config(path: str) -> None:
-    """The expert-group path, the fused decode path, PDL, split gate_up, the routed path and 64-row decode
-    blocks, as a tuned table selects them."""
+    """The expert-group path, the fused decode path, PDL, split gate_up, the routed path, 64-row decode
+    blocks and row blocks grouped per weight tile, as a tuned table selects them."""
     attrs = FULL
     configs = {}
     for bound in plan.BUCKETS:
@@ -91,6 +92,9 @@ def test_native_plan_follows_the_config(path: str) -> None:
         elif path == "wide":  # 64-row expert blocks at decode (configs.WIDE_DECODE_GATE_UP)
             cfg["gemv"]["enabled"] = 0
             cfg["gate_up"]["BM"] = 64
+        elif path == "grouped":  # grids of whole groups of lcm(3, 2) = 6 row blocks (plan.grid_blocks)
+            cfg["gemv"]["enabled"] = 0
+            cfg["gate_up"]["GM"], cfg["down"]["GM"] = 3, 2
         elif path == "routed":  # with the other switches on: the routed path takes precedence
             cfg["routed"]["enabled"] = 1
             cfg["gemv"]["enabled"] = 1
@@ -108,6 +112,7 @@ def test_native_plan_follows_the_config(path: str) -> None:
         "split": ["router", "topk", "gate_up", "down_rows"],
         "routed": ["router", "routed_experts"],
         "wide": ["router", "topk", "gate_up", "down_rows"],
+        "grouped": ["router", "topk", "gate_up", "down_rows"],
     }[path]
     assert stages == expected
     if path == "split":  # decode buckets split (four programs per tile), prefill ones do not
@@ -124,6 +129,14 @@ def test_native_plan_follows_the_config(path: str) -> None:
         assert layout["units"].offset + layout["units"].nbytes <= int(zero_words) * 4
     if path == "pdl":
         assert all(op["pdl"] for op in NativeBundle(bundle.to_bytes()).plan(700)["launches"])
+    if path == "grouped":  # the grids and the block table cover whole groups
+        for t in (3, 700, 5001):
+            launches, layout = plan_from_native(NativeBundle(bundle.to_bytes()).plan(t))
+            grids = {op.stage: op.grid[0] for op in launches}
+            blocks = layout["block_expert"].nbytes // 4
+            assert blocks % 6 == 0 and grids["down_rows"] == blocks * -(
+                -attrs.hidden_size // configs[None]["down"]["BH"]
+            )
 
 
 def test_native_plan_of_fp8_activations() -> None:
@@ -152,6 +165,8 @@ def test_native_plan_of_the_shipped_sm90_table() -> None:
     """Qwen3-Next's tuned H200 configs (their T = 1 bucket and tile choices) plan alike in both planners."""
     attrs = ATTRS["qwen3_next"]
     _assert_same_plans(planning_bundle(attrs, "bfloat16", sm=90), attrs, tokens=(1, 2, 8, 64, 512, 4096))
+    mixtral = PRESETS["mixtral"]  # its prefill entries group the row blocks (gate_up.GM)
+    _assert_same_plans(planning_bundle(mixtral, "bfloat16", sm=90), mixtral, tokens=(1, 64, 512, 4096))
 
 
 def test_bundle_with_some_buckets_only() -> None:
@@ -232,7 +247,7 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         (lambda d: d[:40], "truncated"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
-        (lambda d: _with_header({**_header(d)[0], "version": 5}, _header(d)[1]), "version 5 is not 6"),
+        (lambda d: _with_header({**_header(d)[0], "version": 6}, _header(d)[1]), "version 6 is not 7"),
         (
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',

@@ -27,8 +27,9 @@ MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 
 BUNDLE_MAGIC = b"MOETRTKB"
 # 3: parameter sources and the op's I/O in the header; 4: split gate_up (gu_part, gu_tickets); 5: the routed
 # path (routed_experts, the units counters); 6: fp8 activations quantized once (xq, xs, actq, acts; the router
-# kernel's quantizing columns)
-BUNDLE_VERSION = 6
+# kernel's quantizing columns); 7: grouped row blocks (gate_up / down GM: grids and block tables of whole
+# groups, which a planner that predates them would launch short)
+BUNDLE_VERSION = 7
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -672,6 +673,7 @@ def _stage_variants(
         "BH": dc["BH"],
         "BK": expert_tile(attrs, dc["BK"]),
         "BT": cfg["reduce"]["BT"],
+        "GM": dc.get("GM", 1),
         **weights,
     }
     variants = {
@@ -679,7 +681,7 @@ def _stage_variants(
         "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
         "gate_up": Variant(
             "gate_up",
-            tuple({**gate_up, "SK": gate_up_splits(cfg, bound), **weights}.items()),
+            tuple({**gate_up, "SK": gate_up_splits(cfg, bound), "GM": gc.get("GM", 1), **weights}.items()),
             gc["num_warps"],
             gc["num_stages"],
         ),
@@ -725,13 +727,23 @@ def _max_blocks(attrs: MoEAttributes, num_tokens: int, bm: int) -> int:
     return cdiv(slots, bm) + min(attrs.num_experts, slots) + shared
 
 
+def grid_blocks(cfg: dict[str, Any], bound: int | None, max_blocks: int) -> int:
+    """Row blocks the grouped GEMMs' grids cover: on the paths that run gate_up and down_rows, max_blocks
+    rounded up to whole groups of both kernels' GM blocks (triton_moe.grouped_tile); the block tables and
+    tickets are sized alike, so the last group's extra programs read in bounds (and exit)."""
+    if decode_path(cfg, bound) not in ("sorted", "prefill"):
+        return max_blocks
+    group = math.lcm(cfg["gate_up"].get("GM", 1), cfg["down"].get("GM", 1))
+    return cdiv(max_blocks, group) * group
+
+
 def workspace_layout(
     attrs: MoEAttributes, dtype: str, num_tokens: int, cfg: dict[str, Any], bound: int | None
 ) -> dict[str, Region]:
     """Byte regions of the workspace for `num_tokens` in bucket `bound` (config `cfg`); 'total' spans all."""
     t, k, e, h = num_tokens, attrs.top_k, attrs.num_experts, attrs.hidden_size
     rows = t * k + (t if attrs.has_shared_expert else 0)
-    max_blocks = _max_blocks(attrs, t, cfg["gate_up"]["BM"])
+    max_blocks = grid_blocks(cfg, bound, _max_blocks(attrs, t, cfg["gate_up"]["BM"]))
     esize = precision(dtype).itemsize
     fused = is_fused(cfg, bound)
     gemv = is_gemv(cfg, bound)
@@ -745,6 +757,7 @@ def workspace_layout(
     routed = is_routed(cfg, bound)
     routed_acc = routed and routed_fused(attrs, cfg)
     xq, block = quantizes_x_once(attrs, cfg, bound), attrs.weight_block
+    shared_rows = t if attrs.has_shared_expert else 0
     sizes = [
         ("counts", 4 * (e + 2)),
         ("tickets", 16),  # counts ... acc: one span the router-logits kernel zeroes
@@ -770,7 +783,8 @@ def workspace_layout(
         ("block_expert", 4 * max_blocks),
         ("block_row0", 4 * max_blocks),
         ("sorted_slot", 4 * rows),
-        ("act", 0 if fused else esize * rows * _nmax(attrs)),
+        # with fp8 activations the routed rows' activation is actq: act keeps the shared expert's T rows only
+        ("act", 0 if fused else esize * (shared_rows if xq else rows) * _nmax(attrs)),
         # fp8 activations: x and the routed rows' activation as e4m3 codes and block scales (quantizes_x_once)
         ("xq", t * h if xq else 0),
         ("xs", 4 * t * cdiv(h, block) if xq else 0),
@@ -925,7 +939,7 @@ def launch_sequence(
         Launch(
             "gate_up",
             variants["gate_up"].key,
-            (max_blocks * cdiv(_nmax(attrs), g["BN"]) * g["SK"], 1, 1),
+            (grid_blocks(cfg, bound, max_blocks) * cdiv(_nmax(attrs), g["BN"]) * g["SK"], 1, 1),
             args_for("gate_up"),
         )
     )
@@ -934,7 +948,7 @@ def launch_sequence(
         Launch(
             "down_rows",
             variants["down_rows"].key,
-            (max_blocks * cdiv(h, d["BH"]), 1, 1),
+            (grid_blocks(cfg, bound, max_blocks) * cdiv(h, d["BH"]), 1, 1),
             args_for("down_rows"),
         )
     )

@@ -506,6 +506,20 @@ def align_kernel(
 
 
 @triton.jit
+def grouped_tile(pid, NT: tl.constexpr, GM: tl.constexpr):
+    """(row block, column tile) of program `pid` of a grouped GEMM's 1-D grid of row blocks x NT tiles.
+
+    GM row blocks take each column tile in turn before the next tile: consecutive programs then read the
+    same weight tile (the blocks of one expert lie next to each other), so all but the first read it from L2,
+    while the group's token rows stay in L2 across the tiles. With GM = 1 a row block's tiles run together:
+    its token rows are read once, but an expert with many row blocks and many column tiles (Mixtral: 112
+    gate_up tiles) streams its weights once per block. The grid covers whole groups (plan.grid_blocks)."""
+    group = pid // (GM * NT)
+    within = pid % (GM * NT)
+    return group * GM + within % GM, within // GM
+
+
+@triton.jit
 def _block_rows(
     b,
     T,
@@ -872,6 +886,7 @@ def gate_up_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     SK: tl.constexpr,
+    GM: tl.constexpr,
     WFMT: tl.constexpr,
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
@@ -902,8 +917,7 @@ def gate_up_kernel(
     KS: tl.constexpr = ((H + SK - 1) // SK + BK - 1) // BK * BK  # reduction elements per split
     tile = tl.program_id(0) // SK
     pid_k = tl.program_id(0) % SK
-    b = tile // NT
-    pid_n = tile % NT
+    b, pid_n = grouped_tile(tile, NT, GM)
     num_blocks = tl.load(nblocks_ptr)
     e, rows, row_ok, _slot, token = _block_rows(
         b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
@@ -960,8 +974,8 @@ def gate_up_kernel(
         acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
     ).to(act_ptr.dtype.element_ty)
     if ACT_FP8:
-        if is_shared:
-            tl.store(act_ptr + rows[:, None] * NMAX + n[None, :], act, mask=out_mask)
+        if is_shared:  # act holds the shared expert's T rows only (its rows are the last, from T * K)
+            tl.store(act_ptr + (rows - T * K)[:, None] * NMAX + n[None, :], act, mask=out_mask)
         else:
             NBI: tl.constexpr = (I + BN - 1) // BN
             _store_fp8_rows(actq_ptr, acts_ptr, act.to(tl.float32), rows, row_ok, n, n_ok, pid_n, I, NBI)
@@ -1076,6 +1090,7 @@ def down_rows_kernel(
     BH: tl.constexpr,
     BK: tl.constexpr,
     BT: tl.constexpr,
+    GM: tl.constexpr,
     WFMT: tl.constexpr,
     WB: tl.constexpr,
     HAS_ZERO: tl.constexpr,
@@ -1095,8 +1110,7 @@ def down_rows_kernel(
         gdc_wait()
         gdc_launch_dependents()
     NTH: tl.constexpr = (H + BH - 1) // BH
-    b = tl.program_id(0) // NTH
-    pid_h = tl.program_id(0) % NTH
+    b, pid_h = grouped_tile(tl.program_id(0), NTH, GM)
     h = pid_h * BH + tl.arange(0, BH)
     h_ok = h < H
     num_blocks = tl.load(nblocks_ptr)
@@ -1105,8 +1119,12 @@ def down_rows_kernel(
     )
     if b < num_blocks:
         if e == E:
+            if ACT_FP8:  # act holds the shared expert's T rows only (gate_up_kernel)
+                act_rows = rows - T * K
+            else:
+                act_rows = rows
             y = _down_tile(
-                act_ptr, shared_w_down_ptr, rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH,
+                act_ptr, shared_w_down_ptr, act_rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH,
                 shared_tile_k(BK, ACT_FP8), shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0, 0, 0, 0, acts_ptr, 0,
             )  # fmt: skip
             weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <numeric>
 #include <sstream>
 
 #include "errors.h"
@@ -21,6 +22,15 @@ int64_t max_blocks(const Shape& s, int64_t t, int64_t bm) {
     return cdiv(slots, bm) + std::min(s.num_experts, slots) + shared;
 }
 
+// plan.py grid_blocks: row blocks rounded up to whole groups of the grouped GEMMs' GM blocks
+int64_t grid_blocks(const Bucket& bucket, int64_t blocks) {
+    const Stage* gate_up = bucket.stage("gate_up");
+    const Stage* down = bucket.stage("down_rows");
+    int64_t group = std::lcm(gate_up ? gate_up->constexpr_int_or("GM", 1) : 1,
+                             down ? down->constexpr_int_or("GM", 1) : 1);
+    return cdiv(blocks, group) * group;
+}
+
 struct Layout {
     std::vector<std::pair<std::string, Region>> regions;
     const Region& operator[](const std::string& name) const {
@@ -34,7 +44,7 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
     const Shape& s = b.shape;
     int64_t k = s.top_k, e = s.num_experts, h = s.hidden_size;
     int64_t rows = t * k + (s.has_shared_expert() ? t : 0);
-    int64_t blocks = max_blocks(s, t, bucket.config_int("gate_up", "BM"));
+    int64_t blocks = grid_blocks(bucket, max_blocks(s, t, bucket.config_int("gate_up", "BM")));
     int64_t esize = static_cast<int64_t>(b.element_size());
     const Stage* group = bucket.stage("topk_group");
     bool gemv = group != nullptr;
@@ -76,7 +86,8 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
         {"block_expert", 4 * blocks},
         {"block_row0", 4 * blocks},
         {"sorted_slot", 4 * rows},
-        {"act", fused ? 0 : esize * rows * s.nmax()},
+        // fp8 activations: the routed rows' activation is actq, act keeps the shared expert's t rows only
+        {"act", fused ? 0 : esize * (xq ? (s.has_shared_expert() ? t : 0) : rows) * s.nmax()},
         {"xq", xq ? t * h : 0},
         {"xs", xq ? 4 * t * cdiv(h, block) : 0},
         {"actq", xq ? rows * inter : 0},
@@ -225,8 +236,9 @@ Plan plan_for(const Bundle& b, int64_t t) {
             p.add("experts", {blocks * cdiv(s.nmax(), p.stage_int("experts", "BN")), 1, 1});
             p.add("finalize", {cdiv(t * h, p.stage_int("finalize", "BLOCK")), 1, 1});
         } else {
-            p.add("gate_up", {blocks * cdiv(s.nmax(), p.stage_int("gate_up", "BN")) * p.stage_int("gate_up", "SK"), 1, 1});
-            p.add("down_rows", {blocks * cdiv(h, p.stage_int("down_rows", "BH")), 1, 1});
+            int64_t grid = grid_blocks(bucket, blocks);
+            p.add("gate_up", {grid * cdiv(s.nmax(), p.stage_int("gate_up", "BN")) * p.stage_int("gate_up", "SK"), 1, 1});
+            p.add("down_rows", {grid * cdiv(h, p.stage_int("down_rows", "BH")), 1, 1});
             if (!decode)
                 p.add("reduce", {cdiv(t, p.stage_int("reduce", "BT")), cdiv(h, p.stage_int("reduce", "BH")), 1});
         }

@@ -1,0 +1,116 @@
+"""The grouped GEMMs' program order (`gate_up.GM`, `down.GM`: row blocks per weight tile, triton_moe.grouped_tile).
+
+For each shape and T, the table's config of that bucket as it is (GM = 1: a row block's column tiles run
+together) and with the row blocks grouped (GM > 1: the blocks of a group take each weight tile in turn, so an
+expert's weight tile is read from HBM once per group instead of once per block). Every bundle runs through the
+launcher and is checked against the float32 oracle (exit 1 on a failure), then timed by CUDA-graph replay with
+L2 flushed. Bundles are compiled here or on the GPU's host; --bundles keeps them, so a CPU machine can compile
+them for a short GPU call:
+
+    PYTHONPATH=src python3 bench/grouped_order.py --bundles /tmp/gm --compile-only          # CPU
+    PYTHONPATH=src python3 bench/grouped_order.py --bundles /tmp/gm --out results.jsonl    # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+from moetrt.kernels import aot, plan
+from moetrt.kernels.configs import select_config
+from moetrt.op.presets import PRESETS
+
+SM = 90
+DTYPE = "bfloat16"
+
+
+def variants(shape: str, t: int, groups: list[int]) -> list[tuple[str, dict]]:
+    """(label, config) per grouping of one bucket: the table's config with GM set on gate_up (and down)."""
+    bound = plan.bucket_of(t)
+    base = select_config(PRESETS[shape], DTYPE, SM, bound)
+    out = []
+    for gm in groups:
+        for stages in (("gate_up",), ("gate_up", "down")) if gm > 1 else (("gate_up",),):
+            cfg = copy.deepcopy(base)
+            for stage in stages:
+                cfg[stage]["GM"] = gm
+            label = f"GM{gm}" + ("" if gm == 1 else "+down" if "down" in stages else "")
+            out.append((label, cfg))
+    return out
+
+
+_COMPILED: dict[str, aot.CompiledKernel] = {}  # variants shared by the bundles (router, top-k, align, reduce)
+
+
+def bundle_for(shape: str, t: int, label: str, cfg: dict, cache_dir: Path | None) -> aot.KernelBundle:
+    path = cache_dir / f"{shape}_T{t}_{label}.bin" if cache_dir else None
+    if path is not None and path.exists():
+        return aot.KernelBundle.from_bytes(path.read_bytes())
+    bound = plan.bucket_of(t)
+    bundle = aot.compile_kernels(
+        PRESETS[shape], DTYPE, SM, buckets=(bound,), configs={bound: cfg}, workers=2, cache=_COMPILED
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(bundle.to_bytes())
+        tmp.replace(path)
+    return bundle
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="mixtral:512,mixtral:4096,qwen3_30b:4096", help="shape:T,...")
+    p.add_argument("--groups", default="1,2,4,8", help="GM values to compare (1: the table as it is)")
+    p.add_argument("--bundles", type=Path, default=None, help="folder that keeps the compiled bundles")
+    p.add_argument("--compile-only", action="store_true", help="compile the bundles and stop (no GPU needed)")
+    p.add_argument("--out", default=None, help="a .jsonl file for the rows")
+    a = p.parse_args()
+    groups = [int(g) for g in a.groups.split(",")]
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",")]
+    rows, ok = [], True
+    for shape, t in cases:
+        for label, cfg in variants(shape, t, groups):
+            bundle = bundle_for(shape, t, label, cfg, a.bundles)
+            if a.compile_only:
+                print(f"compiled {shape} T={t} {label}", flush=True)
+                continue
+            row = dict(shape=shape, T=t, order=label, **time_bundle(shape, t, bundle))
+            ok &= row["ok"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if a.out:
+        Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0 if ok else 1
+
+
+_INPUTS: dict[tuple[str, int], tuple[dict, object]] = {}
+
+
+def time_bundle(shape: str, t: int, bundle: aot.KernelBundle) -> dict:
+    import torch
+
+    from moetrt.core.tolerances import relative_error, tolerance
+    from moetrt.kernels.torch_ops import moe_forward
+    from moetrt.tune.gpu_workload import gpu_random_inputs, gpu_reference
+    from moetrt.tune.timing import time_graph
+
+    attrs = PRESETS[shape]
+    if (shape, t) not in _INPUTS:
+        _INPUTS.clear()  # one shape's weights at a time
+        torch.cuda.empty_cache()
+        inputs = gpu_random_inputs(attrs, t, torch.bfloat16, seed=3)
+        _INPUTS[(shape, t)] = (inputs, gpu_reference(inputs, attrs).output)
+    inputs, ref = _INPUTS[(shape, t)]
+    out = {"output": torch.full((t, attrs.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda")}
+    moe_forward(inputs, attrs, bundle, outputs=out)
+    rel = relative_error(out["output"], ref)
+    timing = time_graph(lambda: moe_forward(inputs, attrs, bundle), repeats=20)
+    return dict(rel_err=rel, ok=bool(rel <= tolerance(DTYPE)), us=timing.median_us, us_min=timing.min_us)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Prefill grouped GEMMs with Hopper's tensor-memory accelerator: a design probe.
+
+The expert GEMMs of one prefill call (bf16), as the launcher's kernels compute them, in several forms:
+
+- gate_up: act[row, n] = silu(x[token] @ W_gate[e, n]) * (x[token] @ W_up[e, n]) per (row block, N tile)
+  - `ptr`: every tile by pointer loads (cp.async), the activation rows gathered by token, as today;
+  - `tma_w`: the weight tiles by TMA (a host tensor descriptor over [E * 2I, H]), x still gathered by pointer;
+  - `tma`: x laid out by row first (a gather kernel, timed with it), both operands by TMA;
+  - `tma_ws`: `tma` with the K loop warp-specialised (a producer warp issues the TMA loads);
+- down: y[slot, h] = w[slot] * (act[row] @ W_down[e, h]) per (row block, H tile), `ptr`, `tma`, `tma_ws`.
+
+Rows are laid out per expert in blocks of BM (each expert's rows padded to a whole block), so a block holds one
+expert and a TMA box never mixes experts. Each form is checked against a float32 torch reference (bf16
+tolerance; exit 1 on a failure) and, on a GPU, timed by CUDA-graph replay, with its TFLOP/s over the routed
+rows' FLOPs (padding not counted).
+
+    PYTHONPATH=src python3 bench/tma_probe.py --shapes qwen3_30b,qwen3_next --tokens 4096
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 bench/tma_probe.py --shapes tiny --tokens 40   # the CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+SHAPES = {  # E, K, H, I
+    "tiny": (8, 2, 128, 64),
+    "qwen3_30b": (128, 8, 2048, 768),
+    "qwen3_next": (512, 10, 2048, 512),
+    "mixtral": (8, 2, 4096, 14336),
+}
+
+
+@triton.jit
+def _silu_glu(g, u):
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def gate_up_ptr(
+    x_ptr, w_ptr, act_ptr, block_expert_ptr, row_token_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    NT: tl.constexpr = I // BN
+    b = tl.program_id(0) // NT
+    n0 = (tl.program_id(0) % NT) * BN
+    e = tl.load(block_expert_ptr + b)
+    rows = b * BM + tl.arange(0, BM)
+    token = tl.load(row_token_ptr + rows)
+    row_ok = token >= 0
+    n = n0 + tl.arange(0, BN)
+    w_base = w_ptr + e.to(tl.int64) * (2 * I * H)
+    acc_g = tl.zeros((BM, BN), tl.float32)
+    acc_u = tl.zeros((BM, BN), tl.float32)
+    for k0 in tl.range(0, H, BK, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BK)
+        wg = tl.load(w_base + n[:, None] * H + ks[None, :])
+        wu = tl.load(w_base + (n + I)[:, None] * H + ks[None, :])
+        xt = tl.load(x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
+        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    act = _silu_glu(acc_g, acc_u).to(act_ptr.dtype.element_ty)
+    tl.store(act_ptr + rows[:, None] * I + n[None, :], act)
+
+
+@triton.jit
+def gate_up_tma_w(
+    x_ptr, w_desc, act_ptr, block_expert_ptr, row_token_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    NT: tl.constexpr = I // BN
+    b = tl.program_id(0) // NT
+    n0 = (tl.program_id(0) % NT) * BN
+    e = tl.load(block_expert_ptr + b)
+    rows = b * BM + tl.arange(0, BM)
+    token = tl.load(row_token_ptr + rows)
+    row_ok = token >= 0
+    n = n0 + tl.arange(0, BN)
+    w_row = e * (2 * I) + n0
+    acc_g = tl.zeros((BM, BN), tl.float32)
+    acc_u = tl.zeros((BM, BN), tl.float32)
+    for k0 in tl.range(0, H, BK, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BK)
+        wg = w_desc.load([w_row, k0])
+        wu = w_desc.load([w_row + I, k0])
+        xt = tl.load(x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
+        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    act = _silu_glu(acc_g, acc_u).to(act_ptr.dtype.element_ty)
+    tl.store(act_ptr + rows[:, None] * I + n[None, :], act)
+
+
+@triton.jit
+def gate_up_tma(
+    x_desc, w_desc, act_ptr, block_expert_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
+):  # fmt: skip
+    NT: tl.constexpr = I // BN
+    b = tl.program_id(0) // NT
+    n0 = (tl.program_id(0) % NT) * BN
+    e = tl.load(block_expert_ptr + b)
+    row0 = b * BM
+    w_row = e * (2 * I) + n0
+    acc_g = tl.zeros((BM, BN), tl.float32)
+    acc_u = tl.zeros((BM, BN), tl.float32)
+    for k0 in tl.range(0, H, BK, num_stages=STAGES, warp_specialize=WS):
+        xt = x_desc.load([row0, k0])
+        wg = w_desc.load([w_row, k0])
+        wu = w_desc.load([w_row + I, k0])
+        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    act = _silu_glu(acc_g, acc_u).to(act_ptr.dtype.element_ty)
+    rows = row0 + tl.arange(0, BM)
+    n = n0 + tl.arange(0, BN)
+    tl.store(act_ptr + rows[:, None] * I + n[None, :], act)
+
+
+@triton.jit
+def gather_rows(x_ptr, xg_ptr, row_token_ptr, H: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    token = tl.load(row_token_ptr + rows)
+    for h0 in tl.range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        v = tl.load(x_ptr + token[:, None] * H + hs[None, :], mask=(token >= 0)[:, None], other=0.0)
+        tl.store(xg_ptr + rows[:, None] * H + hs[None, :], v)
+
+
+@triton.jit
+def down_ptr(
+    act_ptr, w_ptr, y_ptr, block_expert_ptr, row_slot_ptr, row_w_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
+    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    NTH: tl.constexpr = H // BH
+    b = tl.program_id(0) // NTH
+    h0 = (tl.program_id(0) % NTH) * BH
+    e = tl.load(block_expert_ptr + b)
+    rows = b * BM + tl.arange(0, BM)
+    h = h0 + tl.arange(0, BH)
+    w_base = w_ptr + e.to(tl.int64) * (H * I)
+    y = tl.zeros((BM, BH), tl.float32)
+    for k0 in tl.range(0, I, BK, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(act_ptr + rows[:, None] * I + ks[None, :])
+        w = tl.load(w_base + h[None, :] * I + ks[:, None])
+        y = tl.dot(a, w, y)
+    slot = tl.load(row_slot_ptr + rows)
+    wt = tl.load(row_w_ptr + rows)
+    tl.store(y_ptr + slot[:, None] * H + h[None, :], (y * wt[:, None]).to(y_ptr.dtype.element_ty),
+             mask=(slot >= 0)[:, None])  # fmt: skip
+
+
+@triton.jit
+def down_tma(
+    a_desc, w_desc, y_ptr, block_expert_ptr, row_slot_ptr, row_w_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
+    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
+):  # fmt: skip
+    NTH: tl.constexpr = H // BH
+    b = tl.program_id(0) // NTH
+    h0 = (tl.program_id(0) % NTH) * BH
+    e = tl.load(block_expert_ptr + b)
+    row0 = b * BM
+    y = tl.zeros((BM, BH), tl.float32)
+    for k0 in tl.range(0, I, BK, num_stages=STAGES, warp_specialize=WS):
+        a = a_desc.load([row0, k0])
+        w = w_desc.load([e * H + h0, k0])
+        y = tl.dot(a, tl.trans(w), y)
+    rows = row0 + tl.arange(0, BM)
+    h = h0 + tl.arange(0, BH)
+    slot = tl.load(row_slot_ptr + rows)
+    wt = tl.load(row_w_ptr + rows)
+    tl.store(y_ptr + slot[:, None] * H + h[None, :], (y * wt[:, None]).to(y_ptr.dtype.element_ty),
+             mask=(slot >= 0)[:, None])  # fmt: skip
+
+
+def padded_layout(ids: torch.Tensor, E: int, BM: int):
+    """Rows per expert padded to whole blocks of BM: (block_expert, row_slot [-1 for padding])."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    blocks = (counts + BM - 1) // BM
+    block_expert = torch.repeat_interleave(torch.arange(E, device=ids.device), blocks)
+    start = torch.cumsum(blocks, 0) * BM - blocks * BM
+    row_slot = torch.full((int(blocks.sum()) * BM,), -1, dtype=torch.int64, device=ids.device)
+    first = torch.cumsum(counts, 0) - counts
+    sorted_e = flat[order]
+    rank = torch.arange(flat.numel(), device=ids.device) - first[sorted_e]
+    row_slot[start[sorted_e] + rank] = order
+    return block_expert.to(torch.int32), row_slot
+
+
+def run_config(
+    name: str,
+    T: int,
+    cfg: dict,
+    x,
+    w_gu,
+    w_d,
+    ids,
+    topw,
+    act_ref,
+    y_ref,
+    timing: bool,
+    rows_out: list[dict],
+    only: set[str],
+) -> bool:
+    """Every form at one block configuration: checked, and timed where it is right."""
+    E, K, H, I = SHAPES[name]  # noqa: E741
+    dev, dt = x.device, x.dtype
+    flops_gu = 2 * T * K * H * 2 * I
+    flops_d = 2 * T * K * H * I
+    ok = True
+    BM, BN, BK, BH, BKD, W, S = (cfg[k] for k in ("BM", "BN", "BK", "BH", "BKD", "warps", "stages"))
+    if I % BN or H % BH or H % BK or I % BKD:
+        return True
+    block_expert, row_slot = padded_layout(ids, E, BM)
+    R = row_slot.numel()
+    nb = block_expert.numel()
+    row_token = torch.where(row_slot >= 0, row_slot // K, -1).to(torch.int32)
+    row_w = torch.where(row_slot >= 0, topw.flatten()[row_slot.clamp(min=0)], 0.0)
+    row_slot32 = row_slot.to(torch.int32)
+    act = torch.empty(R, I, device=dev, dtype=dt)
+    xg = torch.empty(R, H, device=dev, dtype=dt)
+    y = torch.empty(T * K, H, device=dev, dtype=dt)
+    w_desc = TensorDescriptor.from_tensor(w_gu.view(E * 2 * I, H), [BN, BK])
+    x_desc = TensorDescriptor.from_tensor(xg, [BM, BK])
+    a_desc = TensorDescriptor.from_tensor(act, [BM, BKD])
+    wd_desc = TensorDescriptor.from_tensor(w_d.view(E * H, I), [BH, BKD])
+    grid_gu = (nb * (I // BN),)
+    grid_d = (nb * (H // BH),)
+    common = dict(num_warps=W)
+
+    def gather():
+        gather_rows[(R // 16,)](x, xg, row_token, H, 16, min(256, H), num_warps=4)
+
+    forms = {
+        "gate_up/ptr": lambda: gate_up_ptr[grid_gu](
+            x, w_gu, act, block_expert, row_token, H, I, BM, BN, BK, S, **common
+        ),
+        "gate_up/tma_w": lambda: gate_up_tma_w[grid_gu](
+            x, w_desc, act, block_expert, row_token, H, I, BM, BN, BK, S, **common
+        ),
+        # x laid out by row once before (the gather is timed on its own, below)
+        "gate_up/tma": lambda: gate_up_tma[grid_gu](
+            x_desc, w_desc, act, block_expert, H, I, BM, BN, BK, S, False, **common
+        ),
+        "gate_up/tma_ws": lambda: gate_up_tma[grid_gu](
+            x_desc, w_desc, act, block_expert, H, I, BM, BN, BK, S, True, **common
+        ),
+        "down/ptr": lambda: down_ptr[grid_d](
+            act, w_d, y, block_expert, row_slot32, row_w, H, I, BM, BH, BKD, S, **common
+        ),
+        "down/tma": lambda: down_tma[grid_d](
+            a_desc, wd_desc, y, block_expert, row_slot32, row_w, H, I, BM, BH, BKD, S, False, **common
+        ),
+        "down/tma_ws": lambda: down_tma[grid_d](
+            a_desc, wd_desc, y, block_expert, row_slot32, row_w, H, I, BM, BH, BKD, S, True, **common
+        ),
+    }
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        forms = {k: v for k, v in forms.items() if not k.endswith("_ws")}  # the interpreter runs no WS
+    if only:
+        forms = {k: v for k, v in forms.items() if k in only}
+    gather()
+    gate_ref = act_ref.to(dt)
+    for form, call in forms.items():
+        row = dict(shape=name, T=T, form=form, **cfg)
+        began = time.perf_counter()
+        try:
+            if form.startswith("gate_up"):
+                act.fill_(float("nan"))
+                call()
+                got = act[row_slot >= 0].float()
+                ref = act_ref[row_slot[row_slot >= 0]]
+            else:
+                act.copy_(torch.zeros_like(act))
+                act[row_slot >= 0] = gate_ref[row_slot[row_slot >= 0]]
+                y.fill_(float("nan"))
+                call()
+                got, ref = y.float(), y_ref
+            err = float((got - ref).norm() / ref.norm())
+            row["rel_err"] = err
+            row["ok"] = bool(err <= 1e-2)
+            ok &= row["ok"]
+            if timing and row["ok"]:
+                from moetrt.tune.timing import time_graph
+
+                t = time_graph(call, repeats=30)
+                us = t.median_us
+                row["us"] = us
+                row["tflops"] = (flops_gu if form.startswith("gate_up") else flops_d) / us / 1e6
+        except Exception as exc:  # a form the compiler refuses: say so, keep going
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            row["ok"] = False
+            ok = False
+        row["wall_s"] = round(time.perf_counter() - began, 1)
+        print(json.dumps(row), flush=True)
+        rows_out.append(row)
+    if timing and (not only or "gather" in only):
+        from moetrt.tune.timing import time_graph
+
+        t = time_graph(gather, repeats=30)
+        print(json.dumps(dict(shape=name, T=T, form="gather", us=t.median_us, **cfg)), flush=True)
+    return ok
+
+
+def run_shape(
+    name: str, T: int, configs: list[dict], timing: bool, rows_out: list[dict], only: set[str]
+) -> bool:
+    E, K, H, I = SHAPES[name]  # noqa: E741
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dt = torch.bfloat16
+    x = (torch.randn(T, H, generator=gen) * 0.5).to(dev, dt)
+    w_gu = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(dev, dt)
+    w_d = (torch.randn(E, H, I, generator=gen) / I**0.5).to(dev, dt)
+    logits = torch.randn(T, E, generator=gen)
+    topw, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
+    ids, topw = ids.to(dev), topw.to(dev, torch.float32)
+    # reference (float32)
+    xf = x.float()
+    act_ref = torch.empty(T * K, I, device=dev)
+    y_ref = torch.empty(T * K, H, device=dev)
+    flat = ids.flatten()
+    for e in range(E):
+        sl = (flat == e).nonzero().flatten()
+        if sl.numel() == 0:
+            continue
+        xe = xf[sl // K]
+        g = xe @ w_gu[e, :I].float().T
+        u = xe @ w_gu[e, I:].float().T
+        a = torch.nn.functional.silu(g) * u
+        act_ref[sl] = a
+        y_ref[sl] = (a.to(dt).float() @ w_d[e].float().T) * topw.flatten()[sl, None]
+    flops_gu = 2 * T * K * H * 2 * I
+    flops_d = 2 * T * K * H * I
+    ok = True
+    for cfg in configs:
+        ok &= run_config(name, T, cfg, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, rows_out, only)
+    if timing:  # cuBLAS on the same FLOPs as one dense product, the ceiling the grouped forms aim at
+        from moetrt.tune.timing import time_graph
+
+        xr = torch.randn(T * K, H, device=dev, dtype=dt)
+        for form, w, flops in (("gate_up/cublas", w_gu[0], flops_gu), ("down/cublas", w_d[0], flops_d)):
+            src = xr if form.startswith("gate_up") else xr[:, :I].contiguous()
+            us = time_graph(lambda src=src, w=w: src @ w.T, repeats=30).median_us
+            row = dict(shape=name, T=T, form=form, us=us, tflops=flops / us / 1e6)
+            print(json.dumps(row), flush=True)
+            rows_out.append(row)
+    return ok
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="qwen3_30b,qwen3_next")
+    p.add_argument("--tokens", default="4096")
+    p.add_argument("--configs", default=None, help="JSON list of {BM, BN, BK, BH, BKD, warps, stages}")
+    p.add_argument("--out", default=None, help="a .jsonl file for the rows")
+    p.add_argument(
+        "--forms", default="", help="comma-separated forms to run (default: all), e.g. down/tma_ws,gather"
+    )
+    a = p.parse_args()
+    configs = json.loads(a.configs) if a.configs else [
+        dict(BM=128, BN=128, BK=64, BH=256, BKD=64, warps=8, stages=3),
+        dict(BM=128, BN=64, BK=64, BH=128, BKD=64, warps=4, stages=4),
+        dict(BM=64, BN=128, BK=64, BH=128, BKD=64, warps=4, stages=4),
+    ]  # fmt: skip
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if interp:  # the interpreter's bf16 products and casts, as the kernel tests run them
+        from moetrt.kernels.torch_ops import _interpreter_fixes
+
+        _interpreter_fixes()
+    rows: list[dict] = []
+    ok = True
+    for name in a.shapes.split(","):
+        for T in (int(t) for t in a.tokens.split(",")):
+            ok &= run_shape(
+                name,
+                T,
+                configs,
+                timing=not interp and torch.cuda.is_available(),
+                rows_out=rows,
+                only=set(filter(None, a.forms.split(","))),
+            )
+    if a.out:
+        with open(a.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
