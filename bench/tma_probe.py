@@ -7,6 +7,9 @@ The expert GEMMs of one prefill call (bf16), as the launcher's kernels compute t
   - `tma_w`: the weight tiles by TMA (a host tensor descriptor over [E * 2I, H]), x still gathered by pointer;
   - `tma`: x laid out by row first (a gather kernel, timed with it), both operands by TMA;
   - `tma_ws`: `tma` with the K loop warp-specialised (a producer warp issues the TMA loads);
+  - `ptr+tail`: pointer loads for the experts' full row blocks, and their last, partly filled blocks cut into
+    TAIL_ROWS-row pieces multiplied weights first (W @ x.T: the tokens are wgmma's N side), so the tensor cores
+    do not run on padding rows;
 - down: y[slot, h] = w[slot] * (act[row] @ W_down[e, h]) per (row block, H tile), `ptr`, `tma`, `tma_ws`.
 
 Rows are laid out per expert in blocks of BM (each expert's rows padded to a whole block), so a block holds one
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+TAIL_ROWS = 32  # rows of the pieces the experts' last, partly filled blocks are cut into (gate_up/ptr+tail)
 SHAPES = {  # E, K, H, I
     "tiny": (8, 2, 128, 64),
     "qwen3_30b": (128, 8, 2048, 768),
@@ -121,6 +125,60 @@ def gate_up_tma(
     rows = row0 + tl.arange(0, BM)
     n = n0 + tl.arange(0, BN)
     tl.store(act_ptr + rows[:, None] * I + n[None, :], act)
+
+
+@triton.jit
+def gate_up_blocks(
+    x_ptr, w_ptr, act_ptr, block_expert_ptr, block_row0_ptr, row_token_ptr, H: tl.constexpr,
+    I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,  # noqa: E741
+    W_FIRST: tl.constexpr,
+):  # fmt: skip
+    """gate_up_ptr over a list of blocks (expert, first row); W_FIRST multiplies W @ x.T ([BN, BM]: the tokens
+    are wgmma's N side, which may be as narrow as 8 rows) for the tails of the experts' rows."""
+    NT: tl.constexpr = I // BN
+    b = tl.program_id(0) // NT
+    n0 = (tl.program_id(0) % NT) * BN
+    e = tl.load(block_expert_ptr + b)
+    rows = tl.load(block_row0_ptr + b) + tl.arange(0, BM)
+    token = tl.load(row_token_ptr + rows)
+    row_ok = token >= 0
+    n = n0 + tl.arange(0, BN)
+    w_base = w_ptr + e.to(tl.int64) * (2 * I * H)
+    if W_FIRST:
+        acc_g = tl.zeros((BN, BM), tl.float32)
+        acc_u = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc_g = tl.zeros((BM, BN), tl.float32)
+        acc_u = tl.zeros((BM, BN), tl.float32)
+    for k0 in tl.range(0, H, BK, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BK)
+        wg = tl.load(w_base + n[:, None] * H + ks[None, :])
+        wu = tl.load(w_base + (n + I)[:, None] * H + ks[None, :])
+        xt = tl.load(x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
+        if W_FIRST:
+            acc_g = tl.dot(wg, tl.trans(xt), acc_g)
+            acc_u = tl.dot(wu, tl.trans(xt), acc_u)
+        else:
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    if W_FIRST:
+        acc_g, acc_u = tl.trans(acc_g), tl.trans(acc_u)
+    act = _silu_glu(acc_g, acc_u).to(act_ptr.dtype.element_ty)
+    tl.store(act_ptr + rows[:, None] * I + n[None, :], act, mask=row_ok[:, None])
+
+
+def split_tails(block_expert: torch.Tensor, row_slot: torch.Tensor, BM: int, BT: int):
+    """The padded layout's full blocks (expert, first row) and its partly filled blocks cut into BT-row pieces
+    that hold routed rows: ((expert, row0) of the full blocks, (expert, row0) of the tail pieces)."""
+    filled = (row_slot.view(-1, BM) >= 0).sum(1)
+    row0 = torch.arange(block_expert.numel(), device=row_slot.device) * BM
+    full = filled == BM
+    pieces = [(int(e), int(r) + j * BT) for e, r, f in zip(block_expert[~full], row0[~full], filled[~full])
+              for j in range(-(-int(f) // BT))]  # fmt: skip
+    to = dict(dtype=torch.int32, device=row_slot.device)
+    tail_e = torch.tensor([p[0] for p in pieces], **to)
+    tail_r = torch.tensor([p[1] for p in pieces], **to)
+    return (block_expert[full].to(**to), row0[full].to(**to)), (tail_e, tail_r)
 
 
 @triton.jit
@@ -237,6 +295,19 @@ def run_config(
     grid_d = (nb * (H // BH),)
     common = dict(num_warps=W)
 
+    bt = min(TAIL_ROWS, BM)  # pieces inside their block
+    (full_e, full_r), (tail_e, tail_r) = split_tails(block_expert, row_slot, BM, bt)
+
+    def blocks_and_tails():
+        if full_e.numel():
+            gate_up_blocks[(full_e.numel() * (I // BN),)](
+                x, w_gu, act, full_e, full_r, row_token, H, I, BM, BN, BK, S, False, **common
+            )
+        if tail_e.numel():
+            gate_up_blocks[(tail_e.numel() * (I // BN),)](
+                x, w_gu, act, tail_e, tail_r, row_token, H, I, bt, BN, BK, S, True, **common
+            )
+
     def gather():
         gather_rows[(R // 16,)](x, xg, row_token, H, 16, min(256, H), num_warps=4)
 
@@ -244,6 +315,7 @@ def run_config(
         "gate_up/ptr": lambda: gate_up_ptr[grid_gu](
             x, w_gu, act, block_expert, row_token, H, I, BM, BN, BK, S, **common
         ),
+        "gate_up/ptr+tail": blocks_and_tails,
         "gate_up/tma_w": lambda: gate_up_tma_w[grid_gu](
             x, w_desc, act, block_expert, row_token, H, I, BM, BN, BK, S, **common
         ),

@@ -144,9 +144,10 @@ def test_gemv_probe_kernels_match_their_reference_in_the_interpreter() -> None:
 
 
 def test_tma_probe_kernels_match_their_reference_in_the_interpreter() -> None:
-    """bench/tma_probe.py's pointer-load and TMA forms of the prefill GEMMs (its warp-specialised forms need a
-    GPU) against its float32 reference under the CPU interpreter, two token counts and two tile shapes; the
-    script exits non-zero when a form fails."""
+    """bench/tma_probe.py's pointer-load, tail-piece and TMA forms of the prefill GEMMs (its warp-specialised
+    forms need a GPU) against its float32 reference under the CPU interpreter, two token counts (T = 200 fills
+    some 16-row blocks, so the tail form runs both its kernels) and two tile shapes; the script exits non-zero
+    when a form fails."""
     configs = json.dumps(
         [
             {"BM": 16, "BN": 32, "BK": 32, "BH": 64, "BKD": 32, "warps": 4, "stages": 2},
@@ -154,13 +155,13 @@ def test_tma_probe_kernels_match_their_reference_in_the_interpreter() -> None:
         ]
     )
     done = subprocess.run(
-        [sys.executable, str(BENCH / "tma_probe.py"), "--shapes", "tiny", "--tokens", "9,40", "--configs", configs],
+        [sys.executable, str(BENCH / "tma_probe.py"), "--shapes", "tiny", "--tokens", "9,200", "--configs", configs],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(REPO / "src"), "TRITON_INTERPRET": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    forms = {"gate_up/ptr", "gate_up/tma_w", "gate_up/tma", "down/ptr", "down/tma"}
+    forms = {"gate_up/ptr", "gate_up/ptr+tail", "gate_up/tma_w", "gate_up/tma", "down/ptr", "down/tma"}
     assert {r["form"] for r in rows} == forms and len(rows) == 2 * 2 * len(forms)
     assert all(0 < r["rel_err"] <= 1e-2 and r["ok"] for r in rows)
 
