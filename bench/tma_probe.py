@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moetrt.kernels.triton_moe import grouped_tile
+
 TAIL_ROWS = 32  # rows of the pieces the experts' last, partly filled blocks are cut into (gate_up/ptr+tail)
 SHAPES = {  # E, K, H, I
     "tiny": (8, 2, 128, 64),
@@ -45,60 +47,66 @@ SHAPES = {  # E, K, H, I
 
 @triton.jit
 def _silu_glu(g, u):
+    # SiLU-GLU as the committed probe results were measured with; triton_common.glu (tl.sigmoid) is the same
+    # function, but ptxas schedules the whole kernel differently with it (checked in the sm_90 SASS)
     return g / (1.0 + tl.exp(-g)) * u
 
 
 @triton.jit
-def gate_up_ptr(
-    x_ptr, w_ptr, act_ptr, block_expert_ptr, row_token_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    NT: tl.constexpr = I // BN
-    b = tl.program_id(0) // NT
-    n0 = (tl.program_id(0) % NT) * BN
-    e = tl.load(block_expert_ptr + b)
-    rows = b * BM + tl.arange(0, BM)
-    token = tl.load(row_token_ptr + rows)
-    row_ok = token >= 0
-    n = n0 + tl.arange(0, BN)
-    w_base = w_ptr + e.to(tl.int64) * (2 * I * H)
-    acc_g = tl.zeros((BM, BN), tl.float32)
-    acc_u = tl.zeros((BM, BN), tl.float32)
-    for k0 in tl.range(0, H, BK, num_stages=STAGES):
-        ks = k0 + tl.arange(0, BK)
-        wg = tl.load(w_base + n[:, None] * H + ks[None, :])
-        wu = tl.load(w_base + (n + I)[:, None] * H + ks[None, :])
-        xt = tl.load(x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
-        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
-    act = _silu_glu(acc_g, acc_u).to(act_ptr.dtype.element_ty)
-    tl.store(act_ptr + rows[:, None] * I + n[None, :], act)
+def _block_tile(NT: tl.constexpr, BN: tl.constexpr, block_expert_ptr):
+    """(row block, first column, expert) of this program: a block's NT column tiles run together, as the
+    launcher's kernels order them (grouped_tile with GM 1)."""
+    b, pid_n = grouped_tile(tl.program_id(0), NT, 1)
+    return b, pid_n * BN, tl.load(block_expert_ptr + b)
 
 
 @triton.jit
-def gate_up_tma_w(
-    x_ptr, w_desc, act_ptr, block_expert_ptr, row_token_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+def gate_up_gathered(
+    x_ptr, w, act_ptr, block_expert_ptr, block_row0_ptr, row_token_ptr, H: tl.constexpr,
+    I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,  # noqa: E741
+    W_TMA: tl.constexpr, ROW0_TABLE: tl.constexpr, W_FIRST: tl.constexpr,
 ):  # fmt: skip
-    NT: tl.constexpr = I // BN
-    b = tl.program_id(0) // NT
-    n0 = (tl.program_id(0) % NT) * BN
-    e = tl.load(block_expert_ptr + b)
-    rows = b * BM + tl.arange(0, BM)
+    """gate_up with x's rows gathered by token (pointer loads). W_TMA: w is a tensor descriptor over the
+    [E * 2I, H] weights, else their pointer. ROW0_TABLE: a block's first row comes from block_row0 (the
+    ptr+tail form's lists of blocks and tail pieces), else it is b * BM. W_FIRST multiplies W @ x.T ([BN, BM]:
+    the tokens are wgmma's N side, which may be as narrow as 8 rows) for the tail pieces."""
+    b, n0, e = _block_tile(I // BN, BN, block_expert_ptr)
+    if ROW0_TABLE:
+        rows = tl.load(block_row0_ptr + b) + tl.arange(0, BM)
+    else:
+        rows = b * BM + tl.arange(0, BM)
     token = tl.load(row_token_ptr + rows)
     row_ok = token >= 0
     n = n0 + tl.arange(0, BN)
-    w_row = e * (2 * I) + n0
-    acc_g = tl.zeros((BM, BN), tl.float32)
-    acc_u = tl.zeros((BM, BN), tl.float32)
+    if W_TMA:
+        w_row = e * (2 * I) + n0
+    else:
+        w_base = w + e.to(tl.int64) * (2 * I * H)
+    if W_FIRST:
+        acc_g = tl.zeros((BN, BM), tl.float32)
+        acc_u = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc_g = tl.zeros((BM, BN), tl.float32)
+        acc_u = tl.zeros((BM, BN), tl.float32)
     for k0 in tl.range(0, H, BK, num_stages=STAGES):
         ks = k0 + tl.arange(0, BK)
-        wg = w_desc.load([w_row, k0])
-        wu = w_desc.load([w_row + I, k0])
+        if W_TMA:
+            wg = w.load([w_row, k0])
+            wu = w.load([w_row + I, k0])
+        else:
+            wg = tl.load(w_base + n[:, None] * H + ks[None, :])
+            wu = tl.load(w_base + (n + I)[:, None] * H + ks[None, :])
         xt = tl.load(x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
-        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+        if W_FIRST:
+            acc_g = tl.dot(wg, tl.trans(xt), acc_g)
+            acc_u = tl.dot(wu, tl.trans(xt), acc_u)
+        else:
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    if W_FIRST:
+        acc_g, acc_u = tl.trans(acc_g), tl.trans(acc_u)
     act = _silu_glu(acc_g, acc_u).to(act_ptr.dtype.element_ty)
+    # padding rows (token -1) get zeros: they belong to their block, and nothing reads them
     tl.store(act_ptr + rows[:, None] * I + n[None, :], act)
 
 
@@ -107,10 +115,7 @@ def gate_up_tma(
     x_desc, w_desc, act_ptr, block_expert_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
-    NT: tl.constexpr = I // BN
-    b = tl.program_id(0) // NT
-    n0 = (tl.program_id(0) % NT) * BN
-    e = tl.load(block_expert_ptr + b)
+    b, n0, e = _block_tile(I // BN, BN, block_expert_ptr)
     row0 = b * BM
     w_row = e * (2 * I) + n0
     acc_g = tl.zeros((BM, BN), tl.float32)
@@ -125,46 +130,6 @@ def gate_up_tma(
     rows = row0 + tl.arange(0, BM)
     n = n0 + tl.arange(0, BN)
     tl.store(act_ptr + rows[:, None] * I + n[None, :], act)
-
-
-@triton.jit
-def gate_up_blocks(
-    x_ptr, w_ptr, act_ptr, block_expert_ptr, block_row0_ptr, row_token_ptr, H: tl.constexpr,
-    I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,  # noqa: E741
-    W_FIRST: tl.constexpr,
-):  # fmt: skip
-    """gate_up_ptr over a list of blocks (expert, first row); W_FIRST multiplies W @ x.T ([BN, BM]: the tokens
-    are wgmma's N side, which may be as narrow as 8 rows) for the tails of the experts' rows."""
-    NT: tl.constexpr = I // BN
-    b = tl.program_id(0) // NT
-    n0 = (tl.program_id(0) % NT) * BN
-    e = tl.load(block_expert_ptr + b)
-    rows = tl.load(block_row0_ptr + b) + tl.arange(0, BM)
-    token = tl.load(row_token_ptr + rows)
-    row_ok = token >= 0
-    n = n0 + tl.arange(0, BN)
-    w_base = w_ptr + e.to(tl.int64) * (2 * I * H)
-    if W_FIRST:
-        acc_g = tl.zeros((BN, BM), tl.float32)
-        acc_u = tl.zeros((BN, BM), tl.float32)
-    else:
-        acc_g = tl.zeros((BM, BN), tl.float32)
-        acc_u = tl.zeros((BM, BN), tl.float32)
-    for k0 in tl.range(0, H, BK, num_stages=STAGES):
-        ks = k0 + tl.arange(0, BK)
-        wg = tl.load(w_base + n[:, None] * H + ks[None, :])
-        wu = tl.load(w_base + (n + I)[:, None] * H + ks[None, :])
-        xt = tl.load(x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
-        if W_FIRST:
-            acc_g = tl.dot(wg, tl.trans(xt), acc_g)
-            acc_u = tl.dot(wu, tl.trans(xt), acc_u)
-        else:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
-    if W_FIRST:
-        acc_g, acc_u = tl.trans(acc_g), tl.trans(acc_u)
-    act = _silu_glu(acc_g, acc_u).to(act_ptr.dtype.element_ty)
-    tl.store(act_ptr + rows[:, None] * I + n[None, :], act, mask=row_ok[:, None])
 
 
 def split_tails(block_expert: torch.Tensor, row_slot: torch.Tensor, BM: int, BT: int):
@@ -192,14 +157,20 @@ def gather_rows(x_ptr, xg_ptr, row_token_ptr, H: tl.constexpr, BR: tl.constexpr,
 
 
 @triton.jit
+def _store_weighted_rows(y, rows, h, row_slot_ptr, row_w_ptr, y_ptr, H: tl.constexpr):
+    """y[slot, h] = weight * the block's products, for the block's routed rows (slot -1: padding)."""
+    slot = tl.load(row_slot_ptr + rows)
+    wt = tl.load(row_w_ptr + rows)
+    tl.store(y_ptr + slot[:, None] * H + h[None, :], (y * wt[:, None]).to(y_ptr.dtype.element_ty),
+             mask=(slot >= 0)[:, None])  # fmt: skip
+
+
+@triton.jit
 def down_ptr(
     act_ptr, w_ptr, y_ptr, block_expert_ptr, row_slot_ptr, row_w_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    NTH: tl.constexpr = H // BH
-    b = tl.program_id(0) // NTH
-    h0 = (tl.program_id(0) % NTH) * BH
-    e = tl.load(block_expert_ptr + b)
+    b, h0, e = _block_tile(H // BH, BH, block_expert_ptr)
     rows = b * BM + tl.arange(0, BM)
     h = h0 + tl.arange(0, BH)
     w_base = w_ptr + e.to(tl.int64) * (H * I)
@@ -209,10 +180,7 @@ def down_ptr(
         a = tl.load(act_ptr + rows[:, None] * I + ks[None, :])
         w = tl.load(w_base + h[None, :] * I + ks[:, None])
         y = tl.dot(a, w, y)
-    slot = tl.load(row_slot_ptr + rows)
-    wt = tl.load(row_w_ptr + rows)
-    tl.store(y_ptr + slot[:, None] * H + h[None, :], (y * wt[:, None]).to(y_ptr.dtype.element_ty),
-             mask=(slot >= 0)[:, None])  # fmt: skip
+    _store_weighted_rows(y, rows, h, row_slot_ptr, row_w_ptr, y_ptr, H)
 
 
 @triton.jit
@@ -220,22 +188,14 @@ def down_tma(
     a_desc, w_desc, y_ptr, block_expert_ptr, row_slot_ptr, row_w_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
-    NTH: tl.constexpr = H // BH
-    b = tl.program_id(0) // NTH
-    h0 = (tl.program_id(0) % NTH) * BH
-    e = tl.load(block_expert_ptr + b)
+    b, h0, e = _block_tile(H // BH, BH, block_expert_ptr)
     row0 = b * BM
     y = tl.zeros((BM, BH), tl.float32)
     for k0 in tl.range(0, I, BK, num_stages=STAGES, warp_specialize=WS):
         a = a_desc.load([row0, k0])
         w = w_desc.load([e * H + h0, k0])
         y = tl.dot(a, tl.trans(w), y)
-    rows = row0 + tl.arange(0, BM)
-    h = h0 + tl.arange(0, BH)
-    slot = tl.load(row_slot_ptr + rows)
-    wt = tl.load(row_w_ptr + rows)
-    tl.store(y_ptr + slot[:, None] * H + h[None, :], (y * wt[:, None]).to(y_ptr.dtype.element_ty),
-             mask=(slot >= 0)[:, None])  # fmt: skip
+    _store_weighted_rows(y, row0 + tl.arange(0, BM), h0 + tl.arange(0, BH), row_slot_ptr, row_w_ptr, y_ptr, H)
 
 
 def padded_layout(ids: torch.Tensor, E: int, BM: int):
@@ -298,27 +258,25 @@ def run_config(
     bt = min(TAIL_ROWS, BM)  # pieces inside their block
     (full_e, full_r), (tail_e, tail_r) = split_tails(block_expert, row_slot, BM, bt)
 
+    def gathered(blocks, w, block_e, block_r, bm, w_tma, row0_table, w_first):
+        # block_r (first rows) is read only with ROW0_TABLE
+        gate_up_gathered[(blocks * (I // BN),)](
+            x, w, act, block_e, block_r, row_token, H, I, bm, BN, BK, S, w_tma, row0_table, w_first, **common
+        )
+
     def blocks_and_tails():
         if full_e.numel():
-            gate_up_blocks[(full_e.numel() * (I // BN),)](
-                x, w_gu, act, full_e, full_r, row_token, H, I, BM, BN, BK, S, False, **common
-            )
+            gathered(full_e.numel(), w_gu, full_e, full_r, BM, False, True, False)
         if tail_e.numel():
-            gate_up_blocks[(tail_e.numel() * (I // BN),)](
-                x, w_gu, act, tail_e, tail_r, row_token, H, I, bt, BN, BK, S, True, **common
-            )
+            gathered(tail_e.numel(), w_gu, tail_e, tail_r, bt, False, True, True)
 
     def gather():
         gather_rows[(R // 16,)](x, xg, row_token, H, 16, min(256, H), num_warps=4)
 
     forms = {
-        "gate_up/ptr": lambda: gate_up_ptr[grid_gu](
-            x, w_gu, act, block_expert, row_token, H, I, BM, BN, BK, S, **common
-        ),
+        "gate_up/ptr": lambda: gathered(nb, w_gu, block_expert, block_expert, BM, False, False, False),
         "gate_up/ptr+tail": blocks_and_tails,
-        "gate_up/tma_w": lambda: gate_up_tma_w[grid_gu](
-            x, w_desc, act, block_expert, row_token, H, I, BM, BN, BK, S, **common
-        ),
+        "gate_up/tma_w": lambda: gathered(nb, w_desc, block_expert, block_expert, BM, True, False, False),
         # x laid out by row once before (the gather is timed on its own, below)
         "gate_up/tma": lambda: gate_up_tma[grid_gu](
             x_desc, w_desc, act, block_expert, H, I, BM, BN, BK, S, False, **common

@@ -935,11 +935,12 @@ def launch_sequence(
         )
         return _with_pdl(ops, const)
     g = const["gate_up"]
+    blocks = grid_blocks(cfg, bound, max_blocks)  # whole groups of row blocks, for both grouped GEMMs
     ops.append(
         Launch(
             "gate_up",
             variants["gate_up"].key,
-            (grid_blocks(cfg, bound, max_blocks) * cdiv(_nmax(attrs), g["BN"]) * g["SK"], 1, 1),
+            (blocks * cdiv(_nmax(attrs), g["BN"]) * g["SK"], 1, 1),
             args_for("gate_up"),
         )
     )
@@ -948,7 +949,7 @@ def launch_sequence(
         Launch(
             "down_rows",
             variants["down_rows"].key,
-            (grid_blocks(cfg, bound, max_blocks) * cdiv(h, d["BH"]), 1, 1),
+            (blocks * cdiv(h, d["BH"]), 1, 1),
             args_for("down_rows"),
         )
     )

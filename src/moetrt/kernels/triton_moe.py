@@ -520,6 +520,18 @@ def grouped_tile(pid, NT: tl.constexpr, GM: tl.constexpr):
 
 
 @triton.jit
+def shared_act_rows(rows, T, K: tl.constexpr, ACT_FP8: tl.constexpr):
+    """Rows of the act region for the shared expert's sorted rows: with fp8 activations the routed rows'
+    activation is actq, and act holds only the shared expert's T rows (the last of the sorted order, from
+    T * K; plan.workspace_layout sizes it so); otherwise act holds every sorted row."""
+    if ACT_FP8:
+        out = rows - T * K
+    else:
+        out = rows
+    return out
+
+
+@triton.jit
 def _block_rows(
     b,
     T,
@@ -974,8 +986,9 @@ def gate_up_kernel(
         acc_g, acc_u, b_gu_ptr, e, is_shared, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
     ).to(act_ptr.dtype.element_ty)
     if ACT_FP8:
-        if is_shared:  # act holds the shared expert's T rows only (its rows are the last, from T * K)
-            tl.store(act_ptr + (rows - T * K)[:, None] * NMAX + n[None, :], act, mask=out_mask)
+        if is_shared:
+            act_rows = shared_act_rows(rows, T, K, ACT_FP8)
+            tl.store(act_ptr + act_rows[:, None] * NMAX + n[None, :], act, mask=out_mask)
         else:
             NBI: tl.constexpr = (I + BN - 1) // BN
             _store_fp8_rows(actq_ptr, acts_ptr, act.to(tl.float32), rows, row_ok, n, n_ok, pid_n, I, NBI)
@@ -1119,12 +1132,8 @@ def down_rows_kernel(
     )
     if b < num_blocks:
         if e == E:
-            if ACT_FP8:  # act holds the shared expert's T rows only (gate_up_kernel)
-                act_rows = rows - T * K
-            else:
-                act_rows = rows
             y = _down_tile(
-                act_ptr, shared_w_down_ptr, act_rows, row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH,
+                act_ptr, shared_w_down_ptr, shared_act_rows(rows, T, K, ACT_FP8), row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH,
                 shared_tile_k(BK, ACT_FP8), shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0, 0, 0, 0, acts_ptr, 0,
             )  # fmt: skip
             weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
