@@ -1,8 +1,12 @@
-"""The grouped GEMMs' program order (`gate_up.GM`, `down.GM`: row blocks per weight tile, triton_moe.grouped_tile).
+"""The grouped GEMMs' program order (`gate_up.GM`, `down.GM`: row blocks per weight tile, triton_moe.grouped_tile)
+and their tile loads (`gate_up.TMA`, `down.TMA`: by the tensor-memory accelerator), against the table's config.
 
-For each shape and T, the table's config of that bucket as it is (GM = 1: a row block's column tiles run
-together) and with the row blocks grouped (GM > 1: the blocks of a group take each weight tile in turn, so an
-expert's weight tile is read from HBM once per group instead of once per block). Every bundle runs through the
+--compare order (the default): for each shape and T, the table's config of that bucket as it is (GM = 1: a row
+block's column tiles run together) and with the row blocks grouped (GM > 1: the blocks of a group take each
+weight tile in turn, so an expert's weight tile is read from HBM once per group instead of once per block).
+--compare tma: the table's config, with both grouped GEMMs loading by TMA (plan.uses_tma), and that with one
+more pipeline stage for gate_up (TMA loads are issued by one thread, so more of them can be in flight at the
+same shared memory as the pointer loads' three). Every bundle runs through the
 launcher and is checked against the float32 oracle (exit 1 on a failure), then timed by CUDA-graph replay with
 L2 flushed. Bundles are compiled here or on the GPU's host; --bundles keeps them, so a CPU machine can compile
 them for a short GPU call:
@@ -42,6 +46,16 @@ def variants(shape: str, t: int, groups: list[int]) -> list[tuple[str, dict]]:
     return out
 
 
+def tma_variants(shape: str, t: int) -> list[tuple[str, dict]]:
+    """(label, config) of one bucket: the table's, with TMA grouped GEMMs, and those with 4 gate_up stages."""
+    base = select_config(PRESETS[shape], DTYPE, SM, plan.bucket_of(t))
+    tma = copy.deepcopy(base)
+    tma["gate_up"]["TMA"] = tma["down"]["TMA"] = 1
+    deeper = copy.deepcopy(tma)
+    deeper["gate_up"]["num_stages"] = base["gate_up"]["num_stages"] + 1
+    return [("table", base), ("TMA", tma), (f"TMA+s{deeper['gate_up']['num_stages']}", deeper)]
+
+
 _COMPILED: dict[str, aot.CompiledKernel] = {}  # variants shared by the bundles (router, top-k, align, reduce)
 
 
@@ -65,6 +79,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="mixtral:512,mixtral:4096,qwen3_30b:4096", help="shape:T,...")
     p.add_argument("--groups", default="1,2,4,8", help="GM values to compare (1: the table as it is)")
+    p.add_argument("--compare", choices=("order", "tma"), default="order", help="what to vary (see above)")
     p.add_argument("--bundles", type=Path, default=None, help="folder that keeps the compiled bundles")
     p.add_argument("--compile-only", action="store_true", help="compile the bundles and stop (no GPU needed)")
     p.add_argument("--out", default=None, help="a .jsonl file for the rows")
@@ -73,7 +88,7 @@ def main() -> int:
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",")]
     rows, ok = [], True
     for shape, t in cases:
-        for label, cfg in variants(shape, t, groups):
+        for label, cfg in variants(shape, t, groups) if a.compare == "order" else tma_variants(shape, t):
             bundle = bundle_for(shape, t, label, cfg, a.bundles)
             if a.compile_only:
                 print(f"compiled {shape} T={t} {label}", flush=True)

@@ -10,7 +10,8 @@ The expert GEMMs of one prefill call (bf16), as the launcher's kernels compute t
   - `ptr+tail`: pointer loads for the experts' full row blocks, and their last, partly filled blocks cut into
     TAIL_ROWS-row pieces multiplied weights first (W @ x.T: the tokens are wgmma's N side), so the tensor cores
     do not run on padding rows;
-- down: y[slot, h] = w[slot] * (act[row] @ W_down[e, h]) per (row block, H tile), `ptr`, `tma`, `tma_ws`.
+- down: y[slot, h] = w[slot] * (act[row] @ W_down[e, h]) per (row block, H tile), `ptr`, `ptr+tail`, `tma`,
+  `tma_ws`.
 
 Rows are laid out per expert in blocks of BM (each expert's rows padded to a whole block), so a block holds one
 expert and a TMA box never mixes experts. Each form is checked against a float32 torch reference (bf16
@@ -36,7 +37,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moetrt.kernels.triton_moe import grouped_tile
 
-TAIL_ROWS = 32  # rows of the pieces the experts' last, partly filled blocks are cut into (gate_up/ptr+tail)
+# default rows of the pieces the experts' last, partly filled blocks are cut into (a config's BT)
+TAIL_ROWS = 32
 SHAPES = {  # E, K, H, I
     "tiny": (8, 2, 128, 64),
     "qwen3_30b": (128, 8, 2048, 768),
@@ -53,10 +55,10 @@ def _silu_glu(g, u):
 
 
 @triton.jit
-def _block_tile(NT: tl.constexpr, BN: tl.constexpr, block_expert_ptr):
-    """(row block, first column, expert) of this program: a block's NT column tiles run together, as the
-    launcher's kernels order them (grouped_tile with GM 1)."""
-    b, pid_n = grouped_tile(tl.program_id(0), NT, 1)
+def _block_tile(NT: tl.constexpr, BN: tl.constexpr, block_expert_ptr, GM: tl.constexpr):
+    """(row block, first column, expert) of this program, in the launcher kernels' order (grouped_tile: GM
+    row blocks take each column tile in turn; with GM 1 a block's NT column tiles run together)."""
+    b, pid_n = grouped_tile(tl.program_id(0), NT, GM)
     return b, pid_n * BN, tl.load(block_expert_ptr + b)
 
 
@@ -64,13 +66,13 @@ def _block_tile(NT: tl.constexpr, BN: tl.constexpr, block_expert_ptr):
 def gate_up_gathered(
     x_ptr, w, act_ptr, block_expert_ptr, block_row0_ptr, row_token_ptr, H: tl.constexpr,
     I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,  # noqa: E741
-    W_TMA: tl.constexpr, ROW0_TABLE: tl.constexpr, W_FIRST: tl.constexpr,
+    W_TMA: tl.constexpr, ROW0_TABLE: tl.constexpr, W_FIRST: tl.constexpr, GM: tl.constexpr = 1,
 ):  # fmt: skip
     """gate_up with x's rows gathered by token (pointer loads). W_TMA: w is a tensor descriptor over the
     [E * 2I, H] weights, else their pointer. ROW0_TABLE: a block's first row comes from block_row0 (the
     ptr+tail form's lists of blocks and tail pieces), else it is b * BM. W_FIRST multiplies W @ x.T ([BN, BM]:
     the tokens are wgmma's N side, which may be as narrow as 8 rows) for the tail pieces."""
-    b, n0, e = _block_tile(I // BN, BN, block_expert_ptr)
+    b, n0, e = _block_tile(I // BN, BN, block_expert_ptr, GM)
     if ROW0_TABLE:
         rows = tl.load(block_row0_ptr + b) + tl.arange(0, BM)
     else:
@@ -114,8 +116,9 @@ def gate_up_gathered(
 def gate_up_tma(
     x_desc, w_desc, act_ptr, block_expert_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
+    GM: tl.constexpr = 1,
 ):  # fmt: skip
-    b, n0, e = _block_tile(I // BN, BN, block_expert_ptr)
+    b, n0, e = _block_tile(I // BN, BN, block_expert_ptr, GM)
     row0 = b * BM
     w_row = e * (2 * I) + n0
     acc_g = tl.zeros((BM, BN), tl.float32)
@@ -167,19 +170,33 @@ def _store_weighted_rows(y, rows, h, row_slot_ptr, row_w_ptr, y_ptr, H: tl.const
 
 @triton.jit
 def down_ptr(
-    act_ptr, w_ptr, y_ptr, block_expert_ptr, row_slot_ptr, row_w_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
-    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+    act_ptr, w_ptr, y_ptr, block_expert_ptr, block_row0_ptr, row_slot_ptr, row_w_ptr, H: tl.constexpr,
+    I: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,  # noqa: E741
+    ROW0_TABLE: tl.constexpr, W_FIRST: tl.constexpr, GM: tl.constexpr = 1,
 ):  # fmt: skip
-    b, h0, e = _block_tile(H // BH, BH, block_expert_ptr)
-    rows = b * BM + tl.arange(0, BM)
+    """down by pointer loads; ROW0_TABLE and W_FIRST as in gate_up_gathered (the ptr+tail form)."""
+    b, h0, e = _block_tile(H // BH, BH, block_expert_ptr, GM)
+    if ROW0_TABLE:
+        rows = tl.load(block_row0_ptr + b) + tl.arange(0, BM)
+    else:
+        rows = b * BM + tl.arange(0, BM)
     h = h0 + tl.arange(0, BH)
     w_base = w_ptr + e.to(tl.int64) * (H * I)
-    y = tl.zeros((BM, BH), tl.float32)
+    if W_FIRST:
+        y = tl.zeros((BH, BM), tl.float32)
+    else:
+        y = tl.zeros((BM, BH), tl.float32)
     for k0 in tl.range(0, I, BK, num_stages=STAGES):
         ks = k0 + tl.arange(0, BK)
         a = tl.load(act_ptr + rows[:, None] * I + ks[None, :])
-        w = tl.load(w_base + h[None, :] * I + ks[:, None])
-        y = tl.dot(a, w, y)
+        if W_FIRST:
+            w = tl.load(w_base + h[:, None] * I + ks[None, :])
+            y = tl.dot(w, tl.trans(a), y)
+        else:
+            w = tl.load(w_base + h[None, :] * I + ks[:, None])
+            y = tl.dot(a, w, y)
+    if W_FIRST:
+        y = tl.trans(y)
     _store_weighted_rows(y, rows, h, row_slot_ptr, row_w_ptr, y_ptr, H)
 
 
@@ -187,8 +204,9 @@ def down_ptr(
 def down_tma(
     a_desc, w_desc, y_ptr, block_expert_ptr, row_slot_ptr, row_w_ptr, H: tl.constexpr, I: tl.constexpr,  # noqa: E741
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
+    GM: tl.constexpr = 1,
 ):  # fmt: skip
-    b, h0, e = _block_tile(H // BH, BH, block_expert_ptr)
+    b, h0, e = _block_tile(H // BH, BH, block_expert_ptr, GM)
     row0 = b * BM
     y = tl.zeros((BM, BH), tl.float32)
     for k0 in tl.range(0, I, BK, num_stages=STAGES, warp_specialize=WS):
@@ -198,8 +216,9 @@ def down_tma(
     _store_weighted_rows(y, row0 + tl.arange(0, BM), h0 + tl.arange(0, BH), row_slot_ptr, row_w_ptr, y_ptr, H)
 
 
-def padded_layout(ids: torch.Tensor, E: int, BM: int):
-    """Rows per expert padded to whole blocks of BM: (block_expert, row_slot [-1 for padding])."""
+def padded_layout(ids: torch.Tensor, E: int, BM: int, GM: int = 1):
+    """Rows per expert padded to whole blocks of BM, the blocks to whole groups of GM (empty blocks of the
+    last expert, as the launchers' grids): (block_expert, row_slot [-1 for padding])."""
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=E)
@@ -211,6 +230,9 @@ def padded_layout(ids: torch.Tensor, E: int, BM: int):
     sorted_e = flat[order]
     rank = torch.arange(flat.numel(), device=ids.device) - first[sorted_e]
     row_slot[start[sorted_e] + rank] = order
+    extra = -block_expert.numel() % GM
+    block_expert = torch.cat([block_expert, block_expert[-1:].repeat(extra)])
+    row_slot = torch.cat([row_slot, row_slot.new_full((extra * BM,), -1)])
     return block_expert.to(torch.int32), row_slot
 
 
@@ -238,7 +260,8 @@ def run_config(
     BM, BN, BK, BH, BKD, W, S = (cfg[k] for k in ("BM", "BN", "BK", "BH", "BKD", "warps", "stages"))
     if I % BN or H % BH or H % BK or I % BKD:
         return True
-    block_expert, row_slot = padded_layout(ids, E, BM)
+    GM = cfg.get("GM", 1)
+    block_expert, row_slot = padded_layout(ids, E, BM, GM)
     R = row_slot.numel()
     nb = block_expert.numel()
     row_token = torch.where(row_slot >= 0, row_slot // K, -1).to(torch.int32)
@@ -255,20 +278,44 @@ def run_config(
     grid_d = (nb * (H // BH),)
     common = dict(num_warps=W)
 
-    bt = min(TAIL_ROWS, BM)  # pieces inside their block
+    bt = min(cfg.get("BT", TAIL_ROWS), BM)  # pieces inside their block
     (full_e, full_r), (tail_e, tail_r) = split_tails(block_expert, row_slot, BM, bt)
 
     def gathered(blocks, w, block_e, block_r, bm, w_tma, row0_table, w_first):
-        # block_r (first rows) is read only with ROW0_TABLE
+        # block_r (first rows) is read only with ROW0_TABLE; the lists of full blocks and tail pieces are not
+        # padded to whole groups, so they run in GM 1 order
         gate_up_gathered[(blocks * (I // BN),)](
-            x, w, act, block_e, block_r, row_token, H, I, bm, BN, BK, S, w_tma, row0_table, w_first, **common
-        )
+            x, w, act, block_e, block_r, row_token, H, I, bm, BN, BK, S, w_tma, row0_table, w_first,
+            GM=1 if row0_table else GM, **common,
+        )  # fmt: skip
 
     def blocks_and_tails():
         if full_e.numel():
             gathered(full_e.numel(), w_gu, full_e, full_r, BM, False, True, False)
         if tail_e.numel():
             gathered(tail_e.numel(), w_gu, tail_e, tail_r, bt, False, True, True)
+
+    def down_blocks_and_tails():
+        for blocks_e, blocks_r, bm, w_first in ((full_e, full_r, BM, False), (tail_e, tail_r, bt, True)):
+            if blocks_e.numel():
+                down_ptr[(blocks_e.numel() * (H // BH),)](
+                    act,
+                    w_d,
+                    y,
+                    blocks_e,
+                    blocks_r,
+                    row_slot32,
+                    row_w,
+                    H,
+                    I,
+                    bm,
+                    BH,
+                    BKD,
+                    S,
+                    True,
+                    w_first,
+                    **common,
+                )
 
     def gather():
         gather_rows[(R // 16,)](x, xg, row_token, H, 16, min(256, H), num_warps=4)
@@ -279,19 +326,36 @@ def run_config(
         "gate_up/tma_w": lambda: gathered(nb, w_desc, block_expert, block_expert, BM, True, False, False),
         # x laid out by row once before (the gather is timed on its own, below)
         "gate_up/tma": lambda: gate_up_tma[grid_gu](
-            x_desc, w_desc, act, block_expert, H, I, BM, BN, BK, S, False, **common
+            x_desc, w_desc, act, block_expert, H, I, BM, BN, BK, S, False, GM=GM, **common
         ),
         "gate_up/tma_ws": lambda: gate_up_tma[grid_gu](
-            x_desc, w_desc, act, block_expert, H, I, BM, BN, BK, S, True, **common
+            x_desc, w_desc, act, block_expert, H, I, BM, BN, BK, S, True, GM=GM, **common
         ),
         "down/ptr": lambda: down_ptr[grid_d](
-            act, w_d, y, block_expert, row_slot32, row_w, H, I, BM, BH, BKD, S, **common
+            act,
+            w_d,
+            y,
+            block_expert,
+            block_expert,
+            row_slot32,
+            row_w,
+            H,
+            I,
+            BM,
+            BH,
+            BKD,
+            S,
+            False,
+            False,
+            GM=GM,
+            **common,
         ),
+        "down/ptr+tail": down_blocks_and_tails,
         "down/tma": lambda: down_tma[grid_d](
-            a_desc, wd_desc, y, block_expert, row_slot32, row_w, H, I, BM, BH, BKD, S, False, **common
+            a_desc, wd_desc, y, block_expert, row_slot32, row_w, H, I, BM, BH, BKD, S, False, GM=GM, **common
         ),
         "down/tma_ws": lambda: down_tma[grid_d](
-            a_desc, wd_desc, y, block_expert, row_slot32, row_w, H, I, BM, BH, BKD, S, True, **common
+            a_desc, wd_desc, y, block_expert, row_slot32, row_w, H, I, BM, BH, BKD, S, True, GM=GM, **common
         ),
     }
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -377,9 +441,12 @@ def run_shape(
     if timing:  # cuBLAS on the same FLOPs as one dense product, the ceiling the grouped forms aim at
         from moetrt.tune.timing import time_graph
 
-        xr = torch.randn(T * K, H, device=dev, dtype=dt)
-        for form, w, flops in (("gate_up/cublas", w_gu[0], flops_gu), ("down/cublas", w_d[0], flops_d)):
-            src = xr if form.startswith("gate_up") else xr[:, :I].contiguous()
+        x_rows = torch.randn(T * K, H, device=dev, dtype=dt)
+        act_rows = torch.randn(T * K, I, device=dev, dtype=dt)
+        for form, src, w, flops in (
+            ("gate_up/cublas", x_rows, w_gu[0], flops_gu),
+            ("down/cublas", act_rows, w_d[0], flops_d),
+        ):
             us = time_graph(lambda src=src, w=w: src @ w.T, repeats=30).median_us
             row = dict(shape=name, T=T, form=form, us=us, tflops=flops / us / 1e6)
             print(json.dumps(row), flush=True)
@@ -391,7 +458,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="qwen3_30b,qwen3_next")
     p.add_argument("--tokens", default="4096")
-    p.add_argument("--configs", default=None, help="JSON list of {BM, BN, BK, BH, BKD, warps, stages}")
+    p.add_argument(
+        "--configs", default=None, help="JSON list of {BM, BN, BK, BH, BKD, warps, stages[, BT, GM]}"
+    )
     p.add_argument("--out", default=None, help="a .jsonl file for the rows")
     p.add_argument(
         "--forms", default="", help="comma-separated forms to run (default: all), e.g. down/tma_ws,gather"

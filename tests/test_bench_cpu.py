@@ -151,7 +151,7 @@ def test_tma_probe_kernels_match_their_reference_in_the_interpreter() -> None:
     configs = json.dumps(
         [
             {"BM": 16, "BN": 32, "BK": 32, "BH": 64, "BKD": 32, "warps": 4, "stages": 2},
-            {"BM": 32, "BN": 64, "BK": 64, "BH": 128, "BKD": 64, "warps": 4, "stages": 2},
+            {"BM": 32, "BN": 64, "BK": 64, "BH": 128, "BKD": 64, "warps": 4, "stages": 2, "BT": 16},
         ]
     )
     done = subprocess.run(
@@ -161,7 +161,15 @@ def test_tma_probe_kernels_match_their_reference_in_the_interpreter() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    forms = {"gate_up/ptr", "gate_up/ptr+tail", "gate_up/tma_w", "gate_up/tma", "down/ptr", "down/tma"}
+    forms = {
+        "gate_up/ptr",
+        "gate_up/ptr+tail",
+        "gate_up/tma_w",
+        "gate_up/tma",
+        "down/ptr",
+        "down/ptr+tail",
+        "down/tma",
+    }
     assert {r["form"] for r in rows} == forms and len(rows) == 2 * 2 * len(forms)
     assert all(0 < r["rel_err"] <= 1e-2 and r["ok"] for r in rows)
 

@@ -85,8 +85,15 @@ VARIANTS: dict[str, MoEAttributes] = {
 # down products added by the gate_up units (fp32 atomics, the last unit casts), "wide" the sorted decode path
 # with 64-row expert blocks (configs.WIDE_DECODE_GATE_UP: few experts, many tokens each), "+splitk" with
 # gate_up split two ways over H as well (the tuner pairs them), "grouped" the sorted paths with the row
-# blocks taking each weight tile in groups (`gate_up.GM` 3, `down.GM` 2: grids of whole groups of 6 blocks).
+# blocks taking each weight tile in groups (`gate_up.GM` 3, `down.GM` 2: grids of whole groups of 6 blocks),
+# "tma" the grouped GEMMs with their tiles by TMA where plan.uses_tma allows (TMA_STAGES: where it does).
 FAST_CASES: list[tuple[str, str, int, str]] = [
+    ("shared_ungated", "bfloat16", 70, "tma"),
+    ("shared_gated_logits", "float16", 40, "tma"),
+    ("swiglu_clamped_biases", "bfloat16", 37, "tma"),
+    ("softmax_renorm", "float32", 70, "tma"),
+    ("shared_ungated", "float16", 13, "tma+grouped"),
+    ("int4_zero_swiglu_biases", "bfloat16", 40, "tma"),
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
     ("softmax_renorm", "bfloat16", 37, "auto"),
@@ -181,6 +188,17 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("int4_zero_swiglu_biases", "bfloat16", 1, "routed+fused"),
     ("mxfp4_sigmoid_grouped", "float16", 3, "routed+fused"),  # BN 16: H-tile units (plan.routed_fused)
 ]
+# The stages that load by TMA in the "tma" cases: H = 48 is no whole number of BK = 32 tiles (gate_up's last
+# tile loads zeros past H); the shared expert's 40 columns are no whole number of down's BK = 16 tiles, so
+# down_rows keeps pointer loads there; quantized experts keep them in both.
+TMA_STAGES = {
+    "shared_ungated-bfloat16-T70-tma": ["gate_up", "down_rows"],
+    "shared_gated_logits-float16-T40-tma": ["gate_up"],
+    "swiglu_clamped_biases-bfloat16-T37-tma": ["gate_up", "down_rows"],
+    "softmax_renorm-float32-T70-tma": ["gate_up", "down_rows"],
+    "shared_ungated-float16-T13-tma+grouped": ["gate_up", "down_rows"],
+    "int4_zero_swiglu_biases-bfloat16-T40-tma": [],
+}
 SLOW_CASES: list[tuple[str, str, int, str]] = [
     (variant, dtype, t, "auto")
     for variant in VARIANTS
@@ -225,6 +243,7 @@ def test_kernels_match_reference(case: tuple[str, str, int, str], fast_results: 
     # the expert-group and routed paths run where asked, and only there
     assert fast_results[_case_id(case)]["gemv"] == case[3].startswith("gemv")
     assert fast_results[_case_id(case)]["routed"] == case[3].startswith("routed")
+    assert fast_results[_case_id(case)]["tma"] == TMA_STAGES.get(_case_id(case), [])
     _check(fast_results[_case_id(case)], case[1], case[2])
 
 
@@ -279,6 +298,8 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "wide+splitk",
                 "perweight+prefill",
                 "grouped",
+                "tma",
+                "tma+grouped",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -317,6 +338,12 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     config["gemv"]["enabled"] = config["fused"]["enabled"] = config["routed"]["enabled"] = 0
                     config["gate_up"].update({"BM": 16, "BN": 16, "GM": 3})
                     config["down"].update({"BH": 16, "GM": 2})  # grids of whole groups of 6 blocks
+                elif bucket.startswith("tma"):  # tiles by TMA (plan.uses_tma), grouped blocks too
+                    config["gemv"]["enabled"] = config["fused"]["enabled"] = config["routed"]["enabled"] = 0
+                    config["gate_up"].update({"BM": 16, "BN": 16, "BK": 32, "TMA": 1})
+                    config["down"].update({"BH": 16, "BK": 16, "TMA": 1})
+                    if bucket == "tma+grouped":
+                        config["gate_up"]["GM"], config["down"]["GM"] = 3, 2
                 elif bucket == "perweight+prefill":  # prefill blocks: the weight tile first (weights_first)
                     config = default_config(attrs, dtype, None)
                     config["gate_up"].update({"BM": 64, "BN": 64, "BK": 64})
@@ -335,6 +362,12 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
             bound = None if prefill else plan.bucket_of(max(t, 1))
             ran_gemv = t > 0 and plan.is_gemv(config or _default(attrs, dtype, bound), bound)
             ran_routed = t > 0 and plan.is_routed(config or _default(attrs, dtype, bound), bound)
+            ran_tma = [
+                stage
+                for stage in ("gate_up", "down_rows")
+                if t > 0
+                and plan.uses_tma(attrs, dtype, config or _default(attrs, dtype, bound), bound, stage)
+            ]
             rel, nan = {}, {}
             for name in attrs.present_outputs():
                 g, r = got[name].double(), ref[name].double()
@@ -346,6 +379,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "shapes": {n: list(v.shape) for n, v in got.items()},
                 "gemv": ran_gemv,
                 "routed": ran_routed,
+                "tma": ran_tma,
             }
         except Exception as err:  # reported per case by the parent
             out[key] = {"error": repr(err)}

@@ -74,10 +74,10 @@ def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
     _assert_same_plans(planning_bundle(attrs, dtype), attrs)
 
 
-@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped"])
+@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped", "tma"])
 def test_native_plan_follows_the_config(path: str) -> None:
     """The expert-group path, the fused decode path, PDL, split gate_up, the routed path, 64-row decode
-    blocks and row blocks grouped per weight tile, as a tuned table selects them."""
+    blocks, row blocks grouped per weight tile and TMA grouped GEMMs, as a tuned table selects them."""
     attrs = FULL
     configs = {}
     for bound in plan.BUCKETS:
@@ -95,6 +95,11 @@ def test_native_plan_follows_the_config(path: str) -> None:
         elif path == "grouped":  # grids of whole groups of lcm(3, 2) = 6 row blocks (plan.grid_blocks)
             cfg["gemv"]["enabled"] = 0
             cfg["gate_up"]["GM"], cfg["down"]["GM"] = 3, 2
+        elif path == "tma":  # descriptors built on the device: the scratch region and the launch argument
+            cfg["gemv"]["enabled"] = 0
+            cfg["gate_up"]["TMA"] = cfg["down"]["TMA"] = 1
+            cfg["gate_up"]["GM"] = 2
+            cfg["down"]["BK"] = 16  # I = 48 and the shared expert's 32 in whole tiles (plan.uses_tma)
         elif path == "routed":  # with the other switches on: the routed path takes precedence
             cfg["routed"]["enabled"] = 1
             cfg["gemv"]["enabled"] = 1
@@ -113,6 +118,7 @@ def test_native_plan_follows_the_config(path: str) -> None:
         "routed": ["router", "routed_experts"],
         "wide": ["router", "topk", "gate_up", "down_rows"],
         "grouped": ["router", "topk", "gate_up", "down_rows"],
+        "tma": ["router", "topk", "gate_up", "down_rows"],
     }[path]
     assert stages == expected
     if path == "split":  # decode buckets split (four programs per tile), prefill ones do not
@@ -137,6 +143,22 @@ def test_native_plan_follows_the_config(path: str) -> None:
             assert blocks % 6 == 0 and grids["down_rows"] == blocks * -(
                 -attrs.hidden_size // configs[None]["down"]["BH"]
             )
+
+    if path == "tma":  # Triton's global scratch past the kernel's parameters, one region for both GEMMs
+        for t in (3, 700, 5001):
+            launches, layout = plan_from_native(NativeBundle(bundle.to_bytes()).plan(t))
+            by_stage = {op.stage: op for op in launches}
+            blocks = layout["block_expert"].nbytes // 4
+            programs = {
+                "gate_up": by_stage["gate_up"].grid[0],
+                "down_rows": by_stage["down_rows"].grid[0],
+            }
+            assert programs["gate_up"] % blocks == 0 and programs["down_rows"] % blocks == 0
+            assert layout["tma_scratch"].nbytes == 128 * max(programs["gate_up"], 2 * programs["down_rows"])
+            for stage in ("gate_up", "down_rows"):
+                assert by_stage[stage].args[-1] == ("ws", "tma_scratch")
+                assert len(by_stage[stage].args) == len(plan.KERNEL_PARAMS[stage]) + 1
+            assert by_stage["topk"].args[-1] != ("ws", "tma_scratch")
 
 
 def test_native_plan_of_fp8_activations() -> None:
@@ -247,7 +269,7 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         (lambda d: d[:40], "truncated"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
-        (lambda d: _with_header({**_header(d)[0], "version": 6}, _header(d)[1]), "version 6 is not 7"),
+        (lambda d: _with_header({**_header(d)[0], "version": 7}, _header(d)[1]), "version 7 is not 8"),
         (
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',

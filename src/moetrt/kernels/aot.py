@@ -28,8 +28,9 @@ BUNDLE_MAGIC = b"MOETRTKB"
 # 3: parameter sources and the op's I/O in the header; 4: split gate_up (gu_part, gu_tickets); 5: the routed
 # path (routed_experts, the units counters); 6: fp8 activations quantized once (xq, xs, actq, acts; the router
 # kernel's quantizing columns); 7: grouped row blocks (gate_up / down GM: grids and block tables of whole
-# groups, which a planner that predates them would launch short)
-BUNDLE_VERSION = 7
+# groups, which a planner that predates them would launch short); 8: TMA grouped GEMMs (gate_up / down_rows
+# TMA: a launch argument past the kernel's parameters for Triton's global scratch, the tma_scratch region)
+BUNDLE_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,11 @@ def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKerne
 
     fn = KERNELS[variant.kernel]
     constexprs = dict(variant.constexprs)
+    if constexprs.get("TMA") and sm < 90:  # Triton would lower the descriptors to pointer loads, no scratch
+        raise MoetrtError(
+            f"kernel {variant.key} loads its tiles by TMA, which sm_{sm} does not have",
+            f"remove gate_up.TMA and down.TMA from the sm{sm} config table (SM 9.0 and later only)",
+        )
     signature, attrs = _signature(fn, variant.kernel, dtype, constexprs)
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", sm, 32)
@@ -205,9 +211,17 @@ def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKerne
             f"kernel {variant.key} needs {meta.shared} bytes of shared memory, sm_{sm} has {MAX_SHARED_BYTES[sm]}",
             "pick smaller tiles for it in the config table",
         )
-    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+    # Global scratch holds the descriptors a TMA grouped GEMM builds on the device, and the planners size the
+    # tma_scratch region for exactly that (plan.tma_scratch_bytes); any other scratch has no region.
+    planned = (
+        plan.TMA_DESCRIPTORS.get(variant.kernel, 0) * plan.TMA_DESCRIPTOR_BYTES
+        if constexprs.get("TMA")
+        else 0
+    )
+    if getattr(meta, "global_scratch_size", 0) != planned or getattr(meta, "profile_scratch_size", 0):
         raise MoetrtError(
-            f"kernel {variant.key} needs Triton scratch memory, which the launcher does not provide",
+            f"kernel {variant.key} needs {getattr(meta, 'global_scratch_size', 0)} bytes of Triton scratch memory "
+            f"a program, the launcher provides {planned}",
             "pick other block sizes for it in the config table",
         )
     if getattr(meta, "num_ctas", 1) != 1:

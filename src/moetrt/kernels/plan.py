@@ -498,6 +498,41 @@ def uses_fp8_conversion(cfg: dict[str, Any]) -> bool:
     return bool(cfg.get("dequant", {}).get("fp8_cvt", 0))
 
 
+# Tensor-memory-accelerator tiles (gate_up.TMA / down.TMA): the grouped GEMMs build their descriptors on the
+# device, one CUtensorMap (128 bytes) per descriptor and program in Triton's global scratch, which the launch's
+# last argument points at (the tma_scratch region). aot.compile_variant checks the compiled size against these.
+TMA_DESCRIPTOR_BYTES = 128
+TMA_DESCRIPTORS = {
+    "gate_up": 1,
+    "down_rows": 2,
+}  # gate_up: its weight; down_rows: the activation and the weight
+TMA_STAGE_CONFIG = {"gate_up": "gate_up", "down_rows": "down"}  # the config section that asks for each
+# a launch's argument past the kernel's own parameters: Triton's global-scratch pointer, in the cubin's ABI
+TMA_SCRATCH_ARG = (("ws", "tma_scratch"),)
+
+
+def uses_tma(attrs: MoEAttributes, dtype: str, cfg: dict[str, Any], bound: int | None, stage: str) -> bool:
+    """Whether grouped GEMM `stage` ('gate_up' | 'down_rows') loads its tiles by TMA: the config asks for it (a
+    tuning candidate, for SM 9.0 and later), the bucket runs the grouped GEMMs, and the tiles are native
+    weights (quantized codes are decoded from pointer loads; fp8 activations have their own loop) whose rows
+    TMA can address: every row stride a multiple of 16 bytes. down_rows also multiplies act by TMA, so its
+    reduction (I, and the shared expert's) must be whole BK tiles: a partial tile would read act columns past
+    the expert's, which hold another expert's values (only the weights would load as zeros)."""
+    if not cfg[TMA_STAGE_CONFIG[stage]].get("TMA", 0) or decode_path(cfg, bound) not in ("sorted", "prefill"):
+        return False
+    if attrs.weight_format != NATIVE or attrs.has_fp8_activations:
+        return False
+    esize = precision(dtype).itemsize
+    if stage == "gate_up":
+        return attrs.hidden_size * esize % 16 == 0
+    bk = expert_tile(attrs, cfg["down"]["BK"])
+    reductions = [attrs.intermediate_size]
+    if attrs.has_shared_expert:
+        reductions.append(attrs.shared_intermediate_size)
+    strides = [*reductions, _nmax(attrs)]  # the weights' rows, and act's
+    return all(n % bk == 0 for n in reductions) and all(n * esize % 16 == 0 for n in strides)
+
+
 def uses_pdl(cfg: dict[str, Any]) -> bool:
     """Programmatic dependent launch (SM90+): each kernel's launch overlaps the previous kernel's tail."""
     return bool(cfg.get("pdl", {}).get("enabled", 0))
@@ -675,13 +710,22 @@ def _stage_variants(
         "BT": cfg["reduce"]["BT"],
         "GM": dc.get("GM", 1),
         **weights,
+        "TMA": int(uses_tma(attrs, dtype, cfg, bound, "down_rows")),
     }
     variants = {
         "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
         "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
         "gate_up": Variant(
             "gate_up",
-            tuple({**gate_up, "SK": gate_up_splits(cfg, bound), "GM": gc.get("GM", 1), **weights}.items()),
+            tuple(
+                {
+                    **gate_up,
+                    "SK": gate_up_splits(cfg, bound),
+                    "GM": gc.get("GM", 1),
+                    **weights,
+                    "TMA": int(uses_tma(attrs, dtype, cfg, bound, "gate_up")),
+                }.items()
+            ),
             gc["num_warps"],
             gc["num_stages"],
         ),
@@ -735,6 +779,28 @@ def grid_blocks(cfg: dict[str, Any], bound: int | None, max_blocks: int) -> int:
         return max_blocks
     group = math.lcm(cfg["gate_up"].get("GM", 1), cfg["down"].get("GM", 1))
     return cdiv(max_blocks, group) * group
+
+
+def tma_scratch_bytes(
+    attrs: MoEAttributes, dtype: str, cfg: dict[str, Any], bound: int | None, blocks: int
+) -> int:
+    """Bytes of the tma_scratch region: the descriptors of every program of the larger of the grouped GEMMs
+    that use TMA (they run one after the other, so they share it; under programmatic dependent launch a
+    kernel builds its descriptors only after its wait, when the previous one has finished)."""
+    programs = {
+        "gate_up": blocks
+        * cdiv(_nmax(attrs), expert_tile(attrs, cfg["gate_up"]["BN"]))
+        * gate_up_splits(cfg, bound),
+        "down_rows": blocks * cdiv(attrs.hidden_size, cfg["down"]["BH"]),
+    }
+    return max(
+        (
+            programs[stage] * TMA_DESCRIPTORS[stage] * TMA_DESCRIPTOR_BYTES
+            for stage in TMA_DESCRIPTORS
+            if uses_tma(attrs, dtype, cfg, bound, stage)
+        ),
+        default=0,
+    )
 
 
 def workspace_layout(
@@ -793,6 +859,7 @@ def workspace_layout(
         # split gate_up: fp32 gate | up partial sums per split and row (rows of the shared expert included)
         ("gu_part", 4 * splits * (t * k + t) * 2 * _nmax(attrs) if splits > 1 else 0),
         ("yw", 0 if fused or routed else esize * rows * h),
+        ("tma_scratch", tma_scratch_bytes(attrs, dtype, cfg, bound, max_blocks)),
     ]
     layout: dict[str, Region] = {}
     offset = 0
@@ -941,7 +1008,7 @@ def launch_sequence(
             "gate_up",
             variants["gate_up"].key,
             (blocks * cdiv(_nmax(attrs), g["BN"]) * g["SK"], 1, 1),
-            args_for("gate_up"),
+            args_for("gate_up") + (TMA_SCRATCH_ARG if g.get("TMA", 0) else ()),
         )
     )
     d = const["down_rows"]
@@ -950,7 +1017,7 @@ def launch_sequence(
             "down_rows",
             variants["down_rows"].key,
             (blocks * cdiv(h, d["BH"]), 1, 1),
-            args_for("down_rows"),
+            args_for("down_rows") + (TMA_SCRATCH_ARG if d.get("TMA", 0) else ()),
         )
     )
     if not is_decode(bound):

@@ -207,7 +207,12 @@ def moe_forward_triton(
     for op in plan.launch_sequence(attrs, dtype, num_tokens, variants, cfg, bound):
         variant = by_key[op.variant_key]
         args: list[Any] = []
-        for (_, kind), (src, ref) in zip(plan.KERNEL_PARAMS[variant.kernel], op.args, strict=True):
+        params = plan.KERNEL_PARAMS[variant.kernel]
+        # past the kernel's parameters: Triton's global scratch (tma_scratch), which Triton's launcher allocates
+        assert op.args[len(params) :] in ((), plan.TMA_SCRATCH_ARG), op.args[len(params) :]
+        if len(op.args) > len(params) and hidden.is_cuda:
+            _set_triton_allocator()
+        for (_, kind), (src, ref) in zip(params, op.args[: len(params)], strict=True):
             if src == "T":
                 args.append(num_tokens)
             elif src == "int":
@@ -222,6 +227,18 @@ def moe_forward_triton(
             *args, **dict(variant.constexprs), num_warps=variant.num_warps, num_stages=variant.num_stages
         )
     return outputs
+
+
+@cache
+def _set_triton_allocator() -> None:
+    """Triton's JIT launcher allocates a kernel's global scratch (the TMA grouped GEMMs' descriptors) through
+    this allocator; the AOT launcher points it at the workspace instead."""
+    import triton
+
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(alloc)
 
 
 @cache

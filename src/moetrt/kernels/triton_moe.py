@@ -794,6 +794,39 @@ def _gate_up_sums(
 
 
 @triton.jit
+def _gate_up_sums_tma(
+    x_ptr,
+    w_desc,
+    token,
+    row_ok,
+    n0,
+    n_cols,
+    k_start,
+    H: tl.constexpr,
+    KS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """`_gate_up_sums` for native weights whose [BN, BK] gate and up tiles come by TMA (w_desc: the expert's
+    [2 * n_cols, H] weight). Rows past the descriptor's shape and columns past H load as zeros; gate rows past
+    n_cols read up rows, whose sums the caller does not store."""
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_start, k_start + KS, BK):
+        ks = k0 + tl.arange(0, BK)
+        wg = w_desc.load([n0, k0])
+        wu = w_desc.load([n0 + n_cols, k0])
+        xt = tl.load(
+            x_ptr + token[:, None] * H + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :], other=0.0
+        )
+        acc_g = dot_acc(xt, tl.trans(wg), acc_g, IEEE)
+        acc_u = dot_acc(xt, tl.trans(wu), acc_u, IEEE)
+    return acc_g, acc_u
+
+
+@triton.jit
 def _gate_up_finish(
     acc_g,
     acc_u,
@@ -905,6 +938,7 @@ def gate_up_kernel(
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
     ACT_FP8: tl.constexpr,
+    TMA: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """act[row, n] = glu(x[token] @ W_gate[e, n], x[token] @ W_up[e, n]) for one (row block, N tile).
@@ -921,6 +955,10 @@ def gate_up_kernel(
     block scales the router kernel wrote (xq, xs) and store their activation, rounded to the op's dtype,
     as e4m3 codes and one scale per row and block (actq [R, I], acts), the down GEMM's operand; the shared
     expert's rows store theirs in the op's dtype (act).
+
+    TMA (native weights, plan.uses_tma): the weight tiles come by the tensor-memory accelerator, through a
+    descriptor over the program's expert built on the device (Triton's global scratch, 128 bytes a program:
+    the launch's last argument); the token rows are still gathered by pointer (TMA cannot gather rows).
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
@@ -950,10 +988,18 @@ def gate_up_kernel(
             w_base = shared_w_gu_ptr
         else:
             w_base = w_gu_ptr + e.to(tl.int64) * (2 * I * H)
-        acc_g, acc_u = _gate_up_sums(
-            x_ptr, w_base, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, w_base, w_base,
-            0, 0, 0, 0, 0, 0, x_ptr, x_ptr, 0, 0,
-        )  # fmt: skip
+        if TMA:
+            w_desc = tl.make_tensor_descriptor(
+                w_base, shape=[2 * n_cols, H], strides=[H, 1], block_shape=[BN, BK]
+            )
+            acc_g, acc_u = _gate_up_sums_tma(
+                x_ptr, w_desc, token, row_ok, pid_n * BN, n_cols, k_start, H, KS, IEEE, BM, BN, BK
+            )
+        else:
+            acc_g, acc_u = _gate_up_sums(
+                x_ptr, w_base, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN, BK, w_base, w_base,
+                0, 0, 0, 0, 0, 0, x_ptr, x_ptr, 0, 0,
+            )  # fmt: skip
     elif is_shared:  # the shared expert is always native
         acc_g, acc_u = _gate_up_sums(
             x_ptr, shared_w_gu_ptr, token, row_ok, n, n_ok, n_cols, k_start, H, KS, IEEE, BM, BN,
@@ -1069,6 +1115,34 @@ def _down_tile(
 
 
 @triton.jit
+def _down_tile_tma(
+    act_ptr,
+    w_base,
+    row0,
+    h0,
+    n_cols,
+    R,
+    NMAX: tl.constexpr,
+    H: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """act[row0 : row0 + BM, :n_cols] @ W[h0 : h0 + BH].T with both tiles by TMA: act is [R, NMAX] (rows past R
+    load as zeros; rows of the next expert are multiplied and not stored), W the expert's [H, n_cols] down
+    weight; n_cols is a multiple of BK (plan.uses_tma), so no column of act past n_cols is read."""
+    a_desc = tl.make_tensor_descriptor(act_ptr, shape=[R, NMAX], strides=[NMAX, 1], block_shape=[BM, BK])
+    w_desc = tl.make_tensor_descriptor(w_base, shape=[H, n_cols], strides=[n_cols, 1], block_shape=[BH, BK])
+    y = tl.zeros((BM, BH), dtype=tl.float32)
+    for k0 in range(0, n_cols, BK):
+        a = a_desc.load([row0, k0])
+        w = w_desc.load([h0, k0])
+        y = dot_acc(a, tl.trans(w), y, IEEE)
+    return y
+
+
+@triton.jit
 def down_rows_kernel(
     w_down_ptr,
     b_down_ptr,
@@ -1110,6 +1184,7 @@ def down_rows_kernel(
     FP8_CVT: tl.constexpr,
     PER_WEIGHT: tl.constexpr,
     ACT_FP8: tl.constexpr,
+    TMA: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """yw[slot, h tile] = weight * (act[row] @ W_down[e].T) for one (row block, H tile).
@@ -1118,6 +1193,10 @@ def down_rows_kernel(
     With FUSE_REDUCE (decode), the last program to finish an H tile (ticket counter) also sums each
     token's K slots and its shared-expert row into the output: the reduction over k costs no launch, and
     stays deterministic (fixed slot order, no float atomics).
+    TMA (native weights, no fp8 activations, plan.uses_tma): the activation and weight tiles come by the
+    tensor-memory accelerator (a block's rows are consecutive in act), through two descriptors built on the
+    device (Triton's global scratch, 256 bytes a program: the launch's last argument), in one loop for the
+    shared and the routed rows.
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
@@ -1130,7 +1209,31 @@ def down_rows_kernel(
     e, rows, row_ok, slot, token = _block_rows(
         b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
     )
-    if b < num_blocks:
+    if b < num_blocks and TMA:
+        is_shared = e == E
+        if is_shared:
+            w_base = shared_w_down_ptr
+        else:
+            w_base = w_down_ptr + e.to(tl.int64) * (H * I)
+        row0 = tl.min(rows, axis=0)
+        y = _down_tile_tma(
+            act_ptr, w_base, row0, pid_h * BH, tl.where(is_shared, IS, I), T * K + T * HAS_SHARED, NMAX, H, IEEE,
+            BM, BH, BK,
+        )  # fmt: skip
+        if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
+            if not is_shared:
+                y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        if is_shared:
+            weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
+        else:
+            weight = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
+        y = y * weight[:, None]
+        tl.store(
+            yw_ptr + slot[:, None] * H + h[None, :],
+            y.to(yw_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & h_ok[None, :],
+        )
+    elif b < num_blocks:
         if e == E:
             y = _down_tile(
                 act_ptr, shared_w_down_ptr, shared_act_rows(rows, T, K, ACT_FP8), row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH,

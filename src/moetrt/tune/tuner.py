@@ -19,6 +19,7 @@ from moetrt.kernels.configs import (
     entry_key,
     router_candidates,
     select_config,
+    tma_candidates,
     write_table,
 )
 from moetrt.kernels.plan import BUCKETS
@@ -42,8 +43,9 @@ def tune(
 ) -> dict[str, Any]:
     """Time candidates per bucket with `time_config(cfg, num_tokens) -> µs`; write the best to the table.
 
-    Rounds per token count: the GEMM tiles (and the fused decode kernel), then the router's block shapes
-    with the best tiles, then (SM90+) programmatic dependent launch on or off. Quantized experts: the
+    Rounds per token count: the GEMM tiles (and the fused decode kernel), then (SM90+, prefill) those tiles
+    loaded by TMA, then the router's block shapes with the best tiles, then (SM90+) programmatic dependent
+    launch on or off. Quantized experts: the
     expert GEMM tiles only, around the config the table gives today (router, top-k and PDL are the native
     entry's: those kernels do not read the experts), and only those tiles are written.
     `prepare(list of (cfg, num_tokens))`, if given, sees each round's candidates first (to compile them
@@ -58,11 +60,15 @@ def tune(
         if attrs.is_quantized:
             chosen, rounds = select_config(attrs, dtype, sm, bound), ("tiles",)
         else:
-            chosen, rounds = default_config(attrs, dtype, bound), ("tiles", "router", "pdl")
+            chosen, rounds = default_config(attrs, dtype, bound), ("tiles", "tma", "router", "pdl")
         us = float("inf")
         for round_name in rounds:
             if round_name == "tiles":
                 cands = candidate_configs(attrs, dtype, bound, base=chosen)
+            elif round_name == "tma":  # SM90+: the best tiles with their loads by TMA
+                cands = [chosen, *tma_candidates(attrs, dtype, bound, chosen)] if sm >= 90 else [chosen]
+                if len(cands) == 1:
+                    continue
             elif round_name == "router":
                 cands = router_candidates(chosen, dtype, bound)
             elif sm >= 90:

@@ -31,6 +31,15 @@ int64_t grid_blocks(const Bucket& bucket, int64_t blocks) {
     return cdiv(blocks, group) * group;
 }
 
+// plan.py TMA_DESCRIPTOR_BYTES / TMA_DESCRIPTORS: the device-built descriptors of a grouped GEMM whose stage
+// compiled with TMA, one 128-byte CUtensorMap each per program, in Triton's global scratch
+constexpr int64_t kTmaDescriptorBytes = 128;
+int64_t tma_descriptors(const char* stage) { return std::string(stage) == "gate_up" ? 1 : 2; }
+bool stage_uses_tma(const Bucket& bucket, const char* stage) {
+    const Stage* s = bucket.stage(stage);
+    return s != nullptr && s->constexpr_int_or("TMA", 0) != 0;
+}
+
 struct Layout {
     std::vector<std::pair<std::string, Region>> regions;
     const Region& operator[](const std::string& name) const {
@@ -65,6 +74,14 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
     bool xq = router != nullptr && router->constexpr_int_or("ACT_FP8", 0) != 0;
     int64_t block = xq ? router->constexpr_int("WB") : 1;
     int64_t inter = s.intermediate_size;
+    // plan.py tma_scratch_bytes: the larger of the TMA grouped GEMMs' descriptors (they run one after the other)
+    int64_t tma_scratch = 0;
+    if (stage_uses_tma(bucket, "gate_up"))
+        tma_scratch = blocks * cdiv(s.nmax(), gate_up->constexpr_int("BN")) * splits * tma_descriptors("gate_up") *
+                      kTmaDescriptorBytes;
+    if (stage_uses_tma(bucket, "down_rows"))
+        tma_scratch = std::max(tma_scratch, blocks * cdiv(h, bucket.stage("down_rows")->constexpr_int("BH")) *
+                                                tma_descriptors("down_rows") * kTmaDescriptorBytes);
     const std::vector<std::pair<const char*, int64_t>> sizes = {
         {"counts", 4 * (e + 2)},
         {"tickets", 16},
@@ -94,6 +111,7 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
         {"acts", xq ? 4 * rows * cdiv(inter, block) : 0},
         {"gu_part", splits > 1 ? 4 * splits * (t * k + t) * 2 * s.nmax() : 0},
         {"yw", fused || routed ? 0 : esize * rows * h},
+        {"tma_scratch", tma_scratch},
     };
     Layout layout;
     int64_t offset = 0;
@@ -150,6 +168,9 @@ public:
                             "rebuild the kernels with this moetrt version");
             }
         }
+        // plan.py TMA_SCRATCH_ARG: past the kernel's own parameters, Triton's global-scratch pointer
+        if (stage_uses_tma(bucket_, stage_name))
+            launch.args.push_back({Arg::Kind::Workspace, layout_["tma_scratch"].offset, "tma_scratch"});
         launches.push_back(std::move(launch));
     }
 
@@ -264,7 +285,12 @@ void check_pointer_counts(const Bundle& b, size_t num_inputs, size_t num_outputs
 std::vector<uint64_t> launch_slots(const Bundle& b, const Launch& launch, int64_t num_tokens,
                                    const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace) {
     const Kernel& kernel = b.kernels[launch.kernel];
-    std::vector<uint64_t> slots(launch.args.size() + static_cast<size_t>(kernel.scratch_params), 0);
+    // the kernel's parameters, then the scratch pointers Triton appends: null, or from a launch arg past the
+    // parameters (tma_scratch)
+    std::vector<uint64_t> slots(kernel.params.size() + static_cast<size_t>(kernel.scratch_params), 0);
+    if (launch.args.size() > slots.size())
+        throw Error(ErrorKind::Bundle, "stage " + launch.stage + " has more arguments than its kernel takes",
+                    "rebuild the kernels with this moetrt version");
     for (size_t j = 0; j < launch.args.size(); ++j) {
         const Arg& a = launch.args[j];
         int64_t value = 0;
@@ -275,7 +301,7 @@ std::vector<uint64_t> launch_slots(const Bundle& b, const Launch& launch, int64_
             case Arg::Kind::Tokens: value = num_tokens; break;
             case Arg::Kind::Int: value = a.value; break;
         }
-        if (kernel.params[j] == ParamKind::Pointer) {
+        if (j >= kernel.params.size() || kernel.params[j] == ParamKind::Pointer) {
             slots[j] = static_cast<uint64_t>(value);
         } else {
             if (value < INT32_MIN || value > INT32_MAX)

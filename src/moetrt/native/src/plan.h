@@ -49,7 +49,8 @@ Plan plan_for(const Bundle& bundle, int64_t num_tokens);
 void check_pointer_counts(const Bundle& bundle, size_t num_inputs, size_t num_outputs);
 
 // The kernel parameter slots of one launch, as cuLaunchKernel takes them: one 8-byte slot per parameter
-// (pointers whole, i32 in the slot's low 4 bytes), then the null scratch pointers Triton's ABI appends.
+// (pointers whole, i32 in the slot's low 4 bytes), then the scratch pointers Triton's ABI appends: null, or
+// the tma_scratch region where the launch carries it as an argument past the kernel's parameters.
 // inputs / outputs: device pointers in the bundle's input / output order.
 std::vector<uint64_t> launch_slots(const Bundle& bundle, const Launch& launch, int64_t num_tokens,
                                    const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace);
