@@ -6,7 +6,8 @@ block's column tiles run together) and with the row blocks grouped (GM > 1: the 
 weight tile in turn, so an expert's weight tile is read from HBM once per group instead of once per block).
 --compare tma: the table's config, with both grouped GEMMs loading by TMA (plan.uses_tma), and that with one
 more pipeline stage for gate_up (TMA loads are issued by one thread, so more of them can be in flight at the
-same shared memory as the pointer loads' three). Every bundle runs through the
+same shared memory as the pointer loads' three). --compare patches: the table's config and the table's with each
+of --patches applied (other tiles, say). Every bundle runs through the
 launcher and is checked against the float32 oracle (exit 1 on a failure), then timed by CUDA-graph replay with
 L2 flushed. Bundles are compiled here or on the GPU's host; --bundles keeps them, so a CPU machine can compile
 them for a short GPU call:
@@ -56,6 +57,18 @@ def tma_variants(shape: str, t: int) -> list[tuple[str, dict]]:
     return [("table", base), ("TMA", tma), (f"TMA+s{deeper['gate_up']['num_stages']}", deeper)]
 
 
+def patched_variants(shape: str, t: int, patches: list[dict]) -> list[tuple[str, dict]]:
+    """(label, config) of one bucket: the table's, and the table's with each patch ({stage: {key: value}})."""
+    base = select_config(PRESETS[shape], DTYPE, SM, plan.bucket_of(t))
+    out = [("table", base)]
+    for i, patch in enumerate(patches):
+        cfg = copy.deepcopy(base)
+        for stage, values in patch.items():
+            cfg[stage].update(values)
+        out.append((f"patch{i}", cfg))
+    return out
+
+
 _COMPILED: dict[str, aot.CompiledKernel] = {}  # variants shared by the bundles (router, top-k, align, reduce)
 
 
@@ -79,7 +92,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="mixtral:512,mixtral:4096,qwen3_30b:4096", help="shape:T,...")
     p.add_argument("--groups", default="1,2,4,8", help="GM values to compare (1: the table as it is)")
-    p.add_argument("--compare", choices=("order", "tma"), default="order", help="what to vary (see above)")
+    p.add_argument(
+        "--compare", choices=("order", "tma", "patches"), default="order", help="what to vary (see above)"
+    )
+    p.add_argument(
+        "--patches",
+        default="[]",
+        help="with --compare patches: a JSON list of {stage: {key: value}} applied to the table's config, e.g. "
+        '[{"gate_up": {"BM": 128, "TMA": 1}, "down": {"TMA": 1}}] (rows labelled patch0, patch1, ...)',
+    )
     p.add_argument("--bundles", type=Path, default=None, help="folder that keeps the compiled bundles")
     p.add_argument("--compile-only", action="store_true", help="compile the bundles and stop (no GPU needed)")
     p.add_argument("--out", default=None, help="a .jsonl file for the rows")
@@ -88,7 +109,13 @@ def main() -> int:
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",")]
     rows, ok = [], True
     for shape, t in cases:
-        for label, cfg in variants(shape, t, groups) if a.compare == "order" else tma_variants(shape, t):
+        if a.compare == "order":
+            compared = variants(shape, t, groups)
+        elif a.compare == "tma":
+            compared = tma_variants(shape, t)
+        else:
+            compared = patched_variants(shape, t, json.loads(a.patches))
+        for label, cfg in compared:
             bundle = bundle_for(shape, t, label, cfg, a.bundles)
             if a.compile_only:
                 print(f"compiled {shape} T={t} {label}", flush=True)

@@ -83,11 +83,15 @@ def test_aot_refuses_tma_before_sm90() -> None:
         aot.compile_variant(variant, "bfloat16", 80)
 
 
-def test_tuner_tries_tma_at_prefill_on_sm90_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_tuner_tries_tma_on_sm90_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
     small = MoEAttributes(8, 2, 64, 32)
-    assert configs.tma_candidates(small, "bfloat16", 16, configs.default_config(small, "bfloat16", 16)) == []
+    for attrs, dtype in (
+        (small, "float32"),
+        (dataclasses.replace(small, weight_format="int4", weight_block=32), "bfloat16"),
+    ):
+        assert configs.tma_candidates(attrs, dtype, None, configs.default_config(attrs, dtype, None)) == []
     assert (
-        configs.tma_candidates(small, "float32", None, configs.default_config(small, "float32", None)) == []
+        len(configs.tma_candidates(small, "bfloat16", 16, configs.default_config(small, "bfloat16", 16))) == 2
     )
     base = configs.default_config(small, "bfloat16", None)
     tma, deeper = configs.tma_candidates(small, "bfloat16", None, copy.deepcopy(base))

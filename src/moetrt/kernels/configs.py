@@ -96,10 +96,11 @@ def tma_candidates(
 ) -> list[dict[str, Any]]:
     """base with the grouped GEMMs' tiles loaded by TMA (`gate_up.TMA`, `down.TMA`; plan.uses_tma), and that with
     one more gate_up pipeline stage (the TMA loads of a stage cost no registers, so a deeper pipeline fits):
-    prefill of native experts in 16-bit types, for SM 9.0 and later (the tuner's "tma" round). Measured on the
-    H200 at T = 4096: 3.5-12 % faster for Mixtral, DeepSeek-V3, Qwen3-Next, Qwen3-30B and GPT-OSS; no gain at
-    T = 512 but Mixtral's (docs/kernels.md)."""
-    if is_decode(bound) or attrs.is_quantized or attrs.has_fp8_activations or dtype == "float32":
+    native experts in 16-bit types, for SM 9.0 and later (the tuner's "tma" round), on every bucket that runs
+    the grouped GEMMs. Measured on the H200: 3.5-12 % faster at T = 4096 for Mixtral, DeepSeek-V3, Qwen3-Next,
+    Qwen3-30B and GPT-OSS; at T = 512 Mixtral and GPT-OSS (with larger tiles) only; at decode 5-15 % slower
+    (docs/kernels.md)."""
+    if attrs.is_quantized or attrs.has_fp8_activations or dtype == "float32":
         return []
     tma = copy.deepcopy(base)
     tma["gate_up"]["TMA"] = tma["down"]["TMA"] = 1
