@@ -176,9 +176,10 @@ def test_native_plan_of_fp8_activations() -> None:
     native = NativeBundle(bundle.to_bytes())
     for t in (1, 700):  # T = 1 bucket and prefill: sorted path
         _, layout = plan_from_native(native.plan(t))
-        rows = t * 2 + t
         assert layout["xq"].nbytes == t * 256 and layout["xs"].nbytes == 4 * t * 2
-        assert layout["actq"].nbytes == rows * 128 and layout["acts"].nbytes == 4 * rows
+        # the routed rows' e4m3 activation: the shared expert's T rows keep theirs in act
+        assert layout["actq"].nbytes == 2 * t * 128 and layout["acts"].nbytes == 4 * 2 * t
+        assert layout["act"].nbytes == 2 * t * 128  # the shared expert's T rows of NMAX = 128 bf16 values
     _, layout = plan_from_native(native.plan(5))  # the T <= 16 bucket takes the routed path
     assert all(layout[name].nbytes == 0 for name in ("xq", "xs", "actq", "acts"))
 

@@ -854,8 +854,9 @@ def workspace_layout(
         # fp8 activations: x and the routed rows' activation as e4m3 codes and block scales (quantizes_x_once)
         ("xq", t * h if xq else 0),
         ("xs", 4 * t * cdiv(h, block) if xq else 0),
-        ("actq", rows * attrs.intermediate_size if xq else 0),
-        ("acts", 4 * rows * cdiv(attrs.intermediate_size, block) if xq else 0),
+        # the routed rows only (the first T·K of the sorted order): the shared expert's activation is in act
+        ("actq", t * k * attrs.intermediate_size if xq else 0),
+        ("acts", 4 * t * k * cdiv(attrs.intermediate_size, block) if xq else 0),
         # split gate_up: fp32 gate | up partial sums per split and row (rows of the shared expert included)
         ("gu_part", 4 * splits * (t * k + t) * 2 * _nmax(attrs) if splits > 1 else 0),
         ("yw", 0 if fused or routed else esize * rows * h),

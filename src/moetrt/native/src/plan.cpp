@@ -107,8 +107,8 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
         {"act", fused ? 0 : esize * (xq ? (s.has_shared_expert() ? t : 0) : rows) * s.nmax()},
         {"xq", xq ? t * h : 0},
         {"xs", xq ? 4 * t * cdiv(h, block) : 0},
-        {"actq", xq ? rows * inter : 0},
-        {"acts", xq ? 4 * rows * cdiv(inter, block) : 0},
+        {"actq", xq ? t * k * inter : 0},  // the routed rows only: the shared expert's activation is in act
+        {"acts", xq ? 4 * t * k * cdiv(inter, block) : 0},
         {"gu_part", splits > 1 ? 4 * splits * (t * k + t) * 2 * s.nmax() : 0},
         {"yw", fused || routed ? 0 : esize * rows * h},
         {"tma_scratch", tma_scratch},
