@@ -226,6 +226,28 @@ def test_launch_slots_resolve_every_pointer() -> None:
                 assert value == struct.unpack("<I", struct.pack("<i", int(ref)))[0]
 
 
+def test_tma_scratch_fills_tritons_global_scratch_slot() -> None:
+    """A TMA grouped GEMM's launch carries tma_scratch past the kernel's parameters: the slot Triton's ABI
+    gives the global scratch pointer gets the region, the profile-scratch slot stays null, and the other
+    kernels keep both null."""
+    attrs, t = FULL, 700
+    cfg = tuning.default_config(attrs, "bfloat16", None)
+    cfg["gate_up"]["TMA"] = cfg["down"]["TMA"] = 1
+    cfg["down"]["BK"] = 16  # I = 48 and the shared expert's 32 in whole tiles (plan.uses_tma)
+    bundle = planning_bundle(attrs, "bfloat16", configs={None: cfg}, buckets=(None,))
+    native = NativeBundle(bundle.to_bytes())
+    inputs = [0x10000 * (i + 1) for i in range(len(attrs.present_inputs()))]
+    ws = 0xF0000000
+    ops, layout = plan_from_native(native.plan(t))
+    assert layout["tma_scratch"].nbytes > 0
+    for index, op in enumerate(ops):
+        slots = native.launch_slots(t, index, inputs, [0x9000000, 0xA000000], ws)
+        params = len(bundle.kernels[op.variant_key].param_types)
+        assert len(slots) == params + SCRATCH_PARAMS
+        scratch = ws + layout["tma_scratch"].offset if op.stage in ("gate_up", "down_rows") else 0
+        assert slots[params:] == [scratch] + [0] * (SCRATCH_PARAMS - 1), op.stage
+
+
 def test_absent_inputs_resolve_to_hidden_states() -> None:
     attrs, t = ATTRS["plain"], 3
     native = NativeBundle(planning_bundle(attrs, "bfloat16").to_bytes())
