@@ -502,10 +502,8 @@ def uses_fp8_conversion(cfg: dict[str, Any]) -> bool:
 # device, one CUtensorMap (128 bytes) per descriptor and program in Triton's global scratch, which the launch's
 # last argument points at (the tma_scratch region). aot.compile_variant checks the compiled size against these.
 TMA_DESCRIPTOR_BYTES = 128
-TMA_DESCRIPTORS = {
-    "gate_up": 1,
-    "down_rows": 2,
-}  # gate_up: its weight; down_rows: the activation and the weight
+# per program: gate_up's over its expert's weight; down_rows' over act and over its expert's weight
+TMA_DESCRIPTORS = {"gate_up": 1, "down_rows": 2}
 TMA_STAGE_CONFIG = {"gate_up": "gate_up", "down_rows": "down"}  # the config section that asks for each
 # a launch's argument past the kernel's own parameters: Triton's global-scratch pointer, in the cubin's ABI
 TMA_SCRATCH_ARG = (("ws", "tma_scratch"),)
