@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from moetrt.kernels import aot, plan
-from moetrt.kernels.configs import select_config
+from moetrt.kernels.configs import select_config, tma_candidates
 from moetrt.op.presets import PRESETS
 
 SM = 90
@@ -48,12 +48,10 @@ def variants(shape: str, t: int, groups: list[int]) -> list[tuple[str, dict]]:
 
 
 def tma_variants(shape: str, t: int) -> list[tuple[str, dict]]:
-    """(label, config) of one bucket: the table's, with TMA grouped GEMMs, and those with 4 gate_up stages."""
+    """(label, config) of one bucket: the table's, and the tuner's TMA candidates of it (configs.tma_candidates:
+    TMA grouped GEMMs, and those with one more gate_up stage)."""
     base = select_config(PRESETS[shape], DTYPE, SM, plan.bucket_of(t))
-    tma = copy.deepcopy(base)
-    tma["gate_up"]["TMA"] = tma["down"]["TMA"] = 1
-    deeper = copy.deepcopy(tma)
-    deeper["gate_up"]["num_stages"] = base["gate_up"]["num_stages"] + 1
+    tma, deeper = tma_candidates(PRESETS[shape], DTYPE, plan.bucket_of(t), base)
     return [("table", base), ("TMA", tma), (f"TMA+s{deeper['gate_up']['num_stages']}", deeper)]
 
 

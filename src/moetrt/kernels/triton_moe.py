@@ -1209,32 +1209,26 @@ def down_rows_kernel(
     e, rows, row_ok, slot, token = _block_rows(
         b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
     )
-    if b < num_blocks and TMA:
-        is_shared = e == E
-        if is_shared:
-            w_base = shared_w_down_ptr
-        else:
-            w_base = w_down_ptr + e.to(tl.int64) * (H * I)
-        row0 = tl.min(rows, axis=0)
-        y = _down_tile_tma(
-            act_ptr, w_base, row0, pid_h * BH, tl.where(is_shared, IS, I), T * K + T * HAS_SHARED, NMAX, H, IEEE,
-            BM, BH, BK,
-        )  # fmt: skip
-        if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
-            if not is_shared:
-                y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        if is_shared:
-            weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
-        else:
-            weight = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
-        y = y * weight[:, None]
-        tl.store(
-            yw_ptr + slot[:, None] * H + h[None, :],
-            y.to(yw_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & h_ok[None, :],
-        )
-    elif b < num_blocks:
-        if e == E:
+    if b < num_blocks:
+        if TMA:  # one loop for the shared and routed rows (plan.uses_tma: native weights)
+            is_shared = e == E
+            if is_shared:
+                w_base = shared_w_down_ptr
+            else:
+                w_base = w_down_ptr + e.to(tl.int64) * (H * I)
+            row0 = tl.min(rows, axis=0)
+            y = _down_tile_tma(
+                act_ptr, w_base, row0, pid_h * BH, tl.where(is_shared, IS, I), T * K + T * HAS_SHARED, NMAX, H,
+                IEEE, BM, BH, BK,
+            )  # fmt: skip
+            if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
+                if not is_shared:
+                    y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+            if is_shared:
+                weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
+            else:
+                weight = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
+        elif e == E:
             y = _down_tile(
                 act_ptr, shared_w_down_ptr, shared_act_rows(rows, T, K, ACT_FP8), row_ok, h, h_ok, IS, NMAX, IS, IEEE, BM, BH,
                 shared_tile_k(BK, ACT_FP8), shared_w_down_ptr, shared_w_down_ptr, 0, 0, 0, 0, 0, 0, acts_ptr, 0,

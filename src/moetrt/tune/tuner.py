@@ -43,8 +43,8 @@ def tune(
 ) -> dict[str, Any]:
     """Time candidates per bucket with `time_config(cfg, num_tokens) -> µs`; write the best to the table.
 
-    Rounds per token count: the GEMM tiles (and the fused decode kernel), then (SM90+, prefill) those tiles
-    loaded by TMA, then the router's block shapes with the best tiles, then (SM90+) programmatic dependent
+    Rounds per token count: the GEMM tiles (and the fused decode kernel), then (SM90+, native 16-bit experts)
+    those tiles loaded by TMA, then the router's block shapes with the best tiles, then (SM90+) programmatic dependent
     launch on or off. Quantized experts: the
     expert GEMM tiles only, around the config the table gives today (router, top-k and PDL are the native
     entry's: those kernels do not read the experts), and only those tiles are written.
@@ -66,9 +66,10 @@ def tune(
             if round_name == "tiles":
                 cands = candidate_configs(attrs, dtype, bound, base=chosen)
             elif round_name == "tma":  # SM90+: the best tiles with their loads by TMA
-                cands = [chosen, *tma_candidates(attrs, dtype, bound, chosen)] if sm >= 90 else [chosen]
-                if len(cands) == 1:
+                tma = tma_candidates(attrs, dtype, bound, chosen) if sm >= 90 else []
+                if not tma:
                     continue
+                cands = [chosen, *tma]
             elif round_name == "router":
                 cands = router_candidates(chosen, dtype, bound)
             elif sm >= 90:
