@@ -8,8 +8,10 @@ bench's random inputs (bf16), --warmup times, then --iters times under torch.pro
 its mean GPU time per call, with its share of the sum. The kernels run back to back as in a call, so the L2
 keeps what the previous kernel left (as in serving). The gaps between launches are not in the sum; where the
 table turns programmatic dependent launch on, a kernel starts before the previous one ends and its time includes
-that wait, so the rows overlap and the sum can exceed the call. Needs a GPU; a bundle compiled on the CPU
-(`moetrt aot --preset SHAPE --dtype bf16 --sm 90`) saves the compile.
+that wait, so the rows overlap and the sum can exceed the call. --alone times each launch by itself instead
+(`tune.tuner.profile_stages`: CUDA events around every launch, L2 flushed before each call, so no launch
+overlaps another and each row is that kernel's own cost, its launch included). Needs a GPU; a bundle compiled
+on the CPU (`moetrt aot --preset SHAPE --dtype bf16 --sm 90`) saves the compile.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from pathlib import Path
 import torch
 
 
-def stage_times(name: str, tokens: int, bundle_path: Path | None, warmup: int, iters: int) -> list[dict]:
-    """Mean GPU µs per call of each kernel of one call (shape `name`, `tokens` tokens, bf16)."""
+def stage_times(
+    name: str, tokens: int, bundle_path: Path | None, warmup: int, iters: int, alone: bool = False
+) -> list[dict]:
+    """Mean GPU µs per call of each kernel of one call (shape `name`, `tokens` tokens, bf16); with `alone`,
+    the median µs of each launch timed by itself."""
     import workloads
     from torch.profiler import ProfilerActivity, profile
 
@@ -38,6 +43,19 @@ def stage_times(name: str, tokens: int, bundle_path: Path | None, warmup: int, i
         attrs, workloads.make_token_inputs(attrs, tokens, torch.bfloat16, dev, seed=4, skew=0.0), weights
     )
     bundle = KernelBundle.from_bytes(bundle_path.read_bytes()) if bundle_path else None
+    if alone:
+        from moetrt.kernels.aot import compile_kernels
+        from moetrt.tune.tuner import profile_stages
+
+        if bundle is None:
+            major, minor = torch.cuda.get_device_capability()
+            bundle = compile_kernels(attrs, "bfloat16", major * 10 + minor, workers=8)
+        per_stage = profile_stages(bundle, attrs, inputs, iters)
+        total = sum(per_stage.values())
+        return [
+            dict(shape=name, T=tokens, kernel=stage, us=round(us, 2), share=round(us / total, 3), alone=True)
+            for stage, us in per_stage.items()
+        ] + [dict(shape=name, T=tokens, kernel="(sum)", us=round(total, 2), share=1.0, alone=True)]
     for _ in range(warmup):
         moe_forward(inputs, attrs, bundle)
     torch.cuda.synchronize()
@@ -66,6 +84,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", type=Path, default=None, help="a .jsonl file for the rows")
+    p.add_argument("--alone", action="store_true", help="time each launch by itself (see above)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print(
@@ -78,7 +97,7 @@ def main() -> int:
     for name in a.shapes.split(","):
         for tokens in (int(t) for t in a.tokens.split(",")):
             path = Path(bundles[name]) if name in bundles else None
-            for row in stage_times(name, tokens, path, a.warmup, a.iters):
+            for row in stage_times(name, tokens, path, a.warmup, a.iters, a.alone):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if a.out:

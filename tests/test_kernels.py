@@ -114,6 +114,8 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("shared_ungated", "float16", 3, "auto"),
     ("shared_gated_logits", "bfloat16", 5, "split"),
     ("swiglu_clamped_biases", "float32", 70, "split"),
+    ("sigmoid_grouped_bias_scaled", "bfloat16", 70, "split"),
+    ("shared_gated_logits", "bfloat16", 70, "split"),
     ("shared_gated_logits", "float32", 1, "fused"),
     ("shared_gated_logits", "bfloat16", 20, "fused"),
     ("swiglu_clamped_biases", "float16", 9, "fused"),

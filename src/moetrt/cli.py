@@ -468,6 +468,12 @@ def aot_cmd(
     help="Table to update [default: the package's configs/sm<SM>.json].",
 )
 @click.option("-j", "--jobs", type=int, default=8, show_default=True, help="Parallel compiler processes.")
+@click.option(
+    "--rounds",
+    help="Comma list of tuning rounds to run (tiles, tma, router, topk, pdl) [default: all, from the default "
+    "config]. A subset starts from the table's entry of each bucket, e.g. --rounds router,topk re-tunes only "
+    "the routing launches of the shipped table (scored by those launches alone).",
+)
 @_weights_options(
     "the expert GEMM tiles are tuned for that format (the native entry of the shape keeps the others; tune "
     "it first)."
@@ -480,13 +486,14 @@ def tune_cmd(
     tokens: str,
     output: str | None,
     jobs: int,
+    rounds: str | None,
     weights: str,
     weight_block: int | None,
     int4_zero_point: bool,
     activations: str,
 ) -> None:
     """Tune the kernel-config table for the GPU of this machine (times every candidate on it)."""
-    from moetrt.tune.tuner import tune_gpu
+    from moetrt.tune.tuner import rounds_to_run, tune_gpu
 
     try:
         counts = [int(t) for t in tokens.split(",")]
@@ -499,7 +506,9 @@ def tune_cmd(
     attrs = with_weights(
         resolve_attrs(preset, attrs_json), weights, weight_block, int4_zero_point, activations
     )
-    best = tune_gpu(attrs, dtype, counts, output, workers=max(1, jobs), log=click.echo)
+    picked = [r.strip() for r in rounds.split(",") if r.strip()] if rounds is not None else None
+    rounds_to_run(attrs, picked)  # a bad --rounds fails here, before any GPU work
+    best = tune_gpu(attrs, dtype, counts, output, workers=max(1, jobs), log=click.echo, rounds=picked)
     for key, entry in best.items():
         click.echo(f"{key}: {entry['us']} us at T={entry['tokens']}")
 

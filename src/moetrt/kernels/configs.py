@@ -25,6 +25,7 @@ from moetrt.kernels.plan import (
     bucket_name,
     expert_tile,
     is_decode,
+    next_pow2,
 )
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
 
@@ -144,11 +145,14 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         reduce = {"BT": 16, "BH": 128, "num_warps": 4}
     else:
         big = bound is None
+        # H split 4 ways and 128-wide K steps: one split over all of H left the GPU idle at T <= 512 or with
+        # few experts (tuned on the H200, every shape's prefill buckets took 2-8 splits; router + top-k
+        # 25.0 -> 13.1 us at Qwen3-30B T = 512, 100.5 -> 78.1 at DeepSeek-V3 T = 4096)
         router = {
-            "BT": 64 if big else 32,
+            "BT": 64,
             "BE": min(e_pad, 64) if e_pad >= 16 else 16,
-            "BK": 32 if fp32 else 64,
-            "SPLIT": 1,
+            "BK": 32 if fp32 else 128,
+            "SPLIT": 1 if fp32 else 4,
             "num_warps": 4,
             "num_stages": 3,
         }
@@ -451,29 +455,70 @@ def gemv_candidates(base: dict[str, Any], dtype: str) -> list[dict[str, Any]]:
     return out
 
 
-def router_candidates(base: dict[str, Any], dtype: str, bound: int | None) -> list[dict[str, Any]]:
-    """Router and top-k block shapes tried once the GEMM tiles are chosen."""
+#: Router tiles tried at prefill (BT, BE, BK, warps, stages), each with PREFILL_ROUTER_SPLITS: few, long
+#: programs (BT 64 x BE 64 over all of H) leave the GPU idle at T <= 512 or with few experts, so H is split too.
+PREFILL_ROUTER_TILES = (
+    (64, 64, 64, 4, 3),
+    (64, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (32, 64, 64, 4, 3),
+    (32, 32, 64, 4, 3),
+    (16, 64, 128, 4, 3),
+    (64, 64, 128, 4, 3),
+)
+PREFILL_ROUTER_SPLITS = (1, 2, 4, 8)
+#: Top-k tiles hold RT x E_PAD int64 keys in registers; past this many elements they spill.
+TOPK_MAX_ELEMENTS = 8192
+
+
+def router_candidates(
+    attrs: MoEAttributes, base: dict[str, Any], dtype: str, bound: int | None
+) -> list[dict[str, Any]]:
+    """Router block shapes (and splits of H) tried once the GEMM tiles are chosen; base first."""
+    e_pad = next_pow2(attrs.num_experts)
     if dtype == "float32":
         opts = [(16, 16, 64, 4, 3), (16, 32, 64, 4, 2), (16, 16, 128, 4, 2)]
     elif is_decode(bound):
         opts = [(16, 16, 128, 4, 3), (16, 32, 128, 4, 3), (16, 16, 64, 4, 3), (16, 16, 64, 4, 4)]
     else:
-        opts = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (32, 64, 64, 4, 3)]
+        opts = list(PREFILL_ROUTER_TILES)
     out = [base]
     split = base["router"]["SPLIT"]
+    if is_decode(bound):
+        splits = {split, max(1, split // 2), split * 2}
+    else:
+        splits = set(PREFILL_ROUTER_SPLITS) if dtype != "float32" else {1, 2}
     for bt, be, bk, warps, stages in opts:
-        for new_split in {split, max(1, split // 2), split * 2} if is_decode(bound) else {1}:
+        for new_split in sorted(splits):
             cfg = copy.deepcopy(base)
             cfg["router"].update(
-                {"BT": bt, "BE": be, "BK": bk, "SPLIT": new_split, "num_warps": warps, "num_stages": stages}
+                {
+                    "BT": bt,
+                    "BE": max(16, min(be, e_pad)),  # a tile wider than the experts only multiplies padding
+                    "BK": bk,
+                    "SPLIT": new_split,
+                    "num_warps": warps,
+                    "num_stages": stages,
+                }
             )
             if cfg not in out:
                 out.append(cfg)
+    return out
+
+
+def topk_candidates(attrs: MoEAttributes, base: dict[str, Any], bound: int | None) -> list[dict[str, Any]]:
+    """Top-k tiles (tokens per program, warps) tried after the router's; base first."""
+    e_pad = next_pow2(attrs.num_experts)
     rt = base["topk"]["RT"]
-    topk_opts = [(max(1, rt // 2), 4), (rt * 2, 4), (rt, 8)]
-    if is_decode(bound):  # a few tokens: one or two warps pick by shuffles, without block-wide barriers
-        topk_opts += [(rt, 1), (rt, 2), (max(1, rt // 2), 1)]
-    for new_rt, warps in topk_opts:
+    opts = [(new_rt, warps) for new_rt in (max(1, rt // 2), rt, rt * 2) for warps in (2, 4, 8)]
+    if is_decode(bound):
+        # a few tokens: one or two warps pick by shuffles, without block-wide barriers
+        opts += [(rt, 1), (max(1, rt // 2), 1)]
+    out = [base]
+    for new_rt, warps in opts:
+        if new_rt * e_pad > TOPK_MAX_ELEMENTS and new_rt > rt:
+            continue
         cfg = copy.deepcopy(base)
         cfg["topk"].update({"RT": new_rt, "num_warps": warps})
         if cfg not in out:

@@ -20,6 +20,7 @@ from moetrt.kernels.configs import (
     router_candidates,
     select_config,
     tma_candidates,
+    topk_candidates,
     write_table,
 )
 from moetrt.kernels.plan import BUCKETS
@@ -29,6 +30,32 @@ from moetrt.tune.timing import time_graph
 
 #: The stages a native entry holds (a quantized one: QUANTIZED_STAGES).
 STAGES = ("router", "topk", "gate_up", "down", "fused", "pdl", "gemv", "routed")
+#: Tuning rounds in order; a quantized entry has the first only (its routing is the native entry's).
+ROUNDS = ("tiles", "tma", "router", "topk", "pdl")
+QUANTIZED_ROUNDS = ("tiles",)
+#: The launches the router and top-k rounds change, and what `time_routing` sums.
+ROUTING_STAGES = ("router", "topk")
+
+
+def rounds_to_run(attrs: MoEAttributes, rounds: Iterable[str] | None) -> tuple[str, ...]:
+    """The tuning rounds to run, in ROUNDS order: all of the op's (None) or the named ones, checked."""
+    allowed = QUANTIZED_ROUNDS if attrs.is_quantized else ROUNDS
+    if rounds is None:
+        return allowed
+    wanted = list(rounds)
+    unknown = [r for r in wanted if r not in ROUNDS]
+    if unknown or not wanted:
+        raise MoetrtError(
+            f"unknown tuning round(s) {', '.join(unknown) or '(none named)'}",
+            f"name some of {', '.join(ROUNDS)}",
+        )
+    if not set(wanted) <= set(allowed):
+        raise MoetrtError(
+            f"a quantized entry has no {', '.join(r for r in wanted if r not in allowed)} round "
+            "(its router, top-k and PDL are the native entry's)",
+            "tune those on the native shape (without --weights), and --rounds tiles here",
+        )
+    return tuple(r for r in allowed if r in wanted)
 
 
 def tune(
@@ -40,29 +67,37 @@ def tune(
     out_path: str | os.PathLike[str] | None = None,
     prepare: Callable[[list[tuple[dict[str, Any], int]]], None] | None = None,
     log: Callable[[str], None] = lambda line: None,
+    time_routing: Callable[[dict[str, Any], int], float] | None = None,
+    rounds: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Time candidates per bucket with `time_config(cfg, num_tokens) -> µs`; write the best to the table.
 
-    Rounds per token count: the GEMM tiles (and the fused decode kernel), then (SM90+, native 16-bit experts)
-    those tiles loaded by TMA, then the router's block shapes with the best tiles, then (SM90+) programmatic dependent
-    launch on or off. Quantized experts: the
-    expert GEMM tiles only, around the config the table gives today (router, top-k and PDL are the native
-    entry's: those kernels do not read the experts), and only those tiles are written.
+    Rounds per token count (ROUNDS): the GEMM tiles (and the fused decode kernel), then (SM90+, native 16-bit
+    experts) those tiles loaded by TMA, then the router's block shapes and splits of H, then the top-k's, then
+    (SM90+) programmatic dependent launch on or off. Quantized experts: the expert GEMM tiles only, around the
+    config the table gives today (router, top-k and PDL are the native entry's: those kernels do not read the
+    experts), and only those tiles are written.
+    `time_routing(cfg, num_tokens) -> µs`, if given, scores the router and top-k rounds by those two launches
+    alone: at prefill they are a few per cent of the call, within its run-to-run noise, so a whole-call timer
+    picks among them by noise.
+    `rounds`: a subset of ROUNDS to run, starting from the table's config of each bucket instead of the
+    default config (e.g. ("router", "topk") re-tunes the routing launches of the shipped table).
     `prepare(list of (cfg, num_tokens))`, if given, sees each round's candidates first (to compile them
     in parallel). A bucket is scored by the sum of its times over the `tokens` it serves (e.g. 1 and 8
     for the <= 16 bucket), so one fast token count cannot pick a config that is slow at another.
     """
+    to_run = rounds_to_run(attrs, rounds)
     per_bucket: dict[int | None, list[int]] = {}
     for t in tokens:
         per_bucket.setdefault(next(b for b in BUCKETS if b is None or t <= b), []).append(t)
     best: dict[str, Any] = {}
     for bound, counts in per_bucket.items():
-        if attrs.is_quantized:
-            chosen, rounds = select_config(attrs, dtype, sm, bound), ("tiles",)
+        if attrs.is_quantized or rounds is not None:
+            chosen = select_config(attrs, dtype, sm, bound)
         else:
-            chosen, rounds = default_config(attrs, dtype, bound), ("tiles", "tma", "router", "pdl")
-        us = float("inf")
-        for round_name in rounds:
+            chosen = default_config(attrs, dtype, bound)
+        call_us: float | None = None  # the chosen config's whole-call time, once a round has measured it
+        for round_name in to_run:
             if round_name == "tiles":
                 cands = candidate_configs(attrs, dtype, bound, base=chosen)
             elif round_name == "tma":  # SM90+: the best tiles with their loads by TMA
@@ -71,17 +106,21 @@ def tune(
                     continue
                 cands = [chosen, *tma]
             elif round_name == "router":
-                cands = router_candidates(chosen, dtype, bound)
+                cands = router_candidates(attrs, chosen, dtype, bound)
+            elif round_name == "topk":
+                cands = topk_candidates(attrs, chosen, bound)
             elif sm >= 90:
                 cands = [chosen, {**copy.deepcopy(chosen), "pdl": {"enabled": 1}}]
             else:
                 continue
+            by_routing = time_routing is not None and round_name in ROUTING_STAGES
+            timer = time_routing if by_routing and time_routing is not None else time_config
             if prepare is not None:
                 prepare([(cfg, counts[0]) for cfg in cands])
             timings = []
             for i, cfg in enumerate(cands):
                 try:
-                    timings.append((sum(time_config(cfg, t) for t in counts), i, cfg))
+                    timings.append((sum(timer(cfg, t) for t in counts), i, cfg))
                 except Exception as err:  # a candidate that does not compile, fit or compute right is skipped
                     log(f"  candidate {i} failed: {err!r}")
             if not timings:
@@ -89,21 +128,25 @@ def tune(
                     f"no candidate config ran for {counts} tokens", "check the GPU and the shape"
                 )
             us, _, chosen = min(timings, key=lambda x: x[:2])
+            call_us = None if by_routing else us
             by_path: dict[str, float] = {}
             for t_us, _, cfg in timings:
                 path = plan.decode_path(cfg, bound)
                 by_path[path] = min(by_path.get(path, float("inf")), t_us)
             if len(by_path) > 1:
                 log("  best per path: " + ", ".join(f"{p} {t:.1f} us" for p, t in sorted(by_path.items())))
+            scored = "router + top-k launches" if by_routing else "call"
             log(
                 f"{entry_key(attrs, dtype, bound)} T={counts} [{round_name}]: best {us:.1f} us of {len(timings)} "
-                f"(first {timings[0][0]:.1f} us); fused={chosen['fused']['enabled']} pdl={chosen['pdl']['enabled']} "
-                f"gemv={chosen['gemv']['enabled']} routed={chosen['routed']['enabled']}"
+                f"(first {timings[0][0]:.1f} us, {scored}); fused={chosen['fused']['enabled']} "
+                f"pdl={chosen['pdl']['enabled']} gemv={chosen['gemv']['enabled']} routed={chosen['routed']['enabled']}"
             )
+        if call_us is None:  # the last round scored the routing launches only: time the whole call once
+            call_us = sum(time_config(chosen, t) for t in counts)
         stages = QUANTIZED_STAGES if attrs.is_quantized else STAGES
         best[entry_key(attrs, dtype, bound)] = {
             **{stage: chosen[stage] for stage in stages},
-            "us": round(us, 2),
+            "us": round(call_us, 2),
             "tokens": counts,
         }
     write_table(best, sm, out_path)
@@ -168,8 +211,10 @@ def tune_gpu(
     workers: int = 8,
     iters: int = 20,
     log: Callable[[str], None] = print,
+    rounds: Iterable[str] | None = None,
 ) -> dict[str, Any]:
-    """Tune the config table for this GPU's SM: compile every candidate, time it through the launcher."""
+    """Tune the config table for this GPU's SM: compile every candidate, time it through the launcher (the
+    routing rounds by their launches alone, `profile_stages`); `rounds` as in `tune`."""
     import torch
 
     from moetrt.kernels import aot, plan
@@ -205,7 +250,8 @@ def tune_gpu(
 
     references: dict[int, tuple[dict[str, Any], Any]] = {}
 
-    def time_config(cfg: dict[str, Any], t: int) -> float:
+    def checked_bundle(cfg: dict[str, Any], t: int) -> tuple[Any, dict[str, Any]]:
+        """The candidate's bundle and inputs, once its output at `t` tokens matched the reference."""
         bound = bucket(t)
         keys = {v.key for v in plan.bucket_variants(attrs, dtype, bound, cfg).values()}
         if keys & broken:
@@ -222,6 +268,26 @@ def tune_gpu(
         rel = relative_error(out["output"], ref)
         if not rel <= tolerance(dtype):
             raise MoetrtError(f"candidate is wrong (rel err {rel:.2e})", "")
+        return bundle, inputs
+
+    def time_config(cfg: dict[str, Any], t: int) -> float:
+        bundle, inputs = checked_bundle(cfg, t)
         return time_graph(lambda: moe_forward(inputs, attrs, bundle), repeats=iters).median_us
 
-    return tune(attrs, dtype, sm, time_config, tokens, out_path, prepare=prepare, log=log)
+    def time_routing(cfg: dict[str, Any], t: int) -> float:
+        bundle, inputs = checked_bundle(cfg, t)
+        stages = profile_stages(bundle, attrs, inputs, iters)
+        return sum(us for stage, us in stages.items() if stage in ROUTING_STAGES)
+
+    return tune(
+        attrs,
+        dtype,
+        sm,
+        time_config,
+        tokens,
+        out_path,
+        prepare=prepare,
+        log=log,
+        time_routing=time_routing,
+        rounds=rounds,
+    )

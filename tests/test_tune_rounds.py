@@ -1,0 +1,125 @@
+"""The tuner's routing rounds: router and top-k candidates, scored by their own launches, and --rounds."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from moetrt.cli import main
+from moetrt.core.errors import MoetrtError
+from moetrt.kernels import configs
+from moetrt.op.spec import MoEAttributes
+from moetrt.tune import tuner
+
+SMALL = MoEAttributes(12, 3, 64, 48, norm_topk_prob=True, shared_intermediate_size=32, has_shared_gate=True)
+FEW_EXPERTS = MoEAttributes(8, 2, 64, 48)
+
+
+def test_prefill_router_candidates_split_h_and_fit_the_experts() -> None:
+    base = configs.default_config(FEW_EXPERTS, "bfloat16", None)
+    cands = configs.router_candidates(FEW_EXPERTS, base, "bfloat16", None)
+    assert cands[0] == base
+    routers = [c["router"] for c in cands[1:]]
+    assert {r["SPLIT"] for r in routers} == set(configs.PREFILL_ROUTER_SPLITS)
+    # 8 experts: no tile wider than the 16-column minimum (wider ones would multiply padding)
+    assert {r["BE"] for r in routers} == {16}
+    assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)  # no duplicates
+    # every candidate changes the router only
+    for cand in cands[1:]:
+        assert {k: v for k, v in cand.items() if k != "router"} == {
+            k: v for k, v in base.items() if k != "router"
+        }
+    # decode keeps its neighbourhood of the base split; fp32 prefill splits at most in two
+    dec = configs.default_config(SMALL, "bfloat16", 16)
+    split = dec["router"]["SPLIT"]
+    assert {c["router"]["SPLIT"] for c in configs.router_candidates(SMALL, dec, "bfloat16", 16)} == {
+        split,
+        max(1, split // 2),
+        split * 2,
+    }
+    fp32 = configs.default_config(SMALL, "float32", None)
+    assert {c["router"]["SPLIT"] for c in configs.router_candidates(SMALL, fp32, "float32", None)} == {1, 2}
+
+
+def test_topk_candidates_stay_in_registers() -> None:
+    many = dataclasses.replace(SMALL, num_experts=512, top_k=10)
+    base = configs.default_config(many, "bfloat16", None)
+    base["topk"]["RT"] = 16  # 16 x 512 keys: at the register limit, so no larger tile is tried
+    cands = configs.topk_candidates(many, base, None)
+    assert cands[0] == base
+    assert max(c["topk"]["RT"] for c in cands) == 16
+    assert {c["topk"]["RT"] for c in cands} == {8, 16}
+    assert {c["topk"]["num_warps"] for c in cands[1:]} == {2, 4, 8}
+    for cand in cands[1:]:
+        assert {k: v for k, v in cand.items() if k != "topk"} == {
+            k: v for k, v in base.items() if k != "topk"
+        }
+    # decode adds one-warp programs
+    dec = configs.default_config(many, "bfloat16", 16)
+    assert 1 in {c["topk"]["num_warps"] for c in configs.topk_candidates(many, dec, 16)}
+
+
+def test_routing_rounds_are_scored_by_the_routing_launches(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With --rounds router,topk the GEMM tiles stay the table's, the candidates are judged by time_routing
+    (not the call's time, which would hide them in its noise), and the entry records the call's time."""
+    table_entry = copy.deepcopy(configs.default_config(SMALL, "bfloat16", None))
+    table_entry["gate_up"].update({"BM": 32, "BN": 16})  # a tile the default config would not choose
+    table = tmp_path / "sm90.json"
+    table.write_text(json.dumps({"entries": {configs.entry_key(SMALL, "bfloat16", None): table_entry}}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs._load_table.cache_clear()
+    called: dict[str, int] = {"call": 0, "routing": 0}
+
+    def call_time(cfg: dict, t: int) -> float:
+        called["call"] += 1
+        return 1000.0 + cfg["router"]["SPLIT"]  # a whole call: slower with more splits, by noise-sized steps
+
+    def routing_time(cfg: dict, t: int) -> float:
+        called["routing"] += 1
+        r, k = cfg["router"], cfg["topk"]
+        return 40.0 / r["SPLIT"] + r["BT"] / 64 + abs(k["num_warps"] - 2)
+
+    try:
+        best = tuner.tune(
+            SMALL,
+            "bfloat16",
+            90,
+            call_time,
+            tokens=(600,),
+            out_path=table,
+            time_routing=routing_time,
+            rounds=("router", "topk"),
+        )
+    finally:
+        configs._load_table.cache_clear()
+    entry = best[configs.entry_key(SMALL, "bfloat16", None)]
+    assert entry["router"]["SPLIT"] == 8 and entry["router"]["BT"] == 16
+    assert entry["topk"]["num_warps"] == 2
+    assert (entry["gate_up"]["BM"], entry["gate_up"]["BN"]) == (32, 16)  # the table's tiles, untouched
+    assert called["call"] == 1 and called["routing"] > 10  # the call timed once, for the entry's time
+    assert entry["us"] == 1008.0
+    assert (
+        json.loads(table.read_text())["entries"][configs.entry_key(SMALL, "bfloat16", None)]["us"] == 1008.0
+    )
+
+
+def test_bad_rounds_are_refused() -> None:
+    with pytest.raises(MoetrtError, match="unknown tuning round"):
+        tuner.rounds_to_run(SMALL, ["router", "speed"])
+    with pytest.raises(MoetrtError, match="unknown tuning round"):
+        tuner.rounds_to_run(SMALL, [])
+    int4 = dataclasses.replace(SMALL, weight_format="int4", weight_block=16)
+    with pytest.raises(MoetrtError, match="quantized entry has no router"):
+        tuner.rounds_to_run(int4, ["tiles", "router"])
+    assert tuner.rounds_to_run(int4, ["tiles"]) == ("tiles",)
+    assert tuner.rounds_to_run(SMALL, ["topk", "router"]) == ("router", "topk")  # always in ROUNDS order
+    assert tuner.rounds_to_run(SMALL, None) == tuner.ROUNDS
+    # the CLI says so in one line before it looks for a GPU
+    result = CliRunner().invoke(main, ["tune", "--preset", "qwen3_30b", "--rounds", "router,speed"])
+    assert result.exit_code != 0
+    assert "unknown tuning round(s) speed" in result.output
+    assert "CUDA" not in result.output and "GPU" not in result.output.split("speed")[0]
