@@ -123,3 +123,31 @@ def test_bad_rounds_are_refused() -> None:
     assert result.exit_code != 0
     assert "unknown tuning round(s) speed" in result.output
     assert "CUDA" not in result.output and "GPU" not in result.output.split("speed")[0]
+
+
+def test_a_search_from_the_defaults_keeps_a_faster_table_entry(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The full search starts from the default config; where the table's entry is faster in the same run, the
+    entry stays (a slower run must not overwrite it), and where it is slower this run's best replaces it."""
+    shipped = copy.deepcopy(configs.default_config(SMALL, "bfloat16", None))
+    shipped["gate_up"].update({"BM": 32, "BN": 16, "num_warps": 2})  # no candidate of the search has 2 warps
+    key = configs.entry_key(SMALL, "bfloat16", None)
+    (tmp_path / "sm90.json").write_text(json.dumps({"entries": {key: shipped}}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs._load_table.cache_clear()
+    logged: list[str] = []
+
+    def shipped_fastest(cfg: dict, t: int) -> float:
+        return 50.0 if cfg["gate_up"]["num_warps"] == 2 else 100.0 - cfg["gate_up"]["BN"] / 64
+
+    def shipped_slowest(cfg: dict, t: int) -> float:
+        return 500.0 if cfg["gate_up"]["num_warps"] == 2 else 100.0 - cfg["gate_up"]["BN"] / 64
+
+    try:
+        out = tmp_path / "out.json"
+        best = tuner.tune(SMALL, "bfloat16", 90, shipped_fastest, tokens=(600,), out_path=out, log=logged.append)
+        assert best[key]["gate_up"]["num_warps"] == 2 and best[key]["us"] == 50.0
+        assert any("kept the table's entry (50.0 us)" in line for line in logged)
+        best = tuner.tune(SMALL, "bfloat16", 90, shipped_slowest, tokens=(600,), out_path=out)
+        assert best[key]["gate_up"]["num_warps"] != 2 and best[key]["us"] < 100.0
+    finally:
+        configs._load_table.cache_clear()

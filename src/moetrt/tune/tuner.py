@@ -58,6 +58,37 @@ def rounds_to_run(attrs: MoEAttributes, rounds: Iterable[str] | None) -> tuple[s
     return tuple(r for r in allowed if r in wanted)
 
 
+def _better_of_shipped(
+    attrs: MoEAttributes,
+    dtype: str,
+    sm: int,
+    bound: int | None,
+    counts: list[int],
+    chosen: dict[str, Any],
+    call_us: float,
+    time_config: Callable[[dict[str, Any], int], float],
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], float]:
+    """(config, µs) of the bucket to write: this run's best, or the table's entry where it has one and it is
+    faster in this same run. A search from the default config need not pass through the shipped entry (tuned
+    in another run, maybe from other candidates), and a slower run must not overwrite a faster entry."""
+    shipped = select_config(attrs, dtype, sm, bound)
+    if shipped in (chosen, default_config(attrs, dtype, bound)):
+        return chosen, call_us
+    try:
+        shipped_us = sum(time_config(shipped, t) for t in counts)
+    except Exception as err:  # an entry that no longer compiles or computes right is replaced
+        log(f"  the table's entry failed: {err!r}")
+        return chosen, call_us
+    if shipped_us < call_us:
+        log(
+            f"{entry_key(attrs, dtype, bound)}: kept the table's entry ({shipped_us:.1f} us), faster than this "
+            f"run's best ({call_us:.1f} us)"
+        )
+        return shipped, shipped_us
+    return chosen, call_us
+
+
 def tune(
     attrs: MoEAttributes,
     dtype: str,
@@ -81,7 +112,8 @@ def tune(
     alone: at prefill they are a few per cent of the call, within its run-to-run noise, so a whole-call timer
     picks among them by noise.
     `rounds`: a subset of ROUNDS to run, starting from the table's config of each bucket instead of the
-    default config (e.g. ("router", "topk") re-tunes the routing launches of the shipped table).
+    default config (e.g. ("router", "topk") re-tunes the routing launches of the shipped table). A search
+    from the default config ends by timing the table's entry too and keeps it where it is faster.
     `prepare(list of (cfg, num_tokens))`, if given, sees each round's candidates first (to compile them
     in parallel). A bucket is scored by the sum of its times over the `tokens` it serves (e.g. 1 and 8
     for the <= 16 bucket), so one fast token count cannot pick a config that is slow at another.
@@ -143,6 +175,12 @@ def tune(
             )
         if call_us is None:  # the last round scored the routing launches only: time the whole call once
             call_us = sum(time_config(chosen, t) for t in counts)
+        if (
+            rounds is None and not attrs.is_quantized
+        ):  # from the default config: the shipped entry may be better
+            chosen, call_us = _better_of_shipped(
+                attrs, dtype, sm, bound, counts, chosen, call_us, time_config, log
+            )
         stages = QUANTIZED_STAGES if attrs.is_quantized else STAGES
         best[entry_key(attrs, dtype, bound)] = {
             **{stage: chosen[stage] for stage in stages},
