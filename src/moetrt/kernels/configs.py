@@ -507,22 +507,26 @@ def router_candidates(
     return out
 
 
+#: A one-warp top-k program picks by shuffles alone (no block-wide barrier), for tiles of at most this many
+#: scores (64 int64 keys a thread).
+TOPK_ONE_WARP_MAX_ELEMENTS = 2048
+
+
 def topk_candidates(attrs: MoEAttributes, base: dict[str, Any], bound: int | None) -> list[dict[str, Any]]:
     """Top-k tiles (tokens per program, warps) tried after the router's; base first."""
     e_pad = next_pow2(attrs.num_experts)
     rt = base["topk"]["RT"]
-    opts = [(new_rt, warps) for new_rt in (max(1, rt // 2), rt, rt * 2) for warps in (2, 4, 8)]
-    if is_decode(bound):
-        # a few tokens: one or two warps pick by shuffles, without block-wide barriers
-        opts += [(rt, 1), (max(1, rt // 2), 1)]
     out = [base]
-    for new_rt, warps in opts:
+    for new_rt in (max(1, rt // 2), rt, rt * 2):
         if new_rt * e_pad > TOPK_MAX_ELEMENTS and new_rt > rt:
             continue
-        cfg = copy.deepcopy(base)
-        cfg["topk"].update({"RT": new_rt, "num_warps": warps})
-        if cfg not in out:
-            out.append(cfg)
+        for warps in (1, 2, 4, 8):
+            if warps == 1 and new_rt * e_pad > TOPK_ONE_WARP_MAX_ELEMENTS:
+                continue
+            cfg = copy.deepcopy(base)
+            cfg["topk"].update({"RT": new_rt, "num_warps": warps})
+            if cfg not in out:
+                out.append(cfg)
     return out
 
 
