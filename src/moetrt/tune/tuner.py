@@ -145,8 +145,8 @@ def tune(
                 cands = [chosen, {**copy.deepcopy(chosen), "pdl": {"enabled": 1}}]
             else:
                 continue
-            by_routing = time_routing is not None and round_name in ROUTING_STAGES
-            timer = time_routing if by_routing and time_routing is not None else time_config
+            timer = time_routing if time_routing is not None and round_name in ROUTING_STAGES else time_config
+            by_routing = timer is not time_config
             if prepare is not None:
                 prepare([(cfg, counts[0]) for cfg in cands])
             timings = []
@@ -175,9 +175,8 @@ def tune(
             )
         if call_us is None:  # the last round scored the routing launches only: time the whole call once
             call_us = sum(time_config(chosen, t) for t in counts)
-        if (
-            rounds is None and not attrs.is_quantized
-        ):  # from the default config: the shipped entry may be better
+        # a search from the default config may not have met the shipped entry, which may be faster
+        if rounds is None and not attrs.is_quantized:
             chosen, call_us = _better_of_shipped(
                 attrs, dtype, sm, bound, counts, chosen, call_us, time_config, log
             )
