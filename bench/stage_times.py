@@ -44,12 +44,12 @@ def stage_times(
     )
     bundle = KernelBundle.from_bytes(bundle_path.read_bytes()) if bundle_path else None
     if alone:
+        from moetrt.core.devices import current_sm
         from moetrt.kernels.aot import compile_kernels
         from moetrt.tune.tuner import profile_stages
 
         if bundle is None:
-            major, minor = torch.cuda.get_device_capability()
-            bundle = compile_kernels(attrs, "bfloat16", major * 10 + minor, workers=8)
+            bundle = compile_kernels(attrs, "bfloat16", current_sm(), workers=8)
         per_stage = profile_stages(bundle, attrs, inputs, iters)
         total = sum(per_stage.values())
         return [

@@ -49,7 +49,7 @@ def test_topk_candidates_stay_in_registers() -> None:
     many = dataclasses.replace(SMALL, num_experts=512, top_k=10)
     base = configs.default_config(many, "bfloat16", None)
     base["topk"]["RT"] = 16  # 16 x 512 keys: at the register limit, so no larger tile is tried
-    cands = configs.topk_candidates(many, base, None)
+    cands = configs.topk_candidates(many, base)
     assert cands[0] == base
     assert max(c["topk"]["RT"] for c in cands) == 16
     assert {c["topk"]["RT"] for c in cands} == {8, 16}
@@ -60,12 +60,10 @@ def test_topk_candidates_stay_in_registers() -> None:
         }
     # smaller tiles (decode's, or fewer experts) are tried in one warp too
     dec = configs.default_config(many, "bfloat16", 16)
-    one_warp = [
-        c["topk"]["RT"] for c in configs.topk_candidates(many, dec, 16) if c["topk"]["num_warps"] == 1
-    ]
+    one_warp = [c["topk"]["RT"] for c in configs.topk_candidates(many, dec) if c["topk"]["num_warps"] == 1]
     assert one_warp and all(rt * 512 <= configs.TOPK_ONE_WARP_MAX_ELEMENTS for rt in one_warp)
     few = configs.default_config(FEW_EXPERTS, "bfloat16", None)
-    assert 1 in {c["topk"]["num_warps"] for c in configs.topk_candidates(FEW_EXPERTS, few, None)}
+    assert 1 in {c["topk"]["num_warps"] for c in configs.topk_candidates(FEW_EXPERTS, few)}
 
 
 def test_routing_rounds_are_scored_by_the_routing_launches(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -512,7 +512,7 @@ def router_candidates(
 TOPK_ONE_WARP_MAX_ELEMENTS = 2048
 
 
-def topk_candidates(attrs: MoEAttributes, base: dict[str, Any], bound: int | None) -> list[dict[str, Any]]:
+def topk_candidates(attrs: MoEAttributes, base: dict[str, Any]) -> list[dict[str, Any]]:
     """Top-k tiles (tokens per program, warps) tried after the router's; base first."""
     e_pad = next_pow2(attrs.num_experts)
     rt = base["topk"]["RT"]

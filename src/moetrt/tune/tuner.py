@@ -140,7 +140,7 @@ def tune(
             elif round_name == "router":
                 cands = router_candidates(attrs, chosen, dtype, bound)
             elif round_name == "topk":
-                cands = topk_candidates(attrs, chosen, bound)
+                cands = topk_candidates(attrs, chosen)
             elif sm >= 90:
                 cands = [chosen, {**copy.deepcopy(chosen), "pdl": {"enabled": 1}}]
             else:
