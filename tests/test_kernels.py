@@ -86,13 +86,19 @@ VARIANTS: dict[str, MoEAttributes] = {
 # with 64-row expert blocks (configs.WIDE_DECODE_GATE_UP: few experts, many tokens each), "+splitk" with
 # gate_up split two ways over H as well (the tuner pairs them), "grouped" the sorted paths with the row
 # blocks taking each weight tile in groups (`gate_up.GM` 3, `down.GM` 2: grids of whole groups of 6 blocks),
-# "tma" the grouped GEMMs with their tiles by TMA where plan.uses_tma allows (TMA_STAGES: where it does).
+# "tma" the grouped GEMMs with their tiles by TMA where plan.uses_tma allows (TMA_STAGES: where it does),
+# "+persist" with 3 persistent programs each (plan.persistent_programs: prefill only; PERSIST_STAGES).
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("shared_ungated", "bfloat16", 70, "tma"),
     ("shared_gated_logits", "float16", 40, "tma"),
     ("swiglu_clamped_biases", "bfloat16", 37, "tma"),
     ("softmax_renorm", "float32", 70, "tma"),
     ("shared_ungated", "float16", 13, "tma+grouped"),
+    ("shared_ungated", "bfloat16", 70, "tma+persist"),
+    ("shared_gated_logits", "float16", 70, "tma+persist"),
+    ("swiglu_clamped_biases", "bfloat16", 70, "tma+persist+grouped"),
+    ("softmax_renorm", "float32", 70, "tma+persist"),
+    ("shared_ungated", "float16", 13, "tma+persist"),
     ("int4_zero_swiglu_biases", "bfloat16", 40, "tma"),
     ("softmax_renorm", "float32", 0, "auto"),
     ("softmax_renorm", "float32", 1, "auto"),
@@ -200,6 +206,19 @@ TMA_STAGES = {
     "softmax_renorm-float32-T70-tma": ["gate_up", "down_rows"],
     "shared_ungated-float16-T13-tma+grouped": ["gate_up", "down_rows"],
     "int4_zero_swiglu_biases-bfloat16-T40-tma": [],
+    "shared_ungated-bfloat16-T70-tma+persist": ["gate_up", "down_rows"],
+    "shared_gated_logits-float16-T70-tma+persist": ["gate_up"],
+    "swiglu_clamped_biases-bfloat16-T70-tma+persist+grouped": ["gate_up", "down_rows"],
+    "softmax_renorm-float32-T70-tma+persist": ["gate_up", "down_rows"],
+    "shared_ungated-float16-T13-tma+persist": ["gate_up", "down_rows"],
+}
+# The stages that run persistent programs (plan.persistent_programs) in the "persist" cases: prefill buckets
+# (T = 70) of stages that load by TMA; a decode bucket (T = 13) keeps one program per tile.
+PERSIST_STAGES = {
+    "shared_ungated-bfloat16-T70-tma+persist": ["gate_up", "down_rows"],
+    "shared_gated_logits-float16-T70-tma+persist": ["gate_up"],
+    "swiglu_clamped_biases-bfloat16-T70-tma+persist+grouped": ["gate_up", "down_rows"],
+    "softmax_renorm-float32-T70-tma+persist": ["gate_up", "down_rows"],
 }
 SLOW_CASES: list[tuple[str, str, int, str]] = [
     (variant, dtype, t, "auto")
@@ -246,6 +265,7 @@ def test_kernels_match_reference(case: tuple[str, str, int, str], fast_results: 
     assert fast_results[_case_id(case)]["gemv"] == case[3].startswith("gemv")
     assert fast_results[_case_id(case)]["routed"] == case[3].startswith("routed")
     assert fast_results[_case_id(case)]["tma"] == TMA_STAGES.get(_case_id(case), [])
+    assert fast_results[_case_id(case)]["persist"] == PERSIST_STAGES.get(_case_id(case), [])
     _check(fast_results[_case_id(case)], case[1], case[2])
 
 
@@ -302,6 +322,8 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "grouped",
                 "tma",
                 "tma+grouped",
+                "tma+persist",
+                "tma+persist+grouped",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -344,8 +366,10 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     config["gemv"]["enabled"] = config["fused"]["enabled"] = config["routed"]["enabled"] = 0
                     config["gate_up"].update({"BM": 16, "BN": 16, "BK": 32, "TMA": 1})
                     config["down"].update({"BH": 16, "BK": 16, "TMA": 1})
-                    if bucket == "tma+grouped":
+                    if bucket.endswith("grouped"):
                         config["gate_up"]["GM"], config["down"]["GM"] = 3, 2
+                    if "persist" in bucket:  # 3 programs, each looping over many tiles
+                        config["gate_up"]["PERSIST"] = config["down"]["PERSIST"] = 3
                 elif bucket == "perweight+prefill":  # prefill blocks: the weight tile first (weights_first)
                     config = default_config(attrs, dtype, None)
                     config["gate_up"].update({"BM": 64, "BN": 64, "BK": 64})
@@ -370,6 +394,14 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 if t > 0
                 and plan.uses_tma(attrs, dtype, config or _default(attrs, dtype, bound), bound, stage)
             ]
+            ran_persist = [
+                stage
+                for stage in ("gate_up", "down_rows")
+                if t > 0
+                and plan.persistent_programs(
+                    attrs, dtype, config or _default(attrs, dtype, bound), bound, stage
+                )
+            ]
             rel, nan = {}, {}
             for name in attrs.present_outputs():
                 g, r = got[name].double(), ref[name].double()
@@ -382,6 +414,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "gemv": ran_gemv,
                 "routed": ran_routed,
                 "tma": ran_tma,
+                "persist": ran_persist,
             }
         except Exception as err:  # reported per case by the parent
             out[key] = {"error": repr(err)}

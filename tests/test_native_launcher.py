@@ -74,10 +74,13 @@ def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
     _assert_same_plans(planning_bundle(attrs, dtype), attrs)
 
 
-@pytest.mark.parametrize("path", ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped", "tma"])
+@pytest.mark.parametrize(
+    "path", ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped", "tma", "persist"]
+)
 def test_native_plan_follows_the_config(path: str) -> None:
     """The expert-group path, the fused decode path, PDL, split gate_up, the routed path, 64-row decode
-    blocks, row blocks grouped per weight tile and TMA grouped GEMMs, as a tuned table selects them."""
+    blocks, row blocks grouped per weight tile, TMA grouped GEMMs and persistent ones, as a tuned table
+    selects them."""
     attrs = FULL
     configs = {}
     for bound in plan.BUCKETS:
@@ -95,8 +98,10 @@ def test_native_plan_follows_the_config(path: str) -> None:
         elif path == "grouped":  # grids of whole groups of lcm(3, 2) = 6 row blocks (plan.grid_blocks)
             cfg["gemv"]["enabled"] = 0
             cfg["gate_up"]["GM"], cfg["down"]["GM"] = 3, 2
-        elif path == "tma":  # descriptors built on the device: the scratch region and the launch argument
+        elif path in ("tma", "persist"):  # descriptors built on the device: the scratch region, the argument
             cfg["gemv"]["enabled"] = 0
+            if path == "persist":  # 5 programs looping over the prefill tiles (decode: one per tile)
+                cfg["gate_up"]["PERSIST"] = cfg["down"]["PERSIST"] = 5
             cfg["gate_up"]["TMA"] = cfg["down"]["TMA"] = 1
             cfg["gate_up"]["GM"] = 2
             cfg["down"]["BK"] = 16  # I = 48 and the shared expert's 32 in whole tiles (plan.uses_tma)
@@ -119,6 +124,7 @@ def test_native_plan_follows_the_config(path: str) -> None:
         "wide": ["router", "topk", "gate_up", "down_rows"],
         "grouped": ["router", "topk", "gate_up", "down_rows"],
         "tma": ["router", "topk", "gate_up", "down_rows"],
+        "persist": ["router", "topk", "gate_up", "down_rows"],
     }[path]
     assert stages == expected
     if path == "split":  # decode buckets split (four programs per tile), prefill ones do not
@@ -159,6 +165,17 @@ def test_native_plan_follows_the_config(path: str) -> None:
                 assert by_stage[stage].args[-1] == ("ws", "tma_scratch")
                 assert len(by_stage[stage].args) == len(plan.KERNEL_PARAMS[stage]) + 1
             assert by_stage["topk"].args[-1] != ("ws", "tma_scratch")
+    if path == "persist":  # prefill: 5 programs, each with one descriptor more (the shared expert's weight)
+        assert attrs.has_shared_expert
+        for t, persistent in ((3, False), (700, True), (5001, True)):
+            launches, layout = plan_from_native(NativeBundle(bundle.to_bytes()).plan(t))
+            grids = {op.stage: op.grid[0] for op in launches}
+            blocks = layout["block_expert"].nbytes // 4
+            if persistent:
+                assert grids["gate_up"] == grids["down_rows"] == 5
+                assert layout["tma_scratch"].nbytes == 128 * 5 * max(1 + 1, 2 + 1)
+            else:
+                assert grids["gate_up"] % blocks == 0 and grids["gate_up"] > 5
 
 
 def test_native_plan_of_fp8_activations() -> None:
@@ -292,7 +309,7 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         (lambda d: d[:40], "truncated"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
-        (lambda d: _with_header({**_header(d)[0], "version": 7}, _header(d)[1]), "version 7 is not 8"),
+        (lambda d: _with_header({**_header(d)[0], "version": 8}, _header(d)[1]), "version 8 is not 9"),
         (
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',

@@ -106,3 +106,68 @@ def test_tuner_tries_tma_on_sm90_only(tmp_path) -> None:  # type: ignore[no-unty
     assert entry["gate_up"]["TMA"] == entry["down"]["TMA"] == 1
     best = tuner.tune(small, "bfloat16", 89, faster_with_tma, tokens=(600,), out_path=tmp_path / "sm89.json")
     assert best[configs.entry_key(small, "bfloat16", None)]["gate_up"].get("TMA", 0) == 0
+
+
+def test_persistent_programs_only_at_prefill_by_tma() -> None:
+    """plan.persistent_programs: the config's PERSIST where the bucket is prefill and the stage loads by TMA;
+    decode buckets and pointer loads keep one program per tile, and the grid is never wider than the tiles."""
+    prefill = _asking(MIXTRAL, "bfloat16", None)
+    prefill["gate_up"]["PERSIST"] = prefill["down"]["PERSIST"] = 132
+    assert plan.persistent_programs(MIXTRAL, "bfloat16", prefill, None, "gate_up") == 132
+    assert plan.persistent_programs(MIXTRAL, "bfloat16", prefill, None, "down_rows") == 132
+    decode = _asking(MIXTRAL, "bfloat16", 64)
+    decode["gate_up"]["PERSIST"] = decode["down"]["PERSIST"] = 132
+    assert plan.persistent_programs(MIXTRAL, "bfloat16", decode, 64, "gate_up") == 0
+    pointers = copy.deepcopy(prefill)
+    pointers["gate_up"]["TMA"] = 0
+    assert plan.persistent_programs(MIXTRAL, "bfloat16", pointers, None, "gate_up") == 0
+    assert plan.persistent_programs(MIXTRAL, "bfloat16", pointers, None, "down_rows") == 132
+    assert (
+        plan.persistent_grid({"PERSIST": 132}, 40) == 40
+        and plan.persistent_grid({"PERSIST": 132}, 4000) == 132
+    )
+    assert plan.persistent_grid({"PERSIST": 0}, 4000) == 4000
+    # descriptors a program builds: one more (the shared expert's weight) only when persistent with one
+    assert plan.tma_descriptors("down_rows", {"IS": 512, "PERSIST": 132}) == 3
+    assert plan.tma_descriptors("down_rows", {"IS": 512, "PERSIST": 0}) == 2
+    assert plan.tma_descriptors("gate_up", {"IS": 0, "PERSIST": 132}) == 1
+
+
+def test_persistent_candidates_and_round(tmp_path) -> None:
+    """The tuner's "persist" round: gate_up, down and both persistent, each also with grouped row blocks, only
+    on prefill buckets that load by TMA and only with the GPU's SM count; the table's entry keeps PERSIST."""
+    base = _asking(MIXTRAL, "bfloat16", None)
+    cands = configs.persistent_candidates(MIXTRAL, "bfloat16", None, base, 132)
+    persisted = {
+        (
+            c["gate_up"].get("PERSIST", 0),
+            c["down"].get("PERSIST", 0),
+            c["gate_up"].get("GM", 1),
+            c["down"].get("GM", 1),
+        )
+        for c in cands
+    }
+    assert persisted == {
+        (132, 0, 1, 1), (132, 0, 4, 1), (0, 132, 1, 1), (0, 132, 1, 4), (132, 132, 1, 1), (132, 132, 4, 4)
+    }  # fmt: skip
+    assert configs.persistent_candidates(MIXTRAL, "bfloat16", 64, _asking(MIXTRAL, "bfloat16", 64), 132) == []
+    assert configs.persistent_candidates(MIXTRAL, "bfloat16", None, base, 0) == []
+    plain = configs.default_config(MIXTRAL, "bfloat16", None)
+    assert configs.persistent_candidates(MIXTRAL, "bfloat16", None, plain, 132) == []
+
+    def fake(cfg: dict, t: int) -> float:  # persistent down only is the fastest
+        return 100.0 - 10 * bool(cfg["down"].get("PERSIST")) + 5 * bool(cfg["gate_up"].get("PERSIST"))
+
+    entry_key = configs.entry_key(MIXTRAL, "bfloat16", None)
+    best = tuner.tune(
+        MIXTRAL,
+        "bfloat16",
+        90,
+        fake,
+        tokens=(4096,),
+        rounds=["tma", "persist"],
+        sm_count=132,
+        out_path=tmp_path / "sm90.json",
+    )
+    assert best[entry_key]["down"]["PERSIST"] == 132 and not best[entry_key]["gate_up"].get("PERSIST")
+    assert tuner.rounds_to_run(MIXTRAL, ["persist"]) == ("persist",)

@@ -470,7 +470,7 @@ def aot_cmd(
 @click.option("-j", "--jobs", type=int, default=8, show_default=True, help="Parallel compiler processes.")
 @click.option(
     "--rounds",
-    help="Comma list of tuning rounds to run (tiles, tma, router, topk, pdl) [default: all, from the default "
+    help="Comma list of tuning rounds to run (tiles, tma, persist, router, topk, pdl) [default: all, from the default "
     "config]. A subset starts from the table's entry of each bucket, e.g. --rounds router,topk re-tunes only "
     "the routing launches of the shipped table (scored by those launches alone).",
 )

@@ -347,12 +347,12 @@ def test_programmatic_dependent_launch_matches_reference(fused: bool) -> None:
 
 @pytest.mark.parametrize("variant", ["softmax_renorm_shared_gate", "gpt_oss", "deepseek_grouped"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("pdl", [0, 1])
-def test_tma_grouped_gemms_match_reference(variant: str, dtype: torch.dtype, pdl: int) -> None:
+@pytest.mark.parametrize(("pdl", "persist"), [(0, 0), (1, 0), (1, 7)], ids=["", "pdl", "pdl-persist"])
+def test_tma_grouped_gemms_match_reference(variant: str, dtype: torch.dtype, pdl: int, persist: int) -> None:
     """gate_up and down_rows with their tiles by TMA (descriptors built on the device in the tma_scratch region,
-    plan.uses_tma), prefill and sorted decode buckets, row blocks grouped, with and without PDL, through the
-    AOT launcher, and through Triton's JIT launcher (its own scratch allocator), against the oracle; random
-    and skewed routing."""
+    plan.uses_tma), prefill and sorted decode buckets, row blocks grouped, with and without PDL, and with 7
+    persistent programs looping over the prefill tiles (plan.persistent_programs), through the AOT launcher, and
+    through Triton's JIT launcher (its own scratch allocator), against the oracle; random and skewed routing."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs SM 9.0 or later")
     from moetrt.kernels import configs as tuning
@@ -369,6 +369,7 @@ def test_tma_grouped_gemms_match_reference(variant: str, dtype: torch.dtype, pdl
         cfg["gate_up"].update({"TMA": 1, "GM": 2})
         cfg["down"]["TMA"] = 1
         cfg["down"]["BK"] = 32
+        cfg["gate_up"]["PERSIST"] = cfg["down"]["PERSIST"] = persist
         cfg["pdl"] = {"enabled": pdl}
         assert plan.uses_tma(attrs, name, cfg, bound, "gate_up") and plan.uses_tma(
             attrs, name, cfg, bound, "down_rows"
@@ -379,7 +380,7 @@ def test_tma_grouped_gemms_match_reference(variant: str, dtype: torch.dtype, pdl
         inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens, skew=skew)
         got = moe_forward(inputs, attrs, bundle, outputs=_poisoned_outputs(attrs, num_tokens, dtype))
         _assert_matches_reference(got, inputs, attrs, dtype, f"TMA T={num_tokens} skew={skew} pdl={pdl}")
-        if not pdl and dtype == torch.bfloat16:  # the JIT path once per variant (it compiles on the GPU host)
+        if (not pdl or persist) and dtype == torch.bfloat16:  # the JIT path (it compiles on the GPU host)
             bound = plan.bucket_of(num_tokens)
             jit = moe_forward_triton(inputs, attrs, config=configs[bound])
             _assert_matches_reference(jit, inputs, attrs, dtype, f"TMA (JIT) T={num_tokens} skew={skew}")

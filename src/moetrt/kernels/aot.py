@@ -29,8 +29,10 @@ BUNDLE_MAGIC = b"MOETRTKB"
 # path (routed_experts, the units counters); 6: fp8 activations quantized once (xq, xs, actq, acts; the router
 # kernel's quantizing columns); 7: grouped row blocks (gate_up / down GM: grids and block tables of whole
 # groups, which a planner that predates them would launch short); 8: TMA grouped GEMMs (gate_up / down_rows
-# TMA: a launch argument past the kernel's parameters for Triton's global scratch, the tma_scratch region)
-BUNDLE_VERSION = 8
+# TMA: a launch argument past the kernel's parameters for Triton's global scratch, the tma_scratch region); 9:
+# persistent grouped GEMMs (gate_up / down PERSIST: grids of at most PERSIST programs, and their descriptors,
+# one more over the shared expert's weight, in tma_scratch)
+BUNDLE_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -214,8 +216,8 @@ def compile_variant(variant: plan.Variant, dtype: str, sm: int) -> CompiledKerne
     # Global scratch holds the descriptors a TMA grouped GEMM builds on the device, and the planners size the
     # tma_scratch region for exactly that (plan.tma_scratch_bytes); any other scratch has no region.
     planned = (
-        plan.TMA_DESCRIPTORS.get(variant.kernel, 0) * plan.TMA_DESCRIPTOR_BYTES
-        if constexprs.get("TMA")
+        plan.tma_descriptors(variant.kernel, constexprs) * plan.TMA_DESCRIPTOR_BYTES
+        if constexprs.get("TMA") and variant.kernel in plan.TMA_DESCRIPTORS
         else 0
     )
     if getattr(meta, "global_scratch_size", 0) != planned or getattr(meta, "profile_scratch_size", 0):

@@ -22,10 +22,12 @@ from moetrt.kernels.plan import (
     GEMV_MAX_TOKENS,
     ROUTED_FUSED_MIN_4BIT_TILE,
     ROUTED_MAX_TOKENS,
+    TMA_STAGE_CONFIG,
     bucket_name,
     expert_tile,
     is_decode,
     next_pow2,
+    uses_tma,
 )
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
 
@@ -110,6 +112,35 @@ def tma_candidates(
     return [tma, deeper]
 
 
+#: Row blocks grouped per weight tile (GM) tried with persistent programs: programs drift apart as they loop, so
+#: an expert's blocks meet its weight tile in L2 only when neighbouring tiles share it (Mixtral's down, one
+#: program per tile: 4332 µs at T = 4096; persistent, GM 1: 5071).
+PERSISTENT_GROUP = 4
+
+
+def persistent_candidates(
+    attrs: MoEAttributes, dtype: str, bound: int | None, base: dict[str, Any], sm_count: int
+) -> list[dict[str, Any]]:
+    """base with persistent programs (`gate_up.PERSIST`, `down.PERSIST`: one per SM, each looping over tiles,
+    plan.persistent_programs) for gate_up, for down, and for both, each with the base's row order and with
+    PERSISTENT_GROUP blocks per weight tile: the tuner's "persist" round, on prefill buckets whose grouped
+    GEMMs load by TMA (the form the persistent loops take)."""
+    stages = [s for s in ("gate_up", "down_rows") if uses_tma(attrs, dtype, base, bound, s)]
+    if is_decode(bound) or not stages or sm_count <= 0:
+        return []
+    out = []
+    for chosen in [[s] for s in stages] + ([stages] if len(stages) > 1 else []):
+        for group in (None, PERSISTENT_GROUP):
+            cfg = copy.deepcopy(base)
+            for stage in chosen:
+                cfg[TMA_STAGE_CONFIG[stage]]["PERSIST"] = sm_count
+                if group is not None:
+                    cfg[TMA_STAGE_CONFIG[stage]]["GM"] = group
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
 def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[str, Any]:
     """Block sizes that are correct for any shape and reasonable on SM80-SM120."""
     fp32 = dtype == "float32"
@@ -163,6 +194,7 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
             "BK": 32 if fp32 else 64,
             "GM": 1,  # row blocks per weight tile (triton_moe.grouped_tile)
             "TMA": 0,  # tiles by the tensor-memory accelerator (plan.uses_tma; a tuning candidate, SM 9.0+)
+            "PERSIST": 0,  # persistent programs (plan.persistent_programs; with TMA, a tuning candidate)
             "num_warps": 4,
             "num_stages": 2 if fp32 else 3,
         }
@@ -171,6 +203,7 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
             "BK": 32 if fp32 else 64,
             "GM": 1,
             "TMA": 0,
+            "PERSIST": 0,
             "num_warps": 4,
             "num_stages": 2 if fp32 else 3,
         }

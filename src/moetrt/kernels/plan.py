@@ -502,7 +502,8 @@ def uses_fp8_conversion(cfg: dict[str, Any]) -> bool:
 # device, one CUtensorMap (128 bytes) per descriptor and program in Triton's global scratch, which the launch's
 # last argument points at (the tma_scratch region). aot.compile_variant checks the compiled size against these.
 TMA_DESCRIPTOR_BYTES = 128
-# per program: gate_up's over its expert's weight; down_rows' over act and over its expert's weight
+# per program: gate_up's over its expert's weight; down_rows' over act and over its expert's weight; persistent
+# programs (persistent_programs) add one over the shared expert's weight, where the op has one
 TMA_DESCRIPTORS = {"gate_up": 1, "down_rows": 2}
 TMA_STAGE_CONFIG = {"gate_up": "gate_up", "down_rows": "down"}  # the config section that asks for each
 # a launch's argument past the kernel's own parameters: Triton's global-scratch pointer, in the cubin's ABI
@@ -529,6 +530,27 @@ def uses_tma(attrs: MoEAttributes, dtype: str, cfg: dict[str, Any], bound: int |
         reductions.append(attrs.shared_intermediate_size)
     strides = [*reductions, _nmax(attrs)]  # the weights' rows, and act's
     return all(n % bk == 0 for n in reductions) and all(n * esize % 16 == 0 for n in strides)
+
+
+def tma_descriptors(stage: str, constexprs: Mapping[str, Any]) -> int:
+    """Descriptors a program of TMA grouped GEMM `stage` builds (128 bytes each of Triton's global scratch),
+    from its variant's constexprs: a persistent program also builds one over the shared expert's weight."""
+    shared = int(constexprs.get("IS", 0) > 0 and bool(constexprs.get("PERSIST", 0)))
+    return TMA_DESCRIPTORS[stage] + shared
+
+
+def persistent_programs(
+    attrs: MoEAttributes, dtype: str, cfg: dict[str, Any], bound: int | None, stage: str
+) -> int:
+    """Programs of a persistent grouped GEMM (`gate_up.PERSIST` / `down.PERSIST`, a tuning candidate: about the
+    SM count), or 0 for one program per tile: prefill buckets whose stage loads its tiles by TMA (the
+    persistent loops are that form's, `triton_moe._gate_up_persistent`), gate_up unsplit over H."""
+    programs = int(cfg[TMA_STAGE_CONFIG[stage]].get("PERSIST", 0))
+    if programs <= 0 or is_decode(bound) or not uses_tma(attrs, dtype, cfg, bound, stage):
+        return 0
+    if stage == "gate_up" and gate_up_splits(cfg, bound) > 1:
+        return 0
+    return programs
 
 
 def uses_pdl(cfg: dict[str, Any]) -> bool:
@@ -709,6 +731,7 @@ def _stage_variants(
         "GM": dc.get("GM", 1),
         **weights,
         "TMA": int(uses_tma(attrs, dtype, cfg, bound, "down_rows")),
+        "PERSIST": persistent_programs(attrs, dtype, cfg, bound, "down_rows"),
     }
     variants = {
         "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
@@ -722,6 +745,7 @@ def _stage_variants(
                     "GM": gc.get("GM", 1),
                     **weights,
                     "TMA": int(uses_tma(attrs, dtype, cfg, bound, "gate_up")),
+                    "PERSIST": persistent_programs(attrs, dtype, cfg, bound, "gate_up"),
                 }.items()
             ),
             gc["num_warps"],
@@ -785,20 +809,21 @@ def tma_scratch_bytes(
     """Bytes of the tma_scratch region: the descriptors of every program of the larger of the grouped GEMMs
     that use TMA (they run one after the other, so they share it; under programmatic dependent launch a
     kernel builds its descriptors only after its wait, when the previous one has finished)."""
-    programs = {
+    tiles = {
         "gate_up": blocks
         * cdiv(_nmax(attrs), expert_tile(attrs, cfg["gate_up"]["BN"]))
         * gate_up_splits(cfg, bound),
         "down_rows": blocks * cdiv(attrs.hidden_size, cfg["down"]["BH"]),
     }
-    return max(
-        (
-            programs[stage] * TMA_DESCRIPTORS[stage] * TMA_DESCRIPTOR_BYTES
-            for stage in TMA_DESCRIPTORS
-            if uses_tma(attrs, dtype, cfg, bound, stage)
-        ),
-        default=0,
-    )
+    sizes = []
+    for stage in TMA_DESCRIPTORS:
+        if not uses_tma(attrs, dtype, cfg, bound, stage):
+            continue
+        persist = persistent_programs(attrs, dtype, cfg, bound, stage)
+        constexprs = {"IS": attrs.shared_intermediate_size, "PERSIST": persist}
+        programs = min(persist, tiles[stage]) if persist else tiles[stage]
+        sizes.append(programs * tma_descriptors(stage, constexprs) * TMA_DESCRIPTOR_BYTES)
+    return max(sizes, default=0)
 
 
 def workspace_layout(
@@ -1006,7 +1031,7 @@ def launch_sequence(
         Launch(
             "gate_up",
             variants["gate_up"].key,
-            (blocks * cdiv(_nmax(attrs), g["BN"]) * g["SK"], 1, 1),
+            (persistent_grid(g, blocks * cdiv(_nmax(attrs), g["BN"]) * g["SK"]), 1, 1),
             args_for("gate_up") + (TMA_SCRATCH_ARG if g.get("TMA", 0) else ()),
         )
     )
@@ -1015,7 +1040,7 @@ def launch_sequence(
         Launch(
             "down_rows",
             variants["down_rows"].key,
-            (blocks * cdiv(h, d["BH"]), 1, 1),
+            (persistent_grid(d, blocks * cdiv(h, d["BH"])), 1, 1),
             args_for("down_rows") + (TMA_SCRATCH_ARG if d.get("TMA", 0) else ()),
         )
     )
@@ -1030,6 +1055,12 @@ def launch_sequence(
             )
         )
     return _with_pdl(ops, const)
+
+
+def persistent_grid(constexprs: Mapping[str, Any], tiles: int) -> int:
+    """A grouped GEMM's programs: one per tile, or with PERSIST at most that many, each looping over tiles."""
+    persist = int(constexprs.get("PERSIST", 0))
+    return min(persist, tiles) if persist else tiles
 
 
 def _with_pdl(ops: list[Launch], const: dict[str, dict[str, Any]]) -> list[Launch]:

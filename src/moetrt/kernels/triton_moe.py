@@ -896,6 +896,104 @@ def _gate_up_tile(
 
 
 @triton.jit
+def _shared_first_tile(pid, routed_tiles, P):
+    """A persistent program's first tile of the shared expert's loop, continuing the routed loop's round robin
+    (tile routed_tiles + j goes to program (routed_tiles + j) % P)."""
+    return (pid - routed_tiles % P + P) % P
+
+
+@triton.jit
+def _gate_up_persistent(
+    x_ptr,
+    w_gu_ptr,
+    b_gu_ptr,
+    shared_w_gu_ptr,
+    act_ptr,
+    offsets_ptr,
+    nblocks_ptr,
+    block_expert_ptr,
+    block_row0_ptr,
+    sorted_slot_ptr,
+    T,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741
+    IS: tl.constexpr,
+    NMAX: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GM: tl.constexpr,
+):
+    """gate_up_kernel's TMA form with persistent programs (PERSIST: plan.persistent_programs): each of the
+    grid's programs takes every P-th (row block, N tile) of the routed experts, then of the shared expert, in
+    one flattened loop per kind, so the next tile's weight loads are in flight during a tile's activation and
+    stores (with one program per tile, each paid its pipeline's fill and its epilogue in turn). The
+    descriptors are built once per program: over all routed experts' [E * 2I, H] gate/up weights (a tile's
+    rows start at e * 2I) and over the shared expert's [2 IS, H]. The shared expert's blocks are the last
+    cdiv(T, BM) of the block table; routed tiles of a last partial group of GM blocks are computed with every
+    row masked (no branch in the loop)."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    HAS_SHARED: tl.constexpr = IS > 0
+    num_blocks = tl.load(nblocks_ptr)
+    routed_blocks = num_blocks - HAS_SHARED * ((T + BM - 1) // BM)
+    NTR: tl.constexpr = (I + BN - 1) // BN
+    routed_tiles = (routed_blocks + GM - 1) // GM * GM * NTR
+    w_desc = tl.make_tensor_descriptor(w_gu_ptr, shape=[E * 2 * I, H], strides=[H, 1], block_shape=[BN, BK])
+    for tile in tl.range(pid, routed_tiles, P, flatten=True):
+        b, pid_n = grouped_tile(tile, NTR, GM)
+        e, rows, row_ok, _slot, token = _block_rows(
+            b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
+        )
+        row_ok = row_ok & (b < routed_blocks)
+        acc_g, acc_u = _gate_up_sums_tma(
+            x_ptr, w_desc, token, row_ok, e * (2 * I) + pid_n * BN, I, 0, H, H, IEEE, BM, BN, BK
+        )
+        n = pid_n * BN + tl.arange(0, BN)
+        n_ok = n < I
+        act = _gate_up_finish(
+            acc_g, acc_u, b_gu_ptr, e, False, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
+        )
+        tl.store(
+            act_ptr + rows[:, None] * NMAX + n[None, :],
+            act.to(act_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & n_ok[None, :],
+        )
+    if HAS_SHARED:
+        s_desc = tl.make_tensor_descriptor(
+            shared_w_gu_ptr, shape=[2 * IS, H], strides=[H, 1], block_shape=[BN, BK]
+        )
+        NTS: tl.constexpr = (IS + BN - 1) // BN
+        shared_tiles = (num_blocks - routed_blocks) * NTS
+        for tile in tl.range(_shared_first_tile(pid, routed_tiles, P), shared_tiles, P, flatten=True):
+            b = routed_blocks + tile // NTS
+            pid_n = tile % NTS
+            e, rows, row_ok, _slot, token = _block_rows(
+                b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
+            )
+            acc_g, acc_u = _gate_up_sums_tma(
+                x_ptr, s_desc, token, row_ok, pid_n * BN, IS, 0, H, H, IEEE, BM, BN, BK
+            )
+            n = pid_n * BN + tl.arange(0, BN)
+            n_ok = n < IS
+            act = _gate_up_finish(
+                acc_g, acc_u, b_gu_ptr, e, True, n, n_ok, I, ACTIVATION, ALPHA, LIMIT, HAS_BIAS
+            )
+            tl.store(
+                act_ptr + rows[:, None] * NMAX + n[None, :],
+                act.to(act_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & n_ok[None, :],
+            )
+
+
+@triton.jit
 def gate_up_kernel(
     x_ptr,
     w_gu_ptr,
@@ -939,6 +1037,7 @@ def gate_up_kernel(
     PER_WEIGHT: tl.constexpr,
     ACT_FP8: tl.constexpr,
     TMA: tl.constexpr,
+    PERSIST: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """act[row, n] = glu(x[token] @ W_gate[e, n], x[token] @ W_up[e, n]) for one (row block, N tile).
@@ -959,10 +1058,18 @@ def gate_up_kernel(
     TMA (native weights, plan.uses_tma): the weight tiles come by the tensor-memory accelerator, through a
     descriptor over the program's expert built on the device (Triton's global scratch, 128 bytes a program:
     the launch's last argument); the token rows are still gathered by pointer (TMA cannot gather rows).
+    PERSIST (prefill, TMA): a grid of fewer programs, each looping over tiles (`_gate_up_persistent`).
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
         gdc_launch_dependents()
+    if PERSIST:
+        _gate_up_persistent(
+            x_ptr, w_gu_ptr, b_gu_ptr, shared_w_gu_ptr, act_ptr, offsets_ptr, nblocks_ptr, block_expert_ptr,
+            block_row0_ptr, sorted_slot_ptr, T, E, K, H, I, IS, NMAX, ACTIVATION, ALPHA, LIMIT, HAS_BIAS, IEEE,
+            BM, BN, BK, GM,
+        )  # fmt: skip
+        return
     NT: tl.constexpr = (NMAX + BN - 1) // BN
     KS: tl.constexpr = ((H + SK - 1) // SK + BK - 1) // BK * BK  # reduction elements per split
     tile = tl.program_id(0) // SK
@@ -1143,6 +1250,98 @@ def _down_tile_tma(
 
 
 @triton.jit
+def _down_rows_persistent(
+    w_down_ptr,
+    b_down_ptr,
+    shared_w_down_ptr,
+    act_ptr,
+    topk_w_ptr,
+    gate_ws_ptr,
+    yw_ptr,
+    offsets_ptr,
+    nblocks_ptr,
+    block_expert_ptr,
+    block_row0_ptr,
+    sorted_slot_ptr,
+    T,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741
+    IS: tl.constexpr,
+    NMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+    GM: tl.constexpr,
+):
+    """down_rows_kernel's TMA form with persistent programs (PERSIST), as `_gate_up_persistent`: every P-th
+    (row block, H tile) of the routed experts, then of the shared expert, in one flattened loop each, through
+    descriptors built once per program over act [R, NMAX], all routed experts' [E * H, I] down weights (a
+    tile's rows start at e * H) and the shared expert's [H, IS]. down's reduction is short (I: 8-12 steps of
+    64 at Qwen3's widths), so a tile's pipeline fill and its weighted stores were a third of its time."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    NTH: tl.constexpr = (H + BH - 1) // BH
+    num_blocks = tl.load(nblocks_ptr)
+    routed_blocks = num_blocks - HAS_SHARED * ((T + BM - 1) // BM)
+    routed_tiles = (routed_blocks + GM - 1) // GM * GM * NTH
+    R = T * K + T * HAS_SHARED
+    a_desc = tl.make_tensor_descriptor(act_ptr, shape=[R, NMAX], strides=[NMAX, 1], block_shape=[BM, BK])
+    w_desc = tl.make_tensor_descriptor(w_down_ptr, shape=[E * H, I], strides=[I, 1], block_shape=[BH, BK])
+    for tile in tl.range(pid, routed_tiles, P, flatten=True):
+        b, pid_h = grouped_tile(tile, NTH, GM)
+        e, rows, row_ok, slot, _token = _block_rows(
+            b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
+        )
+        row_ok = row_ok & (b < routed_blocks)
+        row0 = tl.min(rows, axis=0)
+        y = tl.zeros((BM, BH), dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            a = a_desc.load([row0, k0])
+            w = w_desc.load([e * H + pid_h * BH, k0])
+            y = dot_acc(a, tl.trans(w), y, IEEE)
+        h = pid_h * BH + tl.arange(0, BH)
+        h_ok = h < H
+        if HAS_BIAS:
+            y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        weight = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
+        tl.store(
+            yw_ptr + slot[:, None] * H + h[None, :],
+            (y * weight[:, None]).to(yw_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & h_ok[None, :],
+        )
+    if HAS_SHARED:
+        s_desc = tl.make_tensor_descriptor(
+            shared_w_down_ptr, shape=[H, IS], strides=[IS, 1], block_shape=[BH, BK]
+        )
+        shared_tiles = (num_blocks - routed_blocks) * NTH
+        for tile in tl.range(_shared_first_tile(pid, routed_tiles, P), shared_tiles, P, flatten=True):
+            b = routed_blocks + tile // NTH
+            pid_h = tile % NTH
+            e, rows, row_ok, slot, token = _block_rows(
+                b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
+            )
+            row0 = tl.min(rows, axis=0)
+            y = tl.zeros((BM, BH), dtype=tl.float32)
+            for k0 in range(0, IS, BK):
+                a = a_desc.load([row0, k0])
+                w = s_desc.load([pid_h * BH, k0])
+                y = dot_acc(a, tl.trans(w), y, IEEE)
+            h = pid_h * BH + tl.arange(0, BH)
+            h_ok = h < H
+            weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
+            tl.store(
+                yw_ptr + slot[:, None] * H + h[None, :],
+                (y * weight[:, None]).to(yw_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & h_ok[None, :],
+            )
+
+
+@triton.jit
 def down_rows_kernel(
     w_down_ptr,
     b_down_ptr,
@@ -1185,6 +1384,7 @@ def down_rows_kernel(
     PER_WEIGHT: tl.constexpr,
     ACT_FP8: tl.constexpr,
     TMA: tl.constexpr,
+    PERSIST: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """yw[slot, h tile] = weight * (act[row] @ W_down[e].T) for one (row block, H tile).
@@ -1196,11 +1396,19 @@ def down_rows_kernel(
     TMA (native weights, no fp8 activations, plan.uses_tma): the activation and weight tiles come by the
     tensor-memory accelerator (a block's rows are consecutive in act), through two descriptors built on the
     device (Triton's global scratch, 256 bytes a program: the launch's last argument), in one loop for the
-    shared and the routed rows.
+    shared and the routed rows. PERSIST (prefill, TMA): a grid of fewer programs, each looping over tiles
+    (`_down_rows_persistent`).
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
         gdc_launch_dependents()
+    if PERSIST:
+        _down_rows_persistent(
+            w_down_ptr, b_down_ptr, shared_w_down_ptr, act_ptr, topk_w_ptr, gate_ws_ptr, yw_ptr, offsets_ptr,
+            nblocks_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, T, E, K, H, I, IS, NMAX, HAS_BIAS,
+            HAS_SHARED, IEEE, BM, BH, BK, GM,
+        )  # fmt: skip
+        return
     NTH: tl.constexpr = (H + BH - 1) // BH
     b, pid_h = grouped_tile(tl.program_id(0), NTH, GM)
     h = pid_h * BH + tl.arange(0, BH)

@@ -17,6 +17,7 @@ from moetrt.kernels.configs import (
     candidate_configs,
     default_config,
     entry_key,
+    persistent_candidates,
     router_candidates,
     select_config,
     tma_candidates,
@@ -31,7 +32,7 @@ from moetrt.tune.timing import time_graph
 #: The stages a native entry holds (a quantized one: QUANTIZED_STAGES).
 STAGES = ("router", "topk", "gate_up", "down", "fused", "pdl", "gemv", "routed")
 #: Tuning rounds in order; a quantized entry has the first only (its routing is the native entry's).
-ROUNDS = ("tiles", "tma", "router", "topk", "pdl")
+ROUNDS = ("tiles", "tma", "persist", "router", "topk", "pdl")
 QUANTIZED_ROUNDS = ("tiles",)
 #: The launches the router and top-k rounds change, and what `time_routing` sums.
 ROUTING_STAGES = ("router", "topk")
@@ -100,11 +101,13 @@ def tune(
     log: Callable[[str], None] = lambda line: None,
     time_routing: Callable[[dict[str, Any], int], float] | None = None,
     rounds: Iterable[str] | None = None,
+    sm_count: int = 0,
 ) -> dict[str, Any]:
     """Time candidates per bucket with `time_config(cfg, num_tokens) -> µs`; write the best to the table.
 
     Rounds per token count (ROUNDS): the GEMM tiles (and the fused decode kernel), then (SM90+, native 16-bit
-    experts) those tiles loaded by TMA, then the router's block shapes and splits of H, then the top-k's, then
+    experts) those tiles loaded by TMA, then (prefill buckets that load by TMA, on a GPU of `sm_count` SMs)
+    persistent grouped GEMMs of one program per SM, then the router's block shapes and splits of H, then the top-k's, then
     (SM90+) programmatic dependent launch on or off. Quantized experts: the expert GEMM tiles only, around the
     config the table gives today (router, top-k and PDL are the native entry's: those kernels do not read the
     experts), and only those tiles are written.
@@ -137,6 +140,11 @@ def tune(
                 if not tma:
                     continue
                 cands = [chosen, *tma]
+            elif round_name == "persist":  # SM90+ prefill by TMA: one program per SM, looping over tiles
+                persist = persistent_candidates(attrs, dtype, bound, chosen, sm_count) if sm >= 90 else []
+                if not persist:
+                    continue
+                cands = [chosen, *persist]
             elif round_name == "router":
                 cands = router_candidates(attrs, chosen, dtype, bound)
             elif round_name == "topk":
@@ -327,4 +335,5 @@ def tune_gpu(
         log=log,
         time_routing=time_routing,
         rounds=rounds,
+        sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
     )

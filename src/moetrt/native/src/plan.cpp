@@ -34,10 +34,21 @@ int64_t grid_blocks(const Bucket& bucket, int64_t blocks) {
 // plan.py TMA_DESCRIPTOR_BYTES / TMA_DESCRIPTORS: the device-built descriptors of a grouped GEMM whose stage
 // compiled with TMA, one 128-byte CUtensorMap each per program, in Triton's global scratch
 constexpr int64_t kTmaDescriptorBytes = 128;
-int64_t tma_descriptors(const char* stage) { return std::string(stage) == "gate_up" ? 1 : 2; }
 bool stage_uses_tma(const Bucket& bucket, const char* stage) {
     const Stage* s = bucket.stage(stage);
     return s != nullptr && s->constexpr_int_or("TMA", 0) != 0;
+}
+// plan.py persistent_grid: one program per tile, or with PERSIST at most that many (each loops over tiles)
+int64_t persistent_grid(const Stage* stage, int64_t tiles) {
+    int64_t persist = stage ? stage->constexpr_int_or("PERSIST", 0) : 0;
+    return persist > 0 ? std::min(persist, tiles) : tiles;
+}
+// plan.py tma_descriptors: a persistent program also builds one over the shared expert's weight
+int64_t tma_descriptors(const Bucket& bucket, const char* stage) {
+    const Stage* s = bucket.stage(stage);
+    int64_t base = std::string(stage) == "gate_up" ? 1 : 2;
+    bool shared = s->constexpr_int_or("IS", 0) > 0 && s->constexpr_int_or("PERSIST", 0) > 0;
+    return base + (shared ? 1 : 0);
 }
 
 struct Layout {
@@ -77,11 +88,13 @@ Layout workspace_layout(const Bundle& b, const Bucket& bucket, int64_t t) {
     // plan.py tma_scratch_bytes: the larger of the TMA grouped GEMMs' descriptors (they run one after the other)
     int64_t tma_scratch = 0;
     if (stage_uses_tma(bucket, "gate_up"))
-        tma_scratch = blocks * cdiv(s.nmax(), gate_up->constexpr_int("BN")) * splits * tma_descriptors("gate_up") *
-                      kTmaDescriptorBytes;
-    if (stage_uses_tma(bucket, "down_rows"))
-        tma_scratch = std::max(tma_scratch, blocks * cdiv(h, bucket.stage("down_rows")->constexpr_int("BH")) *
-                                                tma_descriptors("down_rows") * kTmaDescriptorBytes);
+        tma_scratch = persistent_grid(gate_up, blocks * cdiv(s.nmax(), gate_up->constexpr_int("BN")) * splits) *
+                      tma_descriptors(bucket, "gate_up") * kTmaDescriptorBytes;
+    if (stage_uses_tma(bucket, "down_rows")) {
+        const Stage* down = bucket.stage("down_rows");
+        tma_scratch = std::max(tma_scratch, persistent_grid(down, blocks * cdiv(h, down->constexpr_int("BH"))) *
+                                                tma_descriptors(bucket, "down_rows") * kTmaDescriptorBytes);
+    }
     const std::vector<std::pair<const char*, int64_t>> sizes = {
         {"counts", 4 * (e + 2)},
         {"tickets", 16},
@@ -258,8 +271,10 @@ Plan plan_for(const Bundle& b, int64_t t) {
             p.add("finalize", {cdiv(t * h, p.stage_int("finalize", "BLOCK")), 1, 1});
         } else {
             int64_t grid = grid_blocks(bucket, blocks);
-            p.add("gate_up", {grid * cdiv(s.nmax(), p.stage_int("gate_up", "BN")) * p.stage_int("gate_up", "SK"), 1, 1});
-            p.add("down_rows", {grid * cdiv(h, p.stage_int("down_rows", "BH")), 1, 1});
+            p.add("gate_up", {persistent_grid(bucket.stage("gate_up"), grid * cdiv(s.nmax(), p.stage_int("gate_up", "BN")) *
+                                                                       p.stage_int("gate_up", "SK")),
+                              1, 1});
+            p.add("down_rows", {persistent_grid(bucket.stage("down_rows"), grid * cdiv(h, p.stage_int("down_rows", "BH"))), 1, 1});
             if (!decode)
                 p.add("reduce", {cdiv(t, p.stage_int("reduce", "BT")), cdiv(h, p.stage_int("reduce", "BH")), 1});
         }
