@@ -72,7 +72,7 @@ VARIANTS: dict[str, MoEAttributes] = {
 # (variant, dtype, T, bucket): T=1 and a decode T take the decode path (fused align / reduce), T=70 the
 # prefill path; "prefill" forces the prefill path for a decode-sized T, "auto" picks by T, "split" runs
 # the router over 3 slices of H (summed by the top-k kernel), as large shapes do at decode, "fused" the
-# decode path's single experts kernel (gate_up + down with fp32 atomics) and its finalize kernel, "gemv" the
+# decode path's single experts kernel (gate_up + down with fp32 atomics, its last program casting the sum), "gemv" the
 # expert-group path (a tuning candidate) with small tiles ("gemv+fused": with the fused switch also on, which
 # the group path overrides), "sorted" the sorted decode path at T = 1 with every other switch off,
 # "scaled" quantized tiles inside one scale group (K 16 for fp8, 32 for 4-bit codes), so the scales multiply

@@ -124,15 +124,23 @@ def test_launcher_imports_neither_torch_nor_triton() -> None:
 
 
 def test_fused_decode_plan() -> None:
-    """With `fused` in the config, decode runs router · top-k · experts · finalize; the accumulator is zeroed."""
+    """With `fused` in the config, decode runs router · top-k · experts (whose last program casts the sum: no
+    finalize launch); the accumulator and the experts kernel's ticket are zeroed."""
     attrs, dtype, t = FULL, "bfloat16", 5
     cfg = tuning.default_config(attrs, dtype, 16)
     cfg["fused"] = {"enabled": 1, "BH": 64}
     variants = plan.bucket_variants(attrs, dtype, 16, cfg)
     layout = plan.workspace_layout(attrs, dtype, t, cfg, 16)
     ops = plan.launch_sequence(attrs, dtype, t, variants, cfg, 16)
-    assert [op.stage for op in ops] == ["router", "topk", "experts", "finalize"]
+    assert [op.stage for op in ops] == ["router", "topk", "experts"]
+    assert dict(zip([n for n, _ in plan.KERNEL_PARAMS["experts"]], ops[2].args, strict=True))[
+        "tickets_ptr"
+    ] == (
+        "ws",
+        "tickets",
+    )
     assert layout["acc"].nbytes == 4 * t * attrs.hidden_size
+    assert layout["tickets"].offset + 8 <= layout["acc"].offset  # its second word, inside the zeroed span
     assert layout["act"].nbytes == 0 and layout["yw"].nbytes == 0
     zero_words = int(ops[0].args[[n for n, _ in plan.KERNEL_PARAMS["router"]].index("zero_words")][1])
     assert zero_words * 4 == layout["acc"].offset + layout["acc"].nbytes

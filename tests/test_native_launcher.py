@@ -117,7 +117,7 @@ def test_native_plan_follows_the_config(path: str) -> None:
     stages = [op["stage"] for op in NativeBundle(bundle.to_bytes()).plan(3)["launches"]]
     expected = {
         "gemv": ["router", "topk_group", "gemv_gate_up", "gemv_down"],
-        "fused": ["router", "topk", "experts", "finalize"],
+        "fused": ["router", "topk", "experts"],
         "pdl": ["router", "topk", "gate_up", "down_rows"],
         "split": ["router", "topk", "gate_up", "down_rows"],
         "routed": ["router", "routed_experts"],
@@ -309,7 +309,7 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         (lambda d: d[:40], "truncated"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
-        (lambda d: _with_header({**_header(d)[0], "version": 8}, _header(d)[1]), "version 8 is not 9"),
+        (lambda d: _with_header({**_header(d)[0], "version": 9}, _header(d)[1]), "version 9 is not 10"),
         (
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',

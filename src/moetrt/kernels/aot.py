@@ -31,8 +31,9 @@ BUNDLE_MAGIC = b"MOETRTKB"
 # groups, which a planner that predates them would launch short); 8: TMA grouped GEMMs (gate_up / down_rows
 # TMA: a launch argument past the kernel's parameters for Triton's global scratch, the tma_scratch region); 9:
 # persistent grouped GEMMs (gate_up / down PERSIST: grids of at most PERSIST programs, and their descriptors,
-# one more over the shared expert's weight, in tma_scratch)
-BUNDLE_VERSION = 9
+# one more over the shared expert's weight, in tma_scratch); 10: the fused decode experts kernel casts its sum
+# (out and tickets among its parameters; no finalize kernel)
+BUNDLE_VERSION = 10
 
 
 @dataclass(frozen=True)

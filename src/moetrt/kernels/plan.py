@@ -10,7 +10,7 @@ Four paths, chosen by token bucket (the router-logits kernel also zeroes the cou
           gemv_down(+reduce) — no sort, no block table (kernels/triton_decode.py)     — 4 kernels
   decode  (T <= 64): router logits · top-k(+align) · gate_up · down_rows(+reduce)       — 4 kernels
           or, when the config table says `fused`: router logits · top-k(+align) · experts (gate_up + down,
-          fp32 atomics) · finalize                                                      — 4 kernels
+          fp32 atomics; its last program casts the sum)                                — 3 kernels
   prefill (T > 64):  router logits · top-k · align · gate_up · down_rows · reduce         — 6 kernels
 With `pdl` in the config (SM90+), every launch uses programmatic dependent launch.
 """
@@ -144,10 +144,11 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("topk_w_ptr", "f32"),
         ("gate_ws_ptr", "f32"),
         ("acc_ptr", "f32"),
+        ("out_ptr", "x"),
+        ("tickets_ptr", "i32"),
         *_BLOCK_TABLE,
         ("T", "T"),
     ),
-    "finalize": (("acc_ptr", "f32"), ("out_ptr", "x"), ("T", "T")),
     "routed_experts": (
         ("x_ptr", "x"),
         ("logits_ws_ptr", "f32"),
@@ -218,7 +219,6 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("gmax", "int"),
     ),
 }
-FINALIZE_BLOCK = 1024
 
 # Which op tensor or workspace region feeds each pointer parameter.
 _SOURCES: dict[str, tuple[str, str]] = {
@@ -716,7 +716,6 @@ def _stage_variants(
             "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
             "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
             "experts": Variant("experts", tuple(experts.items()), gc["num_warps"], gc["num_stages"]),
-            "finalize": Variant("finalize", (("H", h), ("BLOCK", FINALIZE_BLOCK)), 4, 1),
         }
     down = {
         **dims,
@@ -1014,14 +1013,6 @@ def launch_sequence(
                 variants["experts"].key,
                 (max_blocks * cdiv(_nmax(attrs), ex["BN"]), 1, 1),
                 args_for("experts"),
-            )
-        )
-        ops.append(
-            Launch(
-                "finalize",
-                variants["finalize"].key,
-                (cdiv(t * h, FINALIZE_BLOCK), 1, 1),
-                args_for("finalize"),
             )
         )
         return _with_pdl(ops, const)

@@ -1485,6 +1485,8 @@ def experts_kernel(
     topk_w_ptr,
     gate_ws_ptr,
     acc_ptr,
+    out_ptr,
+    tickets_ptr,
     offsets_ptr,
     nblocks_ptr,
     block_expert_ptr,
@@ -1512,9 +1514,11 @@ def experts_kernel(
 
     Program (row block, N tile of I): the activation of its BN columns, then their share of the down
     projection for every h (act[:, tile] @ W_down[e][:, tile].T), weighted, added with fp32 atomics into
-    acc[T, H] (zeroed by the router kernel; `finalize_kernel` casts it). The down weights stream in the
-    same launch as the gate/up weights: no launch gap, no activation round trip through memory. Float
-    atomics make the summation order (and the last bits) vary from run to run.
+    acc[T, H] (zeroed by the router kernel). The last program to finish (ticket: the second word of
+    `tickets`, whose first is the top-k kernel's) casts acc into the output, so the path needs no finalize
+    launch. The down weights stream in the same launch as the gate/up weights: no launch gap, no activation
+    round trip through memory. Float atomics make the summation order (and the last bits) vary from run to
+    run.
     """
     if PDL:  # programmatic dependent launch: wait for the previous kernel, let the next one start launching
         gdc_wait()
@@ -1526,12 +1530,58 @@ def experts_kernel(
     e, _rows, row_ok, slot, token = _block_rows(
         b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
     )
-    if b >= num_blocks:
-        return
+    n_cols = tl.where(e == E, IS, I)
+    # every program takes a ticket, those with no tile too (past the blocks, or past a narrower expert's I)
+    if (b < num_blocks) & (pid_n * BN < n_cols):
+        _experts_tile(
+            x_ptr, w_gu_ptr, b_gu_ptr, shared_w_gu_ptr, w_down_ptr, b_down_ptr, shared_w_down_ptr, topk_w_ptr,
+            gate_ws_ptr, acc_ptr, e, row_ok, slot, token, pid_n, n_cols, E, H, I, IS, ACTIVATION, ALPHA, LIMIT,
+            HAS_BIAS, IEEE, BM, BN, BK, BH,
+        )  # fmt: skip
+    tl.debug_barrier()  # every thread's atomics before the ticket
+    if tl.atomic_add(tickets_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+        tl.debug_barrier()
+        for i0 in range(0, T * H, BM * BH):
+            i = i0 + tl.arange(0, BM * BH)
+            total = tl.load(acc_ptr + i, mask=i < T * H, other=0.0, volatile=True)
+            tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=i < T * H)
+
+
+@triton.jit
+def _experts_tile(
+    x_ptr,
+    w_gu_ptr,
+    b_gu_ptr,
+    shared_w_gu_ptr,
+    w_down_ptr,
+    b_down_ptr,
+    shared_w_down_ptr,
+    topk_w_ptr,
+    gate_ws_ptr,
+    acc_ptr,
+    e,
+    row_ok,
+    slot,
+    token,
+    pid_n,
+    n_cols,
+    E: tl.constexpr,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741
+    IS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BH: tl.constexpr,
+):
+    """experts_kernel's tile: the activation of BN columns of expert e, then their weighted share of the down
+    projection for every h, added into acc with fp32 atomics."""
     is_shared = e == E
-    n_cols = tl.where(is_shared, IS, I)
-    if pid_n * BN >= n_cols:
-        return
     if is_shared:
         w_base = shared_w_gu_ptr
         wd_base = shared_w_down_ptr
@@ -1592,17 +1642,6 @@ def experts_kernel(
             sem="relaxed",
             scope="gpu",
         )
-
-
-@triton.jit
-def finalize_kernel(acc_ptr, out_ptr, T, H: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out = acc cast to the output dtype (the fused decode path's last step)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < T * H
-    tl.store(out_ptr + i, tl.load(acc_ptr + i, mask=mask, other=0.0).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -2055,7 +2094,6 @@ KERNELS = {
     "down_rows": down_rows_kernel,
     "reduce": reduce_kernel,
     "experts": experts_kernel,
-    "finalize": finalize_kernel,
     "routed_experts": routed_experts_kernel,
     **DECODE_KERNELS,
 }

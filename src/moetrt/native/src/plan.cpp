@@ -267,8 +267,8 @@ Plan plan_for(const Bundle& b, int64_t t) {
                   {{"block_iters", cdiv(per_expert, programs)}, {"slot_iters", cdiv(t * k, chunk * programs)}, {"nprog", programs}});
         }
         if (bucket.stage("experts")) {
+            // its last program casts the fp32 sum into the output (no finalize launch)
             p.add("experts", {blocks * cdiv(s.nmax(), p.stage_int("experts", "BN")), 1, 1});
-            p.add("finalize", {cdiv(t * h, p.stage_int("finalize", "BLOCK")), 1, 1});
         } else {
             int64_t grid = grid_blocks(bucket, blocks);
             p.add("gate_up", {persistent_grid(bucket.stage("gate_up"), grid * cdiv(s.nmax(), p.stage_int("gate_up", "BN")) *

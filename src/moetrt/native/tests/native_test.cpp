@@ -63,10 +63,13 @@ int selftest(const std::string& path) {
     std::string version = data;
     size_t at = version.find("\"version\": " + std::to_string(kBundleVersion));
     expect(at != std::string::npos, "header has its version");
-    const std::string older = std::to_string(kBundleVersion - 1);
-    version.replace(at + 11, std::to_string(kBundleVersion).size(), older);
+    // another version of as many digits: the header's length prefix stays right
+    const std::string current = std::to_string(kBundleVersion);
+    std::string other = std::to_string(kBundleVersion + 1);
+    if (other.size() != current.size()) other = std::to_string(kBundleVersion - 1);
+    version.replace(at + 11, current.size(), other);
     expect_error([&] { Bundle::parse(version.data(), version.size()); },
-                 "version " + older + " is not " + std::to_string(kBundleVersion), "other version");
+                 "version " + other + " is not " + current, "other version");
     expect_error([&] { check_sm(b, b.sm + 1); }, "the GPU is sm_" + std::to_string(b.sm + 1), "SM mismatch");
     check_sm(b, b.sm);
     expect_error([&] { plan_for(b, -1); }, "negative token count", "negative T");
