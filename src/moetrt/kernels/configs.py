@@ -113,8 +113,9 @@ def tma_candidates(
 
 
 #: Row blocks grouped per weight tile (GM) tried with persistent programs: programs drift apart as they loop, so
-#: an expert's blocks meet its weight tile in L2 only when neighbouring tiles share it (Mixtral's down, one
-#: program per tile: 4332 µs at T = 4096; persistent, GM 1: 5071).
+#: an expert's blocks meet its weight tile in L2 only when neighbouring tiles share it (Mixtral at T = 4096, one
+#: program per tile 4332 µs, persistent down with GM 1 5071; with GM 4 the tuner kept one program per tile
+#: there too, and took it for Qwen3-30B's persistent down).
 PERSISTENT_GROUP = 4
 
 

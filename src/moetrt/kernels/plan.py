@@ -818,9 +818,11 @@ def tma_scratch_bytes(
     for stage in TMA_DESCRIPTORS:
         if not uses_tma(attrs, dtype, cfg, bound, stage):
             continue
-        persist = persistent_programs(attrs, dtype, cfg, bound, stage)
-        constexprs = {"IS": attrs.shared_intermediate_size, "PERSIST": persist}
-        programs = min(persist, tiles[stage]) if persist else tiles[stage]
+        constexprs = {
+            "IS": attrs.shared_intermediate_size,
+            "PERSIST": persistent_programs(attrs, dtype, cfg, bound, stage),
+        }
+        programs = persistent_grid(constexprs, tiles[stage])
         sizes.append(programs * tma_descriptors(stage, constexprs) * TMA_DESCRIPTOR_BYTES)
     return max(sizes, default=0)
 
