@@ -171,3 +171,13 @@ def test_persistent_candidates_and_round(tmp_path) -> None:
     )
     assert best[entry_key]["down"]["PERSIST"] == 132 and not best[entry_key]["gate_up"].get("PERSIST")
     assert tuner.rounds_to_run(MIXTRAL, ["persist"]) == ("persist",)
+
+
+def test_persistent_grids_fit_the_device() -> None:
+    """plan.device_grid: a persistent GEMM launches at most one program per SM of the GPU at hand (a table tuned
+    on 132 SMs, run on 114), never more programs than planned; other grids as planned."""
+    assert plan.device_grid((132, 1, 1), {"PERSIST": 132}, 114) == (114, 1, 1)
+    assert plan.device_grid((40, 1, 1), {"PERSIST": 132}, 114) == (40, 1, 1)
+    assert plan.device_grid((132, 1, 1), {"PERSIST": 132}, 144) == (132, 1, 1)
+    assert plan.device_grid((5000, 1, 1), {"PERSIST": 0}, 114) == (5000, 1, 1)
+    assert plan.device_grid((5000, 3, 1), {}, 114) == (5000, 3, 1)

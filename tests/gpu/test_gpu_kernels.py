@@ -347,11 +347,16 @@ def test_programmatic_dependent_launch_matches_reference(fused: bool) -> None:
 
 @pytest.mark.parametrize("variant", ["softmax_renorm_shared_gate", "gpt_oss", "deepseek_grouped"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize(("pdl", "persist"), [(0, 0), (1, 0), (1, 7)], ids=["", "pdl", "pdl-persist"])
+@pytest.mark.parametrize(
+    ("pdl", "persist"),
+    [(0, 0), (1, 0), (1, 7), (1, 1_000_000)],
+    ids=["", "pdl", "pdl-persist", "pdl-persist-wide"],
+)
 def test_tma_grouped_gemms_match_reference(variant: str, dtype: torch.dtype, pdl: int, persist: int) -> None:
     """gate_up and down_rows with their tiles by TMA (descriptors built on the device in the tma_scratch region,
     plan.uses_tma), prefill and sorted decode buckets, row blocks grouped, with and without PDL, and with 7
-    persistent programs looping over the prefill tiles (plan.persistent_programs), through the AOT launcher, and
+    persistent programs looping over the prefill tiles (plan.persistent_programs), or with more asked than there
+    are tiles, which both launchers cut to one per SM (plan.device_grid), through the AOT launcher, and
     through Triton's JIT launcher (its own scratch allocator), against the oracle; random and skewed routing."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs SM 9.0 or later")

@@ -1050,6 +1050,19 @@ def launch_sequence(
     return _with_pdl(ops, const)
 
 
+def device_grid(
+    grid: tuple[int, int, int], constexprs: Mapping[str, Any], sm_count: int
+) -> tuple[int, int, int]:
+    """The grid a launcher uses on a GPU of `sm_count` SMs: a persistent grouped GEMM's programs are at most one
+    per SM, as the tuner counts them on the GPU it ran on, so a table tuned on a larger GPU (the H200's 132 SMs)
+    leaves no program waiting for a second round on a smaller one (114 on an H100 PCIe); its programs loop over
+    all tiles whatever their number, and the planned tma_scratch covers the larger grid. Other grids as
+    planned. The native launcher does the same (native/src/plan.cpp device_grid)."""
+    if int(constexprs.get("PERSIST", 0)) > 0 and sm_count > 0:
+        return (min(grid[0], sm_count), grid[1], grid[2])
+    return grid
+
+
 def persistent_grid(constexprs: Mapping[str, Any], tiles: int) -> int:
     """A grouped GEMM's programs: one per tile, or with PERSIST at most that many, each looping over tiles."""
     persist = int(constexprs.get("PERSIST", 0))

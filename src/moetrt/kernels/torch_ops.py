@@ -223,7 +223,11 @@ def moe_forward_triton(
                 args.append(outputs[ref])
             else:
                 args.append(region(ref, hidden.dtype if kind == "x" else _KIND_DTYPE[kind]))
-        KERNELS[variant.kernel][op.grid](
+        grid = op.grid
+        if hidden.is_cuda:  # persistent grids: at most one program per SM of this GPU
+            sm_count = torch.cuda.get_device_properties(hidden.device).multi_processor_count
+            grid = plan.device_grid(grid, dict(variant.constexprs), sm_count)
+        KERNELS[variant.kernel][grid](
             *args, **dict(variant.constexprs), num_warps=variant.num_warps, num_stages=variant.num_stages
         )
     return outputs

@@ -55,6 +55,11 @@ Launcher::Launcher(std::shared_ptr<const Bundle> bundle) : bundle_(std::move(bun
         drv.check(drv.ctx_set_current(ctx), "making the primary context current");
     }
     check_sm(*bundle_, current_device_sm());
+    CUdevice device;
+    drv.check(drv.ctx_get_device(&device), "reading the current device");
+    int sms = 0;
+    drv.check(drv.device_get_attribute(&sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device), "reading the SM count");
+    sm_count_ = sms;
     try {
         for (const Kernel& kernel : bundle_->kernels) {
             CUmodule module = nullptr;
@@ -118,7 +123,7 @@ void Launcher::enqueue(int64_t num_tokens, const uint64_t* inputs, size_t num_in
         if (slots.size() > kMaxParams)
             throw Error(ErrorKind::Bundle, "kernel " + kernel.key + " has too many parameters", "");
         for (size_t j = 0; j < slots.size(); ++j) params[j] = &slots[j];
-        auto grid = launch.grid;
+        auto grid = device_grid(launch, sm_count_);
         unsigned threads = 32u * static_cast<unsigned>(kernel.num_warps);
         if (launch.pdl) {
             CUlaunchAttribute attr{};

@@ -35,6 +35,7 @@ private:
     std::shared_ptr<const Bundle> bundle_;
     std::vector<CUmodule> modules_;
     std::vector<CUfunction> functions_;  // per bundle kernel
+    int64_t sm_count_ = 0;               // the device's SMs: persistent grids are at most this (device_grid)
     std::mutex mutex_;
     std::unordered_map<int64_t, std::shared_ptr<const Plan>> plans_;
     std::list<int64_t> plan_order_;

@@ -157,7 +157,8 @@ public:
                             std::to_string(t_) + " tokens",
                         "split the tokens into smaller calls");
         const Kernel& kernel = b_.kernels[stage->kernel];
-        Launch launch{stage_name, stage->kernel, grid, {}, stage->constexpr_int_or("PDL", 0) != 0};
+        Launch launch{stage_name, stage->kernel, grid, {}, stage->constexpr_int_or("PDL", 0) != 0,
+                      stage->constexpr_int_or("PERSIST", 0) > 0};
         for (const ParamSource& src : kernel.sources) {
             if (src.source == "T") {
                 launch.args.push_back({Arg::Kind::Tokens, t_, ""});
@@ -283,6 +284,12 @@ Plan plan_for(const Bundle& b, int64_t t) {
     plan.layout = layout.regions;
     plan.workspace_bytes = layout["total"].nbytes;
     return plan;
+}
+
+std::array<int64_t, 3> device_grid(const Launch& launch, int64_t sm_count) {
+    std::array<int64_t, 3> grid = launch.grid;
+    if (launch.persistent && sm_count > 0) grid[0] = std::min(grid[0], sm_count);
+    return grid;
 }
 
 void check_pointer_counts(const Bundle& b, size_t num_inputs, size_t num_outputs) {

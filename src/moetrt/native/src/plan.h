@@ -30,6 +30,7 @@ struct Launch {
     std::array<int64_t, 3> grid;
     std::vector<Arg> args;
     bool pdl;
+    bool persistent = false;  // a persistent grouped GEMM (PERSIST): its programs loop over the tiles
 };
 
 struct Plan {
@@ -44,6 +45,11 @@ size_t bucket_for(const Bundle& bundle, int64_t num_tokens);
 
 // Throws moetrt::Error for a negative count, a count no bucket serves or a grid the GPU cannot launch.
 Plan plan_for(const Bundle& bundle, int64_t num_tokens);
+
+// The grid to launch on a GPU of `sm_count` SMs (plan.py device_grid): a persistent grouped GEMM's programs are
+// at most one per SM, as the tuner counts them on the GPU it ran on, so a table tuned on a larger GPU leaves no
+// program waiting for a second round on a smaller one; every other grid as planned.
+std::array<int64_t, 3> device_grid(const Launch& launch, int64_t sm_count);
 
 // Throws moetrt::Error naming the order expected unless there is one pointer per present input and output.
 void check_pointer_counts(const Bundle& bundle, size_t num_inputs, size_t num_outputs);

@@ -74,6 +74,11 @@ int selftest(const std::string& path) {
     check_sm(b, b.sm);
     expect_error([&] { plan_for(b, -1); }, "negative token count", "negative T");
     expect(plan_for(b, 0).launches.empty(), "no launches for T = 0");
+    // persistent grids: at most one program per SM of the device; other grids as planned
+    Launch persistent{"down_rows", 0, {264, 1, 1}, {}, false, true};
+    expect(device_grid(persistent, 114)[0] == 114 && device_grid(persistent, 400)[0] == 264, "persistent grid");
+    Launch tiled{"down_rows", 0, {264, 1, 1}, {}, false, false};
+    expect(device_grid(tiled, 114)[0] == 264, "one program per tile");
     std::cout << (failures ? "FAILED" : "ok") << std::endl;
     return failures ? 1 : 0;
 }
