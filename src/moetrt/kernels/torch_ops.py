@@ -204,6 +204,8 @@ def moe_forward_triton(
             return workspace[:16].view(dt)
         return workspace[reg.offset : reg.offset + reg.nbytes].view(dt)
 
+    # persistent grids: at most one program per SM of this GPU (plan.device_grid)
+    sm_count = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 0
     for op in plan.launch_sequence(attrs, dtype, num_tokens, variants, cfg, bound):
         variant = by_key[op.variant_key]
         args: list[Any] = []
@@ -223,10 +225,7 @@ def moe_forward_triton(
                 args.append(outputs[ref])
             else:
                 args.append(region(ref, hidden.dtype if kind == "x" else _KIND_DTYPE[kind]))
-        grid = op.grid
-        if hidden.is_cuda:  # persistent grids: at most one program per SM of this GPU
-            sm_count = torch.cuda.get_device_properties(hidden.device).multi_processor_count
-            grid = plan.device_grid(grid, dict(variant.constexprs), sm_count)
+        grid = plan.device_grid(op.grid, dict(variant.constexprs), sm_count)
         KERNELS[variant.kernel][grid](
             *args, **dict(variant.constexprs), num_warps=variant.num_warps, num_stages=variant.num_stages
         )

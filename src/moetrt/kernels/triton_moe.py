@@ -1223,28 +1223,24 @@ def _down_tile(
 
 @triton.jit
 def _down_tile_tma(
-    act_ptr,
-    w_base,
+    a_desc,
+    w_desc,
     row0,
-    h0,
+    w_row0,
     n_cols,
-    R,
-    NMAX: tl.constexpr,
-    H: tl.constexpr,
     IEEE: tl.constexpr,
     BM: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """act[row0 : row0 + BM, :n_cols] @ W[h0 : h0 + BH].T with both tiles by TMA: act is [R, NMAX] (rows past R
-    load as zeros; rows of the next expert are multiplied and not stored), W the expert's [H, n_cols] down
-    weight; n_cols is a multiple of BK (plan.uses_tma), so no column of act past n_cols is read."""
-    a_desc = tl.make_tensor_descriptor(act_ptr, shape=[R, NMAX], strides=[NMAX, 1], block_shape=[BM, BK])
-    w_desc = tl.make_tensor_descriptor(w_base, shape=[H, n_cols], strides=[n_cols, 1], block_shape=[BH, BK])
+    """act[row0 : row0 + BM, :n_cols] @ W[w_row0 : w_row0 + BH].T with both tiles by TMA: a_desc over act
+    [R, NMAX] (rows past R load as zeros; rows of the next expert are multiplied and not stored), w_desc over
+    down weights whose rows are the output columns; n_cols is a multiple of BK (plan.uses_tma), so no column
+    of act past n_cols is read."""
     y = tl.zeros((BM, BH), dtype=tl.float32)
     for k0 in range(0, n_cols, BK):
         a = a_desc.load([row0, k0])
-        w = w_desc.load([h0, k0])
+        w = w_desc.load([w_row0, k0])
         y = dot_acc(a, tl.trans(w), y, IEEE)
     return y
 
@@ -1298,12 +1294,7 @@ def _down_rows_persistent(
             b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
         )
         row_ok = row_ok & (b < routed_blocks)
-        row0 = tl.min(rows, axis=0)
-        y = tl.zeros((BM, BH), dtype=tl.float32)
-        for k0 in range(0, I, BK):
-            a = a_desc.load([row0, k0])
-            w = w_desc.load([e * H + pid_h * BH, k0])
-            y = dot_acc(a, tl.trans(w), y, IEEE)
+        y = _down_tile_tma(a_desc, w_desc, tl.min(rows, axis=0), e * H + pid_h * BH, I, IEEE, BM, BH, BK)
         h = pid_h * BH + tl.arange(0, BH)
         h_ok = h < H
         if HAS_BIAS:
@@ -1325,12 +1316,7 @@ def _down_rows_persistent(
             e, rows, row_ok, slot, token = _block_rows(
                 b, T, offsets_ptr, block_expert_ptr, block_row0_ptr, sorted_slot_ptr, E, K, BM
             )
-            row0 = tl.min(rows, axis=0)
-            y = tl.zeros((BM, BH), dtype=tl.float32)
-            for k0 in range(0, IS, BK):
-                a = a_desc.load([row0, k0])
-                w = s_desc.load([pid_h * BH, k0])
-                y = dot_acc(a, tl.trans(w), y, IEEE)
+            y = _down_tile_tma(a_desc, s_desc, tl.min(rows, axis=0), pid_h * BH, IS, IEEE, BM, BH, BK)
             h = pid_h * BH + tl.arange(0, BH)
             h_ok = h < H
             weight = tl.load(gate_ws_ptr + token, mask=row_ok, other=0.0)
@@ -1424,11 +1410,14 @@ def down_rows_kernel(
                 w_base = shared_w_down_ptr
             else:
                 w_base = w_down_ptr + e.to(tl.int64) * (H * I)
-            row0 = tl.min(rows, axis=0)
-            y = _down_tile_tma(
-                act_ptr, w_base, row0, pid_h * BH, tl.where(is_shared, IS, I), T * K + T * HAS_SHARED, NMAX, H,
-                IEEE, BM, BH, BK,
-            )  # fmt: skip
+            n_cols = tl.where(is_shared, IS, I)
+            a_desc = tl.make_tensor_descriptor(
+                act_ptr, shape=[T * K + T * HAS_SHARED, NMAX], strides=[NMAX, 1], block_shape=[BM, BK]
+            )
+            w_desc = tl.make_tensor_descriptor(
+                w_base, shape=[H, n_cols], strides=[n_cols, 1], block_shape=[BH, BK]
+            )
+            y = _down_tile_tma(a_desc, w_desc, tl.min(rows, axis=0), pid_h * BH, n_cols, IEEE, BM, BH, BK)
             if HAS_BIAS:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
                 if not is_shared:
                     y += tl.load(b_down_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
@@ -1538,11 +1527,18 @@ def experts_kernel(
             gate_ws_ptr, acc_ptr, e, row_ok, slot, token, pid_n, n_cols, E, H, I, IS, ACTIVATION, ALPHA, LIMIT,
             HAS_BIAS, IEEE, BM, BN, BK, BH,
         )  # fmt: skip
+    _cast_sum_when_last(acc_ptr, out_ptr, tickets_ptr + 1, tl.num_programs(0), T, H, BM * BH)
+
+
+@triton.jit
+def _cast_sum_when_last(acc_ptr, out_ptr, ticket_ptr, takers, T, H: tl.constexpr, BLOCK: tl.constexpr):
+    """The fused paths' last step: each program takes a ticket after its fp32 atomics into acc [T, H]; the last
+    of `takers` to take one casts acc into the output (threadfence-reduction pattern)."""
     tl.debug_barrier()  # every thread's atomics before the ticket
-    if tl.atomic_add(tickets_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == takers - 1:
         tl.debug_barrier()
-        for i0 in range(0, T * H, BM * BH):
-            i = i0 + tl.arange(0, BM * BH)
+        for i0 in range(0, T * H, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
             total = tl.load(acc_ptr + i, mask=i < T * H, other=0.0, volatile=True)
             tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=i < T * H)
 
@@ -1864,13 +1860,7 @@ def routed_experts_kernel(
                     a, codes, scales, zeros, I, e, weight, acc_ptr, b_down_ptr, token, row_ok, n, n_ok, pid_n, E, H,
                     IEEE, BH, BN, HAS_BIAS, WFMT, WB, HAS_ZERO, FP8_CVT, PER_WEIGHT, out_ty,
                 )  # fmt: skip
-            tl.debug_barrier()  # every thread's atomics before the ticket
-            if tl.atomic_add(units_ptr + 2, 1, sem="acq_rel", scope="gpu") == T * GU - 1:
-                tl.debug_barrier()
-                for i0 in range(0, T * H, BH * BM):
-                    i = i0 + tl.arange(0, BH * BM)
-                    total = tl.load(acc_ptr + i, mask=i < T * H, other=0.0, volatile=True)
-                    tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=i < T * H)
+            _cast_sum_when_last(acc_ptr, out_ptr, units_ptr + 2, T * GU, T, H, BH * BM)
         else:
             tl.store(
                 act_ptr + (row + rows * 0)[:, None] * NMAX + n[None, :],
