@@ -10,7 +10,10 @@ keeps what the previous kernel left (as in serving). The gaps between launches a
 table turns programmatic dependent launch on, a kernel starts before the previous one ends and its time includes
 that wait, so the rows overlap and the sum can exceed the call. --alone times each launch by itself instead
 (`tune.tuner.profile_stages`: CUDA events around every launch, L2 flushed before each call, so no launch
-overlaps another and each row is that kernel's own cost, its launch included). Needs a GPU; a bundle compiled
+overlaps another and each row is that kernel's own cost, its launch included). --prefixes times the call cut
+after each launch instead (`prefix_times`: launches 0..n enqueued as in a call, behind a sleep kernel so the
+host is ahead, L2 flushed): the step from one row to the next is what launch n adds to the call's critical
+path, its launch gap and any wait under programmatic dependent launch included. Needs a GPU; a bundle compiled
 on the CPU (`moetrt aot --preset SHAPE --dtype bf16 --sm 90`) saves the compile.
 """
 
@@ -25,8 +28,50 @@ from pathlib import Path
 import torch
 
 
+def prefix_times(bundle, attrs, inputs: dict, iters: int) -> list[tuple[str, float]]:
+    """Median GPU µs of the call cut after each launch: [("(events)", t0), (stage 0, t1), ...]."""
+    import statistics
+
+    from moetrt.kernels.launcher import MoELauncher
+    from moetrt.tune.timing import L2Flusher
+
+    num_tokens = inputs["hidden_states"].shape[0]
+    launcher = MoELauncher(bundle, attrs)
+    ops, _ = launcher.launch_plan(num_tokens)
+    hidden = inputs["hidden_states"]
+    outputs = [torch.empty(num_tokens, attrs.hidden_size, dtype=hidden.dtype, device="cuda")]
+    if attrs.output_router_logits:
+        outputs.append(torch.empty(num_tokens, attrs.num_experts, dtype=hidden.dtype, device="cuda"))
+    workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device="cuda")
+    in_ptrs = [inputs[n].data_ptr() for n in attrs.present_inputs()]
+    out_ptrs = [t.data_ptr() for t in outputs]
+    flush = L2Flusher(torch.device("cuda"))
+    stream = torch.cuda.current_stream().cuda_stream
+    rows = []
+    for count in range(len(ops) + 1):
+        samples = []
+        for _ in range(iters + 2):
+            flush()
+            torch.cuda._sleep(2_000_000)  # the host enqueues the launches before the GPU reaches them
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            if count:
+                launcher.enqueue_range(num_tokens, in_ptrs, out_ptrs, workspace.data_ptr(), stream, 0, count)
+            stop.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(stop) * 1e3)
+        rows.append((ops[count - 1].stage if count else "(events)", statistics.median(samples[2:])))
+    return rows
+
+
 def stage_times(
-    name: str, tokens: int, bundle_path: Path | None, warmup: int, iters: int, alone: bool = False
+    name: str,
+    tokens: int,
+    bundle_path: Path | None,
+    warmup: int,
+    iters: int,
+    alone: bool = False,
+    prefixes: bool = False,
 ) -> list[dict]:
     """Mean GPU µs per call of each kernel of one call (shape `name`, `tokens` tokens, bf16); with `alone`,
     the median µs of each launch timed by itself."""
@@ -43,6 +88,19 @@ def stage_times(
         attrs, workloads.make_token_inputs(attrs, tokens, torch.bfloat16, dev, seed=4, skew=0.0), weights
     )
     bundle = KernelBundle.from_bytes(bundle_path.read_bytes()) if bundle_path else None
+    if prefixes:
+        from moetrt.core.devices import current_sm
+        from moetrt.kernels.aot import compile_kernels
+
+        if bundle is None:
+            bundle = compile_kernels(attrs, "bfloat16", current_sm(), workers=8)
+        rows, previous = [], 0.0
+        for stage, us in prefix_times(bundle, attrs, inputs, iters):
+            rows.append(
+                dict(shape=name, T=tokens, until=stage, us=round(us, 2), adds=round(us - previous, 2))
+            )
+            previous = us
+        return rows
     if alone:
         from moetrt.core.devices import current_sm
         from moetrt.kernels.aot import compile_kernels
@@ -85,6 +143,7 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", type=Path, default=None, help="a .jsonl file for the rows")
     p.add_argument("--alone", action="store_true", help="time each launch by itself (see above)")
+    p.add_argument("--prefixes", action="store_true", help="time the call cut after each launch (see above)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print(
@@ -97,7 +156,7 @@ def main() -> int:
     for name in a.shapes.split(","):
         for tokens in (int(t) for t in a.tokens.split(",")):
             path = Path(bundles[name]) if name in bundles else None
-            for row in stage_times(name, tokens, path, a.warmup, a.iters, a.alone):
+            for row in stage_times(name, tokens, path, a.warmup, a.iters, a.alone, a.prefixes):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if a.out:

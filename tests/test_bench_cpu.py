@@ -174,6 +174,33 @@ def test_tma_probe_kernels_match_their_reference_in_the_interpreter() -> None:
     assert all(0 < r["rel_err"] <= 1e-2 and r["ok"] for r in rows)
 
 
+def test_stream_probe_kernels_read_every_byte_in_the_interpreter() -> None:
+    """bench/stream_probe.py's pointer kernels (its TMA form needs a GPU) sum exactly the regions they claim to
+    stream, under the CPU interpreter: a program's sum against torch's over its chunk / row slab."""
+    script = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import stream_probe as sp
+torch.manual_seed(0)
+w = torch.randn(3 * 64 * 128, dtype=torch.bfloat16)
+bases = torch.tensor([0, 64 * 128], dtype=torch.int64)
+out = torch.empty(2 * 4)
+sp.chunks_kernel[(8,)](w, bases, out, 2048, 4, 512)
+ref = torch.stack([w[b + i * 2048 : b + (i + 1) * 2048].float().sum() for b in (0, 8192) for i in range(4)])
+assert torch.allclose(out, ref, rtol=1e-4, atol=1e-3), (out, ref)
+out = torch.empty(2 * 4)
+sp.tiles_kernel[(8,)](w, bases, out, 128, 4, 16, 32)
+ref = torch.stack([w[b + i * 2048 : b + (i + 1) * 2048].float().sum() for b in (0, 8192) for i in range(4)])
+assert torch.allclose(out, ref, rtol=1e-4, atol=1e-3), (out, ref)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(BENCH)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 def test_distinct_experts_counted_from_routing() -> None:
     # Router = 10 x identity: each token picks the expert of its one-hot direction.
     attrs = MoEAttributes(4, 1, 4, 2)

@@ -27,7 +27,7 @@ from moetrt.kernels.configs import (
 from moetrt.kernels.plan import BUCKETS
 from moetrt.op.spec import MoEAttributes
 from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs, gpu_reference
-from moetrt.tune.timing import time_graph
+from moetrt.tune.timing import L2Flusher, time_graph
 
 #: The stages a native entry holds (a quantized one: QUANTIZED_STAGES).
 STAGES = ("router", "topk", "gate_up", "down", "fused", "pdl", "gemv", "routed")
@@ -225,12 +225,12 @@ def profile_stages(
     workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device="cuda")
     in_ptrs = [inputs[name].data_ptr() for name in attrs.present_inputs()]
     out_ptrs = [t.data_ptr() for t in outputs]
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = L2Flusher(torch.device("cuda"))
     stream = torch.cuda.current_stream().cuda_stream
     names = [op.stage for op in ops]
     samples: list[list[float]] = [[] for _ in ops]
     for _ in range(iters + 2):
-        flush.zero_()
+        flush()
         torch.cuda._sleep(2_000_000)
         events = [torch.cuda.Event(enable_timing=True)]
         events[0].record()
