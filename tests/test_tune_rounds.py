@@ -156,3 +156,44 @@ def test_a_search_from_the_defaults_keeps_a_faster_table_entry(tmp_path, monkeyp
         assert best[key]["gate_up"]["num_warps"] != 2 and best[key]["us"] < 100.0
     finally:
         configs._load_table.cache_clear()
+
+
+def test_a_round_keeps_its_first_config_unless_another_is_faster_by_the_margin(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A re-tune starts each round from the table's entry; a candidate 1 % faster is within the run-to-run
+    spread (tuner.KEEP_MARGIN) and leaves the entry as it is, one 5 % faster replaces it."""
+    shipped = copy.deepcopy(configs.default_config(SMALL, "bfloat16", None))
+    shipped["gate_up"].update({"BM": 32, "BN": 16, "num_warps": 2})  # no candidate of the search has 2 warps
+    key = configs.entry_key(SMALL, "bfloat16", None)
+    (tmp_path / "sm90.json").write_text(json.dumps({"entries": {key: shipped}}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs._load_table.cache_clear()
+
+    def timer(gain: float):  # type: ignore[no-untyped-def]
+        def time_config(cfg: dict, t: int) -> float:
+            if cfg["gate_up"]["num_warps"] == 2:
+                return 100.0
+            return 100.0 * (1 - gain) + cfg["gate_up"]["BN"] / 1e4  # one other candidate is the fastest
+
+        return time_config
+
+    assert 0.01 < tuner.KEEP_MARGIN < 0.05
+    logged: list[str] = []
+    try:
+        out = tmp_path / "out.json"
+        kept = tuner.tune(
+            SMALL,
+            "bfloat16",
+            90,
+            timer(0.01),
+            tokens=(600,),
+            out_path=out,
+            rounds=("tiles",),
+            log=logged.append,
+        )
+        assert kept[key]["gate_up"]["num_warps"] == 2 and kept[key]["us"] == 100.0
+        assert any("kept the round's first config" in line for line in logged)
+        assert any(line.startswith("  fastest: #") for line in logged)
+        taken = tuner.tune(SMALL, "bfloat16", 90, timer(0.05), tokens=(600,), out_path=out, rounds=("tiles",))
+        assert taken[key]["gate_up"]["num_warps"] != 2 and taken[key]["us"] < 96.0
+    finally:
+        configs._load_table.cache_clear()
