@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,19 +24,12 @@ import torch
 
 
 def time_after(call, flush, device: torch.device, reps: int = 40) -> float:
-    from moetrt.tune.timing import CapturedCall
+    """Median µs of `call` replayed from a CUDA graph, `flush` run before each replay (tune.timing's timer)."""
+    from moetrt.tune.timing import CapturedCall, time_calls
 
     captured = CapturedCall(call, device, warmup=1)
     captured()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        flush()
-        starts[i].record()
-        captured()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in zip(starts, ends, strict=True))
+    return time_calls([captured], device, reps, flush).median_us
 
 
 def main() -> int:

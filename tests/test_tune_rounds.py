@@ -128,15 +128,22 @@ def test_bad_rounds_are_refused() -> None:
     assert "CUDA" not in result.output and "GPU" not in result.output.split("speed")[0]
 
 
-def test_a_search_from_the_defaults_keeps_a_faster_table_entry(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The full search starts from the default config; where the table's entry is faster in the same run, the
-    entry stays (a slower run must not overwrite it), and where it is slower this run's best replaces it."""
+def _ship_two_warp_entry(tmp_path, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """A table in tmp_path whose SMALL prefill entry has 2-warp gate_up tiles (no search candidate has 2 warps,
+    so a timer can tell the entry apart); returns its key. The caller clears configs._load_table after."""
     shipped = copy.deepcopy(configs.default_config(SMALL, "bfloat16", None))
-    shipped["gate_up"].update({"BM": 32, "BN": 16, "num_warps": 2})  # no candidate of the search has 2 warps
+    shipped["gate_up"].update({"BM": 32, "BN": 16, "num_warps": 2})
     key = configs.entry_key(SMALL, "bfloat16", None)
     (tmp_path / "sm90.json").write_text(json.dumps({"entries": {key: shipped}}))
     monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
     configs._load_table.cache_clear()
+    return key
+
+
+def test_a_search_from_the_defaults_keeps_a_faster_table_entry(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The full search starts from the default config; where the table's entry is faster in the same run, the
+    entry stays (a slower run must not overwrite it), and where it is slower this run's best replaces it."""
+    key = _ship_two_warp_entry(tmp_path, monkeypatch)
     logged: list[str] = []
 
     def shipped_fastest(cfg: dict, t: int) -> float:
@@ -161,12 +168,7 @@ def test_a_search_from_the_defaults_keeps_a_faster_table_entry(tmp_path, monkeyp
 def test_a_round_keeps_its_first_config_unless_another_is_faster_by_the_margin(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A re-tune starts each round from the table's entry; a candidate 1 % faster is within the run-to-run
     spread (tuner.KEEP_MARGIN) and leaves the entry as it is, one 5 % faster replaces it."""
-    shipped = copy.deepcopy(configs.default_config(SMALL, "bfloat16", None))
-    shipped["gate_up"].update({"BM": 32, "BN": 16, "num_warps": 2})  # no candidate of the search has 2 warps
-    key = configs.entry_key(SMALL, "bfloat16", None)
-    (tmp_path / "sm90.json").write_text(json.dumps({"entries": {key: shipped}}))
-    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
-    configs._load_table.cache_clear()
+    key = _ship_two_warp_entry(tmp_path, monkeypatch)
 
     def timer(gain: float):  # type: ignore[no-untyped-def]
         def time_config(cfg: dict, t: int) -> float:
