@@ -102,6 +102,9 @@ def main() -> int:
     p.add_argument("--bundles", type=Path, default=None, help="folder that keeps the compiled bundles")
     p.add_argument("--compile-only", action="store_true", help="compile the bundles and stop (no GPU needed)")
     p.add_argument("--out", default=None, help="a .jsonl file for the rows")
+    p.add_argument(
+        "--seeds", default="3", help="input seeds (weights and tokens) to time every bundle on, one row each"
+    )
     a = p.parse_args()
     groups = [int(g) for g in a.groups.split(",")]
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",")]
@@ -118,19 +121,20 @@ def main() -> int:
             if a.compile_only:
                 print(f"compiled {shape} T={t} {label}", flush=True)
                 continue
-            row = dict(shape=shape, T=t, order=label, **time_bundle(shape, t, bundle))
-            ok &= row["ok"]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for seed in map(int, a.seeds.split(",")):
+                row = dict(shape=shape, T=t, order=label, seed=seed, **time_bundle(shape, t, bundle, seed))
+                ok &= row["ok"]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     if a.out:
         Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 0 if ok else 1
 
 
-_INPUTS: dict[tuple[str, int], tuple[dict, object]] = {}
+_INPUTS: dict[tuple[str, int, int], tuple[dict, object]] = {}
 
 
-def time_bundle(shape: str, t: int, bundle: aot.KernelBundle) -> dict:
+def time_bundle(shape: str, t: int, bundle: aot.KernelBundle, seed: int = 3) -> dict:
     import torch
 
     from moetrt.core.tolerances import relative_error, tolerance
@@ -139,12 +143,13 @@ def time_bundle(shape: str, t: int, bundle: aot.KernelBundle) -> dict:
     from moetrt.tune.timing import time_graph
 
     attrs = PRESETS[shape]
-    if (shape, t) not in _INPUTS:
-        _INPUTS.clear()  # one shape's weights at a time
-        torch.cuda.empty_cache()
-        inputs = gpu_random_inputs(attrs, t, torch.bfloat16, seed=3)
-        _INPUTS[(shape, t)] = (inputs, gpu_reference(inputs, attrs).output)
-    inputs, ref = _INPUTS[(shape, t)]
+    if (shape, t, seed) not in _INPUTS:
+        if not any(key[0] == shape for key in _INPUTS):
+            _INPUTS.clear()  # one shape's weights at a time
+            torch.cuda.empty_cache()
+        inputs = gpu_random_inputs(attrs, t, torch.bfloat16, seed=seed)
+        _INPUTS[(shape, t, seed)] = (inputs, gpu_reference(inputs, attrs).output)
+    inputs, ref = _INPUTS[(shape, t, seed)]
     out = {"output": torch.full((t, attrs.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda")}
     moe_forward(inputs, attrs, bundle, outputs=out)
     rel = relative_error(out["output"], ref)

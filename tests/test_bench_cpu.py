@@ -129,6 +129,31 @@ def test_format_entries_of_the_quantized_benchmarks() -> None:
         assert done.returncode == 0 and "usage" in done.stdout, done.stderr
 
 
+def test_quantized_bench_compiles_patched_bundles_ahead(tmp_path: Path) -> None:
+    """--compile-only --sm compiles the table's bundle and each patch's on a CPU machine into --bundles (to
+    carry to a GPU), says why a patch cannot compile, and a second run finds the kept bundles."""
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(BENCH / "quantized_bench.py"), "--out", str(tmp_path / "rows.jsonl"),
+             "--shapes", "qwen3_30b", "--tokens", "1", "--formats", "native", "--sm", "80", "--compile-only",
+             "--bundles", str(tmp_path / "kept"), "--patches", '[{"gate_up": {"BN": 64}}, {"gate_up": {"TMA": 1}}]'],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        )  # fmt: skip
+
+    done = run()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["qwen3_30b native table: compiled", "qwen3_30b native patch0: compiled"]
+    assert "patch1:" in lines[2] and "TMA, which sm_80 does not have" in lines[2]
+    kept = sorted(path.name for path in (tmp_path / "kept").iterdir())
+    assert kept == ["qwen3_30b_native_patch0_sm80.bin", "qwen3_30b_native_table_sm80.bin"]
+    stamps = [path.stat().st_mtime_ns for path in sorted((tmp_path / "kept").iterdir())]
+    assert run().returncode == 0
+    assert [path.stat().st_mtime_ns for path in sorted((tmp_path / "kept").iterdir())] == stamps
+    assert not (tmp_path / "rows.jsonl").exists()  # nothing timed, nothing written
+
+
 def test_gemv_probe_kernels_match_their_reference_in_the_interpreter() -> None:
     """bench/gemv_probe.py's CUDA-core GEMV kernels (every weight format, both down forms) against its float32
     reference under the CPU interpreter; the script exits non-zero when a variant fails."""

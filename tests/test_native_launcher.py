@@ -13,7 +13,7 @@ from moetrt_testing.planning_bundles import SCRATCH_PARAMS, planning_bundle
 from moetrt.core.errors import MoetrtError
 from moetrt.kernels import configs as tuning
 from moetrt.kernels import plan
-from moetrt.kernels.aot import BUNDLE_MAGIC, KernelBundle
+from moetrt.kernels.aot import BUNDLE_MAGIC, BUNDLE_VERSION, KernelBundle
 from moetrt.kernels.launcher import plan_from_native
 from moetrt.kernels.native import NativeBundle, NativeLauncher
 from moetrt.op.presets import PRESETS
@@ -309,7 +309,10 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         (lambda d: d[:40], "truncated"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d[:12] + b"[" + d[13:], "not valid JSON"),
-        (lambda d: _with_header({**_header(d)[0], "version": 9}, _header(d)[1]), "version 9 is not 10"),
+        (
+            lambda d: _with_header({**_header(d)[0], "version": 9}, _header(d)[1]),
+            f"version 9 is not {BUNDLE_VERSION}",
+        ),
         (
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',

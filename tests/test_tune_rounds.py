@@ -52,8 +52,10 @@ def test_topk_candidates_stay_in_registers() -> None:
     cands = configs.topk_candidates(many, base)
     assert cands[0] == base
     assert max(c["topk"]["RT"] for c in cands) == 16
-    assert {c["topk"]["RT"] for c in cands} == {8, 16}
-    assert {c["topk"]["num_warps"] for c in cands[1:]} == {2, 4, 8}  # 8 x 512 keys: too many for one warp
+    assert {c["topk"]["RT"] for c in cands} == {1, 8, 16}  # one token per program always tried
+    # 8 x 512 keys: too many for one warp; one token's 512 keys fit in one
+    assert {c["topk"]["num_warps"] for c in cands[1:] if c["topk"]["RT"] > 1} == {2, 4, 8}
+    assert {c["topk"]["num_warps"] for c in cands if c["topk"]["RT"] == 1} == {1, 2, 4, 8}
     for cand in cands[1:]:
         assert {k: v for k, v in cand.items() if k != "topk"} == {
             k: v for k, v in base.items() if k != "topk"
@@ -108,6 +110,38 @@ def test_routing_rounds_are_scored_by_the_routing_launches(tmp_path, monkeypatch
     assert (
         json.loads(table.read_text())["entries"][configs.entry_key(SMALL, "bfloat16", None)]["us"] == 1008.0
     )
+
+
+def test_decode_routing_rounds_are_scored_by_the_call(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """In a decode bucket the router and top-k rounds are judged by the whole call, which sees how the routing
+    launches shape the expert kernels' time under PDL; their own time would pick the other top-k."""
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs._load_table.cache_clear()
+    called: dict[str, int] = {"call": 0, "routing": 0}
+
+    def call_time(cfg: dict, t: int) -> float:
+        called["call"] += 1
+        return 100.0 + 10.0 * cfg["topk"]["RT"]  # one token per top-k program: the fastest call
+
+    def routing_time(cfg: dict, t: int) -> float:
+        called["routing"] += 1
+        return 10.0 - cfg["topk"]["RT"]  # alone, more tokens per program looks faster
+
+    try:
+        best = tuner.tune(
+            SMALL,
+            "bfloat16",
+            90,
+            call_time,
+            tokens=(8,),
+            out_path=tmp_path / "sm90.json",
+            time_routing=routing_time,
+            rounds=("router", "topk"),
+        )
+    finally:
+        configs._load_table.cache_clear()
+    assert best[configs.entry_key(SMALL, "bfloat16", 16)]["topk"]["RT"] == 1
+    assert called["routing"] == 0 and called["call"] > 2
 
 
 def test_bad_rounds_are_refused() -> None:

@@ -472,7 +472,8 @@ def aot_cmd(
     "--rounds",
     help="Comma list of tuning rounds to run (tiles, tma, persist, router, topk, pdl) [default: all, from the default "
     "config]. A subset starts from the table's entry of each bucket, e.g. --rounds router,topk re-tunes only "
-    "the routing launches of the shipped table (scored by those launches alone).",
+    "the routing launches of the shipped table (prefill buckets scored by those launches alone, decode buckets "
+    "by the call).",
 )
 @_weights_options(
     "the expert GEMM tiles are tuned for that format (the native entry of the shape keeps the others; tune "

@@ -547,11 +547,13 @@ TOPK_ONE_WARP_MAX_ELEMENTS = 2048
 
 
 def topk_candidates(attrs: MoEAttributes, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Top-k tiles (tokens per program, warps) tried after the router's; base first."""
+    """Top-k tiles (tokens per program, warps) tried after the router's; base first. Around base's tokens per
+    program, and one token per program always (at decode it can be the fastest call, as a decode bucket
+    scores them: tune.tuner.tune)."""
     e_pad = next_pow2(attrs.num_experts)
     rt = base["topk"]["RT"]
     out = [base]
-    for new_rt in (max(1, rt // 2), rt, rt * 2):
+    for new_rt in dict.fromkeys((max(1, rt // 2), rt, rt * 2, 1)):
         if new_rt * e_pad > TOPK_MAX_ELEMENTS and new_rt > rt:
             continue
         for warps in (1, 2, 4, 8):

@@ -116,9 +116,12 @@ def tune(
     (SM90+) programmatic dependent launch on or off. Quantized experts: the expert GEMM tiles only, around the
     config the table gives today (router, top-k and PDL are the native entry's: those kernels do not read the
     experts), and only those tiles are written.
-    `time_routing(cfg, num_tokens) -> µs`, if given, scores the router and top-k rounds by those two launches
-    alone: at prefill they are a few per cent of the call, within its run-to-run noise, so a whole-call timer
-    picks among them by noise.
+    `time_routing(cfg, num_tokens) -> µs`, if given, scores the router and top-k rounds of prefill buckets by
+    those two launches alone: there they are a few per cent of the call, within its run-to-run noise, so a
+    whole-call timer picks among them by noise. Decode buckets score them by the call: the routing is a large
+    share of a short call, and under programmatic dependent launch its launches' shape changes the expert
+    kernels' time too (on the H200, one token per top-k program took Qwen3-Next's T = 8 call from 140 to
+    127 µs, which the two launches' own time did not pick).
     `rounds`: a subset of ROUNDS to run, starting from the table's config of each bucket instead of the
     default config (e.g. ("router", "topk") re-tunes the routing launches of the shipped table). A search
     from the default config ends by timing the table's entry too and keeps it where it is faster.
@@ -158,7 +161,8 @@ def tune(
                 cands = [chosen, {**copy.deepcopy(chosen), "pdl": {"enabled": 1}}]
             else:
                 continue
-            timer = time_routing if time_routing is not None and round_name in ROUTING_STAGES else time_config
+            by_own_time = round_name in ROUTING_STAGES and not plan.is_decode(bound)
+            timer = time_routing if time_routing is not None and by_own_time else time_config
             by_routing = timer is not time_config
             if prepare is not None:
                 prepare([(cfg, counts[0]) for cfg in cands])
