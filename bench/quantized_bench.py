@@ -18,10 +18,11 @@ and untimed, for a profiler (the device's copy and GEMM measurements are skipped
 `--patches` adds rows of other configs beside the table's: each patch ({stage: {key: value}}) applied to the
 table's config of every row's bucket (rows labelled patch0, patch1, ...; a patch the plan refuses for a format
 is a skipped row with the reason). `--bundles DIR` keeps the compiled bundles, so they can be compiled on a
-CPU machine first (`--compile-only --sm 90`) for a short GPU call:
+CPU machine first (`--compile-only --sm 90`) for a short GPU call; they are found again by shape, format,
+label and SM, so other patches need another folder:
 
     PYTHONPATH=src python3 bench/quantized_bench.py --out /dev/null --tokens 1,8 --bundles /tmp/qb \
-        --patches '[{"fused": {"enabled": 1, "BH": 64}, "gate_up": {"BN": 32}}]' --compile-only --sm 90
+        --patches '[{"gate_up": {"BN": 64, "SK": 2}}, {"down": {"BH": 64}}]' --compile-only --sm 90
 """
 
 from __future__ import annotations

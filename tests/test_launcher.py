@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -149,6 +150,13 @@ def test_fused_decode_plan() -> None:
         attrs, dtype, None, {**tuning.default_config(attrs, dtype, None), "fused": {"enabled": 1, "BH": 64}}
     )
     assert "experts" not in prefill and "reduce" in prefill
+    # quantized experts: the config table never enables it, and a hand-made config is refused with the reason
+    int4 = dataclasses.replace(attrs, weight_format="int4", weight_block=16)
+    assert tuning.select_config(int4, dtype, 90, 16)["fused"]["enabled"] == 0
+    with pytest.raises(ValueError, match="takes native weights"):
+        plan.bucket_variants(
+            int4, dtype, 16, {**tuning.default_config(int4, dtype, 16), "fused": cfg["fused"]}
+        )
 
 
 @pytest.mark.parametrize("fused", [0, 1])

@@ -708,6 +708,8 @@ def _stage_variants(
             "gemv_down": Variant("gemv_down", tuple(gemv_down.items()), gv["down_warps"], gv["down_stages"]),
         }
     if is_fused(cfg, bound):
+        if attrs.is_quantized:  # configs.select_config never enables it there; a hand-made config may
+            raise ValueError("the fused experts kernel takes native weights, and this op's experts are quantized")
         experts = {
             **{name: gate_up[name] for name in (*_EXPERT_CONSTEXPRS, "BM", "BN", "BK")},
             "BH": cfg["fused"]["BH"],
