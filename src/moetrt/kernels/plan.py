@@ -709,7 +709,9 @@ def _stage_variants(
         }
     if is_fused(cfg, bound):
         if attrs.is_quantized:  # configs.select_config never enables it there; a hand-made config may
-            raise ValueError("the fused experts kernel takes native weights, and this op's experts are quantized")
+            raise ValueError(
+                "the fused experts kernel takes native weights, and this op's experts are quantized"
+            )
         experts = {
             **{name: gate_up[name] for name in (*_EXPERT_CONSTEXPRS, "BM", "BN", "BK")},
             "BH": cfg["fused"]["BH"],
