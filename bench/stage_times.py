@@ -34,17 +34,10 @@ def prefix_times(bundle, attrs, inputs: dict, iters: int) -> list[tuple[str, flo
 
     from moetrt.kernels.launcher import MoELauncher
     from moetrt.tune.timing import L2Flusher
+    from moetrt.tune.tuner import staged_call
 
-    num_tokens = inputs["hidden_states"].shape[0]
-    launcher = MoELauncher(bundle, attrs)
-    ops, _ = launcher.launch_plan(num_tokens)
-    hidden = inputs["hidden_states"]
-    outputs = [torch.empty(num_tokens, attrs.hidden_size, dtype=hidden.dtype, device="cuda")]
-    if attrs.output_router_logits:
-        outputs.append(torch.empty(num_tokens, attrs.num_experts, dtype=hidden.dtype, device="cuda"))
-    workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device="cuda")
-    in_ptrs = [inputs[n].data_ptr() for n in attrs.present_inputs()]
-    out_ptrs = [t.data_ptr() for t in outputs]
+    call = staged_call(MoELauncher(bundle, attrs), attrs, inputs)
+    ops = call.ops
     flush = L2Flusher(torch.device("cuda"))
     stream = torch.cuda.current_stream().cuda_stream
     rows = []
@@ -56,7 +49,7 @@ def prefix_times(bundle, attrs, inputs: dict, iters: int) -> list[tuple[str, flo
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             if count:
-                launcher.enqueue_range(num_tokens, in_ptrs, out_ptrs, workspace.data_ptr(), stream, 0, count)
+                call.enqueue(stream, 0, count)
             stop.record()
             torch.cuda.synchronize()
             samples.append(start.elapsed_time(stop) * 1e3)

@@ -16,6 +16,7 @@ one launch. Needs a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -103,33 +104,27 @@ def main() -> int:
                                warps=warps, stages=stages)  # fmt: skip
                     timed(row, lambda c=chunk, r=per_region, b=block, nw=warps, ns=stages, o=out: chunks_kernel[
                         (hit * r,)](w, bases, o, c, r, b, num_warps=nw, num_stages=ns))  # fmt: skip
-    for bn in (16, 32, 64):
-        per_region = 3 * inter // bn
-        out = torch.empty(hit * per_region, device=dev)
-        for bk in (64, 128, 256, 512):
-            for warps in (4, 8):
-                for stages in (2, 3, 4, 6):
-                    if bn * bk * 2 * stages > 200_000:  # shared memory
-                        continue
-                    row = dict(
-                        kind="tiles", bn=bn, bk=bk, programs=hit * per_region, warps=warps, stages=stages
-                    )
-                    timed(row, lambda r=per_region, n=bn, k=bk, nw=warps, ns=stages, o=out: tiles_kernel[
-                        (hit * r,)](w, bases, o, hidden, r, n, k, num_warps=nw, num_stages=ns))  # fmt: skip
+    # the GEMMs' [BN, BK] tile pattern, by pointer loads and by TMA (descriptors need Triton's allocator)
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev))
-    for bn in (16, 32, 64, 128):
-        per_region = 3 * inter // bn
-        out = torch.empty(hit * per_region, device=dev)
-        for bk in (64, 128, 256):
-            for warps in (4, 8):
-                for stages in (2, 3, 4, 6):
-                    if bn * bk * 2 * stages > 200_000:  # shared memory
-                        continue
-                    row = dict(
-                        kind="tma", bn=bn, bk=bk, programs=hit * per_region, warps=warps, stages=stages
-                    )
-                    timed(row, lambda r=per_region, n=bn, k=bk, nw=warps, ns=stages, o=out: tma_tiles_kernel[
-                        (hit * r,)](w, bases, o, hidden, 3 * inter, r, n, k, num_warps=nw, num_stages=ns))  # fmt: skip
+    tile_sweeps = (
+        ("tiles", (16, 32, 64), (64, 128, 256, 512), lambda r, n, k, nw, ns, o: tiles_kernel[(hit * r,)](
+            w, bases, o, hidden, r, n, k, num_warps=nw, num_stages=ns)),
+        ("tma", (16, 32, 64, 128), (64, 128, 256), lambda r, n, k, nw, ns, o: tma_tiles_kernel[(hit * r,)](
+            w, bases, o, hidden, 3 * inter, r, n, k, num_warps=nw, num_stages=ns)),
+    )  # fmt: skip
+    for kind, bns, bks, launch in tile_sweeps:
+        for bn in bns:
+            per_region = 3 * inter // bn
+            out = torch.empty(hit * per_region, device=dev)
+            for bk in bks:
+                for warps in (4, 8):
+                    for stages in (2, 3, 4, 6):
+                        if bn * bk * 2 * stages > 200_000:  # shared memory
+                            continue
+                        row = dict(
+                            kind=kind, bn=bn, bk=bk, programs=hit * per_region, warps=warps, stages=stages
+                        )
+                        timed(row, functools.partial(launch, per_region, bn, bk, warps, stages, out))
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     dst = torch.empty_like(src)
     timed(dict(kind="torch_copy_66MB (read + write)"), lambda: dst.copy_(src))

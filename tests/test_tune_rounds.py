@@ -233,3 +233,45 @@ def test_a_round_keeps_its_first_config_unless_another_is_faster_by_the_margin(t
         assert taken[key]["gate_up"]["num_warps"] != 2 and taken[key]["us"] < 96.0
     finally:
         configs._load_table.cache_clear()
+
+
+def test_staged_call_allocates_the_plans_buffers_and_enqueues_ranges() -> None:
+    """`tuner.staged_call` (profile_stages and bench/stage_times.py time through it): outputs, workspace and
+    pointers for the launcher's plan at the inputs' token count, and launch ranges passed on to the launcher.
+    The launcher here is the Python planner behind the launcher's interface (the real one needs a GPU)."""
+    import torch
+
+    from moetrt.kernels import plan
+    from moetrt.op.reference import random_inputs
+
+    attrs = dataclasses.replace(SMALL, output_router_logits=True)
+    cfg = configs.default_config(attrs, "float32", 16)
+    variants = plan.bucket_variants(attrs, "float32", 16, cfg)
+
+    class PlannedLauncher:
+        def __init__(self) -> None:
+            self.enqueued: list[tuple] = []
+
+        def launch_plan(self, t: int) -> tuple[list, dict]:
+            ops = plan.launch_sequence(attrs, "float32", t, variants, cfg, 16)
+            return ops, plan.workspace_layout(attrs, "float32", t, cfg, 16)
+
+        def workspace_size(self, t: int) -> int:
+            return self.launch_plan(t)[1]["total"].nbytes
+
+        def enqueue_range(self, *args: object) -> None:
+            self.enqueued.append(args)
+
+    inputs = random_inputs(attrs, 5, dtype=torch.float32, seed=0)
+    launcher = PlannedLauncher()
+    call = tuner.staged_call(launcher, attrs, inputs)
+    assert call.num_tokens == 5
+    assert [op.stage for op in call.ops] == [op.stage for op in launcher.launch_plan(5)[0]]
+    assert call.in_ptrs == [inputs[name].data_ptr() for name in attrs.present_inputs()]
+    output, logits, workspace = call.buffers
+    assert output.shape == (5, attrs.hidden_size) and logits.shape == (5, attrs.num_experts)
+    assert output.dtype == logits.dtype == torch.float32
+    assert call.out_ptrs == [output.data_ptr(), logits.data_ptr()]
+    assert workspace.numel() == launcher.workspace_size(5) > 0 and call.workspace_ptr == workspace.data_ptr()
+    call.enqueue(7, 1, 2)
+    assert launcher.enqueued == [(5, call.in_ptrs, call.out_ptrs, call.workspace_ptr, 7, 1, 2)]

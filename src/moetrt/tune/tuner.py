@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from moetrt.core.devices import current_sm
@@ -176,7 +177,8 @@ def tune(
                 raise MoetrtError(
                     f"no candidate config ran for {counts} tokens", "check the GPU and the shape"
                 )
-            us, _, chosen = min(timings, key=lambda x: x[:2])
+            ranked = sorted(timings, key=lambda x: x[:2])
+            us, _, chosen = ranked[0]
             first_us, first_index, first_cfg = timings[0]
             if first_index == 0 and chosen is not first_cfg and us > first_us * (1 - KEEP_MARGIN):
                 log(
@@ -184,8 +186,7 @@ def tune(
                     f"{KEEP_MARGIN:.0%} of its {first_us:.1f} us"
                 )
                 us, chosen = first_us, first_cfg
-            ranked = sorted(timings, key=lambda x: x[:2])[:3]
-            log("  fastest: " + ", ".join(f"#{i} {t:.1f} us" for t, i, _ in ranked))
+            log("  fastest: " + ", ".join(f"#{i} {t:.1f} us" for t, i, _ in ranked[:3]))
             call_us = None if by_routing else us
             by_path: dict[str, float] = {}
             for t_us, _, cfg in timings:
@@ -233,37 +234,71 @@ def profile_stages(
 
     from moetrt.kernels.launcher import MoELauncher
 
-    num_tokens = inputs["hidden_states"].shape[0]
-    launcher = MoELauncher(bundle, attrs)
-    ops, _ = launcher.launch_plan(num_tokens)
-    hidden = inputs["hidden_states"]
-    outputs = [torch.empty(num_tokens, attrs.hidden_size, dtype=hidden.dtype, device="cuda")]
-    if attrs.output_router_logits:
-        outputs.append(torch.empty(num_tokens, attrs.num_experts, dtype=hidden.dtype, device="cuda"))
-    workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device="cuda")
-    in_ptrs = [inputs[name].data_ptr() for name in attrs.present_inputs()]
-    out_ptrs = [t.data_ptr() for t in outputs]
+    call = staged_call(MoELauncher(bundle, attrs), attrs, inputs)
     flush = L2Flusher(torch.device("cuda"))
     stream = torch.cuda.current_stream().cuda_stream
-    names = [op.stage for op in ops]
-    samples: list[list[float]] = [[] for _ in ops]
+    names = [op.stage for op in call.ops]
+    samples: list[list[float]] = [[] for _ in call.ops]
     for _ in range(iters + 2):
         flush()
         torch.cuda._sleep(2_000_000)
         events = [torch.cuda.Event(enable_timing=True)]
         events[0].record()
-        for i in range(len(ops)):
-            launcher.enqueue_range(num_tokens, in_ptrs, out_ptrs, workspace.data_ptr(), stream, i, 1)
+        for i in range(len(call.ops)):
+            call.enqueue(stream, i, 1)
             events.append(torch.cuda.Event(enable_timing=True))
             events[-1].record()
         torch.cuda.synchronize()
-        for i in range(len(ops)):
+        for i in range(len(call.ops)):
             samples[i].append(events[i].elapsed_time(events[i + 1]) * 1e3)
     result: dict[str, float] = {}
     for name, times in zip(names, samples, strict=True):
         key = name if name not in result else f"{name}_{len(result)}"
         result[key] = statistics.median(times[2:])
     return result
+
+
+@dataclass(frozen=True)
+class StagedCall:
+    """One call through a launcher with its outputs and workspace allocated, enqueued some of its launches at
+    a time (`profile_stages`, bench/stage_times.py's prefixes)."""
+
+    launcher: Any  # kernels.launcher.MoELauncher
+    ops: list[plan.Launch]
+    num_tokens: int
+    in_ptrs: list[int]
+    out_ptrs: list[int]
+    workspace_ptr: int
+    buffers: tuple[Any, ...]  # the outputs and the workspace the pointers point into, kept alive with them
+
+    def enqueue(self, stream: int, first: int, count: int) -> None:
+        """Enqueue `count` launches of the call from launch `first` on, on `stream`."""
+        self.launcher.enqueue_range(
+            self.num_tokens, self.in_ptrs, self.out_ptrs, self.workspace_ptr, stream, first, count
+        )
+
+
+def staged_call(launcher: Any, attrs: MoEAttributes, inputs: dict[str, Any]) -> StagedCall:
+    """`launcher`'s call on `inputs` (its launch plan for their token count), with outputs and a workspace
+    allocated on the inputs' device."""
+    import torch
+
+    hidden = inputs["hidden_states"]
+    num_tokens = hidden.shape[0]
+    ops, _ = launcher.launch_plan(num_tokens)
+    outputs = [torch.empty(num_tokens, attrs.hidden_size, dtype=hidden.dtype, device=hidden.device)]
+    if attrs.output_router_logits:
+        outputs.append(torch.empty(num_tokens, attrs.num_experts, dtype=hidden.dtype, device=hidden.device))
+    workspace = torch.empty(launcher.workspace_size(num_tokens), dtype=torch.uint8, device=hidden.device)
+    return StagedCall(
+        launcher=launcher,
+        ops=ops,
+        num_tokens=num_tokens,
+        in_ptrs=[inputs[name].data_ptr() for name in attrs.present_inputs()],
+        out_ptrs=[t.data_ptr() for t in outputs],
+        workspace_ptr=workspace.data_ptr(),
+        buffers=(*outputs, workspace),
+    )
 
 
 def tune_gpu(
