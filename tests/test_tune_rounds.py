@@ -275,3 +275,29 @@ def test_staged_call_allocates_the_plans_buffers_and_enqueues_ranges() -> None:
     assert workspace.numel() == launcher.workspace_size(5) > 0 and call.workspace_ptr == workspace.data_ptr()
     call.enqueue(7, 1, 2)
     assert launcher.enqueued == [(5, call.in_ptrs, call.out_ptrs, call.workspace_ptr, 7, 1, 2)]
+
+
+def test_draws_score_by_the_mean_and_bad_draws_are_refused() -> None:
+    """A candidate's score over weight draws is the mean of its time on every draw (each draw runs: one that
+    fails fails the candidate); the CLI refuses fewer than one draw in one line before it looks for a GPU."""
+    seen: list[int] = []
+
+    def on_draw(draw: int) -> float:
+        seen.append(draw)
+        return [10.0, 14.0, 30.0][draw]
+
+    assert tuner.mean_over_draws(on_draw, 3) == pytest.approx(18.0)
+    assert seen == [0, 1, 2]
+    assert tuner.mean_over_draws(on_draw, 1) == 10.0
+
+    def wrong_on_draw_one(draw: int) -> float:
+        if draw == 1:
+            raise MoetrtError("candidate is wrong (rel err 1e-1)", "")
+        return 1.0
+
+    with pytest.raises(MoetrtError, match="candidate is wrong"):
+        tuner.mean_over_draws(wrong_on_draw_one, 2)
+    result = CliRunner().invoke(main, ["tune", "--preset", "qwen3_30b", "--draws", "0"])
+    assert result.exit_code != 0
+    assert "--draws must be at least 1, got 0" in result.output
+    assert "CUDA" not in result.output and "GPU" not in result.output

@@ -475,6 +475,15 @@ def aot_cmd(
     "the routing launches of the shipped table (prefill buckets scored by those launches alone, decode buckets "
     "by the call).",
 )
+@click.option(
+    "--draws",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Random weight draws each candidate's call is timed on, scored by the mean. At decode the ranking "
+    "of close configs follows the weight draw (which experts the tokens pick), so 3-4 draws keep a config "
+    "that is slower on most draws out of the table; GPU memory holds every draw's weights.",
+)
 @_weights_options(
     "the expert GEMM tiles are tuned for that format (the native entry of the shape keeps the others; tune "
     "it first)."
@@ -488,6 +497,7 @@ def tune_cmd(
     output: str | None,
     jobs: int,
     rounds: str | None,
+    draws: int,
     weights: str,
     weight_block: int | None,
     int4_zero_point: bool,
@@ -504,12 +514,16 @@ def tune_cmd(
         ) from err
     if any(t < 1 for t in counts):
         raise MoetrtError("--tokens must be positive", "e.g. --tokens 1,64,4096")
+    if draws < 1:
+        raise MoetrtError(f"--draws must be at least 1, got {draws}", "e.g. --draws 4")
     attrs = with_weights(
         resolve_attrs(preset, attrs_json), weights, weight_block, int4_zero_point, activations
     )
     picked = [r.strip() for r in rounds.split(",") if r.strip()] if rounds is not None else None
     rounds_to_run(attrs, picked)  # a bad --rounds fails here, before any GPU work
-    best = tune_gpu(attrs, dtype, counts, output, workers=max(1, jobs), log=click.echo, rounds=picked)
+    best = tune_gpu(
+        attrs, dtype, counts, output, workers=max(1, jobs), log=click.echo, rounds=picked, draws=draws
+    )
     for key, entry in best.items():
         click.echo(f"{key}: {entry['us']} us at T={entry['tokens']}")
 
