@@ -292,11 +292,12 @@ def test_pdl_flag_reaches_every_launch() -> None:
             FULL, "float16", 100, plan.bucket_variants(FULL, "float16", None, cfg), cfg, None
         )
     )
-    cfg["pdl"] = {"enabled": 1}
-    ops = plan.launch_sequence(
-        FULL, "float16", 100, plan.bucket_variants(FULL, "float16", None, cfg), cfg, None
-    )
-    assert ops and all(op.pdl for op in ops)
+    for mode in (1, 2):  # the next kernel launched at once, or as the programs exit: both launch with PDL
+        cfg["pdl"] = {"enabled": mode}
+        variants = plan.bucket_variants(FULL, "float16", None, cfg)
+        ops = plan.launch_sequence(FULL, "float16", 100, variants, cfg, None)
+        assert ops and all(op.pdl for op in ops)
+        assert all(dict(v.constexprs)["PDL"] == mode for v in variants.values())
 
 
 @pytest.mark.parametrize("path", ["sorted", "fused", "gemv"])

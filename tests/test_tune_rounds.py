@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from moetrt.cli import main
 from moetrt.core.errors import MoetrtError
-from moetrt.kernels import configs
+from moetrt.kernels import configs, plan
 from moetrt.op.spec import MoEAttributes
 from moetrt.tune import tuner
 
@@ -301,3 +301,32 @@ def test_draws_score_by_the_mean_and_bad_draws_are_refused() -> None:
     assert result.exit_code != 0
     assert "--draws must be at least 1, got 0" in result.output
     assert "CUDA" not in result.output and "GPU" not in result.output
+
+
+def test_pdl_round_tries_every_mode(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The last round tries programmatic dependent launch off, with the next kernel launched at once, and with
+    it launched as the programs exit (plan.PDL_MODES), the entry's own mode first, and keeps the fastest; a
+    mode outside them is refused with the modes it takes."""
+    base = configs.default_config(SMALL, "bfloat16", 16)
+    cands = configs.pdl_candidates(base)
+    assert cands[0] is base
+    assert [plan.pdl_mode(c) for c in cands] == [0, 1, 2]
+    assert [plan.pdl_mode(c) for c in configs.pdl_candidates({**base, "pdl": {"enabled": 2}})] == [2, 0, 1]
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs._load_table.cache_clear()
+    seen: list[int] = []
+
+    def call_time(cfg: dict, t: int) -> float:
+        seen.append(plan.pdl_mode(cfg))
+        return {0: 50.0, 1: 52.0, 2: 45.0}[plan.pdl_mode(cfg)]
+
+    try:
+        best = tuner.tune(
+            SMALL, "bfloat16", 90, call_time, tokens=(1,), out_path=tmp_path / "sm90.json", rounds=("pdl",)
+        )
+    finally:
+        configs._load_table.cache_clear()
+    assert sorted(set(seen)) == [0, 1, 2]
+    assert best[configs.entry_key(SMALL, "bfloat16", 1)]["pdl"] == {"enabled": 2}
+    with pytest.raises(ValueError, match=r"pdl\.enabled is 3; it takes 0, 1, 2"):
+        plan.bucket_variants(SMALL, "bfloat16", 16, {**base, "pdl": {"enabled": 3}})

@@ -311,8 +311,10 @@ def test_expert_group_path_matches_reference(variant: str, dtype: torch.dtype, p
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="SM90+")
 @pytest.mark.parametrize("fused", [False, True])
-def test_programmatic_dependent_launch_matches_reference(fused: bool) -> None:
-    """Every bucket launched with programmatic stream serialization (cuLaunchKernelEx + griddepcontrol)."""
+@pytest.mark.parametrize("mode", [1, 2])
+def test_programmatic_dependent_launch_matches_reference(fused: bool, mode: int) -> None:
+    """Every bucket launched with programmatic stream serialization (cuLaunchKernelEx + griddepcontrol), the
+    next kernel launched at once (mode 1) or as the programs exit (mode 2)."""
     from moetrt.kernels import configs as tuning
     from moetrt.kernels import plan
     from moetrt.kernels.aot import compile_kernels
@@ -322,7 +324,7 @@ def test_programmatic_dependent_launch_matches_reference(fused: bool) -> None:
     configs = {}
     for bound in plan.BUCKETS:
         cfg = tuning.default_config(attrs, "bfloat16", bound)
-        cfg["pdl"] = {"enabled": 1}
+        cfg["pdl"] = {"enabled": mode}
         cfg["fused"] = {"enabled": int(fused), "BH": 64}
         configs[bound] = cfg
     bundle = compile_kernels(attrs, "bfloat16", current_sm(), configs=configs, workers=8)

@@ -20,6 +20,7 @@ from moetrt.core.files import write_text_atomic
 from moetrt.kernels.plan import (
     DECODE_BUCKETS,
     GEMV_MAX_TOKENS,
+    PDL_MODES,
     ROUTED_FUSED_MIN_4BIT_TILE,
     ROUTED_MAX_TOKENS,
     TMA_STAGE_CONFIG,
@@ -27,6 +28,7 @@ from moetrt.kernels.plan import (
     expert_tile,
     is_decode,
     next_pow2,
+    pdl_mode,
     uses_tma,
 )
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
@@ -563,6 +565,15 @@ def topk_candidates(attrs: MoEAttributes, base: dict[str, Any]) -> list[dict[str
             cfg["topk"].update({"RT": new_rt, "num_warps": warps})
             if cfg not in out:
                 out.append(cfg)
+    return out
+
+
+def pdl_candidates(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Programmatic-dependent-launch modes tried last (SM90+, plan.PDL_MODES); base first, then the others."""
+    out = [base]
+    for mode in PDL_MODES:
+        if mode != pdl_mode(base):
+            out.append({**copy.deepcopy(base), "pdl": {"enabled": mode}})
     return out
 
 

@@ -553,16 +553,32 @@ def persistent_programs(
     return programs
 
 
+# Programmatic dependent launch modes (config `pdl.enabled`, the kernels' PDL constexpr): 0 off (stream order);
+# 1 each kernel waits for the previous one, then lets the next one launch at once, whose programs then wait
+# on the GPU beside its own; 2 each kernel waits, and the next one launches as its programs exit. On the H200
+# mode 2 was the fastest for Qwen3-30B T = 1 and Qwen3-Next T = 512, mode 1 for Qwen3 T = 2-8
+# (bench/results/2026-12-04-h200-sums-and-timing-order, step 10).
+PDL_MODES = (0, 1, 2)
+
+
+def pdl_mode(cfg: dict[str, Any]) -> int:
+    """The config's programmatic-dependent-launch mode (PDL_MODES)."""
+    mode = int(cfg.get("pdl", {}).get("enabled", 0))
+    if mode not in PDL_MODES:
+        raise ValueError(f"pdl.enabled is {mode}; it takes {', '.join(map(str, PDL_MODES))} (PDL_MODES)")
+    return mode
+
+
 def uses_pdl(cfg: dict[str, Any]) -> bool:
     """Programmatic dependent launch (SM90+): each kernel's launch overlaps the previous kernel's tail."""
-    return bool(cfg.get("pdl", {}).get("enabled", 0))
+    return pdl_mode(cfg) > 0
 
 
 def bucket_variants(
     attrs: MoEAttributes, dtype: str, bound: int | None, cfg: dict[str, Any]
 ) -> dict[str, Variant]:
     """Stage name -> kernel variant for one token bucket under config `cfg` (see configs.default_config)."""
-    pdl = ("PDL", int(uses_pdl(cfg)))
+    pdl = ("PDL", pdl_mode(cfg))
     return {
         stage: Variant(v.kernel, (*v.constexprs, pdl), v.num_warps, v.num_stages)
         for stage, v in _stage_variants(attrs, dtype, bound, cfg).items()

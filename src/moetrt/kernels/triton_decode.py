@@ -72,7 +72,8 @@ def topk_group_kernel(
     """
     if PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if PDL == 1:
+            gdc_launch_dependents()
     ids, slots, slot_mask = route_rows(
         T,
         tl.program_id(0) * RT,
@@ -193,7 +194,8 @@ def gemv_gate_up_kernel(
     if PDL:
         if not is_shared:
             gdc_wait()
-        gdc_launch_dependents()
+        if PDL == 1:
+            gdc_launch_dependents()
     live, e, row_ok, slot, token = _group_rows(
         g, gmax, T, counts_ptr, ngroups_ptr, group_expert_ptr, expert_slots_ptr, E, K, TM, HAS_SHARED
     )
@@ -271,7 +273,8 @@ def gemv_down_kernel(
     an H tile (ticket) sums each token's K slots and shared row into the output, in slot order."""
     if PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if PDL == 1:
+            gdc_launch_dependents()
     NTH: tl.constexpr = (H + BH - 1) // BH
     g = tl.program_id(0) // NTH
     pid_h = tl.program_id(0) % NTH

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from moetrt.kernels.configs import (
     candidate_configs,
     default_config,
     entry_key,
+    pdl_candidates,
     persistent_candidates,
     router_candidates,
     select_config,
@@ -158,8 +158,8 @@ def tune(
                 cands = router_candidates(attrs, chosen, dtype, bound)
             elif round_name == "topk":
                 cands = topk_candidates(attrs, chosen)
-            elif sm >= 90:
-                cands = [chosen, {**copy.deepcopy(chosen), "pdl": {"enabled": 1}}]
+            elif sm >= 90:  # programmatic dependent launch: off, next kernel at once, or as programs exit
+                cands = pdl_candidates(chosen)
             else:
                 continue
             by_own_time = round_name in ROUTING_STAGES and not plan.is_decode(bound)
