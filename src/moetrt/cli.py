@@ -480,9 +480,9 @@ def aot_cmd(
     type=int,
     default=1,
     show_default=True,
-    help="Random weight draws each candidate's call is timed on, scored by the mean. At decode the ranking "
-    "of close configs follows the weight draw (which experts the tokens pick), so 3-4 draws keep a config "
-    "that is slower on most draws out of the table; GPU memory holds every draw's weights.",
+    help="Random weight draws each candidate's call is timed on, scored by the mean. At decode a call's time "
+    "moves with the draw (which experts the tokens pick: Qwen3-30B T = 8 took 125-133 us over four draws on "
+    "an H200), so a close decision on one draw can follow its luck; GPU memory holds every draw's weights.",
 )
 @_weights_options(
     "the expert GEMM tiles are tuned for that format (the native entry of the shape keeps the others; tune "
