@@ -19,6 +19,15 @@ SMALL = MoEAttributes(12, 3, 64, 48, norm_topk_prob=True, shared_intermediate_si
 FEW_EXPERTS = MoEAttributes(8, 2, 64, 48)
 
 
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The config table read from (and written to) tmp_path, its cache cleared before and after the test."""
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs._load_table.cache_clear()
+    yield tmp_path
+    configs._load_table.cache_clear()
+
+
 def test_prefill_router_candidates_split_h_and_fit_the_experts() -> None:
     base = configs.default_config(FEW_EXPERTS, "bfloat16", None)
     cands = configs.router_candidates(FEW_EXPERTS, base, "bfloat16", None)
@@ -68,15 +77,13 @@ def test_topk_candidates_stay_in_registers() -> None:
     assert 1 in {c["topk"]["num_warps"] for c in configs.topk_candidates(FEW_EXPERTS, few)}
 
 
-def test_routing_rounds_are_scored_by_the_routing_launches(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_routing_rounds_are_scored_by_the_routing_launches(table_dir) -> None:  # type: ignore[no-untyped-def]
     """With --rounds router,topk the GEMM tiles stay the table's, the candidates are judged by time_routing
     (not the call's time, which would hide them in its noise), and the entry records the call's time."""
     table_entry = copy.deepcopy(configs.default_config(SMALL, "bfloat16", None))
     table_entry["gate_up"].update({"BM": 32, "BN": 16})  # a tile the default config would not choose
-    table = tmp_path / "sm90.json"
+    table = table_dir / "sm90.json"
     table.write_text(json.dumps({"entries": {configs.entry_key(SMALL, "bfloat16", None): table_entry}}))
-    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
-    configs._load_table.cache_clear()
     called: dict[str, int] = {"call": 0, "routing": 0}
 
     def call_time(cfg: dict, t: int) -> float:
@@ -88,19 +95,16 @@ def test_routing_rounds_are_scored_by_the_routing_launches(tmp_path, monkeypatch
         r, k = cfg["router"], cfg["topk"]
         return 40.0 / r["SPLIT"] + r["BT"] / 64 + abs(k["num_warps"] - 2)
 
-    try:
-        best = tuner.tune(
-            SMALL,
-            "bfloat16",
-            90,
-            call_time,
-            tokens=(600,),
-            out_path=table,
-            time_routing=routing_time,
-            rounds=("router", "topk"),
-        )
-    finally:
-        configs._load_table.cache_clear()
+    best = tuner.tune(
+        SMALL,
+        "bfloat16",
+        90,
+        call_time,
+        tokens=(600,),
+        out_path=table,
+        time_routing=routing_time,
+        rounds=("router", "topk"),
+    )
     entry = best[configs.entry_key(SMALL, "bfloat16", None)]
     assert entry["router"]["SPLIT"] == 8 and entry["router"]["BT"] == 16
     assert entry["topk"]["num_warps"] == 2
@@ -112,11 +116,9 @@ def test_routing_rounds_are_scored_by_the_routing_launches(tmp_path, monkeypatch
     )
 
 
-def test_decode_routing_rounds_are_scored_by_the_call(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_decode_routing_rounds_are_scored_by_the_call(table_dir) -> None:  # type: ignore[no-untyped-def]
     """In a decode bucket the router and top-k rounds are judged by the whole call, which sees how the routing
     launches shape the expert kernels' time under PDL; their own time would pick the other top-k."""
-    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
-    configs._load_table.cache_clear()
     called: dict[str, int] = {"call": 0, "routing": 0}
 
     def call_time(cfg: dict, t: int) -> float:
@@ -127,19 +129,16 @@ def test_decode_routing_rounds_are_scored_by_the_call(tmp_path, monkeypatch) -> 
         called["routing"] += 1
         return 10.0 - cfg["topk"]["RT"]  # alone, more tokens per program looks faster
 
-    try:
-        best = tuner.tune(
-            SMALL,
-            "bfloat16",
-            90,
-            call_time,
-            tokens=(8,),
-            out_path=tmp_path / "sm90.json",
-            time_routing=routing_time,
-            rounds=("router", "topk"),
-        )
-    finally:
-        configs._load_table.cache_clear()
+    best = tuner.tune(
+        SMALL,
+        "bfloat16",
+        90,
+        call_time,
+        tokens=(8,),
+        out_path=table_dir / "sm90.json",
+        time_routing=routing_time,
+        rounds=("router", "topk"),
+    )
     assert best[configs.entry_key(SMALL, "bfloat16", 16)]["topk"]["RT"] == 1
     assert called["routing"] == 0 and called["call"] > 2
 
@@ -162,22 +161,21 @@ def test_bad_rounds_are_refused() -> None:
     assert "CUDA" not in result.output and "GPU" not in result.output.split("speed")[0]
 
 
-def _ship_two_warp_entry(tmp_path, monkeypatch) -> str:  # type: ignore[no-untyped-def]
-    """A table in tmp_path whose SMALL prefill entry has 2-warp gate_up tiles (no search candidate has 2 warps,
-    so a timer can tell the entry apart); returns its key. The caller clears configs._load_table after."""
+def _ship_two_warp_entry(table_dir) -> str:  # type: ignore[no-untyped-def]
+    """A table in table_dir whose SMALL prefill entry has 2-warp gate_up tiles (no search candidate has 2 warps,
+    so a timer can tell the entry apart); returns its key."""
     shipped = copy.deepcopy(configs.default_config(SMALL, "bfloat16", None))
     shipped["gate_up"].update({"BM": 32, "BN": 16, "num_warps": 2})
     key = configs.entry_key(SMALL, "bfloat16", None)
-    (tmp_path / "sm90.json").write_text(json.dumps({"entries": {key: shipped}}))
-    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    (table_dir / "sm90.json").write_text(json.dumps({"entries": {key: shipped}}))
     configs._load_table.cache_clear()
     return key
 
 
-def test_a_search_from_the_defaults_keeps_a_faster_table_entry(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_search_from_the_defaults_keeps_a_faster_table_entry(table_dir) -> None:  # type: ignore[no-untyped-def]
     """The full search starts from the default config; where the table's entry is faster in the same run, the
     entry stays (a slower run must not overwrite it), and where it is slower this run's best replaces it."""
-    key = _ship_two_warp_entry(tmp_path, monkeypatch)
+    key = _ship_two_warp_entry(table_dir)
     logged: list[str] = []
 
     def shipped_fastest(cfg: dict, t: int) -> float:
@@ -186,23 +184,18 @@ def test_a_search_from_the_defaults_keeps_a_faster_table_entry(tmp_path, monkeyp
     def shipped_slowest(cfg: dict, t: int) -> float:
         return 500.0 if cfg["gate_up"]["num_warps"] == 2 else 100.0 - cfg["gate_up"]["BN"] / 64
 
-    try:
-        out = tmp_path / "out.json"
-        best = tuner.tune(
-            SMALL, "bfloat16", 90, shipped_fastest, tokens=(600,), out_path=out, log=logged.append
-        )
-        assert best[key]["gate_up"]["num_warps"] == 2 and best[key]["us"] == 50.0
-        assert any("kept the table's entry (50.0 us)" in line for line in logged)
-        best = tuner.tune(SMALL, "bfloat16", 90, shipped_slowest, tokens=(600,), out_path=out)
-        assert best[key]["gate_up"]["num_warps"] != 2 and best[key]["us"] < 100.0
-    finally:
-        configs._load_table.cache_clear()
+    out = table_dir / "out.json"
+    best = tuner.tune(SMALL, "bfloat16", 90, shipped_fastest, tokens=(600,), out_path=out, log=logged.append)
+    assert best[key]["gate_up"]["num_warps"] == 2 and best[key]["us"] == 50.0
+    assert any("kept the table's entry (50.0 us)" in line for line in logged)
+    best = tuner.tune(SMALL, "bfloat16", 90, shipped_slowest, tokens=(600,), out_path=out)
+    assert best[key]["gate_up"]["num_warps"] != 2 and best[key]["us"] < 100.0
 
 
-def test_a_round_keeps_its_first_config_unless_another_is_faster_by_the_margin(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_round_keeps_its_first_config_unless_another_is_faster_by_the_margin(table_dir) -> None:  # type: ignore[no-untyped-def]
     """A re-tune starts each round from the table's entry; a candidate 1 % faster is within the run-to-run
     spread (tuner.KEEP_MARGIN) and leaves the entry as it is, one 5 % faster replaces it."""
-    key = _ship_two_warp_entry(tmp_path, monkeypatch)
+    key = _ship_two_warp_entry(table_dir)
 
     def timer(gain: float):  # type: ignore[no-untyped-def]
         def time_config(cfg: dict, t: int) -> float:
@@ -214,25 +207,22 @@ def test_a_round_keeps_its_first_config_unless_another_is_faster_by_the_margin(t
 
     assert 0.01 < tuner.KEEP_MARGIN < 0.05
     logged: list[str] = []
-    try:
-        out = tmp_path / "out.json"
-        kept = tuner.tune(
-            SMALL,
-            "bfloat16",
-            90,
-            timer(0.01),
-            tokens=(600,),
-            out_path=out,
-            rounds=("tiles",),
-            log=logged.append,
-        )
-        assert kept[key]["gate_up"]["num_warps"] == 2 and kept[key]["us"] == 100.0
-        assert any("kept the round's first config" in line for line in logged)
-        assert any(line.startswith("  fastest: #") for line in logged)
-        taken = tuner.tune(SMALL, "bfloat16", 90, timer(0.05), tokens=(600,), out_path=out, rounds=("tiles",))
-        assert taken[key]["gate_up"]["num_warps"] != 2 and taken[key]["us"] < 96.0
-    finally:
-        configs._load_table.cache_clear()
+    out = table_dir / "out.json"
+    kept = tuner.tune(
+        SMALL,
+        "bfloat16",
+        90,
+        timer(0.01),
+        tokens=(600,),
+        out_path=out,
+        rounds=("tiles",),
+        log=logged.append,
+    )
+    assert kept[key]["gate_up"]["num_warps"] == 2 and kept[key]["us"] == 100.0
+    assert any("kept the round's first config" in line for line in logged)
+    assert any(line.startswith("  fastest: #") for line in logged)
+    taken = tuner.tune(SMALL, "bfloat16", 90, timer(0.05), tokens=(600,), out_path=out, rounds=("tiles",))
+    assert taken[key]["gate_up"]["num_warps"] != 2 and taken[key]["us"] < 96.0
 
 
 def test_staged_call_allocates_the_plans_buffers_and_enqueues_ranges() -> None:
@@ -303,7 +293,7 @@ def test_draws_score_by_the_mean_and_bad_draws_are_refused() -> None:
     assert "CUDA" not in result.output and "GPU" not in result.output
 
 
-def test_pdl_round_tries_every_mode(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_pdl_round_tries_every_mode(table_dir) -> None:  # type: ignore[no-untyped-def]
     """The last round tries programmatic dependent launch off, with the next kernel launched at once, and with
     it launched as the programs exit (plan.PDL_MODES), the entry's own mode first, and keeps the fastest; a
     mode outside them is refused with the modes it takes."""
@@ -312,20 +302,15 @@ def test_pdl_round_tries_every_mode(tmp_path, monkeypatch) -> None:  # type: ign
     assert cands[0] is base
     assert [plan.pdl_mode(c) for c in cands] == [0, 1, 2]
     assert [plan.pdl_mode(c) for c in configs.pdl_candidates({**base, "pdl": {"enabled": 2}})] == [2, 0, 1]
-    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
-    configs._load_table.cache_clear()
     seen: list[int] = []
 
     def call_time(cfg: dict, t: int) -> float:
         seen.append(plan.pdl_mode(cfg))
         return {0: 50.0, 1: 52.0, 2: 45.0}[plan.pdl_mode(cfg)]
 
-    try:
-        best = tuner.tune(
-            SMALL, "bfloat16", 90, call_time, tokens=(1,), out_path=tmp_path / "sm90.json", rounds=("pdl",)
-        )
-    finally:
-        configs._load_table.cache_clear()
+    best = tuner.tune(
+        SMALL, "bfloat16", 90, call_time, tokens=(1,), out_path=table_dir / "sm90.json", rounds=("pdl",)
+    )
     assert sorted(set(seen)) == [0, 1, 2]
     assert best[configs.entry_key(SMALL, "bfloat16", 1)]["pdl"] == {"enabled": 2}
     with pytest.raises(ValueError, match=r"pdl\.enabled is 3; it takes 0, 1, 2"):
