@@ -9,8 +9,8 @@ more pipeline stage for gate_up (TMA loads are issued by one thread, so more of 
 same shared memory as the pointer loads' three). --compare patches: the table's config and the table's with each
 of --patches applied (other tiles, say). Every bundle runs through the
 launcher and is checked against the float32 oracle (exit 1 on a failure), then timed by CUDA-graph replay with
-L2 flushed; all bundles on one input (--seeds) in turn, after one untimed pass. Bundles are compiled here or on the GPU's host; --bundles keeps them, so a CPU machine can compile
-them for a short GPU call:
+L2 flushed; all bundles on one input (--seeds) in turn, after one untimed pass. Bundles are compiled here or on
+the GPU's host; --bundles keeps them, so a CPU machine can compile them for a short GPU call:
 
     PYTHONPATH=src python3 bench/grouped_order.py --bundles /tmp/gm --compile-only          # CPU
     PYTHONPATH=src python3 bench/grouped_order.py --bundles /tmp/gm --out results.jsonl    # GPU
@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from moetrt.core.files import write_bytes_atomic
 from moetrt.kernels import aot, plan
 from moetrt.kernels.configs import select_config, tma_candidates
 from moetrt.op.presets import PRESETS
@@ -79,10 +80,7 @@ def bundle_for(shape: str, t: int, label: str, cfg: dict, cache_dir: Path | None
         PRESETS[shape], DTYPE, SM, buckets=(bound,), configs={bound: cfg}, workers=2, cache=_COMPILED
     )
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(bundle.to_bytes())
-        tmp.replace(path)
+        write_bytes_atomic(path, bundle.to_bytes())
     return bundle
 
 
@@ -125,7 +123,7 @@ def main() -> int:
             continue
         # every bundle on one input before the next input, after an untimed pass of the first: the first
         # bundle timed on a freshly made input (weights drawn, float32 oracle computed) ran 10-14 µs slower at
-        # T = 8 than the same config timed after it (bench/results/2026-12-04-h200-accumulated-down, step 3)
+        # T = 8 than the same config timed after it (bench/results/2026-12-04-h200-sums-and-timing-order, step 5)
         for seed in map(int, a.seeds.split(",")):
             time_bundle(shape, t, bundles[0][1], seed)
             for label, bundle in bundles:

@@ -38,6 +38,7 @@ from workloads import with_weight_format
 
 from moetrt.core.devices import sm_from_capability
 from moetrt.core.errors import MoetrtError
+from moetrt.core.files import write_bytes_atomic
 from moetrt.core.tolerances import relative_error, tolerance
 from moetrt.kernels.aot import CompiledKernel, KernelBundle, compile_kernels
 from moetrt.kernels.configs import select_config
@@ -173,9 +174,7 @@ def _bundles(args: argparse.Namespace, sm: int, shape: str, fmt: str) -> list[tu
             out.append((label, str(err)))
             continue
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".part").write_bytes(bundle.to_bytes())
-            path.with_suffix(".part").replace(path)
+            write_bytes_atomic(path, bundle.to_bytes())
         out.append((label, bundle))
     return out
 
