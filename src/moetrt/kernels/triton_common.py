@@ -6,12 +6,23 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moetrt.op import quant
 
 NEG_INF = tl.constexpr(float("-inf"))
 # Triton's CPU interpreter runs no inline PTX: decoders written in PTX take their Triton-operation form there
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """A kernel's start under programmatic dependent launch (plan.PDL_MODES): wait for the previous kernel; mode 1
+    lets the next one launch now, mode 2 as this kernel's programs exit (no trigger)."""
+    if PDL:
+        gdc_wait()
+        if PDL == 1:
+            gdc_launch_dependents()
 
 
 @triton.jit

@@ -25,7 +25,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from moetrt.kernels.triton_common import dot_acc, glu, reduce_h_tile_when_last, route_rows, slot_ranks
+from moetrt.kernels.triton_common import (
+    dot_acc,
+    glu,
+    pdl_prologue,
+    reduce_h_tile_when_last,
+    route_rows,
+    slot_ranks,
+)
 
 
 @triton.jit
@@ -70,10 +77,7 @@ def topk_group_kernel(
     counter; rank 0 opens a group (atomic on the group counter) and names the expert in it. Slot lists
     are kept per expert (expert_slots[e, rank]), so no program waits for another one's group number.
     """
-    if PDL:
-        gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     ids, slots, slot_mask = route_rows(
         T,
         tl.program_id(0) * RT,
@@ -271,10 +275,7 @@ def gemv_down_kernel(
 ):
     """yw[slot, h tile] = weight * (act[slot] @ W_down[e].T) for one (group, H tile); the last program of
     an H tile (ticket) sums each token's K slots and shared row into the output, in slot order."""
-    if PDL:
-        gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     NTH: tl.constexpr = (H + BH - 1) // BH
     g = tl.program_id(0) // NTH
     pid_h = tl.program_id(0) % NTH

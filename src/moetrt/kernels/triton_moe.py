@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moetrt.kernels.triton_common import (
     FP8_E4M3_MAX,
@@ -35,6 +34,7 @@ from moetrt.kernels.triton_common import (
     fp8_codes,
     fp8_values,
     nibble_values,
+    pdl_prologue,
     reduce_h_tile_when_last,
     route_rows,
     row_scales,
@@ -269,12 +269,7 @@ def router_logits_kernel(
     H200: the first expert block's programs quantizing after their logits added ~40 µs at T = 4096, and
     dealt out over every program of a token block still 21 µs at Qwen3-30B T = 4096 and 3 µs at T = 1).
     """
-    if (
-        PDL
-    ):  # programmatic dependent launch: wait for the previous kernel; mode 1 lets the next one launch now
-        gdc_wait()
-        if PDL == 1:  # mode 2: as this kernel's programs exit (plan.PDL_MODES)
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     pid_t = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -383,12 +378,7 @@ def topk_kernel(
     decode pays no separate align launch; where one program holds every slot (T <= RT, as in a one-token
     step) it sorts them in registers instead, without counters, ticket or reloads (_align_in_registers).
     """
-    if (
-        PDL
-    ):  # programmatic dependent launch: wait for the previous kernel; mode 1 lets the next one launch now
-        gdc_wait()
-        if PDL == 1:  # mode 2: as this kernel's programs exit (plan.PDL_MODES)
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     ids, slots, slot_mask = route_rows(
         T,
         tl.program_id(0) * RT,
@@ -485,12 +475,7 @@ def align_kernel(
     PDL: tl.constexpr,
 ):
     """Prefill: counting sort of slots by expert and the block table, spread over the grid's programs."""
-    if (
-        PDL
-    ):  # programmatic dependent launch: wait for the previous kernel; mode 1 lets the next one launch now
-        gdc_wait()
-        if PDL == 1:  # mode 2: as this kernel's programs exit (plan.PDL_MODES)
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     _align(
         tl.program_id(0),
         nprog,
@@ -1069,12 +1054,7 @@ def gate_up_kernel(
     the launch's last argument); the token rows are still gathered by pointer (TMA cannot gather rows).
     PERSIST (prefill, TMA): a grid of fewer programs, each looping over tiles (`_gate_up_persistent`).
     """
-    if (
-        PDL
-    ):  # programmatic dependent launch: wait for the previous kernel; mode 1 lets the next one launch now
-        gdc_wait()
-        if PDL == 1:  # mode 2: as this kernel's programs exit (plan.PDL_MODES)
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     if PERSIST:
         _gate_up_persistent(
             x_ptr, w_gu_ptr, b_gu_ptr, shared_w_gu_ptr, act_ptr, offsets_ptr, nblocks_ptr, block_expert_ptr,
@@ -1397,12 +1377,7 @@ def down_rows_kernel(
     shared and the routed rows. PERSIST (prefill, TMA): a grid of fewer programs, each looping over tiles
     (`_down_rows_persistent`).
     """
-    if (
-        PDL
-    ):  # programmatic dependent launch: wait for the previous kernel; mode 1 lets the next one launch now
-        gdc_wait()
-        if PDL == 1:  # mode 2: as this kernel's programs exit (plan.PDL_MODES)
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     if PERSIST:
         _down_rows_persistent(
             w_down_ptr, b_down_ptr, shared_w_down_ptr, act_ptr, topk_w_ptr, gate_ws_ptr, yw_ptr, offsets_ptr,
@@ -1524,12 +1499,7 @@ def experts_kernel(
     round trip through memory. Float atomics make the summation order (and the last bits) vary from run to
     run.
     """
-    if (
-        PDL
-    ):  # programmatic dependent launch: wait for the previous kernel; mode 1 lets the next one launch now
-        gdc_wait()
-        if PDL == 1:  # mode 2: as this kernel's programs exit (plan.PDL_MODES)
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     NT: tl.constexpr = (NMAX + BN - 1) // BN
     b = tl.program_id(0) // NT
     pid_n = tl.program_id(0) % NT
@@ -1671,12 +1641,7 @@ def reduce_kernel(
     PDL: tl.constexpr,
 ):
     """Prefill: out[t] = sum_j yw[t*K + j] (+ yw[T*K + t], the gated shared expert), in fp32."""
-    if (
-        PDL
-    ):  # programmatic dependent launch: wait for the previous kernel; mode 1 lets the next one launch now
-        gdc_wait()
-        if PDL == 1:  # mode 2: as this kernel's programs exit (plan.PDL_MODES)
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     mask = (t < T)[:, None] & (h < H)[None, :]
@@ -1784,10 +1749,7 @@ def routed_experts_kernel(
     the router kernel), as experts_kernel does; the last gate_up tile to finish (ticket units[2]) casts acc
     into the output (the last bits vary from run to run).
     """
-    if PDL:  # programmatic dependent launch: wait for the router kernel, let the next one start launching
-        gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     NTI: tl.constexpr = (I + BN - 1) // BN
     NTS: tl.constexpr = (IS + BN - 1) // BN if HAS_SHARED else 0
     GU: tl.constexpr = NTS + K * NTI  # gate_up tiles per token
