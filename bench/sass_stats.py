@@ -7,7 +7,7 @@ opcode. Static counts say nothing of time, but they are what a decoder or a tile
 iteration, and they can be compared before a GPU is at hand (docs/kernels.md: the quantized decoders).
 
     PYTHONPATH=src python3 bench/sass_stats.py --preset qwen3_next --weights fp8 --sm 90 [--buckets 1,inf]
-        [--stages gate_up,down_rows] [--top 12] [--json OUT.json]
+        [--stages gate_up,down_rows] [--top 12] [--loops] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
+BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
 RESOURCE = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
 
 
@@ -58,7 +60,32 @@ def kernel_stats(cubin: bytes, tool: Path | None = None) -> dict[str, Any]:
         "static_shared": resources.get("shared", 0),
         "instructions": sum(opcodes.values()),
         "opcodes": dict(opcodes.most_common()),
+        "loops": sass_loops(sass),
     }
+
+
+def sass_loops(sass: str) -> list[dict[str, Any]]:
+    """The loops of a kernel's SASS, first address first: each backward branch and the instructions from its
+    target to it ({"start", "end", "instructions", "opcodes"}). A loop body's count is what one iteration
+    issues per warp (branches inside it aside), so two tiles' costs per weight can be compared statically,
+    e.g. a 4-bit decode loop's instructions over the codes each thread decodes in one iteration."""
+    lines = [(int(addr, 16), op, rest) for addr, op, rest in SASS_LINE.findall(sass)]
+    loops = []
+    for addr, op, rest in lines:
+        target = BRANCH_TARGET.search(rest) if op == "BRA" else None
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        start = int(target.group(1), 16)
+        body = collections.Counter(o for a, o, _ in lines if start <= a <= addr)
+        loops.append(
+            {
+                "start": start,
+                "end": addr,
+                "instructions": sum(body.values()),
+                "opcodes": dict(body.most_common()),
+            }
+        )
+    return sorted(loops, key=lambda loop: loop["start"])
 
 
 def bundle_stats(bundle: Any, stages: set[str] | None = None) -> list[dict[str, Any]]:
@@ -98,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", default="1,16,inf", help="token buckets: 1, 16, 64, 512, inf")
     parser.add_argument("--stages", default="", help="comma list of stages (default: all)")
     parser.add_argument("--top", type=int, default=10, help="opcodes listed per kernel")
+    parser.add_argument(
+        "--loops", action="store_true", help="also each loop body: instructions per iteration and its opcodes"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("-j", "--jobs", type=int, default=2)
     args = parser.parse_args(argv)
@@ -124,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['bucket']:>6} {r['stage']:12} {r['warps']:>5} {r['registers']:>5} {spill:>6} {r['shared']:>7} "
             f"{r['instructions']:>6}  {top}"
         )
+        for loop in r["loops"] if args.loops else ():
+            ops = ", ".join(f"{op} {n}" for op, n in list(loop["opcodes"].items())[: args.top])
+            print(
+                f"{'':>6}   loop {loop['start']:#06x}-{loop['end']:#06x}: {loop['instructions']} a pass; {ops}"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -24,7 +24,8 @@ from moetrt.op.reference import (
     router_logits,
     shared_expert,
 )
-from moetrt.op.spec import DEFAULT_BLOCK, FP8_BLOCK, NATIVE, MoEAttributes
+from moetrt.op.spec import FP8_BLOCK, NATIVE, MoEAttributes
+from moetrt.passes.quantize_experts import choose_block
 
 TOKEN_INPUTS = ("hidden_states", "router_weight", "router_bias", "score_correction_bias")
 
@@ -226,11 +227,12 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float | None:
 
 def with_weight_format(base: MoEAttributes, entry: str) -> MoEAttributes:
     """`base` with its routed experts in a --formats entry's format ("native", "fp8_block", "int4", "mxfp4", at
-    their default block), "+a8" adding fp8 activations ("fp8_block+a8")."""
+    the block `moetrt build` and `moetrt tune` choose: the default, or the largest that divides the shape's
+    reductions, e.g. int4 groups of 64 for GPT-OSS's 2880), "+a8" adding fp8 activations ("fp8_block+a8")."""
     fmt, _, acts = entry.partition("+")
     return dataclasses.replace(
         base,
         weight_format=fmt,
-        weight_block=DEFAULT_BLOCK.get(fmt, 0),
+        weight_block=choose_block(fmt, base, None) if fmt != NATIVE else 0,
         activation_format=FP8_BLOCK if acts == "a8" else NATIVE,
     )

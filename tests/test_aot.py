@@ -421,3 +421,36 @@ def test_gpu_oracle_quantizes_fp8_activations_as_the_reference() -> None:
         gpu_reference(oracle, native, attrs.fp8_activation_block).output, want
     ) <= tolerance("bf16")
     assert relative_error(gpu_reference(oracle, native).output, want) > tolerance("bf16")
+
+
+def test_gpu_oracle_dequantizes_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle's experts, written chunk by chunk into one tensor (`gpu_quantized_inputs`), equal the
+    quantized experts dequantized at once, for an expert count the chunk does not divide."""
+    import dataclasses
+
+    import torch
+
+    from moetrt.op import quant
+    from moetrt.op.presets import like
+    from moetrt.op.reference import random_inputs
+    from moetrt.tune import gpu_workload
+
+    monkeypatch.setattr(gpu_workload, "QUANTIZE_CHUNK", 2)
+    base = like("qwen3_30b", 5, 2, 64, 32)
+    weights = {
+        k: v for k, v in random_inputs(base, 1, dtype=torch.bfloat16, seed=4).items() if k != "hidden_states"
+    }
+    for fmt, block in (("int4", 32), ("mxfp4", 32), ("fp8_block", 16)):
+        attrs = dataclasses.replace(base, weight_format=fmt, weight_block=block)
+        inputs, oracle = gpu_workload.gpu_quantized_inputs(weights, attrs)
+        for which in ("gate_up", "down"):
+            codes = inputs[f"expert_{which}_weight"]
+            whole = quant.dequantize(
+                fmt,
+                block,
+                quant.QuantizedWeight(codes, inputs[f"expert_{which}_scale"], None),
+                weights[f"expert_{which}_weight"].shape[-1],
+            )
+            got = oracle[f"expert_{which}_weight"]
+            assert got.dtype == torch.float32 and got.shape == weights[f"expert_{which}_weight"].shape
+            assert torch.equal(got, whole), (fmt, which)

@@ -642,7 +642,8 @@ def test_sass_stats_reads_registers_and_opcodes_of_real_cubins(tmp_path) -> None
     """bench/sass_stats.py on a small quantized op compiled for SM 9.0: every stage's cubin read back, the
     expert GEMMs issue tensor-core instructions, nothing spills, and --json holds the same rows."""
     sass_stats = importlib.import_module("sass_stats")
-    attrs = json.dumps({"num_experts": 8, "top_k": 2, "hidden_size": 128, "intermediate_size": 64})
+    # H 1024: gate_up's reduction stays a loop (ptxas unrolls a short one)
+    attrs = json.dumps({"num_experts": 8, "top_k": 2, "hidden_size": 1024, "intermediate_size": 64})
     out = tmp_path / "stats.json"
     rc = sass_stats.main(["--attrs", attrs, "--weights", "fp8", "--buckets", "16", "--json", str(out)])
     assert rc == 0
@@ -655,7 +656,32 @@ def test_sass_stats_reads_registers_and_opcodes_of_real_cubins(tmp_path) -> None
     for stage in ("gate_up", "down_rows"):
         assert any(op.startswith(("HMMA", "HGMMA")) for op in by_stage[stage]["opcodes"]), stage
         assert by_stage[stage]["stack"] == by_stage[stage]["local"] == 0
+    for row in rows:
+        for lp in row["loops"]:
+            assert 0 < lp["instructions"] == sum(lp["opcodes"].values()) < row["instructions"]
+            assert lp["start"] < lp["end"] and lp["opcodes"].get("BRA", 0) >= 1
+    # gate_up's reduction over H is a backward branch whose body multiplies on the tensor cores
+    assert any("HMMA" in lp["opcodes"] or "HGMMA" in lp["opcodes"] for lp in by_stage["gate_up"]["loops"])
     assert sass_stats.main(["--preset", "no_such_preset"]) == 2
+
+
+def test_sass_loops_finds_each_backward_branch() -> None:
+    """`sass_loops` on a hand-written listing: the backward branch's body counted from its target, a forward
+    branch ignored."""
+    sass_stats = importlib.import_module("sass_stats")
+    listing = """
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   BRA 0x60 ;
+        /*0050*/                   NOP ;
+        /*0060*/                   EXIT ;
+    """
+    loops = sass_stats.sass_loops(listing)
+    assert loops == [
+        {"start": 0x10, "end": 0x30, "instructions": 3, "opcodes": {"HMMA": 1, "IADD3": 1, "BRA": 1}}
+    ]
 
 
 def test_grouped_order_times_every_bundle_per_input_after_an_untimed_pass(

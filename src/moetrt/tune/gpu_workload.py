@@ -84,9 +84,14 @@ def gpu_quantized_inputs(
         inputs[f"expert_{which}_scale"] = stored.scale
         if stored.zero is not None:
             inputs[f"expert_{which}_zero"] = stored.zero
-        oracle[f"expert_{which}_weight"] = torch.cat(
-            [quant.dequantize(attrs.weight_format, attrs.weight_block, q, weight.shape[-1]) for q in parts]
-        )
+        # written chunk by chunk into one float32 tensor: a list of chunks and their concatenation would hold
+        # the experts twice (DeepSeek-V3's gate_up: 2 x 28 GB)
+        dequantized = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        for lo, q in zip(range(0, weight.shape[0], QUANTIZE_CHUNK), parts):
+            dequantized[lo : lo + QUANTIZE_CHUNK] = quant.dequantize(
+                attrs.weight_format, attrs.weight_block, q, weight.shape[-1]
+            )
+        oracle[f"expert_{which}_weight"] = dequantized
     return inputs, oracle
 
 
