@@ -315,3 +315,23 @@ def test_pdl_round_tries_every_mode(table_dir) -> None:  # type: ignore[no-untyp
     assert best[configs.entry_key(SMALL, "bfloat16", 1)]["pdl"] == {"enabled": 2}
     with pytest.raises(ValueError, match=r"pdl\.enabled is 3; it takes 0, 1, 2"):
         plan.bucket_variants(SMALL, "bfloat16", 16, {**base, "pdl": {"enabled": 3}})
+
+
+def test_each_bucket_is_written_once_tuned(table_dir) -> None:  # type: ignore[no-untyped-def]
+    """A run stopped in its second bucket (Ctrl-C, a lost GPU) leaves the first bucket's entry in the table,
+    next to the entries it had; the stopped bucket writes nothing."""
+    table = table_dir / "sm90.json"
+    other = {"E1_K1_H1_I1_S0/bfloat16/inf": {"us": 1.0}}
+    table.write_text(json.dumps({"entries": other}))
+
+    def call_time(cfg: dict, t: int) -> float:
+        if t > 16:
+            raise KeyboardInterrupt
+        return 100.0 + cfg["gate_up"]["BN"]
+
+    with pytest.raises(KeyboardInterrupt):
+        tuner.tune(SMALL, "bfloat16", 90, call_time, tokens=(8, 600), out_path=table, rounds=("tiles",))
+    entries = json.loads(table.read_text())["entries"]
+    decode_key = configs.entry_key(SMALL, "bfloat16", 16)
+    assert set(entries) == {*other, decode_key}
+    assert entries[decode_key]["tokens"] == [8] and entries[decode_key]["us"] > 100.0

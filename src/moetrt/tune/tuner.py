@@ -109,7 +109,8 @@ def tune(
     rounds: Iterable[str] | None = None,
     sm_count: int = 0,
 ) -> dict[str, Any]:
-    """Time candidates per bucket with `time_config(cfg, num_tokens) -> µs`; write the best to the table.
+    """Time candidates per bucket with `time_config(cfg, num_tokens) -> µs`; write each bucket's best to the
+    table as soon as it is chosen.
 
     Rounds per token count (ROUNDS): the GEMM tiles (and the fused decode kernel), then (SM90+, native 16-bit
     experts) those tiles loaded by TMA, then (prefill buckets that load by TMA, on a GPU of `sm_count` SMs)
@@ -208,12 +209,14 @@ def tune(
                 attrs, dtype, sm, bound, counts, chosen, call_us, time_config, log
             )
         stages = QUANTIZED_STAGES if attrs.is_quantized else STAGES
-        best[entry_key(attrs, dtype, bound)] = {
+        key = entry_key(attrs, dtype, bound)
+        best[key] = {
             **{stage: chosen[stage] for stage in stages},
             "us": round(call_us, 2),
             "tokens": counts,
         }
-    write_table(best, sm, out_path)
+        # each bucket's entry is written once it is tuned, so a long run stopped later keeps the finished ones
+        write_table({key: best[key]}, sm, out_path)
     return best
 
 
