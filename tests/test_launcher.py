@@ -267,6 +267,54 @@ def test_quantized_tiles_narrow_to_one_scale_group_alike() -> None:
         assert {c["BK"] for c in unfused} | {c["BKD"] for c in unfused} == candidate_tiles
 
 
+def test_quantized_prefill_default_takes_the_tuned_tiles() -> None:
+    """The unbounded bucket's default gate_up of weight-only quantized experts (16-bit kernels) is the tile set
+    every tuned H200 entry chose, dequantized per weight; decode buckets, fp8 activations, float32 and native
+    experts keep their own defaults."""
+    from moetrt.op.presets import like
+
+    for fmt, block in (("fp8_block", 128), ("int4", 128), ("mxfp4", 32)):
+        attrs = like("qwen3_30b", 8, 2, 256, 256, weight_format=fmt, weight_block=block)
+        cfg = tuning.default_config(attrs, "bfloat16", None, 90)
+        assert {
+            k: cfg["gate_up"][k] for k in tuning.QUANTIZED_PREFILL_GATE_UP
+        } == tuning.QUANTIZED_PREFILL_GATE_UP
+        assert cfg["dequant"]["per_weight"] == 1
+        assert cfg["down"]["BK"] == min(64, block)  # down's tiles keep the group rule
+        assert tuning.default_config(attrs, "bfloat16", None, 100)["gate_up"] == cfg["gate_up"]
+        # a shape without entries of its own gets them through the table lookup of that SM
+        assert tuning.select_config(attrs, "bfloat16", 90, None)["gate_up"] == cfg["gate_up"]
+        # SMs with per-warp mma (where these tiles spill), no SM given, decode, mid-size buckets, float32
+        for dtype, bound, sm in (
+            ("bfloat16", None, 80),
+            ("bfloat16", None, 89),
+            ("bfloat16", None, 120),
+            ("bfloat16", None, None),
+            ("bfloat16", 512, 90),
+            ("bfloat16", 16, 90),
+            ("float32", None, 90),
+        ):
+            other = tuning.default_config(attrs, dtype, bound, sm)
+            assert other["dequant"]["per_weight"] == 0 and other["gate_up"]["BM"] < 128, (
+                fmt,
+                dtype,
+                bound,
+                sm,
+            )
+    a8 = like(
+        "qwen3_30b",
+        8,
+        2,
+        256,
+        256,
+        weight_format="fp8_block",
+        weight_block=128,
+        activation_format="fp8_block",
+    )
+    assert tuning.default_config(a8, "bfloat16", None, 90)["dequant"]["per_weight"] == 0
+    assert tuning.default_config(PLAIN, "bfloat16", None, 90)["gate_up"]["BM"] == 64
+
+
 def test_wide_decode_blocks_only_for_few_experts() -> None:
     """Decode candidates with 32- and 64-row expert blocks where an expert averages a full 16-row block at the
     bucket's largest T (Mixtral's T <= 64 bucket), and nowhere else (they would only cost tuning time)."""

@@ -28,3 +28,14 @@ FP8_TENSOR_CORE_MIN_SM = 89
 def has_fp8_tensor_cores(sm: int) -> bool:
     """Whether the SM multiplies e4m3 operands on its tensor cores (fp8 activations: SM 8.9, 9.0, 10.0, 12.0)."""
     return sm >= FP8_TENSOR_CORE_MIN_SM
+
+
+#: SMs whose tensor cores multiply a whole warp group's tile (Hopper's wgmma, data-center Blackwell's
+#: tcgen05): large quantized prefill tiles compile there without spilling (sm_90: 8-24 bytes, sm_100: none).
+#: SM 8.x and 12.0 run per-warp mma.sync, where the same 128 x 128 gate_up tiles spilled 300-440 bytes a
+#: thread (sm_80, 89, 120; bench/sass_stats.py).
+WARP_GROUP_MMA_SMS = frozenset({90, 100})
+
+
+def has_warp_group_mma(sm: int) -> bool:
+    return sm in WARP_GROUP_MMA_SMS

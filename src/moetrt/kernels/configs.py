@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from moetrt.core.devices import has_fp8_conversion
+from moetrt.core.devices import has_fp8_conversion, has_warp_group_mma
 from moetrt.core.errors import MoetrtError
 from moetrt.core.files import write_text_atomic
 from moetrt.kernels.plan import (
@@ -78,6 +78,30 @@ def scale_group_tile(attrs: MoEAttributes) -> int:
         return 0
     tile = attrs.weight_block & -attrs.weight_block
     return tile if tile >= (16 if attrs.weight_format == FP8_BLOCK else 32) else 0
+
+
+# The unbounded (prefill) bucket's gate_up tiles of weight-only quantized experts, dequantized per weight and
+# multiplied weights first (triton_moe.weights_first): the tiles `moetrt tune` chose for all 15 such entries of
+# the H200 table (five shapes x fp8 / int4 / mxfp4). Against the narrow scaled tiles the default had, at
+# T = 4096 they are within 0-10 % of each shape's tuned entry where those were 1.2-3.1x slower
+# (bench/results/2026-12-04-h200-quantized-tables, step 18). The AOT step drops stages on SMs with less
+# shared memory (aot.MAX_SHARED_BYTES).
+QUANTIZED_PREFILL_GATE_UP = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+
+
+def quantized_prefill_tiles(attrs: MoEAttributes, dtype: str, bound: int | None, sm: int | None) -> bool:
+    """Whether the default config of this bucket takes QUANTIZED_PREFILL_GATE_UP: the unbounded bucket of
+    weight-only quantized experts (fp8 activations multiply fp8 tiles one weight block wide) in 16-bit
+    kernels (float32 tiles take twice the shared memory), on an SM with warp-group MMA (elsewhere those
+    tiles spill: core.devices.WARP_GROUP_MMA_SMS)."""
+    return (
+        bound is None
+        and sm is not None
+        and has_warp_group_mma(sm)
+        and attrs.is_quantized
+        and not attrs.has_fp8_activations
+        and dtype != "float32"
+    )
 
 
 def wide_decode_blocks(attrs: MoEAttributes, bound: int | None) -> bool:
@@ -144,8 +168,11 @@ def persistent_candidates(
     return out
 
 
-def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[str, Any]:
-    """Block sizes that are correct for any shape and reasonable on SM80-SM120."""
+def default_config(
+    attrs: MoEAttributes, dtype: str, bound: int | None, sm: int | None = None
+) -> dict[str, Any]:
+    """Block sizes that are correct for any shape and reasonable on SM80-SM120 (`sm`, where given, picks
+    SM-specific defaults: `quantized_prefill_tiles`)."""
     fp32 = dtype == "float32"
     e_pad = 1 << max(0, (attrs.num_experts - 1).bit_length())
     # top-k: about 2048 scores per program keeps the [RT, E] tiles in registers (no spills)
@@ -240,18 +267,22 @@ def default_config(attrs: MoEAttributes, dtype: str, bound: int | None) -> dict[
         "num_warps": 4,
         "num_stages": 3,
     }
-    if attrs.is_quantized:  # quantized experts: no gemv or fused path (those kernels take native weights)
-        gemv["enabled"] = 0
-        group_tile = scale_group_tile(attrs)
-        if group_tile:
-            gate_up["BK"] = min(gate_up["BK"], group_tile)
-            down["BK"] = min(down["BK"], group_tile)
-            routed["BK"] = min(routed["BK"], group_tile)
-            routed["BKD"] = min(routed["BKD"], group_tile)
     # fp8 weights: decoded from their bits here (every SM); select_config turns on the SM's conversion.
     # per_weight: quantized tiles dequantized weight by weight even where the scales could multiply each
     # tile's product instead (triton_moe.scales_on_product), a tuning candidate
     dequant = {"fp8_cvt": 0, "per_weight": 0}
+    if attrs.is_quantized:  # quantized experts: no gemv or fused path (those kernels take native weights)
+        gemv["enabled"] = 0
+        group_tile = scale_group_tile(attrs)
+        if quantized_prefill_tiles(attrs, dtype, bound, sm):
+            gate_up.update(QUANTIZED_PREFILL_GATE_UP)
+            dequant["per_weight"] = 1
+        elif group_tile:
+            gate_up["BK"] = min(gate_up["BK"], group_tile)
+        if group_tile:
+            down["BK"] = min(down["BK"], group_tile)
+            routed["BK"] = min(routed["BK"], group_tile)
+            routed["BKD"] = min(routed["BKD"], group_tile)
     return {
         "router": router,
         "topk": topk,
@@ -306,7 +337,7 @@ def select_config(attrs: MoEAttributes, dtype: str, sm: int, bound: int | None) 
     Quantized experts: the native entry of the shape gives the stages that do not read the experts, the
     format's own entry (if tuned) the expert GEMM tiles; bf16 tiles are not used for quantized GEMMs (the
     dequantization changes what fits in registers)."""
-    cfg = copy.deepcopy(default_config(attrs, dtype, bound))
+    cfg = copy.deepcopy(default_config(attrs, dtype, bound, sm))
     table = _load_table(sm)
     layers = []
     if attrs.is_quantized:
