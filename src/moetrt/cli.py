@@ -465,7 +465,8 @@ def aot_cmd(
     "-o",
     "--output",
     type=click.Path(dir_okay=False),
-    help="Table to update [default: the package's configs/sm<SM>.json].",
+    help="Table to update, each bucket's entry as soon as it is tuned (a run stopped later keeps those); a "
+    "file that does not exist yet is started empty [default: the package's configs/sm<SM>.json].",
 )
 @click.option("-j", "--jobs", type=int, default=8, show_default=True, help="Parallel compiler processes.")
 @click.option(
