@@ -111,8 +111,9 @@ def test_floor_is_the_larger_bound() -> None:
 
 
 def test_format_entries_of_the_quantized_benchmarks() -> None:
-    """quantized_bench and routed_probe name formats alike: a weight format at its default block, +a8 for fp8
-    activations; both scripts load with the helper (--help)."""
+    """quantized_bench and routed_probe name formats alike: a weight format at the block `moetrt build` and
+    `moetrt tune` choose (the default, or the largest that divides the shape: int4 groups of 64 for GPT-OSS's
+    2880), +a8 for fp8 activations; both scripts load with the helper (--help)."""
     from moetrt.op.presets import PRESETS
 
     base = PRESETS["qwen3_next"]
@@ -121,6 +122,9 @@ def test_format_entries_of_the_quantized_benchmarks() -> None:
     assert (int4.weight_format, int4.weight_block, int4.has_fp8_activations) == ("int4", 128, False)
     a8 = workloads.with_weight_format(base, "fp8_block+a8")
     assert (a8.weight_format, a8.weight_block, a8.has_fp8_activations) == ("fp8_block", 128, True)
+    gpt_oss = PRESETS["gpt_oss_20b"]
+    assert workloads.with_weight_format(gpt_oss, "int4").weight_block == 64  # 128 does not divide 2880
+    assert workloads.with_weight_format(gpt_oss, "mxfp4").weight_block == 32
     for script in ("quantized_bench.py", "routed_probe.py"):
         done = subprocess.run(
             [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120,
