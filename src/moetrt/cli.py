@@ -466,7 +466,8 @@ def aot_cmd(
     "--output",
     type=click.Path(dir_okay=False),
     help="Table to update, each bucket's entry as soon as it is tuned (a run stopped later keeps those); a "
-    "file that does not exist yet is started empty [default: the package's configs/sm<SM>.json].",
+    "file that does not exist yet is started empty. Write FOLDER/sm<SM>.json and set MOETRT_KERNEL_CONFIGS="
+    "FOLDER for every step that compiles kernels (build, aot) to prefer its entries [default: the package's configs/sm<SM>.json].",
 )
 @click.option("-j", "--jobs", type=int, default=8, show_default=True, help="Parallel compiler processes.")
 @click.option(

@@ -34,6 +34,9 @@ from moetrt.kernels.plan import (
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+#: A folder of sm<SM>.json tables (as `moetrt tune -o FOLDER/sm<SM>.json` writes them) whose entries take
+#: precedence over the package's: a GPU's own tuning used by build, aot and run without editing the package.
+KERNEL_CONFIGS_ENV = "MOETRT_KERNEL_CONFIGS"
 # Buckets up to this bound take the expert-group (gemv) path unless a tuned entry turns it off. None: on
 # the H200 it streamed no faster than the sorted path (docs/kernels.md), so it is a tuning candidate only.
 GEMV_DEFAULT_MAX = 0
@@ -299,12 +302,25 @@ def default_config(
 
 @cache
 def _load_table(sm: int) -> dict[str, Any]:
-    path = CONFIG_DIR / f"sm{sm}.json"
+    """The SM's entries: the package's table, overlaid by the one in $MOETRT_KERNEL_CONFIGS if it has one."""
+    entries = _table_entries(CONFIG_DIR / f"sm{sm}.json")
+    folder = os.environ.get(KERNEL_CONFIGS_ENV)
+    if folder:
+        if not Path(folder).is_dir():
+            raise MoetrtError(
+                f"{KERNEL_CONFIGS_ENV}={folder} is not a folder",
+                f"point it at the folder that holds sm{sm}.json (moetrt tune -o FOLDER/sm{sm}.json), or unset it",
+            )
+        entries.update(_table_entries(Path(folder) / f"sm{sm}.json"))
+    return entries
+
+
+def _table_entries(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())["entries"]
-    except (ValueError, KeyError) as err:
+        return dict(json.loads(path.read_text())["entries"])
+    except (ValueError, KeyError, TypeError) as err:
         raise MoetrtError(
             f"kernel-config table {path} is not valid ({err})",
             "regenerate it with `moetrt tune` or delete it to use defaults",
