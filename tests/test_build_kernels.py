@@ -5,6 +5,7 @@ machine TensorRT cannot build the target on."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -15,6 +16,7 @@ from onnx import helper
 
 from moetrt.build import BuildOptions, _compile_kernels, _node_attributes, build
 from moetrt.core.errors import MoetrtError
+from moetrt.kernels import configs
 from moetrt.op.spec import MoEAttributes
 from moetrt.trt.targets import resolve_target
 
@@ -65,7 +67,7 @@ def test_one_compilation_per_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     small, grouped = _as_stored(SMALL), _as_stored(GROUPED)
     assert sorted(calls, key=repr) == sorted([(small, "bf16", 80), (grouped, "bf16", 80)], key=repr)
     assert set(cache) == {(small, "bf16", 80), (grouped, "bf16", 80)}
-    assert summary == {"sm": 80, "variants": 2, "bytes": 36}
+    assert summary == {"sm": 80, "variants": 2, "bytes": 36, "config_tables": configs.table_sources(80)}
     assert len(lines) == 2 and all("sm_80 bf16" in line for line in lines)
     assert timings["kernels"] >= 0
 
@@ -93,3 +95,21 @@ def test_tensorrt_path_refuses_a_machine_it_cannot_build_on(
     with pytest.raises(MoetrtError, match=message):
         build("demo:mixtral:block", tmp_path / "out", BuildOptions(target="h100"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_manifest_names_the_config_tables(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """With $MOETRT_KERNEL_CONFIGS set, the build says which tables its kernels' configs came from, and the
+    summary (the manifest's engine.kernels) lists the package's table and then the overlay's."""
+    monkeypatch.setattr("moetrt.trt.plugin.compile_kernel_bytes", lambda *a, **k: b"MOETRTKB")
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    (folder / "sm90.json").write_text(json.dumps({"entries": {}}))
+    monkeypatch.setenv(configs.KERNEL_CONFIGS_ENV, str(folder))
+    lines: list[str] = []
+    summary, _ = _compile_kernels(_three_layer_model(), resolve_target("h100"), "bf16", lines.append, {})
+    overlay = str((folder / "sm90.json").resolve())
+    assert summary["config_tables"] == ["moetrt/kernels/configs/sm90.json", overlay]
+    assert lines[0] == f"kernel configs for sm_90: {overlay} over moetrt/kernels/configs/sm90.json"
+    monkeypatch.delenv(configs.KERNEL_CONFIGS_ENV)
+    assert configs.table_sources(90) == ["moetrt/kernels/configs/sm90.json"]
+    assert configs.table_sources(75) == []

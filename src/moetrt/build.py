@@ -445,7 +445,12 @@ def _compile_kernels(
         for node in fused.graph.node
         if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE
     }
+    from moetrt.kernels.configs import KERNEL_CONFIGS_ENV, table_sources
+
     start = time.perf_counter()
+    sources = table_sources(target.sm)
+    if os.environ.get(KERNEL_CONFIGS_ENV):
+        say(f"kernel configs for sm_{target.sm}: {' over '.join(reversed(sources)) or 'the defaults'}")
     cache: dict[tuple[Any, str, int], bytes] = {}
     for attrs in variants:
         say(
@@ -456,7 +461,8 @@ def _compile_kernels(
             attrs, precision, target.sm, workers=os.cpu_count() or 1
         )
     timings["kernels"] = time.perf_counter() - start
-    return {"sm": target.sm, "variants": len(cache), "bytes": sum(len(b) for b in cache.values())}, cache
+    summary = {"sm": target.sm, "variants": len(cache), "bytes": sum(len(b) for b in cache.values())}
+    return {**summary, "config_tables": sources}, cache
 
 
 def _node_attributes(node: onnx.NodeProto) -> spec.MoEAttributes:

@@ -315,6 +315,18 @@ def _load_table(sm: int) -> dict[str, Any]:
     return entries
 
 
+def table_sources(sm: int) -> list[str]:
+    """The tables the SM's configs come from, in the order they are applied (a build's manifest lists them):
+    the package's, then $MOETRT_KERNEL_CONFIGS's (its absolute path); those that exist."""
+    sources = []
+    if (CONFIG_DIR / f"sm{sm}.json").exists():
+        sources.append(f"moetrt/kernels/configs/sm{sm}.json")
+    folder = os.environ.get(KERNEL_CONFIGS_ENV)
+    if folder and (Path(folder) / f"sm{sm}.json").is_file():
+        sources.append(str((Path(folder) / f"sm{sm}.json").resolve()))
+    return sources
+
+
 def _table_entries(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
