@@ -34,16 +34,26 @@ def package_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     configs._load_table.cache_clear()
 
 
+def _use_overlay(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """$MOETRT_KERNEL_CONFIGS pointed at `folder`, read afresh (the table is cached per SM)."""
+    monkeypatch.setenv(configs.KERNEL_CONFIGS_ENV, str(folder))
+    configs._load_table.cache_clear()
+
+
+def _overlay_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    return folder
+
+
 def test_overlay_entries_win_and_the_package_fills_the_rest(
     package_table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mine = tmp_path / "mine"
-    mine.mkdir()
+    mine = _overlay_folder(tmp_path)
     key = configs.entry_key(SHAPE, "bfloat16", None)
     (mine / "sm90.json").write_text(json.dumps({"entries": {key: {"gate_up": {"BM": 128, "BN": 64}}}}))
     assert configs.select_config(SHAPE, "bfloat16", 90, None)["gate_up"]["BM"] == 32  # before: the package's
-    monkeypatch.setenv(configs.KERNEL_CONFIGS_ENV, str(mine))
-    configs._load_table.cache_clear()
+    _use_overlay(monkeypatch, mine)
     tuned = configs.select_config(SHAPE, "bfloat16", 90, None)["gate_up"]
     assert (tuned["BM"], tuned["BN"]) == (128, 64)
     assert configs.select_config(OTHER, "bfloat16", 90, None)["gate_up"]["BM"] == 32  # not in the overlay
@@ -56,12 +66,10 @@ def test_a_tuned_file_written_there_is_read_back(
     package_table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`moetrt tune -o FOLDER/sm90.json` writes the file the overlay reads."""
-    mine = tmp_path / "mine"
-    mine.mkdir()
+    mine = _overlay_folder(tmp_path)
     key = configs.entry_key(SHAPE, "bfloat16", None)
     configs.write_table({key: {"gate_up": {"BM": 64, "BN": 128}, "us": 1.0}}, 90, mine / "sm90.json")
-    monkeypatch.setenv(configs.KERNEL_CONFIGS_ENV, str(mine))
-    configs._load_table.cache_clear()
+    _use_overlay(monkeypatch, mine)
     assert configs.select_config(SHAPE, "bfloat16", 90, None)["gate_up"]["BN"] == 128
 
 
@@ -70,21 +78,18 @@ def test_bad_overlays_are_refused_in_one_line(
 ) -> None:
     not_a_folder = tmp_path / "sm90.json"
     not_a_folder.write_text("{}")
-    monkeypatch.setenv(configs.KERNEL_CONFIGS_ENV, str(not_a_folder))
-    configs._load_table.cache_clear()
+    _use_overlay(monkeypatch, not_a_folder)
     with pytest.raises(MoetrtError, match="is not a folder"):
         configs.select_config(SHAPE, "bfloat16", 90, None)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "sm90.json").write_text('{"entries": ')
-    monkeypatch.setenv(configs.KERNEL_CONFIGS_ENV, str(broken))
-    configs._load_table.cache_clear()
+    _use_overlay(monkeypatch, broken)
     with pytest.raises(MoetrtError, match=r"sm90\.json is not valid"):
         configs.select_config(SHAPE, "bfloat16", 90, None)
     # through the CLI: one line, a non-zero exit, no kernel bundle written
     out = tmp_path / "k.bin"
-    monkeypatch.setenv(configs.KERNEL_CONFIGS_ENV, str(not_a_folder))
-    configs._load_table.cache_clear()
+    _use_overlay(monkeypatch, not_a_folder)
     attrs = json.dumps({"num_experts": 8, "top_k": 2, "hidden_size": 64, "intermediate_size": 48})
     result = CliRunner().invoke(main, ["aot", "--attrs", attrs, "--sm", "90", "-o", str(out)])
     assert result.exit_code != 0 and not out.exists()

@@ -461,8 +461,13 @@ def _compile_kernels(
             attrs, precision, target.sm, workers=os.cpu_count() or 1
         )
     timings["kernels"] = time.perf_counter() - start
-    summary = {"sm": target.sm, "variants": len(cache), "bytes": sum(len(b) for b in cache.values())}
-    return {**summary, "config_tables": sources}, cache
+    summary = {
+        "sm": target.sm,
+        "variants": len(cache),
+        "bytes": sum(len(b) for b in cache.values()),
+        "config_tables": sources,
+    }
+    return summary, cache
 
 
 def _node_attributes(node: onnx.NodeProto) -> spec.MoEAttributes:

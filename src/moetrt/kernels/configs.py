@@ -35,7 +35,8 @@ from moetrt.op.spec import FP8_BLOCK, MoEAttributes
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: A folder of sm<SM>.json tables (as `moetrt tune -o FOLDER/sm<SM>.json` writes them) whose entries take
-#: precedence over the package's: a GPU's own tuning used by build, aot and run without editing the package.
+#: precedence over the package's: a GPU's own tuning used wherever kernels are compiled (build, aot) without
+#: editing the package.
 KERNEL_CONFIGS_ENV = "MOETRT_KERNEL_CONFIGS"
 # Buckets up to this bound take the expert-group (gemv) path unless a tuned entry turns it off. None: on
 # the H200 it streamed no faster than the sorted path (docs/kernels.md), so it is a tuning candidate only.
@@ -303,7 +304,22 @@ def default_config(
 @cache
 def _load_table(sm: int) -> dict[str, Any]:
     """The SM's entries: the package's table, overlaid by the one in $MOETRT_KERNEL_CONFIGS if it has one."""
-    entries = _table_entries(CONFIG_DIR / f"sm{sm}.json")
+    entries: dict[str, Any] = {}
+    for _, path in _table_paths(sm):
+        entries.update(_table_entries(path))
+    return entries
+
+
+def table_sources(sm: int) -> list[str]:
+    """The tables the SM's configs come from, in the order they are applied (a build's manifest lists them):
+    the package's, then $MOETRT_KERNEL_CONFIGS's (its absolute path); those that exist."""
+    return [name for name, path in _table_paths(sm) if path.is_file()]
+
+
+def _table_paths(sm: int) -> list[tuple[str, Path]]:
+    """(name, path) of the SM's tables in the order they apply: the package's, then $MOETRT_KERNEL_CONFIGS's
+    (refused in one line when that is not a folder); a path need not exist."""
+    paths = [(f"moetrt/kernels/configs/sm{sm}.json", CONFIG_DIR / f"sm{sm}.json")]
     folder = os.environ.get(KERNEL_CONFIGS_ENV)
     if folder:
         if not Path(folder).is_dir():
@@ -311,20 +327,9 @@ def _load_table(sm: int) -> dict[str, Any]:
                 f"{KERNEL_CONFIGS_ENV}={folder} is not a folder",
                 f"point it at the folder that holds sm{sm}.json (moetrt tune -o FOLDER/sm{sm}.json), or unset it",
             )
-        entries.update(_table_entries(Path(folder) / f"sm{sm}.json"))
-    return entries
-
-
-def table_sources(sm: int) -> list[str]:
-    """The tables the SM's configs come from, in the order they are applied (a build's manifest lists them):
-    the package's, then $MOETRT_KERNEL_CONFIGS's (its absolute path); those that exist."""
-    sources = []
-    if (CONFIG_DIR / f"sm{sm}.json").exists():
-        sources.append(f"moetrt/kernels/configs/sm{sm}.json")
-    folder = os.environ.get(KERNEL_CONFIGS_ENV)
-    if folder and (Path(folder) / f"sm{sm}.json").is_file():
-        sources.append(str((Path(folder) / f"sm{sm}.json").resolve()))
-    return sources
+        overlay = Path(folder) / f"sm{sm}.json"
+        paths.append((str(overlay.resolve()), overlay))
+    return paths
 
 
 def _table_entries(path: Path) -> dict[str, Any]:
