@@ -87,7 +87,10 @@ VARIANTS: dict[str, MoEAttributes] = {
 # gate_up split two ways over H as well (the tuner pairs them), "grouped" the sorted paths with the row
 # blocks taking each weight tile in groups (`gate_up.GM` 3, `down.GM` 2: grids of whole groups of 6 blocks),
 # "tma" the grouped GEMMs with their tiles by TMA where plan.uses_tma allows (TMA_STAGES: where it does),
-# "+persist" with 3 persistent programs each (plan.persistent_programs: prefill only; PERSIST_STAGES).
+# "+persist" with 3 persistent programs each (plan.persistent_programs: prefill only; PERSIST_STAGES),
+# "in_router" the router kernel's last program routing (plan.routes_in_router: no top-k launch; the launcher's
+# ticket must be zero again after the call, which moe_forward_triton checks), "+fused" on the fused decode
+# path, "+split" with the router over 3 slices of H (more programs taking tickets).
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("shared_ungated", "bfloat16", 70, "tma"),
     ("shared_gated_logits", "float16", 40, "tma"),
@@ -195,6 +198,16 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("fp8_shared_gated", "float32", 7, "routed+fused"),
     ("int4_zero_swiglu_biases", "bfloat16", 1, "routed+fused"),
     ("mxfp4_sigmoid_grouped", "float16", 3, "routed+fused"),  # BN 16: H-tile units (plan.routed_fused)
+    ("softmax_renorm", "float32", 1, "in_router"),
+    ("topk_before_softmax", "bfloat16", 1, "in_router"),
+    ("shared_gated_logits", "bfloat16", 1, "in_router+split"),
+    ("sigmoid_grouped_bias_scaled", "float16", 1, "in_router+fused"),
+    ("shared_gated_logits", "float32", 1, "in_router+fused+split"),
+    ("swiglu_clamped_biases", "float16", 2, "in_router"),  # the T <= 16 bucket: 16 x top-2 = 32 slots
+    ("swiglu_clamped_biases", "bfloat16", 13, "in_router+split"),
+    ("fp8_activations", "bfloat16", 1, "in_router"),  # the router's quantizing programs take tickets too
+    ("int4_zero_swiglu_biases", "bfloat16", 1, "in_router"),
+    ("mxfp4_sigmoid_grouped", "bfloat16", 1, "in_router+split"),
 ]
 # The stages that load by TMA in the "tma" cases: H = 48 is no whole number of BK = 32 tiles (gate_up's last
 # tile loads zeros past H); the shared expert's 40 columns are no whole number of down's BK = 16 tiles, so
@@ -266,6 +279,7 @@ def test_kernels_match_reference(case: tuple[str, str, int, str], fast_results: 
     assert fast_results[_case_id(case)]["routed"] == case[3].startswith("routed")
     assert fast_results[_case_id(case)]["tma"] == TMA_STAGES.get(_case_id(case), [])
     assert fast_results[_case_id(case)]["persist"] == PERSIST_STAGES.get(_case_id(case), [])
+    assert fast_results[_case_id(case)]["in_router"] == case[3].startswith("in_router")
     _check(fast_results[_case_id(case)], case[1], case[2])
 
 
@@ -324,6 +338,10 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "tma+grouped",
                 "tma+persist",
                 "tma+persist+grouped",
+                "in_router",
+                "in_router+split",
+                "in_router+fused",
+                "in_router+fused+split",
             ):
                 from moetrt.kernels.configs import default_config
                 from moetrt.kernels.plan import bucket_of
@@ -333,6 +351,15 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 bk = 32 if attrs.weight_format in ("int4", "mxfp4") else 16
                 if bucket == "split":
                     config["router"].update({"SPLIT": 3, "BK": 16})
+                elif bucket.startswith("in_router"):
+                    config["gemv"]["enabled"] = config["routed"]["enabled"] = 0
+                    config["topk"]["in_router"] = 1
+                    config["fused"]["enabled"] = int("fused" in bucket)
+                    if "fused" in bucket:
+                        config["fused"]["BH"] = 16
+                        config["gate_up"].update({"BN": 16, "BK": 32})
+                    if bucket.endswith("split"):
+                        config["router"].update({"SPLIT": 3, "BK": 16})
                 elif bucket.startswith("gemv"):
                     config["gemv"].update({"enabled": 1, "BN": 16, "BK": 16, "BH": 16, "BKD": 16})
                     # a table entry may keep the fused kernel's switch on: the group path wins
@@ -388,6 +415,9 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
             bound = None if prefill else plan.bucket_of(max(t, 1))
             ran_gemv = t > 0 and plan.is_gemv(config or _default(attrs, dtype, bound), bound)
             ran_routed = t > 0 and plan.is_routed(config or _default(attrs, dtype, bound), bound)
+            ran_in_router = t > 0 and plan.routes_in_router(
+                attrs, config or _default(attrs, dtype, bound), bound
+            )
             ran_tma = [
                 stage
                 for stage in ("gate_up", "down_rows")
@@ -413,6 +443,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "shapes": {n: list(v.shape) for n, v in got.items()},
                 "gemv": ran_gemv,
                 "routed": ran_routed,
+                "in_router": ran_in_router,
                 "tma": ran_tma,
                 "persist": ran_persist,
             }

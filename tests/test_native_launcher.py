@@ -75,7 +75,7 @@ def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped", "tma", "persist"]
+    "path", ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped", "tma", "persist", "in_router"]
 )
 def test_native_plan_follows_the_config(path: str) -> None:
     """The expert-group path, the fused decode path, PDL, split gate_up, the routed path, 64-row decode
@@ -105,6 +105,9 @@ def test_native_plan_follows_the_config(path: str) -> None:
             cfg["gate_up"]["TMA"] = cfg["down"]["TMA"] = 1
             cfg["gate_up"]["GM"] = 2
             cfg["down"]["BK"] = 16  # I = 48 and the shared expert's 32 in whole tiles (plan.uses_tma)
+        elif path == "in_router":  # the router kernel routes where every slot fits its registers
+            cfg["gemv"]["enabled"] = 0
+            cfg["topk"]["in_router"] = 1
         elif path == "routed":  # with the other switches on: the routed path takes precedence
             cfg["routed"]["enabled"] = 1
             cfg["gemv"]["enabled"] = 1
@@ -125,6 +128,7 @@ def test_native_plan_follows_the_config(path: str) -> None:
         "grouped": ["router", "topk", "gate_up", "down_rows"],
         "tma": ["router", "topk", "gate_up", "down_rows"],
         "persist": ["router", "topk", "gate_up", "down_rows"],
+        "in_router": ["router", "topk", "gate_up", "down_rows"],  # 3 tokens x top-2: past one program's sort
     }[path]
     assert stages == expected
     if path == "split":  # decode buckets split (four programs per tile), prefill ones do not
@@ -141,6 +145,12 @@ def test_native_plan_follows_the_config(path: str) -> None:
         assert layout["units"].offset + layout["units"].nbytes <= int(zero_words) * 4
     if path == "pdl":
         assert all(op["pdl"] for op in NativeBundle(bundle.to_bytes()).plan(700)["launches"])
+    if path == "in_router":  # T = 1: no top-k launch; the router takes the per-stream ticket
+        assert attrs.top_k * 1 <= plan.LOCAL_SORT_MAX_SLOTS
+        launches, _ = plan_from_native(NativeBundle(bundle.to_bytes()).plan(1))
+        assert [op.stage for op in launches] == ["router", "gate_up", "down_rows"]
+        assert launches[0].variant_key.startswith("router_topk_")
+        assert ("state", "router_ticket") in launches[0].args
     if path == "grouped":  # the grids and the block table cover whole groups
         for t in (3, 700, 5001):
             launches, layout = plan_from_native(NativeBundle(bundle.to_bytes()).plan(t))
@@ -243,6 +253,22 @@ def test_launch_slots_resolve_every_pointer() -> None:
                 assert value == struct.unpack("<I", struct.pack("<i", int(ref)))[0]
 
 
+def test_launch_slots_point_state_arguments_at_the_state() -> None:
+    """A bucket whose router kernel routes takes the ticket at its state offset, past the given state pointer."""
+    attrs, dtype = FULL, "float16"
+    cfg = tuning.default_config(attrs, dtype, 1)
+    cfg["gemv"]["enabled"] = 0
+    cfg["topk"]["in_router"] = 1
+    native = NativeBundle(planning_bundle(attrs, dtype, configs={1: cfg}, buckets=(1, None)).to_bytes())
+    inputs = [0x10000 * (i + 1) for i in range(len(attrs.present_inputs()))]
+    ops, _ = plan_from_native(native.plan(1))
+    assert ops[0].stage == "router" and ops[1].stage != "topk"
+    state = 0xE0000000
+    slots = native.launch_slots(1, 0, inputs, [0x9000000, 0xA000000], 0xF0000000, state)
+    position = ops[0].args.index(("state", "router_ticket"))
+    assert slots[position] == state + plan.STATE_REGIONS["router_ticket"][0]
+
+
 def test_tma_scratch_fills_tritons_global_scratch_slot() -> None:
     """A TMA grouped GEMM's launch carries tma_scratch past the kernel's parameters: the slot Triton's ABI
     gives the global scratch pointer gets the region, the profile-scratch slot stays null, and the other
@@ -317,9 +343,25 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
             lambda d: _with_header({k: v for k, v in _header(d)[0].items() if k != "inputs"}, _header(d)[1]),
             'lacks "inputs"',
         ),
+        (
+            lambda d: _with_header(
+                {**_header(d)[0], "state": {"bytes": 256, "regions": {"router_ticket": 254}}}, _header(d)[1]
+            ),
+            "state region router_ticket lies outside its 256 bytes",
+        ),
         (lambda d: _with_header({**_header(d)[0], "buckets": {}}, _header(d)[1]), "no token bucket"),
     ],
-    ids=["short", "magic", "header-cut", "cubin-cut", "json", "version", "no-inputs", "no-buckets"],
+    ids=[
+        "short",
+        "magic",
+        "header-cut",
+        "cubin-cut",
+        "json",
+        "version",
+        "no-inputs",
+        "state-outside",
+        "no-buckets",
+    ],
 )
 def test_damaged_bundles_are_refused(damage, message: str) -> None:
     data = planning_bundle(ATTRS["plain"], "bfloat16").to_bytes()

@@ -77,6 +77,26 @@ def test_topk_candidates_stay_in_registers() -> None:
     assert 1 in {c["topk"]["num_warps"] for c in configs.topk_candidates(FEW_EXPERTS, few)}
 
 
+def test_topk_round_tries_routing_in_the_router_where_it_applies() -> None:
+    """Decode buckets whose slots fit one program's registers try the router kernel routing (no top-k launch),
+    and a base that routes there tries the top-k launch back; prefill and wide buckets never see it."""
+    many = dataclasses.replace(SMALL, num_experts=512, top_k=10)
+    one = configs.default_config(many, "bfloat16", 1)
+    one["gemv"]["enabled"] = 0
+    cands = configs.topk_candidates(many, one, 1)
+    switched = [c for c in cands if c["topk"].get("in_router")]
+    assert len(switched) == 1 and plan.routes_in_router(many, switched[0], 1)
+    assert switched[0]["topk"] == {**one["topk"], "in_router": 1}
+    back = configs.topk_candidates(many, switched[0], 1)
+    assert back[0] is switched[0] and [c for c in back[1:] if c["topk"].get("in_router")] == []
+    assert one in back  # the top-k launch with base's tiles
+    # 16 tokens x top-10: past what one program sorts; prefill never
+    sixteen = configs.default_config(many, "bfloat16", 16)
+    assert not any(c["topk"].get("in_router") for c in configs.topk_candidates(many, sixteen, 16))
+    prefill = configs.default_config(many, "bfloat16", None)
+    assert not any(c["topk"].get("in_router") for c in configs.topk_candidates(many, prefill, None))
+
+
 def test_routing_rounds_are_scored_by_the_routing_launches(table_dir) -> None:  # type: ignore[no-untyped-def]
     """With --rounds router,topk the GEMM tiles stay the table's, the candidates are judged by time_routing
     (not the call's time, which would hide them in its noise), and the entry records the call's time."""

@@ -222,6 +222,64 @@ def test_routed_path_matches_reference(weights: str, fused: int, dtype: torch.dt
             _assert_matches_reference(got, inputs, attrs, dtype, f"{weights} routed T={num_tokens}")
 
 
+@pytest.mark.parametrize("weights", ["native", "fp8_block", "int4", "mxfp4"])
+@pytest.mark.parametrize("fused", [0, 1])
+@pytest.mark.parametrize("pdl", [0, 1, 2])
+def test_routing_in_the_router_matches_reference(weights: str, fused: int, pdl: int) -> None:
+    """The router kernel's last program routing (topk.in_router: no top-k launch) through the launcher: many
+    calls in a row on new inputs (the per-stream ticket must be zero at each call's start), two streams, and a
+    CUDA graph replayed on new inputs (captured after one call on its stream; a first call under capture is
+    refused in one line)."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels import plan
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs SM90+")
+    if fused and weights != "native":
+        pytest.skip("the fused experts kernel takes native weights")
+    quantized = {} if weights == "native" else {"weight_format": weights, "weight_block": 32}
+    attrs = like(
+        "qwen3_next", 64, 6, 256, 128, shared_intermediate_size=96, output_router_logits=True, **quantized
+    )
+    dtype = torch.bfloat16
+    cfg = tuning.default_config(attrs, "bfloat16", 1)
+    cfg["gemv"]["enabled"] = cfg["routed"]["enabled"] = 0
+    cfg["topk"]["in_router"] = 1
+    cfg["fused"] = {"enabled": fused, "BH": 64}
+    cfg["pdl"] = {"enabled": pdl}
+    assert plan.routes_in_router(attrs, cfg, 1)
+    bundle = compile_kernels(attrs, "bfloat16", current_sm(), buckets=(1,), configs={1: cfg}, workers=8)
+    assert "topk" not in bundle.buckets["1"]["variants"]
+    side = torch.cuda.Stream()
+    for seed in range(6):
+        inputs = random_inputs(attrs, 1, dtype=dtype, device="cuda", seed=seed)
+        with torch.cuda.stream(side if seed % 2 else torch.cuda.current_stream()):
+            got = moe_forward(inputs, attrs, bundle, outputs=_poisoned_outputs(attrs, 1, dtype))
+        torch.cuda.synchronize()
+        _assert_matches_reference(got, inputs, attrs, dtype, f"{weights} in_router call {seed}")
+
+    inputs = random_inputs(attrs, 1, dtype=dtype, device="cuda", seed=100)
+    out = _poisoned_outputs(attrs, 1, dtype)
+    with torch.cuda.stream(side):
+        moe_forward(inputs, attrs, bundle, outputs=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        moe_forward(inputs, attrs, bundle, outputs=out)
+    for seed in range(101, 105):
+        fresh = random_inputs(attrs, 1, dtype=dtype, device="cuda", seed=seed)
+        inputs["hidden_states"].copy_(fresh["hidden_states"])
+        out["output"].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_matches_reference(out, inputs, attrs, dtype, f"{weights} in_router replay {seed}")
+
+    capture = torch.cuda.graph(torch.cuda.CUDAGraph(), stream=torch.cuda.Stream())
+    with pytest.raises(MoetrtError, match="being captured"), capture:
+        moe_forward(inputs, attrs, bundle, outputs=out)
+
+
 @pytest.mark.parametrize("block_rows", [32, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_wide_decode_blocks_match_reference(block_rows: int, dtype: torch.dtype) -> None:

@@ -32,8 +32,9 @@ BUNDLE_MAGIC = b"MOETRTKB"
 # TMA: a launch argument past the kernel's parameters for Triton's global scratch, the tma_scratch region); 9:
 # persistent grouped GEMMs (gate_up / down PERSIST: grids of at most PERSIST programs, and their descriptors,
 # one more over the shared expert's weight, in tma_scratch); 10: the fused decode experts kernel casts its sum
-# (out and tickets among its parameters; no finalize kernel)
-BUNDLE_VERSION = 10
+# (out and tickets among its parameters; no finalize kernel); 11: the router kernel that routes (router_topk:
+# a 'state' parameter, memory the launcher keeps per stream; decode buckets without a top-k stage)
+BUNDLE_VERSION = 11
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ class KernelBundle:
                 "triton_version": self.triton_version,
                 "kernels": kernels,
                 "buckets": self.buckets,
+                # the launcher's per-stream state: its size and the byte offset of each region
+                "state": {
+                    "bytes": plan.STATE_BYTES,
+                    "regions": {name: offset for name, (offset, _) in plan.STATE_REGIONS.items()},
+                },
                 **_io_header(self.moe_attributes(), self.dtype),
             },
             sort_keys=True,

@@ -29,6 +29,7 @@ from moetrt.kernels.plan import (
     is_decode,
     next_pow2,
     pdl_mode,
+    routes_in_router,
     uses_tma,
 )
 from moetrt.op.spec import FP8_BLOCK, MoEAttributes
@@ -612,13 +613,23 @@ def router_candidates(
 TOPK_ONE_WARP_MAX_ELEMENTS = 2048
 
 
-def topk_candidates(attrs: MoEAttributes, base: dict[str, Any]) -> list[dict[str, Any]]:
+def topk_candidates(
+    attrs: MoEAttributes, base: dict[str, Any], bound: int | None = None
+) -> list[dict[str, Any]]:
     """Top-k tiles (tokens per program, warps) tried after the router's; base first. Around base's tokens per
     program, and one token per program always (at decode it can be the fastest call, as a decode bucket
-    scores them: tune.tuner.tune)."""
+    scores them: tune.tuner.tune). In decode buckets where it applies (`plan.routes_in_router`), also the
+    router kernel routing in its last program (`topk.in_router`, no top-k launch), or without it where base
+    has it; the tiles are tried with a top-k launch."""
     e_pad = next_pow2(attrs.num_experts)
     rt = base["topk"]["RT"]
     out = [base]
+    toggled = copy.deepcopy(base)
+    toggled["topk"]["in_router"] = 1 - int(base["topk"].get("in_router", 0))
+    if not toggled["topk"]["in_router"]:
+        del toggled["topk"]["in_router"]
+    if routes_in_router(attrs, {**base, "topk": {**base["topk"], "in_router": 1}}, bound):
+        out.append(toggled)
     for new_rt in dict.fromkeys((max(1, rt // 2), rt, rt * 2, 1)):
         if new_rt * e_pad > TOPK_MAX_ELEMENTS and new_rt > rt:
             continue
@@ -627,6 +638,7 @@ def topk_candidates(attrs: MoEAttributes, base: dict[str, Any]) -> list[dict[str
                 continue
             cfg = copy.deepcopy(base)
             cfg["topk"].update({"RT": new_rt, "num_warps": warps})
+            cfg["topk"].pop("in_router", None)  # the tiles of a top-k launch
             if cfg not in out:
                 out.append(cfg)
     return out

@@ -139,6 +139,7 @@ def library(path: str | None = None) -> ctypes.CDLL:
                 c.POINTER(c.c_uint64),
                 c.c_size_t,
                 c.c_uint64,
+                c.c_uint64,
                 c.POINTER(c.c_uint64),
                 c.c_size_t,
                 c.POINTER(c.c_size_t),
@@ -236,11 +237,23 @@ class NativeBundle:
         input_ptrs: Sequence[int],
         output_ptrs: Sequence[int],
         workspace_ptr: int,
+        state_ptr: int = 0,
     ) -> list[int]:
-        """The 8-byte kernel parameter slots of launch `index`, exactly as the launcher hands them to CUDA."""
+        """The 8-byte kernel parameter slots of launch `index`, exactly as the launcher hands them to CUDA
+        (`state_ptr`: where the launcher's per-stream state would be, plan.STATE_BYTES)."""
         ins, outs = _pointers(input_ptrs), _pointers(output_ptrs)
         count = ctypes.c_size_t()
-        args = (self._handle, num_tokens, index, ins, len(input_ptrs), outs, len(output_ptrs), workspace_ptr)
+        args = (
+            self._handle,
+            num_tokens,
+            index,
+            ins,
+            len(input_ptrs),
+            outs,
+            len(output_ptrs),
+            workspace_ptr,
+            state_ptr,
+        )
         _check(self._lib, self._lib.moetrt_launch_slots(*args, None, 0, ctypes.byref(count)))
         slots = (ctypes.c_uint64 * max(1, count.value))()
         _check(self._lib, self._lib.moetrt_launch_slots(*args, slots, count.value, None))

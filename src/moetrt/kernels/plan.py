@@ -71,6 +71,26 @@ KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("T", "T"),
         ("zero_words", "int"),
     ),
+    "router_topk": (
+        ("x_ptr", "x"),
+        ("router_w_ptr", "x"),
+        ("shared_gate_w_ptr", "x"),
+        ("logits_ws_ptr", "f32"),
+        ("gate_part_ptr", "f32"),
+        ("zero_ptr", "i32"),
+        ("xq_ptr", "q"),
+        ("xs_ptr", "f32"),
+        ("router_b_ptr", "x"),
+        ("logits_out_ptr", "x"),
+        ("gate_ws_ptr", "f32"),
+        ("corr_bias_ptr", "x"),
+        ("topk_ids_ptr", "i32"),
+        ("topk_w_ptr", "f32"),
+        *_BLOCK_TABLE,
+        ("ticket_ptr", "i32"),
+        ("T", "T"),
+        ("zero_words", "int"),
+    ),
     "topk": (
         ("logits_ws_ptr", "f32"),
         ("router_b_ptr", "x"),
@@ -267,7 +287,15 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "ngroups_ptr": ("ws", "ngroups"),
     "group_expert_ptr": ("ws", "group_expert"),
     "expert_slots_ptr": ("ws", "expert_slots"),
+    "ticket_ptr": ("state", "router_ticket"),
 }
+
+# Memory a launcher keeps per stream across calls ('state' arguments), zeroed once when it is allocated; each
+# call leaves it zero again. The router kernel that routes (router_topk) counts its programs there: a ticket
+# that must be zero before the call's first kernel starts cannot live in the per-call workspace, which holds
+# garbage (TensorRT shares it with other layers).
+STATE_REGIONS: dict[str, tuple[int, int]] = {"router_ticket": (0, 4)}  # name -> (byte offset, bytes)
+STATE_BYTES = 256
 
 
 def next_pow2(n: int) -> int:
@@ -333,6 +361,26 @@ def decode_path(cfg: dict[str, Any], bound: int | None) -> str:
     if is_fused(cfg, bound):
         return "fused"
     return "sorted" if is_decode(bound) else "prefill"
+
+
+def routes_in_router(attrs: MoEAttributes, cfg: dict[str, Any], bound: int | None) -> bool:
+    """Whether the router kernel's last program routes (`router_topk`, config `topk.in_router`), so that the
+    bucket has no top-k launch: decode buckets of the sorted and fused paths whose every slot fits the
+    one-program sort in registers (next_pow2(bound) * top_k slots, rounded to a power of two, at most
+    LOCAL_SORT_MAX_SLOTS; no expert with more rows than one block)."""
+    if bound is None or decode_path(cfg, bound) not in ("sorted", "fused"):
+        return False
+    rows = next_pow2(bound)
+    return (
+        bool(cfg["topk"].get("in_router", 0))
+        and next_pow2(rows * attrs.top_k) <= LOCAL_SORT_MAX_SLOTS
+        and bound <= cfg["gate_up"]["BM"]
+    )
+
+
+#: Slots a one-program routing sorts in registers (slot pairs compared: this many squared); beyond it the top-k
+#: kernel's counters, a ticket and _align do the work (triton_moe._align_in_registers).
+LOCAL_SORT_MAX_SLOTS = 32
 
 
 def routed_units(attrs: MoEAttributes, cfg: dict[str, Any], num_tokens: int) -> int:
@@ -424,7 +472,7 @@ def param_types(kernel: str, dtype: str, weight_format: str = NATIVE) -> list[st
 
 def param_sources(kernel: str) -> list[tuple[str, str]]:
     """Where each runtime parameter of `kernel` comes from: ('in' | 'out', tensor name), ('ws', region),
-    ('T', '') or ('int', host value name). Kernel bundles carry this list, so a launcher in any language
+    ('state', region of STATE_REGIONS), ('T', '') or ('int', host value name). Kernel bundles carry this list, so a launcher in any language
     resolves arguments without its own copy of these tables; an absent optional tensor resolves to
     hidden_states (never read: a constexpr flag disables it)."""
     out: list[tuple[str, str]] = []
@@ -723,6 +771,22 @@ def _stage_variants(
             ),
             "gemv_down": Variant("gemv_down", tuple(gemv_down.items()), gv["down_warps"], gv["down_stages"]),
         }
+    # the router kernel routes too (no top-k launch) where the config asks and every slot fits its registers
+    routing_stages = {
+        "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
+        "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
+    }
+    if routes_in_router(attrs, cfg, bound):
+        assert bound is not None
+        router_topk = {  # signature order: the router's, then the routing's it does not have
+            **router,
+            **{name: topk[name] for name in ("K", *_ROUTING_CONSTEXPRS) if name not in router},
+            "RT": next_pow2(bound),  # one program routes every token of the bucket
+            **{name: topk[name] for name in ("E_PAD", "K_PAD", "G_PAD")},
+        }
+        routing_stages = {
+            "router": Variant("router_topk", tuple(router_topk.items()), rc["num_warps"], rc["num_stages"])
+        }
     if is_fused(cfg, bound):
         if attrs.is_quantized:  # configs.select_config never enables it there; a hand-made config may
             raise ValueError(
@@ -733,8 +797,7 @@ def _stage_variants(
             "BH": cfg["fused"]["BH"],
         }
         return {
-            "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
-            "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
+            **routing_stages,
             "experts": Variant("experts", tuple(experts.items()), gc["num_warps"], gc["num_stages"]),
         }
     down = {
@@ -753,8 +816,7 @@ def _stage_variants(
         "PERSIST": persistent_programs(attrs, dtype, cfg, bound, "down_rows"),
     }
     variants = {
-        "router": Variant("router", tuple(router.items()), rc["num_warps"], rc["num_stages"]),
-        "topk": Variant("topk", tuple(topk.items()), tc["num_warps"], 1),
+        **routing_stages,
         "gate_up": Variant(
             "gate_up",
             tuple(
@@ -921,7 +983,7 @@ def workspace_layout(
 class Launch:
     """One kernel launch: the variant key, its grid, and where each runtime argument comes from.
 
-    args: ('in', name) | ('out', name) | ('ws', region) | ('T', '') | ('int', decimal) — absent optional tensors resolve
+    args: ('in', name) | ('out', name) | ('ws', region) | ('state', region) | ('T', '') | ('int', decimal) — absent optional tensors resolve
     to the hidden_states pointer (never read: a constexpr flag disables their use).
     """
 
@@ -968,12 +1030,13 @@ def launch_sequence(
     zero_end = layout["acc"].offset + layout["acc"].nbytes
     ops: list[Launch] = []
     r = const["router"]
+    routing_launch = not routes_in_router(attrs, cfg, bound)  # else the router kernel routes (router_topk)
     ops.append(
         Launch(
             "router",
             variants["router"].key,
             (cdiv(t, r["BT"]), cdiv(e, r["BE"]) + r["QCOLS"], r["SPLIT"]),
-            args_for("router", zero_words=zero_end // 4),
+            args_for("router" if routing_launch else "router_topk", zero_words=zero_end // 4),
         )
     )
     if is_routed(cfg, bound):
@@ -1011,15 +1074,19 @@ def launch_sequence(
             )
         )
         return _with_pdl(ops, const)
-    tk = const["topk"]
-    chunk = tk["CS"]
     blocks_per_expert = cdiv(t, bm)  # a token picks an expert at most once (the shared expert: every token)
-    if is_decode(bound):
-        topk_ints = {"block_iters": blocks_per_expert, "slot_iters": cdiv(t * k, chunk)}
-    else:
-        topk_ints = {"block_iters": 0, "slot_iters": 0}
-    ops.append(Launch("topk", variants["topk"].key, (cdiv(t, tk["RT"]), 1, 1), args_for("topk", **topk_ints)))
+    if routing_launch:
+        tk = const["topk"]
+        chunk = tk["CS"]
+        if is_decode(bound):
+            topk_ints = {"block_iters": blocks_per_expert, "slot_iters": cdiv(t * k, chunk)}
+        else:
+            topk_ints = {"block_iters": 0, "slot_iters": 0}
+        ops.append(
+            Launch("topk", variants["topk"].key, (cdiv(t, tk["RT"]), 1, 1), args_for("topk", **topk_ints))
+        )
     if not is_decode(bound):
+        chunk = const["topk"]["CS"]
         programs = max(1, min(ALIGN_MAX_PROGRAMS, max(cdiv(t * k, chunk), blocks_per_expert)))
         iters = {
             "block_iters": cdiv(blocks_per_expert, programs),

@@ -197,6 +197,8 @@ def moe_forward_triton(
         hidden.device
     )
     by_key = {v.key: v for v in variants.values()}
+    # what a launcher keeps per stream: zero before the call, and zero again after it (checked below)
+    state = torch.zeros(plan.STATE_BYTES // 4, dtype=torch.int32, device=hidden.device)
 
     def region(name: str, dt: torch.dtype) -> torch.Tensor:
         reg = layout[name]
@@ -223,12 +225,17 @@ def moe_forward_triton(
                 args.append(inputs[ref])
             elif src == "out":
                 args.append(outputs[ref])
+            elif src == "state":
+                offset, nbytes = plan.STATE_REGIONS[ref]
+                args.append(state[offset // 4 : (offset + nbytes) // 4])
             else:
                 args.append(region(ref, hidden.dtype if kind == "x" else _KIND_DTYPE[kind]))
         grid = plan.device_grid(op.grid, dict(variant.constexprs), sm_count)
         KERNELS[variant.kernel][grid](
             *args, **dict(variant.constexprs), num_warps=variant.num_warps, num_stages=variant.num_stages
         )
+    if bool(state.any()):  # a later call would find it non-zero and route wrong
+        raise MoetrtError("a kernel left the launcher's per-stream state non-zero", "report this as a bug")
     return outputs
 
 

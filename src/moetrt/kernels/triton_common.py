@@ -195,8 +195,14 @@ def route_rows(
     cols = tl.arange(0, E_PAD)
     lmask = row_ok[:, None] & (cols[None, :] < E)
     lg = tl.zeros((RT, E_PAD), dtype=tl.float32)
+    # .cg (L2, not L1): the router kernel's last program reads what its other programs just wrote
     for sl in tl.static_range(SPLIT):
-        lg += tl.load(logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :], mask=lmask, other=0.0)
+        lg += tl.load(
+            logits_ws_ptr + sl * T * E + rows[:, None] * E + cols[None, :],
+            mask=lmask,
+            other=0.0,
+            cache_modifier=".cg",
+        )
     if HAS_ROUTER_BIAS:
         lg += tl.load(router_b_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
     if OUT_LOGITS:
@@ -206,7 +212,7 @@ def route_rows(
         if HAS_SHARED_GATE:
             g_acc = tl.zeros((RT,), dtype=tl.float32)
             for sl in tl.static_range(SPLIT):
-                g_acc += tl.load(gate_part_ptr + sl * T + rows, mask=row_ok, other=0.0)
+                g_acc += tl.load(gate_part_ptr + sl * T + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             gate = tl.sigmoid(g_acc)
         else:
             gate = tl.full((RT,), 1.0, tl.float32)

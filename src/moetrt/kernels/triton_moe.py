@@ -26,6 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moetrt.kernels import plan
 from moetrt.kernels.triton_common import (
     FP8_E4M3_MAX,
     dot,
@@ -109,9 +110,8 @@ def _align(
             tl.store(sorted_slot_ptr + num_slots + s, num_slots + s, mask=s < T)
 
 
-# Slots a one-program top-k sorts in registers (slot pairs compared: next_pow2(RT * K) squared): beyond it the
-# counters, a ticket and _align do the work.
-LOCAL_SORT_MAX_SLOTS = tl.constexpr(32)
+# Slots a one-program top-k sorts in registers (plan.LOCAL_SORT_MAX_SLOTS)
+LOCAL_SORT_MAX_SLOTS = tl.constexpr(plan.LOCAL_SORT_MAX_SLOTS)
 
 
 @triton.constexpr_function
@@ -270,6 +270,56 @@ def router_logits_kernel(
     dealt out over every program of a token block still 21 µs at Qwen3-30B T = 4096 and 3 µs at T = 1).
     """
     pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
+    _router_partials(
+        x_ptr,
+        router_w_ptr,
+        shared_gate_w_ptr,
+        logits_ws_ptr,
+        gate_part_ptr,
+        zero_ptr,
+        xq_ptr,
+        xs_ptr,
+        T,
+        zero_words,
+        E,
+        H,
+        HAS_SHARED_GATE,
+        IEEE,
+        SPLIT,
+        BT,
+        BE,
+        BK,
+        ACT_FP8,
+        WB,
+        QCOLS,
+    )
+
+
+@triton.jit
+def _router_partials(
+    x_ptr,
+    router_w_ptr,
+    shared_gate_w_ptr,
+    logits_ws_ptr,
+    gate_part_ptr,
+    zero_ptr,
+    xq_ptr,
+    xs_ptr,
+    T,
+    zero_words,
+    E: tl.constexpr,
+    H: tl.constexpr,
+    HAS_SHARED_GATE: tl.constexpr,
+    IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+    ACT_FP8: tl.constexpr,
+    WB: tl.constexpr,
+    QCOLS: tl.constexpr,
+):
+    """The router kernels' work of one program (router_logits_kernel explains it)."""
     pid_t = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -288,8 +338,9 @@ def router_logits_kernel(
     rows = pid_t * BT + tl.arange(0, BT)
     row_ok = rows < T
     NE: tl.constexpr = (E + BE - 1) // BE
-    if ACT_FP8:  # noqa: SIM102 (a constexpr and a runtime condition: Triton needs them apart)
-        if pid_e >= NE:
+    # the programs past the expert blocks quantize x (there are none without fp8 activations: QCOLS 0)
+    if pid_e >= NE:
+        if ACT_FP8:  # the quantizing code is compiled only where it runs (fp8 needs SM 8.9+)
             NB: tl.constexpr = (H + WB - 1) // WB
             for blk in range(pid_s * QCOLS + pid_e - NE, NB, SPLIT * QCOLS):
                 ks = blk * WB + tl.arange(0, WB)
@@ -298,30 +349,172 @@ def router_logits_kernel(
                     x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
                 )
                 _store_fp8_rows(xq_ptr, xs_ptr, xt.to(tl.float32), rows, row_ok, ks, k_ok, blk, H, NB)
-            return
-    ecols = pid_e * BE + tl.arange(0, BE)
-    ecol_ok = ecols < E
-    acc = tl.zeros((BT, BE), dtype=tl.float32)
-    gate_acc = tl.zeros((BT,), dtype=tl.float32)
-    for k0 in range(0, HS, BK):
-        ks = pid_s * HS + k0 + tl.arange(0, BK)
-        k_ok = ks < H
-        wt = tl.load(
-            router_w_ptr + ecols[:, None] * H + ks[None, :], mask=ecol_ok[:, None] & k_ok[None, :], other=0.0
+    else:
+        ecols = pid_e * BE + tl.arange(0, BE)
+        ecol_ok = ecols < E
+        acc = tl.zeros((BT, BE), dtype=tl.float32)
+        gate_acc = tl.zeros((BT,), dtype=tl.float32)
+        for k0 in range(0, HS, BK):
+            ks = pid_s * HS + k0 + tl.arange(0, BK)
+            k_ok = ks < H
+            wt = tl.load(
+                router_w_ptr + ecols[:, None] * H + ks[None, :],
+                mask=ecol_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            xt = tl.load(
+                x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            acc = dot_acc(xt, tl.trans(wt), acc, IEEE)
+            if HAS_SHARED_GATE:
+                gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok & (pid_e == 0), other=0.0).to(tl.float32)
+                gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
+        base = pid_s.to(tl.int64) * T * E
+        tl.store(
+            logits_ws_ptr + base + rows[:, None] * E + ecols[None, :],
+            acc,
+            mask=row_ok[:, None] & ecol_ok[None, :],
         )
-        xt = tl.load(x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = dot_acc(xt, tl.trans(wt), acc, IEEE)
         if HAS_SHARED_GATE:
-            gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok & (pid_e == 0), other=0.0).to(tl.float32)
-            gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
-    base = pid_s.to(tl.int64) * T * E
-    tl.store(
-        logits_ws_ptr + base + rows[:, None] * E + ecols[None, :],
-        acc,
-        mask=row_ok[:, None] & ecol_ok[None, :],
+            tl.store(gate_part_ptr + pid_s * T + rows, gate_acc, mask=row_ok & (pid_e == 0))
+
+
+@triton.jit
+def router_topk_kernel(
+    x_ptr,
+    router_w_ptr,
+    shared_gate_w_ptr,
+    logits_ws_ptr,
+    gate_part_ptr,
+    zero_ptr,
+    xq_ptr,
+    xs_ptr,
+    router_b_ptr,
+    logits_out_ptr,
+    gate_ws_ptr,
+    corr_bias_ptr,
+    topk_ids_ptr,
+    topk_w_ptr,
+    offsets_ptr,
+    nblocks_ptr,
+    block_expert_ptr,
+    block_row0_ptr,
+    sorted_slot_ptr,
+    ticket_ptr,
+    T,
+    zero_words,
+    E: tl.constexpr,
+    H: tl.constexpr,
+    HAS_SHARED_GATE: tl.constexpr,
+    IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    BK: tl.constexpr,
+    ACT_FP8: tl.constexpr,
+    WB: tl.constexpr,
+    QCOLS: tl.constexpr,
+    K: tl.constexpr,
+    SCORING_SIGMOID: tl.constexpr,
+    TOPK_BEFORE: tl.constexpr,
+    NORM_TOPK: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    SCALE: tl.constexpr,
+    HAS_CORR_BIAS: tl.constexpr,
+    HAS_ROUTER_BIAS: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    OUT_LOGITS: tl.constexpr,
+    RT: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+    G_PAD: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The router logits and the routing in one launch, for decode buckets whose every slot fits one
+    program's registers (plan.routes_in_router: T <= RT, next_pow2(RT * K) <= LOCAL_SORT_MAX_SLOTS).
+
+    Every program computes its partial logits as router_logits_kernel does, then takes a ticket; the last
+    to arrive routes all T tokens and sorts their slots in registers (as the one-program top-k kernel does),
+    so the routing costs no launch of its own. The ticket lives in memory that outlives the call (a launcher
+    keeps it per stream, zeroed once: plan.STATE_REGIONS): the last program sets it back to zero, so every call
+    finds it zero, including CUDA-graph replays.
+    """
+    pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
+    _router_partials(
+        x_ptr,
+        router_w_ptr,
+        shared_gate_w_ptr,
+        logits_ws_ptr,
+        gate_part_ptr,
+        zero_ptr,
+        xq_ptr,
+        xs_ptr,
+        T,
+        zero_words,
+        E,
+        H,
+        HAS_SHARED_GATE,
+        IEEE,
+        SPLIT,
+        BT,
+        BE,
+        BK,
+        ACT_FP8,
+        WB,
+        QCOLS,
     )
-    if HAS_SHARED_GATE:
-        tl.store(gate_part_ptr + pid_s * T + rows, gate_acc, mask=row_ok & (pid_e == 0))
+    # All of this CTA's stores happen before the release of the ticket (threadfence-reduction pattern).
+    tl.debug_barrier()
+    nprog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    S: tl.constexpr = _slots_pow2(RT, K)
+    if ticket == nprog - 1:
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")  # zero again for the next call
+        tl.debug_barrier()
+        route_rows(
+            T,
+            0,
+            logits_ws_ptr,
+            router_b_ptr,
+            logits_out_ptr,
+            gate_part_ptr,
+            gate_ws_ptr,
+            corr_bias_ptr,
+            topk_ids_ptr,
+            topk_w_ptr,
+            E,
+            K,
+            SCORING_SIGMOID,
+            TOPK_BEFORE,
+            NORM_TOPK,
+            N_GROUP,
+            TOPK_GROUP,
+            SCALE,
+            HAS_CORR_BIAS,
+            HAS_ROUTER_BIAS,
+            HAS_SHARED,
+            HAS_SHARED_GATE,
+            OUT_LOGITS,
+            SPLIT,
+            RT,
+            E_PAD,
+            K_PAD,
+            G_PAD,
+        )
+        _align_in_registers(
+            T,
+            topk_ids_ptr,
+            offsets_ptr,
+            nblocks_ptr,
+            block_expert_ptr,
+            block_row0_ptr,
+            sorted_slot_ptr,
+            E,
+            K,
+            HAS_SHARED,
+            S,
+        )
 
 
 @triton.jit
@@ -2062,6 +2255,7 @@ def _routed_down_sums(
 
 KERNELS = {
     "router": router_logits_kernel,
+    "router_topk": router_topk_kernel,
     "topk": topk_kernel,
     "align": align_kernel,
     "gate_up": gate_up_kernel,

@@ -93,7 +93,8 @@ class CapturedCall:
     """A callable captured into a CUDA graph; calling it replays the graph and returns the static output."""
 
     def __init__(self, call: Callable[[], torch.Tensor], device: torch.device, warmup: int = 2) -> None:
-        # Warm up on a side stream first, as CUDA-graph capture requires (allocator, lazy init, autotuning).
+        # Warm up on a side stream first, as CUDA-graph capture requires (allocator, lazy init, autotuning),
+        # and capture on that stream: a launcher's per-stream state exists there once a call has run.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -101,7 +102,7 @@ class CapturedCall:
                 call()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):
             self.output = call()
 
     def __call__(self) -> torch.Tensor:

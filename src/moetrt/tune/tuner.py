@@ -158,7 +158,7 @@ def tune(
             elif round_name == "router":
                 cands = router_candidates(attrs, chosen, dtype, bound)
             elif round_name == "topk":
-                cands = topk_candidates(attrs, chosen)
+                cands = topk_candidates(attrs, chosen, bound)
             elif sm >= 90:  # programmatic dependent launch: off, next kernel at once, or as programs exit
                 cands = pdl_candidates(chosen)
             else:

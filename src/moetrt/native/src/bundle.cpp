@@ -133,6 +133,14 @@ Bundle Bundle::parse(const void* data, size_t size) {
         b.buckets.push_back(std::move(out));
     }
     if (b.buckets.empty()) bad("kernel bundle has no token bucket");
+    const json::Value& state = header.at("state");
+    b.state_bytes = state.at("bytes").as_int();
+    for (const auto& [region, offset] : state.at("regions").members) {
+        b.state_offsets[region] = offset.as_int();
+        if (offset.as_int() < 0 || offset.as_int() + 4 > b.state_bytes)
+            bad("kernel bundle's state region " + region + " lies outside its " + std::to_string(b.state_bytes) +
+                " bytes");
+    }
     return b;
 }
 

@@ -13,7 +13,7 @@
 namespace moetrt {
 
 // Version of the bundle layout this library reads (kernels/aot.py BUNDLE_VERSION).
-constexpr int64_t kBundleVersion = 10;
+constexpr int64_t kBundleVersion = 11;
 constexpr char kBundleMagic[] = "MOETRTKB";
 constexpr size_t kBundleMagicSize = 8;
 
@@ -21,7 +21,7 @@ enum class ParamKind { Pointer, Int32 };
 
 // Where one kernel parameter's value comes from at launch time.
 struct ParamSource {
-    std::string source;  // "in" | "out" | "ws" | "T" | "int"
+    std::string source;  // "in" | "out" | "ws" | "state" | "T" | "int"
     std::string ref;     // input / output / workspace region / host-int name
 };
 
@@ -78,6 +78,9 @@ struct Bundle {
     std::vector<std::vector<int64_t>> input_shapes;
     std::vector<Kernel> kernels;
     std::vector<Bucket> buckets;
+    // the launcher's per-stream state (plan.py STATE_BYTES, STATE_REGIONS): bytes, and region -> byte offset
+    int64_t state_bytes = 0;
+    std::map<std::string, int64_t> state_offsets;
 
     // Throws moetrt::Error (kind Bundle) for anything but a complete bundle of this version.
     static Bundle parse(const void* data, size_t size);

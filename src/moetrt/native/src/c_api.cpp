@@ -123,7 +123,7 @@ int moetrt_check_sm(const moetrt_bundle* bundle, int64_t sm) {
 
 int moetrt_launch_slots(const moetrt_bundle* bundle, int64_t num_tokens, int64_t index, const uint64_t* inputs,
                         size_t num_inputs, const uint64_t* outputs, size_t num_outputs, uint64_t workspace,
-                        uint64_t* slots, size_t capacity, size_t* count) {
+                        uint64_t state, uint64_t* slots, size_t capacity, size_t* count) {
     return guarded([&] {
         require(bundle, "bundle");
         const moetrt::Bundle& b = *bundle->bundle;
@@ -133,7 +133,8 @@ int moetrt_launch_slots(const moetrt_bundle* bundle, int64_t num_tokens, int64_t
             throw moetrt::Error(moetrt::ErrorKind::Invalid, "launch index " + std::to_string(index) + " is outside the plan",
                                 "");
         std::vector<uint64_t> packed =
-            moetrt::launch_slots(b, plan.launches[static_cast<size_t>(index)], num_tokens, inputs, outputs, workspace);
+            moetrt::launch_slots(b, plan.launches[static_cast<size_t>(index)], num_tokens, inputs, outputs, workspace,
+                                 state);
         if (count) *count = packed.size();
         for (size_t i = 0; i < packed.size() && i < capacity && slots; ++i) slots[i] = packed[i];
     });

@@ -38,6 +38,10 @@ Driver open_driver() {
     bind(lib, d.func_set_attribute, "cuFuncSetAttribute");
     bind(lib, d.launch_kernel, "cuLaunchKernel");
     bind(lib, d.launch_kernel_ex, "cuLaunchKernelEx");
+    bind(lib, d.mem_alloc, "cuMemAlloc_v2");  // cuda.h maps the names to their _v2 entry points
+    bind(lib, d.mem_free, "cuMemFree_v2");
+    bind(lib, d.memset_d8, "cuMemsetD8_v2");
+    bind(lib, d.stream_is_capturing, "cuStreamIsCapturing");
     d.check(d.init(0), "initialising the CUDA driver");
     return d;
 }

@@ -23,6 +23,10 @@ struct Driver {
     decltype(&cuFuncSetAttribute) func_set_attribute;
     decltype(&cuLaunchKernel) launch_kernel;
     decltype(&cuLaunchKernelEx) launch_kernel_ex;
+    decltype(&cuMemAlloc) mem_alloc;
+    decltype(&cuMemFree) mem_free;
+    decltype(&cuMemsetD8) memset_d8;
+    decltype(&cuStreamIsCapturing) stream_is_capturing;
 
     // The process's driver (opened once); throws moetrt::Error when libcuda cannot be opened.
     static const Driver& get();

@@ -81,6 +81,7 @@ Launcher::Launcher(std::shared_ptr<const Bundle> bundle) : bundle_(std::move(bun
 Launcher::~Launcher() {
     try {
         const Driver& drv = Driver::get();
+        for (const auto& entry : states_) drv.mem_free(entry.second);
         for (CUmodule m : modules_) drv.module_unload(m);
     } catch (...) {
     }
@@ -100,6 +101,28 @@ std::shared_ptr<const Plan> Launcher::plan(int64_t num_tokens) {
     return made;
 }
 
+uint64_t Launcher::state_for(CUstream stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = states_.find(stream);
+    if (it != states_.end()) return static_cast<uint64_t>(it->second);
+    const Driver& drv = Driver::get();
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+    drv.check(drv.stream_is_capturing(stream, &capture), "asking whether the stream is being captured");
+    if (capture != CU_STREAM_CAPTURE_STATUS_NONE)
+        throw Error(ErrorKind::Invalid, "the first launch of this op on a stream is being captured into a CUDA graph",
+                    "run the op (or the engine) once on that stream before capturing it");
+    CUdeviceptr state = 0;
+    auto bytes = static_cast<size_t>(bundle_->state_bytes);
+    drv.check(drv.mem_alloc(&state, bytes), "allocating the launcher's per-stream state");
+    CUresult zeroed = drv.memset_d8(state, 0, bytes);  // synchronous: zero before use
+    if (zeroed != CUDA_SUCCESS) {
+        drv.mem_free(state);
+        drv.check(zeroed, "zeroing the launcher's per-stream state");
+    }
+    states_[stream] = state;
+    return static_cast<uint64_t>(state);
+}
+
 void Launcher::enqueue(int64_t num_tokens, const uint64_t* inputs, size_t num_inputs, const uint64_t* outputs,
                        size_t num_outputs, uint64_t workspace, CUstream stream, int first, int count) {
     const Bundle& b = *bundle_;
@@ -115,11 +138,12 @@ void Launcher::enqueue(int64_t num_tokens, const uint64_t* inputs, size_t num_in
                                             ") is outside the plan's " + std::to_string(total) + " launches", "");
     int last = count < 0 ? total : first + count;
     const Driver& drv = Driver::get();
+    uint64_t state = plan->uses_state ? state_for(stream) : 0;
     void* params[kMaxParams];
     for (int i = first; i < last; ++i) {
         const Launch& launch = plan->launches[i];
         const Kernel& kernel = b.kernels[launch.kernel];
-        std::vector<uint64_t> slots = launch_slots(b, launch, num_tokens, inputs, outputs, workspace);
+        std::vector<uint64_t> slots = launch_slots(b, launch, num_tokens, inputs, outputs, workspace, state);
         if (slots.size() > kMaxParams)
             throw Error(ErrorKind::Bundle, "kernel " + kernel.key + " has too many parameters", "");
         for (size_t j = 0; j < slots.size(); ++j) params[j] = &slots[j];

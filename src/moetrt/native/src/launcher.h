@@ -28,6 +28,9 @@ public:
     // Plans are cached per token count (a bounded number of them); thread-safe.
     std::shared_ptr<const Plan> plan(int64_t num_tokens);
     // Launches launches [first, first + count) of the plan (count < 0: to the end); nothing for 0 tokens.
+    // A plan that takes state (Plan::uses_state) uses the launcher's Bundle::state_bytes for `stream`, allocated and
+    // zeroed at the first such launch on it, which therefore must not be under stream capture (as TensorRT
+    // asks one enqueue before capturing); the graph then keeps that stream's state.
     void enqueue(int64_t num_tokens, const uint64_t* inputs, size_t num_inputs, const uint64_t* outputs,
                  size_t num_outputs, uint64_t workspace, CUstream stream, int first = 0, int count = -1);
 
@@ -39,6 +42,10 @@ private:
     std::mutex mutex_;
     std::unordered_map<int64_t, std::shared_ptr<const Plan>> plans_;
     std::list<int64_t> plan_order_;
+    std::unordered_map<CUstream, CUdeviceptr> states_;  // per stream: every call leaves it zero
+
+    // The stream's state (allocated and zeroed on first use); throws while the stream is being captured.
+    uint64_t state_for(CUstream stream);
 };
 
 // Throws moetrt::Error (Unsupported) unless the bundle was compiled for `sm`.

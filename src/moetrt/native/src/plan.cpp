@@ -171,6 +171,13 @@ public:
                 launch.args.push_back({Arg::Kind::Int, it->second, src.ref});
             } else if (src.source == "ws") {
                 launch.args.push_back({Arg::Kind::Workspace, layout_[src.ref].offset, src.ref});
+            } else if (src.source == "state") {
+                auto it = b_.state_offsets.find(src.ref);
+                if (it == b_.state_offsets.end())
+                    throw Error(ErrorKind::Bundle, "kernel " + kernel.key + " takes state " + src.ref +
+                                                      ", which the bundle does not lay out",
+                                "rebuild the kernels with this moetrt version");
+                launch.args.push_back({Arg::Kind::State, it->second, src.ref});
             } else if (src.source == "in" || src.source == "out") {
                 int index = src.source == "in" ? b_.input_index(src.ref) : b_.output_index(src.ref);
                 if (index < 0)  // absent optional tensor: never read (a constexpr flag disables it)
@@ -236,6 +243,8 @@ Plan plan_for(const Bundle& b, int64_t t) {
     const Region& acc = layout["acc"];
     // plus the columns of programs that quantize x for fp8 activations (plan.py quantize_columns)
     const Stage* router_stage = bucket.stage("router");
+    // a decode bucket without a top-k stage: the router kernel's last program routes (plan.py routes_in_router)
+    bool routing_launch = bucket.stage("topk") != nullptr;
     int64_t quantize_columns = router_stage ? router_stage->constexpr_int_or("QCOLS", 0) : 0;
     p.add("router",
           {cdiv(t, p.stage_int("router", "BT")), cdiv(e, p.stage_int("router", "BE")) + quantize_columns,
@@ -257,12 +266,15 @@ Plan plan_for(const Bundle& b, int64_t t) {
         p.add("gemv_down", {groups * cdiv(h, p.stage_int("gemv_down", "BH")), 1, 1}, {{"gmax", gmax}});
     } else {
         bool decode = bucket.stage("align") == nullptr;
-        int64_t chunk = p.stage_int("topk", "CS");
         int64_t per_expert = cdiv(t, bm);  // a token picks an expert at most once
-        std::map<std::string, int64_t> topk_ints = {{"block_iters", 0}, {"slot_iters", 0}};
-        if (decode) topk_ints = {{"block_iters", per_expert}, {"slot_iters", cdiv(t * k, chunk)}};
-        p.add("topk", {cdiv(t, p.stage_int("topk", "RT")), 1, 1}, topk_ints);
+        if (routing_launch) {
+            int64_t chunk = p.stage_int("topk", "CS");
+            std::map<std::string, int64_t> topk_ints = {{"block_iters", 0}, {"slot_iters", 0}};
+            if (decode) topk_ints = {{"block_iters", per_expert}, {"slot_iters", cdiv(t * k, chunk)}};
+            p.add("topk", {cdiv(t, p.stage_int("topk", "RT")), 1, 1}, topk_ints);
+        }
         if (!decode) {
+            int64_t chunk = p.stage_int("topk", "CS");
             int64_t programs = std::max<int64_t>(1, std::min(kAlignMaxPrograms, std::max(cdiv(t * k, chunk), per_expert)));
             p.add("align", {programs, 1, 1},
                   {{"block_iters", cdiv(per_expert, programs)}, {"slot_iters", cdiv(t * k, chunk * programs)}, {"nprog", programs}});
@@ -281,6 +293,9 @@ Plan plan_for(const Bundle& b, int64_t t) {
         }
     }
     plan.launches = std::move(p.launches);
+    for (const Launch& launch : plan.launches)
+        for (const Arg& a : launch.args)
+            if (a.kind == Arg::Kind::State) plan.uses_state = true;
     plan.layout = layout.regions;
     plan.workspace_bytes = layout["total"].nbytes;
     return plan;
@@ -305,7 +320,8 @@ void check_pointer_counts(const Bundle& b, size_t num_inputs, size_t num_outputs
 }
 
 std::vector<uint64_t> launch_slots(const Bundle& b, const Launch& launch, int64_t num_tokens,
-                                   const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace) {
+                                   const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace,
+                                   uint64_t state) {
     const Kernel& kernel = b.kernels[launch.kernel];
     // the kernel's parameters, then the scratch pointers Triton appends: null, or from a launch arg past the
     // parameters (tma_scratch)
@@ -322,6 +338,7 @@ std::vector<uint64_t> launch_slots(const Bundle& b, const Launch& launch, int64_
             case Arg::Kind::Workspace: value = static_cast<int64_t>(workspace) + a.value; break;
             case Arg::Kind::Tokens: value = num_tokens; break;
             case Arg::Kind::Int: value = a.value; break;
+            case Arg::Kind::State: value = static_cast<int64_t>(state) + a.value; break;
         }
         if (j >= kernel.params.size() || kernel.params[j] == ParamKind::Pointer) {
             slots[j] = static_cast<uint64_t>(value);
@@ -357,7 +374,7 @@ std::string describe(const Bundle& b, const Plan& plan) {
         out << ":[" << plan.layout[i].second.offset << ',' << plan.layout[i].second.nbytes << ']';
     }
     out << "},\"launches\":[";
-    static const char* kSource[] = {"in", "out", "ws", "T", "int"};
+    static const char* kSource[] = {"in", "out", "ws", "T", "int", "state"};
     for (size_t i = 0; i < plan.launches.size(); ++i) {
         const Launch& l = plan.launches[i];
         if (i) out << ',';

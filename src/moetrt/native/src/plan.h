@@ -18,9 +18,9 @@ struct Region {
 
 // One runtime argument, resolved to what it means for this token count.
 struct Arg {
-    enum class Kind { Input, Output, Workspace, Tokens, Int };
+    enum class Kind { Input, Output, Workspace, Tokens, Int, State };
     Kind kind;
-    int64_t value;     // input / output index, workspace offset, or the int itself
+    int64_t value;     // input / output index, workspace or state offset, or the int itself
     std::string name;  // the input / output / region name (for describing the plan)
 };
 
@@ -38,6 +38,7 @@ struct Plan {
     std::vector<Launch> launches;                       // empty for T = 0
     std::vector<std::pair<std::string, Region>> layout;  // workspace regions, "total" last
     int64_t workspace_bytes = 0;
+    bool uses_state = false;  // some launch takes the launcher's per-stream state (Bundle::state_bytes)
 };
 
 // The bucket serving `num_tokens` (index into bundle.buckets); throws when none does.
@@ -57,9 +58,11 @@ void check_pointer_counts(const Bundle& bundle, size_t num_inputs, size_t num_ou
 // The kernel parameter slots of one launch, as cuLaunchKernel takes them: one 8-byte slot per parameter
 // (pointers whole, i32 in the slot's low 4 bytes), then the scratch pointers Triton's ABI appends: null, or
 // the tma_scratch region where the launch carries it as an argument past the kernel's parameters.
-// inputs / outputs: device pointers in the bundle's input / output order.
+// inputs / outputs: device pointers in the bundle's input / output order; state: the launcher's per-stream
+// state (Bundle::state_bytes: memory kept across calls, zeroed once, which every call leaves zero).
 std::vector<uint64_t> launch_slots(const Bundle& bundle, const Launch& launch, int64_t num_tokens,
-                                   const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace);
+                                   const uint64_t* inputs, const uint64_t* outputs, uint64_t workspace,
+                                   uint64_t state);
 
 // The plan as JSON, in the terms of kernels/plan.py (launch args as [source, ref]; ints as decimal text).
 std::string describe(const Bundle& bundle, const Plan& plan);

@@ -57,12 +57,13 @@ MOETRT_API int moetrt_plan_json(const moetrt_bundle* bundle, int64_t num_tokens,
 /* MOETRT_ERROR_UNSUPPORTED, naming both, unless the bundle was compiled for `sm` (e.g. 90 for 9.0). */
 MOETRT_API int moetrt_check_sm(const moetrt_bundle* bundle, int64_t sm);
 /* The kernel parameter slots of launch `index` of the plan for `num_tokens`: one 8-byte slot per parameter
- * (pointers whole, i32 in the low 4 bytes), as cuLaunchKernel receives them. Writes at most `capacity`;
- * `*count` receives the number of slots. */
+ * (pointers whole, i32 in the low 4 bytes), as cuLaunchKernel receives them. `state`: where a launcher's
+ * per-stream state would be (the launcher keeps its own; a plan's "state" arguments point into it). Writes at
+ * most `capacity`; `*count` receives the number of slots. */
 MOETRT_API int moetrt_launch_slots(const moetrt_bundle* bundle, int64_t num_tokens, int64_t index,
                                    const uint64_t* inputs, size_t num_inputs, const uint64_t* outputs,
-                                   size_t num_outputs, uint64_t workspace, uint64_t* slots, size_t capacity,
-                                   size_t* count);
+                                   size_t num_outputs, uint64_t workspace, uint64_t state, uint64_t* slots,
+                                   size_t capacity, size_t* count);
 
 /* Loads the bundle's cubins into the current CUDA context (device 0's primary context when none is current). */
 MOETRT_API int moetrt_launcher_create(const moetrt_bundle* bundle, moetrt_launcher** out);
