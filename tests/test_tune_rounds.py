@@ -241,6 +241,12 @@ def test_a_round_keeps_its_first_config_unless_another_is_faster_by_the_margin(t
     assert kept[key]["gate_up"]["num_warps"] == 2 and kept[key]["us"] == 100.0
     assert any("kept the round's first config" in line for line in logged)
     assert any(line.startswith("  fastest: #") for line in logged)
+    every = [
+        line for line in logged if line.startswith("  all (us): ")
+    ]  # each candidate's time, in order tried
+    assert every and every[0].split()[2:4] == ["#0", "100.0"]
+    summary = next(line for line in logged if "[tiles]: best" in line)  # "... best X us of N (first ..."
+    assert len(every[0].split()[2:]) == 2 * int(summary.split(" of ")[1].split()[0])
     taken = tuner.tune(SMALL, "bfloat16", 90, timer(0.05), tokens=(600,), out_path=out, rounds=("tiles",))
     assert taken[key]["gate_up"]["num_warps"] != 2 and taken[key]["us"] < 96.0
 

@@ -188,6 +188,8 @@ def tune(
                 )
                 us, chosen = first_us, first_cfg
             log("  fastest: " + ", ".join(f"#{i} {t:.1f} us" for t, i, _ in ranked[:3]))
+            # every candidate, in the order tried, so a log shows what each switch cost (not only the winners)
+            log("  all (us): " + " ".join(f"#{i} {t:.1f}" for t, i, _ in sorted(timings, key=lambda x: x[1])))
             call_us = None if by_routing else us
             by_path: dict[str, float] = {}
             for t_us, _, cfg in timings:
