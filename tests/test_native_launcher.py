@@ -345,7 +345,8 @@ def _with_header(header: dict, blobs: bytes) -> bytes:
         ),
         (
             lambda d: _with_header(
-                {**_header(d)[0], "state": {"bytes": 256, "regions": {"router_ticket": 254}}}, _header(d)[1]
+                {**_header(d)[0], "state": {"bytes": 256, "regions": {"router_ticket": [254, 4]}}},
+                _header(d)[1],
             ),
             "state region router_ticket lies outside its 256 bytes",
         ),

@@ -97,10 +97,10 @@ class KernelBundle:
                 "triton_version": self.triton_version,
                 "kernels": kernels,
                 "buckets": self.buckets,
-                # the launcher's per-stream state: its size and the byte offset of each region
+                # the launcher's per-stream state: its size and each region's [byte offset, bytes]
                 "state": {
                     "bytes": plan.STATE_BYTES,
-                    "regions": {name: offset for name, (offset, _) in plan.STATE_REGIONS.items()},
+                    "regions": {name: list(region) for name, region in plan.STATE_REGIONS.items()},
                 },
                 **_io_header(self.moe_attributes(), self.dtype),
             },

@@ -624,12 +624,12 @@ def topk_candidates(
     e_pad = next_pow2(attrs.num_experts)
     rt = base["topk"]["RT"]
     out = [base]
-    toggled = copy.deepcopy(base)
-    toggled["topk"]["in_router"] = 1 - int(base["topk"].get("in_router", 0))
-    if not toggled["topk"]["in_router"]:
-        del toggled["topk"]["in_router"]
-    if routes_in_router(attrs, {**base, "topk": {**base["topk"], "in_router": 1}}, bound):
-        out.append(toggled)
+    switched = copy.deepcopy(base)
+    switched["topk"]["in_router"] = 1
+    if routes_in_router(attrs, switched, bound):
+        if base["topk"].get("in_router"):  # base routes there: the top-k launch back
+            del switched["topk"]["in_router"]
+        out.append(switched)
     for new_rt in dict.fromkeys((max(1, rt // 2), rt, rt * 2, 1)):
         if new_rt * e_pad > TOPK_MAX_ELEMENTS and new_rt > rt:
             continue

@@ -58,28 +58,25 @@ _GROUP_TABLE: tuple[tuple[str, str], ...] = (
 #   else uint8 codes, float32 scales (uint8 e8m0 for mxfp4) and uint8 zero points (`param_types`)
 #   q: e4m3 codes (fp8 activations, quantized once per call) as uint8
 #   int: a host-computed i32 (loop trip counts, program counts), given per launch in Launch.args
+# The router kernels' pointers (both compute partial logits through triton_moe._router_partials).
+_ROUTER_POINTERS: tuple[tuple[str, str], ...] = (
+    ("x_ptr", "x"),
+    ("router_w_ptr", "x"),
+    ("shared_gate_w_ptr", "x"),
+    ("logits_ws_ptr", "f32"),
+    ("gate_part_ptr", "f32"),
+    ("zero_ptr", "i32"),
+    ("xq_ptr", "q"),
+    ("xs_ptr", "f32"),
+)
 KERNEL_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "router": (
-        ("x_ptr", "x"),
-        ("router_w_ptr", "x"),
-        ("shared_gate_w_ptr", "x"),
-        ("logits_ws_ptr", "f32"),
-        ("gate_part_ptr", "f32"),
-        ("zero_ptr", "i32"),
-        ("xq_ptr", "q"),
-        ("xs_ptr", "f32"),
+        *_ROUTER_POINTERS,
         ("T", "T"),
         ("zero_words", "int"),
     ),
     "router_topk": (
-        ("x_ptr", "x"),
-        ("router_w_ptr", "x"),
-        ("shared_gate_w_ptr", "x"),
-        ("logits_ws_ptr", "f32"),
-        ("gate_part_ptr", "f32"),
-        ("zero_ptr", "i32"),
-        ("xq_ptr", "q"),
-        ("xs_ptr", "f32"),
+        *_ROUTER_POINTERS,
         ("router_b_ptr", "x"),
         ("logits_out_ptr", "x"),
         ("gate_ws_ptr", "f32"),
@@ -363,6 +360,11 @@ def decode_path(cfg: dict[str, Any], bound: int | None) -> str:
     return "sorted" if is_decode(bound) else "prefill"
 
 
+#: Slots a one-program routing sorts in registers (slot pairs compared: this many squared); beyond it the top-k
+#: kernel's counters, a ticket and _align do the work (triton_moe._align_in_registers).
+LOCAL_SORT_MAX_SLOTS = 32
+
+
 def routes_in_router(attrs: MoEAttributes, cfg: dict[str, Any], bound: int | None) -> bool:
     """Whether the router kernel's last program routes (`router_topk`, config `topk.in_router`), so that the
     bucket has no top-k launch: decode buckets of the sorted and fused paths whose every slot fits the
@@ -376,11 +378,6 @@ def routes_in_router(attrs: MoEAttributes, cfg: dict[str, Any], bound: int | Non
         and next_pow2(rows * attrs.top_k) <= LOCAL_SORT_MAX_SLOTS
         and bound <= cfg["gate_up"]["BM"]
     )
-
-
-#: Slots a one-program routing sorts in registers (slot pairs compared: this many squared); beyond it the top-k
-#: kernel's counters, a ticket and _align do the work (triton_moe._align_in_registers).
-LOCAL_SORT_MAX_SLOTS = 32
 
 
 def routed_units(attrs: MoEAttributes, cfg: dict[str, Any], num_tokens: int) -> int:

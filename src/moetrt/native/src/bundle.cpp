@@ -135,9 +135,12 @@ Bundle Bundle::parse(const void* data, size_t size) {
     if (b.buckets.empty()) bad("kernel bundle has no token bucket");
     const json::Value& state = header.at("state");
     b.state_bytes = state.at("bytes").as_int();
-    for (const auto& [region, offset] : state.at("regions").members) {
-        b.state_offsets[region] = offset.as_int();
-        if (offset.as_int() < 0 || offset.as_int() + 4 > b.state_bytes)
+    for (const auto& [region, span] : state.at("regions").members) {
+        const auto& pair = span.as_array();
+        if (pair.size() != 2) bad("kernel bundle has a malformed state region " + region);
+        int64_t offset = pair[0].as_int(), bytes = pair[1].as_int();
+        b.state_offsets[region] = offset;
+        if (offset < 0 || bytes <= 0 || offset + bytes > b.state_bytes)
             bad("kernel bundle's state region " + region + " lies outside its " + std::to_string(b.state_bytes) +
                 " bytes");
     }
