@@ -36,7 +36,7 @@ from moetrt.kernels.triton_common import (
 
 @triton.jit
 def _nibble(word, i: tl.constexpr, off, WFMT: tl.constexpr):
-    """Code i of each 32-bit word of 4-bit codes (k = 8c + i) as float32: int4 code - zero, or the e2m1
+    """Nibble i of each 32-bit word of 4-bit codes as float32: int4 code - zero, or the e2m1
     value over FP4_FP16_SCALE."""
     q = (word >> (4 * i)) & 15
     if WFMT == 2:
@@ -89,7 +89,8 @@ def _row_products(
             else:
                 sc = e8m0_value(sc.to(tl.int32)) * FP4_FP16_SCALE
                 off = 0.0
-            # the 8 codes of a word in registers, k = 8c + i: joined so that i is the fastest index
+            # the 8 codes of a word (one run, op.quant): nibble i holds k = 8c + i // 2 + 4 (i % 2); joined
+            # so that k is the fastest index
             n0 = _nibble(word, 0, off, WFMT)
             n1 = _nibble(word, 1, off, WFMT)
             n2 = _nibble(word, 2, off, WFMT)
@@ -99,7 +100,7 @@ def _row_products(
             n6 = _nibble(word, 6, off, WFMT)
             n7 = _nibble(word, 7, off, WFMT)
             vals = tl.join(
-                tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7))
+                tl.join(tl.join(n0, n1), tl.join(n4, n5)), tl.join(tl.join(n2, n3), tl.join(n6, n7))
             )
             vals = tl.reshape(vals, (BR, BK))
             ks = k0 + tl.arange(0, BK)

@@ -69,7 +69,7 @@ def _tables(fmt: str, block: int, zero: bool, rows: int, k: int):  # type: ignor
     """Random codes covering every code of the format (NaN codes of e4m3 left out), scales, zero points."""
     import torch
 
-    from moetrt.op.quant import QuantizedWeight
+    from moetrt.op.quant import QuantizedWeight, pack_nibbles
     from moetrt.op.spec import scale_shape
 
     gen = torch.Generator().manual_seed(rows * 1000 + k)
@@ -81,7 +81,7 @@ def _tables(fmt: str, block: int, zero: bool, rows: int, k: int):  # type: ignor
         return QuantizedWeight(codes, scale), len(valid), codes.unique().numel()
     nibbles = torch.randint(0, 16, (rows, k), generator=gen, dtype=torch.uint8)
     nibbles.view(-1)[:16] = torch.arange(16, dtype=torch.uint8)
-    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    packed = pack_nibbles(nibbles)
     groups = (rows, k // block)
     if fmt == "int4":
         scale = torch.rand(groups, generator=gen) * 0.5 + 0.001

@@ -39,7 +39,7 @@ def single_moe_model(
     )
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(spec.DOMAIN, 1)],
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(spec.DOMAIN, spec.DOMAIN_VERSION)],
         functions=[make_moe_function(attrs, overload, OPSET)],
         producer_name="moetrt",
     )

@@ -16,10 +16,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moetrt.export.demo_models import build_demo
-from moetrt.op.quant import QuantizedWeight, quantize
+from moetrt.op.quant import QuantizedWeight, quantize, unpack_nibbles
 from moetrt.op.spec import FP8_BLOCK, INT4, MXFP4
 
 _EXPERT_LINEAR = re.compile(r"(.+)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+
+
+def _pairs(codes: torch.Tensor) -> torch.Tensor:
+    """The op's 4-bit bytes (runs of 8, op.quant) as GPT-OSS stores them: byte j holds k = 2j and 2j + 1."""
+    values = unpack_nibbles(codes)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
 
 
 def _saved_demo(family: str, out: Path) -> dict[str, torch.Tensor]:
@@ -132,7 +138,7 @@ def gptq_checkpoint(
             q.codes[0], q.scale[0].half().float(), q.zero[0]
         )  # scales stored fp16
         n, k = weight.shape
-        codes = torch.stack([q.codes[0] & 0x0F, q.codes[0] >> 4], dim=-1).flatten(-2).t()  # [K, N]
+        codes = unpack_nibbles(q.codes[0]).t()  # [K, N]
         prefix = name.removesuffix(".weight")
         tensors[f"{prefix}.qweight"] = _pack_words(codes.reshape(k // 8, 8, n).permute(0, 2, 1))
         zeros = q.zero[0].t().to(torch.int64) - 1  # [K/G, N], stored zero - 1
@@ -168,7 +174,7 @@ def gpt_oss_mxfp4_checkpoint(out: Path) -> dict[str, tuple[QuantizedWeight, Quan
             )  # [E, N, K]; gate/up interleaved
             q = quantize(MXFP4, 32, weight)
             e, n, half_k = q.codes.shape
-            tensors[f"{layer}.experts.{which}_blocks"] = q.codes.reshape(e, n, half_k // 16, 16)
+            tensors[f"{layer}.experts.{which}_blocks"] = _pairs(q.codes).reshape(e, n, half_k // 16, 16)
             tensors[f"{layer}.experts.{which}_scales"] = q.scale
             tables[which] = q
         gu = tables["gate_up_proj"]

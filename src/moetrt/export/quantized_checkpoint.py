@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from moetrt.core.errors import MoetrtError
-from moetrt.op.quant import QuantizedWeight
+from moetrt.op.quant import QuantizedWeight, pack_nibbles, pairs_to_runs
 from moetrt.op.spec import FP8_BLOCK, INT4, INT4_SYMMETRIC_ZERO, MXFP4, MXFP4_GROUP
 
 SUPPORTED = (
@@ -119,12 +119,6 @@ def _nibbles_low_first(words: torch.Tensor, dim: int) -> torch.Tensor:
     return fields.reshape(shape).to(torch.uint8)
 
 
-def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] 4-bit values -> [N, K/2] bytes, low nibble first (the op's int4 / mxfp4 code layout)."""
-    pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))
-    return pairs[..., 0] | (pairs[..., 1] << 4)
-
-
 def _gptq(read: Reader, prefix: str, zero_point: bool) -> QuantizedWeight:
     qweight, qzeros, scales = read(f"{prefix}.qweight"), read(f"{prefix}.qzeros"), read(f"{prefix}.scales")
     codes = _nibbles_low_first(qweight, 0)  # [K, N]: packed along K
@@ -159,7 +153,7 @@ def _int4(
             "mark it asymmetric (sym: false) in quantization_config",
         )
     return QuantizedWeight(
-        _pack_codes(codes.contiguous()),
+        pack_nibbles(codes.contiguous()),
         scales.float().contiguous(),
         zeros.to(torch.uint8).contiguous() if zero_point else None,
     )
@@ -258,7 +252,8 @@ def _gpt_oss_mxfp4(read: Reader, layer: str) -> QuantizedExperts:
                 f"{layer}.experts.{which}_blocks/_scales are not MXFP4 (uint8 [E, N, K/32, 16] and [E, N, K/32])",
                 "re-save the GPT-OSS checkpoint",
             )
-        codes = blocks.flatten(-2)  # [E, N, K/2]: 32 values a group, two a byte, low nibble first
+        # [E, N, K/2]: 32 values a group, byte j holding k = 2j and 2j + 1 -> the op's runs (a byte reorder)
+        codes = pairs_to_runs(blocks.flatten(-2))
         if interleaved:  # rows gate 0, up 0, gate 1, ... -> gate rows, then up rows
             codes = torch.cat([codes[:, 0::2], codes[:, 1::2]], dim=1)
             scales = torch.cat([scales[:, 0::2], scales[:, 1::2]], dim=1)

@@ -33,8 +33,9 @@ BUNDLE_MAGIC = b"MOETRTKB"
 # persistent grouped GEMMs (gate_up / down PERSIST: grids of at most PERSIST programs, and their descriptors,
 # one more over the shared expert's weight, in tma_scratch); 10: the fused decode experts kernel casts its sum
 # (out and tickets among its parameters; no finalize kernel); 11: the router kernel that routes (router_topk:
-# a 'state' parameter, memory the launcher keeps per stream; decode buckets without a top-k stage)
-BUNDLE_VERSION = 11
+# a 'state' parameter, memory the launcher keeps per stream; decode buckets without a top-k stage); 12: 4-bit
+# codes read in runs of 8 (op version 2, op.quant: a version-11 kernel would read other k from the same bytes)
+BUNDLE_VERSION = 12
 
 
 @dataclass(frozen=True)

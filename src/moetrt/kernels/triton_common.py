@@ -296,6 +296,7 @@ FP4_FP16_SCALE = tl.constexpr(16384.0)  # 2^(15 - 1): fp16's exponent bias over 
 INT_MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23: OR-ing an integer below 2^23 into them adds it
 INT_MAGIC_VALUE = tl.constexpr(8388608.0)
 FP8_E4M3_MAX = tl.constexpr(quant.FP8_E4M3_MAX)  # fp8 activations' scale is amax / this
+NIBBLE_RUN = tl.constexpr(quant.NIBBLE_RUN)  # 4-bit codes' byte order (op.quant)
 
 
 @triton.jit
@@ -508,9 +509,20 @@ def fp8_values(
 
 
 @triton.jit
+def nibbles_in_k_order(low, high, BR: tl.constexpr, BK: tl.constexpr):
+    """The [BR, BK] tile of 4-bit values from the decoded low and high nibbles [BR, BK / 2] of its bytes, stored
+    in runs of NIBBLE_RUN (op.quant): byte 4r + j holds k = 8r + j and 8r + 4 + j. Each thread's four bytes of a
+    32-bit word are one run, and in the sm_90 code the decoders' packed registers go to the mma as they are."""
+    HALF: tl.constexpr = NIBBLE_RUN // 2
+    low = tl.reshape(low, (BR, BK // NIBBLE_RUN, HALF))
+    high = tl.reshape(high, (BR, BK // NIBBLE_RUN, HALF))
+    return tl.reshape(tl.permute(tl.join(low, high), (0, 1, 3, 2)), (BR, BK))
+
+
+@triton.jit
 def nibble_bytes(w_ptr, rows, row_ok, k0, K: tl.constexpr, BK: tl.constexpr):
     """The uint8 bytes [rows, BK / 2] of a 4-bit tile [rows, BK from k0] in a table of [R, K / 2] bytes (two codes
-    a byte, low nibble first)."""
+    a byte in runs of NIBBLE_RUN, op.quant)."""
     KH: tl.constexpr = K // 2
     kb = k0 // 2 + tl.arange(0, BK // 2)
     return tl.load(
@@ -545,7 +557,7 @@ def nibble_values(
         low, high = int4_values(byte, zero, OUT)
     else:
         low, high = e2m1_values(byte, OUT)
-    return tl.reshape(tl.join(low, high), (BR, BK))  # k = 2j: low nibble, 2j + 1: high
+    return nibbles_in_k_order(low, high, BR, BK)
 
 
 @triton.jit
@@ -566,7 +578,7 @@ def weight_tile(
     FP8_CVT: tl.constexpr = 0,
 ):
     """One expert's weight tile [BR rows, BK of the reduction from k0], dequantized to OUT, from its table at
-    w_ptr ([R, K] codes, or [R, K/2] bytes of two 4-bit codes, low nibble first) with its scales (and zero
+    w_ptr ([R, K] codes, or [R, K/2] bytes of two 4-bit codes in runs of NIBBLE_RUN) with its scales (and zero
     points). WFMT as spec.WEIGHT_FORMATS: 1 fp8_block (scale [ceil(R/WB), ceil(K/WB)]), 2 int4 (scale and zero
     [R, K/WB]; zero 8 without zero points), 3 mxfp4 (e8m0 scale bytes [R, K/32]).
 
@@ -612,7 +624,7 @@ def mxfp4_tile_bf16(
     representable). Both products are exact, so the tile equals the float32 form's (a weight below bf16's
     smallest subnormal, 2^-133, aside), and a tile may span scale groups at two packed multiplies a pair."""
     low, high = e2m1_values(nibble_bytes(w_ptr, rows, row_ok, k0, K, BK), tl.bfloat16, True)
-    value = tl.reshape(tl.join(low, high), (BR, BK))
+    value = nibbles_in_k_order(low, high, BR, BK)
     KG: tl.constexpr = K // WB
     exponent = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
     return value * _broadcast_groups(e8m0_value(exponent).to(tl.bfloat16), BR, BK, WB)

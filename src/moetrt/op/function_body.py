@@ -133,10 +133,10 @@ def _dequantized_rows(b: _BodyBuilder, attrs: MoEAttributes, which: str, ids: st
     byte = b.one("Cast", codes, to=TensorProto.FLOAT)
     high = b.one("Floor", b.one("Div", byte, b.f32(16.0)))
     low = b.one("Sub", byte, b.one("Mul", high, b.f32(16.0)))
-    pairs = b.one(
-        "Concat", b.one("Unsqueeze", low, b.const([-1])), b.one("Unsqueeze", high, b.const([-1])), axis=-1
-    )
-    nibbles = b.one("Reshape", pairs, b.const([-1, n, k]))  # [S, N, K] float32 codes, low nibble first
+    # runs of NIBBLE_RUN codes (op.quant): the low nibbles of a run's bytes, then its high nibbles
+    run_shape = b.const([0, 0, k // spec.NIBBLE_RUN, spec.NIBBLE_RUN // 2])
+    runs = b.one("Concat", b.one("Reshape", low, run_shape), b.one("Reshape", high, run_shape), axis=-1)
+    nibbles = b.one("Reshape", runs, b.const([-1, n, k]))  # [S, N, K] float32 codes in k order
 
     def per_code(x: str) -> str:  # [S, N, K / G] -> [S, N, K]
         expanded = b.one("Expand", b.one("Unsqueeze", x, b.const([-1])), b.const([1, 1, 1, block]))

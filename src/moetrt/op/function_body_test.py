@@ -13,7 +13,7 @@ from onnx import helper
 
 from moetrt.op.function_body import make_moe_function, make_moe_node, overload_name
 from moetrt.op.reference import moe_reference, random_inputs
-from moetrt.op.spec import DOMAIN, MoEAttributes
+from moetrt.op.spec import DOMAIN, DOMAIN_VERSION, MoEAttributes
 
 _BASE = {"num_experts": 8, "top_k": 2, "hidden_size": 16, "intermediate_size": 12}
 
@@ -70,7 +70,7 @@ def run_single_node(attrs: MoEAttributes, inputs: dict[str, torch.Tensor]) -> li
     )
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)],
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
         functions=[make_moe_function(attrs, overload)],
         ir_version=10,
     )
@@ -152,7 +152,7 @@ def run_single_node_bf16(attrs: MoEAttributes, inputs: dict[str, torch.Tensor]) 
     )
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)],
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
         functions=[make_moe_function(attrs, overload)],
         ir_version=10,
     )

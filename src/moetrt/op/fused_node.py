@@ -8,7 +8,7 @@ from __future__ import annotations
 import onnx
 
 from moetrt.core.errors import MoetrtError
-from moetrt.op.spec import DOMAIN, OP_TYPE, MoEAttributes
+from moetrt.op.spec import DOMAIN, INT4, MXFP4, NIBBLE_RUN, NIBBLE_RUNS_SINCE, OP_TYPE, MoEAttributes
 
 _REFUSE_HINT = "fuse the exported model again with `moetrt fuse` (do not edit fused nodes by hand)"
 
@@ -53,11 +53,20 @@ def check_fused_model(model: onnx.ModelProto) -> list[MoEAttributes]:
     codes, scales and zero points must also have the shapes its attributes give."""
     keys = {(f.domain, f.name, f.overload) for f in model.functions}
     stored = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    version = next((o.version for o in model.opset_import if o.domain == DOMAIN), NIBBLE_RUNS_SINCE)
     checked = []
     for node in fused_nodes(model):
         attrs = check_fused_node(node, keys)
         if attrs.is_quantized:
             _check_quantized_shapes(node, attrs, stored)
+        if attrs.weight_format in (INT4, MXFP4) and version < NIBBLE_RUNS_SINCE:
+            # the bytes hold other k than the kernels read: refused rather than built into a wrong engine
+            raise MoetrtError(
+                f"fused MoE node {node.name!r} stores {attrs.weight_format} codes in the byte order of {DOMAIN} op "
+                f"version {version} (k = 2j and 2j + 1 a byte); this moetrt reads version {NIBBLE_RUNS_SINCE}'s "
+                f"runs of {NIBBLE_RUN}",
+                "fuse the exported model again with this moetrt (`moetrt fuse --weights ...` or `moetrt build`)",
+            )
         checked.append(attrs)
     return checked
 

@@ -15,7 +15,11 @@ and block of B along K, scale = amax / 448 (1 for an all-zero block), q = e4m3(x
 even, both divisions correctly rounded; the GEMMs multiply codes and apply the activation scale with the
 weight's (`fp8_activations` gives q * scale, what the reference and the function body compute with).
 
-Two codes share a byte low nibble first: byte j holds k = 2j (bits 0-3) and k = 2j + 1 (bits 4-7).
+Two codes share a byte, in runs of NIBBLE_RUN = 8 codes: byte 4r + j (j < 4) holds k = 8r + j in its low
+nibble (bits 0-3) and k = 8r + 4 + j in its high nibble (bits 4-7). A 32-bit word is then 8 consecutive codes,
+its low nibbles the first four: a decoded register holds two adjacent k, as a tensor-core operand takes them
+(docs/kernels.md, "4-bit codes in runs of 8"). Checkpoints that pair k = 2j and 2j + 1 in byte j
+(`pairs_to_runs`) are reordered byte by byte, never dequantized.
 Quantizing (`quantize`) rounds to nearest with one scale per block or group (amax / the format's largest
 code; MXFP4's shared exponent as the OCP MX specification derives it); `dequantize` is the exact inverse
 mapping used by the reference, the function body's tables and the tests.
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moetrt.op.spec import FP8_BLOCK, INT4, INT4_SYMMETRIC_ZERO, MXFP4, scale_shape
+from moetrt.op.spec import FP8_BLOCK, INT4, INT4_SYMMETRIC_ZERO, MXFP4, NIBBLE_RUN, scale_shape
 
 FP8_E4M3_MAX = 448.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -54,14 +58,25 @@ class QuantizedWeight:
     zero: torch.Tensor | None = None
 
 
-def _unpack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    low, high = codes & 0x0F, codes >> 4
-    return torch.stack([low, high], dim=-1).flatten(-2)
+def unpack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes [..., K/2] in runs of NIBBLE_RUN -> the 4-bit codes [..., K] in k order."""
+    half = NIBBLE_RUN // 2
+    low, high = (codes & 0x0F).unflatten(-1, (-1, half)), (codes >> 4).unflatten(-1, (-1, half))
+    return torch.cat([low, high], dim=-1).flatten(-2)
 
 
-def _pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
-    pairs = nibbles.to(torch.uint8).unflatten(-1, (-1, 2))
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [..., K] in k order (K a multiple of NIBBLE_RUN) -> uint8 bytes [..., K/2] in runs."""
+    half = NIBBLE_RUN // 2
+    runs = nibbles.to(torch.uint8).unflatten(-1, (-1, NIBBLE_RUN))
+    return (runs[..., :half] | (runs[..., half:] << 4)).flatten(-2)
+
+
+def pairs_to_runs(codes: torch.Tensor) -> torch.Tensor:
+    """Bytes whose byte j holds k = 2j (low nibble) and 2j + 1 (high), as GPTQ / AWQ unpack to and GPT-OSS's
+    MXFP4 blocks store them -> the op's runs of NIBBLE_RUN (a reorder of 4-bit fields, no value changes)."""
+    pairs = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(-2)
+    return pack_nibbles(pairs)
 
 
 def dequantize(weight_format: str, block: int, q: QuantizedWeight, k: int) -> torch.Tensor:
@@ -71,7 +86,7 @@ def dequantize(weight_format: str, block: int, q: QuantizedWeight, k: int) -> to
         n = values.shape[-2]
         scale = q.scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
         return values * scale[..., :n, :k]
-    nibbles = _unpack_nibbles(q.codes)
+    nibbles = unpack_nibbles(q.codes)
     if weight_format == INT4:
         zero = (
             q.zero if q.zero is not None else torch.full_like(q.scale, INT4_SYMMETRIC_ZERO, dtype=torch.uint8)
@@ -112,7 +127,7 @@ def quantize(
             zero = torch.full_like(scale, INT4_SYMMETRIC_ZERO)
         codes = (groups / scale[..., None] + zero[..., None]).round().clamp(0, 15).flatten(-2)
         stored_zero = zero.to(torch.uint8).contiguous() if zero_point else None
-        return QuantizedWeight(_pack_nibbles(codes).contiguous(), scale.contiguous(), stored_zero)
+        return QuantizedWeight(pack_nibbles(codes).contiguous(), scale.contiguous(), stored_zero)
     if weight_format == MXFP4:
         amax = groups.abs().amax(dim=-1)
         # OCP MX: shared exponent = floor(log2(amax)) - emax of e2m1 (2); an all-zero group gets 2^-127.
@@ -123,7 +138,7 @@ def quantize(
         nearest = (scaled.abs()[..., None] - grid).abs().argmin(dim=-1)  # saturates at 6
         codes = torch.where((scaled < 0) & (nearest > 0), nearest + 8, nearest).flatten(-2)  # zero is +0
         scale = (exponent + E8M0_BIAS).to(torch.uint8)
-        return QuantizedWeight(_pack_nibbles(codes).contiguous(), scale.contiguous())
+        return QuantizedWeight(pack_nibbles(codes).contiguous(), scale.contiguous())
     raise ValueError(f"cannot quantize to {weight_format!r}")
 
 

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetrt.op.quant import QuantizedWeight, dequantize, e2m1_table, fp8_e4m3_table, quantize
+from moetrt.op.quant import (
+    QuantizedWeight,
+    dequantize,
+    e2m1_table,
+    fp8_e4m3_table,
+    pack_nibbles,
+    pairs_to_runs,
+    quantize,
+    unpack_nibbles,
+)
 from moetrt.op.spec import FP8_BLOCK, INT4, MXFP4, MoEAttributes, scale_shape
 
 #: (format, block, zero point, relative error bound of a round trip of N(0, 1) weights)
@@ -39,14 +48,27 @@ def test_code_values_are_the_formats() -> None:
     table = fp8_e4m3_table()
     assert table[0x38] == 1.0 and table[0x7E] == 448.0 and table[0xB8] == -1.0
     assert list(e2m1_table()[:8]) == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-    # two codes a byte, low nibble first: byte 0x21 holds k=0 -> code 1, k=1 -> code 2
-    codes = torch.tensor([[[0x21]]], dtype=torch.uint8)
-    mx = QuantizedWeight(codes, torch.tensor([[[127]]], dtype=torch.uint8))
-    assert dequantize(MXFP4, 2, mx, 2).tolist() == [[[0.5, 1.0]]]
+    # runs of 8 codes: byte j < 4 holds k = j (low nibble) and k = 4 + j (high nibble)
+    codes = torch.tensor([[[0x51, 0x62, 0x73, 0x84]]], dtype=torch.uint8)
+    assert unpack_nibbles(codes).tolist() == [[[1, 2, 3, 4, 5, 6, 7, 8]]]
+    mx = QuantizedWeight(codes, torch.tensor([[[127, 128]]], dtype=torch.uint8))
+    assert dequantize(MXFP4, 4, mx, 8).tolist() == [[[0.5, 1.0, 1.5, 2.0, 6.0, 8.0, 12.0, -0.0]]]
     int4 = QuantizedWeight(codes, torch.tensor([[[2.0]]]), torch.tensor([[[1]]], dtype=torch.uint8))
-    assert dequantize(INT4, 2, int4, 2).tolist() == [[[0.0, 2.0]]]
-    symmetric = QuantizedWeight(torch.tensor([[[0xF0]]], dtype=torch.uint8), torch.tensor([[[0.5]]]))
-    assert dequantize(INT4, 2, symmetric, 2).tolist() == [[[-4.0, 3.5]]]
+    assert dequantize(INT4, 8, int4, 8).tolist() == [[[0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0]]]
+    symmetric = QuantizedWeight(torch.tensor([[[0xF0, 0, 0, 0]]], dtype=torch.uint8), torch.tensor([[[0.5]]]))
+    assert dequantize(INT4, 8, symmetric, 8).tolist() == [[[-4.0, -4.0, -4.0, -4.0, 3.5, -4.0, -4.0, -4.0]]]
+
+
+def test_nibble_runs_round_trip_and_reorder_checkpoint_pairs() -> None:
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randint(0, 16, (3, 5, 48), generator=generator, dtype=torch.uint8)
+    packed = pack_nibbles(values)
+    assert packed.shape == (3, 5, 24)
+    assert torch.equal(unpack_nibbles(packed), values)
+    # a byte j of k = 2j, 2j + 1 (GPTQ / AWQ fields, GPT-OSS blocks) reorders to the same codes
+    pairs = values[..., 0::2] | (values[..., 1::2] << 4)
+    assert torch.equal(pairs_to_runs(pairs), packed)
+    assert not torch.equal(pairs, packed)
 
 
 def test_fp8_blocks_cover_ragged_edges() -> None:
@@ -74,6 +96,9 @@ def test_attributes_refuse_what_the_layout_cannot_hold() -> None:
     ):
         with pytest.raises(ValueError, match="invalid MoE attributes"):
             MoEAttributes(8, 2, 64, 32, **bad)  # type: ignore[arg-type]
+    # groups of 2 divide 36, but the codes' runs of 8 do not
+    with pytest.raises(ValueError, match="runs of 8, which do not divide the reduction 36"):
+        MoEAttributes(8, 2, 36, 32, weight_format=INT4, weight_block=2)
     native = MoEAttributes(8, 2, 64, 32)
     assert MoEAttributes.from_onnx_attributes(native.to_onnx_attributes()) == native
     assert MoEAttributes.from_onnx_attributes(attrs.to_onnx_attributes()) == attrs

@@ -36,6 +36,10 @@ from typing import Any
 from moetrt.core import dtypes
 
 DOMAIN = "moetrt"
+# The op contract's version, imported with DOMAIN by every fused model. 2: 4-bit codes in runs of NIBBLE_RUN
+# (version 1 paired k = 2j and 2j + 1 in byte j; such models are refused, op/fused_node.py)
+DOMAIN_VERSION = 2
+NIBBLE_RUNS_SINCE = 2
 OP_TYPE = "MoE"
 PLUGIN_NAME = OP_TYPE
 PLUGIN_VERSION = "1"
@@ -49,6 +53,8 @@ WEIGHT_FORMATS = (NATIVE, FP8_BLOCK, INT4, MXFP4)
 DEFAULT_BLOCK = {FP8_BLOCK: 128, INT4: 128, MXFP4: 32}
 MXFP4_GROUP = 32
 INT4_SYMMETRIC_ZERO = 8
+# 4-bit codes are stored in runs of this many along the reduction (op.quant: the byte order)
+NIBBLE_RUN = 8
 #: `--weights` choices and the formats they store.
 WEIGHTS_OPTIONS = {"native": NATIVE, "fp8": FP8_BLOCK, "int4": INT4, "mxfp4": MXFP4}
 # What the routed experts' GEMMs take as activations: the op's dtype, or e4m3 with one scale per token and
@@ -309,6 +315,8 @@ def check_block(weight_format: str, block: int, k: int) -> str | None:
         return f"mxfp4 groups are {MXFP4_GROUP} wide, not {block}"
     if weight_format in (INT4, MXFP4) and (k % block or block % 2):
         return f"group {block} does not divide the reduction {k} into even groups"
+    if weight_format in (INT4, MXFP4) and k % NIBBLE_RUN:
+        return f"4-bit codes are stored in runs of {NIBBLE_RUN}, which do not divide the reduction {k}"
     return None
 
 

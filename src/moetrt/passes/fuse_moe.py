@@ -25,7 +25,7 @@ import onnx_ir.passes.common as common_passes
 from moetrt.core.artifacts import NODE_NAME_SCOPES, node_scopes
 from moetrt.core.tolerances import FUSION_CHECK_TOLERANCE
 from moetrt.op.function_body import MIN_OPSET, make_moe_function, overload_name
-from moetrt.op.spec import DOMAIN, OP_TYPE
+from moetrt.op.spec import DOMAIN, DOMAIN_VERSION, OP_TYPE
 from moetrt.passes import layout as L
 from moetrt.passes.base import (
     CountedPass,
@@ -97,7 +97,7 @@ class FuseMoEPass(CountedPass):
                 continue
             fused += 1
         if fused:
-            model.opset_imports[DOMAIN] = 1
+            model.opset_imports[DOMAIN] = DOMAIN_VERSION
             common_passes.RemoveUnusedNodesPass()(model)
         return CountedPassResult(model, fused > 0, fused, unfused)
 

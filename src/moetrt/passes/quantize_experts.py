@@ -25,6 +25,7 @@ from moetrt.op.spec import (
     ACTIVATIONS_OPTIONS,
     DEFAULT_BLOCK,
     DOMAIN,
+    DOMAIN_VERSION,
     FP8_BLOCK,
     INT4,
     MXFP4,
@@ -207,6 +208,7 @@ def replace_experts(
     key = (DOMAIN, OP_TYPE, overload)
     if key not in model.functions:
         model.functions[key] = ir.serde.deserialize_function(make_moe_function(new, overload, opset=opset))
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION  # the codes are written in this version's layout
 
 
 def _quantized_part(

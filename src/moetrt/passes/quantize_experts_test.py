@@ -13,7 +13,7 @@ from moetrt.core.errors import MoetrtError
 from moetrt.op.fused_node import check_fused_model
 from moetrt.op.quant import dequantize, quantize
 from moetrt.op.reference import moe_reference
-from moetrt.op.spec import FP8_BLOCK, INT4, MXFP4, MoEAttributes
+from moetrt.op.spec import DOMAIN, DOMAIN_VERSION, FP8_BLOCK, INT4, MXFP4, MoEAttributes
 from moetrt.passes import fuse_model
 from moetrt.passes.quantize_experts import QuantizeExpertsPass, choose_block
 
@@ -87,3 +87,16 @@ def test_scales_of_the_wrong_shape_are_refused() -> None:
     scale.dims[-1] += 1
     with pytest.raises(MoetrtError, match="do not match its attributes"):
         check_fused_model(proto)
+
+
+def test_quantizing_a_version_1_model_writes_the_current_version() -> None:
+    """A native model fused by op version 1 quantizes to 4-bit codes in this version's runs, and says so: the
+    model then imports the domain at DOMAIN_VERSION and passes the fused-model check."""
+    _module, exported = exported_hf_block("qwen3_moe")
+    model = ir.serde.deserialize_model(fuse_model(exported).model)
+    model.opset_imports[DOMAIN] = 1
+    check_fused_model(ir.serde.serialize_model(model))  # native experts of version 1 still load
+    assert QuantizeExpertsPass(INT4)(model).count == 1
+    assert model.opset_imports[DOMAIN] == DOMAIN_VERSION
+    (attrs,) = check_fused_model(ir.serde.serialize_model(model))
+    assert attrs.weight_format == INT4
