@@ -75,8 +75,16 @@ def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
 def pairs_to_runs(codes: torch.Tensor) -> torch.Tensor:
     """Bytes whose byte j holds k = 2j (low nibble) and 2j + 1 (high), as GPTQ / AWQ unpack to and GPT-OSS's
     MXFP4 blocks store them -> the op's runs of NIBBLE_RUN (a reorder of 4-bit fields, no value changes)."""
-    pairs = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(-2)
-    return pack_nibbles(pairs)
+    # each run of 4 bytes p0..p3 holds (k0, k1) .. (k6, k7); byte j of the run takes k = j and 4 + j, by nibble
+    # moves within the run (no [..., K] expansion: a checkpoint layer is held about twice, not three times)
+    p0, p1, p2, p3 = codes.unflatten(-1, (-1, NIBBLE_RUN // 2)).unbind(-1)
+    runs = (
+        (p0 & 0x0F) | ((p2 & 0x0F) << 4),  # k0, k4
+        (p0 >> 4) | (p2 & 0xF0),  # k1, k5
+        (p1 & 0x0F) | ((p3 & 0x0F) << 4),  # k2, k6
+        (p1 >> 4) | (p3 & 0xF0),  # k3, k7
+    )
+    return torch.stack(runs, dim=-1).flatten(-2)
 
 
 def dequantize(weight_format: str, block: int, q: QuantizedWeight, k: int) -> torch.Tensor:
