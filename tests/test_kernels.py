@@ -76,7 +76,7 @@ VARIANTS: dict[str, MoEAttributes] = {
 # expert-group path (a tuning candidate) with small tiles ("gemv+fused": with the fused switch also on, which
 # the group path overrides), "sorted" the sorted decode path at T = 1 with every other switch off,
 # "scaled" quantized tiles inside one scale group (K 16 for fp8, 32 for 4-bit codes), so the scales multiply
-# each tile's product (`triton_moe.scales_on_product`), "+cvt" with fp8 converted by Triton's e4m3 type (the
+# each tile's product (`plan.scales_on_product`), "+cvt" with fp8 converted by Triton's e4m3 type (the
 # SM90+ form), "perweight" quantized tiles dequantized per weight (`weight_tile`): gate_up tiles of K 64
 # across groups below 64 tokens, and by the config's `dequant.per_weight` switch, "splitk" gate_up split two to
 # four ways over H (`gate_up.SK`: partial sums, the tile's last program applies the activation), "routed" the

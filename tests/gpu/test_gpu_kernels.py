@@ -110,6 +110,64 @@ def _assert_matches_reference(
         assert rel <= tolerance(dtype), f"{label} {key}: rel err {rel:.2e}"
 
 
+@pytest.mark.parametrize("bk", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mxfp4_tiles_across_scale_groups_match_reference(bk: int, dtype: torch.dtype) -> None:
+    """mxfp4 decode tiles wider than a scale group (gate_up and down BK of 2 or 4 groups): bf16 folds each group's
+    scale into the decoder (triton_common.mxfp4_tile_bf16), fp16 dequantizes in float32; through the launcher
+    against the oracle on the same dequantized weights."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+    from moetrt.op.presets import like
+
+    attrs = like(
+        "qwen3_next", 32, 4, 256, 128, shared_intermediate_size=64, weight_format="mxfp4", weight_block=32
+    )
+    name = kernel_name_of(dtype)
+    configs = {}
+    for bound in (1, 16, 64):
+        cfg = tuning.default_config(attrs, name, bound)
+        cfg["gate_up"].update({"BK": bk, "SK": 1})
+        cfg["down"]["BK"] = bk
+        cfg["dequant"]["per_weight"] = 0
+        configs[bound] = cfg
+    bundle = compile_kernels(attrs, name, current_sm(), buckets=(1, 16, 64), configs=configs, workers=8)
+    for num_tokens in (1, 9, 64):
+        inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
+        got = moe_forward(inputs, attrs, bundle, outputs=_poisoned_outputs(attrs, num_tokens, dtype))
+        _assert_matches_reference(got, inputs, attrs, dtype, f"mxfp4 BK {bk} T={num_tokens}")
+
+
+@pytest.mark.parametrize(
+    ("weight_format", "block", "down_warps"), [("int4", 32, 8), ("mxfp4", 32, 8), ("int4", 128, 4)]
+)
+def test_prefill_tiles_dequantized_per_weight_match_reference(
+    weight_format: str, block: int, down_warps: int
+) -> None:
+    """4-bit prefill tiles dequantized per weight and multiplied weights first (wgmma takes the tile from
+    registers), as the H200 table's T = 4096 entries of Qwen3-30B: gate_up 128 x 128 x 64, down rows 128 x 64, at
+    Qwen3-30B's width, against the oracle on the same dequantized weights. Across scale groups at 4 warps (128
+    rows a warp group) these wrote NaN; the plan refuses that (plan.check_weights_first_rows), and a tile inside
+    one group of 128 is right at 4 warps."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+    from moetrt.op.presets import like
+
+    attrs = like("qwen3_30b", 16, 4, 2048, 768, weight_format=weight_format, weight_block=block)
+    name = kernel_name_of(torch.bfloat16)
+    cfg = tuning.default_config(attrs, name, None, sm=current_sm())
+    cfg["gate_up"].update({"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "SK": 1})
+    cfg["down"].update({"BH": 128, "BK": 64, "num_warps": down_warps, "num_stages": 4})
+    cfg["dequant"]["per_weight"] = 1
+    bundle = compile_kernels(attrs, name, current_sm(), buckets=(None,), configs={None: cfg}, workers=8)
+    for num_tokens in (300, 700):
+        inputs = random_inputs(attrs, num_tokens, dtype=torch.bfloat16, device="cuda", seed=num_tokens)
+        got = moe_forward(inputs, attrs, bundle, outputs=_poisoned_outputs(attrs, num_tokens, torch.bfloat16))
+        _assert_matches_reference(got, inputs, attrs, torch.bfloat16, f"{weight_format} T={num_tokens}")
+
+
 @pytest.mark.parametrize("variant", ["softmax_renorm_shared_gate", "gpt_oss", "deepseek_grouped"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_decode_path_matches_reference(variant: str, dtype: torch.dtype) -> None:

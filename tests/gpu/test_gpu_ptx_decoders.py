@@ -1,5 +1,6 @@
-"""GPU: the PTX 4-bit decoders (triton_common.int4_values, e2m1_values) over every byte, compiled and run on the
-device, against op.quant's values (the CPU runs the same PTX text through a model: tests/test_ptx_decoders.py)."""
+"""GPU: the PTX 4-bit decoders (triton_common.int4_values, e2m1_values) over every byte and the mxfp4 tile with its
+scales folded into the decoder (mxfp4_tile_bf16) over every e8m0 scale, compiled and run on the device, against
+op.quant's values (the CPU runs the same PTX text through a model: tests/test_ptx_decoders.py)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,35 @@ def test_ptx_decoders_give_every_code_exactly(shape: tuple[int, int], dtype: tor
         want_low, want_high = (codes % 16 - 8).double(), (codes // 16 - 8).double()
     torch.testing.assert_close(low.cpu().double(), want_low, rtol=0, atol=0)
     torch.testing.assert_close(high.cpu().double(), want_high, rtol=0, atol=0)
+
+
+@triton.jit
+def _mxfp4_tile_kernel(
+    codes_ptr, scale_ptr, out_ptr, R, BR: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, WB: tl.constexpr
+):
+    rows = tl.arange(0, BR)
+    row_ok = rows < R
+    for k0 in range(0, K, BK):
+        tile = tc.mxfp4_tile_bf16(codes_ptr, scale_ptr, rows, row_ok, k0, K, BR, BK, WB)
+        ks = k0 + tl.arange(0, BK)
+        tl.store(out_ptr + rows[:, None] * K + ks[None, :], tile)
+
+
+@pytest.mark.parametrize("bk", [16, 32, 64, 128, 256])  # inside a group, one group, tiles across 2-8 groups
+@pytest.mark.parametrize("rows", [32, 20])  # 20: the tile's last 12 rows masked, so they must come out as 0
+def test_mxfp4_tile_with_folded_scales_equals_dequantize_for_every_scale(bk: int, rows: int) -> None:
+    from moetrt.op.quant import QuantizedWeight, dequantize
+    from moetrt.op.spec import MXFP4
+
+    br, k, group = 32, 256, 32
+    gen = torch.Generator().manual_seed(bk + rows)
+    codes = torch.randint(0, 256, (br, k // 2), generator=gen, dtype=torch.uint8)
+    scale = torch.cat([torch.arange(255), torch.randint(0, 255, (br * k // group - 255,), generator=gen)])
+    scale = scale[torch.randperm(scale.numel(), generator=gen)].to(torch.uint8).reshape(br, k // group)
+    out = torch.full((br, k), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _mxfp4_tile_kernel[(1,)](codes.cuda(), scale.cuda(), out, rows, br, k, bk, group)
+    want = dequantize(MXFP4, group, QuantizedWeight(codes=codes, scale=scale), k)  # float32; 6 * 2^127: inf
+    want[rows:] = 0.0
+    got = out.cpu().double()
+    torch.testing.assert_close(got, want.to(torch.bfloat16).double(), rtol=0, atol=0, equal_nan=False)
+    assert torch.equal(torch.signbit(got[:rows]), torch.signbit(want[:rows]))  # -0 codes keep their sign

@@ -76,7 +76,7 @@ def entry_key(attrs: MoEAttributes, dtype: str, bound: int | None) -> str:
 
 def scale_group_tile(attrs: MoEAttributes) -> int:
     """The reduction tile quantized experts' tiles are narrowed to, so that a tile lies inside one scale group
-    and the scales multiply its product instead of every weight (triton_moe.scales_on_product): the largest
+    and the scales multiply its product instead of every weight (plan.scales_on_product): the largest
     power of two dividing the weight block, where that is at least 16 codes (fp8) or 32 (4-bit); 0 (no
     narrowing) for native experts and smaller groups."""
     if not attrs.is_quantized:
@@ -86,7 +86,7 @@ def scale_group_tile(attrs: MoEAttributes) -> int:
 
 
 # The unbounded (prefill) bucket's gate_up tiles of weight-only quantized experts, dequantized per weight and
-# multiplied weights first (triton_moe.weights_first): the tiles `moetrt tune` chose for all 15 such entries of
+# multiplied weights first (plan.weights_first): the tiles `moetrt tune` chose for all 15 such entries of
 # the H200 table (five shapes x fp8 / int4 / mxfp4). Against the narrow scaled tiles the default had, at
 # T = 4096 they are within 0-10 % of each shape's tuned entry where those were 1.2-3.1x slower
 # (bench/results/2026-12-04-h200-quantized-tables, step 18). The AOT step drops stages on SMs with less
@@ -274,7 +274,7 @@ def default_config(
     }
     # fp8 weights: decoded from their bits here (every SM); select_config turns on the SM's conversion.
     # per_weight: quantized tiles dequantized weight by weight even where the scales could multiply each
-    # tile's product instead (triton_moe.scales_on_product), a tuning candidate
+    # tile's product instead (plan.scales_on_product), a tuning candidate
     dequant = {"fp8_cvt": 0, "per_weight": 0}
     if attrs.is_quantized:  # quantized experts: no gemv or fused path (those kernels take native weights)
         gemv["enabled"] = 0

@@ -522,6 +522,55 @@ _ROUTING_CONSTEXPRS = (
 )
 
 
+def scales_on_product(wfmt: int, wb: int, bk: int, per_weight: int) -> bool:
+    """Whether quantized tiles of BK reduction elements are multiplied as their codes' values, each tile's
+    product then scaled per output column (instead of every weight dequantized): they must lie in one scale
+    group (WB % BK == 0), 4-bit tiles hold at least 32 codes, and the config has not asked for per-weight
+    dequantization (`dequant.per_weight`, a tuning candidate: a per-tile product keeps Hopper's asynchronous
+    wgmma of large tiles from accumulating in place). WFMT as spec.WEIGHT_FORMATS' index."""
+    return wfmt != 0 and not per_weight and wb % bk == 0 and (wfmt == 1 or bk >= 32)
+
+
+def weights_first(wfmt: int, scaled: bool, xq: int, ieee: int, bm: int, bn: int) -> bool:
+    """Whether a quantized GEMM loop computes W @ x.T (the weight tile as the first operand, the product
+    transposed once after the loop) instead of x @ W.T: tiles dequantized per weight, of prefill blocks
+    (BM and the weight tile's BN rows at least 64) on the 16-bit tensor cores. Hopper's wgmma takes its first
+    operand from registers, so the tile dequantized in registers feeds it with no shared-memory store and the
+    products stay asynchronous (sm_90 TTGIR: as the second operand, each tile was stored to shared memory and
+    every product waited for, pendings = 0; first, the waits allow 7 in flight)."""
+    return wfmt != 0 and not scaled and not xq and not ieee and bm >= 64 and bn >= 64
+
+
+#: Rows a warp group may hold of a 4-bit weight tile that spans several scale groups and is multiplied weights
+#: first. With more (128: Qwen3-30B's T = 4096 down rows, 128 rows at 4 warps; Qwen3-Next's, 256 at 8) the
+#: sm_90 kernels of Triton 3.6 wrote NaN and inf for int4 in groups of 32 and for mxfp4, while the same tiles
+#: at twice the warps, and int4 tiles inside one group of 128, were right
+#: (bench/results/2026-12-04-h200-mxfp4-folded-scales, tests/gpu/test_gpu_kernels.py); such configs are refused.
+WEIGHTS_FIRST_GROUPED_MAX_ROWS = 64
+
+
+def check_weights_first_rows(
+    stage: str, weights: Mapping[str, int], bm: int, rows: int, bk: int, num_warps: int, ieee: int
+) -> None:
+    """Refuse (ValueError, one line) a stage config whose 4-bit weight tile of `rows` x `bk`, across several
+    scale groups and multiplied weights first, holds more than WEIGHTS_FIRST_GROUPED_MAX_ROWS rows a warp
+    group."""
+    wfmt, wb = weights["WFMT"], weights["WB"]
+    scaled = scales_on_product(wfmt, wb, bk, weights["PER_WEIGHT"])
+    if WEIGHT_FORMATS[wfmt] not in (INT4, MXFP4) or wb % bk == 0:
+        return
+    if not weights_first(wfmt, scaled, weights["ACT_FP8"], ieee, bm, rows):
+        return
+    per_group = rows * 4 // num_warps
+    if per_group > WEIGHTS_FIRST_GROUPED_MAX_ROWS:
+        raise ValueError(
+            f"{stage}: a {rows} x {bk} 4-bit weight tile across scale groups multiplied weights first holds "
+            f"{per_group} rows a warp group at {num_warps} warps, more than {WEIGHTS_FIRST_GROUPED_MAX_ROWS} (wrong "
+            f"results on sm_90); use {rows * 4 // WEIGHTS_FIRST_GROUPED_MAX_ROWS} warps or "
+            f"{WEIGHTS_FIRST_GROUPED_MAX_ROWS * num_warps // 4} rows"
+        )
+
+
 def _nmax(attrs: MoEAttributes) -> int:
     return max(attrs.intermediate_size, attrs.shared_intermediate_size)
 
@@ -831,6 +880,10 @@ def _stage_variants(
         ),
     }
     variants["down_rows"] = Variant("down_rows", tuple(down.items()), dc["num_warps"], dc["num_stages"])
+    check_weights_first_rows(
+        "gate_up", weights, gc["BM"], gate_up["BN"], gate_up["BK"], gc["num_warps"], ieee
+    )
+    check_weights_first_rows("down", weights, gc["BM"], down["BH"], down["BK"], dc["num_warps"], ieee)
     if not decode:
         variants["align"] = Variant("align", tuple(align.items()), 4, 1)
         red = cfg["reduce"]

@@ -437,10 +437,10 @@ E2M1_BF16_SCALE = tl.constexpr(2.0**126)  # the bf16 decoder's bits times this: 
 
 
 @triton.jit
-def e2m1_values(byte, OUT: tl.constexpr, TO_VALUE: tl.constexpr = False):
-    """(low nibble, high nibble) of uint8 e2m1 codes as their values over FP4_FP16_SCALE (TO_VALUE, compiled
-    bf16 only: the values themselves), exact in OUT. Compiled bf16 / fp16: the PTX decoders above (bf16: one
-    packed multiply by a power of two follows); float32 and the interpreter: the bit form (`e2m1_unscaled`)."""
+def e2m1_values(byte, OUT: tl.constexpr):
+    """(low nibble, high nibble) of uint8 e2m1 codes as their values over FP4_FP16_SCALE, exact in OUT. Compiled
+    bf16 / fp16: the PTX decoders above (bf16: one packed multiply by a power of two follows); float32 and the
+    interpreter: the bit form (`e2m1_unscaled`)."""
     if INTERPRETED or not is_half(OUT):
         code = byte.to(tl.int32)
         low, high = e2m1_unscaled(code & 15).to(OUT), e2m1_unscaled(code >> 4).to(OUT)
@@ -448,7 +448,7 @@ def e2m1_values(byte, OUT: tl.constexpr, TO_VALUE: tl.constexpr = False):
         low, high = tl.inline_asm_elementwise(
             E2M1_PTX_BF16, "=r,=r,=r,=r,r", [byte], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
         )
-        FACTOR: tl.constexpr = E2M1_BF16_SCALE if TO_VALUE else E2M1_BF16_SCALE / FP4_FP16_SCALE
+        FACTOR: tl.constexpr = E2M1_BF16_SCALE / FP4_FP16_SCALE
         low, high = low * FACTOR, high * FACTOR
     else:
         low, high = tl.inline_asm_elementwise(
@@ -585,11 +585,12 @@ def weight_tile(
     The codes are decoded as in the scaled form (`fp8_values`: from bits, or by the SM's e4m3 conversion with
     FP8_CVT, about a third of the instructions; `nibble_values`); scales (and zero points) are read once per
     group and turned into one factor (and one offset) per group before they are spread over the tile (where
-    tile and group sizes nest, as powers of two do)."""
+    tile and group sizes nest, as powers of two do). mxfp4 in compiled bf16 folds each group's scale into the
+    decoder instead (`mxfp4_tile_bf16`)."""
     ks = k0 + tl.arange(0, BK)
     mask = row_ok[:, None] & (ks < K)[None, :]
     if WFMT == 3 and is_bf16(OUT) and not INTERPRETED:  # the interpreter does no bf16 arithmetic
-        return tl.where(mask, mxfp4_tile_bf16(w_ptr, s_ptr, rows, row_ok, k0, K, BR, BK, WB), 0.0)
+        return mxfp4_tile_bf16(w_ptr, s_ptr, rows, row_ok, k0, K, BR, BK, WB)  # masked codes decode to 0
     if WFMT == 1:
         KS: tl.constexpr = (K + WB - 1) // WB
         factor = _group_values(s_ptr, rows // WB, row_ok, k0, KS, BK, WB, 0.0)
@@ -615,19 +616,61 @@ def weight_tile(
     return tl.where(mask, value, 0.0).to(OUT)
 
 
+# mxfp4 in bf16 with each group's e8m0 scale folded into the decoder: the e2m1 bits as the bf16 decoder above places
+# them (the value times 2^-126), then two packed multiplies by factors F1 = 2^(h - 1) and F2 = 2^(s - h), h = s >> 1,
+# whose product is 2^(s - 1): each is a normal bf16 for every s in 0..254 (one factor 2^(s - 1) is not past
+# s = 128), so both products are exact (the first may be subnormal: bf16 arithmetic keeps subnormals). $5..$8 and
+# $9..$12 are F1 and F2 of the four bytes of $4, each as a bf16 pair of two equal halves; the pair of two lanes is
+# the low half of one and the high half of the next. fma with -0 as the addend: the product itself, its sign kept,
+# on every SM with bf16 tensor cores (mul.bf16x2 needs SM 9.0).
+E2M1_SCALED_PTX_BF16 = tl.constexpr(
+    _LANES_HEAD.format(registers="t0, t1, a, z, nz, g01, g23, k01, k23")
+    + """mov.b32 nz, 0x80008000;
+prmt.b32 g01, $5, $6, 0x7610;
+prmt.b32 g23, $7, $8, 0x7610;
+prmt.b32 k01, $9, $10, 0x7610;
+prmt.b32 k23, $11, $12, 0x7610;
+"""
+    + "".join(
+        _E2M1_LANE_BF16.format(src=src, nibbles=nibbles, multiplier=multiplier, dst=dst)
+        + f"fma.rn.bf16x2 {dst}, {dst}, g{pair}, nz;\nfma.rn.bf16x2 {dst}, {dst}, k{pair}, nz;\n"
+        for src, nibbles, multiplier, dst, pair in (
+            ("t0", "0x000F000F", "0x1040", "$0", "01"),
+            ("t1", "0x000F000F", "0x1040", "$1", "23"),
+            ("t0", "0x00F000F0", "0x104", "$2", "01"),
+            ("t1", "0x00F000F0", "0x104", "$3", "23"),
+        )
+    )
+    + "}"
+)
+BF16_PAIR_EXPONENT = tl.constexpr(
+    0x00800080
+)  # a biased exponent times this: 2^(exponent - 127) in both bf16 halves
+
+
 @triton.jit
 def mxfp4_tile_bf16(
     w_ptr, s_ptr, rows, row_ok, k0, K: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, WB: tl.constexpr
 ):
-    """`weight_tile` of mxfp4 codes in bf16 with no float32 step: the PTX decoder's bits times 2^126 (the e2m1
-    values, `e2m1_values`), then times each group's e8m0 scale as a bf16 power of two (2^-127 .. 2^127, all
-    representable). Both products are exact, so the tile equals the float32 form's (a weight below bf16's
-    smallest subnormal, 2^-133, aside), and a tile may span scale groups at two packed multiplies a pair."""
-    low, high = e2m1_values(nibble_bytes(w_ptr, rows, row_ok, k0, K, BK), tl.bfloat16, True)
-    value = nibbles_in_k_order(low, high, BR, BK)
+    """`weight_tile` of mxfp4 codes in bf16 with each group's scale folded into the decoder
+    (`E2M1_SCALED_PTX_BF16`): the two factors are made once per group and row, then spread over the group's
+    bytes, and every byte's codes are multiplied by its own group's factors. Exact (a weight below bf16's
+    smallest subnormal, 2^-133, aside), so the tile equals the float32 form's, and it may span scale groups
+    with no per-group product or sum."""
     KG: tl.constexpr = K // WB
-    exponent = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
-    return value * _broadcast_groups(e8m0_value(exponent).to(tl.bfloat16), BR, BK, WB)
+    s = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
+    h = s >> 1
+    f1 = _broadcast_groups((h + 126) * BF16_PAIR_EXPONENT, BR, BK // 2, WB // 2)  # 2^(h - 1)
+    f2 = _broadcast_groups((s - h + 127) * BF16_PAIR_EXPONENT, BR, BK // 2, WB // 2)  # 2^(s - h)
+    low, high = tl.inline_asm_elementwise(
+        E2M1_SCALED_PTX_BF16,
+        "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        [nibble_bytes(w_ptr, rows, row_ok, k0, K, BK), f1, f2],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
+    return nibbles_in_k_order(low, high, BR, BK)
 
 
 @triton.jit

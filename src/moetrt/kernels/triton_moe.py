@@ -742,14 +742,7 @@ def _block_rows(
     return e, rows, row_ok, slot, token
 
 
-@triton.constexpr_function
-def scales_on_product(WFMT, WB, BK, PER_WEIGHT):
-    """Whether quantized tiles of BK reduction elements are multiplied as their codes' values, each tile's
-    product then scaled per output column (instead of every weight dequantized): they must lie in one scale
-    group (WB % BK == 0), 4-bit tiles hold at least 32 codes, and the config has not asked for per-weight
-    dequantization (`dequant.per_weight`, a tuning candidate: a per-tile product keeps Hopper's asynchronous
-    wgmma of large tiles from accumulating in place)."""
-    return WFMT != 0 and not PER_WEIGHT and WB % BK == 0 and (WFMT == 1 or BK >= 32)
+scales_on_product = triton.constexpr_function(plan.scales_on_product)  # one rule for kernels and plan
 
 
 @triton.constexpr_function
@@ -768,15 +761,7 @@ def shared_tile_k(BK, ACT_FP8):
     return min(BK, 64) if ACT_FP8 else BK
 
 
-@triton.constexpr_function
-def weights_first(WFMT, SCALED, XQ, IEEE, BM, BN):
-    """Whether a quantized GEMM loop computes W @ x.T (the weight tile as the first operand, the product
-    transposed once after the loop) instead of x @ W.T: tiles dequantized per weight, of prefill blocks
-    (BM and the weight tile's BN rows at least 64) on the 16-bit tensor cores. Hopper's wgmma takes its first
-    operand from registers, so the tile dequantized in registers feeds it with no shared-memory store and the
-    products stay asynchronous (sm_90 TTGIR: as the second operand, each tile was stored to shared memory and
-    every product waited for, pendings = 0; first, the waits allow 7 in flight)."""
-    return WFMT != 0 and not SCALED and not XQ and not IEEE and BM >= 64 and BN >= 64
+weights_first = triton.constexpr_function(plan.weights_first)
 
 
 @triton.jit
