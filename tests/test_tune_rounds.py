@@ -361,3 +361,33 @@ def test_each_bucket_is_written_once_tuned(table_dir) -> None:  # type: ignore[n
     decode_key = configs.entry_key(SMALL, "bfloat16", 16)
     assert set(entries) == {*other, decode_key}
     assert entries[decode_key]["tokens"] == [8] and entries[decode_key]["us"] > 100.0
+
+
+def test_candidates_the_plan_refuses_are_skipped_before_compiling(table_dir) -> None:  # type: ignore[no-untyped-def]
+    """The tiles round of a 4-bit prefill bucket proposes weight tiles the plan refuses
+    (plan.check_weights_first_rows); they are logged with the plan's reason and never reach `prepare`."""
+    from moetrt.op.presets import like
+
+    attrs = like("qwen3_next", 8, 2, 256, 256, weight_format="mxfp4", weight_block=32)
+    logged: list[str] = []
+    prepared: list[dict] = []
+
+    def prepare(batch: list[tuple[dict, int]]) -> None:
+        for cfg, _ in batch:
+            plan.bucket_variants(attrs, "bfloat16", None, cfg)  # raises on a refused config
+            prepared.append(cfg)
+
+    tuned = tuner.tune(
+        attrs,
+        "bfloat16",
+        90,
+        lambda cfg, t: 100.0 + cfg["gate_up"]["BN"] / 1e3,
+        tokens=(600,),
+        out_path=table_dir / "out.json",
+        rounds=("tiles",),
+        prepare=prepare,
+        log=logged.append,
+    )
+    refused = [line for line in logged if "refused by the plan" in line]
+    assert refused and all("rows a warp group" in line for line in refused)
+    assert prepared and len(tuned) == 1

@@ -96,6 +96,26 @@ def _better_of_shipped(
     return chosen, call_us
 
 
+def _plannable(
+    attrs: MoEAttributes,
+    dtype: str,
+    bound: int | None,
+    cands: list[dict[str, Any]],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The candidates the plan accepts, in order; each refused one logged with the plan's reason (e.g.
+    plan.check_weights_first_rows), before any is compiled."""
+    kept = []
+    for i, cfg in enumerate(cands):
+        try:
+            plan.bucket_variants(attrs, dtype, bound, cfg)
+        except ValueError as err:
+            log(f"  candidate {i} refused by the plan: {err}")
+            continue
+        kept.append(cfg)
+    return kept
+
+
 def tune(
     attrs: MoEAttributes,
     dtype: str,
@@ -163,6 +183,7 @@ def tune(
                 cands = pdl_candidates(chosen)
             else:
                 continue
+            cands = _plannable(attrs, dtype, bound, cands, log)
             by_own_time = round_name in ROUTING_STAGES and not plan.is_decode(bound)
             timer = time_routing if time_routing is not None and by_own_time else time_config
             by_routing = timer is not time_config
