@@ -454,3 +454,16 @@ def test_gpu_oracle_dequantizes_every_chunk(monkeypatch: pytest.MonkeyPatch) -> 
             got = oracle[f"expert_{which}_weight"]
             assert got.dtype == torch.float32 and got.shape == weights[f"expert_{which}_weight"].shape
             assert torch.equal(got, whole), (fmt, which)
+
+
+def test_a_config_the_plan_refuses_is_one_line_naming_its_entry() -> None:
+    from moetrt.op.presets import like
+
+    attrs = like("qwen3_30b", 16, 4, 256, 256, weight_format="mxfp4", weight_block=32)
+    cfg = configs.default_config(attrs, "bfloat16", None, sm=90)
+    cfg["gate_up"].update({"BM": 128, "BN": 128, "BK": 64, "num_warps": 4})
+    cfg["dequant"]["per_weight"] = 1
+    with pytest.raises(
+        MoetrtError, match=r"bucket inf \(E16_K4_H256_I256_S0\+mxfp4g32/bfloat16/inf\) is refused: gate_up"
+    ):
+        compile_kernels(attrs, "bfloat16", 90, buckets=(None,), configs={None: cfg})

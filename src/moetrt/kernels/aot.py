@@ -358,7 +358,15 @@ def compile_kernels(
                 f"sm_{sm} lacks",
                 "set 'dequant': {'fp8_cvt': 0} in that config (SM90+ only)",
             )
-        variants = plan.bucket_variants(attrs, dtype, bound, cfg)
+        try:
+            variants = plan.bucket_variants(attrs, dtype, bound, cfg)
+        except ValueError as err:  # the plan's refusal of a config, one line for the table entry it names
+            raise MoetrtError(
+                f"the config for bucket {plan.bucket_name(bound)} ({config_table.entry_key(attrs, dtype, bound)}) "
+                f"is refused: {err}",
+                "fix that entry (the tables in use are the package's and $MOETRT_KERNEL_CONFIGS's) or re-tune "
+                "it with `moetrt tune`",
+            ) from err
         per_bucket[bound] = (cfg, variants)
         todo.update({v.key: v for v in variants.values()})
     cache = {} if cache is None else cache
