@@ -1,5 +1,6 @@
-"""Every packaged kernel-config table entry of a preset's shape goes through the plan unrefused (a refusal
-would make `moetrt build` fail for that shape), and the weights-first row rule refuses what it must."""
+"""Every packaged kernel-config table entry of a preset's shape, and every 4-bit config a preset gets on any SM,
+goes through the plan unrefused (a refusal would make `moetrt build` fail for that shape), and the weights-first
+row rule refuses what it must."""
 
 from __future__ import annotations
 
@@ -51,6 +52,25 @@ def test_every_preset_entry_of_the_packaged_tables_is_planned(table: Path) -> No
         plan.bucket_variants(attrs, dtype, bound, configs.select_config(attrs, dtype, sm, bound))
         checked += 1
     assert checked >= 20, f"only {checked} entries of {table.name} matched a preset"
+
+
+@pytest.mark.parametrize("weights", [("int4", 32), ("int4", 128), ("mxfp4", 32)])
+def test_every_4bit_config_a_preset_gets_on_any_sm_is_planned(weights: tuple[str, int]) -> None:
+    # the table's entry or the default tiles, for every supported SM, 16-bit dtype and bucket
+    from moetrt.kernels.aot import SUPPORTED_SMS
+
+    fmt, block = weights
+    checked = 0
+    for base in PRESETS.values():
+        if base.hidden_size % block or base.intermediate_size % block:
+            continue
+        attrs = dataclasses.replace(base, weight_format=fmt, weight_block=block)
+        for sm in SUPPORTED_SMS:
+            for dtype in ("bfloat16", "float16"):
+                for bound in plan.BUCKETS:
+                    plan.bucket_variants(attrs, dtype, bound, configs.select_config(attrs, dtype, sm, bound))
+                    checked += 1
+    assert checked >= 100
 
 
 def _weights(fmt: str, block: int) -> dict[str, int]:
