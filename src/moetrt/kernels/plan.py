@@ -561,11 +561,11 @@ def check_weights_first_rows(
         return
     if not weights_first(wfmt, scaled, weights["ACT_FP8"], ieee, bm, rows):
         return
-    per_group = rows * 4 // num_warps
-    if per_group > WEIGHTS_FIRST_GROUPED_MAX_ROWS:
+    per_warp_group = rows * 4 // num_warps
+    if per_warp_group > WEIGHTS_FIRST_GROUPED_MAX_ROWS:
         raise ValueError(
             f"{stage}: a {rows} x {bk} 4-bit weight tile across scale groups multiplied weights first holds "
-            f"{per_group} rows a warp group at {num_warps} warps, more than {WEIGHTS_FIRST_GROUPED_MAX_ROWS} (wrong "
+            f"{per_warp_group} rows a warp group at {num_warps} warps, more than {WEIGHTS_FIRST_GROUPED_MAX_ROWS} (wrong "
             f"results on sm_90); use {rows * 4 // WEIGHTS_FIRST_GROUPED_MAX_ROWS} warps or "
             f"{WEIGHTS_FIRST_GROUPED_MAX_ROWS * num_warps // 4} rows"
         )

@@ -618,8 +618,8 @@ def weight_tile(
 
 # mxfp4 in bf16 with each group's e8m0 scale folded into the decoder: the e2m1 bits as the bf16 decoder above places
 # them (the value times 2^-126), then two packed multiplies by factors F1 = 2^(h - 1) and F2 = 2^(s - h), h = s >> 1,
-# whose product is 2^(s - 1): each is a normal bf16 for every s in 0..254 (one factor 2^(s - 1) is not past
-# s = 128), so both products are exact (the first may be subnormal: bf16 arithmetic keeps subnormals). $5..$8 and
+# whose product is 2^(s - 1): each is a normal bf16 for every s in 0..254 (2^(s - 1) alone leaves bf16's range
+# from s = 129 on), so both products are exact (the first may be subnormal: bf16 arithmetic keeps subnormals). $5..$8 and
 # $9..$12 are F1 and F2 of the four bytes of $4, each as a bf16 pair of two equal halves; the pair of two lanes is
 # the low half of one and the high half of the next. fma with -0 as the addend: the product itself, its sign kept,
 # on every SM with bf16 tensor cores (mul.bf16x2 needs SM 9.0).
@@ -643,9 +643,8 @@ prmt.b32 k23, $11, $12, 0x7610;
     )
     + "}"
 )
-BF16_PAIR_EXPONENT = tl.constexpr(
-    0x00800080
-)  # a biased exponent times this: 2^(exponent - 127) in both bf16 halves
+# a biased exponent times this: 2^(exponent - 127) in both bf16 halves of a 32-bit word
+BF16_PAIR_EXPONENT = tl.constexpr(0x00800080)
 
 
 @triton.jit
@@ -654,9 +653,9 @@ def mxfp4_tile_bf16(
 ):
     """`weight_tile` of mxfp4 codes in bf16 with each group's scale folded into the decoder
     (`E2M1_SCALED_PTX_BF16`): the two factors are made once per group and row, then spread over the group's
-    bytes, and every byte's codes are multiplied by its own group's factors. Exact (a weight below bf16's
-    smallest subnormal, 2^-133, aside), so the tile equals the float32 form's, and it may span scale groups
-    with no per-group product or sum."""
+    bytes, and every byte's codes are multiplied by its own group's factors. Exact for every code and e8m0
+    exponent (a weight past bf16's range, 6 * 2^127, is inf, as `op.quant.dequantize`'s cast to bf16), so the
+    tile equals the float32 form's, and it may span scale groups with no per-group product or sum."""
     KG: tl.constexpr = K // WB
     s = _group_values(s_ptr, rows, row_ok, k0, KG, BK, WB, 127).to(tl.int32)
     h = s >> 1
