@@ -391,3 +391,39 @@ def test_candidates_the_plan_refuses_are_skipped_before_compiling(table_dir) -> 
     refused = [line for line in logged if "refused by the plan" in line]
     assert refused and all("rows a warp group" in line for line in refused)
     assert prepared and len(tuned) == 1
+
+
+def test_a_refused_table_entry_is_no_incumbent(table_dir) -> None:  # type: ignore[no-untyped-def]
+    """Where the table's own entry is refused by the plan, the round's first planned candidate is not the
+    incumbent: the fastest is taken even within tuner.KEEP_MARGIN of it."""
+    from moetrt.op.presets import like
+
+    attrs = like("qwen3_next", 8, 2, 256, 256, weight_format="mxfp4", weight_block=32)
+    refused = copy.deepcopy(configs.default_config(attrs, "bfloat16", None, sm=90))
+    refused["gate_up"].update({"BM": 128, "BN": 128, "BK": 64, "num_warps": 4})
+    refused["dequant"]["per_weight"] = 1
+    key = configs.entry_key(attrs, "bfloat16", None)
+    (table_dir / "sm90.json").write_text(json.dumps({"entries": {key: refused}}))
+    configs._load_table.cache_clear()
+    with pytest.raises(ValueError, match="rows a warp group"):
+        plan.bucket_variants(attrs, "bfloat16", None, configs.select_config(attrs, "bfloat16", 90, None))
+    timed: list[dict] = []
+
+    def later_is_a_little_faster(cfg: dict, t: int) -> float:  # all within the margin of the first
+        timed.append(copy.deepcopy(cfg))
+        return 100.0 - 0.01 * len(timed)
+
+    logged: list[str] = []
+    tuned = tuner.tune(
+        attrs,
+        "bfloat16",
+        90,
+        later_is_a_little_faster,
+        tokens=(600,),
+        out_path=table_dir / "out.json",
+        rounds=("tiles",),
+        log=logged.append,
+    )
+    assert not any("kept the round's first config" in line for line in logged)
+    assert any("candidate 0 refused by the plan" in line for line in logged)
+    assert tuned[key]["gate_up"] == {k: timed[-1]["gate_up"][k] for k in tuned[key]["gate_up"]}

@@ -183,7 +183,10 @@ def tune(
                 cands = pdl_candidates(chosen)
             else:
                 continue
-            cands = _plannable(attrs, dtype, bound, cands, log)
+            planned = _plannable(attrs, dtype, bound, cands, log)
+            # the round's first config is the incumbent (the table's, or the last round's best) only if planned
+            has_incumbent = bool(planned) and planned[0] is cands[0]
+            cands = planned
             by_own_time = round_name in ROUTING_STAGES and not plan.is_decode(bound)
             timer = time_routing if time_routing is not None and by_own_time else time_config
             by_routing = timer is not time_config
@@ -202,7 +205,12 @@ def tune(
             ranked = sorted(timings, key=lambda x: x[:2])
             us, _, chosen = ranked[0]
             first_us, first_index, first_cfg = timings[0]
-            if first_index == 0 and chosen is not first_cfg and us > first_us * (1 - KEEP_MARGIN):
+            if (
+                has_incumbent
+                and first_index == 0
+                and chosen is not first_cfg
+                and us > first_us * (1 - KEEP_MARGIN)
+            ):
                 log(
                     f"  kept the round's first config: the best, {us:.1f} us, is within "
                     f"{KEEP_MARGIN:.0%} of its {first_us:.1f} us"
