@@ -13,7 +13,7 @@ import pytest
 
 from moetrt.kernels import configs, plan
 from moetrt.op.presets import PRESETS
-from moetrt.op.spec import FP8_BLOCK, NATIVE
+from moetrt.op.spec import FP8_BLOCK, NATIVE, WEIGHT_FORMATS
 
 TABLES = sorted((Path(configs.__file__).parent / "configs").glob("sm*.json"))
 WEIGHTS = re.compile(r"^\+(fp8_block|int4|mxfp4)g?(\d+)(z?)(a8)?$")
@@ -75,7 +75,7 @@ def test_every_4bit_config_a_preset_gets_on_any_sm_is_planned(weights: tuple[str
 
 def _weights(fmt: str, block: int) -> dict[str, int]:
     return {
-        "WFMT": ["native", "fp8_block", "int4", "mxfp4"].index(fmt),
+        "WFMT": WEIGHT_FORMATS.index(fmt),
         "WB": block,
         "PER_WEIGHT": 1,
         "ACT_FP8": 0,

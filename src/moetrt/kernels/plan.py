@@ -556,9 +556,9 @@ def check_weights_first_rows(
     scale groups and multiplied weights first, holds more than WEIGHTS_FIRST_GROUPED_MAX_ROWS rows a warp
     group."""
     wfmt, wb = weights["WFMT"], weights["WB"]
-    scaled = scales_on_product(wfmt, wb, bk, weights["PER_WEIGHT"])
     if WEIGHT_FORMATS[wfmt] not in (INT4, MXFP4) or wb % bk == 0:
         return
+    scaled = scales_on_product(wfmt, wb, bk, weights["PER_WEIGHT"])
     if not weights_first(wfmt, scaled, weights["ACT_FP8"], ieee, bm, rows):
         return
     per_warp_group = rows * 4 // num_warps

@@ -587,10 +587,10 @@ def weight_tile(
     group and turned into one factor (and one offset) per group before they are spread over the tile (where
     tile and group sizes nest, as powers of two do). mxfp4 in compiled bf16 folds each group's scale into the
     decoder instead (`mxfp4_tile_bf16`)."""
-    ks = k0 + tl.arange(0, BK)
-    mask = row_ok[:, None] & (ks < K)[None, :]
     if WFMT == 3 and is_bf16(OUT) and not INTERPRETED:  # the interpreter does no bf16 arithmetic
         return mxfp4_tile_bf16(w_ptr, s_ptr, rows, row_ok, k0, K, BR, BK, WB)  # masked codes decode to 0
+    ks = k0 + tl.arange(0, BK)
+    mask = row_ok[:, None] & (ks < K)[None, :]
     if WFMT == 1:
         KS: tl.constexpr = (K + WB - 1) // WB
         factor = _group_values(s_ptr, rows // WB, row_ok, k0, KS, BK, WB, 0.0)
