@@ -720,3 +720,40 @@ def test_grouped_order_times_every_bundle_per_input_after_an_untimed_pass(
     assert [(r["order"], r["seed"]) for r in rows] == [
         ("table", 5), ("patch0", 5), ("patch1", 5), ("table", 6), ("patch0", 6), ("patch1", 6),
     ]  # fmt: skip
+
+
+def test_layer_chain_keeps_a_layers_rms_by_scaling_what_the_output_is_linear_in() -> None:
+    """bench/layer_chain.py scales DOWN_PROJECTIONS by one factor to keep each layer's RMS: the op's output is
+    that factor times the unscaled one (the reference, with biases, a gated shared expert and clamped SwiGLU)."""
+    from moetrt.op.presets import like
+    from moetrt.op.reference import moe_reference, random_inputs
+
+    layer_chain = importlib.import_module("layer_chain")
+    for preset in ("qwen3_next", "gpt_oss_20b"):
+        attrs = like(preset, 8, 2, 32, 16)
+        inputs = random_inputs(attrs, 5, seed=3)
+        assert any(name in inputs for name in layer_chain.DOWN_PROJECTIONS[1:]), preset
+        base = moe_reference(inputs, attrs)["output"]
+        scaled = {
+            name: value * 3.0 if name in layer_chain.DOWN_PROJECTIONS else value
+            for name, value in inputs.items()
+        }
+        assert torch.allclose(moe_reference(scaled, attrs)["output"], 3.0 * base, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_chain_refuses_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{BENCH}", "CUDA_VISIBLE_DEVICES": ""}
+    for args, expected in (
+        (["--layers", "1"], "layer_chain: --layers 1: give 2 or more"),
+        ([], "layer_chain: needs a CUDA GPU"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / "layer_chain.py"), "--out", str(tmp_path / "rows.jsonl"), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert proc.returncode == 2
+        assert proc.stderr.strip().startswith(expected) and len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "rows.jsonl").exists()

@@ -58,6 +58,12 @@ _GROUP_TABLE: tuple[tuple[str, str], ...] = (
 #   else uint8 codes, float32 scales (uint8 e8m0 for mxfp4) and uint8 zero points (`param_types`)
 #   q: e4m3 codes (fp8 activations, quantized once per call) as uint8
 #   int: a host-computed i32 (loop trip counts, program counts), given per launch in Launch.args
+# Router programs whose weight slice (BE x the slice of H, padded to a power of two) has at most this many
+# elements load it whole before their programmatic-dependent-launch wait (triton_moe._router_weights_first):
+# 16 KB of bf16, 32 registers a thread at 4 warps. Larger slices (prefill tiles) stream in the K loop.
+ROUTER_PRELOAD_ELEMENTS = 8192
+
+
 # The router kernels' pointers (both compute partial logits through triton_moe._router_partials).
 _ROUTER_POINTERS: tuple[tuple[str, str], ...] = (
     ("x_ptr", "x"),

@@ -269,10 +269,12 @@ def router_logits_kernel(
     H200: the first expert block's programs quantizing after their logits added ~40 µs at T = 4096, and
     dealt out over every program of a token block still 21 µs at Qwen3-30B T = 4096 and 3 µs at T = 1).
     """
+    w_first = _router_weights_first(router_w_ptr, E, H, SPLIT, BE, BK)  # before the wait: the model's weights
     pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     _router_partials(
         x_ptr,
         router_w_ptr,
+        w_first,
         shared_gate_w_ptr,
         logits_ws_ptr,
         gate_part_ptr,
@@ -295,10 +297,84 @@ def router_logits_kernel(
     )
 
 
+@triton.constexpr_function
+def _router_slice(H, SPLIT, BK):
+    """The columns of H one router program reduces: H / SPLIT rounded up to whole BK tiles."""
+    return ((H + SPLIT - 1) // SPLIT + BK - 1) // BK * BK
+
+
+@triton.constexpr_function
+def _router_slice_pad(H, SPLIT, BK):
+    """_router_slice rounded up to a power of two (the width of a tile that holds it)."""
+    return triton.next_power_of_2(_router_slice(H, SPLIT, BK))
+
+
+@triton.constexpr_function
+def _router_preloads(H, SPLIT, BE, BK):
+    """Whether a router program loads its whole weight slice before its wait (plan.ROUTER_PRELOAD_ELEMENTS)."""
+    return BE * _router_slice_pad(H, SPLIT, BK) <= plan.ROUTER_PRELOAD_ELEMENTS
+
+
+@triton.jit
+def _router_weights_first(
+    router_w_ptr, E: tl.constexpr, H: tl.constexpr, SPLIT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr
+):
+    """This program's whole [BE, slice] router weights where they are small (`_router_preloads`), else 0.
+
+    The router's weights are the model's, not an earlier kernel's output, so the router kernels ask for them
+    before their programmatic-dependent-launch wait: the load's latency then overlaps the end of the kernel
+    before (a previous layer's last kernel), where a decode step's router otherwise waits on it after
+    (bench/layer_chain.py; docs/kernels.md, "Router weights before the wait"). Zeros
+    for the programs past the expert blocks (they quantize x: their rows are masked, so they read nothing)."""
+    if _router_preloads(H, SPLIT, BE, BK):
+        HS: tl.constexpr = _router_slice(H, SPLIT, BK)
+        ecols = tl.program_id(1) * BE + tl.arange(0, BE)
+        offs = tl.arange(0, _router_slice_pad(H, SPLIT, BK))
+        ks = tl.program_id(2) * HS + offs
+        return tl.load(
+            router_w_ptr + ecols[:, None] * H + ks[None, :],
+            mask=(ecols < E)[:, None] & ((ks < H) & (offs < HS))[None, :],
+            other=0.0,
+        )
+    else:
+        return 0
+
+
+@triton.jit
+def _router_step(
+    x_ptr,
+    shared_gate_w_ptr,
+    wt,
+    rows,
+    row_ok,
+    k0,
+    width,
+    pid_e,
+    acc,
+    gate_acc,
+    H: tl.constexpr,
+    HAS_SHARED_GATE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """acc (and the shared gate's partial sum) plus the products of `width` columns of x from k0 (BK of them
+    loaded, a power of two at least `width`) with a router weight tile."""
+    offs = tl.arange(0, BK)
+    ks = k0 + offs
+    k_ok = (ks < H) & (offs < width)
+    xt = tl.load(x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    acc = dot_acc(xt, tl.trans(wt), acc, IEEE)
+    if HAS_SHARED_GATE:
+        gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok & (pid_e == 0), other=0.0).to(tl.float32)
+        gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
+    return acc, gate_acc
+
+
 @triton.jit
 def _router_partials(
     x_ptr,
     router_w_ptr,
+    w_first,
     shared_gate_w_ptr,
     logits_ws_ptr,
     gate_part_ptr,
@@ -334,7 +410,7 @@ def _router_partials(
             tl.zeros((1024,), dtype=tl.int32),
             mask=(z < zero_words) & (z0 + tl.arange(0, 1024) < share),
         )
-    HS: tl.constexpr = ((H + SPLIT - 1) // SPLIT + BK - 1) // BK * BK
+    HS: tl.constexpr = _router_slice(H, SPLIT, BK)
     rows = pid_t * BT + tl.arange(0, BT)
     row_ok = rows < T
     NE: tl.constexpr = (E + BE - 1) // BE
@@ -354,21 +430,23 @@ def _router_partials(
         ecol_ok = ecols < E
         acc = tl.zeros((BT, BE), dtype=tl.float32)
         gate_acc = tl.zeros((BT,), dtype=tl.float32)
-        for k0 in range(0, HS, BK):
-            ks = pid_s * HS + k0 + tl.arange(0, BK)
-            k_ok = ks < H
-            wt = tl.load(
-                router_w_ptr + ecols[:, None] * H + ks[None, :],
-                mask=ecol_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            xt = tl.load(
-                x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            acc = dot_acc(xt, tl.trans(wt), acc, IEEE)
-            if HAS_SHARED_GATE:
-                gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok & (pid_e == 0), other=0.0).to(tl.float32)
-                gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
+        if _router_preloads(H, SPLIT, BE, BK):  # the slice's weights came before the wait: one product
+            acc, gate_acc = _router_step(
+                x_ptr, shared_gate_w_ptr, w_first, rows, row_ok, pid_s * HS, HS, pid_e, acc, gate_acc, H,
+                HAS_SHARED_GATE, IEEE, _router_slice_pad(H, SPLIT, BK),
+            )  # fmt: skip
+        else:
+            for k0 in range(0, HS, BK):
+                ks = pid_s * HS + k0 + tl.arange(0, BK)
+                wt = tl.load(
+                    router_w_ptr + ecols[:, None] * H + ks[None, :],
+                    mask=ecol_ok[:, None] & (ks < H)[None, :],
+                    other=0.0,
+                )
+                acc, gate_acc = _router_step(
+                    x_ptr, shared_gate_w_ptr, wt, rows, row_ok, pid_s * HS + k0, BK, pid_e, acc, gate_acc, H,
+                    HAS_SHARED_GATE, IEEE, BK,
+                )  # fmt: skip
         base = pid_s.to(tl.int64) * T * E
         tl.store(
             logits_ws_ptr + base + rows[:, None] * E + ecols[None, :],
@@ -440,10 +518,12 @@ def router_topk_kernel(
     keeps it per stream, zeroed once: plan.STATE_REGIONS): the last program sets it back to zero, so every call
     finds it zero, including CUDA-graph replays.
     """
+    w_first = _router_weights_first(router_w_ptr, E, H, SPLIT, BE, BK)  # before the wait: the model's weights
     pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
     _router_partials(
         x_ptr,
         router_w_ptr,
+        w_first,
         shared_gate_w_ptr,
         logits_ws_ptr,
         gate_part_ptr,
