@@ -15,7 +15,10 @@ layer's difference is reported, not bounded: the fused decode kernel's float ato
 to run, and a later layer may route such a difference to another expert at a near-tie.
 
     PYTHONPATH=src:bench python3 bench/layer_chain.py --shapes qwen3_next,qwen3_30b --tokens 1,8 --layers 4 \
-        [--bundle qwen3_next=PATH] [--out OUT.jsonl]
+        [--format native|fp8_block|int4|mxfp4|fp8_block+a8] [--bundle qwen3_next=PATH] [--out OUT.jsonl]
+
+Quantized formats quantize each layer's scaled native experts round to nearest on the GPU (as
+bench/quantized_bench.py does); a --bundle must be compiled for that format.
 """
 
 from __future__ import annotations
@@ -28,23 +31,29 @@ import sys
 from pathlib import Path
 
 import torch
+from workloads import FORMAT_ENTRIES, with_weight_format
 
 from moetrt.core.tolerances import relative_error, tolerance
 from moetrt.kernels.aot import KernelBundle, compile_kernels
 from moetrt.kernels.launcher import MoELauncher
 from moetrt.op.presets import PRESETS
-from moetrt.tune.gpu_workload import gpu_random_inputs
+from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs
 from moetrt.tune.timing import L2Flusher, time_calls
 
 #: The inputs the op's output is linear in (with the routing fixed): scaled to keep each layer's RMS.
 DOWN_PROJECTIONS = ("expert_down_weight", "expert_down_bias", "shared_down_weight")
 
 
-def chain_rows(name: str, tokens: int, layers: int, bundle: KernelBundle, repeats: int) -> list[dict]:
-    attrs = PRESETS[name]
+def chain_rows(
+    name: str, fmt: str, tokens: int, layers: int, bundle: KernelBundle, repeats: int
+) -> list[dict]:
+    attrs = with_weight_format(PRESETS[name], fmt)
     launcher = MoELauncher(bundle, attrs)
     device = torch.device("cuda")
-    weights = [gpu_random_inputs(attrs, tokens, torch.bfloat16, seed=100 + layer) for layer in range(layers)]
+    native = [
+        gpu_random_inputs(PRESETS[name], tokens, torch.bfloat16, seed=100 + layer) for layer in range(layers)
+    ]
+    weights = [gpu_quantized_inputs(inputs, attrs)[0] for inputs in native]
     x0 = weights[0]["hidden_states"].clone()
     outs = [torch.empty_like(x0) for _ in range(layers)]
     workspace = torch.empty(launcher.workspace_size(tokens), dtype=torch.uint8, device=device)
@@ -73,9 +82,12 @@ def chain_rows(name: str, tokens: int, layers: int, bundle: KernelBundle, repeat
                 raise SystemExit(
                     f"layer_chain: {name} T = {tokens}: layer {layer}'s output is zero or not finite"
                 )
-            for projection in DOWN_PROJECTIONS:
-                if projection in weights[layer]:
-                    weights[layer][projection].mul_(factor.to(weights[layer][projection].dtype))
+            for (
+                projection
+            ) in DOWN_PROJECTIONS:  # quantized: scaled before quantizing (mxfp4's scales are 2^k)
+                if projection in native[layer]:
+                    native[layer][projection].mul_(factor.to(native[layer][projection].dtype))
+            weights[layer] = gpu_quantized_inputs(native[layer], attrs)[0]
             enqueue(layer, hidden)  # the scaled layer's output is the next layer's calibration input
             hidden = outs[layer]
 
@@ -111,6 +123,7 @@ def chain_rows(name: str, tokens: int, layers: int, bundle: KernelBundle, repeat
         rows.append(
             {
                 "shape": name,
+                "format": fmt,
                 "T": tokens,
                 "layers": count,
                 "us_per_layer": round(timing.median_us / count, 2),
@@ -127,6 +140,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="qwen3_next,qwen3_30b")
     p.add_argument("--tokens", default="1,8")
+    p.add_argument(
+        "--format",
+        default="native",
+        help=f"the routed experts' format, one of {', '.join(FORMAT_ENTRIES)} (quantized round to nearest)",
+    )
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument(
@@ -134,6 +152,9 @@ def main() -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="a .jsonl file for the rows")
     a = p.parse_args()
+    if a.format not in FORMAT_ENTRIES:
+        print(f"layer_chain: --format {a.format}: choose from {', '.join(FORMAT_ENTRIES)}", file=sys.stderr)
+        return 2
     if a.layers < 2:
         print(
             f"layer_chain: --layers {a.layers}: give 2 or more (one layer is what the other benches time)",
@@ -150,11 +171,10 @@ def main() -> int:
         if name in paths:
             bundle = KernelBundle.from_bytes(Path(paths[name]).read_bytes())
         else:
-            bundle = compile_kernels(
-                PRESETS[name], "bfloat16", major * 10 + minor, workers=os.cpu_count() or 1
-            )
+            attrs = with_weight_format(PRESETS[name], a.format)
+            bundle = compile_kernels(attrs, "bfloat16", major * 10 + minor, workers=os.cpu_count() or 1)
         for tokens in (int(t) for t in a.tokens.split(",")):
-            for row in chain_rows(name, tokens, a.layers, bundle, a.repeats):
+            for row in chain_rows(name, a.format, tokens, a.layers, bundle, a.repeats):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if a.out:

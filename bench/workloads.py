@@ -24,7 +24,7 @@ from moetrt.op.reference import (
     router_logits,
     shared_expert,
 )
-from moetrt.op.spec import FP8_BLOCK, NATIVE, MoEAttributes
+from moetrt.op.spec import FP8_BLOCK, NATIVE, WEIGHT_FORMATS, MoEAttributes
 from moetrt.passes.quantize_experts import choose_block
 
 TOKEN_INPUTS = ("hidden_states", "router_weight", "router_bias", "score_correction_bias")
@@ -223,6 +223,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float | None:
     """The library's metric (core.tolerances); None when the output holds NaN/Inf (never a pass)."""
     err = tolerances.relative_error(out.detach().reshape(ref.shape), ref)
     return None if math.isinf(err) else err
+
+
+#: The --formats entries the quantized benchmarks take: a weight format, or fp8 weights with fp8 activations.
+FORMAT_ENTRIES = (*WEIGHT_FORMATS, f"{FP8_BLOCK}+a8")
 
 
 def with_weight_format(base: MoEAttributes, entry: str) -> MoEAttributes:

@@ -125,7 +125,14 @@ def test_format_entries_of_the_quantized_benchmarks() -> None:
     gpt_oss = PRESETS["gpt_oss_20b"]
     assert workloads.with_weight_format(gpt_oss, "int4").weight_block == 64  # 128 does not divide 2880
     assert workloads.with_weight_format(gpt_oss, "mxfp4").weight_block == 32
-    for script in ("quantized_bench.py", "routed_probe.py"):
+    for entry in workloads.FORMAT_ENTRIES:  # every entry names a format the op takes
+        assert workloads.with_weight_format(base, entry).weight_format in (
+            "native",
+            "fp8_block",
+            "int4",
+            "mxfp4",
+        )
+    for script in ("quantized_bench.py", "routed_probe.py", "layer_chain.py"):
         done = subprocess.run(
             [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120,
             env={**os.environ, "PYTHONPATH": str(REPO / "src")},
@@ -745,6 +752,7 @@ def test_layer_chain_refuses_in_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{BENCH}", "CUDA_VISIBLE_DEVICES": ""}
     for args, expected in (
         (["--layers", "1"], "layer_chain: --layers 1: give 2 or more"),
+        (["--format", "int3"], "layer_chain: --format int3: choose from native, fp8_block, int4, mxfp4"),
         ([], "layer_chain: needs a CUDA GPU"),
     ):
         proc = subprocess.run(
