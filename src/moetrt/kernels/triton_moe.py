@@ -324,8 +324,8 @@ def _router_weights_first(
     The router's weights are the model's, not an earlier kernel's output, so the router kernels ask for them
     before their programmatic-dependent-launch wait: the load's latency then overlaps the end of the kernel
     before (a previous layer's last kernel), where a decode step's router otherwise waits on it after
-    (bench/layer_chain.py; docs/kernels.md, "Router weights before the wait"). Zeros
-    for the programs past the expert blocks (they quantize x: their rows are masked, so they read nothing)."""
+    (bench/layer_chain.py; docs/kernels.md, "Router weights before the wait"). Zeros for the programs past the
+    expert blocks (they quantize x: their rows are masked, so they read nothing)."""
     if _router_preloads(H, SPLIT, BE, BK):
         HS: tl.constexpr = _router_slice(H, SPLIT, BK)
         ecols = tl.program_id(1) * BE + tl.arange(0, BE)
