@@ -37,7 +37,7 @@ from moetrt.core.tolerances import relative_error, tolerance
 from moetrt.kernels.aot import KernelBundle, compile_kernels
 from moetrt.kernels.launcher import MoELauncher
 from moetrt.op.presets import PRESETS
-from moetrt.tune.gpu_workload import gpu_quantized_inputs, gpu_random_inputs
+from moetrt.tune.gpu_workload import gpu_quantized_experts, gpu_random_inputs
 from moetrt.tune.timing import L2Flusher, time_calls
 
 #: The inputs the op's output is linear in (with the routing fixed): scaled to keep each layer's RMS.
@@ -53,7 +53,7 @@ def chain_rows(
     native = [
         gpu_random_inputs(PRESETS[name], tokens, torch.bfloat16, seed=100 + layer) for layer in range(layers)
     ]
-    weights = [gpu_quantized_inputs(inputs, attrs)[0] for inputs in native]
+    weights = [gpu_quantized_experts(inputs, attrs) for inputs in native]
     x0 = weights[0]["hidden_states"].clone()
     outs = [torch.empty_like(x0) for _ in range(layers)]
     workspace = torch.empty(launcher.workspace_size(tokens), dtype=torch.uint8, device=device)
@@ -87,7 +87,7 @@ def chain_rows(
             ) in DOWN_PROJECTIONS:  # quantized: scaled before quantizing (mxfp4's scales are 2^k)
                 if projection in native[layer]:
                     native[layer][projection].mul_(factor.to(native[layer][projection].dtype))
-            weights[layer] = gpu_quantized_inputs(native[layer], attrs)[0]
+            weights[layer] = gpu_quantized_experts(native[layer], attrs)
             enqueue(layer, hidden)  # the scaled layer's output is the next layer's calibration input
             hidden = outs[layer]
 

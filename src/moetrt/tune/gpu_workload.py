@@ -51,19 +51,17 @@ def gpu_random_inputs(
 QUANTIZE_CHUNK = 32
 
 
-def gpu_quantized_inputs(
-    native: dict[str, Any], attrs: MoEAttributes
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the op's inputs with the routed experts quantized to attrs' format, round to nearest on the GPU, the
-    same inputs with those experts dequantized to float32 for `gpu_reference` of `attrs.with_native_weights()`).
-    `native` holds the native-weight inputs (gpu_random_inputs of the native op); native attrs: unchanged."""
+def gpu_quantized_experts(native: dict[str, Any], attrs: MoEAttributes) -> dict[str, Any]:
+    """The op's inputs with the routed experts quantized to attrs' format, round to nearest on the GPU, QUANTIZE_CHUNK
+    experts at a time. `native` holds the native-weight inputs (gpu_random_inputs of the native op); native attrs:
+    `native` itself."""
     import torch
 
     from moetrt.op import quant
 
     if not attrs.is_quantized:
-        return native, native
-    inputs, oracle = dict(native), dict(native)
+        return native
+    inputs = dict(native)
     for which in ("gate_up", "down"):
         weight = native[f"expert_{which}_weight"]
         parts = [
@@ -75,22 +73,37 @@ def gpu_quantized_inputs(
             )
             for lo in range(0, weight.shape[0], QUANTIZE_CHUNK)
         ]
-        stored = quant.QuantizedWeight(
-            torch.cat([q.codes for q in parts]),
-            torch.cat([q.scale for q in parts]),
-            torch.cat([q.zero for q in parts]) if attrs.has_weight_zero_point else None,
-        )
-        inputs[f"expert_{which}_weight"] = stored.codes
-        inputs[f"expert_{which}_scale"] = stored.scale
-        if stored.zero is not None:
-            inputs[f"expert_{which}_zero"] = stored.zero
+        inputs[f"expert_{which}_weight"] = torch.cat([q.codes for q in parts])
+        inputs[f"expert_{which}_scale"] = torch.cat([q.scale for q in parts])
+        if attrs.has_weight_zero_point:
+            inputs[f"expert_{which}_zero"] = torch.cat([q.zero for q in parts])
+    return inputs
+
+
+def gpu_quantized_inputs(
+    native: dict[str, Any], attrs: MoEAttributes
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`gpu_quantized_experts`, the same inputs with those experts dequantized to float32 for `gpu_reference` of
+    `attrs.with_native_weights()`). Native attrs: `native` twice."""
+    import torch
+
+    from moetrt.op import quant
+
+    inputs = gpu_quantized_experts(native, attrs)
+    if not attrs.is_quantized:
+        return native, native
+    oracle = dict(native)
+    for which in ("gate_up", "down"):
+        shape = native[f"expert_{which}_weight"].shape
+        codes, scale = inputs[f"expert_{which}_weight"], inputs[f"expert_{which}_scale"]
+        zero = inputs.get(f"expert_{which}_zero")
         # written chunk by chunk into one float32 tensor: a list of chunks and their concatenation would hold
         # the experts twice (DeepSeek-V3's gate_up: 2 x 28 GB)
-        dequantized = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        for lo, q in zip(range(0, weight.shape[0], QUANTIZE_CHUNK), parts):
-            dequantized[lo : lo + QUANTIZE_CHUNK] = quant.dequantize(
-                attrs.weight_format, attrs.weight_block, q, weight.shape[-1]
-            )
+        dequantized = torch.empty(shape, dtype=torch.float32, device=codes.device)
+        for lo in range(0, shape[0], QUANTIZE_CHUNK):
+            hi = lo + QUANTIZE_CHUNK
+            chunk = quant.QuantizedWeight(codes[lo:hi], scale[lo:hi], None if zero is None else zero[lo:hi])
+            dequantized[lo:hi] = quant.dequantize(attrs.weight_format, attrs.weight_block, chunk, shape[-1])
         oracle[f"expert_{which}_weight"] = dequantized
     return inputs, oracle
 
