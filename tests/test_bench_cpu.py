@@ -765,3 +765,29 @@ def test_layer_chain_refuses_in_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 2
         assert proc.stderr.strip().startswith(expected) and len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_ws_probe_compiles_warp_specialised_kernels_for_sm90() -> None:
+    """bench/ws_probe.py's Gluon kernels compile ahead of time for sm_90 with no GPU, as the design states: the
+    down kernel with a one-warp TMA producer, gate_up with a four-warp gathering producer whose 128 threads'
+    cp.async copies each arrive on the stage's barrier (noinc) beside the TMA bytes' one arrival, so the
+    barrier is initialised for 129; the consumer hands a stage back with one arrival after all its warps
+    passed their wgmma wait."""
+    ws_probe = importlib.import_module("ws_probe")
+    E, _K, H, I = ws_probe.SHAPES["tiny"]  # noqa: E741
+    cfg = ws_probe.CONFIGS[0]
+    compiled = {
+        form: ws_probe.compile_for(kernel, 90, constexprs, signature, cfg["warps"], cfg["maxnreg"])
+        for form, (kernel, signature, constexprs) in ws_probe._signatures(E, H, I, cfg).items()
+    }
+    down, gate_up = (ws_probe.kernel_summary(compiled[f"{g}/gluon_ws"]) for g in ("down", "gate_up"))
+    assert down["warp_specialized"] and down["worker_warps"] == [1] and down["spill"] == 0
+    assert gate_up["warp_specialized"] and gate_up["worker_warps"] == [4] and gate_up["spill"] == 0
+    assert down["wgmma"] > 0 and gate_up["wgmma"] > 0
+    ptx = compiled["gate_up/gluon_ws"].asm["ptx"]
+    arrivals = 1 + 32 * ws_probe.GATHER_PRODUCER_WARPS.value
+    assert "mbarrier.init.shared::cta.b64 [%r" in ptx and f"], {arrivals};" in ptx
+    assert "cp.async.mbarrier.arrive.noinc" in ptx and "mbarrier.arrive.expect_tx" in ptx
+    # descriptors built on the device: Triton's global scratch, 128 bytes each
+    assert (down["global_scratch"], gate_up["global_scratch"]) == (256, 128)
+    assert ws_probe.main(["--compile-only", "--sm", "80"]) == 2
