@@ -93,62 +93,62 @@ def _init_ring(ready, empty, STAGES: gl.constexpr, READY_ARRIVALS: gl.constexpr)
 
 @gluon.jit
 def _down_producer(
-    a_desc,
-    w_desc,
-    a_bufs,
-    w_bufs,
-    ready,
-    empty,
-    row0,
-    w_row,
-    I: gl.constexpr,  # noqa: E741
-    BK: gl.constexpr,
-):
+    a_desc, w_desc, a_bufs, w_bufs, ready, empty, block_expert_ptr, num_tiles, H: gl.constexpr,
+    I: gl.constexpr, BM: gl.constexpr, BH: gl.constexpr, BK: gl.constexpr,  # noqa: E741
+):  # fmt: skip
     STAGES: gl.constexpr = a_bufs.shape[0]
-    for i in range(I // BK):
-        s = i % STAGES
-        # a fresh barrier counts as having completed the phase before its first: the first STAGES waits pass
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(a_desc, [row0, i * BK], ready.index(s), a_bufs.index(s))
-        tma.async_copy_global_to_shared(w_desc, [w_row, i * BK], ready.index(s), w_bufs.index(s))
+    NT: gl.constexpr = H // BH
+    c = 0  # reduction steps issued so far: the ring's position and phase run on across tiles
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):  # this program's tiles
+        b = tile // NT
+        w_row = gl.load(block_expert_ptr + b) * H + (tile % NT) * BH
+        for i in range(I // BK):
+            s = c % STAGES
+            # a fresh barrier counts as having completed the phase before its first: the first STAGES waits pass
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(a_desc, [b * BM, i * BK], ready.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [w_row, i * BK], ready.index(s), w_bufs.index(s))
+            c += 1
 
 
 @gluon.jit
 def _down_consumer(
-    a_bufs, w_bufs, ready, empty, y_ptr, row_slot_ptr, row_w_ptr, row0, h0, H: gl.constexpr,
+    a_bufs, w_bufs, ready, empty, y_ptr, row_slot_ptr, row_w_ptr, num_tiles, H: gl.constexpr,
     I: gl.constexpr, BM: gl.constexpr, BH: gl.constexpr, BK: gl.constexpr, num_warps: gl.constexpr,  # noqa: E741
 ):  # fmt: skip
     STAGES: gl.constexpr = a_bufs.shape[0]
+    NT: gl.constexpr = H // BH
     layout: gl.constexpr = _acc_layout(BM, BH, num_warps)
-    acc = gl.zeros((BM, BH), gl.float32, layout)
-    for i in range(I // BK):
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        acc = warpgroup_mma(a_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-        # one product in flight: the one before has read its stage, which goes back to the producer
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    h = h0 + gl.arange(0, BH, layout=gl.SliceLayout(0, layout))
-    slot = gl.load(row_slot_ptr + rows)
-    wt = gl.load(row_w_ptr + rows)
-    y = (acc * wt[:, None]).to(y_ptr.dtype.element_ty)
-    gl.store(y_ptr + slot[:, None] * H + h[None, :], y, mask=(slot >= 0)[:, None])
+    c = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):  # this program's tiles
+        acc = gl.zeros((BM, BH), gl.float32, layout)
+        for _i in range(I // BK):
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            # one product in flight: the one before has read its stage, which goes back to the producer (the
+            # previous tile's last stage too: the producer loads the next tile's first ones meanwhile)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=c > 0)
+            c += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        rows = (tile // NT) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+        h = (tile % NT) * BH + gl.arange(0, BH, layout=gl.SliceLayout(0, layout))
+        slot = gl.load(row_slot_ptr + rows)
+        wt = gl.load(row_w_ptr + rows)
+        y = (acc * wt[:, None]).to(y_ptr.dtype.element_ty)
+        gl.store(y_ptr + slot[:, None] * H + h[None, :], y, mask=(slot >= 0)[:, None])
 
 
 @gluon.jit
 def down_ws(
-    act_ptr, w_ptr, y_ptr, block_expert_ptr, row_slot_ptr, row_w_ptr, R, E: gl.constexpr, H: gl.constexpr,
-    I: gl.constexpr, BM: gl.constexpr, BH: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,  # noqa: E741
-    num_warps: gl.constexpr,
+    act_ptr, w_ptr, y_ptr, block_expert_ptr, row_slot_ptr, row_w_ptr, R, num_tiles, E: gl.constexpr,
+    H: gl.constexpr, I: gl.constexpr, BM: gl.constexpr, BH: gl.constexpr, BK: gl.constexpr,  # noqa: E741
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
-    """One program per (row block, H tile), the H tiles of a block together."""
-    NT: gl.constexpr = H // BH
-    b = gl.program_id(0) // NT
-    h0 = (gl.program_id(0) % NT) * BH
-    e = gl.load(block_expert_ptr + b)
+    """Tiles (row block, H tile), the H tiles of a block one after another: one a program, or a persistent
+    grid looping over them (the producer then loads a tile's first stages during the previous one's epilogue)."""
     a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
     w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, BK], gl.bfloat16)
     a_desc = tma.make_tensor_descriptor(act_ptr, [R, I], [I, 1], [BM, BK], a_layout)
@@ -158,34 +158,21 @@ def down_ws(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     _init_ring(ready, empty, STAGES, 1)
-    row0 = b * BM
     gl.warp_specialize(
         [
             (
                 _down_consumer,
-                (
-                    a_bufs,
-                    w_bufs,
-                    ready,
-                    empty,
-                    y_ptr,
-                    row_slot_ptr,
-                    row_w_ptr,
-                    row0,
-                    h0,
-                    H,
-                    I,
-                    BM,
-                    BH,
-                    BK,
-                    num_warps,
-                ),
+                (a_bufs, w_bufs, ready, empty, y_ptr, row_slot_ptr, row_w_ptr, num_tiles, H, I, BM, BH, BK,
+                 num_warps),
             ),
-            (_down_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, row0, e * H + h0, I, BK)),
+            (
+                _down_producer,
+                (a_desc, w_desc, a_bufs, w_bufs, ready, empty, block_expert_ptr, num_tiles, H, I, BM, BH, BK),
+            ),
         ],
         [1],
         [TMA_PRODUCER_REGS],
-    )
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- gate_up
@@ -193,159 +180,155 @@ def down_ws(
 
 @gluon.jit
 def _gate_up_producer(
-    x_ptr, row_token_ptr, w_desc, x_bufs, g_bufs, u_bufs, ready, empty, row0, w_row, H: gl.constexpr,
-    I: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,  # noqa: E741
+    x_ptr, row_token_ptr, w_desc, x_bufs, g_bufs, u_bufs, ready, empty, block_expert_ptr, num_tiles,
+    H: gl.constexpr, I: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,  # noqa: E741
 ):  # fmt: skip
     STAGES: gl.constexpr = x_bufs.shape[0]
+    NT: gl.constexpr = I // BN
     VEC: gl.constexpr = 8  # bf16 elements a 16-byte copy moves
     gather: gl.constexpr = gl.BlockedLayout(
         [1, VEC], [32 // (BK // VEC), BK // VEC], [GATHER_PRODUCER_WARPS, 1], [1, 0]
     )
-    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, gather))
-    token = gl.load(row_token_ptr + rows)
     ks = gl.arange(0, BK, layout=gl.SliceLayout(0, gather))
-    row_ptrs = x_ptr + token.to(gl.int64)[:, None] * H + ks[None, :]
-    row_ok = (token >= 0)[:, None]  # broadcast along the row: whole 16-byte copies
-    for i in range(H // BK):
-        s = i % STAGES
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(s), 2 * w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [w_row, i * BK], ready.index(s), g_bufs.index(s))
-        tma.async_copy_global_to_shared(w_desc, [w_row + I, i * BK], ready.index(s), u_bufs.index(s))
-        # padding rows (token -1) are zero-filled; each thread's copies arrive on the barrier as they land
-        async_copy.async_copy_global_to_shared(x_bufs.index(s), row_ptrs + i * BK, mask=row_ok)
-        async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+    c = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):  # this program's tiles
+        b = tile // NT
+        w_row = gl.load(block_expert_ptr + b) * (2 * I) + (tile % NT) * BN
+        token = gl.load(row_token_ptr + b * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, gather)))
+        row_ptrs = x_ptr + token.to(gl.int64)[:, None] * H + ks[None, :]
+        row_ok = (token >= 0)[:, None]  # broadcast along the row: whole 16-byte copies
+        for i in range(H // BK):
+            s = c % STAGES
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), 2 * w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [w_row, i * BK], ready.index(s), g_bufs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [w_row + I, i * BK], ready.index(s), u_bufs.index(s))
+            # padding rows (token -1) are zero-filled; each thread's copies arrive on the barrier as they land
+            async_copy.async_copy_global_to_shared(x_bufs.index(s), row_ptrs + i * BK, mask=row_ok)
+            async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+            c += 1
 
 
 @gluon.jit
 def _gate_up_consumer(
-    x_bufs, g_bufs, u_bufs, ready, empty, act_ptr, row0, n0, H: gl.constexpr, I: gl.constexpr,  # noqa: E741
+    x_bufs, g_bufs, u_bufs, ready, empty, act_ptr, num_tiles, H: gl.constexpr, I: gl.constexpr,  # noqa: E741
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     STAGES: gl.constexpr = x_bufs.shape[0]
+    NT: gl.constexpr = I // BN
     layout: gl.constexpr = _acc_layout(BM, BN, num_warps)
-    acc_g = gl.zeros((BM, BN), gl.float32, layout)
-    acc_u = gl.zeros((BM, BN), gl.float32, layout)
-    for i in range(H // BK):
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        fence_async_shared()  # the gathered rows came by cp.async (generic proxy); wgmma reads by the async one
-        x = x_bufs.index(s)
-        acc_g = warpgroup_mma(x, g_bufs.index(s).permute((1, 0)), acc_g, is_async=True)
-        acc_u = warpgroup_mma(x, u_bufs.index(s).permute((1, 0)), acc_u, is_async=True)
-        acc_g, acc_u = warpgroup_mma_wait(num_outstanding=2, deps=(acc_g, acc_u))
-        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-    acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
-    act = (acc_g / (1.0 + gl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
-    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-    gl.store(act_ptr + rows[:, None] * I + n[None, :], act)
+    c = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):  # this program's tiles
+        acc_g = gl.zeros((BM, BN), gl.float32, layout)
+        acc_u = gl.zeros((BM, BN), gl.float32, layout)
+        for _i in range(H // BK):
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            fence_async_shared()  # rows gathered by cp.async (generic proxy); wgmma reads by the async one
+            x = x_bufs.index(s)
+            acc_g = warpgroup_mma(x, g_bufs.index(s).permute((1, 0)), acc_g, is_async=True)
+            acc_u = warpgroup_mma(x, u_bufs.index(s).permute((1, 0)), acc_u, is_async=True)
+            acc_g, acc_u = warpgroup_mma_wait(num_outstanding=2, deps=(acc_g, acc_u))
+            mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=c > 0)
+            c += 1
+        acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
+        act = (acc_g / (1.0 + gl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
+        rows = (tile // NT) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+        n = (tile % NT) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        gl.store(act_ptr + rows[:, None] * I + n[None, :], act)
+
+
+@gluon.jit
+def _gate_up_ring(BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    """gate_up's shared ring: x, gate and up tiles of each stage."""
+    x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
+    w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
+    x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], x_layout)
+    g_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], w_layout)
+    u_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], w_layout)
+    return x_bufs, g_bufs, u_bufs
 
 
 @gluon.jit
 def gate_up_ws(
-    x_ptr, w_ptr, act_ptr, block_expert_ptr, row_token_ptr, E: gl.constexpr, H: gl.constexpr,
+    x_ptr, w_ptr, act_ptr, block_expert_ptr, row_token_ptr, num_tiles, E: gl.constexpr, H: gl.constexpr,
     I: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,  # noqa: E741
     num_warps: gl.constexpr,
 ):  # fmt: skip
-    """One program per (row block, N tile), the N tiles of a block together (its gathered rows then hit L2)."""
-    NT: gl.constexpr = I // BN
-    b = gl.program_id(0) // NT
-    n0 = (gl.program_id(0) % NT) * BN
-    e = gl.load(block_expert_ptr + b)
-    x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
+    """Tiles (row block, N tile), the N tiles of a block one after another (its gathered rows then hit L2):
+    one a program, or a persistent grid looping over them."""
     w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
     w_desc = tma.make_tensor_descriptor(w_ptr, [E * 2 * I, H], [H, 1], [BN, BK], w_layout)
-    x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], x_layout)
-    g_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], w_layout)
-    u_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], w_layout)
+    x_bufs, g_bufs, u_bufs = _gate_up_ring(BM, BN, BK, STAGES)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # a stage is ready after the TMA bytes (one arrival with their count) and every gathering thread's copies
     _init_ring(ready, empty, STAGES, 1 + 32 * GATHER_PRODUCER_WARPS)
-    row0 = b * BM
     gl.warp_specialize(
         [
-            (
-                _gate_up_consumer,
-                (x_bufs, g_bufs, u_bufs, ready, empty, act_ptr, row0, n0, H, I, BM, BN, BK, num_warps),
-            ),
+            (_gate_up_consumer, (x_bufs, g_bufs, u_bufs, ready, empty, act_ptr, num_tiles, H, I, BM, BN, BK,
+                                 num_warps)),
             (
                 _gate_up_producer,
-                (
-                    x_ptr,
-                    row_token_ptr,
-                    w_desc,
-                    x_bufs,
-                    g_bufs,
-                    u_bufs,
-                    ready,
-                    empty,
-                    row0,
-                    e * (2 * I) + n0,
-                    H,
-                    I,
-                    BM,
-                    BK,
-                ),
+                (x_ptr, row_token_ptr, w_desc, x_bufs, g_bufs, u_bufs, ready, empty, block_expert_ptr, num_tiles,
+                 H, I, BM, BN, BK),
             ),
         ],
         [GATHER_PRODUCER_WARPS],
         [GATHER_PRODUCER_REGS],
-    )
+    )  # fmt: skip
 
 
 @gluon.jit
 def _gate_up_rows_producer(
-    x_desc, w_desc, x_bufs, g_bufs, u_bufs, ready, empty, row0, w_row, H: gl.constexpr,
-    I: gl.constexpr, BK: gl.constexpr,  # noqa: E741
+    x_desc, w_desc, x_bufs, g_bufs, u_bufs, ready, empty, block_expert_ptr, num_tiles, H: gl.constexpr,
+    I: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,  # noqa: E741
 ):  # fmt: skip
     STAGES: gl.constexpr = x_bufs.shape[0]
-    for i in range(H // BK):
-        s = i % STAGES
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(x_desc, [row0, i * BK], ready.index(s), x_bufs.index(s))
-        tma.async_copy_global_to_shared(w_desc, [w_row, i * BK], ready.index(s), g_bufs.index(s))
-        tma.async_copy_global_to_shared(w_desc, [w_row + I, i * BK], ready.index(s), u_bufs.index(s))
+    NT: gl.constexpr = I // BN
+    c = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):  # this program's tiles
+        b = tile // NT
+        w_row = gl.load(block_expert_ptr + b) * (2 * I) + (tile % NT) * BN
+        for i in range(H // BK):
+            s = c % STAGES
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [b * BM, i * BK], ready.index(s), x_bufs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [w_row, i * BK], ready.index(s), g_bufs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [w_row + I, i * BK], ready.index(s), u_bufs.index(s))
+            c += 1
 
 
 @gluon.jit
 def gate_up_ws_rows(
-    xg_ptr, w_ptr, act_ptr, block_expert_ptr, R, E: gl.constexpr, H: gl.constexpr, I: gl.constexpr,  # noqa: E741
-    BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    xg_ptr, w_ptr, act_ptr, block_expert_ptr, R, num_tiles, E: gl.constexpr, H: gl.constexpr,
+    I: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,  # noqa: E741
+    num_warps: gl.constexpr,
 ):  # fmt: skip
     """gate_up_ws with x's rows laid out by row beforehand (xg [R, H]: a gather launch, timed on its own), so a
     one-warp producer loads both operands by TMA: what the gathering producer costs, by difference."""
-    NT: gl.constexpr = I // BN
-    b = gl.program_id(0) // NT
-    n0 = (gl.program_id(0) % NT) * BN
-    e = gl.load(block_expert_ptr + b)
     x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
     w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
     x_desc = tma.make_tensor_descriptor(xg_ptr, [R, H], [H, 1], [BM, BK], x_layout)
     w_desc = tma.make_tensor_descriptor(w_ptr, [E * 2 * I, H], [H, 1], [BN, BK], w_layout)
-    x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], x_layout)
-    g_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], w_layout)
-    u_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], w_layout)
+    x_bufs, g_bufs, u_bufs = _gate_up_ring(BM, BN, BK, STAGES)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     _init_ring(ready, empty, STAGES, 1)
-    row0 = b * BM
     gl.warp_specialize(
         [
-            (
-                _gate_up_consumer,
-                (x_bufs, g_bufs, u_bufs, ready, empty, act_ptr, row0, n0, H, I, BM, BN, BK, num_warps),
-            ),
+            (_gate_up_consumer, (x_bufs, g_bufs, u_bufs, ready, empty, act_ptr, num_tiles, H, I, BM, BN, BK,
+                                 num_warps)),
             (
                 _gate_up_rows_producer,
-                (x_desc, w_desc, x_bufs, g_bufs, u_bufs, ready, empty, row0, e * (2 * I) + n0, H, I, BK),
+                (x_desc, w_desc, x_bufs, g_bufs, u_bufs, ready, empty, block_expert_ptr, num_tiles, H, I, BM, BN,
+                 BK),
             ),
         ],
         [1],
         [TMA_PRODUCER_REGS],
-    )
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ ahead of time
@@ -406,22 +389,23 @@ def fits(H: int, I: int, cfg: dict) -> bool:  # noqa: E741
 
 
 def _signatures(E: int, H: int, I: int, cfg: dict):  # noqa: E741
+    """Each Gluon kernel's runtime parameter types and constexprs at a config (the AOT compile's inputs)."""
+    tiles = dict(E=E, H=H, I=I, BM=cfg["BM"], STAGES=cfg["stages"], num_warps=cfg["warps"])
     down = (
         {"act_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "block_expert_ptr": "*i32",
-         "row_slot_ptr": "*i32", "row_w_ptr": "*fp32", "R": "i32"},
-        {"E": E, "H": H, "I": I, "BM": cfg["BM"], "BH": cfg["BH"], "BK": cfg["BKD"], "STAGES": cfg["stages"],
-         "num_warps": cfg["warps"]},
+         "row_slot_ptr": "*i32", "row_w_ptr": "*fp32", "R": "i32", "num_tiles": "i32"},
+        {**tiles, "BH": cfg["BH"], "BK": cfg["BKD"]},
     )  # fmt: skip
     gate_up = (
         {"x_ptr": "*bf16", "w_ptr": "*bf16", "act_ptr": "*bf16", "block_expert_ptr": "*i32",
-         "row_token_ptr": "*i32"},
-        {"E": E, "H": H, "I": I, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "STAGES": cfg["stages"],
-         "num_warps": cfg["warps"]},
+         "row_token_ptr": "*i32", "num_tiles": "i32"},
+        {**tiles, "BN": cfg["BN"], "BK": cfg["BK"]},
     )  # fmt: skip
-    rows_signature = {**{k: v for k, v in gate_up[0].items() if k != "row_token_ptr"}, "R": "i32"}
-    rows_signature["xg_ptr"] = rows_signature.pop("x_ptr")
-    gate_up_rows = ({k: rows_signature[k] for k in ("xg_ptr", "w_ptr", "act_ptr", "block_expert_ptr", "R")},
-                    gate_up[1])  # fmt: skip
+    gate_up_rows = (
+        {"xg_ptr": "*bf16", "w_ptr": "*bf16", "act_ptr": "*bf16", "block_expert_ptr": "*i32", "R": "i32",
+         "num_tiles": "i32"},
+        gate_up[1],
+    )  # fmt: skip
     return {
         "down/gluon_ws": (down_ws, *down),
         "gate_up/gluon_ws": (gate_up_ws, *gate_up),
@@ -429,10 +413,12 @@ def _signatures(E: int, H: int, I: int, cfg: dict):  # noqa: E741
     }
 
 
-def _last_line(exc: Exception) -> str:
-    """The line of a (compiler) error that says what is wrong: its last non-empty one."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[-1][:400] if lines else ""
+def _last_line(exc: BaseException) -> str:
+    """What a (compiler) error says is wrong: its root cause's last line that is not source or a caret."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line for line in str(exc).splitlines() if line.strip() and line.strip("^ ")]
+    return f"{type(exc).__name__}: {lines[-1][:400]}" if lines else type(exc).__name__
 
 
 def compile_only(shapes: list[str], sm: int) -> list[dict]:
@@ -447,7 +433,7 @@ def compile_only(shapes: list[str], sm: int) -> list[dict]:
                     compiled = compile_for(kernel, sm, constexprs, signature, cfg["warps"], cfg["maxnreg"])
                     row.update(kernel_summary(compiled))
                 except Exception as exc:  # a form the compiler refuses: say so, keep going
-                    row["error"] = f"{type(exc).__name__}: {_last_line(exc)}"
+                    row["error"] = _last_line(exc)
                 row["wall_s"] = round(time.perf_counter() - began, 1)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -524,18 +510,49 @@ def _run_config(name, T, cfg, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, r
             a_desc, wd_desc, y, block_expert, row_slot32, row_w, H, I, BM, cfg["BH"], cfg["BKD"], cfg["stages"],
             False, **plain,
         ),
-        "gate_up/gluon_ws": lambda: gate_up_ws[grid_gu](
-            x, w_gu, act, block_expert, row_token, E, H, I, BM, cfg["BN"], cfg["BK"], cfg["stages"], **launch
-        ),
-        "gate_up/gluon_ws_rows": lambda: gate_up_ws_rows[grid_gu](
-            xg, w_gu, act, block_expert, R, E, H, I, BM, cfg["BN"], cfg["BK"], cfg["stages"], **launch
-        ),
         "gather": gather,
-        "down/gluon_ws": lambda: down_ws[grid_d](
-            act, w_d, y, block_expert, row_slot32, row_w, R, E, H, I, BM, cfg["BH"], cfg["BKD"], cfg["stages"],
-            **launch,
-        ),
     }  # fmt: skip
+    # one program a tile, and persistent grids of one or two programs an SM (as shared memory allows)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for suffix, programs in (("", None), ("_persist", sms), ("_persist2", 2 * sms)):
+        gu = min(grid_gu[0], programs or grid_gu[0])
+        dn = min(grid_d[0], programs or grid_d[0])
+        forms[f"gate_up/gluon_ws{suffix}"] = lambda gu=gu: gate_up_ws[(gu,)](
+            x,
+            w_gu,
+            act,
+            block_expert,
+            row_token,
+            grid_gu[0],
+            E,
+            H,
+            I,
+            BM,
+            cfg["BN"],
+            cfg["BK"],
+            cfg["stages"],
+            **launch,
+        )
+        forms[f"gate_up/gluon_ws_rows{suffix}"] = lambda gu=gu: gate_up_ws_rows[(gu,)](
+            xg,
+            w_gu,
+            act,
+            block_expert,
+            R,
+            grid_gu[0],
+            E,
+            H,
+            I,
+            BM,
+            cfg["BN"],
+            cfg["BK"],
+            cfg["stages"],
+            **launch,
+        )
+        forms[f"down/gluon_ws{suffix}"] = lambda dn=dn: down_ws[(dn,)](
+            act, w_d, y, block_expert, row_slot32, row_w, R, grid_d[0], E, H, I, BM, cfg["BH"], cfg["BKD"],
+            cfg["stages"], **launch,
+        )  # fmt: skip
     for form, call in forms.items():
         row = dict(shape=name, T=T, form=form, **cfg)
         if form == "gather":  # what laying x out by row costs, beside the form that needs it
@@ -566,7 +583,7 @@ def _run_config(name, T, cfg, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, r
                 row["us"] = time_graph(call, repeats=30).median_us
                 row["tflops"] = flops[form.split("/")[0]] / row["us"] / 1e6
         except Exception as exc:  # a form the compiler or the GPU refuses: say so, keep going
-            row["error"] = f"{type(exc).__name__}: {_last_line(exc)}"
+            row["error"] = _last_line(exc)
             row["ok"] = False
         ok &= row["ok"]
         print(json.dumps(row), flush=True)
