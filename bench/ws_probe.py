@@ -371,7 +371,7 @@ def kernel_summary(compiled) -> dict:
     }
 
 
-SHAPES = {"tiny": (8, 2, 128, 128), "qwen3_30b": (128, 8, 2048, 768), "qwen3_next": (512, 10, 2048, 512)}
+SHAPES = {"tiny": (8, 2, 256, 128), "qwen3_30b": (128, 8, 2048, 768), "qwen3_next": (512, 10, 2048, 512)}
 #: Each form's tiles: (BM, BN of gate_up, BK of gate_up, BH and BKD of down), the consumer's warps (one or two
 #: warp groups along M), the ring's stages and the kernel's register limit (the partitions share it: a
 #: worker's registers are taken from the consumer's). Three stages of 128 x 64 tiles fit two programs an SM.
@@ -443,7 +443,7 @@ def compile_only(shapes: list[str], sm: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- on a GPU
 
 
-def run_shape(name: str, T: int, timing: bool, rows_out: list[dict]) -> bool:
+def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None) -> bool:
     """One shape and token count: random bf16 weights, softmax top-k routing, the float32 reference of both
     GEMMs (the activation rounded to bf16 before down, as the kernels store it), then every config."""
     E, K, H, I = SHAPES[name]  # noqa: E741
@@ -466,17 +466,19 @@ def run_shape(name: str, T: int, timing: bool, rows_out: list[dict]) -> bool:
             y_ref[sl] = (a.to(dt).float() @ w_d[e].float().T) * topw.flatten()[sl, None]
     ok = True
     triton.set_allocator(lambda size, _align, _stream: torch.empty(size, dtype=torch.int8, device=dev))
-    for cfg in filter(lambda c: fits(H, I, c), CONFIGS):
-        ok &= _run_config(name, T, cfg, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, rows_out)
+    for index, cfg in enumerate(CONFIGS):
+        if fits(H, I, cfg) and (keep is None or any(k[0] == index for k in keep)):
+            ok &= _run_config(name, T, index, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, rows_out, keep)
     return ok
 
 
-def _run_config(name, T, cfg, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, rows_out) -> bool:
+def _run_config(name, T, index, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, rows_out, keep) -> bool:
     """Every form at one tile configuration: checked against the float32 reference, timed where it is right."""
     from tma_probe import down_tma, gate_up_gathered, gather_rows, padded_layout
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     E, K, H, I = SHAPES[name]  # noqa: E741
+    cfg = CONFIGS[index]
     dev, dt = x.device, x.dtype
     flops = {"gate_up": 2 * T * K * H * 2 * I, "down": 2 * T * K * H * I}
     ok = True
@@ -553,8 +555,10 @@ def _run_config(name, T, cfg, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, r
             act, w_d, y, block_expert, row_slot32, row_w, R, grid_d[0], E, H, I, BM, cfg["BH"], cfg["BKD"],
             cfg["stages"], **launch,
         )  # fmt: skip
+    if keep is not None:  # the forms asked for, or those that finished on the tiny shape (`smoke`)
+        forms = {form: call for form, call in forms.items() if (index, form) in keep}
     for form, call in forms.items():
-        row = dict(shape=name, T=T, form=form, **cfg)
+        row = dict(shape=name, T=T, form=form, config=index, **cfg)
         if form == "gather":  # what laying x out by row costs, beside the form that needs it
             if timing:
                 from moetrt.tune.timing import time_graph
@@ -591,6 +595,63 @@ def _run_config(name, T, cfg, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing, r
     return ok
 
 
+#: Every form `_run_config` runs, by name; the Gluon ones are what the smoke pass guards.
+BASELINE_FORMS = ("gate_up/tma_w", "down/tma", "gather")
+GLUON_FORMS = tuple(
+    f"{kernel}{grid}" for kernel in ("gate_up/gluon_ws", "gate_up/gluon_ws_rows", "down/gluon_ws")
+    for grid in ("", "_persist", "_persist2")
+)  # fmt: skip
+
+
+def _json_rows(text: str | bytes | None) -> list[dict]:
+    """The JSON rows a run printed (one a line), from text that may stop mid-line."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    rows = []
+    for line in (text or "").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def _run_child(args: list[str], timeout: float) -> tuple[str, list[dict]]:
+    """This probe in a child process on the given arguments: ("ok" | "failed" | "hung", the rows it printed).
+    A kernel that never finishes (a barrier that is never completed) cannot be stopped on the GPU; killing its
+    process ends it, so a hang costs `timeout` seconds instead of the whole run."""
+    import subprocess
+
+    command = [sys.executable, __file__, *args, "--smoke-timeout", "0"]
+    try:
+        proc = subprocess.run(command, timeout=timeout, capture_output=True, text=True, check=False)
+    except subprocess.TimeoutExpired as exc:  # the rows printed before the hang still count
+        return "hung", _json_rows(exc.stdout)
+    return ("ok" if proc.returncode == 0 else "failed"), _json_rows(proc.stdout)
+
+
+def smoke(timeout: float, run_child=_run_child) -> tuple[set[tuple[int, str]], list[dict]]:
+    """The (config, form) pairs to run at full width, and the tiny shape's rows: every pair is first checked on
+    the tiny shape in one child process; if it hangs, each Gluon pair it had not reported gets a child of its
+    own, so a hanging form leaves out itself alone. Baseline forms always run; a Gluon form runs if it finished
+    and matched the reference on the tiny shape."""
+    tiny = ["--shapes", "tiny", "--tokens", "64", "--check-only"]
+    status, rows = run_child(tiny, timeout)
+    if status == "hung":
+        seen = {(r["config"], r["form"]) for r in rows}
+        for index in range(len(CONFIGS)):
+            for form in GLUON_FORMS:
+                if (index, form) in seen:
+                    continue
+                status, got = run_child([*tiny, "--configs", str(index), "--forms", form], timeout)
+                rows += got or [
+                    dict(shape="tiny", form=form, config=index, ok=False, error=f"{status} (smoke)")
+                ]
+    keep = {(index, form) for index in range(len(CONFIGS)) for form in BASELINE_FORMS}
+    keep |= {(r["config"], r["form"]) for r in rows if r.get("ok")}
+    return keep, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="qwen3_30b,qwen3_next", help=f"comma list of {', '.join(SHAPES)}")
@@ -598,6 +659,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-only", action="store_true", help="compile for --sm and report; no GPU needed")
     p.add_argument("--sm", type=int, default=90, help="with --compile-only: the target SM (9.0 or later)")
     p.add_argument("--out", default=None, help="also write the rows to this .jsonl file")
+    p.add_argument("--configs", default="", help="comma list of CONFIGS indices to run (default: all)")
+    p.add_argument(
+        "--forms", default="", help=f"comma list of forms to run (default: all): {', '.join(GLUON_FORMS)}"
+    )
+    p.add_argument("--check-only", action="store_true", help="check against the reference, time nothing")
+    p.add_argument(
+        "--smoke-timeout", type=float, default=90.0,
+        help="seconds a child process may take to run every form on the tiny shape first (0: no smoke pass); "
+        "a form that hangs or is wrong there is left out of the full-width run",
+    )  # fmt: skip
     a = p.parse_args(argv)
     shapes = [s for s in a.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -618,9 +689,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rows = []
         ok = True
+        keep = None
+        if a.configs or a.forms:
+            indices = [int(i) for i in a.configs.split(",") if i] or list(range(len(CONFIGS)))
+            forms = [f for f in a.forms.split(",") if f] or [*BASELINE_FORMS, *GLUON_FORMS]
+            keep = {(i, f) for i in indices for f in forms}
+        if a.smoke_timeout > 0:
+            keep, rows = smoke(a.smoke_timeout)
+            for row in rows:
+                print(json.dumps(row), flush=True)
+            ok = all(r.get("ok", True) for r in rows)
         for name in shapes:
             for t in (int(t) for t in a.tokens.split(",")):
-                ok &= run_shape(name, t, timing=True, rows_out=rows)
+                ok &= run_shape(name, t, timing=not a.check_only, rows_out=rows, keep=keep)
     if a.out:
         with open(a.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

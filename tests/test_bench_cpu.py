@@ -791,3 +791,43 @@ def test_ws_probe_compiles_warp_specialised_kernels_for_sm90() -> None:
     # descriptors built on the device: Triton's global scratch, 128 bytes each
     assert (down["global_scratch"], gate_up["global_scratch"]) == (256, 128)
     assert ws_probe.main(["--compile-only", "--sm", "80"]) == 2
+
+
+def test_ws_probe_smoke_pass_leaves_out_only_what_hangs_or_is_wrong() -> None:
+    """Before the full-width run the probe runs every form on the tiny shape in a child process; a form that
+    is wrong there is left out, and if the child hangs (a barrier never completed cannot be stopped on the
+    GPU), each Gluon form it had not reported gets a child of its own, so only the hanging one is left out."""
+    ws_probe = importlib.import_module("ws_probe")
+    calls: list[list[str]] = []
+
+    def one_child_finishes(args: list[str], timeout: float):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        return "failed", [
+            {"config": 0, "form": "down/tma", "ok": True},
+            {"config": 0, "form": "gate_up/gluon_ws", "ok": True},
+            {"config": 1, "form": "down/gluon_ws", "ok": False, "rel_err": 0.9},
+        ]
+
+    keep, rows = ws_probe.smoke(60, one_child_finishes)
+    assert len(calls) == 1 and len(rows) == 3
+    assert (0, "gate_up/gluon_ws") in keep and (1, "down/gluon_ws") not in keep
+    assert all((i, f) in keep for i in range(len(ws_probe.CONFIGS)) for f in ws_probe.BASELINE_FORMS)
+
+    calls.clear()
+
+    def first_child_hangs(args: list[str], timeout: float):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if "--forms" not in args:  # the child of every form: hangs after its first row
+            return "hung", [{"config": 0, "form": "gate_up/gluon_ws", "ok": True}]
+        index, form = int(args[args.index("--configs") + 1]), args[args.index("--forms") + 1]
+        if (index, form) == (2, "down/gluon_ws_persist"):
+            return "hung", []
+        return "ok", [{"config": index, "form": form, "ok": True}]
+
+    keep, rows = ws_probe.smoke(60, first_child_hangs)
+    pairs = len(ws_probe.CONFIGS) * len(ws_probe.GLUON_FORMS)
+    assert len(calls) == 1 + pairs - 1  # no child for the pair the first one reported
+    assert (2, "down/gluon_ws_persist") not in keep
+    assert [r["error"] for r in rows if not r["ok"]] == ["hung (smoke)"]
+    assert sum(f in ws_probe.GLUON_FORMS for _, f in keep) == pairs - 1
+    assert ws_probe._json_rows(b'{"a": 1}\n{"b": 2}\n{"c"') == [{"a": 1}, {"b": 2}]
