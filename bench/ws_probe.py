@@ -9,13 +9,18 @@ on barriers and issues asynchronous wgmma:
 
 - `down` (bf16): y[slot, h] = w[slot] * (act[row] @ W_down[e, h]) per (row block, H tile). A one-warp
   producer loads the act tile and the weight tile of each reduction step by TMA into a ring of STAGES
-  buffers (`ready` barriers count the bytes); the consumer (the default partition, one warp group) waits
-  for a stage, multiplies it asynchronously, keeps one product in flight and hands the stage before it
-  back (`empty`), then stores its weighted rows.
+  buffers (`ready` barriers count the bytes); the consumer (the default partition, one or two warp groups)
+  waits for a stage, multiplies it asynchronously, keeps one product in flight and hands the stage before
+  it back (`empty`), then stores its weighted rows.
 - `gate_up` (bf16): act[row, n] = silu(x[token] @ W_gate[e, n]) * (x[token] @ W_up[e, n]) per (row block,
   N tile). Hopper's TMA cannot gather rows, so a four-warp producer gathers the block's token rows of x
   with cp.async (each thread's copies arrive on the stage's barrier when they land) and loads the gate and
-  up weight tiles by TMA; the consumer multiplies both and applies the activation.
+  up weight tiles by TMA; the consumer multiplies both and applies the activation. `gate_up/gluon_ws_rows`:
+  x laid out by row first (a gather launch, timed apart), both operands by TMA from a one-warp producer.
+
+Each kernel walks its tiles in a loop, the ring's position and phase running on across tiles, so a grid of
+one program a tile and a persistent grid of one or two programs an SM (`_persist`, `_persist2`: the
+producer loads a tile's first stages during the epilogue of the one before) run the same cubin.
 
 Descriptors are built on the device (`tma.make_tensor_descriptor`, Triton's global scratch), as the
 launcher's TMA kernels build theirs. Rows are laid out per expert in whole blocks of BM
@@ -28,7 +33,10 @@ FLOPs.
     PYTHONPATH=src:bench python3 bench/ws_probe.py --compile-only --sm 90   # no GPU: sm_90 cubins, partitions
 
 The CPU interpreter runs no Gluon; `--compile-only` compiles each kernel ahead of time for an SM and reports
-its partitions (from the TTGIR), registers and shared memory.
+its partitions (from the TTGIR), registers, spills and shared memory. On a GPU every form first runs on the
+tiny shape in a child process with a timeout (`--smoke-timeout`): a kernel whose barrier is never completed
+cannot be stopped on the GPU, only its process killed, so a form that hangs or is wrong there is left out of
+the full-width run.
 """
 
 from __future__ import annotations
