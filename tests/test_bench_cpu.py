@@ -831,3 +831,20 @@ def test_ws_probe_smoke_pass_leaves_out_only_what_hangs_or_is_wrong() -> None:
     assert [r["error"] for r in rows if not r["ok"]] == ["hung (smoke)"]
     assert sum(f in ws_probe.GLUON_FORMS for _, f in keep) == pairs - 1
     assert ws_probe._json_rows(b'{"a": 1}\n{"b": 2}\n{"c"') == [{"a": 1}, {"b": 2}]
+
+
+def test_int4_decode_probe_feeds_decoded_words_to_the_mma_as_they_are() -> None:
+    """bench/int4_decode_probe.py's Gluon kernel compiles for sm_90 with its decoded weight tile converted to the
+    mma's first operand under `assert_trivial` (the compile fails if any data movement were needed), the tokens
+    as the N = 8 side (half the HMMAs of 16 padded rows: 16 weight rows x 16 k x 8 tokens each), and its loop
+    issues fewer instructions a code than the launcher's int4 gate_up for the same shape and bucket."""
+    probe = importlib.import_module("int4_decode_probe")
+    cfg = probe.CONFIGS[0]
+    _E, _K, H, I = probe.SHAPES["qwen3_next"]  # noqa: E741
+    codes = 2 * cfg["BN"] * probe.GROUP * cfg["steps"] // (32 * cfg["warps"])
+    stats = probe.loop_stats(probe.compile_for(90, H, I, cfg).asm["cubin"], codes)
+    mma_per_step = 2 * (cfg["BN"] // (16 * cfg["warps"])) * (probe.GROUP // 16)  # gate and up, one warp
+    assert stats["hmma"] == mma_per_step * cfg["steps"] and stats["spill"] == 0
+    launcher = probe.launcher_gate_up("qwen3_next", 64, 90)
+    assert stats["instructions_a_code"] < launcher["instructions_a_code"]
+    assert probe.main(["--compile-only", "--sm", "75"]) == 2
