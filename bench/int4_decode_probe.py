@@ -17,8 +17,9 @@ instructions a pass are register moves that put each HMMA's activation operand t
 - one scale group per reduction step (BK = the group, 128): the product of each step is scaled per weight row,
   the symmetric zero point (8) taken off in the decoder's packed subtraction, as the launcher's scaled tiles do;
 - STEPS reduction steps' code words are loaded before the first of them is decoded (that many steps in
-  flight, in registers); the block's token rows of x go to shared memory once (all of H: 32 KB at H 2048)
-  and each step reads its [BK, 8] operand from there.
+  flight, in registers); the block's token rows of x go to shared memory once (all of H: 32 KB at H 2048), laid
+  out so that each mma's two token registers are adjacent (`_x_layout`), and each step reads its [BK, 8]
+  operand from there in 16-byte loads.
 
 `tl.dot` does not give this on sm_90: with the weight tile first and 64 rows it picks wgmma, whose register
 operand the decoded tile reaches through shared memory, and with fewer rows it spreads the tokens over the warps,
@@ -28,7 +29,7 @@ each decoding the same weights. Gluon states the mma version and both layouts.
     PYTHONPATH=src:bench python3 bench/int4_decode_probe.py --shapes qwen3_next,qwen3_30b --tokens 1,8,64
 
 `--compile-only` compiles the probe kernel and the launcher's int4 gate_up for the same shape and decode bucket
-and prints each loop's instructions a pass, per code and their register moves. On a GPU each shape and token count
+and prints each loop's instructions a pass, a code, and its register moves. On a GPU each shape and token count
 is checked against the float32 reference on the same dequantized weights (bf16 tolerance; exit 1 on a failure)
 and timed by CUDA-graph replay with the L2 flushed; time the launcher's gate_up on the same shape with
 `bench/stage_times.py --alone` in the same run to compare.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 
@@ -79,6 +81,21 @@ def _code_layout(BN, BK, num_warps):
     )
 
 
+@gluon.constexpr_function
+def _x_layout(BK):
+    """Shared-memory layout of a step's [8 tokens, BK] rows of x: in the k-width-8 operand an mma pairs k of two
+    32-wide chunks (k and k + 32) in its two registers, so those pairs lie next to each other (offset bit 1 is
+    k + 32, bits 2-5 are k + 2 .. k + 16) and a thread's operand registers for its mmas are one 32-byte run:
+    16-byte loads whose registers the mmas take as they are."""
+    offsets = [[0, 1], [0, 32], [0, 2], [0, 4], [0, 8], [0, 16]]
+    k = 64
+    while k < BK:
+        offsets.append([0, k])
+        k *= 2
+    offsets += [[1, 0], [2, 0], [4, 0]]
+    return gl.SharedLinearLayout(offset_bases=offsets)
+
+
 @gluon.jit
 def _weight_tile(byte, BN: gl.constexpr, BK: gl.constexpr, A: gl.constexpr):
     """The decoded [BN, BK] bf16 tile (code - 8) of a [BN, BK / 2] byte tile in runs of 8, as operand A."""
@@ -117,9 +134,7 @@ def gate_up_int4_wfirst(
     # the block's token rows of x, all of H, into shared memory once ([step, token, k]: 32 KB at H 2048), in
     # 16-byte vectors; each step then reads its [BK, 8] operand as one 16-byte load a thread
     XROWS: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, num_warps], [1, 0])
-    x_smem = gl.allocate_shared_memory(
-        gl.bfloat16, [H // BK, 8, BK], gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=1, order=[1, 0])
-    )
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [H // BK, 8, BK], _x_layout(BK))
     token = gl.load(row_token_ptr + b * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, XROWS)))
     xk = gl.arange(0, BK, layout=gl.SliceLayout(0, XROWS))
     x_ptrs = x_ptr + token.to(gl.int64)[:, None] * H + xk[None, :]
@@ -187,16 +202,32 @@ def compile_for(sm: int, H: int, I: int, cfg: dict):  # noqa: E741
     return triton.compile(source, target=GPUTarget("cuda", sm, 32), options={"num_warps": cfg["warps"]})
 
 
+#: a register-to-register move in SASS (what ptxas emits to put an mma operand's registers together)
+REGISTER_MOVE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:IMAD\.MOV\.U32 R\d+, RZ, RZ, R\d+|MOV R\d+, R\d+)\s*;")
+
+
 def loop_stats(cubin: bytes, codes_a_thread_a_pass: int) -> dict:
     """The kernel's longest loop: instructions a pass, register moves among them, instructions a code."""
-    from sass_stats import kernel_stats
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from sass_stats import cuobjdump, kernel_stats
 
     stats = kernel_stats(cubin)
     loop = max(stats["loops"], key=lambda lp: lp["instructions"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run(
+            [str(cuobjdump()), "-sass", str(path)], capture_output=True, text=True, check=True
+        )
+    moves = [a for a in REGISTER_MOVE.findall(sass.stdout) if loop["start"] <= int(a, 16) <= loop["end"]]
     return {
         "registers": stats["registers"],
         "spill": stats["stack"] + stats["local"],
         "loop_instructions": loop["instructions"],
+        "register_moves": len(moves),
         "hmma": loop["opcodes"].get("HMMA", 0),
         "instructions_a_code": round(loop["instructions"] / codes_a_thread_a_pass, 2),
     }
