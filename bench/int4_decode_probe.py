@@ -40,15 +40,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from ws_probe import error_line
 
 from moetrt.kernels.triton_common import NIBBLE_MAGIC_BF16, NIBBLES_PTX_BF16
 from moetrt.op.spec import INT4_SYMMETRIC_ZERO
@@ -177,11 +176,9 @@ CONFIGS = [
 
 
 def compile_for(sm: int, H: int, I: int, cfg: dict):  # noqa: E741
-    """The probe kernel compiled for `sm` with no GPU (Gluon's AST source, as kernels/aot.py compiles `tl`)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    """The probe kernel compiled for `sm` with no GPU (`ws_probe.compile_for`)."""
+    from ws_probe import compile_for as compile_gluon
 
-    fn = gate_up_int4_wfirst
     signature = {"codes_ptr": "*u8", "scales_ptr": "*fp32", "x_ptr": "*bf16", "act_ptr": "*bf16",
                  "block_expert_ptr": "*i32", "row_token_ptr": "*i32"}  # fmt: skip
     constexprs = {
@@ -192,42 +189,20 @@ def compile_for(sm: int, H: int, I: int, cfg: dict):  # noqa: E741
         "STEPS": cfg["steps"],
         "num_warps": cfg["warps"],
     }
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in signature}
-    source = GluonASTSource(
-        fn=fn,
-        signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
-        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-        attrs=attrs,
-    )
-    return triton.compile(source, target=GPUTarget("cuda", sm, 32), options={"num_warps": cfg["warps"]})
-
-
-#: a register-to-register move in SASS (what ptxas emits to put an mma operand's registers together)
-REGISTER_MOVE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:IMAD\.MOV\.U32 R\d+, RZ, RZ, R\d+|MOV R\d+, R\d+)\s*;")
+    return compile_gluon(gate_up_int4_wfirst, sm, constexprs, signature, cfg["warps"])
 
 
 def loop_stats(cubin: bytes, codes_a_thread_a_pass: int) -> dict:
     """The kernel's longest loop: instructions a pass, register moves among them, instructions a code."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    from sass_stats import cuobjdump, kernel_stats
+    from sass_stats import kernel_stats
 
     stats = kernel_stats(cubin)
     loop = max(stats["loops"], key=lambda lp: lp["instructions"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin)
-        sass = subprocess.run(
-            [str(cuobjdump()), "-sass", str(path)], capture_output=True, text=True, check=True
-        )
-    moves = [a for a in REGISTER_MOVE.findall(sass.stdout) if loop["start"] <= int(a, 16) <= loop["end"]]
     return {
         "registers": stats["registers"],
         "spill": stats["stack"] + stats["local"],
         "loop_instructions": loop["instructions"],
-        "register_moves": len(moves),
+        "register_moves": loop["register_moves"],
         "hmma": loop["opcodes"].get("HMMA", 0),
         "instructions_a_code": round(loop["instructions"] / codes_a_thread_a_pass, 2),
     }
@@ -262,11 +237,7 @@ def compile_only(shapes: list[str], sm: int) -> list[dict]:
                 )  # gate and up, a thread a pass
                 row.update(loop_stats(compiled.asm["cubin"], codes))
             except Exception as exc:  # a layout the compiler refuses (assert_trivial): say so, keep going
-                root = exc
-                while root.__cause__ is not None:
-                    root = root.__cause__
-                lines = [line for line in str(root).splitlines() if line.strip() and line.strip("^ ")]
-                row["error"] = f"{type(root).__name__}: {lines[-1][:300] if lines else ''}"
+                row["error"] = error_line(exc)
             row["wall_s"] = round(time.perf_counter() - began, 1)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -343,7 +314,7 @@ def run_shape(name: str, T: int, rows_out: list[dict], timing: bool) -> bool:
                 row["us"] = time_graph(call, repeats=30).median_us
                 row["codes_GBps"] = (len(hit) * 2 * I * H // 2) / row["us"] / 1e3
         except Exception as exc:  # a form the compiler or the GPU refuses: say so, keep going
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else ''}"
+            row["error"] = error_line(exc)
             row["ok"] = False
         ok &= row["ok"]
         print(json.dumps(row), flush=True)

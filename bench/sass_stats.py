@@ -25,6 +25,9 @@ from typing import Any
 SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
 BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+# a register-to-register move (what ptxas emits to put an mma operand's registers together): the operands that
+# follow IMAD (its modifiers included) or MOV in SASS_LINE's third group
+REGISTER_MOVE = re.compile(r"^(?:\.MOV\.U32 R\d+, RZ, RZ, R\d+| R\d+, R\d+)\s*$")
 RESOURCE = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
 
 
@@ -66,9 +69,10 @@ def kernel_stats(cubin: bytes, tool: Path | None = None) -> dict[str, Any]:
 
 def sass_loops(sass: str) -> list[dict[str, Any]]:
     """The loops of a kernel's SASS, first address first: each backward branch and the instructions from its
-    target to it ({"start", "end", "instructions", "opcodes"}). A loop body's count is what one iteration
-    issues per warp (branches inside it aside), so two tiles' costs per weight can be compared statically,
-    e.g. a 4-bit decode loop's instructions over the codes each thread decodes in one iteration."""
+    target to it ({"start", "end", "instructions", "opcodes", "register_moves"}). A loop body's count is what
+    one iteration issues per warp (branches inside it aside), so two tiles' costs per weight can be compared
+    statically, e.g. a 4-bit decode loop's instructions over the codes each thread decodes in one iteration;
+    its register-to-register moves (IMAD.MOV.U32 Rd, RZ, RZ, Rs and MOV Rd, Rs) are among them."""
     lines = [(int(addr, 16), op, rest) for addr, op, rest in SASS_LINE.findall(sass)]
     loops = []
     for addr, op, rest in lines:
@@ -76,13 +80,16 @@ def sass_loops(sass: str) -> list[dict[str, Any]]:
         if target is None or int(target.group(1), 16) >= addr:
             continue
         start = int(target.group(1), 16)
-        body = collections.Counter(o for a, o, _ in lines if start <= a <= addr)
+        inside = [(o, r) for a, o, r in lines if start <= a <= addr]
+        body = collections.Counter(o for o, _ in inside)
+        moves = sum(o in ("IMAD", "MOV") and bool(REGISTER_MOVE.match(r)) for o, r in inside)
         loops.append(
             {
                 "start": start,
                 "end": addr,
                 "instructions": sum(body.values()),
                 "opcodes": dict(body.most_common()),
+                "register_moves": moves,
             }
         )
     return sorted(loops, key=lambda loop: loop["start"])

@@ -342,8 +342,11 @@ def gate_up_ws_rows(
 # ------------------------------------------------------------------------------------------ ahead of time
 
 
-def compile_for(kernel, sm: int, constexprs: dict, signature: dict, num_warps: int, maxnreg: int):
-    """The kernel compiled for `sm` with no GPU (Gluon's AST source, as kernels/aot.py compiles `tl` ones)."""
+def compile_for(
+    kernel, sm: int, constexprs: dict, signature: dict, num_warps: int, maxnreg: int | None = None
+):
+    """A Gluon kernel compiled for `sm` with no GPU (Gluon's AST source, as kernels/aot.py compiles `tl` ones);
+    maxnreg: the register limit its partitions share (None: the compiler's)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -354,8 +357,8 @@ def compile_for(kernel, sm: int, constexprs: dict, signature: dict, num_warps: i
     source = GluonASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
                             constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
                             attrs=attrs)  # fmt: skip
-    return triton.compile(source, target=GPUTarget("cuda", sm, 32), options={"num_warps": num_warps,
-                                                                              "maxnreg": maxnreg})  # fmt: skip
+    options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
+    return triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options)
 
 
 def kernel_summary(compiled) -> dict:
@@ -421,7 +424,7 @@ def _signatures(E: int, H: int, I: int, cfg: dict):  # noqa: E741
     }
 
 
-def _last_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     """What a (compiler) error says is wrong: its root cause's last line that is not source or a caret."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
@@ -441,7 +444,7 @@ def compile_only(shapes: list[str], sm: int) -> list[dict]:
                     compiled = compile_for(kernel, sm, constexprs, signature, cfg["warps"], cfg["maxnreg"])
                     row.update(kernel_summary(compiled))
                 except Exception as exc:  # a form the compiler refuses: say so, keep going
-                    row["error"] = _last_line(exc)
+                    row["error"] = error_line(exc)
                 row["wall_s"] = round(time.perf_counter() - began, 1)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -595,7 +598,7 @@ def _run_config(name, T, index, x, w_gu, w_d, ids, topw, act_ref, y_ref, timing,
                 row["us"] = time_graph(call, repeats=30).median_us
                 row["tflops"] = flops[form.split("/")[0]] / row["us"] / 1e6
         except Exception as exc:  # a form the compiler or the GPU refuses: say so, keep going
-            row["error"] = _last_line(exc)
+            row["error"] = error_line(exc)
             row["ok"] = False
         ok &= row["ok"]
         print(json.dumps(row), flush=True)
@@ -702,8 +705,11 @@ def main(argv: list[str] | None = None) -> int:
             indices = [int(i) for i in a.configs.split(",") if i] or list(range(len(CONFIGS)))
             forms = [f for f in a.forms.split(",") if f] or [*BASELINE_FORMS, *GLUON_FORMS]
             keep = {(i, f) for i in indices for f in forms}
-        if a.smoke_timeout > 0:
-            keep, rows = smoke(a.smoke_timeout)
+        if (
+            a.smoke_timeout > 0
+        ):  # of the forms asked for, those that finished and were right on the tiny shape
+            smoked, rows = smoke(a.smoke_timeout)
+            keep = smoked if keep is None else keep & smoked
             for row in rows:
                 print(json.dumps(row), flush=True)
             ok = all(r.get("ok", True) for r in rows)

@@ -678,11 +678,16 @@ def test_sass_stats_reads_registers_and_opcodes_of_real_cubins(tmp_path) -> None
 
 def test_sass_loops_finds_each_backward_branch() -> None:
     """`sass_loops` on a hand-written listing: the backward branch's body counted from its target, a forward
-    branch ignored."""
+    branch ignored, the register-to-register moves inside it counted (not a move of a constant or an
+    immediate, nor one outside the loop)."""
     sass_stats = importlib.import_module("sass_stats")
     listing = """
         /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+        /*0008*/                   MOV R6, R7 ;
         /*0010*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0018*/                   IMAD.MOV.U32 R20, RZ, RZ, R12 ;
+        /*001c*/                   MOV R21, R8 ;
+        /*001e*/                   IMAD.MOV.U32 R25, RZ, RZ, -0x80 ;
         /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
         /*0030*/               @P0 BRA 0x10 ;
         /*0040*/                   BRA 0x60 ;
@@ -691,7 +696,13 @@ def test_sass_loops_finds_each_backward_branch() -> None:
     """
     loops = sass_stats.sass_loops(listing)
     assert loops == [
-        {"start": 0x10, "end": 0x30, "instructions": 3, "opcodes": {"HMMA": 1, "IADD3": 1, "BRA": 1}}
+        {
+            "start": 0x10,
+            "end": 0x30,
+            "instructions": 6,
+            "opcodes": {"IMAD": 2, "HMMA": 1, "MOV": 1, "IADD3": 1, "BRA": 1},
+            "register_moves": 2,
+        }
     ]
 
 
