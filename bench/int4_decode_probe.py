@@ -192,12 +192,19 @@ def compile_for(sm: int, H: int, I: int, cfg: dict):  # noqa: E741
     return compile_gluon(gate_up_int4_wfirst, sm, constexprs, signature, cfg["warps"])
 
 
-def loop_stats(cubin: bytes, codes_a_thread_a_pass: int) -> dict:
-    """The kernel's longest loop: instructions a pass, register moves among them, instructions a code."""
+def loop_stats(cubin: bytes, codes_a_thread_a_pass: int, innermost: bool = False) -> dict:
+    """The kernel's longest loop (innermost: the shortest loop that issues mmas, where a warp-specialised
+    kernel's partitions sit in loops of their own around it): instructions a pass, register moves among them,
+    instructions a code."""
     from sass_stats import kernel_stats
 
     stats = kernel_stats(cubin)
-    loop = max(stats["loops"], key=lambda lp: lp["instructions"])
+    if innermost:
+        loop = min(
+            (lp for lp in stats["loops"] if lp["opcodes"].get("HMMA")), key=lambda lp: lp["instructions"]
+        )
+    else:
+        loop = max(stats["loops"], key=lambda lp: lp["instructions"])
     return {
         "registers": stats["registers"],
         "spill": stats["stack"] + stats["local"],
@@ -251,9 +258,10 @@ def compile_only(shapes: list[str], sm: int) -> list[dict]:
     return rows
 
 
-def run_shape(name: str, T: int, rows_out: list[dict], timing: bool) -> bool:
-    """Random bf16 experts quantized to int4 (symmetric, groups of 128, op.quant), softmax top-k routing, rows
-    per expert in blocks of 8, the float32 reference on the dequantized weights, then every config."""
+def make_case(name: str, T: int) -> dict:
+    """Random bf16 experts (those no token picks stay zero) and their int4 codes (symmetric, groups of 128,
+    op.quant), softmax top-k routing, rows per expert in blocks of 8 (`tma_probe.padded_layout`), and each
+    block row's float32 reference on the bf16 weights (`ref_bf16`) and on the dequantized ones (`ref_int4`)."""
     from tma_probe import padded_layout
 
     from moetrt.op.quant import dequantize, quantize
@@ -265,35 +273,66 @@ def run_shape(name: str, T: int, rows_out: list[dict], timing: bool) -> bool:
     _weights, ids = torch.topk(torch.softmax(torch.randn(T, E, generator=gen), -1), K, dim=-1)
     ids = ids.to(dev)
     hit = sorted(set(ids.flatten().tolist()))
-    w = torch.zeros(E, 2 * I, H, device=dev, dtype=torch.bfloat16)  # experts no token picks stay zero
+    w = torch.zeros(E, 2 * I, H, device=dev, dtype=torch.bfloat16)
     for e in hit:
         w[e] = (torch.randn(2 * I, H, generator=gen) / H**0.5).to(dev, torch.bfloat16)
     q = quantize("int4", GROUP, w)
-    wq = dequantize("int4", GROUP, q, H)
     block_expert, row_slot = padded_layout(ids, E, TOKENS)
     row_token = torch.where(row_slot >= 0, row_slot // K, -1).to(torch.int32)
-    nb = block_expert.numel()
     xf = x.float()
-    ref = torch.zeros(nb * TOKENS, I, device=dev)
-    for r in (row_slot >= 0).nonzero().flatten().tolist():
-        e, t = int(block_expert[r // TOKENS]), int(row_token[r])
-        g, u = xf[t] @ wq[e, :I].T, xf[t] @ wq[e, I:].T
-        ref[r] = torch.nn.functional.silu(g) * u
-    codes = q.codes.view(E * 2 * I, H // 2)
-    scales = q.scale.view(E * 2 * I, H // GROUP)
+    case = dict(x=x, w=w, hit=hit, block_expert=block_expert, row_slot=row_slot, row_token=row_token,
+                codes=q.codes.view(E * 2 * I, H // 2), scales=q.scale.view(E * 2 * I, H // GROUP))  # fmt: skip
+    for key, weights in (("ref_bf16", w), ("ref_int4", dequantize("int4", GROUP, q, H))):
+        ref = torch.zeros(block_expert.numel() * TOKENS, I, device=dev)
+        for r in (row_slot >= 0).nonzero().flatten().tolist():
+            e, t = int(block_expert[r // TOKENS]), int(row_token[r])
+            g, u = xf[t] @ weights[e, :I].float().T, xf[t] @ weights[e, I:].float().T
+            ref[r] = torch.nn.functional.silu(g) * u
+        case[key] = ref
+    return case
+
+
+def check_and_time(call, act, case: dict, ref_key: str, stored_bytes: int, row: dict, timing: bool) -> bool:
+    """Runs `call` once, compares its rows of `act` with the case's reference (bf16 tolerance), then, if right
+    and asked, times it by CUDA-graph replay with the L2 flushed; fills `row`. Whether it was right."""
+    try:
+        act.fill_(float("nan"))
+        call()
+        torch.cuda.synchronize()
+        used = case["row_slot"] >= 0
+        got, want = act[used].float(), case[ref_key][used]
+        row["rel_err"] = float((got - want).norm() / want.norm())
+        row["ok"] = bool(row["rel_err"] <= 1e-2)
+        if timing and row["ok"]:
+            from moetrt.tune.timing import time_graph
+
+            row["us"] = time_graph(call, repeats=30).median_us
+            row["weights_GBps"] = stored_bytes / row["us"] / 1e3
+    except Exception as exc:  # a form the compiler or the GPU refuses: say so, keep going
+        row["error"] = error_line(exc)
+        row["ok"] = False
+    print(json.dumps(row), flush=True)
+    return row["ok"]
+
+
+def run_shape(name: str, T: int, rows_out: list[dict], timing: bool) -> bool:
+    """Every config on one shape and token count, against the reference on the dequantized weights."""
+    _E, _K, H, I = SHAPES[name]  # noqa: E741
+    case = make_case(name, T)
+    nb = case["block_expert"].numel()
     ok = True
     for cfg in CONFIGS:
         row = dict(shape=name, T=T, form="probe", **cfg)
-        act = torch.full((nb * TOKENS, I), float("nan"), device=dev, dtype=torch.bfloat16)
+        act = torch.empty((nb * TOKENS, I), device="cuda", dtype=torch.bfloat16)
 
         def call(act=act, cfg=cfg) -> None:
             gate_up_int4_wfirst[(nb * (I // cfg["BN"]),)](
-                codes,
-                scales,
-                x,
+                case["codes"],
+                case["scales"],
+                case["x"],
                 act,
-                block_expert,
-                row_token,
+                case["block_expert"],
+                case["row_token"],
                 H,
                 I,
                 cfg["BN"],
@@ -302,22 +341,7 @@ def run_shape(name: str, T: int, rows_out: list[dict], timing: bool) -> bool:
                 num_warps=cfg["warps"],
             )
 
-        try:
-            call()
-            torch.cuda.synchronize()
-            got, want = act[row_slot >= 0].float(), ref[row_slot >= 0]
-            row["rel_err"] = float((got - want).norm() / want.norm())
-            row["ok"] = bool(row["rel_err"] <= 1e-2)
-            if timing and row["ok"]:
-                from moetrt.tune.timing import time_graph
-
-                row["us"] = time_graph(call, repeats=30).median_us
-                row["codes_GBps"] = (len(hit) * 2 * I * H // 2) / row["us"] / 1e3
-        except Exception as exc:  # a form the compiler or the GPU refuses: say so, keep going
-            row["error"] = error_line(exc)
-            row["ok"] = False
-        ok &= row["ok"]
-        print(json.dumps(row), flush=True)
+        ok &= check_and_time(call, act, case, "ref_int4", len(case["hit"]) * 2 * I * H // 2, row, timing)
         rows_out.append(row)
     return ok
 

@@ -627,13 +627,13 @@ def _json_rows(text: str | bytes | None) -> list[dict]:
     return rows
 
 
-def _run_child(args: list[str], timeout: float) -> tuple[str, list[dict]]:
-    """This probe in a child process on the given arguments: ("ok" | "failed" | "hung", the rows it printed).
-    A kernel that never finishes (a barrier that is never completed) cannot be stopped on the GPU; killing its
-    process ends it, so a hang costs `timeout` seconds instead of the whole run."""
+def run_child(args: list[str], timeout: float, script: str = __file__) -> tuple[str, list[dict]]:
+    """A probe script (this one by default) in a child process on the given arguments: ("ok" | "failed" |
+    "hung", the rows it printed). A kernel that never finishes (a barrier that is never completed) cannot be
+    stopped on the GPU; killing its process ends it, so a hang costs `timeout` seconds instead of the whole run."""
     import subprocess
 
-    command = [sys.executable, __file__, *args, "--smoke-timeout", "0"]
+    command = [sys.executable, script, *args, "--smoke-timeout", "0"]
     try:
         proc = subprocess.run(command, timeout=timeout, capture_output=True, text=True, check=False)
     except subprocess.TimeoutExpired as exc:  # the rows printed before the hang still count
@@ -641,24 +641,31 @@ def _run_child(args: list[str], timeout: float) -> tuple[str, list[dict]]:
     return ("ok" if proc.returncode == 0 else "failed"), _json_rows(proc.stdout)
 
 
-def smoke(timeout: float, run_child=_run_child) -> tuple[set[tuple[int, str]], list[dict]]:
+def smoke(
+    timeout: float,
+    run_child=run_child,
+    n_configs: int = len(CONFIGS),
+    gluon_forms: tuple[str, ...] = GLUON_FORMS,
+    baseline_forms: tuple[str, ...] = BASELINE_FORMS,
+    tiny: tuple[str, ...] = ("--shapes", "tiny", "--tokens", "64", "--check-only"),
+) -> tuple[set[tuple[int, str]], list[dict]]:
     """The (config, form) pairs to run at full width, and the tiny shape's rows: every pair is first checked on
-    the tiny shape in one child process; if it hangs, each Gluon pair it had not reported gets a child of its
-    own, so a hanging form leaves out itself alone. Baseline forms always run; a Gluon form runs if it finished
-    and matched the reference on the tiny shape."""
-    tiny = ["--shapes", "tiny", "--tokens", "64", "--check-only"]
-    status, rows = run_child(tiny, timeout)
+    the tiny shape (`tiny`: the probe's arguments for it) in one child process; if it hangs, each Gluon pair it
+    had not reported gets a child of its own, so a hanging form leaves out itself alone. Baseline forms always
+    run; a Gluon form runs if it finished and matched the reference on the tiny shape. Rows carry "config" and
+    "form"; the defaults are this probe's, bench/decode_ws_probe.py passes its own."""
+    status, rows = run_child(list(tiny), timeout)
     if status == "hung":
         seen = {(r["config"], r["form"]) for r in rows}
-        for index in range(len(CONFIGS)):
-            for form in GLUON_FORMS:
+        for index in range(n_configs):
+            for form in gluon_forms:
                 if (index, form) in seen:
                     continue
                 status, got = run_child([*tiny, "--configs", str(index), "--forms", form], timeout)
                 rows += got or [
                     dict(shape="tiny", form=form, config=index, ok=False, error=f"{status} (smoke)")
                 ]
-    keep = {(index, form) for index in range(len(CONFIGS)) for form in BASELINE_FORMS}
+    keep = {(index, form) for index in range(n_configs) for form in baseline_forms}
     keep |= {(r["config"], r["form"]) for r in rows if r.get("ok")}
     return keep, rows
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -863,3 +864,71 @@ def test_int4_decode_probe_feeds_decoded_words_to_the_mma_as_they_are() -> None:
     # put the launcher's activation operand together are (nearly) gone
     assert stats["register_moves"] * 10 < launcher["register_moves"]
     assert probe.main(["--compile-only", "--sm", "75"]) == 2
+
+
+def test_decode_ws_probe_streams_weights_from_a_producer_warp() -> None:
+    """bench/decode_ws_probe.py's Gluon kernel compiles for sm_90 with no GPU, as designed: one producer warp
+    issuing the gate and up tiles by TMA (one `expect_tx` of both tiles' bytes on a barrier initialised for one
+    arrival), the consumer handing a stage back with one arrival after all its warps read it (partition barrier
+    first); the consumer's step issues the mmas of its tiles (int4: as many instructions a code as the
+    register-fed probe, whose decoding it shares, and no register moves), with no spill."""
+    probe = importlib.import_module("decode_ws_probe")
+    int4_probe = importlib.import_module("int4_decode_probe")
+    E, _K, H, I = probe.SHAPES["qwen3_next"]  # noqa: E741
+    cfg = probe.CONFIGS[0]
+    for form in probe.FORMS:
+        types, constexprs = probe.signature(form, E, H, I, cfg)
+        compiled = probe.compile_for(
+            probe.gate_up_decode_ws, 90, constexprs, types, cfg["warps"], cfg["maxnreg"]
+        )
+        summary = probe.kernel_summary(compiled)
+        assert summary["warp_specialized"] and summary["worker_warps"] == [1] and summary["spill"] == 0
+        assert summary["global_scratch"] == 128  # one descriptor, built on the device
+        BK = probe.STEP_K[form.split("/")[0]]
+        stored = BK // 2 if form.startswith("int4") else 2 * BK  # bytes of a tile row
+        ptx = compiled.asm["ptx"]
+        expect = re.findall(r"mbarrier\.arrive\.expect_tx\.shared\.b64 _, \[%r\d+\], (\d+);", ptx)
+        assert expect == [str(2 * cfg["BN"] * stored)]  # both tiles' bytes, one arrival
+        assert re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx) == ["1"] * (
+            2 * cfg["stages"]
+        )
+        arrive = ptx.index("mbarrier.arrive.shared::cta.b64")
+        assert "bar.sync \t0, 128;" in ptx[arrive - 200 : arrive]  # all four consumer warps, then one arrival
+        codes = 2 * cfg["BN"] * BK // (32 * cfg["warps"])
+        stats = int4_probe.loop_stats(compiled.asm["cubin"], codes, innermost=True)
+        assert stats["hmma"] == 2 * (cfg["BN"] // (16 * cfg["warps"])) * (BK // 16)
+        if form.startswith("int4"):
+            regs_cfg = int4_probe.CONFIGS[0]
+            regs = int4_probe.loop_stats(
+                int4_probe.compile_for(90, H, I, regs_cfg).asm["cubin"],
+                2 * regs_cfg["BN"] * int4_probe.GROUP * regs_cfg["steps"] // (32 * regs_cfg["warps"]),
+            )
+            assert stats["register_moves"] == 0
+            assert stats["instructions_a_code"] <= regs["instructions_a_code"] * 1.05
+    assert probe.main(["--compile-only", "--sm", "80"]) == 2
+    assert probe.main(["--compile-only", "--forms", "fp8/ws"]) == 2
+
+
+def test_decode_ws_probe_smoke_pass_runs_its_own_forms() -> None:
+    """The decode probe's smoke pass is ws_probe's, on its own forms and arguments: the tiny shape at 8 tokens
+    first, then one child per (config, form) it had not reported if that hangs; no baseline is kept unasked."""
+    probe = importlib.import_module("decode_ws_probe")
+    ws_probe = importlib.import_module("ws_probe")
+    calls: list[list[str]] = []
+
+    def hangs_on_int4(args: list[str], timeout: float):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if "--forms" not in args:
+            return "hung", [{"config": 0, "form": "bf16/ws", "ok": True}]
+        index, form = int(args[args.index("--configs") + 1]), args[args.index("--forms") + 1]
+        return (
+            ("hung", [])
+            if form == "int4/ws" and index == 1
+            else ("ok", [{"config": index, "form": form, "ok": True}])
+        )
+
+    tiny = ("--shapes", "tiny", "--tokens", "8", "--check-only")
+    keep, _rows = ws_probe.smoke(60, hangs_on_int4, len(probe.CONFIGS), probe.FORMS, (), tiny)
+    assert calls[0] == list(tiny)
+    assert len(calls) == 1 + len(probe.CONFIGS) * len(probe.FORMS) - 1
+    assert keep == {(i, f) for i in range(len(probe.CONFIGS)) for f in probe.FORMS} - {(1, "int4/ws")}
