@@ -1,36 +1,43 @@
 #!/usr/bin/env python3
-"""Decode gate_up with its weight tiles streamed by a TMA producer warp, in Gluon: a probe (bf16 and int4).
+"""Decode expert GEMMs with their weight tiles streamed by a TMA producer warp, in Gluon: a probe (bf16, int4).
 
 At one token a step the expert GEMMs only stream weights, and one launch does not reach the copy rate: the 66 MB
 of Qwen3-Next's experts at T = 1 take 25.0 µs in the fused experts kernel, 26.9 µs as the GEMMs' tiles read by
 pointer and 21.9 µs as the same tiles read by TMA, with nothing computed (bench/stream_probe.py; docs/kernels.md,
-"The one-token step against what one launch can stream"). TMA weight loads inside the launcher's `tl` decode
-kernels were slower, not faster: the waits on their barriers sit in the same warps as the products. Here a
-producer warp of its own keeps the ring full:
+"The one-token step against what one launch can stream"); at T = 8 the down projection streams at ~84 % of the
+copy rate where gate_up reaches ~98 % (the stage times there over the expected bytes: 80 slots hit ~74 of 512
+experts). TMA weight loads inside the launcher's `tl` decode kernels were slower,
+not faster: the waits on their barriers sit in the same warps as the products. Here a producer warp of its own
+keeps a ring full:
 
-- the producer (one warp, few registers) loads each reduction step's gate and up weight tiles of the program's
-  expert by TMA into a ring of STAGES buffers in shared memory, through a descriptor built on the device;
-  `ready` counts their bytes, `empty` is handed back by the consumer; the bytes in flight are the ring's, not
-  the consumer's registers';
-- the consumer (the default partition: a warp per 16 weight rows) stages the block's 8 token rows of x in shared
-  memory once (`int4_decode_probe._x_layout`) and, with int4 weights, the tile's group scales; each step it
-  waits for a stage, reads its tiles into registers and hands the stage back at once (mma.sync reads registers),
-  then multiplies W @ x.T on mma.m16n8k16 (the tokens the mma's N = 8 side): bf16 tiles as the first operand by
-  ldmatrix, int4 code words in the layout whose decoded registers are the first operand as they are
+- the producer (one warp, 24 registers) loads each reduction step's weight tiles (gate_up: the gate and the up
+  tile; down: one) of the tile's expert by TMA into a ring of STAGES buffers in shared memory, through a
+  descriptor built on the device; `ready` counts their bytes, `empty` is handed back by the consumer, so the
+  bytes in flight are the ring's, not the consumer's registers';
+- the consumer (the default partition: a warp per 16 weight rows) stages the block's 8 input rows (gate_up: x
+  of its tokens; down: its activation rows) in shared memory and, with int4 weights, the tile's group scales;
+  each step it waits for a stage, reads its tiles into registers, hands the stage back at once (mma.sync reads
+  registers) and multiplies W @ in.T on mma.m16n8k16 (the tokens the mma's N = 8 side): bf16 tiles as the first
+  operand by ldmatrix, int4 code words in the layout whose decoded registers are the first operand as they are
   (`int4_decode_probe._code_layout`, `_weight_tile`), scaled per weight row on each group's product;
-- then the activation (SiLU-GLU) and the [8, BN] store.
+- then gate_up's activation (SiLU-GLU) and [8, BN] store, or down's rows times their routing weights, stored per
+  slot (the sum over a token's slots, fused into the launcher's down_rows at decode, is not part of the probe);
+- every program walks its tiles in a loop with the ring's position and phase running on across them, so one
+  cubin runs one program a tile or a persistent grid of one program an SM (`_persist`): down's reduction is
+  short (I = 512: 4 steps of 128), and there the producer loads the next tile's steps during this one's.
 
     PYTHONPATH=src:bench python3 bench/decode_ws_probe.py --compile-only --sm 90     # no GPU needed
     PYTHONPATH=src:bench python3 bench/decode_ws_probe.py --shapes qwen3_next,qwen3_30b --tokens 1,8,64
 
-The layout and the reference are int4_decode_probe's (rows per expert in blocks of 8; no shared expert), so its
-rows and these compare form for form in one run: int4 in registers (`int4_decode_probe.py`) against int4 from
-the ring (`int4/ws`), and `bf16/ws` against the launcher's bf16 gate_up (`bench/stage_times.py --alone`) and the
-TMA read rate above. On a GPU every form first runs on the tiny shape in a child process with a timeout
-(`--smoke-timeout`, as bench/ws_probe.py does): a barrier never completed cannot be stopped on the GPU, only its
-process killed, so a form that hangs or is wrong there is left out. Each row is checked against the float32
-reference on the same (dequantized) weights, bf16 tolerance, exit 1 on a failure, and timed by CUDA-graph replay
-with the L2 flushed; `weights_GBps` is the stored weight bytes of the routed experts over the time.
+The layout and gate_up's reference are int4_decode_probe's (rows per expert in blocks of 8; no shared expert),
+so its rows and these compare in one run: int4 gate_up with its words loaded into registers
+(`int4_decode_probe.py`) against the ring (`int4/gate_up`), and the bf16 forms against the launcher's gate_up
+and down_rows (`bench/stage_times.py --alone`) and the TMA read rate above. On a GPU every form first runs on
+the tiny shape in a child process with a timeout (`--smoke-timeout`, bench/ws_probe.py's smoke pass): a barrier
+never completed cannot be stopped on the GPU, only its process killed, so a form that hangs or is wrong there is
+left out. Each row is checked against the float32 reference on the same (dequantized) weights, bf16 tolerance,
+exit 1 on a failure, and timed by CUDA-graph replay with the L2 flushed; `weights_GBps` is the routed experts'
+stored weight bytes over the time.
 """
 
 from __future__ import annotations
@@ -71,107 +78,137 @@ def _x_smem_layout(BK, INT4):
 
 @gluon.jit
 def _producer(
-    w_desc, g_bufs, u_bufs, ready, empty, block_expert_ptr, H: gl.constexpr, I: gl.constexpr,  # noqa: E741
-    BN: gl.constexpr, BK: gl.constexpr,
+    w_desc, g_bufs, u_bufs, ready, empty, block_expert_ptr, num_tiles, KD: gl.constexpr, ND: gl.constexpr,
+    BN: gl.constexpr, BK: gl.constexpr, DOWN: gl.constexpr,
 ):  # fmt: skip
-    """Each step's gate and up tiles of the program's expert, by TMA, into the ring (stored columns a step:
-    BK weights, or BK / 2 bytes of int4 codes)."""
+    """Each step's weight tiles of the tile's expert (gate_up: the gate and the up tile; down: one), by TMA, into
+    the ring; stored columns a step: BK weights, or BK / 2 bytes of int4 codes. The ring's position and phase
+    run on across the program's tiles, so the next tile's first stages load during this one's last steps."""
     STAGES: gl.constexpr = g_bufs.shape[0]
     COLS: gl.constexpr = g_bufs.shape[2]
-    NT: gl.constexpr = I // BN
-    row = gl.load(block_expert_ptr + gl.program_id(0) // NT) * (2 * I) + (gl.program_id(0) % NT) * BN
-    for i in range(H // BK):
-        s = i % STAGES
-        # a fresh barrier counts as having completed the phase before its first: the first STAGES waits pass
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(s), 2 * w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [row, i * COLS], ready.index(s), g_bufs.index(s))
-        tma.async_copy_global_to_shared(w_desc, [row + I, i * COLS], ready.index(s), u_bufs.index(s))
+    NT: gl.constexpr = ND // BN
+    MATS: gl.constexpr = 1 if DOWN else 2
+    c = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):  # this program's tiles
+        row = gl.load(block_expert_ptr + tile // NT) * (MATS * ND) + (tile % NT) * BN
+        for i in range(KD // BK):
+            s = c % STAGES
+            # a fresh barrier counts as having completed the phase before its first: the first STAGES waits pass
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), MATS * w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [row, i * COLS], ready.index(s), g_bufs.index(s))
+            if not DOWN:
+                tma.async_copy_global_to_shared(w_desc, [row + ND, i * COLS], ready.index(s), u_bufs.index(s))
+            c += 1
 
 
 @gluon.jit
 def _consumer(
-    g_bufs, u_bufs, ready, empty, x_ptr, scales_ptr, act_ptr, block_expert_ptr, row_token_ptr,
-    H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, INT4: gl.constexpr,  # noqa: E741
-    num_warps: gl.constexpr,
+    g_bufs, u_bufs, ready, empty, in_ptr, scales_ptr, out_ptr, block_expert_ptr, in_row_ptr, row_slot_ptr,
+    row_w_ptr, num_tiles, KD: gl.constexpr, ND: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+    INT4: gl.constexpr, DOWN: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     STAGES: gl.constexpr = g_bufs.shape[0]
-    STEPS: gl.constexpr = H // BK
-    NT: gl.constexpr = I // BN
+    STEPS: gl.constexpr = KD // BK
+    NT: gl.constexpr = ND // BN
+    MATS: gl.constexpr = 1 if DOWN else 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8]
     )
     # int4: eight consecutive k a thread (one word of codes); bf16: two, as ldmatrix gives them
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8 if INT4 else 2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8 if INT4 else 2)
-    b = gl.program_id(0) // NT
-    n0 = (gl.program_id(0) % NT) * BN
-    # the block's token rows of x, all of H, into shared memory once (the producer fills the ring meanwhile)
     XROWS: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, num_warps], [1, 0])
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [STEPS, ROWS, BK], _x_smem_layout(BK, INT4))
-    token = gl.load(row_token_ptr + b * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, XROWS)))
-    xk = gl.arange(0, BK, layout=gl.SliceLayout(0, XROWS))
-    x_ptrs = x_ptr + token.to(gl.int64)[:, None] * H + xk[None, :]
-    for i in range(STEPS):
-        x_smem.index(i).store(gl.load(x_ptrs + i * BK, mask=(token >= 0)[:, None], other=0.0))
     if INT4:
-        # the tile's group scales, a step's [BN] of them a row of shared memory ([STEPS, BN] each)
-        g_row = gl.load(block_expert_ptr + b) * (2 * I) + n0
-        s_ptrs = scales_ptr + (g_row + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))).to(gl.int64) * STEPS
         sg_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _plain(BN))
         su_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _plain(BN))
-        for j in range(STEPS):
-            sg_smem.index(j).store(gl.load(s_ptrs + j))
-            su_smem.index(j).store(gl.load(s_ptrs + I * STEPS + j))
-    gl.thread_barrier()
-    acc_g = gl.zeros((BN, ROWS), gl.float32, mma)
-    acc_u = gl.zeros((BN, ROWS), gl.float32, mma)
+    xk = gl.arange(0, BK, layout=gl.SliceLayout(0, XROWS))
     zero = gl.zeros((BN, ROWS), gl.float32, mma)
-    for i in range(STEPS):
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+    c = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):  # this program's tiles
+        b = tile // NT
+        n0 = (tile % NT) * BN
+        gl.thread_barrier()  # every warp is done with the previous tile's rows before they are replaced
+        # the block's input rows (gate_up: x of its tokens; down: its activation rows), all of the reduction,
+        # into shared memory (the producer fills the ring meanwhile)
+        in_row = gl.load(in_row_ptr + b * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, XROWS)))
+        x_ptrs = in_ptr + in_row.to(gl.int64)[:, None] * KD + xk[None, :]
+        for i in range(STEPS):
+            x_smem.index(i).store(gl.load(x_ptrs + i * BK, mask=(in_row >= 0)[:, None], other=0.0))
         if INT4:
-            g = g_bufs.index(s).load(_code_layout(BN, BK, num_warps))
-            u = u_bufs.index(s).load(_code_layout(BN, BK, num_warps))
+            # the tile's group scales, a step's [BN] of them a row of shared memory ([STEPS, BN] each)
+            w_row = gl.load(block_expert_ptr + b) * (MATS * ND) + n0
+            s_ptrs = (
+                scales_ptr + (w_row + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))).to(gl.int64) * STEPS
+            )
+            for j in range(STEPS):
+                sg_smem.index(j).store(gl.load(s_ptrs + j))
+                if not DOWN:
+                    su_smem.index(j).store(gl.load(s_ptrs + ND * STEPS + j))
+        gl.thread_barrier()
+        acc_g = gl.zeros((BN, ROWS), gl.float32, mma)
+        acc_u = gl.zeros((BN, ROWS), gl.float32, mma)
+        for i in range(STEPS):
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            if INT4:
+                g = g_bufs.index(s).load(_code_layout(BN, BK, num_warps))
+                if not DOWN:
+                    u = u_bufs.index(s).load(_code_layout(BN, BK, num_warps))
+            else:
+                g = g_bufs.index(s).load(A)
+                if not DOWN:
+                    u = u_bufs.index(s).load(A)
+            # the tiles are in registers (mma.sync reads those): the stage goes back to the producer now
+            mbarrier.arrive(empty.index(s), count=1)
+            xt = x_smem.index(i).permute((1, 0)).load(B)
+            if INT4:
+                s_g = sg_smem.index(i).load(gl.SliceLayout(1, mma))
+                acc_g += mma_v2(_weight_tile(g, BN, BK, A), xt, zero) * s_g[:, None]
+                if not DOWN:
+                    s_u = su_smem.index(i).load(gl.SliceLayout(1, mma))
+                    acc_u += mma_v2(_weight_tile(u, BN, BK, A), xt, zero) * s_u[:, None]
+            else:
+                acc_g = mma_v2(g, xt, acc_g)
+                if not DOWN:
+                    acc_u = mma_v2(u, xt, acc_u)
+            c += 1
+        n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        rows = b * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))
+        if DOWN:  # each slot's weighted row (the sum over a token's slots is not part of the probe)
+            slot = gl.load(row_slot_ptr + rows)
+            y = (acc_g * gl.load(row_w_ptr + rows)[None, :]).to(out_ptr.dtype.element_ty)
+            gl.store(out_ptr + slot.to(gl.int64)[None, :] * ND + n[:, None], y, mask=(slot >= 0)[None, :])
         else:
-            g = g_bufs.index(s).load(A)
-            u = u_bufs.index(s).load(A)
-        # the tiles are in registers (mma.sync reads those): the stage goes back to the producer now
-        mbarrier.arrive(empty.index(s), count=1)
-        xt = x_smem.index(i).permute((1, 0)).load(B)
-        if INT4:
-            s_g = sg_smem.index(i).load(gl.SliceLayout(1, mma))
-            s_u = su_smem.index(i).load(gl.SliceLayout(1, mma))
-            acc_g += mma_v2(_weight_tile(g, BN, BK, A), xt, zero) * s_g[:, None]
-            acc_u += mma_v2(_weight_tile(u, BN, BK, A), xt, zero) * s_u[:, None]
-        else:
-            acc_g = mma_v2(g, xt, acc_g)
-            acc_u = mma_v2(u, xt, acc_u)
-    act = (acc_g / (1.0 + gl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
-    n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-    out_rows = b * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))
-    gl.store(act_ptr + out_rows[None, :] * I + n[:, None], act)
+            act = (acc_g / (1.0 + gl.exp(-acc_g)) * acc_u).to(out_ptr.dtype.element_ty)
+            gl.store(out_ptr + rows[None, :] * ND + n[:, None], act)
 
 
 @gluon.jit
-def gate_up_decode_ws(
-    w_ptr, scales_ptr, x_ptr, act_ptr, block_expert_ptr, row_token_ptr, E: gl.constexpr, H: gl.constexpr,
-    I: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, INT4: gl.constexpr,  # noqa: E741
-    num_warps: gl.constexpr,
+def decode_ws(
+    w_ptr, scales_ptr, in_ptr, out_ptr, block_expert_ptr, in_row_ptr, row_slot_ptr, row_w_ptr, num_tiles,
+    E: gl.constexpr, KD: gl.constexpr, ND: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+    STAGES: gl.constexpr, INT4: gl.constexpr, DOWN: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
-    """act[row, n] = silu(x[token] @ Wg[e, n]) * (x[token] @ Wu[e, n]) for one (block of 8 rows, N tile).
-    w: [E * 2I, H] bf16 or [E * 2I, H / 2] int4 codes in runs of 8 (gate rows, then up rows, of each expert);
-    scales [E * 2I, H / BK] fp32 (int4; one group a step)."""
+    """Tiles (block of 8 rows, BN output columns), one a program or a persistent grid looping over them.
+    gate_up (KD = H, ND = I): out[row, n] = silu(x[in_row] @ Wg[e, n]) * (x[in_row] @ Wu[e, n]), w [E * 2I, H]
+    (gate rows, then up rows, of each expert); down (KD = I, ND = H): out[slot, h] = row_w * (act[in_row] @
+    Wd[e, h]), w [E * H, I]. bf16 weights, or int4 codes [.., KD / 2] in runs of 8 with fp32 scales
+    [.., KD / BK] (one group a step); in_row -1: a padding row (zeros)."""
+    MATS: gl.constexpr = 1 if DOWN else 2
     if INT4:
         tile: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK // 2], gl.uint8)
-        w_desc = tma.make_tensor_descriptor(w_ptr, [E * 2 * I, H // 2], [H // 2, 1], [BN, BK // 2], tile)
+        w_desc = tma.make_tensor_descriptor(
+            w_ptr, [E * MATS * ND, KD // 2], [KD // 2, 1], [BN, BK // 2], tile
+        )
         g_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, BK // 2], tile)
-        u_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, BK // 2], tile)
+        u_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES if MATS == 2 else 1, BN, BK // 2], tile)
     else:
         tile: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
-        w_desc = tma.make_tensor_descriptor(w_ptr, [E * 2 * I, H], [H, 1], [BN, BK], tile)
+        w_desc = tma.make_tensor_descriptor(w_ptr, [E * MATS * ND, KD], [KD, 1], [BN, BK], tile)
         g_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], tile)
-        u_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], tile)
+        u_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES if MATS == 2 else 1, BN, BK], tile)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -180,40 +217,56 @@ def gate_up_decode_ws(
     fence_async_shared()  # the initialised barriers, before the other partition or the TMA unit uses them
     gl.warp_specialize(
         [
-            (_consumer, (g_bufs, u_bufs, ready, empty, x_ptr, scales_ptr, act_ptr, block_expert_ptr,
-                         row_token_ptr, H, I, BN, BK, INT4, num_warps)),
-            (_producer, (w_desc, g_bufs, u_bufs, ready, empty, block_expert_ptr, H, I, BN, BK)),
+            (_consumer, (g_bufs, u_bufs, ready, empty, in_ptr, scales_ptr, out_ptr, block_expert_ptr, in_row_ptr,
+                         row_slot_ptr, row_w_ptr, num_tiles, KD, ND, BN, BK, INT4, DOWN, num_warps)),
+            (_producer, (w_desc, g_bufs, u_bufs, ready, empty, block_expert_ptr, num_tiles, KD, ND, BN, BK, DOWN)),
         ],
         [1],
         [TMA_PRODUCER_REGS],
     )  # fmt: skip
 
 
-#: (BN: weight rows of gate and of up a program, warps: one per 16 of them, stages: the ring's depth). Fewer rows a
-#: program make more programs (Qwen3-Next at T = 1, BN 64: 80 programs for 132 SMs), a deeper ring more bytes in
-#: flight per program; maxnreg: the register limit the partitions share (128: two programs an SM; None: the
-#: compiler's, 255 at four consumer warps, one program an SM).
+#: (BN: weight rows a program (of gate and of up; of down), warps: one per 16 of them, stages: the ring's depth,
+#: maxnreg: the register limit the partitions share; 128: two programs an SM, None: the compiler's, 255 at four
+#: consumer warps, one program an SM). Fewer rows a program make more programs (Qwen3-Next gate_up at T = 1,
+#: BN 64: 80 programs for 132 SMs), a deeper ring more bytes in flight per program.
 CONFIGS = [
     dict(BN=64, warps=4, stages=4, maxnreg=128),
     dict(BN=64, warps=4, stages=8, maxnreg=128),
     dict(BN=64, warps=4, stages=4, maxnreg=None),
     dict(BN=128, warps=8, stages=4, maxnreg=None),
 ]
-FORMS = ("bf16/ws", "int4/ws")
+#: "<weights>/<stage><grid>": grid "" is one program a tile, "_persist" one program an SM looping over tiles (the
+#: ring runs on across a program's tiles: down's reduction, I = 512 or 768, is 4-12 steps a tile)
+FORMS = tuple(
+    f"{fmt}/{stage}{grid}"
+    for stage in ("gate_up", "down")
+    for fmt in ("bf16", "int4")
+    for grid in ("", "_persist")
+)
+
+
+def _parts(form: str) -> tuple[str, bool, bool]:
+    """(weight format, down, persistent) of a form name."""
+    fmt, rest = form.split("/")
+    return fmt, rest.startswith("down"), rest.endswith("_persist")
 
 
 def signature(form: str, E: int, H: int, I: int, cfg: dict) -> tuple[dict, dict]:  # noqa: E741
     """The kernel's runtime parameter types and constexprs for a form and config (the AOT compile's inputs)."""
-    fmt = form.split("/")[0]
-    types = {"w_ptr": "*u8" if fmt == "int4" else "*bf16", "scales_ptr": "*fp32", "x_ptr": "*bf16",
-             "act_ptr": "*bf16", "block_expert_ptr": "*i32", "row_token_ptr": "*i32"}  # fmt: skip
-    constexprs = dict(E=E, H=H, I=I, BN=cfg["BN"], BK=STEP_K[fmt], STAGES=cfg["stages"], INT4=fmt == "int4")
+    fmt, down, _persist = _parts(form)
+    types = {"w_ptr": "*u8" if fmt == "int4" else "*bf16", "scales_ptr": "*fp32", "in_ptr": "*bf16",
+             "out_ptr": "*bf16", "block_expert_ptr": "*i32", "in_row_ptr": "*i32", "row_slot_ptr": "*i32",
+             "row_w_ptr": "*fp32", "num_tiles": "i32"}  # fmt: skip
+    KD, ND = (I, H) if down else (H, I)
+    constexprs = dict(E=E, KD=KD, ND=ND, BN=cfg["BN"], BK=STEP_K[fmt], STAGES=cfg["stages"], INT4=fmt == "int4",
+                      DOWN=down)  # fmt: skip
     return types, {**constexprs, "num_warps": cfg["warps"]}
 
 
 def fits(H: int, I: int, cfg: dict) -> bool:  # noqa: E741
     """Whether a config's tiles divide the shape (the probe has no masks along H and I)."""
-    return I % cfg["BN"] == 0 and H % max(STEP_K.values()) == 0
+    return I % cfg["BN"] == 0 and H % cfg["BN"] == 0 and I % GROUP == 0 and H % GROUP == 0
 
 
 def compile_only(shapes: list[str], sm: int) -> list[dict]:
@@ -225,17 +278,16 @@ def compile_only(shapes: list[str], sm: int) -> list[dict]:
         for index, cfg in enumerate(CONFIGS):
             if not fits(H, I, cfg):
                 continue
-            for form in FORMS:
+            for form in (f for f in FORMS if not f.endswith("_persist")):  # the same cubin runs either grid
                 began = time.perf_counter()
                 row = dict(shape=name, form=form, config=index, sm=sm, **cfg)
                 try:
                     types, constexprs = signature(form, E, H, I, cfg)
-                    compiled = compile_for(
-                        gate_up_decode_ws, sm, constexprs, types, cfg["warps"], cfg["maxnreg"]
-                    )
+                    compiled = compile_for(decode_ws, sm, constexprs, types, cfg["warps"], cfg["maxnreg"])
                     row.update(kernel_summary(compiled))
-                    # the consumer's loop: a pass is one step, gate and up rows of BK weights each a thread
-                    codes = 2 * cfg["BN"] * STEP_K[form.split("/")[0]] // (32 * cfg["warps"])
+                    # the consumer's loop: a pass is one step, BK weights of each of its rows a thread
+                    mats = 1 if _parts(form)[1] else 2
+                    codes = mats * cfg["BN"] * STEP_K[_parts(form)[0]] // (32 * cfg["warps"])
                     row.update({f"loop_{k}": v for k, v in loop_stats(compiled.asm["cubin"], codes, innermost=True).items()
                                 if k not in ("registers", "spill")})  # fmt: skip
                 except Exception as exc:  # a form the compiler refuses: say so, keep going
@@ -246,31 +298,83 @@ def compile_only(shapes: list[str], sm: int) -> list[dict]:
     return rows
 
 
+def down_case(name: str, case: dict) -> dict:
+    """Down's inputs beside int4_decode_probe's case: random bf16 down weights of the routed experts and their
+    int4 codes, random activation rows per block row (padding rows zero), routing weights, and each slot's
+    float32 reference weighted row on the bf16 and on the dequantized weights."""
+    from moetrt.op.quant import dequantize, quantize
+
+    E, _K, H, I = SHAPES[name]  # noqa: E741
+    dev, row_slot = case["x"].device, case["row_slot"]
+    gen = torch.Generator(device="cpu").manual_seed(len(case["hit"]))
+    w = torch.zeros(E, H, I, device=dev, dtype=torch.bfloat16)
+    for e in case["hit"]:
+        w[e] = (torch.randn(H, I, generator=gen) / I**0.5).to(dev, torch.bfloat16)
+    q = quantize("int4", GROUP, w)
+    used = row_slot >= 0
+    act = (torch.randn(row_slot.numel(), I, generator=gen) * used.cpu()[:, None]).to(dev, torch.bfloat16)
+    slots = int(row_slot.max()) + 1
+    topw = (torch.rand(slots, generator=gen) + 0.1).to(dev)
+    row_w = torch.where(used, topw[row_slot.clamp(min=0)], 0.0)
+    down = dict(w=w.view(E * H, I), codes=q.codes.view(E * H, I // 2), scales=q.scale.view(E * H, I // GROUP),
+                act=act, in_row=torch.where(used, torch.arange(row_slot.numel(), device=dev), -1).to(torch.int32),
+                row_slot=row_slot.to(torch.int32), row_w=row_w, slots=slots)  # fmt: skip
+    expert = case["block_expert"].long().repeat_interleave(TOKENS)
+    for key, weights in (("ref_bf16", w), ("ref_int4", dequantize("int4", GROUP, q, I))):
+        ref = torch.zeros(slots, H, device=dev)
+        for r in used.nonzero().flatten().tolist():
+            ref[row_slot[r]] = topw[row_slot[r]] * (act[r].float() @ weights[expert[r]].float().T)
+        down[key] = ref
+    return down
+
+
 def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None) -> bool:
     """Every (config, form) asked for on one shape and token count, against the reference on the same weights."""
     from int4_decode_probe import check_and_time, make_case
 
     E, _K, H, I = SHAPES[name]  # noqa: E741
     case = make_case(name, T)
+    down = down_case(name, case)
     nb = case["block_expert"].numel()
+    used = case["row_slot"] >= 0
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     triton.set_allocator(lambda size, _align, _stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     ok = True
     for index, cfg in enumerate(CONFIGS):
         for form in FORMS:
             if not fits(H, I, cfg) or (keep is not None and (index, form) not in keep):
                 continue
-            int4 = form.startswith("int4")
-            row = dict(shape=name, T=T, form=form, config=index, **cfg)
-            act = torch.empty((nb * TOKENS, I), device="cuda", dtype=torch.bfloat16)
-            weights = case["codes"] if int4 else case["w"].view(E * 2 * I, H)
+            fmt, is_down, persist = _parts(form)
+            int4 = fmt == "int4"
+            _types, constexprs = signature(form, E, H, I, cfg)
+            tiles = nb * constexprs["ND"] // cfg["BN"]
+            if is_down:
+                weights = down["codes"] if int4 else down["w"]
+                out = torch.empty((down["slots"], H), device="cuda", dtype=torch.bfloat16)
+                args = (weights, down["scales"], down["act"], out, case["block_expert"], down["in_row"],
+                        down["row_slot"], down["row_w"])  # fmt: skip
+                rows, want = slice(None), down["ref_int4" if int4 else "ref_bf16"]
+                stored = len(case["hit"]) * H * (I // 2 if int4 else 2 * I)
+            else:
+                weights = case["codes"] if int4 else case["w"].view(E * 2 * I, H)
+                out = torch.empty((nb * TOKENS, I), device="cuda", dtype=torch.bfloat16)
+                args = (weights, case["scales"], case["x"], out, case["block_expert"], case["row_token"],
+                        case["row_token"], down["row_w"])  # fmt: skip
+                rows, want = used, case["ref_int4" if int4 else "ref_bf16"][used]
+                stored = len(case["hit"]) * 2 * I * (H // 2 if int4 else 2 * H)
+            row = dict(
+                shape=name,
+                T=T,
+                form=form,
+                config=index,
+                programs=min(tiles, sms) if persist else tiles,
+                **cfg,
+            )
             call = functools.partial(
-                gate_up_decode_ws[(nb * (I // cfg["BN"]),)],
-                weights, case["scales"], case["x"], act, case["block_expert"], case["row_token"], E, H, I,
-                cfg["BN"], STEP_K[form.split("/")[0]], cfg["stages"], int4, num_warps=cfg["warps"],
+                decode_ws[(row["programs"],)], *args, tiles, **constexprs,  # num_warps: the kernel's and the launch's
                 **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
             )  # fmt: skip
-            stored = len(case["hit"]) * 2 * I * (H // 2 if int4 else 2 * H)
-            ok &= check_and_time(call, act, case, "ref_int4" if int4 else "ref_bf16", stored, row, timing)
+            ok &= check_and_time(call, out, rows, want, stored, row, timing)
             rows_out.append(row)
     return ok
 

@@ -258,7 +258,7 @@ def compile_only(shapes: list[str], sm: int) -> list[dict]:
     return rows
 
 
-def make_case(name: str, T: int) -> dict:
+def make_case(name: str, T: int, dev: str = "cuda") -> dict:
     """Random bf16 experts (those no token picks stay zero) and their int4 codes (symmetric, groups of 128,
     op.quant), softmax top-k routing, rows per expert in blocks of 8 (`tma_probe.padded_layout`), and each
     block row's float32 reference on the bf16 weights (`ref_bf16`) and on the dequantized ones (`ref_int4`)."""
@@ -267,7 +267,6 @@ def make_case(name: str, T: int) -> dict:
     from moetrt.op.quant import dequantize, quantize
 
     E, K, H, I = SHAPES[name]  # noqa: E741
-    dev = "cuda"
     gen = torch.Generator(device="cpu").manual_seed(T)
     x = (torch.randn(T, H, generator=gen) * 0.5).to(dev, torch.bfloat16)
     _weights, ids = torch.topk(torch.softmax(torch.randn(T, E, generator=gen), -1), K, dim=-1)
@@ -292,15 +291,14 @@ def make_case(name: str, T: int) -> dict:
     return case
 
 
-def check_and_time(call, act, case: dict, ref_key: str, stored_bytes: int, row: dict, timing: bool) -> bool:
-    """Runs `call` once, compares its rows of `act` with the case's reference (bf16 tolerance), then, if right
-    and asked, times it by CUDA-graph replay with the L2 flushed; fills `row`. Whether it was right."""
+def check_and_time(call, out, rows, want, stored_bytes: int, row: dict, timing: bool) -> bool:
+    """Runs `call` once, compares `out[rows]` with `want` (bf16 tolerance), then, if right and asked, times it
+    by CUDA-graph replay with the L2 flushed; fills `row`. Whether it was right."""
     try:
-        act.fill_(float("nan"))
+        out.fill_(float("nan"))
         call()
         torch.cuda.synchronize()
-        used = case["row_slot"] >= 0
-        got, want = act[used].float(), case[ref_key][used]
+        got = out[rows].float()
         row["rel_err"] = float((got - want).norm() / want.norm())
         row["ok"] = bool(row["rel_err"] <= 1e-2)
         if timing and row["ok"]:
@@ -341,7 +339,9 @@ def run_shape(name: str, T: int, rows_out: list[dict], timing: bool) -> bool:
                 num_warps=cfg["warps"],
             )
 
-        ok &= check_and_time(call, act, case, "ref_int4", len(case["hit"]) * 2 * I * H // 2, row, timing)
+        used = case["row_slot"] >= 0
+        stored = len(case["hit"]) * 2 * I * H // 2
+        ok &= check_and_time(call, act, used, case["ref_int4"][used], stored, row, timing)
         rows_out.append(row)
     return ok
 

@@ -867,46 +867,49 @@ def test_int4_decode_probe_feeds_decoded_words_to_the_mma_as_they_are() -> None:
 
 
 def test_decode_ws_probe_streams_weights_from_a_producer_warp() -> None:
-    """bench/decode_ws_probe.py's Gluon kernel compiles for sm_90 with no GPU, as designed: one producer warp
-    issuing the gate and up tiles by TMA (one `expect_tx` of both tiles' bytes on a barrier initialised for one
-    arrival), the consumer handing a stage back with one arrival after all its warps read it (partition barrier
-    first); the consumer's step issues the mmas of its tiles (int4: as many instructions a code as the
-    register-fed probe, whose decoding it shares, and no register moves), with no spill."""
+    """bench/decode_ws_probe.py's Gluon kernel compiles for sm_90 with no GPU, as designed, for gate_up and down
+    in bf16 and int4: one producer warp issuing a step's weight tiles by TMA (one `expect_tx` of their bytes on a
+    barrier initialised for one arrival), the consumer handing a stage back with one arrival after all its warps
+    read it (partition barrier first); the consumer's step issues the mmas of its tiles (int4 gate_up: as many
+    instructions a code as the register-fed probe, whose decoding it shares, and no register moves), no spill."""
     probe = importlib.import_module("decode_ws_probe")
     int4_probe = importlib.import_module("int4_decode_probe")
     E, _K, H, I = probe.SHAPES["qwen3_next"]  # noqa: E741
     cfg = probe.CONFIGS[0]
-    for form in probe.FORMS:
+    regs_cfg = int4_probe.CONFIGS[0]
+    regs = int4_probe.loop_stats(
+        int4_probe.compile_for(90, H, I, regs_cfg).asm["cubin"],
+        2 * regs_cfg["BN"] * int4_probe.GROUP * regs_cfg["steps"] // (32 * regs_cfg["warps"]),
+    )
+    for form in (
+        f for f in probe.FORMS if not f.endswith("_persist")
+    ):  # persistence is the grid, not the cubin
         types, constexprs = probe.signature(form, E, H, I, cfg)
-        compiled = probe.compile_for(
-            probe.gate_up_decode_ws, 90, constexprs, types, cfg["warps"], cfg["maxnreg"]
-        )
+        compiled = probe.compile_for(probe.decode_ws, 90, constexprs, types, cfg["warps"], cfg["maxnreg"])
         summary = probe.kernel_summary(compiled)
         assert summary["warp_specialized"] and summary["worker_warps"] == [1] and summary["spill"] == 0
         assert summary["global_scratch"] == 128  # one descriptor, built on the device
-        BK = probe.STEP_K[form.split("/")[0]]
-        stored = BK // 2 if form.startswith("int4") else 2 * BK  # bytes of a tile row
+        int4, mats = form.startswith("int4"), 1 if "down" in form else 2
+        BK = probe.STEP_K["int4" if int4 else "bf16"]
+        stored = BK // 2 if int4 else 2 * BK  # bytes of a tile row
         ptx = compiled.asm["ptx"]
         expect = re.findall(r"mbarrier\.arrive\.expect_tx\.shared\.b64 _, \[%r\d+\], (\d+);", ptx)
-        assert expect == [str(2 * cfg["BN"] * stored)]  # both tiles' bytes, one arrival
-        assert re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx) == ["1"] * (
-            2 * cfg["stages"]
-        )
+        assert expect and set(expect) == {
+            str(mats * cfg["BN"] * stored)
+        }  # the step's tiles' bytes, one arrival
+        inits = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx)
+        assert inits == ["1"] * (2 * cfg["stages"])
         arrive = ptx.index("mbarrier.arrive.shared::cta.b64")
         assert "bar.sync \t0, 128;" in ptx[arrive - 200 : arrive]  # all four consumer warps, then one arrival
-        codes = 2 * cfg["BN"] * BK // (32 * cfg["warps"])
+        codes = mats * cfg["BN"] * BK // (32 * cfg["warps"])
         stats = int4_probe.loop_stats(compiled.asm["cubin"], codes, innermost=True)
-        assert stats["hmma"] == 2 * (cfg["BN"] // (16 * cfg["warps"])) * (BK // 16)
-        if form.startswith("int4"):
-            regs_cfg = int4_probe.CONFIGS[0]
-            regs = int4_probe.loop_stats(
-                int4_probe.compile_for(90, H, I, regs_cfg).asm["cubin"],
-                2 * regs_cfg["BN"] * int4_probe.GROUP * regs_cfg["steps"] // (32 * regs_cfg["warps"]),
-            )
+        assert stats["hmma"] == mats * (cfg["BN"] // (16 * cfg["warps"])) * (BK // 16)
+        if int4:
             assert stats["register_moves"] == 0
+        if form == "int4/gate_up":
             assert stats["instructions_a_code"] <= regs["instructions_a_code"] * 1.05
     assert probe.main(["--compile-only", "--sm", "80"]) == 2
-    assert probe.main(["--compile-only", "--forms", "fp8/ws"]) == 2
+    assert probe.main(["--compile-only", "--forms", "fp8/down"]) == 2
 
 
 def test_decode_ws_probe_smoke_pass_runs_its_own_forms() -> None:
@@ -919,11 +922,11 @@ def test_decode_ws_probe_smoke_pass_runs_its_own_forms() -> None:
     def hangs_on_int4(args: list[str], timeout: float):  # type: ignore[no-untyped-def]
         calls.append(args)
         if "--forms" not in args:
-            return "hung", [{"config": 0, "form": "bf16/ws", "ok": True}]
+            return "hung", [{"config": 0, "form": "bf16/gate_up", "ok": True}]
         index, form = int(args[args.index("--configs") + 1]), args[args.index("--forms") + 1]
         return (
             ("hung", [])
-            if form == "int4/ws" and index == 1
+            if form == "int4/down_persist" and index == 1
             else ("ok", [{"config": index, "form": form, "ok": True}])
         )
 
@@ -931,4 +934,42 @@ def test_decode_ws_probe_smoke_pass_runs_its_own_forms() -> None:
     keep, _rows = ws_probe.smoke(60, hangs_on_int4, len(probe.CONFIGS), probe.FORMS, (), tiny)
     assert calls[0] == list(tiny)
     assert len(calls) == 1 + len(probe.CONFIGS) * len(probe.FORMS) - 1
-    assert keep == {(i, f) for i in range(len(probe.CONFIGS)) for f in probe.FORMS} - {(1, "int4/ws")}
+    assert keep == {(i, f) for i in range(len(probe.CONFIGS)) for f in probe.FORMS} - {
+        (1, "int4/down_persist")
+    }
+
+
+def test_decode_probes_judge_each_row_against_its_expert_and_token() -> None:
+    """The references the decode probes' GPU rows are judged by, built on the CPU: each block row's gate_up row
+    is its token's x through its block's expert, each slot's down row its routing weight times its activation row
+    through that expert, on the bf16 weights and on the int4 codes' dequantized values (whose difference is the
+    quantization's, far above the tolerance, so a kernel reading the wrong weights cannot pass)."""
+    int4_probe = importlib.import_module("int4_decode_probe")
+    probe = importlib.import_module("decode_ws_probe")
+    from moetrt.op.quant import QuantizedWeight, dequantize
+
+    E, K, H, I = probe.SHAPES["tiny"]  # noqa: E741
+    case = int4_probe.make_case("tiny", 8, "cpu")
+    down = probe.down_case("tiny", case)
+    used = (case["row_slot"] >= 0).nonzero().flatten().tolist()
+    assert len(used) == 8 * K == down["slots"]  # every slot has one block row
+    w_gu = case["w"].float()
+    w_gu_q = dequantize(
+        "int4",
+        int4_probe.GROUP,
+        QuantizedWeight(case["codes"].view(E, 2 * I, H // 2), case["scales"].view(E, 2 * I, -1)),
+        H,
+    ).float()
+    for r in used:
+        slot, e = int(case["row_slot"][r]), int(case["block_expert"][r // int4_probe.TOKENS])
+        token = slot // K
+        assert int(case["row_token"][r]) == token
+        x = case["x"][token].float()
+        for weights, key in ((w_gu, "ref_bf16"), (w_gu_q, "ref_int4")):
+            want = torch.nn.functional.silu(x @ weights[e, :I].T) * (x @ weights[e, I:].T)
+            torch.testing.assert_close(case[key][r], want, rtol=1e-4, atol=1e-5)
+        y = down["row_w"][r] * (down["act"][r].float() @ down["w"].view(E, H, I)[e].float().T)
+        torch.testing.assert_close(down["ref_bf16"][slot], y, rtol=1e-4, atol=1e-5)
+    for refs in (case, down):
+        gap = (refs["ref_int4"] - refs["ref_bf16"]).norm() / refs["ref_bf16"].norm()
+        assert gap > 0.05
