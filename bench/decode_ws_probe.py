@@ -31,13 +31,17 @@ keeps a ring full:
 
 The layout and gate_up's reference are int4_decode_probe's (rows per expert in blocks of 8; no shared expert),
 so its rows and these compare in one run: int4 gate_up with its words loaded into registers
-(`int4_decode_probe.py`) against the ring (`int4/gate_up`), and the bf16 forms against the launcher's gate_up
-and down_rows (`bench/stage_times.py --alone`) and the TMA read rate above. On a GPU every form first runs on
-the tiny shape in a child process with a timeout (`--smoke-timeout`, bench/ws_probe.py's smoke pass): a barrier
-never completed cannot be stopped on the GPU, only its process killed, so a form that hangs or is wrong there is
-left out. Each row is checked against the float32 reference on the same (dequantized) weights, bf16 tolerance,
-exit 1 on a failure, and timed by CUDA-graph replay with the L2 flushed; `weights_GBps` is the routed experts'
-stored weight bytes over the time.
+(`int4_decode_probe.py`) against the ring (`int4/gate_up`). Beside the bf16 forms the same GEMMs run in the
+launcher kernels' form (`bf16/gate_up_tl`, `bf16/down_tl`: bench/tma_probe.py's pointer-load `tl` kernels on
+16-row blocks, `tl.dot`'s least M, judged by the same references); `bench/stage_times.py --alone` times the
+launcher's own stages. On a GPU every form first runs on the tiny shape in a child process with a timeout
+(`--smoke-timeout`, bench/ws_probe.py's smoke pass): a barrier never completed cannot be stopped on the GPU, only
+its process killed, so a form that hangs or is wrong there is left out. Each row is checked against the float32
+reference on the same (dequantized) weights, bf16 tolerance, exit 1 on a failure, and timed by CUDA-graph replay
+with the L2 flushed; `weights_GBps` is the routed experts' stored weight bytes over the time. Under
+TRITON_INTERPRET=1 the baselines run on the CPU (the interpreter runs no Gluon):
+
+    TRITON_INTERPRET=1 PYTHONPATH=src:bench python3 bench/decode_ws_probe.py --shapes tiny --tokens 1,24
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 
@@ -246,6 +251,11 @@ FORMS = tuple(
 )
 
 
+#: the same GEMMs in the launcher kernels' form (`tl`, bench/tma_probe.py's pointer-load kernels on 16-row blocks,
+#: the config's BN, BK 64), timed beside them in the same run; they also run under the CPU interpreter
+BASELINE_FORMS = ("bf16/gate_up_tl", "bf16/down_tl")
+
+
 def _parts(form: str) -> tuple[str, bool, bool]:
     """(weight format, down, persistent) of a form name."""
     fmt, rest = form.split("/")
@@ -328,21 +338,71 @@ def down_case(name: str, case: dict) -> dict:
     return down
 
 
-def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None) -> bool:
-    """Every (config, form) asked for on one shape and token count, against the reference on the same weights."""
+def _sixteen_row_case(name: str, case: dict, down: dict) -> dict:
+    """The same slots in blocks of 16 rows (`tl.dot`'s least M), for the baselines: the block table, each row's
+    token, its down input row and routing weight, and each row's place in the 8-row layout's references."""
+    from tma_probe import padded_layout
+
+    E, K, _H, I = SHAPES[name]  # noqa: E741
+    used8 = (case["row_slot"] >= 0).nonzero().flatten()
+    row8_of_slot = torch.empty(down["slots"], dtype=torch.int64, device=used8.device)
+    row8_of_slot[case["row_slot"][used8]] = used8
+    block_expert, row_slot = padded_layout(case["ids"], E, 16)
+    used = row_slot >= 0
+    row8 = row8_of_slot[row_slot[used]]
+    act = torch.zeros(row_slot.numel(), I, device=used.device, dtype=torch.bfloat16)
+    act[used] = down["act"][row8]
+    row_w = torch.zeros(row_slot.numel(), device=used.device)
+    row_w[used] = down["row_w"][row8]
+    return dict(block_expert=block_expert, row_slot=row_slot.to(torch.int32), used=used, row8=row8, act=act,
+                row_w=row_w, row_token=torch.where(used, row_slot // K, -1).to(torch.int32))  # fmt: skip
+
+
+def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None, dev: str = "cuda") -> bool:
+    """Every (config, form) asked for on one shape and token count, against the reference on the same weights
+    (dev "cpu": the `tl` baselines under the interpreter, which runs no Gluon)."""
     from int4_decode_probe import check_and_time, make_case
+    from tma_probe import down_ptr, gate_up_gathered
 
     E, _K, H, I = SHAPES[name]  # noqa: E741
-    case = make_case(name, T)
+    case = make_case(name, T, dev)
     down = down_case(name, case)
+    b16 = _sixteen_row_case(name, case, down)
     nb = case["block_expert"].numel()
+    nb16 = b16["block_expert"].numel()
     used = case["row_slot"] >= 0
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    triton.set_allocator(lambda size, _align, _stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
+    triton.set_allocator(lambda size, _align, _stream: torch.empty(size, dtype=torch.int8, device=dev))
     ok = True
     for index, cfg in enumerate(CONFIGS):
-        for form in FORMS:
+        for form in (*FORMS, *BASELINE_FORMS):
             if not fits(H, I, cfg) or (keep is not None and (index, form) not in keep):
+                continue
+            row = dict(shape=name, T=T, form=form, config=index, **cfg)
+            if form in BASELINE_FORMS:  # the launcher kernels' form: x @ W.T, 16-row blocks, pointer loads
+                BN, BK, stages = cfg["BN"], STEP_K["bf16"], min(cfg["stages"], 4)
+                if form == "bf16/down_tl":
+                    out = torch.empty((down["slots"], H), device=dev, dtype=torch.bfloat16)
+                    row["programs"] = nb16 * H // BN
+                    call = functools.partial(
+                        down_ptr[(row["programs"],)], b16["act"], down["w"], out, b16["block_expert"],
+                        b16["block_expert"], b16["row_slot"], b16["row_w"], H, I, 16, BN, BK, stages, False, False,
+                        num_warps=4,
+                    )  # fmt: skip
+                    rows, want = slice(None), down["ref_bf16"]
+                    stored = len(case["hit"]) * H * 2 * I
+                else:
+                    out = torch.empty((nb16 * 16, I), device=dev, dtype=torch.bfloat16)
+                    row["programs"] = nb16 * I // BN
+                    call = functools.partial(
+                        gate_up_gathered[(row["programs"],)], case["x"], case["w"], out, b16["block_expert"],
+                        b16["block_expert"], b16["row_token"], H, I, 16, BN, BK, stages, False, False, False,
+                        num_warps=4,
+                    )  # fmt: skip
+                    rows, want = b16["used"], case["ref_bf16"][b16["row8"]]
+                    stored = len(case["hit"]) * 2 * I * 2 * H
+                ok &= check_and_time(call, out, rows, want, stored, row, timing)
+                rows_out.append(row)
                 continue
             fmt, is_down, persist = _parts(form)
             int4 = fmt == "int4"
@@ -350,26 +410,19 @@ def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None) 
             tiles = nb * constexprs["ND"] // cfg["BN"]
             if is_down:
                 weights = down["codes"] if int4 else down["w"]
-                out = torch.empty((down["slots"], H), device="cuda", dtype=torch.bfloat16)
+                out = torch.empty((down["slots"], H), device=dev, dtype=torch.bfloat16)
                 args = (weights, down["scales"], down["act"], out, case["block_expert"], down["in_row"],
                         down["row_slot"], down["row_w"])  # fmt: skip
                 rows, want = slice(None), down["ref_int4" if int4 else "ref_bf16"]
                 stored = len(case["hit"]) * H * (I // 2 if int4 else 2 * I)
             else:
                 weights = case["codes"] if int4 else case["w"].view(E * 2 * I, H)
-                out = torch.empty((nb * TOKENS, I), device="cuda", dtype=torch.bfloat16)
+                out = torch.empty((nb * TOKENS, I), device=dev, dtype=torch.bfloat16)
                 args = (weights, case["scales"], case["x"], out, case["block_expert"], case["row_token"],
                         case["row_token"], down["row_w"])  # fmt: skip
                 rows, want = used, case["ref_int4" if int4 else "ref_bf16"][used]
                 stored = len(case["hit"]) * 2 * I * (H // 2 if int4 else 2 * H)
-            row = dict(
-                shape=name,
-                T=T,
-                form=form,
-                config=index,
-                programs=min(tiles, sms) if persist else tiles,
-                **cfg,
-            )
+            row["programs"] = min(tiles, sms) if persist else tiles
             call = functools.partial(
                 decode_ws[(row["programs"],)], *args, tiles, **constexprs,  # num_warps: the kernel's and the launch's
                 **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
@@ -387,7 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sm", type=int, default=90, help="with --compile-only: the target SM (9.0 or later)")
     p.add_argument("--configs", default="", help="comma list of CONFIGS indices to run (default: all)")
     p.add_argument(
-        "--forms", default="", help=f"comma list of forms to run (default: all): {', '.join(FORMS)}"
+        "--forms",
+        default="",
+        help=f"comma list of forms to run (default: all; under TRITON_INTERPRET=1 the baselines): "
+        f"{', '.join((*FORMS, *BASELINE_FORMS))}",
     )
     p.add_argument("--check-only", action="store_true", help="check against the reference, time nothing")
     p.add_argument(
@@ -397,35 +453,44 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--out", default=None, help="also write the rows to this .jsonl file")
     a = p.parse_args(argv)
+    every = (*FORMS, *BASELINE_FORMS)
     shapes = [s for s in a.shapes.split(",") if s]
-    unknown = [s for s in shapes if s not in SHAPES] + [f for f in a.forms.split(",") if f and f not in FORMS]
+    unknown = [s for s in shapes if s not in SHAPES] + [f for f in a.forms.split(",") if f and f not in every]
     if unknown:
         print(f"error: unknown shape or form {unknown[0]}; shapes: {', '.join(SHAPES)}; forms: "
-              f"{', '.join(FORMS)}", file=sys.stderr)  # fmt: skip
+              f"{', '.join(every)}", file=sys.stderr)  # fmt: skip
         return 2
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    asked = [f for f in a.forms.split(",") if f] or (BASELINE_FORMS if interpreted else every)
     if a.compile_only:
         if a.sm < 90:
             print(f"error: TMA and warp specialisation need SM 9.0 or later, not {a.sm}", file=sys.stderr)
             return 2
         rows = compile_only(shapes, a.sm)
         ok = all("error" not in r and r["warp_specialized"] for r in rows)
+    elif interpreted and set(asked) - set(BASELINE_FORMS):
+        print("error: the CPU interpreter runs no Gluon; ask for the baselines only (--forms "
+              f"{','.join(BASELINE_FORMS)}) or use --compile-only", file=sys.stderr)  # fmt: skip
+        return 2
+    elif not interpreted and (not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9):
+        print("error: needs a Hopper or later GPU; use --compile-only --sm 90 without one, or TRITON_INTERPRET=1 "
+              "for the baselines on the CPU", file=sys.stderr)  # fmt: skip
+        return 2
     else:
-        if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-            print(
-                "error: needs a Hopper or later GPU; use --compile-only --sm 90 without one", file=sys.stderr
-            )
-            return 2
-        from ws_probe import run_child, smoke
+        if interpreted:  # the interpreter's bf16 products and casts, as the kernel tests run them
+            from moetrt.kernels.torch_ops import _interpreter_fixes
 
+            _interpreter_fixes()
         indices = [int(i) for i in a.configs.split(",") if i] or list(range(len(CONFIGS)))
-        keep = {(i, f) for i in indices for f in ([f for f in a.forms.split(",") if f] or FORMS)}
+        keep = {(i, f) for i in indices for f in asked}
         rows, ok = [], True
-        if (
-            a.smoke_timeout > 0
-        ):  # of the pairs asked for, those that finished and were right on the tiny shape
+        if a.smoke_timeout > 0 and not interpreted:
+            # of the pairs asked for, those that finished and were right on the tiny shape
+            from ws_probe import run_child, smoke
+
             smoked, rows = smoke(
-                a.smoke_timeout, functools.partial(run_child, script=__file__), len(CONFIGS), FORMS, (),
-                ["--shapes", "tiny", "--tokens", "8", "--check-only"],
+                a.smoke_timeout, functools.partial(run_child, script=__file__), len(CONFIGS), FORMS,
+                BASELINE_FORMS, ["--shapes", "tiny", "--tokens", "8", "--check-only"],
             )  # fmt: skip
             keep &= smoked
             for row in rows:
@@ -433,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
             ok = all(r.get("ok", True) for r in rows)
         for name in shapes:
             for t in (int(t) for t in a.tokens.split(",")):
-                ok &= run_shape(name, t, timing=not a.check_only, rows_out=rows, keep=keep)
+                ok &= run_shape(
+                    name, t, timing=not (a.check_only or interpreted), rows_out=rows, keep=keep,
+                    dev="cpu" if interpreted else "cuda",
+                )  # fmt: skip
     if a.out:
         with open(a.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

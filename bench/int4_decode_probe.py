@@ -279,7 +279,7 @@ def make_case(name: str, T: int, dev: str = "cuda") -> dict:
     block_expert, row_slot = padded_layout(ids, E, TOKENS)
     row_token = torch.where(row_slot >= 0, row_slot // K, -1).to(torch.int32)
     xf = x.float()
-    case = dict(x=x, w=w, hit=hit, block_expert=block_expert, row_slot=row_slot, row_token=row_token,
+    case = dict(x=x, w=w, ids=ids, hit=hit, block_expert=block_expert, row_slot=row_slot, row_token=row_token,
                 codes=q.codes.view(E * 2 * I, H // 2), scales=q.scale.view(E * 2 * I, H // GROUP))  # fmt: skip
     for key, weights in (("ref_bf16", w), ("ref_int4", dequantize("int4", GROUP, q, H))):
         ref = torch.zeros(block_expert.numel() * TOKENS, I, device=dev)
@@ -297,7 +297,8 @@ def check_and_time(call, out, rows, want, stored_bytes: int, row: dict, timing: 
     try:
         out.fill_(float("nan"))
         call()
-        torch.cuda.synchronize()
+        if out.is_cuda:
+            torch.cuda.synchronize()
         got = out[rows].float()
         row["rel_err"] = float((got - want).norm() / want.norm())
         row["ok"] = bool(row["rel_err"] <= 1e-2)

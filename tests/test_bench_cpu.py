@@ -973,3 +973,31 @@ def test_decode_probes_judge_each_row_against_its_expert_and_token() -> None:
     for refs in (case, down):
         gap = (refs["ref_int4"] - refs["ref_bf16"]).norm() / refs["ref_bf16"].norm()
         assert gap > 0.05
+
+
+def test_decode_ws_probe_baselines_match_their_reference_in_the_interpreter() -> None:
+    """bench/decode_ws_probe.py's `tl` baselines (the launcher kernels' form on 16-row blocks) run under the CPU
+    interpreter against the same references as its Gluon forms, through the mapping from the 8-row layout to the
+    16-row one (T = 24 puts more than 8 rows on some experts: two 8-row blocks, one 16-row block); asked for a
+    Gluon form there, it says in one line that the interpreter runs none and exits 2."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{BENCH}", "TRITON_INTERPRET": "1"}
+    script = str(BENCH / "decode_ws_probe.py")
+    done = subprocess.run(
+        [sys.executable, script, "--shapes", "tiny", "--tokens", "1,24", "--configs", "0,3"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    probe = importlib.import_module("decode_ws_probe")
+    assert sorted((r["T"], r["config"], r["form"]) for r in rows) == sorted(
+        (t, c, f) for t in (1, 24) for c in (0, 3) for f in probe.BASELINE_FORMS
+    )
+    assert all(r["ok"] and 0 < r["rel_err"] <= 1e-2 for r in rows)
+    refused = subprocess.run(
+        [sys.executable, script, "--shapes", "tiny", "--forms", "int4/down"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.strip().startswith(
+        "error: the CPU interpreter runs no Gluon"
+    )
+    assert len(refused.stderr.strip().splitlines()) == 1
