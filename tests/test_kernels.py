@@ -90,7 +90,8 @@ VARIANTS: dict[str, MoEAttributes] = {
 # "+persist" with 3 persistent programs each (plan.persistent_programs: prefill only; PERSIST_STAGES),
 # "in_router" the router kernel's last program routing (plan.routes_in_router: no top-k launch; the launcher's
 # ticket must be zero again after the call, which moe_forward_triton checks), "+fused" on the fused decode
-# path, "+split" with the router over 3 slices of H (more programs taking tickets).
+# path, "+split" with the router over 3 slices of H (more programs taking tickets); "gatecol" (alone: the "auto"
+# config) the router's shared gate in a column of programs of its own (`router.GATE_COL`), "+gatecol" on a case.
 FAST_CASES: list[tuple[str, str, int, str]] = [
     ("shared_ungated", "bfloat16", 70, "tma"),
     ("shared_gated_logits", "float16", 40, "tma"),
@@ -208,6 +209,13 @@ FAST_CASES: list[tuple[str, str, int, str]] = [
     ("fp8_activations", "bfloat16", 1, "in_router"),  # the router's quantizing programs take tickets too
     ("int4_zero_swiglu_biases", "bfloat16", 1, "in_router"),
     ("mxfp4_sigmoid_grouped", "bfloat16", 1, "in_router+split"),
+    ("shared_gated_logits", "bfloat16", 70, "gatecol"),
+    ("shared_gated_logits", "float32", 1, "gatecol"),
+    ("shared_gated_logits", "float16", 5, "split+gatecol"),
+    ("shared_gated_logits", "float32", 1, "in_router+split+gatecol"),  # the gate's programs take tickets too
+    ("fp8_activations", "bfloat16", 70, "gatecol"),  # the quantizing columns after the gate's
+    ("fp8_activations", "bfloat16", 1, "in_router+gatecol"),
+    ("shared_ungated", "float16", 13, "gatecol"),  # no shared gate: no column, the switch ignored
 ]
 # The stages that load by TMA in the "tma" cases: H = 48 is no whole number of BK = 32 tiles (gate_up's last
 # tile loads zeros past H); the shared expert's 40 columns are no whole number of down's BK = 16 tiles, so
@@ -280,6 +288,8 @@ def test_kernels_match_reference(case: tuple[str, str, int, str], fast_results: 
     assert fast_results[_case_id(case)]["tma"] == TMA_STAGES.get(_case_id(case), [])
     assert fast_results[_case_id(case)]["persist"] == PERSIST_STAGES.get(_case_id(case), [])
     assert fast_results[_case_id(case)]["in_router"] == case[3].startswith("in_router")
+    gated = VARIANTS[case[0]].has_shared_gate and case[2] > 0
+    assert fast_results[_case_id(case)]["gate_col"] == (gated and case[3].endswith("gatecol"))
     _check(fast_results[_case_id(case)], case[1], case[2])
 
 
@@ -318,6 +328,9 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
         try:
             inputs = random_inputs(attrs, t, dtype=dtypes[dtype], seed=1000 + t)
             config = None
+            # "+gatecol": the case's config with the router's shared gate in a column of its own
+            gatecol = bucket.endswith("gatecol")
+            bucket = "auto" if bucket == "gatecol" else bucket.removesuffix("+gatecol")
             if bucket in (
                 "split",
                 "fused",
@@ -406,6 +419,13 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     config["gemv"]["enabled"] = 0
                     config["fused"] = {"enabled": 1, "BH": 16}
                     config["gate_up"].update({"BN": 16, "BK": 32})
+            if gatecol:
+                from moetrt.kernels.configs import default_config
+                from moetrt.kernels.plan import bucket_of
+
+                prefill = bucket in ("prefill", "perweight+prefill")
+                config = config or default_config(attrs, dtype, None if prefill else bucket_of(max(t, 1)))
+                config["router"]["GATE_COL"] = 1
             prefill = bucket in ("prefill", "perweight+prefill")
             got = moe_forward_triton(inputs, attrs, config=config, bucket=None if prefill else "auto")
             ref = moe_reference(inputs, attrs, compute_dtype=torch.float64)
@@ -432,6 +452,9 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                     attrs, dtype, config or _default(attrs, dtype, bound), bound, stage
                 )
             ]
+            ran_gate_col = bool(
+                t > 0 and plan.shared_gate_column(attrs, config or _default(attrs, dtype, bound))
+            )
             rel, nan = {}, {}
             for name in attrs.present_outputs():
                 g, r = got[name].double(), ref[name].double()
@@ -446,6 +469,7 @@ def _child(cases: list[tuple[str, str, int, str]]) -> None:
                 "in_router": ran_in_router,
                 "tma": ran_tma,
                 "persist": ran_persist,
+                "gate_col": ran_gate_col,
             }
         except Exception as err:  # reported per case by the parent
             out[key] = {"error": repr(err)}

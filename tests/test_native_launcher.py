@@ -75,7 +75,8 @@ def test_native_plan_equals_python_plan(name: str, dtype: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped", "tma", "persist", "in_router"]
+    "path",
+    ["gemv", "fused", "pdl", "split", "routed", "wide", "grouped", "tma", "persist", "in_router", "gate_col"],
 )
 def test_native_plan_follows_the_config(path: str) -> None:
     """The expert-group path, the fused decode path, PDL, split gate_up, the routed path, 64-row decode
@@ -108,6 +109,9 @@ def test_native_plan_follows_the_config(path: str) -> None:
         elif path == "in_router":  # the router kernel routes where every slot fits its registers
             cfg["gemv"]["enabled"] = 0
             cfg["topk"]["in_router"] = 1
+        elif path == "gate_col":  # the shared gate's own column of router programs
+            cfg["gemv"]["enabled"] = 0
+            cfg["router"]["GATE_COL"] = 1
         elif path == "routed":  # with the other switches on: the routed path takes precedence
             cfg["routed"]["enabled"] = 1
             cfg["gemv"]["enabled"] = 1
@@ -129,6 +133,7 @@ def test_native_plan_follows_the_config(path: str) -> None:
         "tma": ["router", "topk", "gate_up", "down_rows"],
         "persist": ["router", "topk", "gate_up", "down_rows"],
         "in_router": ["router", "topk", "gate_up", "down_rows"],  # 3 tokens x top-2: past one program's sort
+        "gate_col": ["router", "topk", "gate_up", "down_rows"],
     }[path]
     assert stages == expected
     if path == "split":  # decode buckets split (four programs per tile), prefill ones do not
@@ -151,6 +156,12 @@ def test_native_plan_follows_the_config(path: str) -> None:
         assert [op.stage for op in launches] == ["router", "gate_up", "down_rows"]
         assert launches[0].variant_key.startswith("router_topk_")
         assert ("state", "router_ticket") in launches[0].args
+    if path == "gate_col":  # one column of router programs more than the expert blocks, every bucket
+        assert attrs.has_shared_gate
+        for t in (1, 3, 700):
+            router = plan_from_native(NativeBundle(bundle.to_bytes()).plan(t))[0][0]
+            be = configs[plan.bucket_of(t)]["router"]["BE"]
+            assert router.stage == "router" and router.grid[1] == -(-attrs.num_experts // be) + 1
     if path == "grouped":  # the grids and the block table cover whole groups
         for t in (3, 700, 5001):
             launches, layout = plan_from_native(NativeBundle(bundle.to_bytes()).plan(t))

@@ -54,6 +54,27 @@ def test_prefill_router_candidates_split_h_and_fit_the_experts() -> None:
     assert {c["router"]["SPLIT"] for c in configs.router_candidates(SMALL, fp32, "float32", None)} == {1, 2}
 
 
+def test_router_candidates_try_the_shared_gate_in_both_forms() -> None:
+    """With a shared gate every router candidate is tried with the gate summed in the logits programs (the
+    default: no key) and in a column of its own (`GATE_COL` 1), base first as it is; without one, never."""
+    for bound in (None, 16):
+        base = configs.default_config(SMALL, "bfloat16", bound)
+        cands = configs.router_candidates(SMALL, base, "bfloat16", bound)
+        assert cands[0] == base and "GATE_COL" not in base["router"]
+        inline = [c for c in cands if "GATE_COL" not in c["router"]]
+        column = [c for c in cands if c["router"].get("GATE_COL") == 1]
+        assert len(inline) == len(column) and len(inline) + len(column) == len(cands)
+        assert [{**c["router"], "GATE_COL": 1} for c in inline] == [c["router"] for c in column]
+        assert plan.shared_gate_column(SMALL, column[0]) == 1 and plan.shared_gate_column(SMALL, base) == 0
+    base = configs.default_config(FEW_EXPERTS, "bfloat16", None)
+    assert all(
+        "GATE_COL" not in c["router"] for c in configs.router_candidates(FEW_EXPERTS, base, "bfloat16", None)
+    )
+    gated = copy.deepcopy(base)
+    gated["router"]["GATE_COL"] = 1
+    assert plan.shared_gate_column(FEW_EXPERTS, gated) == 0  # no shared gate: no column
+
+
 def test_topk_candidates_stay_in_registers() -> None:
     many = dataclasses.replace(SMALL, num_experts=512, top_k=10)
     base = configs.default_config(many, "bfloat16", None)

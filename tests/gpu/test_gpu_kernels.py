@@ -139,6 +139,32 @@ def test_mxfp4_tiles_across_scale_groups_match_reference(bk: int, dtype: torch.d
         _assert_matches_reference(got, inputs, attrs, dtype, f"mxfp4 BK {bk} T={num_tokens}")
 
 
+@pytest.mark.parametrize("in_router", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shared_gate_column_matches_reference(dtype: torch.dtype, in_router: int) -> None:
+    """The router's shared gate in a column of programs of its own (`router.GATE_COL`) through the AOT launcher,
+    in every bucket (the router split over H at decode), with the routing router kernel's ticket counting the
+    column's programs (in_router), against the oracle; NaN-poisoned outputs show an unwritten gate."""
+    from moetrt.kernels import configs as tuning
+    from moetrt.kernels import plan
+    from moetrt.kernels.aot import compile_kernels
+    from moetrt.kernels.torch_ops import moe_forward
+
+    attrs = VARIANTS["softmax_renorm_shared_gate"]
+    name = kernel_name_of(dtype)
+    configs = {}
+    for bound in plan.BUCKETS:
+        cfg = tuning.default_config(attrs, name, bound, sm=current_sm())
+        cfg["router"]["GATE_COL"] = 1
+        cfg["topk"]["in_router"] = in_router
+        configs[bound] = cfg
+    bundle = compile_kernels(attrs, name, current_sm(), configs=configs, workers=8)
+    for num_tokens in (1, 7, 64, 300):
+        inputs = random_inputs(attrs, num_tokens, dtype=dtype, device="cuda", seed=num_tokens)
+        got = moe_forward(inputs, attrs, bundle, outputs=_poisoned_outputs(attrs, num_tokens, dtype))
+        _assert_matches_reference(got, inputs, attrs, dtype, f"GATE_COL T={num_tokens} in_router={in_router}")
+
+
 @pytest.mark.parametrize(
     ("weight_format", "block", "down_warps"), [("int4", 32, 8), ("mxfp4", 32, 8), ("int4", 128, 4)]
 )

@@ -34,8 +34,10 @@ BUNDLE_MAGIC = b"MOETRTKB"
 # one more over the shared expert's weight, in tma_scratch); 10: the fused decode experts kernel casts its sum
 # (out and tickets among its parameters; no finalize kernel); 11: the router kernel that routes (router_topk:
 # a 'state' parameter, memory the launcher keeps per stream; decode buckets without a top-k stage); 12: 4-bit
-# codes read in runs of 8 (op version 2, op.quant: a version-11 kernel would read other k from the same bytes)
-BUNDLE_VERSION = 12
+# codes read in runs of 8 (op version 2, op.quant: a version-11 kernel would read other k from the same bytes); 13:
+# the router's shared gate in a column of programs of its own where the config asks (`GATE_COL`: a version-12
+# launcher would launch that column short)
+BUNDLE_VERSION = 13
 
 
 @dataclass(frozen=True)

@@ -576,7 +576,9 @@ TOPK_MAX_ELEMENTS = 8192
 def router_candidates(
     attrs: MoEAttributes, base: dict[str, Any], dtype: str, bound: int | None
 ) -> list[dict[str, Any]]:
-    """Router block shapes (and splits of H) tried once the GEMM tiles are chosen; base first."""
+    """Router block shapes (and splits of H) tried once the GEMM tiles are chosen; base first. With a shared
+    gate, also each of them with the gate in the other form (`router.GATE_COL`: its own column of programs, or
+    summed in every logits program's loop; plan.shared_gate_column)."""
     e_pad = next_pow2(attrs.num_experts)
     if dtype == "float32":
         opts = [(16, 16, 64, 4, 3), (16, 32, 64, 4, 2), (16, 16, 128, 4, 2)]
@@ -605,6 +607,14 @@ def router_candidates(
             )
             if cfg not in out:
                 out.append(cfg)
+    if attrs.has_shared_gate:
+        for cfg in list(out):
+            switched = copy.deepcopy(cfg)
+            switched["router"]["GATE_COL"] = 0 if cfg["router"].get("GATE_COL") else 1
+            if not switched["router"]["GATE_COL"]:
+                del switched["router"]["GATE_COL"]  # the default form, as a table without the key says
+            if switched not in out:
+                out.append(switched)
     return out
 
 

@@ -436,6 +436,13 @@ def quantize_columns(attrs: MoEAttributes, cfg: dict[str, Any], bound: int | Non
     return min(QUANTIZE_MAX_COLUMNS, cdiv(blocks, cfg["router"]["SPLIT"]))
 
 
+def shared_gate_column(attrs: MoEAttributes, cfg: dict[str, Any]) -> int:
+    """1 where the router's shared gate is a column of programs of its own (grid axis 1, after the expert blocks
+    and before the quantizing columns; config `router.GATE_COL`), 0 where each logits program sums it in its
+    loop (the default) or the op has no shared gate."""
+    return int(attrs.has_shared_gate and bool(cfg["router"].get("GATE_COL", 0)))
+
+
 def gate_up_splits(cfg: dict[str, Any], bound: int | None) -> int:
     """Splits of the reduction (H) per gate_up tile: decode buckets of the sorted path, where one program
     per tile leaves too few weight bytes in flight (config `gate_up.SK`, default 1); 1 elsewhere."""
@@ -705,6 +712,7 @@ def _stage_variants(
         "ACT_FP8": int(xq),
         "WB": attrs.weight_block if xq else 1,
         "QCOLS": quantize_columns(attrs, cfg, bound),
+        "GATE_COL": shared_gate_column(attrs, cfg),
     }
     tc = cfg["topk"]
     align = _align_constexprs(attrs, cfg)
@@ -1091,7 +1099,7 @@ def launch_sequence(
         Launch(
             "router",
             variants["router"].key,
-            (cdiv(t, r["BT"]), cdiv(e, r["BE"]) + r["QCOLS"], r["SPLIT"]),
+            (cdiv(t, r["BT"]), cdiv(e, r["BE"]) + r["GATE_COL"] + r["QCOLS"], r["SPLIT"]),
             args_for("router" if routing_launch else "router_topk", zero_words=zero_end // 4),
         )
     )

@@ -254,6 +254,7 @@ def router_logits_kernel(
     ACT_FP8: tl.constexpr,
     WB: tl.constexpr,
     QCOLS: tl.constexpr,
+    GATE_COL: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Partial router logits (fp32) of a (token block, expert block, slice of H), and of the shared gate.
@@ -268,6 +269,10 @@ def router_logits_kernel(
     the expert GEMMs (`gate_up_kernel`), beside the logits programs rather than after them (measured on the
     H200: the first expert block's programs quantizing after their logits added ~40 µs at T = 4096, and
     dealt out over every program of a token block still 21 µs at Qwen3-30B T = 4096 and 3 µs at T = 1).
+    GATE_COL (a shared gate; config `router.GATE_COL`): the shared gate's dot products are one more column of
+    programs (pid 1 = cdiv(E, BE), before the quantizing ones) instead of a sum in every logits program's loop,
+    where all expert blocks but the first compute it and throw it away (at Qwen3-Next's prefill tiles that sum
+    doubles the loop: 238 instructions a pass against 114 without it, sm_90 SASS).
     """
     w_first = _router_weights_first(router_w_ptr, E, H, SPLIT, BE, BK)  # before the wait: the model's weights
     pdl_prologue(PDL)  # programmatic dependent launch (plan.PDL_MODES)
@@ -294,6 +299,7 @@ def router_logits_kernel(
         ACT_FP8,
         WB,
         QCOLS,
+        GATE_COL,
     )
 
 
@@ -353,18 +359,18 @@ def _router_step(
     acc,
     gate_acc,
     H: tl.constexpr,
-    HAS_SHARED_GATE: tl.constexpr,
+    SUM_GATE: tl.constexpr,
     IEEE: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """acc (and the shared gate's partial sum) plus the products of `width` columns of x from k0 (BK of them
+    """acc (and, with SUM_GATE, the shared gate's partial sum) plus the products of `width` columns of x from k0 (BK of them
     loaded, a power of two at least `width`) with a router weight tile."""
     offs = tl.arange(0, BK)
     ks = k0 + offs
     k_ok = (ks < H) & (offs < width)
     xt = tl.load(x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     acc = dot_acc(xt, tl.trans(wt), acc, IEEE)
-    if HAS_SHARED_GATE:
+    if SUM_GATE:
         gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok & (pid_e == 0), other=0.0).to(tl.float32)
         gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
     return acc, gate_acc
@@ -394,6 +400,7 @@ def _router_partials(
     ACT_FP8: tl.constexpr,
     WB: tl.constexpr,
     QCOLS: tl.constexpr,
+    GATE_COL: tl.constexpr,
 ):
     """The router kernels' work of one program (router_logits_kernel explains it)."""
     pid_t = tl.program_id(0)
@@ -414,11 +421,25 @@ def _router_partials(
     rows = pid_t * BT + tl.arange(0, BT)
     row_ok = rows < T
     NE: tl.constexpr = (E + BE - 1) // BE
-    # the programs past the expert blocks quantize x (there are none without fp8 activations: QCOLS 0)
-    if pid_e >= NE:
+    GATE_PROGRAMS: tl.constexpr = HAS_SHARED_GATE and GATE_COL  # the shared gate's column (at most one)
+    INLINE_GATE: tl.constexpr = HAS_SHARED_GATE and not GATE_COL  # else every logits program sums it too
+    if GATE_PROGRAMS and pid_e == NE:
+        # the shared gate's partial dot products over this slice of H: x's rows only, no router weights
+        gate_acc = tl.zeros((BT,), dtype=tl.float32)
+        for k0 in range(0, HS, BK):
+            ks = pid_s * HS + k0 + tl.arange(0, BK)
+            k_ok = ks < H
+            xt = tl.load(
+                x_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            gw = tl.load(shared_gate_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            gate_acc += tl.sum(xt.to(tl.float32) * gw[None, :], axis=1)
+        tl.store(gate_part_ptr + pid_s * T + rows, gate_acc, mask=row_ok)
+    # the programs past the expert blocks and the gate's column quantize x (none without fp8 activations)
+    elif pid_e >= NE + GATE_PROGRAMS:
         if ACT_FP8:  # the quantizing code is compiled only where it runs (fp8 needs SM 8.9+)
             NB: tl.constexpr = (H + WB - 1) // WB
-            for blk in range(pid_s * QCOLS + pid_e - NE, NB, SPLIT * QCOLS):
+            for blk in range(pid_s * QCOLS + pid_e - NE - GATE_PROGRAMS, NB, SPLIT * QCOLS):
                 ks = blk * WB + tl.arange(0, WB)
                 k_ok = ks < H
                 xt = tl.load(
@@ -433,7 +454,7 @@ def _router_partials(
         if _router_preloads(H, SPLIT, BE, BK):  # the slice's weights came before the wait: one product
             acc, gate_acc = _router_step(
                 x_ptr, shared_gate_w_ptr, w_first, rows, row_ok, pid_s * HS, HS, pid_e, acc, gate_acc, H,
-                HAS_SHARED_GATE, IEEE, _router_slice_pad(H, SPLIT, BK),
+                INLINE_GATE, IEEE, _router_slice_pad(H, SPLIT, BK),
             )  # fmt: skip
         else:
             for k0 in range(0, HS, BK):
@@ -445,7 +466,7 @@ def _router_partials(
                 )
                 acc, gate_acc = _router_step(
                     x_ptr, shared_gate_w_ptr, wt, rows, row_ok, pid_s * HS + k0, BK, pid_e, acc, gate_acc, H,
-                    HAS_SHARED_GATE, IEEE, BK,
+                    INLINE_GATE, IEEE, BK,
                 )  # fmt: skip
         base = pid_s.to(tl.int64) * T * E
         tl.store(
@@ -453,7 +474,7 @@ def _router_partials(
             acc,
             mask=row_ok[:, None] & ecol_ok[None, :],
         )
-        if HAS_SHARED_GATE:
+        if INLINE_GATE:
             tl.store(gate_part_ptr + pid_s * T + rows, gate_acc, mask=row_ok & (pid_e == 0))
 
 
@@ -492,6 +513,7 @@ def router_topk_kernel(
     ACT_FP8: tl.constexpr,
     WB: tl.constexpr,
     QCOLS: tl.constexpr,
+    GATE_COL: tl.constexpr,
     K: tl.constexpr,
     SCORING_SIGMOID: tl.constexpr,
     TOPK_BEFORE: tl.constexpr,
@@ -543,6 +565,7 @@ def router_topk_kernel(
         ACT_FP8,
         WB,
         QCOLS,
+        GATE_COL,
     )
     # All of this CTA's stores happen before the release of the ticket (threadfence-reduction pattern).
     tl.debug_barrier()

@@ -13,7 +13,7 @@
 namespace moetrt {
 
 // Version of the bundle layout this library reads (kernels/aot.py BUNDLE_VERSION).
-constexpr int64_t kBundleVersion = 12;
+constexpr int64_t kBundleVersion = 13;
 constexpr char kBundleMagic[] = "MOETRTKB";
 constexpr size_t kBundleMagicSize = 8;
 

@@ -246,9 +246,11 @@ Plan plan_for(const Bundle& b, int64_t t) {
     // a decode bucket without a top-k stage: the router kernel's last program routes (plan.py routes_in_router)
     bool routing_launch = bucket.stage("topk") != nullptr;
     int64_t quantize_columns = router_stage ? router_stage->constexpr_int_or("QCOLS", 0) : 0;
+    // and the shared gate's column where it has one of its own (plan.py shared_gate_column)
+    int64_t gate_column = router_stage ? router_stage->constexpr_int_or("GATE_COL", 0) : 0;
     p.add("router",
-          {cdiv(t, p.stage_int("router", "BT")), cdiv(e, p.stage_int("router", "BE")) + quantize_columns,
-           p.stage_int("router", "SPLIT")},
+          {cdiv(t, p.stage_int("router", "BT")),
+           cdiv(e, p.stage_int("router", "BE")) + gate_column + quantize_columns, p.stage_int("router", "SPLIT")},
           {{"zero_words", (acc.offset + acc.nbytes) / 4}});
     int64_t bm = bucket.config_int("gate_up", "BM");
     int64_t blocks = max_blocks(s, t, bm);
