@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Decode expert GEMMs with their weight tiles streamed by a TMA producer warp, in Gluon: a probe (bf16, int4).
+"""Decode expert GEMMs with weight tiles streamed by a TMA producer warp, in Gluon: a probe (bf16, int4, mxfp4).
 
 At one token a step the expert GEMMs only stream weights, and one launch does not reach the copy rate: the 66 MB
 of Qwen3-Next's experts at T = 1 take 25.0 µs in the fused experts kernel, 26.9 µs as the GEMMs' tiles read by
@@ -18,8 +18,10 @@ keeps a ring full:
   of its tokens; down: its activation rows) in shared memory and, with int4 weights, the tile's group scales;
   each step it waits for a stage, reads its tiles into registers, hands the stage back at once (mma.sync reads
   registers) and multiplies W @ in.T on mma.m16n8k16 (the tokens the mma's N = 8 side): bf16 tiles as the first
-  operand by ldmatrix, int4 code words in the layout whose decoded registers are the first operand as they are
-  (`int4_decode_probe._code_layout`, `_weight_tile`), scaled per weight row on each group's product;
+  operand by ldmatrix, 4-bit code words in the layout whose decoded registers are the first operand as they are
+  (`int4_decode_probe._code_layout`): int4 scaled per weight row on each group's product (`_weight_tile`),
+  mxfp4 with each group's e8m0 exponent folded into the decoder as the launcher folds it (`_e2m1_tile`; an mma
+  of this operand pairs k with k + 32, so two groups meet in one product);
 - then gate_up's activation (SiLU-GLU) and [8, BN] store, or down's rows times their routing weights, stored per
   slot (the sum over a token's slots, fused into the launcher's down_rows at decode, is not part of the probe);
 - every program walks its tiles in a loop with the ring's position and phase running on across them, so one
@@ -55,16 +57,37 @@ import time
 
 import torch
 import triton
-from int4_decode_probe import GROUP, SHAPES, TOKENS, _code_layout, _weight_tile, _x_layout
+from int4_decode_probe import GROUP, SHAPES, TOKENS, _code_layout, _weight_tile, _x_layout, gate_up_reference
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from ws_probe import TMA_PRODUCER_REGS, compile_for, error_line, kernel_summary
 
-#: reduction elements a step: one int4 scale group; bf16 tiles 128 bytes wide (TMA's widest swizzle)
-STEP_K = {"int4": GROUP, "bf16": 64}
+from moetrt.kernels.triton_common import BF16_PAIR_EXPONENT, E2M1_SCALED_PTX_BF16
+from moetrt.op.spec import MXFP4_GROUP
+
+#: reduction elements a step: one int4 scale group; four mxfp4 groups (the k-width-8 operand needs 64 k at least,
+#: and its mmas pair k with k + 32, so mxfp4's scales go into the decoder, not onto a product); bf16 tiles 128
+#: bytes wide (TMA's widest swizzle)
+STEP_K = {"int4": GROUP, "mxfp4": GROUP, "bf16": 64}
+#: the kernels' weight format constexpr
+FORMAT = {"bf16": 0, "int4": 1, "mxfp4": 2}
 ROWS = gl.constexpr(TOKENS)  # a block's token rows, inside the kernels
+#: the launcher's folded mxfp4 decoder, for words whose four bytes share one scale group (runs of 8 codes lie in
+#: one group of 32): a lane's factor pair is its first byte's, so the pairs of two bytes' factors (PRMT) go
+_PAIRED_FACTORS = (
+    "prmt.b32 g01, $5, $6, 0x7610;\nprmt.b32 g23, $7, $8, 0x7610;\n"
+    "prmt.b32 k01, $9, $10, 0x7610;\nprmt.b32 k23, $11, $12, 0x7610;\n"
+)
+assert _PAIRED_FACTORS in E2M1_SCALED_PTX_BF16.value
+E2M1_PTX = gl.constexpr(
+    E2M1_SCALED_PTX_BF16.value.replace(
+        _PAIRED_FACTORS, "mov.b32 g01, $5;\nmov.b32 g23, $5;\nmov.b32 k01, $9;\nmov.b32 k23, $9;\n"
+    )
+)
+PAIR_EXPONENT = gl.constexpr(BF16_PAIR_EXPONENT.value)
+MX_GROUP = gl.constexpr(MXFP4_GROUP)
 
 
 @gluon.constexpr_function
@@ -74,9 +97,59 @@ def _plain(n):
 
 
 @gluon.constexpr_function
-def _x_smem_layout(BK, INT4):
-    """x's shared layout: int4's operand pairs k with k + 32 (`_x_layout`); bf16's is ldmatrix's own."""
-    if INT4:
+def _plain2(rows, cols):
+    """A plain row-major shared layout of a [rows, cols] tile (powers of two), `.index`ed out of [STEPS, rows,
+    cols]."""
+    bases = [[0, 1 << i] for i in range(cols.bit_length() - 1)]
+    return gl.SharedLinearLayout(offset_bases=bases + [[1 << i, 0] for i in range(rows.bit_length() - 1)])
+
+
+@gluon.constexpr_function
+def _code_layout3(BN, BK, num_warps):
+    """`int4_decode_probe._code_layout` with the byte columns split into (scale group, byte in the group):
+    [BN, BK / 32, 16], so a group's values ([BN, BK / 32], its SliceLayout(2)) broadcast over its bytes in
+    registers."""
+    registers = [[0, 0, 1], [0, 0, 2], [8, 0, 0]]
+    group = 1
+    while group < BK // 32:
+        registers.append([0, group, 0])
+        group *= 2
+    row = 16 * num_warps
+    while row < BN:
+        registers.append([row, 0, 0])
+        row *= 2
+    lanes = [[0, 0, 4], [0, 0, 8], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warps = [[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(
+        reg_bases=registers, lane_bases=lanes, warp_bases=warps, block_bases=[], shape=[BN, BK // 32, 16]
+    )
+
+
+@gluon.jit
+def _e2m1_tile(byte, exponent, BN: gl.constexpr, BK: gl.constexpr, A: gl.constexpr, num_warps: gl.constexpr):
+    """The [BN, BK] bf16 values of a [BN, BK / 2] mxfp4 byte tile in runs of 8, as operand A, each group's e8m0
+    exponent ([BN, BK / 32]) folded into the decoder as the launcher's `mxfp4_tile_bf16` folds it
+    (`E2M1_SCALED_PTX_BF16`: two packed multiplies by 2^(h - 1) and 2^(e - h), h = e >> 1, exact for every e)."""
+    L3: gl.constexpr = _code_layout3(BN, BK, num_warps)
+    b3 = gl.convert_layout(gl.reshape(byte, (BN, BK // 32, 16)), L3, assert_trivial=True)
+    e = exponent.to(gl.int32)
+    h = e >> 1
+    f1 = gl.expand_dims((h + 126) * PAIR_EXPONENT, 2).broadcast_to((BN, BK // 32, 16))
+    f2 = gl.expand_dims((e - h + 127) * PAIR_EXPONENT, 2).broadcast_to((BN, BK // 32, 16))
+    low, high = gl.inline_asm_elementwise(
+        E2M1_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [b3, f1, f2], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+        pack=4,
+    )  # fmt: skip
+    low = gl.reshape(low, (BN, BK // 8, 4))
+    high = gl.reshape(high, (BN, BK // 8, 4))
+    w = gl.reshape(gl.permute(gl.join(low, high), (0, 1, 3, 2)), (BN, BK))  # k = 8 run + 4 half + j
+    return gl.convert_layout(w, A, assert_trivial=True)
+
+
+@gluon.constexpr_function
+def _x_smem_layout(BK, FMT):
+    """x's shared layout: the 4-bit operand pairs k with k + 32 (`_x_layout`); bf16's is ldmatrix's own."""
+    if FMT:
         return _x_layout(BK)
     return gl.NVMMASharedLayout.get_default_for([TOKENS, BK], gl.bfloat16)
 
@@ -87,7 +160,7 @@ def _producer(
     BN: gl.constexpr, BK: gl.constexpr, DOWN: gl.constexpr,
 ):  # fmt: skip
     """Each step's weight tiles of the tile's expert (gate_up: the gate and the up tile; down: one), by TMA, into
-    the ring; stored columns a step: BK weights, or BK / 2 bytes of int4 codes. The ring's position and phase
+    the ring; stored columns a step: BK weights, or BK / 2 bytes of 4-bit codes. The ring's position and phase
     run on across the program's tiles, so the next tile's first stages load during this one's last steps."""
     STAGES: gl.constexpr = g_bufs.shape[0]
     COLS: gl.constexpr = g_bufs.shape[2]
@@ -111,7 +184,7 @@ def _producer(
 def _consumer(
     g_bufs, u_bufs, ready, empty, in_ptr, scales_ptr, out_ptr, block_expert_ptr, in_row_ptr, row_slot_ptr,
     row_w_ptr, num_tiles, KD: gl.constexpr, ND: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-    INT4: gl.constexpr, DOWN: gl.constexpr, num_warps: gl.constexpr,
+    FMT: gl.constexpr, DOWN: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     STAGES: gl.constexpr = g_bufs.shape[0]
     STEPS: gl.constexpr = KD // BK
@@ -120,14 +193,19 @@ def _consumer(
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8]
     )
-    # int4: eight consecutive k a thread (one word of codes); bf16: two, as ldmatrix gives them
-    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8 if INT4 else 2)
-    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8 if INT4 else 2)
+    # 4-bit codes: eight consecutive k a thread (one word of codes); bf16: two, as ldmatrix gives them
+    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8 if FMT else 2)
+    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8 if FMT else 2)
     XROWS: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, num_warps], [1, 0])
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STEPS, ROWS, BK], _x_smem_layout(BK, INT4))
-    if INT4:
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STEPS, ROWS, BK], _x_smem_layout(BK, FMT))
+    if FMT == 1:  # int4: a step's fp32 group scale per row
         sg_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _plain(BN))
         su_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _plain(BN))
+    if FMT == 2:  # mxfp4: a step's BK / 32 e8m0 exponents per row
+        G: gl.constexpr = BK // MX_GROUP
+        EXP: gl.constexpr = gl.SliceLayout(2, _code_layout3(BN, BK, num_warps))
+        sg_smem = gl.allocate_shared_memory(gl.uint8, [STEPS, BN, G], _plain2(BN, G))
+        su_smem = gl.allocate_shared_memory(gl.uint8, [STEPS, BN, G], _plain2(BN, G))
     xk = gl.arange(0, BK, layout=gl.SliceLayout(0, XROWS))
     zero = gl.zeros((BN, ROWS), gl.float32, mma)
     c = 0
@@ -141,7 +219,7 @@ def _consumer(
         x_ptrs = in_ptr + in_row.to(gl.int64)[:, None] * KD + xk[None, :]
         for i in range(STEPS):
             x_smem.index(i).store(gl.load(x_ptrs + i * BK, mask=(in_row >= 0)[:, None], other=0.0))
-        if INT4:
+        if FMT == 1:
             # the tile's group scales, a step's [BN] of them a row of shared memory ([STEPS, BN] each)
             w_row = gl.load(block_expert_ptr + b) * (MATS * ND) + n0
             s_ptrs = (
@@ -151,13 +229,26 @@ def _consumer(
                 sg_smem.index(j).store(gl.load(s_ptrs + j))
                 if not DOWN:
                     su_smem.index(j).store(gl.load(s_ptrs + ND * STEPS + j))
+        if FMT == 2:
+            # the tile's exponents, a step's [BN, BK / 32] of them a block of shared memory
+            w_row = gl.load(block_expert_ptr + b) * (MATS * ND) + n0
+            e_rows = (w_row + gl.arange(0, BN, layout=gl.SliceLayout(1, EXP))).to(gl.int64)
+            e_ptrs = (
+                scales_ptr
+                + e_rows[:, None] * (KD // MX_GROUP)
+                + gl.arange(0, G, layout=gl.SliceLayout(0, EXP))[None, :]
+            )
+            for j in range(STEPS):
+                sg_smem.index(j).store(gl.load(e_ptrs + j * G))
+                if not DOWN:
+                    su_smem.index(j).store(gl.load(e_ptrs + ND * (KD // MX_GROUP) + j * G))
         gl.thread_barrier()
         acc_g = gl.zeros((BN, ROWS), gl.float32, mma)
         acc_u = gl.zeros((BN, ROWS), gl.float32, mma)
         for i in range(STEPS):
             s = c % STAGES
             mbarrier.wait(ready.index(s), (c // STAGES) & 1)
-            if INT4:
+            if FMT:
                 g = g_bufs.index(s).load(_code_layout(BN, BK, num_warps))
                 if not DOWN:
                     u = u_bufs.index(s).load(_code_layout(BN, BK, num_warps))
@@ -168,12 +259,16 @@ def _consumer(
             # the tiles are in registers (mma.sync reads those): the stage goes back to the producer now
             mbarrier.arrive(empty.index(s), count=1)
             xt = x_smem.index(i).permute((1, 0)).load(B)
-            if INT4:
+            if FMT == 1:
                 s_g = sg_smem.index(i).load(gl.SliceLayout(1, mma))
                 acc_g += mma_v2(_weight_tile(g, BN, BK, A), xt, zero) * s_g[:, None]
                 if not DOWN:
                     s_u = su_smem.index(i).load(gl.SliceLayout(1, mma))
                     acc_u += mma_v2(_weight_tile(u, BN, BK, A), xt, zero) * s_u[:, None]
+            elif FMT == 2:
+                acc_g = mma_v2(_e2m1_tile(g, sg_smem.index(i).load(EXP), BN, BK, A, num_warps), xt, acc_g)
+                if not DOWN:
+                    acc_u = mma_v2(_e2m1_tile(u, su_smem.index(i).load(EXP), BN, BK, A, num_warps), xt, acc_u)
             else:
                 acc_g = mma_v2(g, xt, acc_g)
                 if not DOWN:
@@ -194,15 +289,16 @@ def _consumer(
 def decode_ws(
     w_ptr, scales_ptr, in_ptr, out_ptr, block_expert_ptr, in_row_ptr, row_slot_ptr, row_w_ptr, num_tiles,
     E: gl.constexpr, KD: gl.constexpr, ND: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-    STAGES: gl.constexpr, INT4: gl.constexpr, DOWN: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, FMT: gl.constexpr, DOWN: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     """Tiles (block of 8 rows, BN output columns), one a program or a persistent grid looping over them.
     gate_up (KD = H, ND = I): out[row, n] = silu(x[in_row] @ Wg[e, n]) * (x[in_row] @ Wu[e, n]), w [E * 2I, H]
     (gate rows, then up rows, of each expert); down (KD = I, ND = H): out[slot, h] = row_w * (act[in_row] @
-    Wd[e, h]), w [E * H, I]. bf16 weights, or int4 codes [.., KD / 2] in runs of 8 with fp32 scales
-    [.., KD / BK] (one group a step); in_row -1: a padding row (zeros)."""
+    Wd[e, h]), w [E * H, I]. FMT 0: bf16 weights; 1: int4 codes [.., KD / 2] in runs of 8 with fp32 scales
+    [.., KD / BK] (one group a step); 2: mxfp4 codes alike with e8m0 exponents [.., KD / 32]. in_row -1: a
+    padding row (zeros)."""
     MATS: gl.constexpr = 1 if DOWN else 2
-    if INT4:
+    if FMT:
         tile: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK // 2], gl.uint8)
         w_desc = tma.make_tensor_descriptor(
             w_ptr, [E * MATS * ND, KD // 2], [KD // 2, 1], [BN, BK // 2], tile
@@ -223,7 +319,7 @@ def decode_ws(
     gl.warp_specialize(
         [
             (_consumer, (g_bufs, u_bufs, ready, empty, in_ptr, scales_ptr, out_ptr, block_expert_ptr, in_row_ptr,
-                         row_slot_ptr, row_w_ptr, num_tiles, KD, ND, BN, BK, INT4, DOWN, num_warps)),
+                         row_slot_ptr, row_w_ptr, num_tiles, KD, ND, BN, BK, FMT, DOWN, num_warps)),
             (_producer, (w_desc, g_bufs, u_bufs, ready, empty, block_expert_ptr, num_tiles, KD, ND, BN, BK, DOWN)),
         ],
         [1],
@@ -246,7 +342,7 @@ CONFIGS = [
 FORMS = tuple(
     f"{fmt}/{stage}{grid}"
     for stage in ("gate_up", "down")
-    for fmt in ("bf16", "int4")
+    for fmt in ("bf16", "int4", "mxfp4")
     for grid in ("", "_persist")
 )
 
@@ -265,11 +361,12 @@ def _parts(form: str) -> tuple[str, bool, bool]:
 def signature(form: str, E: int, H: int, I: int, cfg: dict) -> tuple[dict, dict]:  # noqa: E741
     """The kernel's runtime parameter types and constexprs for a form and config (the AOT compile's inputs)."""
     fmt, down, _persist = _parts(form)
-    types = {"w_ptr": "*u8" if fmt == "int4" else "*bf16", "scales_ptr": "*fp32", "in_ptr": "*bf16",
+    types = {"w_ptr": "*bf16" if fmt == "bf16" else "*u8", "scales_ptr": "*u8" if fmt == "mxfp4" else "*fp32",
+             "in_ptr": "*bf16",
              "out_ptr": "*bf16", "block_expert_ptr": "*i32", "in_row_ptr": "*i32", "row_slot_ptr": "*i32",
              "row_w_ptr": "*fp32", "num_tiles": "i32"}  # fmt: skip
     KD, ND = (I, H) if down else (H, I)
-    constexprs = dict(E=E, KD=KD, ND=ND, BN=cfg["BN"], BK=STEP_K[fmt], STAGES=cfg["stages"], INT4=fmt == "int4",
+    constexprs = dict(E=E, KD=KD, ND=ND, BN=cfg["BN"], BK=STEP_K[fmt], STAGES=cfg["stages"], FMT=FORMAT[fmt],
                       DOWN=down)  # fmt: skip
     return types, {**constexprs, "num_warps": cfg["warps"]}
 
@@ -329,13 +426,38 @@ def down_case(name: str, case: dict) -> dict:
     down = dict(w=w.view(E * H, I), codes=q.codes.view(E * H, I // 2), scales=q.scale.view(E * H, I // GROUP),
                 act=act, in_row=torch.where(used, torch.arange(row_slot.numel(), device=dev), -1).to(torch.int32),
                 row_slot=row_slot.to(torch.int32), row_w=row_w, slots=slots)  # fmt: skip
-    expert = case["block_expert"].long().repeat_interleave(TOKENS)
-    for key, weights in (("ref_bf16", w), ("ref_int4", dequantize("int4", GROUP, q, I))):
-        ref = torch.zeros(slots, H, device=dev)
-        for r in used.nonzero().flatten().tolist():
-            ref[row_slot[r]] = topw[row_slot[r]] * (act[r].float() @ weights[expert[r]].float().T)
-        down[key] = ref
+    down["ref_bf16"] = down_reference(case, down, w)
+    down["ref_int4"] = down_reference(case, down, dequantize("int4", GROUP, q, I))
     return down
+
+
+def down_reference(case: dict, down: dict, weights: torch.Tensor) -> torch.Tensor:
+    """Each slot's float32 routing weight times its activation row through its block's expert of `weights`
+    [E, H, I]."""
+    row_slot = case["row_slot"]
+    expert = case["block_expert"].long().repeat_interleave(TOKENS)
+    ref = torch.zeros(down["slots"], weights.shape[1], device=row_slot.device)
+    for r in (row_slot >= 0).nonzero().flatten().tolist():
+        ref[row_slot[r]] = down["row_w"][r] * (down["act"][r].float() @ weights[expert[r]].float().T)
+    return ref
+
+
+def add_mxfp4(name: str, case: dict, down: dict) -> None:
+    """The same bf16 weights of both GEMMs as mxfp4 codes (e2m1 in runs of 8, e8m0 exponents per 32, op.quant's
+    round to nearest) and the references on their dequantized values: `codes_mxfp4`, `scales_mxfp4`,
+    `ref_mxfp4` in each."""
+    from moetrt.op.quant import dequantize, quantize
+
+    E, _K, H, I = SHAPES[name]  # noqa: E741
+    for part, weights, reference in (
+        (case, case["w"], gate_up_reference),
+        (down, down["w"].view(E, H, I), lambda c, w: down_reference(case, down, w)),
+    ):
+        q = quantize("mxfp4", MXFP4_GROUP, weights)
+        k = weights.shape[-1]
+        part["codes_mxfp4"] = q.codes.view(-1, k // 2)
+        part["scales_mxfp4"] = q.scale.view(-1, k // MXFP4_GROUP)
+        part["ref_mxfp4"] = reference(case, dequantize("mxfp4", MXFP4_GROUP, q, k))
 
 
 def _sixteen_row_case(name: str, case: dict, down: dict) -> dict:
@@ -367,6 +489,7 @@ def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None, 
     E, _K, H, I = SHAPES[name]  # noqa: E741
     case = make_case(name, T, dev)
     down = down_case(name, case)
+    add_mxfp4(name, case, down)
     b16 = _sixteen_row_case(name, case, down)
     nb = case["block_expert"].numel()
     nb16 = b16["block_expert"].numel()
@@ -405,23 +528,27 @@ def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None, 
                 rows_out.append(row)
                 continue
             fmt, is_down, persist = _parts(form)
-            int4 = fmt == "int4"
             _types, constexprs = signature(form, E, H, I, cfg)
             tiles = nb * constexprs["ND"] // cfg["BN"]
+            part = down if is_down else case
+            codes, scales = {"bf16": (None, "scales"), "int4": ("codes", "scales"),
+                             "mxfp4": ("codes_mxfp4", "scales_mxfp4")}[fmt]  # fmt: skip
+            weights = part[codes] if codes else part["w"].view(-1, I if is_down else H)
+            # stored bytes a weight row: bf16, or 4-bit codes and their scales (int4: fp32 a 128, mxfp4: a byte a 32)
+            k = I if is_down else H
+            row_bytes = 2 * k if fmt == "bf16" else k // 2 + k // 32
             if is_down:
-                weights = down["codes"] if int4 else down["w"]
                 out = torch.empty((down["slots"], H), device=dev, dtype=torch.bfloat16)
-                args = (weights, down["scales"], down["act"], out, case["block_expert"], down["in_row"],
+                args = (weights, down[scales], down["act"], out, case["block_expert"], down["in_row"],
                         down["row_slot"], down["row_w"])  # fmt: skip
-                rows, want = slice(None), down["ref_int4" if int4 else "ref_bf16"]
-                stored = len(case["hit"]) * H * (I // 2 if int4 else 2 * I)
+                rows, want = slice(None), down[f"ref_{fmt}"]
+                stored = len(case["hit"]) * H * row_bytes
             else:
-                weights = case["codes"] if int4 else case["w"].view(E * 2 * I, H)
                 out = torch.empty((nb * TOKENS, I), device=dev, dtype=torch.bfloat16)
-                args = (weights, case["scales"], case["x"], out, case["block_expert"], case["row_token"],
+                args = (weights, case[scales], case["x"], out, case["block_expert"], case["row_token"],
                         case["row_token"], down["row_w"])  # fmt: skip
-                rows, want = used, case["ref_int4" if int4 else "ref_bf16"][used]
-                stored = len(case["hit"]) * 2 * I * (H // 2 if int4 else 2 * H)
+                rows, want = used, case[f"ref_{fmt}"][used]
+                stored = len(case["hit"]) * 2 * I * row_bytes
             row["programs"] = min(tiles, sms) if persist else tiles
             call = functools.partial(
                 decode_ws[(row["programs"],)], *args, tiles, **constexprs,  # num_warps: the kernel's and the launch's

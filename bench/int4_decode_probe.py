@@ -215,12 +215,13 @@ def loop_stats(cubin: bytes, codes_a_thread_a_pass: int, innermost: bool = False
     }
 
 
-def launcher_gate_up(preset: str, bucket: int, sm: int) -> dict:
-    """The table's int4 gate_up for a preset and decode bucket, compiled as the launcher runs it, with its loop."""
+def launcher_gate_up(preset: str, bucket: int, sm: int, weights: str = "int4") -> dict:
+    """The table's gate_up of 4-bit experts (int4 or mxfp4) for a preset and decode bucket, compiled as the
+    launcher runs it, with its loop."""
     from moetrt.cli import resolve_attrs, with_weights
     from moetrt.kernels.aot import compile_kernels
 
-    attrs = with_weights(resolve_attrs(preset, None), "int4", None, False)
+    attrs = with_weights(resolve_attrs(preset, None), weights, None, False)
     bundle = compile_kernels(attrs, "bfloat16", sm, buckets=(bucket,))
     entry = bundle.buckets[str(bucket)]
     key = entry["variants"]["gate_up"]
@@ -278,17 +279,24 @@ def make_case(name: str, T: int, dev: str = "cuda") -> dict:
     q = quantize("int4", GROUP, w)
     block_expert, row_slot = padded_layout(ids, E, TOKENS)
     row_token = torch.where(row_slot >= 0, row_slot // K, -1).to(torch.int32)
-    xf = x.float()
     case = dict(x=x, w=w, ids=ids, hit=hit, block_expert=block_expert, row_slot=row_slot, row_token=row_token,
                 codes=q.codes.view(E * 2 * I, H // 2), scales=q.scale.view(E * 2 * I, H // GROUP))  # fmt: skip
-    for key, weights in (("ref_bf16", w), ("ref_int4", dequantize("int4", GROUP, q, H))):
-        ref = torch.zeros(block_expert.numel() * TOKENS, I, device=dev)
-        for r in (row_slot >= 0).nonzero().flatten().tolist():
-            e, t = int(block_expert[r // TOKENS]), int(row_token[r])
-            g, u = xf[t] @ weights[e, :I].float().T, xf[t] @ weights[e, I:].float().T
-            ref[r] = torch.nn.functional.silu(g) * u
-        case[key] = ref
+    case["ref_bf16"] = gate_up_reference(case, w)
+    case["ref_int4"] = gate_up_reference(case, dequantize("int4", GROUP, q, H))
     return case
+
+
+def gate_up_reference(case: dict, weights: torch.Tensor) -> torch.Tensor:
+    """Each block row's float32 silu(x @ Wg.T) * (x @ Wu.T) through its block's expert of `weights` [E, 2I, H]
+    (zeros for padding rows)."""
+    I = weights.shape[1] // 2  # noqa: E741
+    xf, row_slot = case["x"].float(), case["row_slot"]
+    ref = torch.zeros(row_slot.numel(), I, device=row_slot.device)
+    for r in (row_slot >= 0).nonzero().flatten().tolist():
+        e, t = int(case["block_expert"][r // TOKENS]), int(case["row_token"][r])
+        g, u = xf[t] @ weights[e, :I].float().T, xf[t] @ weights[e, I:].float().T
+        ref[r] = torch.nn.functional.silu(g) * u
+    return ref
 
 
 def check_and_time(call, out, rows, want, stored_bytes: int, row: dict, timing: bool) -> bool:

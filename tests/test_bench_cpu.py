@@ -870,8 +870,9 @@ def test_decode_ws_probe_streams_weights_from_a_producer_warp() -> None:
     """bench/decode_ws_probe.py's Gluon kernel compiles for sm_90 with no GPU, as designed, for gate_up and down
     in bf16 and int4: one producer warp issuing a step's weight tiles by TMA (one `expect_tx` of their bytes on a
     barrier initialised for one arrival), the consumer handing a stage back with one arrival after all its warps
-    read it (partition barrier first); the consumer's step issues the mmas of its tiles (int4 gate_up: as many
-    instructions a code as the register-fed probe, whose decoding it shares, and no register moves), no spill."""
+    read it (partition barrier first); the consumer's step issues the mmas of its tiles with no register moves
+    in the 4-bit loops (int4 gate_up: as many instructions a code as the register-fed probe, whose decoding it
+    shares; mxfp4 gate_up, scales folded into the decoder: under 3/4 of the launcher's mxfp4 loop), no spill."""
     probe = importlib.import_module("decode_ws_probe")
     int4_probe = importlib.import_module("int4_decode_probe")
     E, _K, H, I = probe.SHAPES["qwen3_next"]  # noqa: E741
@@ -889,9 +890,9 @@ def test_decode_ws_probe_streams_weights_from_a_producer_warp() -> None:
         summary = probe.kernel_summary(compiled)
         assert summary["warp_specialized"] and summary["worker_warps"] == [1] and summary["spill"] == 0
         assert summary["global_scratch"] == 128  # one descriptor, built on the device
-        int4, mats = form.startswith("int4"), 1 if "down" in form else 2
-        BK = probe.STEP_K["int4" if int4 else "bf16"]
-        stored = BK // 2 if int4 else 2 * BK  # bytes of a tile row
+        fmt, mats = form.split("/")[0], 1 if "down" in form else 2
+        BK = probe.STEP_K[fmt]
+        stored = 2 * BK if fmt == "bf16" else BK // 2  # bytes of a tile row
         ptx = compiled.asm["ptx"]
         expect = re.findall(r"mbarrier\.arrive\.expect_tx\.shared\.b64 _, \[%r\d+\], (\d+);", ptx)
         assert expect and set(expect) == {
@@ -904,10 +905,13 @@ def test_decode_ws_probe_streams_weights_from_a_producer_warp() -> None:
         codes = mats * cfg["BN"] * BK // (32 * cfg["warps"])
         stats = int4_probe.loop_stats(compiled.asm["cubin"], codes, innermost=True)
         assert stats["hmma"] == mats * (cfg["BN"] // (16 * cfg["warps"])) * (BK // 16)
-        if int4:
+        if fmt != "bf16":
             assert stats["register_moves"] == 0
         if form == "int4/gate_up":
             assert stats["instructions_a_code"] <= regs["instructions_a_code"] * 1.05
+        if form == "mxfp4/gate_up":  # the folded decoder, fed as it is: fewer than the launcher's mxfp4 loop
+            launcher = int4_probe.launcher_gate_up("qwen3_next", 64, 90, "mxfp4")
+            assert stats["instructions_a_code"] < 0.75 * launcher["instructions_a_code"]
     assert probe.main(["--compile-only", "--sm", "80"]) == 2
     assert probe.main(["--compile-only", "--forms", "fp8/down"]) == 2
 
@@ -942,8 +946,8 @@ def test_decode_ws_probe_smoke_pass_runs_its_own_forms() -> None:
 def test_decode_probes_judge_each_row_against_its_expert_and_token() -> None:
     """The references the decode probes' GPU rows are judged by, built on the CPU: each block row's gate_up row
     is its token's x through its block's expert, each slot's down row its routing weight times its activation row
-    through that expert, on the bf16 weights and on the int4 codes' dequantized values (whose difference is the
-    quantization's, far above the tolerance, so a kernel reading the wrong weights cannot pass)."""
+    through that expert, on the bf16 weights and on the int4 and mxfp4 codes' dequantized values (whose difference
+    is the quantization's, far above the tolerance, so a kernel reading the wrong weights cannot pass)."""
     int4_probe = importlib.import_module("int4_decode_probe")
     probe = importlib.import_module("decode_ws_probe")
     from moetrt.op.quant import QuantizedWeight, dequantize
@@ -970,9 +974,30 @@ def test_decode_probes_judge_each_row_against_its_expert_and_token() -> None:
             torch.testing.assert_close(case[key][r], want, rtol=1e-4, atol=1e-5)
         y = down["row_w"][r] * (down["act"][r].float() @ down["w"].view(E, H, I)[e].float().T)
         torch.testing.assert_close(down["ref_bf16"][slot], y, rtol=1e-4, atol=1e-5)
+    probe.add_mxfp4("tiny", case, down)
+    w_gu_mx = dequantize(
+        "mxfp4",
+        32,
+        QuantizedWeight(case["codes_mxfp4"].view(E, 2 * I, H // 2), case["scales_mxfp4"].view(E, 2 * I, -1)),
+        H,
+    ).float()
+    w_d_mx = dequantize(
+        "mxfp4",
+        32,
+        QuantizedWeight(down["codes_mxfp4"].view(E, H, I // 2), down["scales_mxfp4"].view(E, H, -1)),
+        I,
+    ).float()
+    for r in used:
+        slot, e = int(case["row_slot"][r]), int(case["block_expert"][r // int4_probe.TOKENS])
+        x = case["x"][slot // K].float()
+        want = torch.nn.functional.silu(x @ w_gu_mx[e, :I].T) * (x @ w_gu_mx[e, I:].T)
+        torch.testing.assert_close(case["ref_mxfp4"][r], want, rtol=1e-4, atol=1e-5)
+        y = down["row_w"][r] * (down["act"][r].float() @ w_d_mx[e].T)
+        torch.testing.assert_close(down["ref_mxfp4"][slot], y, rtol=1e-4, atol=1e-5)
     for refs in (case, down):
-        gap = (refs["ref_int4"] - refs["ref_bf16"]).norm() / refs["ref_bf16"].norm()
-        assert gap > 0.05
+        for fmt in ("int4", "mxfp4"):
+            gap = (refs[f"ref_{fmt}"] - refs["ref_bf16"]).norm() / refs["ref_bf16"].norm()
+            assert gap > 0.05
 
 
 def test_decode_ws_probe_baselines_match_their_reference_in_the_interpreter() -> None:
