@@ -91,17 +91,14 @@ MX_GROUP = gl.constexpr(MXFP4_GROUP)
 
 
 @gluon.constexpr_function
-def _plain(n):
-    """A plain shared layout of n (a power of two) values: a [STEPS, n] buffer of them is `.index`ed by step."""
-    return gl.SharedLinearLayout(offset_bases=[[1 << i] for i in range(n.bit_length() - 1)])
-
-
-@gluon.constexpr_function
-def _plain2(rows, cols):
-    """A plain row-major shared layout of a [rows, cols] tile (powers of two), `.index`ed out of [STEPS, rows,
-    cols]."""
-    bases = [[0, 1 << i] for i in range(cols.bit_length() - 1)]
-    return gl.SharedLinearLayout(offset_bases=bases + [[1 << i, 0] for i in range(rows.bit_length() - 1)])
+def _row_major(*shape):
+    """A plain row-major shared layout of one step's tile (sides powers of two), so that a [STEPS, *shape] buffer
+    is `.index`ed by step (a layout of the whole buffer's rank keeps the step's dimension)."""
+    bases = []
+    for dim in reversed(range(len(shape))):
+        for bit in range(shape[dim].bit_length() - 1):
+            bases.append([1 << bit if d == dim else 0 for d in range(len(shape))])
+    return gl.SharedLinearLayout(offset_bases=bases)
 
 
 @gluon.constexpr_function
@@ -199,13 +196,13 @@ def _consumer(
     XROWS: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, num_warps], [1, 0])
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [STEPS, ROWS, BK], _x_smem_layout(BK, FMT))
     if FMT == 1:  # int4: a step's fp32 group scale per row
-        sg_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _plain(BN))
-        su_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _plain(BN))
+        sg_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _row_major(BN))
+        su_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _row_major(BN))
     if FMT == 2:  # mxfp4: a step's BK / 32 e8m0 exponents per row
         G: gl.constexpr = BK // MX_GROUP
         EXP: gl.constexpr = gl.SliceLayout(2, _code_layout3(BN, BK, num_warps))
-        sg_smem = gl.allocate_shared_memory(gl.uint8, [STEPS, BN, G], _plain2(BN, G))
-        su_smem = gl.allocate_shared_memory(gl.uint8, [STEPS, BN, G], _plain2(BN, G))
+        sg_smem = gl.allocate_shared_memory(gl.uint8, [STEPS, BN, G], _row_major(BN, G))
+        su_smem = gl.allocate_shared_memory(gl.uint8, [STEPS, BN, G], _row_major(BN, G))
     xk = gl.arange(0, BK, layout=gl.SliceLayout(0, XROWS))
     zero = gl.zeros((BN, ROWS), gl.float32, mma)
     c = 0
