@@ -73,7 +73,6 @@ from moetrt.op.spec import MXFP4_GROUP
 STEP_K = {"int4": GROUP, "mxfp4": GROUP, "bf16": 64}
 #: the kernels' weight format constexpr
 FORMAT = {"bf16": 0, "int4": 1, "mxfp4": 2}
-ROWS = gl.constexpr(TOKENS)  # a block's token rows, inside the kernels
 #: the launcher's folded mxfp4 decoder, for words whose four bytes share one scale group (runs of 8 codes lie in
 #: one group of 32): a lane's factor pair is its first byte's, so the pairs of two bytes' factors (PRMT) go
 _PAIRED_FACTORS = (
@@ -144,11 +143,11 @@ def _e2m1_tile(byte, exponent, BN: gl.constexpr, BK: gl.constexpr, A: gl.constex
 
 
 @gluon.constexpr_function
-def _x_smem_layout(BK, FMT):
+def _x_smem_layout(BK, FMT, ROWS):
     """x's shared layout: the 4-bit operand pairs k with k + 32 (`_x_layout`); bf16's is ldmatrix's own."""
     if FMT:
-        return _x_layout(BK)
-    return gl.NVMMASharedLayout.get_default_for([TOKENS, BK], gl.bfloat16)
+        return _x_layout(BK, ROWS)
+    return gl.NVMMASharedLayout.get_default_for([ROWS, BK], gl.bfloat16)
 
 
 @gluon.jit
@@ -181,7 +180,7 @@ def _producer(
 def _consumer(
     g_bufs, u_bufs, ready, empty, in_ptr, scales_ptr, out_ptr, block_expert_ptr, in_row_ptr, row_slot_ptr,
     row_w_ptr, num_tiles, KD: gl.constexpr, ND: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-    FMT: gl.constexpr, DOWN: gl.constexpr, num_warps: gl.constexpr,
+    FMT: gl.constexpr, DOWN: gl.constexpr, ROWS: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     STAGES: gl.constexpr = g_bufs.shape[0]
     STEPS: gl.constexpr = KD // BK
@@ -194,7 +193,7 @@ def _consumer(
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8 if FMT else 2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8 if FMT else 2)
     XROWS: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, num_warps], [1, 0])
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STEPS, ROWS, BK], _x_smem_layout(BK, FMT))
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STEPS, ROWS, BK], _x_smem_layout(BK, FMT, ROWS))
     if FMT == 1:  # int4: a step's fp32 group scale per row
         sg_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _row_major(BN))
         su_smem = gl.allocate_shared_memory(gl.float32, [STEPS, BN], _row_major(BN))
@@ -286,9 +285,9 @@ def _consumer(
 def decode_ws(
     w_ptr, scales_ptr, in_ptr, out_ptr, block_expert_ptr, in_row_ptr, row_slot_ptr, row_w_ptr, num_tiles,
     E: gl.constexpr, KD: gl.constexpr, ND: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-    STAGES: gl.constexpr, FMT: gl.constexpr, DOWN: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, FMT: gl.constexpr, DOWN: gl.constexpr, ROWS: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
-    """Tiles (block of 8 rows, BN output columns), one a program or a persistent grid looping over them.
+    """Tiles (block of ROWS rows: 8, or 16 as the launcher's decode blocks, BN output columns), one a program or a persistent grid looping over them.
     gate_up (KD = H, ND = I): out[row, n] = silu(x[in_row] @ Wg[e, n]) * (x[in_row] @ Wu[e, n]), w [E * 2I, H]
     (gate rows, then up rows, of each expert); down (KD = I, ND = H): out[slot, h] = row_w * (act[in_row] @
     Wd[e, h]), w [E * H, I]. FMT 0: bf16 weights; 1: int4 codes [.., KD / 2] in runs of 8 with fp32 scales
@@ -316,7 +315,7 @@ def decode_ws(
     gl.warp_specialize(
         [
             (_consumer, (g_bufs, u_bufs, ready, empty, in_ptr, scales_ptr, out_ptr, block_expert_ptr, in_row_ptr,
-                         row_slot_ptr, row_w_ptr, num_tiles, KD, ND, BN, BK, FMT, DOWN, num_warps)),
+                         row_slot_ptr, row_w_ptr, num_tiles, KD, ND, BN, BK, FMT, DOWN, ROWS, num_warps)),
             (_producer, (w_desc, g_bufs, u_bufs, ready, empty, block_expert_ptr, num_tiles, KD, ND, BN, BK, DOWN)),
         ],
         [1],
@@ -327,12 +326,15 @@ def decode_ws(
 #: (BN: weight rows a program (of gate and of up; of down), warps: one per 16 of them, stages: the ring's depth,
 #: maxnreg: the register limit the partitions share; 128: two programs an SM, None: the compiler's, 255 at four
 #: consumer warps, one program an SM). Fewer rows a program make more programs (Qwen3-Next gate_up at T = 1,
-#: BN 64: 80 programs for 132 SMs), a deeper ring more bytes in flight per program.
+#: BN 64: 80 programs for 132 SMs), a deeper ring more bytes in flight per program. rows: a block's token rows,
+#: the mma's N side: 8 (half the HMMAs at one token an expert), or 16 as the launcher's decode blocks hold them
+#: (the same slots laid out again, `_sixteen_row_case`), the form a stage variant of the launchers would take.
 CONFIGS = [
-    dict(BN=64, warps=4, stages=4, maxnreg=128),
-    dict(BN=64, warps=4, stages=8, maxnreg=128),
-    dict(BN=64, warps=4, stages=4, maxnreg=None),
-    dict(BN=128, warps=8, stages=4, maxnreg=None),
+    dict(BN=64, warps=4, stages=4, maxnreg=128, rows=8),
+    dict(BN=64, warps=4, stages=8, maxnreg=128, rows=8),
+    dict(BN=64, warps=4, stages=4, maxnreg=None, rows=8),
+    dict(BN=128, warps=8, stages=4, maxnreg=None, rows=8),
+    dict(BN=64, warps=4, stages=4, maxnreg=128, rows=16),
 ]
 #: "<weights>/<stage><grid>": grid "" is one program a tile, "_persist" one program an SM looping over tiles (the
 #: ring runs on across a program's tiles: down's reduction, I = 512 or 768, is 4-12 steps a tile)
@@ -364,6 +366,7 @@ def signature(form: str, E: int, H: int, I: int, cfg: dict) -> tuple[dict, dict]
              "row_w_ptr": "*fp32", "num_tiles": "i32"}  # fmt: skip
     KD, ND = (I, H) if down else (H, I)
     constexprs = dict(E=E, KD=KD, ND=ND, BN=cfg["BN"], BK=STEP_K[fmt], STAGES=cfg["stages"], FMT=FORMAT[fmt],
+                      ROWS=cfg["rows"],
                       DOWN=down)  # fmt: skip
     return types, {**constexprs, "num_warps": cfg["warps"]}
 
@@ -474,7 +477,8 @@ def _sixteen_row_case(name: str, case: dict, down: dict) -> dict:
     row_w = torch.zeros(row_slot.numel(), device=used.device)
     row_w[used] = down["row_w"][row8]
     return dict(block_expert=block_expert, row_slot=row_slot.to(torch.int32), used=used, row8=row8, act=act,
-                row_w=row_w, row_token=torch.where(used, row_slot // K, -1).to(torch.int32))  # fmt: skip
+                row_w=row_w, row_token=torch.where(used, row_slot // K, -1).to(torch.int32),
+                in_row=torch.where(used, torch.arange(row_slot.numel(), device=used.device), -1).to(torch.int32))  # fmt: skip
 
 
 def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None, dev: str = "cuda") -> bool:
@@ -488,7 +492,6 @@ def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None, 
     down = down_case(name, case)
     add_mxfp4(name, case, down)
     b16 = _sixteen_row_case(name, case, down)
-    nb = case["block_expert"].numel()
     nb16 = b16["block_expert"].numel()
     used = case["row_slot"] >= 0
     sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
@@ -499,6 +502,8 @@ def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None, 
             if not fits(H, I, cfg) or (keep is not None and (index, form) not in keep):
                 continue
             row = dict(shape=name, T=T, form=form, config=index, **cfg)
+            if form in BASELINE_FORMS and cfg["rows"] != TOKENS:
+                continue  # a baseline's tiles do not depend on the Gluon forms' rows: run once, with 8
             if form in BASELINE_FORMS:  # the launcher kernels' form: x @ W.T, 16-row blocks, pointer loads
                 BN, BK, stages = cfg["BN"], STEP_K["bf16"], min(cfg["stages"], 4)
                 if form == "bf16/down_tl":
@@ -526,7 +531,10 @@ def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None, 
                 continue
             fmt, is_down, persist = _parts(form)
             _types, constexprs = signature(form, E, H, I, cfg)
-            tiles = nb * constexprs["ND"] // cfg["BN"]
+            # blocks of 8 rows, or of 16 as the launcher's decode blocks (the same slots, `_sixteen_row_case`)
+            blocks = case if cfg["rows"] == TOKENS else b16
+            nblocks = blocks["block_expert"].numel()
+            tiles = nblocks * constexprs["ND"] // cfg["BN"]
             part = down if is_down else case
             codes, scales = {"bf16": (None, "scales"), "int4": ("codes", "scales"),
                              "mxfp4": ("codes_mxfp4", "scales_mxfp4")}[fmt]  # fmt: skip
@@ -534,17 +542,23 @@ def run_shape(name: str, T: int, timing: bool, rows_out: list[dict], keep=None, 
             # stored bytes a weight row: bf16, or 4-bit codes and their scales (int4: fp32 a 128, mxfp4: a byte a 32)
             k = I if is_down else H
             row_bytes = 2 * k if fmt == "bf16" else k // 2 + k // 32
+            table = (blocks["block_expert"], blocks["row_token"])
             if is_down:
+                down_in = (
+                    down if cfg["rows"] == TOKENS else b16
+                )  # the activation rows as the blocks hold them
                 out = torch.empty((down["slots"], H), device=dev, dtype=torch.bfloat16)
-                args = (weights, down[scales], down["act"], out, case["block_expert"], down["in_row"],
-                        down["row_slot"], down["row_w"])  # fmt: skip
+                args = (weights, down[scales], down_in["act"], out, table[0], down_in["in_row"],
+                        down_in["row_slot"], down_in["row_w"])  # fmt: skip
                 rows, want = slice(None), down[f"ref_{fmt}"]
                 stored = len(case["hit"]) * H * row_bytes
             else:
-                out = torch.empty((nb * TOKENS, I), device=dev, dtype=torch.bfloat16)
-                args = (weights, case[scales], case["x"], out, case["block_expert"], case["row_token"],
-                        case["row_token"], down["row_w"])  # fmt: skip
-                rows, want = used, case[f"ref_{fmt}"][used]
+                out = torch.empty((nblocks * cfg["rows"], I), device=dev, dtype=torch.bfloat16)
+                args = (weights, case[scales], case["x"], out, *table, table[1], down["row_w"])
+                if cfg["rows"] == TOKENS:
+                    rows, want = used, case[f"ref_{fmt}"][used]
+                else:
+                    rows, want = b16["used"], case[f"ref_{fmt}"][b16["row8"]]
                 stored = len(case["hit"]) * 2 * I * row_bytes
             row["programs"] = min(tiles, sms) if persist else tiles
             call = functools.partial(

@@ -81,17 +81,21 @@ def _code_layout(BN, BK, num_warps):
 
 
 @gluon.constexpr_function
-def _x_layout(BK):
-    """Shared-memory layout of a step's [8 tokens, BK] rows of x: in the k-width-8 operand an mma pairs k of two
+def _x_layout(BK, rows=8):
+    """Shared-memory layout of a step's [rows tokens, BK] rows of x: in the k-width-8 operand an mma pairs k of two
     32-wide chunks (k and k + 32) in its two registers, so those pairs lie next to each other (offset bit 1 is
     k + 32, bits 2-5 are k + 2 .. k + 16) and a thread's operand registers for its mmas are one 32-byte run:
-    16-byte loads whose registers the mmas take as they are."""
+    16-byte loads whose registers the mmas take as they are. Tokens 8 and on (16 rows: the operand's last
+    register basis) are runs of their own."""
     offsets = [[0, 1], [0, 32], [0, 2], [0, 4], [0, 8], [0, 16]]
     k = 64
     while k < BK:
         offsets.append([0, k])
         k *= 2
-    offsets += [[1, 0], [2, 0], [4, 0]]
+    token = 1
+    while token < rows:
+        offsets.append([token, 0])
+        token *= 2
     return gl.SharedLinearLayout(offset_bases=offsets)
 
 

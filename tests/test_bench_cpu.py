@@ -868,23 +868,24 @@ def test_int4_decode_probe_feeds_decoded_words_to_the_mma_as_they_are() -> None:
 
 def test_decode_ws_probe_streams_weights_from_a_producer_warp() -> None:
     """bench/decode_ws_probe.py's Gluon kernel compiles for sm_90 with no GPU, as designed, for gate_up and down
-    in bf16 and int4: one producer warp issuing a step's weight tiles by TMA (one `expect_tx` of their bytes on a
-    barrier initialised for one arrival), the consumer handing a stage back with one arrival after all its warps
-    read it (partition barrier first); the consumer's step issues the mmas of its tiles with no register moves
-    in the 4-bit loops (int4 gate_up: as many instructions a code as the register-fed probe, whose decoding it
-    shares; mxfp4 gate_up, scales folded into the decoder: under 3/4 of the launcher's mxfp4 loop), no spill."""
+    in bf16, int4 and mxfp4, with blocks of 8 rows and of 16 (the launcher's decode blocks): one producer warp
+    issuing a step's weight tiles by TMA (one `expect_tx` of their bytes on a barrier initialised for one
+    arrival), the consumer handing a stage back with one arrival after all its warps read it (partition barrier
+    first); the consumer's step issues the mmas of its tiles (twice as many for 16 rows), no register moves in the
+    int4 loops and the 8-row mxfp4 ones (int4 gate_up: as many instructions a code as the register-fed probe,
+    whose decoding it shares; mxfp4 gate_up, scales folded into the decoder: under 3/4 of the launcher's mxfp4
+    loop), no spill."""
     probe = importlib.import_module("decode_ws_probe")
     int4_probe = importlib.import_module("int4_decode_probe")
     E, _K, H, I = probe.SHAPES["qwen3_next"]  # noqa: E741
-    cfg = probe.CONFIGS[0]
     regs_cfg = int4_probe.CONFIGS[0]
     regs = int4_probe.loop_stats(
         int4_probe.compile_for(90, H, I, regs_cfg).asm["cubin"],
         2 * regs_cfg["BN"] * int4_probe.GROUP * regs_cfg["steps"] // (32 * regs_cfg["warps"]),
     )
-    for form in (
-        f for f in probe.FORMS if not f.endswith("_persist")
-    ):  # persistence is the grid, not the cubin
+    sixteen = next(c for c in probe.CONFIGS if c["rows"] == 16)
+    forms = [f for f in probe.FORMS if not f.endswith("_persist")]  # persistence is the grid, not the cubin
+    for cfg, form in [(probe.CONFIGS[0], f) for f in forms] + [(sixteen, f) for f in forms]:
         types, constexprs = probe.signature(form, E, H, I, cfg)
         compiled = probe.compile_for(probe.decode_ws, 90, constexprs, types, cfg["warps"], cfg["maxnreg"])
         summary = probe.kernel_summary(compiled)
@@ -892,24 +893,24 @@ def test_decode_ws_probe_streams_weights_from_a_producer_warp() -> None:
         assert summary["global_scratch"] == 128  # one descriptor, built on the device
         fmt, mats = form.split("/")[0], 1 if "down" in form else 2
         BK = probe.STEP_K[fmt]
-        stored = 2 * BK if fmt == "bf16" else BK // 2  # bytes of a tile row
+        tile_row = 2 * BK if fmt == "bf16" else BK // 2  # bytes
         ptx = compiled.asm["ptx"]
         expect = re.findall(r"mbarrier\.arrive\.expect_tx\.shared\.b64 _, \[%r\d+\], (\d+);", ptx)
         assert expect and set(expect) == {
-            str(mats * cfg["BN"] * stored)
-        }  # the step's tiles' bytes, one arrival
+            str(mats * cfg["BN"] * tile_row)
+        }  # the step's tile bytes, one arrival
         inits = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx)
         assert inits == ["1"] * (2 * cfg["stages"])
         arrive = ptx.index("mbarrier.arrive.shared::cta.b64")
         assert "bar.sync \t0, 128;" in ptx[arrive - 200 : arrive]  # all four consumer warps, then one arrival
         codes = mats * cfg["BN"] * BK // (32 * cfg["warps"])
         stats = int4_probe.loop_stats(compiled.asm["cubin"], codes, innermost=True)
-        assert stats["hmma"] == mats * (cfg["BN"] // (16 * cfg["warps"])) * (BK // 16)
-        if fmt != "bf16":
+        assert stats["hmma"] == mats * (cfg["BN"] // (16 * cfg["warps"])) * (BK // 16) * (cfg["rows"] // 8)
+        if fmt == "int4" or (fmt == "mxfp4" and cfg["rows"] == 8):
             assert stats["register_moves"] == 0
-        if form == "int4/gate_up":
+        if cfg["rows"] == 8 and form == "int4/gate_up":
             assert stats["instructions_a_code"] <= regs["instructions_a_code"] * 1.05
-        if form == "mxfp4/gate_up":  # the folded decoder, fed as it is: fewer than the launcher's mxfp4 loop
+        if cfg["rows"] == 8 and form == "mxfp4/gate_up":  # the folded decoder fed as it is
             launcher = int4_probe.launcher_gate_up("qwen3_next", 64, 90, "mxfp4")
             assert stats["instructions_a_code"] < 0.75 * launcher["instructions_a_code"]
     assert probe.main(["--compile-only", "--sm", "80"]) == 2
