@@ -173,6 +173,11 @@ def persistent_candidates(
     return out
 
 
+#: Keys a table entry may carry that the default config leaves out; absent means the default form
+#: (`router.GATE_COL`: without it the shared gate is summed in every logits program's loop).
+OPTIONAL_KEYS: dict[str, frozenset[str]] = {"router": frozenset({"GATE_COL"})}
+
+
 def default_config(
     attrs: MoEAttributes, dtype: str, bound: int | None, sm: int | None = None
 ) -> dict[str, Any]:
