@@ -104,21 +104,16 @@ def _row_major(*shape):
 def _code_layout3(BN, BK, num_warps):
     """`int4_decode_probe._code_layout` with the byte columns split into (scale group, byte in the group):
     [BN, BK / 32, 16], so a group's values ([BN, BK / 32], its SliceLayout(2)) broadcast over its bytes in
-    registers."""
-    registers = [[0, 0, 1], [0, 0, 2], [8, 0, 0]]
-    group = 1
-    while group < BK // 32:
-        registers.append([0, group, 0])
-        group *= 2
-    row = 16 * num_warps
-    while row < BN:
-        registers.append([row, 0, 0])
-        row *= 2
-    lanes = [[0, 0, 4], [0, 0, 8], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
-    warps = [[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)]
+    registers. The same bases, a byte column c read as (c // 16, c % 16)."""
+    flat = _code_layout(BN, BK, num_warps)
+
+    def split(bases):
+        return [[row, col // 16, col % 16] for row, col in bases]
+
     return gl.DistributedLinearLayout(
-        reg_bases=registers, lane_bases=lanes, warp_bases=warps, block_bases=[], shape=[BN, BK // 32, 16]
-    )
+        reg_bases=split(flat.reg_bases), lane_bases=split(flat.lane_bases), warp_bases=split(flat.warp_bases),
+        block_bases=[], shape=[BN, BK // 32, 16],
+    )  # fmt: skip
 
 
 @gluon.jit
