@@ -615,9 +615,10 @@ def router_candidates(
     if attrs.has_shared_gate:
         for cfg in list(out):
             switched = copy.deepcopy(cfg)
-            switched["router"]["GATE_COL"] = 0 if cfg["router"].get("GATE_COL") else 1
-            if not switched["router"]["GATE_COL"]:
+            if cfg["router"].get("GATE_COL"):
                 del switched["router"]["GATE_COL"]  # the default form, as a table without the key says
+            else:
+                switched["router"]["GATE_COL"] = 1
             if switched not in out:
                 out.append(switched)
     return out
