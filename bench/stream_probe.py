@@ -3,6 +3,11 @@
 Qwen3-Next one-token step (11 x 6 MB of bf16 weights, one region per expert) with no arithmetic but a sum?
 
     PYTHONPATH=src python3 bench/stream_probe.py --out OUT.json
+    PYTHONPATH=src python3 bench/stream_probe.py --out OUT.json --bytes-per-weight 0.5   # int4 / mxfp4 codes
+
+`--bytes-per-weight` 1 or 0.5 reads the same 11 regions at fp8's or 4-bit codes' size (each weight row that many
+bytes a weight; the scales, 1-3 % more, left out), the ceiling of a quantized one-token step's expert reads;
+`--experts 21` the regions of a two-token step (20 routed experts, nearly all distinct, and the shared one).
 
 Three access patterns over a sweep of program counts, block sizes, warps and pipeline stages:
 - chunks: each program reads one contiguous chunk of its expert's region;
@@ -72,6 +77,10 @@ def tma_tiles_kernel(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--bytes-per-weight", type=float, default=2.0, choices=(2.0, 1.0, 0.5))
+    p.add_argument(
+        "--experts", type=int, default=11, help="regions read (11: a one-token step's 10 + shared)"
+    )
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("stream_probe: needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
@@ -79,8 +88,9 @@ def main() -> int:
     from moetrt.tune.timing import time_graph
 
     dev = torch.device("cuda")
-    num_experts, hidden, inter, hit = 512, 2048, 512, 11
-    per_expert = 3 * inter * hidden  # gate_up [2I, H] + down [H, I], elements
+    num_experts, inter, hit = 512, 512, a.experts
+    hidden = int(2048 * a.bytes_per_weight / 2)  # bf16 elements a weight row of H = 2048 weights holds
+    per_expert = 3 * inter * hidden  # gate_up [2I, H] + down [H, I], bf16 elements
     w = torch.randn(num_experts * per_expert, dtype=torch.bfloat16, device=dev)
     experts = torch.randperm(num_experts, generator=torch.Generator().manual_seed(0))[:hit].tolist()
     bases = torch.tensor([e * per_expert for e in experts], dtype=torch.int64, device=dev)
@@ -91,7 +101,7 @@ def main() -> int:
         us = time_graph(launch, 30).median_us
         rows.append({**row, "us": round(us, 2), "TBps": round(nbytes / us / 1e6, 2)})
 
-    for chunk_kb in (32, 64, 96, 128, 192, 256, 384):
+    for chunk_kb in (8, 16, 32, 64, 96, 128, 192, 256, 384):
         chunk = chunk_kb * 512  # elements of 2 bytes
         if per_expert % chunk:
             continue
@@ -119,7 +129,7 @@ def main() -> int:
             for bk in bks:
                 for warps in (4, 8):
                     for stages in (2, 3, 4, 6):
-                        if bn * bk * 2 * stages > 200_000:  # shared memory
+                        if bn * bk * 2 * stages > 200_000 or bk > hidden:  # shared memory; row length
                             continue
                         row = dict(
                             kind=kind, bn=bn, bk=bk, programs=hit * per_region, warps=warps, stages=stages
@@ -127,7 +137,7 @@ def main() -> int:
                         timed(row, functools.partial(launch, per_region, bn, bk, warps, stages, out))
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     dst = torch.empty_like(src)
-    timed(dict(kind="torch_copy_66MB (read + write)"), lambda: dst.copy_(src))
+    timed(dict(kind=f"torch_copy_{nbytes / 1e6:.0f}MB (read + write)"), lambda: dst.copy_(src))
     rows.sort(key=lambda r: r["us"])
     a.out.write_text(json.dumps(rows, indent=0))
     for kind in ("chunks", "tiles", "tma"):
