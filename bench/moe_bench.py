@@ -960,6 +960,8 @@ class Bench:
             "moetrt_kernels": self.kernel_info,
             "reruns": self.reruns,
             "complete": complete,
+            # rows a finished run skipped for --deadline-s: complete says the run ended, this what it left out
+            "rows_past_deadline": sum(1 for row in self.rows if row.get("note") == DEADLINE_NOTE),
             "rows": self.rows,
         }
         write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")

@@ -326,7 +326,7 @@ def test_quick_cpu_run_writes_results(tmp_path: Path, capsys: pytest.CaptureFixt
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) >= TOP_KEYS
-    assert results["complete"] is True
+    assert results["complete"] is True and results["rows_past_deadline"] == 0
     assert results["copy_GBps"] > 0 and results["gemm_TFLOPs"] > 0
     assert "--quick" in results["command"]
     rows = results["rows"]
@@ -617,8 +617,9 @@ def test_rows_past_the_deadline_are_skipped_and_say_so(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["complete"] is True
     rows = results["rows"]
-    # every (shape, T, routing, impl) still has its row, none timed
+    # every (shape, T, routing, impl) still has its row, none timed, and the count says so
     assert len(rows) == 2 * 3 * 2
+    assert results["rows_past_deadline"] == len(rows)
     assert all(
         r["status"] == "skipped" and "--deadline-s" in r["note"] and r["us_median"] is None for r in rows
     )
