@@ -82,6 +82,8 @@ def main() -> int:
         "--experts", type=int, default=11, help="regions read (11: a one-token step's 10 + shared)"
     )
     a = p.parse_args()
+    if not 1 <= a.experts <= 512:
+        p.error(f"--experts {a.experts}: give 1 to 512 (Qwen3-Next has 512 experts)")
     if not torch.cuda.is_available():
         print("stream_probe: needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
         return 2
