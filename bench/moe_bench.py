@@ -265,6 +265,12 @@ def _add_note(row: dict[str, Any], text: str) -> None:
     row["note"] = text if not row["note"] else f"{row['note']}; {text}"
 
 
+def rows_past_deadline(rows: list[dict[str, Any]]) -> int:
+    """Rows skipped because --deadline-s was reached (`complete` says only that the run ended); a re-run's
+    rows carry the deadline among other notes."""
+    return sum(1 for row in rows if row["status"] == "skipped" and DEADLINE_NOTE in (row["note"] or ""))
+
+
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {text}"[:300]
@@ -960,8 +966,7 @@ class Bench:
             "moetrt_kernels": self.kernel_info,
             "reruns": self.reruns,
             "complete": complete,
-            # rows a finished run skipped for --deadline-s: complete says the run ended, this what it left out
-            "rows_past_deadline": sum(1 for row in self.rows if row.get("note") == DEADLINE_NOTE),
+            "rows_past_deadline": rows_past_deadline(self.rows),
             "rows": self.rows,
         }
         write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")

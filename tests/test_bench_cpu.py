@@ -625,6 +625,20 @@ def test_rows_past_the_deadline_are_skipped_and_say_so(tmp_path: Path) -> None:
     )
 
 
+def test_rows_past_the_deadline_counted_after_a_rerun() -> None:
+    """A re-run's rows carry the deadline beside the re-run's own note; they still count, and rows skipped for
+    other reasons or failed do not."""
+    past = moe_bench.new_row("tiny_mixtral", 4, "random", "moetrt")
+    past.update(status="skipped", note=moe_bench.DEADLINE_NOTE)
+    other = moe_bench.new_row("tiny_mixtral", 4, "random", "batched_mm")
+    other.update(status="skipped", note="would gather 9 GB of expert weights per call")
+    failed = moe_bench.new_row("tiny_mixtral", 1, "random", "moetrt")
+    merged = moe_bench.merge_rerun([], [past, other, failed], ["tiny_mixtral"], [], ["tiny_mixtral"])
+    (cut,) = [r for r in merged if r["impl"] == "moetrt" and r["T"] == 4]
+    assert cut["note"].startswith(moe_bench.DEADLINE_NOTE) and cut["note"] != moe_bench.DEADLINE_NOTE
+    assert moe_bench.rows_past_deadline(merged) == 1
+
+
 def test_reference_routed_like_another_implementation() -> None:
     """The same-routing reference: the oracle's own ids give the oracle's output; one token sent to another
     expert is counted and changes the output."""
