@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moetrt.op.presets import PRESETS
+
 
 @triton.jit
 def chunks_kernel(
@@ -82,17 +84,19 @@ def main() -> int:
         "--experts", type=int, default=11, help="regions read (11: a one-token step's 10 + shared)"
     )
     a = p.parse_args()
-    if not 1 <= a.experts <= 512:
-        p.error(f"--experts {a.experts}: give 1 to 512 (Qwen3-Next has 512 experts)")
+    shape = PRESETS["qwen3_next"]
+    if not 1 <= a.experts <= shape.num_experts:
+        p.error(f"--experts {a.experts}: give 1 to {shape.num_experts} (Qwen3-Next's experts)")
     if not torch.cuda.is_available():
         print("stream_probe: needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
         return 2
     from moetrt.tune.timing import time_graph
 
     dev = torch.device("cuda")
-    num_experts, inter, hit = 512, 512, a.experts
-    hidden = int(2048 * a.bytes_per_weight / 2)  # bf16 elements a weight row of H = 2048 weights holds
-    per_expert = 3 * inter * hidden  # gate_up [2I, H] + down [H, I], bf16 elements
+    num_experts, inter, hit = shape.num_experts, shape.intermediate_size, a.experts
+    # bf16 elements a weight row of H weights holds at --bytes-per-weight
+    row_elements = int(shape.hidden_size * a.bytes_per_weight / 2)
+    per_expert = 3 * inter * row_elements  # gate_up [2I, H] + down [H, I], bf16 elements
     w = torch.randn(num_experts * per_expert, dtype=torch.bfloat16, device=dev)
     experts = torch.randperm(num_experts, generator=torch.Generator().manual_seed(0))[:hit].tolist()
     bases = torch.tensor([e * per_expert for e in experts], dtype=torch.int64, device=dev)
@@ -120,9 +124,9 @@ def main() -> int:
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev))
     tile_sweeps = (
         ("tiles", (16, 32, 64), (64, 128, 256, 512), lambda r, n, k, nw, ns, o: tiles_kernel[(hit * r,)](
-            w, bases, o, hidden, r, n, k, num_warps=nw, num_stages=ns)),
+            w, bases, o, row_elements, r, n, k, num_warps=nw, num_stages=ns)),
         ("tma", (16, 32, 64, 128), (64, 128, 256), lambda r, n, k, nw, ns, o: tma_tiles_kernel[(hit * r,)](
-            w, bases, o, hidden, 3 * inter, r, n, k, num_warps=nw, num_stages=ns)),
+            w, bases, o, row_elements, 3 * inter, r, n, k, num_warps=nw, num_stages=ns)),
     )  # fmt: skip
     for kind, bns, bks, launch in tile_sweeps:
         for bn in bns:
@@ -131,7 +135,7 @@ def main() -> int:
             for bk in bks:
                 for warps in (4, 8):
                     for stages in (2, 3, 4, 6):
-                        if bn * bk * 2 * stages > 200_000 or bk > hidden:  # shared memory; row length
+                        if bn * bk * 2 * stages > 200_000 or bk > row_elements:  # shared memory; row length
                             continue
                         row = dict(
                             kind=kind, bn=bn, bk=bk, programs=hit * per_region, warps=warps, stages=stages
